@@ -1,0 +1,10 @@
+//! Sans-I/O protocol cores.
+//!
+//! Everything below this module is plain data in, plain data out: bytes and
+//! `now` go in, datagrams, deadlines and outcomes come out. Nothing here reads
+//! the clock, touches a socket, opens a file or spawns. The drivers in
+//! [`crate::server`] and the backends in [`crate::engine`] own all of that,
+//! which is what lets these cores be tested with byte vectors, property tests,
+//! fuzzers and deterministic loss simulations.
+
+pub mod tftp;
