@@ -1,0 +1,176 @@
+//! The mmapped file cache every transfer reads from.
+//!
+//! A file is opened and mapped once and then shared by every transfer of it
+//! (`Arc<FileData>`); DATA blocks and HTTP bodies are slices of the mapping,
+//! never copies. Entries are keyed by path *and* file identity (device,
+//! inode, size, modification time), so a file that was replaced is mapped
+//! afresh for new transfers while transfers already running keep the mapping
+//! they started with: a transfer never mixes bytes of two versions. The cache
+//! is a moka cache weighted by file size, so the mapped bytes it keeps alive
+//! stay under a configured budget.
+//!
+//! Replace boot files by renaming a new file into place (`install`, `rsync`,
+//! `cp` to a temporary name then `mv`): that is what gives the new file a new
+//! identity. Rewriting a file in place while it is being served changes the
+//! pages under a running transfer — as with any server that maps files.
+
+use std::fs::File;
+use std::io;
+use std::ops::Deref;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use memmap2::Mmap;
+use moka::sync::Cache;
+
+/// The bytes of one file version, shared by all transfers reading it.
+#[derive(Debug)]
+pub enum FileData {
+    /// A mapped file.
+    Mapped(Mmap),
+    /// Bytes made in memory: empty files (which cannot be mapped), generated
+    /// files and netascii conversions.
+    Owned(Vec<u8>),
+}
+
+impl Deref for FileData {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            FileData::Mapped(map) => map,
+            FileData::Owned(bytes) => bytes,
+        }
+    }
+}
+
+impl AsRef<[u8]> for FileData {
+    fn as_ref(&self) -> &[u8] {
+        self
+    }
+}
+
+/// What makes one version of a file distinct from another.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct FileKey {
+    pub path: PathBuf,
+    pub dev: u64,
+    pub ino: u64,
+    pub size: u64,
+    pub mtime_ns: i128,
+}
+
+/// A cached file version and its identity.
+#[derive(Debug, Clone)]
+pub struct CachedFile {
+    pub key: FileKey,
+    pub data: Arc<FileData>,
+}
+
+/// Size-weighted cache of mapped files.
+#[derive(Clone)]
+pub struct FileCache {
+    entries: Cache<FileKey, Arc<FileData>>,
+}
+
+impl FileCache {
+    /// A cache keeping at most `max_bytes` of mappings alive (files larger
+    /// than that are still served, just not kept once their transfers end).
+    pub fn new(max_bytes: u64) -> Self {
+        let entries = Cache::builder()
+            // Weighted in KiB so that files up to 4 TiB fit moka's u32 weight.
+            .weigher(|_key: &FileKey, data: &Arc<FileData>| {
+                u32::try_from(data.len() / 1024 + 1).unwrap_or(u32::MAX)
+            })
+            .max_capacity(max_bytes / 1024 + 1)
+            .build();
+        Self { entries }
+    }
+
+    /// Opens `path` (which the caller has already resolved inside the boot
+    /// root) and returns its current version, mapping it on first use.
+    pub fn open(&self, path: &Path) -> io::Result<CachedFile> {
+        let file = File::open(path)?;
+        let meta = file.metadata()?;
+        if !meta.is_file() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "not a regular file",
+            ));
+        }
+        let key = FileKey {
+            path: path.to_path_buf(),
+            dev: meta.dev(),
+            ino: meta.ino(),
+            size: meta.size(),
+            mtime_ns: i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec()),
+        };
+        if let Some(data) = self.entries.get(&key) {
+            return Ok(CachedFile { key, data });
+        }
+        let data = if meta.size() == 0 {
+            Arc::new(FileData::Owned(Vec::new()))
+        } else {
+            // SAFETY: the mapping is read-only and private to this process.
+            // See the module documentation for files rewritten in place.
+            let map = unsafe { Mmap::map(&file)? };
+            // Transfers read sequentially; let the kernel read ahead.
+            let _ = map.advise(memmap2::Advice::Sequential);
+            Arc::new(FileData::Mapped(map))
+        };
+        self.entries.insert(key.clone(), data.clone());
+        Ok(CachedFile { key, data })
+    }
+
+    /// Number of file versions currently cached.
+    pub fn len(&self) -> u64 {
+        self.entries.run_pending_tasks();
+        self.entries.entry_count()
+    }
+
+    /// Whether nothing is cached.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    #[test]
+    fn same_version_is_shared_and_a_replaced_file_is_fresh() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kernel");
+        std::fs::write(&path, b"version one").unwrap();
+        let cache = FileCache::new(1 << 20);
+        let a = cache.open(&path).unwrap();
+        let b = cache.open(&path).unwrap();
+        assert!(Arc::ptr_eq(&a.data, &b.data));
+        assert_eq!(&a.data[..], b"version one");
+
+        // Replace by rename, as operators should.
+        let tmp = dir.path().join("kernel.new");
+        let mut f = File::create(&tmp).unwrap();
+        f.write_all(b"version two, longer").unwrap();
+        drop(f);
+        std::fs::rename(&tmp, &path).unwrap();
+        let c = cache.open(&path).unwrap();
+        assert_ne!(a.key, c.key);
+        assert_eq!(&c.data[..], b"version two, longer");
+        // The running transfer still sees its own version, whole.
+        assert_eq!(&a.data[..], b"version one");
+    }
+
+    #[test]
+    fn empty_files_and_directories() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("empty");
+        std::fs::write(&path, b"").unwrap();
+        let cache = FileCache::new(1 << 20);
+        assert_eq!(cache.open(&path).unwrap().data.len(), 0);
+        assert!(cache.open(dir.path()).is_err());
+        assert!(cache.open(&dir.path().join("missing")).is_err());
+    }
+}

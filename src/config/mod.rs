@@ -1,0 +1,395 @@
+//! Configuration in two layers.
+//!
+//! [`FileConfig`] is the TOML file format: serde structs that refuse unknown
+//! keys (`deny_unknown_fields`), every field optional. [`Config`] is the
+//! validated runtime configuration; it is built from the built-in defaults,
+//! then the file, then the command line (`serve` flags override the file).
+//! Every error names the key, and the line when it came from the file.
+//!
+//! ```toml
+//! root = "/srv/bootfleet"      # the boot directory
+//! engine = "auto"              # auto | io-uring | epoll
+//! workers = 0                  # data-plane threads; 0 = one per core
+//!
+//! [tftp]
+//! listen = "0.0.0.0:69"
+//! max_blksize = 1468           # RFC 2348 upper bound granted to clients
+//! max_windowsize = 64          # RFC 7440 upper bound
+//! timeout_ms = 1000            # first retransmission interval
+//! max_timeout_ms = 5000        # back-off ceiling
+//! max_retries = 5
+//! max_transfers = 10000        # concurrent, whole server
+//! max_transfers_per_client = 64
+//!
+//! [http]
+//! listen = "0.0.0.0:80"        # reserved: the HTTP server arrives later
+//!
+//! [cache]
+//! max_mib = 1024               # mapped bytes kept alive between transfers
+//!
+//! [log]
+//! level = "info"               # or a tracing filter such as "bootfleet=debug"
+//! ```
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+/// Which data-plane backend to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum EngineChoice {
+    /// io_uring when the kernel allows it, else epoll.
+    Auto,
+    /// io_uring, or fail at start-up.
+    IoUring,
+    /// The tokio/epoll fallback.
+    Epoll,
+}
+
+impl std::str::FromStr for EngineChoice {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "io-uring" | "io_uring" | "uring" => Ok(Self::IoUring),
+            "epoll" | "tokio" => Ok(Self::Epoll),
+            other => Err(format!(
+                "unknown engine {other:?}: use auto, io-uring or epoll"
+            )),
+        }
+    }
+}
+
+/// The TOML file, as written. Every field is optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub root: Option<Spanned<PathBuf>>,
+    pub engine: Option<EngineChoice>,
+    pub workers: Option<Spanned<u64>>,
+    #[serde(default)]
+    pub tftp: FileTftp,
+    #[serde(default)]
+    pub http: FileHttp,
+    #[serde(default)]
+    pub cache: FileCache,
+    #[serde(default)]
+    pub log: FileLog,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileTftp {
+    pub listen: Option<SocketAddr>,
+    pub max_blksize: Option<Spanned<u64>>,
+    pub max_windowsize: Option<Spanned<u64>>,
+    pub timeout_ms: Option<Spanned<u64>>,
+    pub max_timeout_ms: Option<Spanned<u64>>,
+    pub max_retries: Option<Spanned<u64>>,
+    pub max_transfers: Option<Spanned<u64>>,
+    pub max_transfers_per_client: Option<Spanned<u64>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileHttp {
+    pub listen: Option<SocketAddr>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileCache {
+    pub max_mib: Option<Spanned<u64>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileLog {
+    pub level: Option<String>,
+}
+
+/// The validated runtime configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// The boot directory; every served path resolves inside it.
+    pub root: PathBuf,
+    /// Whether `root` is the built-in default (created on start if missing).
+    pub root_is_default: bool,
+    pub engine: EngineChoice,
+    /// Data-plane threads; 0 means one per core.
+    pub workers: usize,
+    pub tftp: TftpConfig,
+    pub http_listen: SocketAddr,
+    pub cache_max_bytes: u64,
+    pub log_level: String,
+}
+
+/// TFTP settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TftpConfig {
+    pub listen: SocketAddr,
+    pub max_blksize: u16,
+    pub max_windowsize: u16,
+    pub timeout: Duration,
+    pub max_timeout: Duration,
+    pub max_retries: u32,
+    pub max_transfers: usize,
+    pub max_transfers_per_client: usize,
+}
+
+/// A configuration that cannot be used, and where the problem is.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// Syntax errors and unknown keys; toml's message names the key, line and column.
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{origin}: invalid value for `{key}`: {message}")]
+    Invalid {
+        origin: String,
+        key: &'static str,
+        message: String,
+    },
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            root: PathBuf::from("boot"),
+            root_is_default: true,
+            engine: EngineChoice::Auto,
+            workers: 0,
+            tftp: TftpConfig {
+                listen: "0.0.0.0:69".parse().expect("literal address"),
+                max_blksize: 1468,
+                max_windowsize: 64,
+                timeout: Duration::from_millis(1000),
+                max_timeout: Duration::from_millis(5000),
+                max_retries: 5,
+                max_transfers: 10_000,
+                max_transfers_per_client: 64,
+            },
+            http_listen: "0.0.0.0:80".parse().expect("literal address"),
+            cache_max_bytes: 1024 << 20,
+            log_level: "info".into(),
+        }
+    }
+}
+
+impl Config {
+    /// Reads and validates a config file on top of the built-in defaults.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::from_toml(&text, path)
+    }
+
+    /// Parses and validates TOML text; `path` is only used in messages and to
+    /// resolve a relative `root` against the file's directory.
+    pub fn from_toml(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let file: FileConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string().trim_end().replace('\n', " "),
+        })?;
+        let validator = Validator { text, path };
+        validator.apply(file)
+    }
+}
+
+/// Turns spans into line numbers and range-checks values.
+struct Validator<'a> {
+    text: &'a str,
+    path: &'a Path,
+}
+
+impl Validator<'_> {
+    fn line_of<T>(&self, value: &Spanned<T>) -> usize {
+        let offset = value.span().start.min(self.text.len());
+        self.text[..offset].matches('\n').count() + 1
+    }
+
+    fn ranged(
+        &self,
+        value: &Option<Spanned<u64>>,
+        key: &'static str,
+        range: std::ops::RangeInclusive<u64>,
+        default: u64,
+    ) -> Result<u64, ConfigError> {
+        let Some(spanned) = value else {
+            return Ok(default);
+        };
+        let number = *spanned.get_ref();
+        if range.contains(&number) {
+            Ok(number)
+        } else {
+            Err(ConfigError::Invalid {
+                origin: format!("{} line {}", self.path.display(), self.line_of(spanned)),
+                key,
+                message: format!("{number} is outside {}..={}", range.start(), range.end()),
+            })
+        }
+    }
+
+    fn apply(&self, file: FileConfig) -> Result<Config, ConfigError> {
+        let defaults = Config::default();
+        let mut config = defaults.clone();
+        if let Some(root) = &file.root {
+            let root = root.get_ref();
+            config.root = if root.is_relative() {
+                self.path.parent().unwrap_or(Path::new(".")).join(root)
+            } else {
+                root.clone()
+            };
+            config.root_is_default = false;
+        }
+        if let Some(engine) = file.engine {
+            config.engine = engine;
+        }
+        config.workers = self.ranged(&file.workers, "workers", 0..=1024, 0)? as usize;
+        let t = &file.tftp;
+        let d = &defaults.tftp;
+        config.tftp = TftpConfig {
+            listen: t.listen.unwrap_or(d.listen),
+            max_blksize: self.ranged(
+                &t.max_blksize,
+                "tftp.max_blksize",
+                8..=65464,
+                d.max_blksize.into(),
+            )? as u16,
+            max_windowsize: self.ranged(
+                &t.max_windowsize,
+                "tftp.max_windowsize",
+                1..=65535,
+                d.max_windowsize.into(),
+            )? as u16,
+            timeout: Duration::from_millis(self.ranged(
+                &t.timeout_ms,
+                "tftp.timeout_ms",
+                10..=255_000,
+                d.timeout.as_millis() as u64,
+            )?),
+            max_timeout: Duration::from_millis(self.ranged(
+                &t.max_timeout_ms,
+                "tftp.max_timeout_ms",
+                10..=600_000,
+                d.max_timeout.as_millis() as u64,
+            )?),
+            max_retries: self.ranged(
+                &t.max_retries,
+                "tftp.max_retries",
+                0..=100,
+                d.max_retries.into(),
+            )? as u32,
+            max_transfers: self.ranged(
+                &t.max_transfers,
+                "tftp.max_transfers",
+                1..=1_000_000,
+                d.max_transfers as u64,
+            )? as usize,
+            max_transfers_per_client: self.ranged(
+                &t.max_transfers_per_client,
+                "tftp.max_transfers_per_client",
+                1..=1_000_000,
+                d.max_transfers_per_client as u64,
+            )? as usize,
+        };
+        config.http_listen = file.http.listen.unwrap_or(defaults.http_listen);
+        config.cache_max_bytes =
+            self.ranged(&file.cache.max_mib, "cache.max_mib", 1..=1 << 30, 1024)? << 20;
+        if let Some(level) = file.log.level {
+            config.log_level = level;
+        }
+        Ok(config)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::from_toml(text, Path::new("/etc/bootfleet/bootfleet.toml"))
+    }
+
+    #[test]
+    fn empty_file_is_the_default_and_relative_root_follows_the_file() {
+        let c = parse("").unwrap();
+        assert_eq!(c, Config::default());
+        let c = parse("root = \"boot\"\n").unwrap();
+        assert_eq!(c.root, PathBuf::from("/etc/bootfleet/boot"));
+        assert!(!c.root_is_default);
+    }
+
+    #[test]
+    fn full_file() {
+        let c = parse(
+            r#"
+root = "/srv/boot"
+engine = "epoll"
+workers = 2
+[tftp]
+listen = "127.0.0.1:6969"
+max_blksize = 8192
+max_windowsize = 8
+timeout_ms = 500
+max_retries = 3
+max_transfers = 100
+max_transfers_per_client = 4
+[http]
+listen = "127.0.0.1:8080"
+[cache]
+max_mib = 64
+[log]
+level = "debug"
+"#,
+        )
+        .unwrap();
+        assert_eq!(c.engine, EngineChoice::Epoll);
+        assert_eq!(c.tftp.listen, "127.0.0.1:6969".parse().unwrap());
+        assert_eq!(c.tftp.max_blksize, 8192);
+        assert_eq!(c.tftp.timeout, Duration::from_millis(500));
+        assert_eq!(c.tftp.max_transfers_per_client, 4);
+        assert_eq!(c.cache_max_bytes, 64 << 20);
+        assert_eq!(c.log_level, "debug");
+    }
+
+    #[test]
+    fn unknown_key_is_refused_with_name_and_line() {
+        let err = parse("root = \"/x\"\n[tftp]\nblocksize = 1468\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("blocksize"), "{err}");
+        assert!(err.contains("line 3"), "{err}");
+        let err = parse("colour = 1\n").unwrap_err().to_string();
+        assert!(err.contains("colour") && err.contains("line 1"), "{err}");
+    }
+
+    #[test]
+    fn invalid_values_are_refused_with_key_and_line() {
+        let err = parse("\n[tftp]\nmax_blksize = 4\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("tftp.max_blksize") && err.contains("line 3"),
+            "{err}"
+        );
+        let err = parse("engine = \"fast\"\n").unwrap_err().to_string();
+        assert!(err.contains("engine") && err.contains("line 1"), "{err}");
+        let err = parse("[tftp]\nlisten = \"nowhere\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("listen") && err.contains("line 2"), "{err}");
+        let err = parse("workers = -1\n").unwrap_err().to_string();
+        assert!(err.contains("workers"), "{err}");
+    }
+}

@@ -1,0 +1,196 @@
+//! The data-plane engine: the only place with socket syscalls.
+//!
+//! Two backends run the same [`TftpService`]:
+//!
+//! * [`uring`] — one thread per core, each driving its own io_uring
+//!   (multishot receive into a provided buffer ring, batched submissions,
+//!   UDP GSO for windowed bursts).
+//! * [`epoll`] — a tokio runtime; always available.
+//!
+//! [`choose`] probes the kernel at start-up: `auto` takes io_uring when the
+//! kernel offers everything the worker needs (a ring, multishot receive,
+//! provided buffer rings) and otherwise falls back to epoll, saying why.
+//! Servers take already-bound sockets and a [`Shutdown`] token, so tests bind
+//! port 0 and a service manager can hand sockets in.
+
+use std::net::UdpSocket;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use crate::config::EngineChoice;
+use crate::server::tftp::TftpService;
+
+pub mod epoll;
+pub mod uring;
+
+/// The backend actually running.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    IoUring,
+    Epoll,
+}
+
+impl std::fmt::Display for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Backend::IoUring => "io-uring",
+            Backend::Epoll => "epoll",
+        })
+    }
+}
+
+/// Why the engine could not be started.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("io_uring was requested but is not usable here: {0} (use --engine epoll or auto)")]
+    IoUringUnavailable(String),
+    #[error("cannot start data-plane worker: {0}")]
+    Spawn(#[from] std::io::Error),
+}
+
+/// Picks the backend for `choice`; returns it and, for a fallback, why.
+pub fn choose(choice: EngineChoice) -> Result<(Backend, Option<String>), EngineError> {
+    match choice {
+        EngineChoice::Epoll => Ok((Backend::Epoll, None)),
+        EngineChoice::IoUring => uring::probe()
+            .map(|()| (Backend::IoUring, None))
+            .map_err(EngineError::IoUringUnavailable),
+        EngineChoice::Auto => match uring::probe() {
+            Ok(()) => Ok((Backend::IoUring, None)),
+            Err(why) => Ok((Backend::Epoll, Some(why))),
+        },
+    }
+}
+
+/// Asks a running server to stop; cheap to clone.
+#[derive(Clone, Default)]
+pub struct Shutdown {
+    inner: Arc<ShutdownInner>,
+}
+
+#[derive(Default)]
+struct ShutdownInner {
+    requested: AtomicBool,
+    notify: tokio::sync::Notify,
+}
+
+impl Shutdown {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Requests shutdown; workers stop within [`crate::server::tftp::IDLE_POLL`].
+    pub fn trigger(&self) {
+        self.inner.requested.store(true, Ordering::SeqCst);
+        self.inner.notify.notify_waiters();
+    }
+
+    pub fn is_triggered(&self) -> bool {
+        self.inner.requested.load(Ordering::SeqCst)
+    }
+
+    /// Resolves once shutdown was requested.
+    pub async fn wait(&self) {
+        loop {
+            let notified = self.inner.notify.notified();
+            if self.is_triggered() {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+/// A running TFTP server: its worker threads.
+pub struct ServerHandle {
+    pub backend: Backend,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl ServerHandle {
+    /// Waits for every worker to end (after [`Shutdown::trigger`]).
+    pub fn join(self) {
+        for thread in self.threads {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Number of workers for a configured value (0: one per core).
+pub fn worker_count(configured: usize) -> usize {
+    if configured > 0 {
+        configured
+    } else {
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    }
+}
+
+/// Starts serving TFTP on `listener` with `backend`.
+pub fn spawn_tftp(
+    backend: Backend,
+    listener: UdpSocket,
+    service: Arc<TftpService>,
+    workers: usize,
+    shutdown: Shutdown,
+) -> Result<ServerHandle, EngineError> {
+    tune_listener(&listener);
+    let workers = worker_count(workers);
+    let threads = match backend {
+        Backend::IoUring => uring::spawn(listener, service, workers, shutdown)?,
+        Backend::Epoll => epoll::spawn(listener, service, workers, shutdown)?,
+    };
+    Ok(ServerHandle { backend, threads })
+}
+
+/// A deep receive queue on the listening socket: at cluster power-on
+/// thousands of requests arrive within milliseconds, and a request dropped
+/// here costs its client a whole retry interval (1 s or more).
+fn tune_listener(listener: &UdpSocket) {
+    let socket = socket2::SockRef::from(listener);
+    const WANT: usize = 16 << 20;
+    // SO_RCVBUFFORCE works for root/CAP_NET_ADMIN past rmem_max; otherwise
+    // the ordinary option gives what the system allows.
+    if socket.set_recv_buffer_size(WANT).is_ok() {
+        let _ = force_recv_buffer(listener, WANT);
+    }
+}
+
+fn force_recv_buffer(listener: &UdpSocket, bytes: usize) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let value = bytes as libc::c_int;
+    // SAFETY: a plain setsockopt on a valid fd with a correctly sized value.
+    let rc = unsafe {
+        libc::setsockopt(
+            listener.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUFFORCE,
+            (&value as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// A UDP socket for one transfer: bound to the listener's address on a fresh
+/// port (the server's TID, RFC 1350 §4) and connected to the client, so the
+/// kernel only delivers the client's datagrams to it.
+pub fn transfer_socket(
+    listener_addr: std::net::SocketAddr,
+    peer: std::net::SocketAddr,
+) -> std::io::Result<socket2::Socket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let local = std::net::SocketAddr::new(listener_addr.ip(), 0);
+    let socket = Socket::new(
+        Domain::for_address(local),
+        Type::DGRAM.nonblocking().cloexec(),
+        Some(Protocol::UDP),
+    )?;
+    socket.bind(&local.into())?;
+    socket.connect(&peer.into())?;
+    Ok(socket)
+}

@@ -1,0 +1,3 @@
+//! Protocol drivers that do not depend on the I/O backend.
+
+pub mod tftp;

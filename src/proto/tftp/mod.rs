@@ -19,4 +19,4 @@ pub mod transfer;
 
 pub use options::{negotiate, Negotiated, NegotiationLimits};
 pub use packet::{ErrorCode, Mode, Packet, PacketError, Request};
-pub use transfer::{Outcome, ReadTransfer, Transmit, TransferConfig};
+pub use transfer::{Outcome, ReadTransfer, TransferConfig, Transmit};

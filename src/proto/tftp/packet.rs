@@ -381,7 +381,10 @@ mod tests {
     fn refuses_malformed_requests() {
         assert_eq!(Packet::parse(b""), Err(PacketError::TooShort(0)));
         assert_eq!(Packet::parse(b"\x00"), Err(PacketError::TooShort(1)));
-        assert_eq!(Packet::parse(b"\x00\x09"), Err(PacketError::UnknownOpcode(9)));
+        assert_eq!(
+            Packet::parse(b"\x00\x09"),
+            Err(PacketError::UnknownOpcode(9))
+        );
         assert_eq!(
             Packet::parse(b"\x00\x01file"),
             Err(PacketError::Unterminated("file name"))
@@ -402,7 +405,10 @@ mod tests {
             Packet::parse(b"\x00\x01f\x00\xffoctet\x00"),
             Err(PacketError::NotUtf8("mode"))
         );
-        assert_eq!(Packet::parse(b"\x00\x04\x00"), Err(PacketError::TooShort(3)));
+        assert_eq!(
+            Packet::parse(b"\x00\x04\x00"),
+            Err(PacketError::TooShort(3))
+        );
         let mut many = b"\x00\x01f\x00octet\x00".to_vec();
         for i in 0..=MAX_OPTIONS {
             many.extend_from_slice(format!("o{i}\x00v\x00").as_bytes());

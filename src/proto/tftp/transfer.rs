@@ -82,7 +82,9 @@ pub enum Outcome {
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum State {
     /// OACK sent; waiting for ACK 0 (RFC 2347 §2).
-    AwaitingOackAck { oack: Vec<u8> },
+    AwaitingOackAck {
+        oack: Vec<u8>,
+    },
     /// Sending windows; all blocks up to `acked` are confirmed.
     Sending,
     Done(Outcome),
@@ -333,10 +335,16 @@ mod tests {
         let now = Instant::now();
         let mut t = start(&[], 512, now);
         assert_eq!(t.block_count(), 2);
-        assert_eq!(t.poll_transmit(), Some(Transmit::Window { first: 1, count: 1 }));
+        assert_eq!(
+            t.poll_transmit(),
+            Some(Transmit::Window { first: 1, count: 1 })
+        );
         assert_eq!(t.block_range(1), 0..512);
         t.handle_datagram(&ack(1), now);
-        assert_eq!(t.poll_transmit(), Some(Transmit::Window { first: 2, count: 1 }));
+        assert_eq!(
+            t.poll_transmit(),
+            Some(Transmit::Window { first: 2, count: 1 })
+        );
         assert_eq!(t.block_range(2), 512..512);
         t.handle_datagram(&ack(2), now);
         assert_eq!(t.outcome(), Some(&Outcome::Complete));
@@ -347,7 +355,10 @@ mod tests {
     fn empty_file_is_one_empty_block() {
         let now = Instant::now();
         let mut t = start(&[], 0, now);
-        assert_eq!(t.poll_transmit(), Some(Transmit::Window { first: 1, count: 1 }));
+        assert_eq!(
+            t.poll_transmit(),
+            Some(Transmit::Window { first: 1, count: 1 })
+        );
         assert_eq!(t.block_range(1), 0..0);
         t.handle_datagram(&ack(1), now);
         assert_eq!(t.outcome(), Some(&Outcome::Complete));
@@ -364,15 +375,30 @@ mod tests {
         t.handle_datagram(&ack(3), now); // stray: ignored
         assert_eq!(t.poll_transmit(), None);
         t.handle_datagram(&ack(0), now);
-        assert_eq!(t.poll_transmit(), Some(Transmit::Window { first: 1, count: 4 }));
+        assert_eq!(
+            t.poll_transmit(),
+            Some(Transmit::Window { first: 1, count: 4 })
+        );
         t.handle_datagram(&ack(4), now);
-        assert_eq!(t.poll_transmit(), Some(Transmit::Window { first: 5, count: 4 }));
+        assert_eq!(
+            t.poll_transmit(),
+            Some(Transmit::Window { first: 5, count: 4 })
+        );
         // A gap: client saw 5 and 6 only.
         t.handle_datagram(&ack(6), now);
-        assert_eq!(t.poll_transmit(), Some(Transmit::Window { first: 7, count: 4 }));
+        assert_eq!(
+            t.poll_transmit(),
+            Some(Transmit::Window { first: 7, count: 4 })
+        );
         assert_eq!(t.retransmitted_blocks(), 2);
         t.handle_datagram(&ack(10), now);
-        assert_eq!(t.poll_transmit(), Some(Transmit::Window { first: 11, count: 1 }));
+        assert_eq!(
+            t.poll_transmit(),
+            Some(Transmit::Window {
+                first: 11,
+                count: 1
+            })
+        );
         t.handle_datagram(&ack(11), now);
         assert_eq!(t.outcome(), Some(&Outcome::Complete));
     }
@@ -401,7 +427,10 @@ mod tests {
             now = t.poll_timeout().unwrap();
             deadlines.push(now - t0);
             t.handle_timeout(now);
-            assert_eq!(t.poll_transmit(), Some(Transmit::Window { first: 1, count: 1 }));
+            assert_eq!(
+                t.poll_transmit(),
+                Some(Transmit::Window { first: 1, count: 1 })
+            );
         }
         let secs: Vec<u64> = deadlines.iter().map(|d| d.as_secs()).collect();
         assert_eq!(secs, vec![1, 3, 7, 12, 17]);
@@ -467,7 +496,10 @@ mod tests {
         let mut t = start(&[("blksize", "8")], blocks * 8 - 3, now);
         assert!(matches!(t.poll_transmit(), Some(Transmit::Control(_))));
         t.handle_datagram(&ack(0), now);
-        assert_eq!(t.poll_transmit(), Some(Transmit::Window { first: 1, count: 1 }));
+        assert_eq!(
+            t.poll_transmit(),
+            Some(Transmit::Window { first: 1, count: 1 })
+        );
         for index in 1..=blocks {
             t.handle_datagram(&ack(ReadTransfer::wire_block(index)), now);
             if index < blocks {
@@ -487,7 +519,13 @@ mod tests {
     /// A deterministic lossy channel between the machine and a model client
     /// (RFC 7440 receiver: accepts in-order blocks, ACKs at the end of a
     /// window or on a gap). Returns the bytes the client assembled.
-    fn simulate(len: u64, blksize: u16, window: u16, seed: u64, loss_pct: u64) -> (Vec<u8>, Outcome) {
+    fn simulate(
+        len: u64,
+        blksize: u16,
+        window: u16,
+        seed: u64,
+        loss_pct: u64,
+    ) -> (Vec<u8>, Outcome) {
         let file: Vec<u8> = (0..len).map(|i| (i * 7 + 3) as u8).collect();
         let b = blksize.to_string();
         let w = window.to_string();

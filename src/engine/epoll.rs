@@ -1,0 +1,155 @@
+//! The epoll fallback: a tokio runtime serving TFTP.
+//!
+//! One task reads the listening socket; each admitted transfer runs as its
+//! own task on its own connected socket, driving the sans-I/O
+//! [`ReadTransfer`](crate::proto::tftp::ReadTransfer): send what it asks for,
+//! then wait for a datagram or its deadline. This backend copies each block
+//! into a datagram buffer; it is the always-works path, the io_uring backend
+//! is the fast one.
+
+use std::net::{SocketAddr, UdpSocket};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use tokio::net::UdpSocket as TokioUdp;
+use tracing::{debug, error, warn};
+
+use super::{transfer_socket, Shutdown};
+use crate::proto::tftp::{packet, ReadTransfer, Transmit};
+use crate::server::tftp::{Admission, Started, TftpService, IDLE_POLL};
+
+/// Starts the runtime on its own thread.
+pub fn spawn(
+    listener: UdpSocket,
+    service: Arc<TftpService>,
+    workers: usize,
+    shutdown: Shutdown,
+) -> std::io::Result<Vec<JoinHandle<()>>> {
+    listener.set_nonblocking(true)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .thread_name("bootfleet-epoll")
+        .enable_all()
+        .build()?;
+    let thread = std::thread::Builder::new()
+        .name("bootfleet-epoll-main".into())
+        .spawn(move || {
+            runtime.block_on(async move {
+                match TokioUdp::from_std(listener) {
+                    Ok(listener) => serve(listener, service, shutdown).await,
+                    Err(e) => error!(error = %e, "cannot register the TFTP socket with epoll"),
+                }
+            });
+            // Transfers still running are dropped with the runtime.
+            runtime.shutdown_timeout(IDLE_POLL);
+        })?;
+    Ok(vec![thread])
+}
+
+async fn serve(listener: TokioUdp, service: Arc<TftpService>, shutdown: Shutdown) {
+    let listener = Arc::new(listener);
+    let local = match listener.local_addr() {
+        Ok(addr) => addr,
+        Err(e) => {
+            error!(error = %e, "TFTP socket has no local address");
+            return;
+        }
+    };
+    let mut buf = vec![0u8; 65536];
+    loop {
+        let (len, peer) = tokio::select! {
+            _ = shutdown.wait() => return,
+            received = listener.recv_from(&mut buf) => match received {
+                Ok(received) => received,
+                Err(e) => {
+                    // ICMP errors surface here on some kernels; keep serving.
+                    debug!(error = %e, "receive on the TFTP port failed");
+                    continue;
+                }
+            },
+        };
+        match service.handle_request(&buf[..len], peer, Instant::now()) {
+            Admission::Start(started) => {
+                let service = Arc::clone(&service);
+                let shutdown = shutdown.clone();
+                tokio::spawn(async move { run_transfer(local, *started, service, shutdown).await });
+            }
+            Admission::Reply(reply) => {
+                if let Err(e) = listener.send_to(&reply, peer).await {
+                    debug!(%peer, error = %e, "cannot send TFTP error");
+                }
+            }
+            Admission::Ignore => {}
+        }
+    }
+}
+
+async fn run_transfer(
+    local: SocketAddr,
+    mut started: Started,
+    service: Arc<TftpService>,
+    shutdown: Shutdown,
+) {
+    let socket =
+        match transfer_socket(local, started.peer).and_then(|s| TokioUdp::from_std(s.into())) {
+            Ok(socket) => socket,
+            Err(e) => {
+                warn!(peer = %started.peer, error = %e, "cannot open a transfer socket");
+                service.finish(&started, Instant::now());
+                return;
+            }
+        };
+    let mut datagram = Vec::with_capacity(usize::from(started.transfer.blksize()) + 4);
+    let mut incoming = vec![0u8; 2048];
+    'transfer: loop {
+        while let Some(transmit) = started.transfer.poll_transmit() {
+            if let Err(e) = send(&socket, &started, transmit, &mut datagram).await {
+                debug!(peer = %started.peer, error = %e, "client unreachable, abandoning transfer");
+                break 'transfer;
+            }
+        }
+        if started.transfer.outcome().is_some() {
+            break;
+        }
+        let Some(deadline) = started.transfer.poll_timeout() else {
+            break;
+        };
+        tokio::select! {
+            _ = shutdown.wait() => break,
+            _ = tokio::time::sleep_until(deadline.into()) => {
+                started.transfer.handle_timeout(Instant::now());
+            }
+            received = socket.recv(&mut incoming) => match received {
+                Ok(len) => started.transfer.handle_datagram(&incoming[..len], Instant::now()),
+                Err(e) => {
+                    debug!(peer = %started.peer, error = %e, "client unreachable, abandoning transfer");
+                    break;
+                }
+            },
+        }
+    }
+    service.finish(&started, Instant::now());
+}
+
+async fn send(
+    socket: &TokioUdp,
+    started: &Started,
+    transmit: Transmit,
+    datagram: &mut Vec<u8>,
+) -> std::io::Result<()> {
+    match transmit {
+        Transmit::Control(bytes) => {
+            socket.send(&bytes).await?;
+        }
+        Transmit::Window { first, count } => {
+            for index in first..first + u64::from(count) {
+                datagram.clear();
+                let payload = &started.data[started.transfer.block_range(index)];
+                packet::encode_data(ReadTransfer::wire_block(index), payload, datagram);
+                socket.send(datagram).await?;
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,522 @@
+//! The TFTP service: everything about a request that does not depend on the
+//! I/O backend.
+//!
+//! Both engines hand each datagram that arrives on the listening port to
+//! [`TftpService::handle_request`], which parses it, resolves the file name
+//! inside the boot root, applies the concurrency limits, looks the file up
+//! in the generated-file seam and then the file cache, negotiates options
+//! and returns either a ready [`Started`] transfer or an ERROR datagram to
+//! send back. When a transfer ends the engine calls [`TftpService::finish`].
+//!
+//! Path safety: file names are relative to the boot root. A leading `/` is
+//! taken as the root itself (as `in.tftpd --secure` does, because GRUB and
+//! some firmware ask for `/grub/...`), so no name can name a file outside
+//! it; `..` components, backslashes, NUL and control bytes, and symbolic
+//! links whose target lies outside the root are refused with an access
+//! violation and one log line.
+//!
+//! Write requests are refused with "access violation": uploads are not
+//! offered by this server.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Component, Path, PathBuf};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tracing::{debug, info, warn};
+
+use crate::cache::{FileCache, FileData};
+use crate::config::TftpConfig;
+use crate::proto::tftp::packet::{self, ErrorCode, Mode, Packet};
+use crate::proto::tftp::{
+    negotiate, netascii, NegotiationLimits, Outcome, ReadTransfer, TransferConfig,
+};
+
+/// Answers some file names from memory instead of the disk: the seam through
+/// which the MAC router serves `pxelinux.cfg/01-<mac>` and GRUB configs.
+pub trait FileGenerator: Send + Sync {
+    /// Contents for `name` (a safe path relative to the root, without a
+    /// leading `/`) requested by `client`, or `None` to fall through to the
+    /// next generator and finally the disk.
+    fn generate(&self, name: &str, client: SocketAddr) -> Option<Vec<u8>>;
+}
+
+/// What to do with a datagram that arrived on the listening port.
+pub enum Admission {
+    /// Start this transfer on a new port.
+    Start(Box<Started>),
+    /// Send this ERROR datagram back to the sender from the listening port.
+    Reply(Vec<u8>),
+    /// Say nothing (e.g. an ERROR packet sent to the listening port).
+    Ignore,
+}
+
+/// A transfer ready to run: the state machine, its bytes, and its slot in the
+/// concurrency limits (released when this is dropped).
+pub struct Started {
+    pub transfer: ReadTransfer,
+    pub data: Arc<FileData>,
+    pub name: String,
+    pub peer: SocketAddr,
+    pub started_at: Instant,
+    _slot: LimitSlot,
+}
+
+/// Counters shared by all workers.
+#[derive(Debug, Default)]
+pub struct TftpStats {
+    pub started: AtomicU64,
+    pub completed: AtomicU64,
+    pub failed: AtomicU64,
+    pub refused: AtomicU64,
+    pub bytes_completed: AtomicU64,
+    pub retransmitted_blocks: AtomicU64,
+}
+
+/// A point-in-time copy of [`TftpStats`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct TftpStatsSnapshot {
+    pub started: u64,
+    pub completed: u64,
+    pub failed: u64,
+    pub refused: u64,
+    pub bytes_completed: u64,
+    pub retransmitted_blocks: u64,
+    pub active: usize,
+}
+
+/// The shared TFTP service; one per server, used by every worker.
+pub struct TftpService {
+    root: PathBuf,
+    cache: FileCache,
+    generators: Vec<Arc<dyn FileGenerator>>,
+    negotiation: NegotiationLimits,
+    transfer: TransferConfig,
+    limits: Arc<Limits>,
+    stats: TftpStats,
+}
+
+impl TftpService {
+    /// A service for `root` (which must exist) with the given settings.
+    pub fn new(root: &Path, config: &TftpConfig, cache: FileCache) -> std::io::Result<Self> {
+        let root = root.canonicalize().map_err(|e| {
+            std::io::Error::new(e.kind(), format!("boot directory {}: {e}", root.display()))
+        })?;
+        Ok(Self {
+            root,
+            cache,
+            generators: Vec::new(),
+            negotiation: NegotiationLimits {
+                max_blksize: config.max_blksize,
+                max_windowsize: config.max_windowsize,
+            },
+            transfer: TransferConfig {
+                initial_timeout: config.timeout,
+                max_timeout: config.max_timeout,
+                max_retries: config.max_retries,
+            },
+            limits: Arc::new(Limits {
+                max_total: config.max_transfers,
+                max_per_client: config.max_transfers_per_client,
+                active: AtomicUsize::new(0),
+                per_client: Mutex::new(HashMap::new()),
+            }),
+            stats: TftpStats::default(),
+        })
+    }
+
+    /// Adds a generator; generators are asked in the order they were added.
+    pub fn add_generator(&mut self, generator: Arc<dyn FileGenerator>) {
+        self.generators.push(generator);
+    }
+
+    /// The canonical boot root.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Largest block size this service grants (sizes engine buffers).
+    pub fn max_blksize(&self) -> u16 {
+        self.negotiation.max_blksize
+    }
+
+    pub fn stats(&self) -> TftpStatsSnapshot {
+        let s = &self.stats;
+        TftpStatsSnapshot {
+            started: s.started.load(Ordering::Relaxed),
+            completed: s.completed.load(Ordering::Relaxed),
+            failed: s.failed.load(Ordering::Relaxed),
+            refused: s.refused.load(Ordering::Relaxed),
+            bytes_completed: s.bytes_completed.load(Ordering::Relaxed),
+            retransmitted_blocks: s.retransmitted_blocks.load(Ordering::Relaxed),
+            active: self.limits.active.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Decides what to do with a datagram that arrived on the listening port.
+    pub fn handle_request(&self, datagram: &[u8], peer: SocketAddr, now: Instant) -> Admission {
+        let request = match Packet::parse(datagram) {
+            Ok(Packet::Rrq(request)) => request,
+            Ok(Packet::Wrq(request)) => {
+                let name = String::from_utf8_lossy(request.filename);
+                info!(%peer, file = %name, "refused write request: uploads are disabled");
+                return self.refuse(
+                    ErrorCode::AccessViolation,
+                    "uploads are disabled on this server",
+                );
+            }
+            // Never answer an ERROR: two servers could bounce errors forever.
+            Ok(Packet::Error { .. }) => return Admission::Ignore,
+            Ok(other) => {
+                debug!(%peer, packet = %other, "packet for an unknown transfer on the listening port");
+                return self.refuse(ErrorCode::UnknownTransferId, "unknown transfer ID");
+            }
+            Err(error) => {
+                info!(%peer, %error, "malformed TFTP request");
+                return self.refuse(
+                    ErrorCode::IllegalOperation,
+                    &format!("malformed request: {error}"),
+                );
+            }
+        };
+
+        let name = match safe_relative_name(request.filename) {
+            Ok(name) => name,
+            Err(why) => {
+                warn!(%peer, file = %String::from_utf8_lossy(request.filename).escape_debug(), why, "refused file name");
+                return self.refuse(ErrorCode::AccessViolation, why);
+            }
+        };
+
+        let slot = match self.limits.acquire(peer.ip()) {
+            Ok(slot) => slot,
+            Err(why) => {
+                info!(%peer, file = %name, why, "refused: transfer limit reached");
+                return self.refuse(ErrorCode::NotDefined, why);
+            }
+        };
+
+        let data = match self.lookup(&name, peer) {
+            Ok(data) => data,
+            Err((code, why)) => {
+                info!(%peer, file = %name, why, "refused read request");
+                return self.refuse(code, why);
+            }
+        };
+        let data = match request.mode {
+            Mode::Octet => data,
+            Mode::Netascii => Arc::new(FileData::Owned(netascii::encode(&data))),
+        };
+
+        let negotiated = negotiate(&request.options, data.len() as u64, self.negotiation);
+        let transfer = ReadTransfer::new(&negotiated, data.len() as u64, self.transfer, now);
+        self.stats.started.fetch_add(1, Ordering::Relaxed);
+        debug!(
+            %peer, file = %name, size = data.len(), blksize = negotiated.blksize,
+            windowsize = negotiated.windowsize, "transfer started"
+        );
+        Admission::Start(Box::new(Started {
+            transfer,
+            data,
+            name,
+            peer,
+            started_at: now,
+            _slot: slot,
+        }))
+    }
+
+    /// Records how a transfer ended. Its limit slot is released when the
+    /// engine drops the [`Started`], once the kernel holds none of its buffers.
+    pub fn finish(&self, started: &Started, now: Instant) {
+        let elapsed = now.saturating_duration_since(started.started_at);
+        let retransmitted = started.transfer.retransmitted_blocks();
+        self.stats
+            .retransmitted_blocks
+            .fetch_add(retransmitted, Ordering::Relaxed);
+        match started.transfer.outcome() {
+            Some(Outcome::Complete) => {
+                self.stats.completed.fetch_add(1, Ordering::Relaxed);
+                self.stats
+                    .bytes_completed
+                    .fetch_add(started.data.len() as u64, Ordering::Relaxed);
+                debug!(peer = %started.peer, file = %started.name, bytes = started.data.len(),
+                    ms = elapsed.as_millis() as u64, retransmitted, "transfer complete");
+            }
+            outcome => {
+                self.stats.failed.fetch_add(1, Ordering::Relaxed);
+                let outcome = outcome.map_or_else(|| "abandoned".to_string(), |o| format!("{o:?}"));
+                info!(peer = %started.peer, file = %started.name, %outcome,
+                    ms = elapsed.as_millis() as u64, "transfer failed");
+            }
+        }
+    }
+
+    fn refuse(&self, code: ErrorCode, message: &str) -> Admission {
+        self.stats.refused.fetch_add(1, Ordering::Relaxed);
+        let mut reply = Vec::with_capacity(message.len() + 5);
+        packet::encode_error(code, message, &mut reply);
+        Admission::Reply(reply)
+    }
+
+    fn lookup(
+        &self,
+        name: &str,
+        peer: SocketAddr,
+    ) -> Result<Arc<FileData>, (ErrorCode, &'static str)> {
+        for generator in &self.generators {
+            if let Some(bytes) = generator.generate(name, peer) {
+                return Ok(Arc::new(FileData::Owned(bytes)));
+            }
+        }
+        let path = self.resolve_on_disk(name)?;
+        match self.cache.open(&path) {
+            Ok(file) => Ok(file.data),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                Err((ErrorCode::FileNotFound, "file not found"))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                Err((ErrorCode::AccessViolation, "permission denied"))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::InvalidInput => {
+                Err((ErrorCode::FileNotFound, "not a regular file"))
+            }
+            Err(e) => {
+                warn!(file = %path.display(), error = %e, "cannot open file");
+                Err((ErrorCode::NotDefined, "cannot read file"))
+            }
+        }
+    }
+
+    /// The file's canonical path, which must lie inside the root.
+    fn resolve_on_disk(&self, name: &str) -> Result<PathBuf, (ErrorCode, &'static str)> {
+        let joined = self.root.join(name);
+        let canonical = joined.canonicalize().map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => (ErrorCode::FileNotFound, "file not found"),
+            std::io::ErrorKind::PermissionDenied => {
+                (ErrorCode::AccessViolation, "permission denied")
+            }
+            _ => (ErrorCode::FileNotFound, "file not found"),
+        })?;
+        if !canonical.starts_with(&self.root) {
+            warn!(file = %name, target = %canonical.display(), "refused: symbolic link leads outside the boot directory");
+            return Err((
+                ErrorCode::AccessViolation,
+                "path leads outside the boot directory",
+            ));
+        }
+        Ok(canonical)
+    }
+}
+
+/// Checks a requested name and returns it relative to the root.
+pub fn safe_relative_name(raw: &[u8]) -> Result<String, &'static str> {
+    let name = std::str::from_utf8(raw).map_err(|_| "file name is not UTF-8")?;
+    if name.bytes().any(|b| b == 0 || b.is_ascii_control()) {
+        return Err("control character in file name");
+    }
+    if name.contains('\\') {
+        return Err("backslash in file name");
+    }
+    let trimmed = name.trim_start_matches('/');
+    let mut parts = Vec::new();
+    for component in Path::new(trimmed).components() {
+        match component {
+            Component::Normal(part) => parts.push(part.to_str().ok_or("file name is not UTF-8")?),
+            Component::CurDir => {}
+            Component::ParentDir => return Err("`..` in file name"),
+            Component::RootDir | Component::Prefix(_) => return Err("absolute file name"),
+        }
+    }
+    if parts.is_empty() {
+        return Err("empty file name");
+    }
+    Ok(parts.join("/"))
+}
+
+/// Concurrency limits, global and per client address.
+struct Limits {
+    max_total: usize,
+    max_per_client: usize,
+    active: AtomicUsize,
+    per_client: Mutex<HashMap<IpAddr, usize>>,
+}
+
+impl Limits {
+    fn acquire(self: &Arc<Self>, client: IpAddr) -> Result<LimitSlot, &'static str> {
+        let mut per_client = self.per_client.lock().unwrap_or_else(|p| p.into_inner());
+        if self.active.load(Ordering::Relaxed) >= self.max_total {
+            return Err("server busy: too many transfers, retry later");
+        }
+        let count = per_client.entry(client).or_insert(0);
+        if *count >= self.max_per_client {
+            return Err("too many transfers from this client, retry later");
+        }
+        *count += 1;
+        self.active.fetch_add(1, Ordering::Relaxed);
+        Ok(LimitSlot {
+            limits: Arc::clone(self),
+            client,
+        })
+    }
+}
+
+/// One transfer's place in the limits; released on drop.
+struct LimitSlot {
+    limits: Arc<Limits>,
+    client: IpAddr,
+}
+
+impl Drop for LimitSlot {
+    fn drop(&mut self) {
+        let mut per_client = self
+            .limits
+            .per_client
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(count) = per_client.get_mut(&self.client) {
+            *count -= 1;
+            if *count == 0 {
+                per_client.remove(&self.client);
+            }
+        }
+        self.limits.active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// How long an engine may sleep with nothing due, so that it notices shutdown.
+pub const IDLE_POLL: Duration = Duration::from_millis(100);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn service(dir: &Path, max_per_client: usize) -> TftpService {
+        let mut config = crate::config::Config::default().tftp;
+        config.max_transfers_per_client = max_per_client;
+        TftpService::new(dir, &config, FileCache::new(1 << 20)).unwrap()
+    }
+
+    fn rrq(name: &str) -> Vec<u8> {
+        let mut out = Vec::new();
+        packet::encode_rrq(name, Mode::Octet, &[], &mut out);
+        out
+    }
+
+    fn error_code(admission: &Admission) -> Option<u16> {
+        match admission {
+            Admission::Reply(bytes) => match Packet::parse(bytes) {
+                Ok(Packet::Error { code, .. }) => Some(code),
+                _ => None,
+            },
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn names_are_kept_inside_the_root() {
+        assert_eq!(safe_relative_name(b"pxelinux.0").unwrap(), "pxelinux.0");
+        assert_eq!(
+            safe_relative_name(b"/grub//x86_64-efi/./a.mod").unwrap(),
+            "grub/x86_64-efi/a.mod"
+        );
+        for hostile in [
+            &b"../etc/passwd"[..],
+            b"a/../../b",
+            b"..",
+            b"a\\..\\b",
+            b"a\x01b",
+            b"\xff\xfe",
+            b"/",
+            b"./.",
+        ] {
+            assert!(safe_relative_name(hostile).is_err(), "{hostile:?}");
+        }
+    }
+
+    #[test]
+    fn admission_of_requests() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("ok"), b"hello").unwrap();
+        std::os::unix::fs::symlink("/etc/hostname", dir.path().join("escape")).unwrap();
+        std::fs::create_dir(dir.path().join("sub")).unwrap();
+        let s = service(dir.path(), 1);
+        let peer: SocketAddr = "127.0.0.1:1000".parse().unwrap();
+        let now = Instant::now();
+        assert_eq!(
+            error_code(&s.handle_request(&rrq("missing"), peer, now)),
+            Some(1)
+        );
+        assert_eq!(
+            error_code(&s.handle_request(&rrq("escape"), peer, now)),
+            Some(2)
+        );
+        assert_eq!(
+            error_code(&s.handle_request(&rrq("../ok"), peer, now)),
+            Some(2)
+        );
+        assert_eq!(
+            error_code(&s.handle_request(&rrq("sub"), peer, now)),
+            Some(1)
+        );
+        assert_eq!(
+            error_code(&s.handle_request(b"\x00\x09", peer, now)),
+            Some(4)
+        );
+        assert_eq!(
+            error_code(&s.handle_request(b"\x00\x04\x00\x01", peer, now)),
+            Some(5)
+        );
+        assert!(matches!(
+            s.handle_request(b"\x00\x05\x00\x00x\x00", peer, now),
+            Admission::Ignore
+        ));
+        let mut wrq = Vec::new();
+        packet::encode_wrq("ok", Mode::Octet, &[], &mut wrq);
+        assert_eq!(error_code(&s.handle_request(&wrq, peer, now)), Some(2));
+
+        let Admission::Start(first) = s.handle_request(&rrq("/ok"), peer, now) else {
+            panic!("expected a transfer")
+        };
+        assert_eq!(&first.data[..], b"hello");
+        // Per-client limit of one: the second is refused, another client is not.
+        assert_eq!(
+            error_code(&s.handle_request(&rrq("ok"), peer, now)),
+            Some(0)
+        );
+        let other: SocketAddr = "127.0.0.2:1000".parse().unwrap();
+        assert!(matches!(
+            s.handle_request(&rrq("ok"), other, now),
+            Admission::Start(_)
+        ));
+        s.finish(&first, now);
+        drop(first);
+        assert!(matches!(
+            s.handle_request(&rrq("ok"), peer, now),
+            Admission::Start(_)
+        ));
+        assert_eq!(s.stats().active, 0);
+    }
+
+    #[test]
+    fn generators_answer_before_the_disk() {
+        struct Hello;
+        impl FileGenerator for Hello {
+            fn generate(&self, name: &str, client: SocketAddr) -> Option<Vec<u8>> {
+                (name == "pxelinux.cfg/default")
+                    .then(|| format!("for {}", client.ip()).into_bytes())
+            }
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = service(dir.path(), 4);
+        s.add_generator(Arc::new(Hello));
+        let peer: SocketAddr = "127.0.0.1:1000".parse().unwrap();
+        let Admission::Start(t) =
+            s.handle_request(&rrq("pxelinux.cfg/default"), peer, Instant::now())
+        else {
+            panic!("expected a transfer")
+        };
+        assert_eq!(&t.data[..], b"for 127.0.0.1");
+    }
+}
