@@ -104,9 +104,15 @@ async fn run_transfer(
     let mut incoming = vec![0u8; 2048];
     'transfer: loop {
         while let Some(transmit) = started.transfer.poll_transmit() {
-            if let Err(e) = send(&socket, &started, transmit, &mut datagram).await {
-                debug!(peer = %started.peer, error = %e, "client unreachable, abandoning transfer");
-                break 'transfer;
+            match send(&socket, &started, transmit, &mut datagram).await {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                    debug!(peer = %started.peer, "client port closed, abandoning transfer");
+                    break 'transfer;
+                }
+                // A firewall drop (EPERM), a full queue (ENOBUFS): the
+                // retransmission timer recovers, as from any loss.
+                Err(e) => debug!(peer = %started.peer, error = %e, "send failed"),
             }
         }
         if started.transfer.outcome().is_some() {
@@ -122,10 +128,11 @@ async fn run_transfer(
             }
             received = socket.recv(&mut incoming) => match received {
                 Ok(len) => started.transfer.handle_datagram(&incoming[..len], Instant::now()),
-                Err(e) => {
-                    debug!(peer = %started.peer, error = %e, "client unreachable, abandoning transfer");
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                    debug!(peer = %started.peer, "client port closed, abandoning transfer");
                     break;
                 }
+                Err(e) => debug!(peer = %started.peer, error = %e, "receive failed"),
             },
         }
     }

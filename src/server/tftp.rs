@@ -18,7 +18,7 @@
 //! Write requests are refused with "access violation": uploads are not
 //! offered by this server.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -121,7 +121,7 @@ impl TftpService {
                 max_total: config.max_transfers,
                 max_per_client: config.max_transfers_per_client,
                 active: AtomicUsize::new(0),
-                per_client: Mutex::new(HashMap::new()),
+                clients: Mutex::new(ActiveClients::default()),
             }),
             stats: TftpStats::default(),
         })
@@ -190,9 +190,17 @@ impl TftpService {
             }
         };
 
-        let slot = match self.limits.acquire(peer.ip()) {
+        let slot = match self.limits.acquire(peer) {
             Ok(slot) => slot,
-            Err(why) => {
+            Err(LimitRefusal::Duplicate) => {
+                // The client retransmitted its request because our first
+                // packet was lost or slow. Its transfer is already running
+                // and will retransmit that packet; a second transfer to the
+                // same port would only make the client reject one of them.
+                debug!(%peer, file = %name, "duplicate request for a running transfer ignored");
+                return Admission::Ignore;
+            }
+            Err(LimitRefusal::Full(why)) => {
                 info!(%peer, file = %name, why, "refused: transfer limit reached");
                 return self.refuse(ErrorCode::NotDefined, why);
             }
@@ -335,29 +343,50 @@ pub fn safe_relative_name(raw: &[u8]) -> Result<String, &'static str> {
     Ok(parts.join("/"))
 }
 
-/// Concurrency limits, global and per client address.
+/// Concurrency limits, global and per client address, and the set of
+/// client ports with a running transfer (to recognise repeated requests).
 struct Limits {
     max_total: usize,
     max_per_client: usize,
     active: AtomicUsize,
-    per_client: Mutex<HashMap<IpAddr, usize>>,
+    clients: Mutex<ActiveClients>,
+}
+
+#[derive(Default)]
+struct ActiveClients {
+    per_ip: HashMap<IpAddr, usize>,
+    ports: HashSet<SocketAddr>,
+}
+
+enum LimitRefusal {
+    /// This client port already has a running transfer.
+    Duplicate,
+    Full(&'static str),
 }
 
 impl Limits {
-    fn acquire(self: &Arc<Self>, client: IpAddr) -> Result<LimitSlot, &'static str> {
-        let mut per_client = self.per_client.lock().unwrap_or_else(|p| p.into_inner());
-        if self.active.load(Ordering::Relaxed) >= self.max_total {
-            return Err("server busy: too many transfers, retry later");
+    fn acquire(self: &Arc<Self>, peer: SocketAddr) -> Result<LimitSlot, LimitRefusal> {
+        let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
+        if clients.ports.contains(&peer) {
+            return Err(LimitRefusal::Duplicate);
         }
-        let count = per_client.entry(client).or_insert(0);
+        if self.active.load(Ordering::Relaxed) >= self.max_total {
+            return Err(LimitRefusal::Full(
+                "server busy: too many transfers, retry later",
+            ));
+        }
+        let count = clients.per_ip.entry(peer.ip()).or_insert(0);
         if *count >= self.max_per_client {
-            return Err("too many transfers from this client, retry later");
+            return Err(LimitRefusal::Full(
+                "too many transfers from this client, retry later",
+            ));
         }
         *count += 1;
+        clients.ports.insert(peer);
         self.active.fetch_add(1, Ordering::Relaxed);
         Ok(LimitSlot {
             limits: Arc::clone(self),
-            client,
+            peer,
         })
     }
 }
@@ -365,20 +394,21 @@ impl Limits {
 /// One transfer's place in the limits; released on drop.
 struct LimitSlot {
     limits: Arc<Limits>,
-    client: IpAddr,
+    peer: SocketAddr,
 }
 
 impl Drop for LimitSlot {
     fn drop(&mut self) {
-        let mut per_client = self
+        let mut clients = self
             .limits
-            .per_client
+            .clients
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        if let Some(count) = per_client.get_mut(&self.client) {
+        clients.ports.remove(&self.peer);
+        if let Some(count) = clients.per_ip.get_mut(&self.peer.ip()) {
             *count -= 1;
             if *count == 0 {
-                per_client.remove(&self.client);
+                clients.per_ip.remove(&self.peer.ip());
             }
         }
         self.limits.active.fetch_sub(1, Ordering::Relaxed);
@@ -480,9 +510,15 @@ mod tests {
             panic!("expected a transfer")
         };
         assert_eq!(&first.data[..], b"hello");
-        // Per-client limit of one: the second is refused, another client is not.
+        // The same client port again: a retransmitted request, ignored.
+        assert!(matches!(
+            s.handle_request(&rrq("ok"), peer, now),
+            Admission::Ignore
+        ));
+        // Per-client limit of one: a second port is refused, another client is not.
+        let same_host: SocketAddr = "127.0.0.1:1001".parse().unwrap();
         assert_eq!(
-            error_code(&s.handle_request(&rrq("ok"), peer, now)),
+            error_code(&s.handle_request(&rrq("ok"), same_host, now)),
             Some(0)
         );
         let other: SocketAddr = "127.0.0.2:1000".parse().unwrap();

@@ -117,7 +117,20 @@ impl ReadTransfer {
     /// first transmit is the OACK when options were acknowledged, else DATA 1.
     pub fn new(negotiated: &Negotiated, len: u64, config: TransferConfig, now: Instant) -> Self {
         let blksize = u64::from(negotiated.blksize.max(1));
-        let base_timeout = negotiated.timeout.unwrap_or(config.initial_timeout);
+        // RFC 2349's `timeout` is the longest the client wants us to wait
+        // before retransmitting. Waiting less than that is harmless (repeats
+        // are expected), and a boot LAN recovers from loss much faster with
+        // the operator's shorter interval; clients asking 6 s (curl) would
+        // otherwise pay 6 s per lost packet.
+        let base_timeout = negotiated.timeout.map_or(config.initial_timeout, |asked| {
+            asked.min(config.initial_timeout)
+        });
+        let config = TransferConfig {
+            max_timeout: config
+                .max_timeout
+                .max(negotiated.timeout.unwrap_or_default()),
+            ..config
+        };
         let mut transfer = Self {
             state: State::Sending,
             len,
@@ -422,7 +435,7 @@ mod tests {
         let mut t = start(&[], 5000, t0);
         t.poll_transmit();
         let mut deadlines = Vec::new();
-        let mut now = t0;
+        let mut now;
         for _ in 0..5 {
             now = t.poll_timeout().unwrap();
             deadlines.push(now - t0);
@@ -438,6 +451,24 @@ mod tests {
         t.handle_timeout(now);
         assert!(matches!(t.poll_transmit(), Some(Transmit::Control(_))));
         assert_eq!(t.outcome(), Some(&Outcome::TimedOut));
+    }
+
+    #[test]
+    fn client_timeout_caps_the_first_retransmission_and_raises_the_ceiling() {
+        let t0 = Instant::now();
+        // Asked 6 s, configured 1 s: retransmit after 1 s, back off up to 6 s.
+        let mut t = start(&[("timeout", "6")], 5000, t0);
+        t.poll_transmit();
+        t.handle_datagram(&ack(0), t0);
+        t.poll_transmit();
+        let mut at = Vec::new();
+        for _ in 0..5 {
+            let now = t.poll_timeout().unwrap();
+            at.push((now - t0).as_secs());
+            t.handle_timeout(now);
+            t.poll_transmit();
+        }
+        assert_eq!(at, vec![1, 3, 7, 13, 19]);
     }
 
     #[test]

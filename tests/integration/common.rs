@@ -1,0 +1,192 @@
+//! Shared helpers: an in-process server on loopback port 0, test files, and
+//! the rule that a missing tool is said out loud (and fails in CI).
+
+use std::net::{SocketAddr, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Arc, OnceLock};
+
+use bootfleet::cache::FileCache;
+use bootfleet::config::{Config, TftpConfig};
+use bootfleet::engine::{self, Backend, ServerHandle, Shutdown};
+use bootfleet::server::tftp::TftpService;
+
+pub const BACKENDS: [Backend; 2] = [Backend::IoUring, Backend::Epoll];
+
+/// File sizes every real client fetches: empty, exactly one 512-byte block,
+/// 70 KB, 10 MB and 100 MB.
+pub const SIZES: [(&str, usize); 5] = [
+    ("empty.bin", 0),
+    ("one-block.bin", 512),
+    ("70k.bin", 70_000),
+    ("10m.bin", 10_000_000),
+    ("100m.bin", 100_000_000),
+];
+
+/// Deterministic, incompressible-looking bytes.
+pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        out.extend_from_slice(&state.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// A boot directory with the [`SIZES`] files, made once per test run.
+pub fn boot_dir() -> &'static Path {
+    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = tempfile::Builder::new()
+            .prefix("bootfleet-test-")
+            .tempdir()
+            .unwrap();
+        for (i, (name, size)) in SIZES.iter().enumerate() {
+            std::fs::write(dir.path().join(name), pattern(*size, i as u64 + 1)).unwrap();
+        }
+        std::fs::write(dir.path().join("1m.bin"), pattern(1_000_000, 99)).unwrap();
+        std::fs::write(
+            dir.path().join("text.txt"),
+            b"line one\nline two\r\nbare\rcr\n",
+        )
+        .unwrap();
+        std::fs::create_dir(dir.path().join("pxelinux.cfg")).unwrap();
+        std::fs::write(dir.path().join("pxelinux.cfg/default"), b"DEFAULT local\n").unwrap();
+        dir
+    })
+    .path()
+}
+
+pub fn tftp_config(tweak: impl FnOnce(&mut TftpConfig)) -> TftpConfig {
+    let mut config = Config::default().tftp;
+    config.max_blksize = 65464;
+    tweak(&mut config);
+    config
+}
+
+/// A server running in this process on 127.0.0.1:<ephemeral>.
+pub struct TestServer {
+    pub addr: SocketAddr,
+    pub service: Arc<TftpService>,
+    shutdown: Shutdown,
+    handle: Option<ServerHandle>,
+}
+
+impl TestServer {
+    pub fn start(backend: Backend, root: &Path, config: TftpConfig) -> Self {
+        Self::start_with(backend, root, config, |_| {})
+    }
+
+    pub fn start_with(
+        backend: Backend,
+        root: &Path,
+        config: TftpConfig,
+        customise: impl FnOnce(&mut TftpService),
+    ) -> Self {
+        let listener = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut service = TftpService::new(root, &config, FileCache::new(1 << 30)).unwrap();
+        customise(&mut service);
+        let service = Arc::new(service);
+        let shutdown = Shutdown::new();
+        let handle =
+            engine::spawn_tftp(backend, listener, Arc::clone(&service), 2, shutdown.clone())
+                .unwrap_or_else(|e| panic!("cannot start the {backend} engine: {e}"));
+        Self {
+            addr,
+            service,
+            shutdown,
+            handle: Some(handle),
+        }
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        self.shutdown.trigger();
+        if let Some(handle) = self.handle.take() {
+            handle.join();
+        }
+    }
+}
+
+/// Whether `tool` is installed. Missing tools are reported loudly, and in CI
+/// (`CI` set) a missing tool fails the test: CI installs every tool.
+pub fn have_tool(tool: &str) -> bool {
+    let found = Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {tool}"))
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if !found {
+        let message = format!(
+            "REQUIRED TOOL MISSING: `{tool}` is not installed, so this test cannot run. \
+             Install the test dependencies with `.ci/run` (see README)."
+        );
+        if std::env::var_os("CI").is_some() {
+            panic!("{message}");
+        }
+        eprintln!("\n*** SKIPPED: {message} ***\n");
+    }
+    found
+}
+
+/// Whether this process may create network namespaces (root).
+pub fn can_make_namespaces() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    if !root {
+        let message = "network-namespace tests need root (CAP_NET_ADMIN)";
+        if std::env::var_os("CI").is_some() {
+            panic!("{message}");
+        }
+        eprintln!("\n*** SKIPPED: {message} ***\n");
+    }
+    root && have_tool("ip") && have_tool("nft")
+}
+
+/// A scratch directory for client output.
+pub fn scratch() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("bootfleet-out-")
+        .tempdir()
+        .unwrap()
+}
+
+/// Runs a client command and returns its combined output on failure.
+pub fn run(command: &mut Command) -> Result<(), String> {
+    let output = command
+        .output()
+        .map_err(|e| format!("cannot run {command:?}: {e}"))?;
+    if output.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{command:?} failed with {}:\n{}{}",
+            output.status,
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        ))
+    }
+}
+
+/// Asserts that `fetched` holds exactly the bytes of `name` in the boot dir.
+pub fn assert_same_file(name: &str, fetched: &Path, context: &str) {
+    let want = std::fs::read(boot_dir().join(name)).unwrap();
+    let got = std::fs::read(fetched).unwrap_or_else(|e| panic!("{context}: no output file: {e}"));
+    assert!(
+        got == want,
+        "{context}: {name} differs: got {} bytes, want {}",
+        got.len(),
+        want.len()
+    );
+}
+
+pub fn out_path(dir: &tempfile::TempDir, name: &str) -> PathBuf {
+    dir.path().join(name)
+}

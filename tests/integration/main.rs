@@ -1,0 +1,7 @@
+//! Integration tests: one binary (see STYLE.md). Real clients against a real
+//! server on loopback, and a lossy link inside network namespaces.
+
+mod common;
+mod hostile;
+mod lossy_namespace;
+mod real_clients;
