@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Installs everything the test suite needs on a fresh Debian machine and runs
+# all of it: the fuzz target (briefly), the systemd unit check, then every
+# unit and integration test over both engine backends. Run as root (the
+# network-namespace tests need CAP_NET_ADMIN): `sudo tests/run-all.sh`.
+# CI (.ci/run) calls exactly this.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SUDO=""
+[ "$(id -u)" -eq 0 ] || SUDO="sudo"
+
+# Real peers the tests run: tftp-hpa's and atftp's clients, curl; ip and nft
+# for the lossy network-namespace link; systemd-analyze for the unit; g++
+# for libFuzzer.
+APT_PACKAGES=(tftp-hpa atftp curl iproute2 nftables systemd g++ pkg-config)
+missing=()
+for package in "${APT_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "== installing: ${missing[*]}"
+    $SUDO apt-get update -q
+    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+command -v cargo >/dev/null || { echo "cargo is missing: install Rust with rustup first" >&2; exit 1; }
+command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
+
+echo "== format check"
+cargo fmt --all -- --check
+
+echo "== build"
+cargo build --release --workspace --all-targets
+
+echo "== systemd unit: systemd-analyze verify"
+unit_dir=$(mktemp -d)
+trap 'rm -rf "$unit_dir"' EXIT
+sed "s#/usr/local/bin/bootfleet#$PWD/target/release/bootfleet#" systemd/bootfleet.service > "$unit_dir/bootfleet.service"
+systemd-analyze verify "$unit_dir/bootfleet.service"
+target/release/bootfleet check-config systemd/bootfleet.toml > /dev/null
+
+echo "== fuzz: TFTP packet parser and transfer, ${FUZZ_SECONDS:-30} s"
+# cargo-fuzz needs nightly-only flags; RUSTC_BOOTSTRAP lets the stable
+# toolchain accept them.
+RUSTC_BOOTSTRAP=1 cargo fuzz run tftp_packet -- -max_total_time="${FUZZ_SECONDS:-30}" -rss_limit_mb=2048 2>&1 | tail -n 3
+
+echo "== tests (unit, integration with real clients, both engines)"
+cargo test --release --workspace
