@@ -20,7 +20,7 @@ use std::collections::BinaryHeap;
 use std::io;
 use std::mem::{size_of, MaybeUninit};
 use std::net::{SocketAddr, UdpSocket};
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -207,6 +207,10 @@ struct SendBuffers {
     /// One `UDP_SEGMENT` control message per GSO send.
     cmsgs: Vec<[u64; 4]>,
     control: Vec<u8>,
+    /// Sends being built: (first iovec, iovec count, GSO segment size or 0).
+    groups: Vec<(usize, usize, u16)>,
+    /// The transmits these buffers carry (kept to reuse the allocation).
+    transmits: Vec<Transmit>,
 }
 
 struct Slot {
@@ -457,6 +461,8 @@ impl Worker {
                 msgs: Vec::new(),
                 cmsgs: Vec::new(),
                 control: Vec::new(),
+                groups: Vec::new(),
+                transmits: Vec::new(),
             }),
             sends_in_flight: 0,
             queued: Vec::new(),
@@ -570,10 +576,19 @@ impl Worker {
             slot.queued.push(transmit);
         }
         if slot.sends_in_flight == 0 && !slot.queued.is_empty() {
-            let transmits = std::mem::take(&mut slot.queued);
-            let entries = build_sends(slot, &transmits, index, self.gso);
-            slot.sends_in_flight += entries.len() as u32;
-            for entry in entries {
+            // Swap, not take: both vectors keep their allocations.
+            std::mem::swap(&mut slot.queued, &mut slot.buffers.transmits);
+            slot.queued.clear();
+            let sends = build_sends(slot, self.gso);
+            slot.sends_in_flight += sends as u32;
+            for send in 0..sends {
+                let slot = self.slots[index].as_ref().expect("slot present");
+                let entry = opcode::SendMsg::new(
+                    types::Fd(slot.socket.as_raw_fd()),
+                    &slot.buffers.msgs[send] as *const libc::msghdr,
+                )
+                .build()
+                .user_data(user_data(KIND_SEND, index, slot.generation));
                 self.push(entry)?;
             }
         }
@@ -641,14 +656,12 @@ impl Worker {
     }
 }
 
-/// Builds the sendmsg entries for `transmits` into the slot's send buffers.
-fn build_sends(
-    slot: &mut Slot,
-    transmits: &[Transmit],
-    index: usize,
-    gso: bool,
-) -> Vec<squeue::Entry> {
+/// Lays out the slot's pending transmits (`buffers.transmits`) as msghdrs
+/// in its send buffers; returns how many sendmsg operations they make. No
+/// allocation once the buffers have grown to the transfer's window.
+fn build_sends(slot: &mut Slot, gso: bool) -> usize {
     let b = &mut *slot.buffers;
+    let transmits = std::mem::take(&mut b.transmits);
     let transfer = &slot.started.transfer;
     let data: &[u8] = &slot.started.data;
     b.headers.clear();
@@ -656,6 +669,7 @@ fn build_sends(
     b.msgs.clear();
     b.cmsgs.clear();
     b.control.clear();
+    b.groups.clear();
     // Reserve everything first: pointers into these vectors are taken below
     // and must not move while the sends are in flight.
     let blocks: usize = transmits
@@ -682,9 +696,7 @@ fn build_sends(
     b.cmsgs.reserve(blocks + controls);
     b.control.reserve(control_bytes);
 
-    // Groups: (first iovec, iovec count, GSO segment size or 0).
-    let mut groups: Vec<(usize, usize, u16)> = Vec::new();
-    for transmit in transmits {
+    for transmit in &transmits {
         match transmit {
             Transmit::Control(bytes) => {
                 let start = b.control.len();
@@ -693,7 +705,7 @@ fn build_sends(
                     iov_base: b.control[start..].as_ptr() as *mut libc::c_void,
                     iov_len: bytes.len(),
                 });
-                groups.push((b.iovecs.len() - 1, 1, 0));
+                b.groups.push((b.iovecs.len() - 1, 1, 0));
             }
             Transmit::Window { first, count } => {
                 let segment = usize::from(transfer.blksize()) + packet::DATA_HEADER_LEN;
@@ -709,7 +721,7 @@ fn build_sends(
                     let header = b.headers.last().expect("just pushed");
                     let payload = &data[transfer.block_range(block)];
                     if in_group == 0 {
-                        groups.push((b.iovecs.len(), 0, 0));
+                        b.groups.push((b.iovecs.len(), 0, 0));
                     }
                     b.iovecs.push(libc::iovec {
                         iov_base: header.as_ptr() as *mut libc::c_void,
@@ -719,7 +731,7 @@ fn build_sends(
                         iov_base: payload.as_ptr() as *mut libc::c_void,
                         iov_len: payload.len(),
                     });
-                    let group = groups.last_mut().expect("group opened");
+                    let group = b.groups.last_mut().expect("group opened");
                     group.1 += 2;
                     in_group += 1;
                     if in_group > 1 {
@@ -733,8 +745,7 @@ fn build_sends(
         }
     }
 
-    let mut entries = Vec::with_capacity(groups.len());
-    for (first_iov, iov_count, segment) in groups {
+    for &(first_iov, iov_count, segment) in &b.groups {
         // SAFETY: all-zero is a valid msghdr.
         let mut msg: libc::msghdr = unsafe { MaybeUninit::zeroed().assume_init() };
         msg.msg_iov = b.iovecs[first_iov..].as_ptr() as *mut libc::iovec;
@@ -757,15 +768,8 @@ fn build_sends(
         }
         b.msgs.push(msg);
     }
-    let fd: RawFd = slot.socket.as_raw_fd();
-    for msg in &b.msgs {
-        entries.push(
-            opcode::SendMsg::new(types::Fd(fd), msg as *const libc::msghdr)
-                .build()
-                .user_data(user_data(KIND_SEND, index, slot.generation)),
-        );
-    }
-    entries
+    b.transmits = transmits;
+    b.msgs.len()
 }
 
 fn sockaddr_to_std(name: &[u8]) -> Option<SocketAddr> {
