@@ -45,4 +45,10 @@ echo "== fuzz: TFTP packet parser and transfer, ${FUZZ_SECONDS:-30} s"
 RUSTC_BOOTSTRAP=1 cargo fuzz run tftp_packet -- -max_total_time="${FUZZ_SECONDS:-30}" -rss_limit_mb=2048 2>&1 | tail -n 3
 
 echo "== tests (unit, integration with real clients, both engines)"
-cargo test --release --workspace
+test_log=$(mktemp)
+cargo test --release --workspace 2>&1 | tee "$test_log"
+# One closing line over every test binary (the last binary cargo runs, the
+# doc-tests, has none).
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($i ~ /^passed/) p += $(i-1); if ($i ~ /^failed/) f += $(i-1); if ($i ~ /^ignored/) s += $(i-1) } }
+     END { printf "all tests: %d passed, %d failed, %d skipped\n", p, f, s }' "$test_log"
+rm -f "$test_log"
