@@ -20,6 +20,8 @@
 //! max_retries = 5
 //! max_transfers = 10000        # concurrent, whole server
 //! max_transfers_per_client = 64
+//! upload_dirs = []             # directories (under root) that accept uploads
+//! max_upload_mib = 64          # largest accepted upload
 //!
 //! [http]
 //! listen = "0.0.0.0:80"        # reserved: the HTTP server arrives later
@@ -92,6 +94,8 @@ pub struct FileTftp {
     pub max_retries: Option<Spanned<u64>>,
     pub max_transfers: Option<Spanned<u64>>,
     pub max_transfers_per_client: Option<Spanned<u64>>,
+    pub upload_dirs: Option<Vec<Spanned<PathBuf>>>,
+    pub max_upload_mib: Option<Spanned<u64>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -139,6 +143,10 @@ pub struct TftpConfig {
     pub max_retries: u32,
     pub max_transfers: usize,
     pub max_transfers_per_client: usize,
+    /// Directories, relative to the root, in which write requests may
+    /// create or replace files. Empty: every write request is refused.
+    pub upload_dirs: Vec<PathBuf>,
+    pub max_upload_bytes: u64,
 }
 
 /// A configuration that cannot be used, and where the problem is.
@@ -176,6 +184,8 @@ impl Default for Config {
                 max_retries: 5,
                 max_transfers: 10_000,
                 max_transfers_per_client: 64,
+                upload_dirs: Vec::new(),
+                max_upload_bytes: 64 << 20,
             },
             http_listen: "0.0.0.0:80".parse().expect("literal address"),
             cache_max_bytes: 1024 << 20,
@@ -302,7 +312,31 @@ impl Validator<'_> {
                 1..=1_000_000,
                 d.max_transfers_per_client as u64,
             )? as usize,
+            upload_dirs: Vec::new(),
+            max_upload_bytes: d.max_upload_bytes,
         };
+        let mut upload_dirs = Vec::new();
+        for dir in t.upload_dirs.iter().flatten() {
+            let path = dir.get_ref();
+            let escapes = path.is_absolute()
+                || path
+                    .components()
+                    .any(|c| matches!(c, std::path::Component::ParentDir));
+            if escapes {
+                return Err(ConfigError::Invalid {
+                    origin: format!("{} line {}", self.path.display(), self.line_of(dir)),
+                    key: "tftp.upload_dirs",
+                    message: format!(
+                        "{} must be a directory relative to root, without `..`",
+                        path.display()
+                    ),
+                });
+            }
+            upload_dirs.push(path.clone());
+        }
+        config.tftp.upload_dirs = upload_dirs;
+        config.tftp.max_upload_bytes =
+            self.ranged(&t.max_upload_mib, "tftp.max_upload_mib", 1..=4096, 64)? << 20;
         config.http_listen = file.http.listen.unwrap_or(defaults.http_listen);
         config.cache_max_bytes =
             self.ranged(&file.cache.max_mib, "cache.max_mib", 1..=1 << 30, 1024)? << 20;
@@ -389,6 +423,16 @@ level = "debug"
             .unwrap_err()
             .to_string();
         assert!(err.contains("listen") && err.contains("line 2"), "{err}");
+        let err = parse("[tftp]\nupload_dirs = [\"ok\", \"../etc\"]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("tftp.upload_dirs") && err.contains("line 2"),
+            "{err}"
+        );
+        let c = parse("[tftp]\nupload_dirs = [\"incoming\"]\nmax_upload_mib = 8\n").unwrap();
+        assert_eq!(c.tftp.upload_dirs, vec![PathBuf::from("incoming")]);
+        assert_eq!(c.tftp.max_upload_bytes, 8 << 20);
         let err = parse("workers = -1\n").unwrap_err().to_string();
         assert!(err.contains("workers"), "{err}");
     }

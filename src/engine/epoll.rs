@@ -2,7 +2,7 @@
 //!
 //! One task reads the listening socket; each admitted transfer runs as its
 //! own task on its own connected socket, driving the sans-I/O
-//! [`ReadTransfer`](crate::proto::tftp::ReadTransfer): send what it asks for,
+//! [`Transfer`](crate::proto::tftp::Transfer): send what it asks for,
 //! then wait for a datagram or its deadline. This backend copies each block
 //! into a datagram buffer; it is the always-works path, the io_uring backend
 //! is the fast one.
@@ -127,7 +127,11 @@ async fn run_transfer(
                 started.transfer.handle_timeout(Instant::now());
             }
             received = socket.recv(&mut incoming) => match received {
-                Ok(len) => started.transfer.handle_datagram(&incoming[..len], Instant::now()),
+                Ok(len) => {
+                    let now = Instant::now();
+                    started.transfer.handle_datagram(&incoming[..len], now);
+                    service.store_upload(&mut started, now);
+                }
                 Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
                     debug!(peer = %started.peer, "client port closed, abandoning transfer");
                     break;

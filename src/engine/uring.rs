@@ -518,6 +518,7 @@ impl Worker {
                 let bytes = self.buffers.buffer(bid, result as usize);
                 if let Some(Some(slot)) = self.slots.get_mut(index) {
                     slot.started.transfer.handle_datagram(bytes, now);
+                    self.service.store_upload(&mut slot.started, now);
                 }
                 self.buffers.recycle(bid);
             }
@@ -572,6 +573,15 @@ impl Worker {
         let Some(slot) = self.slots[index].as_mut() else {
             return Ok(());
         };
+        if slot.closing {
+            // Ended (possibly without an outcome, e.g. the client vanished):
+            // nothing more to send; free the slot once the kernel is done.
+            if !slot.recv_armed && slot.sends_in_flight == 0 {
+                self.slots[index] = None;
+                self.free.push(index);
+            }
+            return Ok(());
+        }
         while let Some(transmit) = slot.started.transfer.poll_transmit() {
             slot.queued.push(transmit);
         }

@@ -15,10 +15,14 @@
 //! links whose target lies outside the root are refused with an access
 //! violation and one log line.
 //!
-//! Write requests are refused with "access violation": uploads are not
-//! offered by this server.
+//! Write requests are refused with "access violation" unless the file's
+//! directory is one of `tftp.upload_dirs` (or below one). An upload is
+//! collected in memory up to `max_upload_mib`, written to a temporary file
+//! in the same directory and renamed into place before the final ACK, so a
+//! half-written upload is never visible and a full disk is reported to the
+//! client as ERROR 3.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -31,7 +35,8 @@ use crate::cache::{FileCache, FileData};
 use crate::config::TftpConfig;
 use crate::proto::tftp::packet::{self, ErrorCode, Mode, Packet};
 use crate::proto::tftp::{
-    negotiate, netascii, NegotiationLimits, Outcome, ReadTransfer, TransferConfig,
+    negotiate, netascii, CommitError, NegotiationLimits, Outcome, ReadTransfer, Transfer,
+    TransferConfig, WriteTransfer,
 };
 
 /// Answers some file names from memory instead of the disk: the seam through
@@ -56,12 +61,15 @@ pub enum Admission {
 /// A transfer ready to run: the state machine, its bytes, and its slot in the
 /// concurrency limits (released when this is dropped).
 pub struct Started {
-    pub transfer: ReadTransfer,
+    pub transfer: Transfer,
+    /// The file being read (empty for uploads).
     pub data: Arc<FileData>,
+    /// Where an upload is stored.
+    upload_path: Option<PathBuf>,
     pub name: String,
     pub peer: SocketAddr,
     pub started_at: Instant,
-    _slot: LimitSlot,
+    slot: LimitSlot,
 }
 
 /// Counters shared by all workers.
@@ -96,6 +104,39 @@ pub struct TftpService {
     transfer: TransferConfig,
     limits: Arc<Limits>,
     stats: TftpStats,
+    /// Canonical upload directories (empty: uploads refused).
+    upload_dirs: Vec<PathBuf>,
+    max_upload_bytes: u64,
+}
+
+/// Largest block size granted to uploads: DATA must fit the engines'
+/// 2 KiB receive buffers.
+pub const MAX_UPLOAD_BLKSIZE: u16 = 1468;
+
+/// Writes `bytes` to a temporary file beside `path`, syncs it, and renames it
+/// over `path`: readers see the old file or the whole new one, never a part.
+fn store_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("upload");
+    let tmp = path.with_file_name(format!(
+        ".{name}.upload-{}-{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    ));
+    let result = (|| {
+        let mut file = std::fs::File::create_new(&tmp)?;
+        file.write_all(bytes)?;
+        file.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
 }
 
 impl TftpService {
@@ -104,6 +145,28 @@ impl TftpService {
         let root = root.canonicalize().map_err(|e| {
             std::io::Error::new(e.kind(), format!("boot directory {}: {e}", root.display()))
         })?;
+        let mut upload_dirs = Vec::new();
+        for dir in &config.upload_dirs {
+            let canonical = root.join(dir).canonicalize().map_err(|e| {
+                std::io::Error::new(
+                    e.kind(),
+                    format!(
+                        "upload directory {} (tftp.upload_dirs): {e}",
+                        root.join(dir).display()
+                    ),
+                )
+            })?;
+            if !canonical.starts_with(&root) {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    format!(
+                        "upload directory {} lies outside the boot directory",
+                        canonical.display()
+                    ),
+                ));
+            }
+            upload_dirs.push(canonical);
+        }
         Ok(Self {
             root,
             cache,
@@ -124,6 +187,8 @@ impl TftpService {
                 clients: Mutex::new(ActiveClients::default()),
             }),
             stats: TftpStats::default(),
+            upload_dirs,
+            max_upload_bytes: config.max_upload_bytes,
         })
     }
 
@@ -159,14 +224,7 @@ impl TftpService {
     pub fn handle_request(&self, datagram: &[u8], peer: SocketAddr, now: Instant) -> Admission {
         let request = match Packet::parse(datagram) {
             Ok(Packet::Rrq(request)) => request,
-            Ok(Packet::Wrq(request)) => {
-                let name = String::from_utf8_lossy(request.filename);
-                info!(%peer, file = %name, "refused write request: uploads are disabled");
-                return self.refuse(
-                    ErrorCode::AccessViolation,
-                    "uploads are disabled on this server",
-                );
-            }
+            Ok(Packet::Wrq(request)) => return self.handle_write(&request, peer, now),
             // Never answer an ERROR: two servers could bounce errors forever.
             Ok(Packet::Error { .. }) => return Admission::Ignore,
             Ok(other) => {
@@ -219,7 +277,12 @@ impl TftpService {
         };
 
         let negotiated = negotiate(&request.options, data.len() as u64, self.negotiation);
-        let transfer = ReadTransfer::new(&negotiated, data.len() as u64, self.transfer, now);
+        let transfer = Transfer::Read(ReadTransfer::new(
+            &negotiated,
+            data.len() as u64,
+            self.transfer,
+            now,
+        ));
         self.stats.started.fetch_add(1, Ordering::Relaxed);
         debug!(
             %peer, file = %name, size = data.len(), blksize = negotiated.blksize,
@@ -228,16 +291,149 @@ impl TftpService {
         Admission::Start(Box::new(Started {
             transfer,
             data,
+            upload_path: None,
             name,
             peer,
             started_at: now,
-            _slot: slot,
+            slot,
         }))
+    }
+
+    /// Admits an upload into one of the upload directories.
+    fn handle_write(
+        &self,
+        request: &crate::proto::tftp::Request<'_>,
+        peer: SocketAddr,
+        now: Instant,
+    ) -> Admission {
+        let raw = String::from_utf8_lossy(request.filename);
+        if self.upload_dirs.is_empty() {
+            info!(%peer, file = %raw, "refused write request: uploads are disabled");
+            return self.refuse(
+                ErrorCode::AccessViolation,
+                "uploads are disabled on this server",
+            );
+        }
+        let name = match safe_relative_name(request.filename) {
+            Ok(name) => name,
+            Err(why) => {
+                warn!(%peer, file = %raw.escape_debug(), why, "refused upload file name");
+                return self.refuse(ErrorCode::AccessViolation, why);
+            }
+        };
+        let relative = Path::new(&name);
+        let (Some(parent), Some(file_name)) = (relative.parent(), relative.file_name()) else {
+            return self.refuse(ErrorCode::AccessViolation, "invalid file name");
+        };
+        let Ok(dir) = self.root.join(parent).canonicalize() else {
+            info!(%peer, file = %name, "refused upload: directory does not exist");
+            return self.refuse(
+                ErrorCode::AccessViolation,
+                "upload directory does not exist",
+            );
+        };
+        if !self
+            .upload_dirs
+            .iter()
+            .any(|allowed| dir.starts_with(allowed))
+        {
+            info!(%peer, file = %name, "refused upload outside the upload directories");
+            return self.refuse(
+                ErrorCode::AccessViolation,
+                "uploads are not allowed in this directory",
+            );
+        }
+        let path = dir.join(file_name);
+        if path.is_dir() {
+            return self.refuse(ErrorCode::AccessViolation, "a directory has that name");
+        }
+        // windowsize is not offered for uploads; tsize announces the size.
+        let options: Vec<(&str, &str)> = request
+            .options
+            .iter()
+            .filter(|(n, _)| !n.eq_ignore_ascii_case("windowsize"))
+            .copied()
+            .collect();
+        let announced = request
+            .option("tsize")
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(0);
+        if announced > self.max_upload_bytes {
+            info!(%peer, file = %name, announced, "refused upload: larger than max_upload_mib");
+            return self.refuse(
+                ErrorCode::DiskFull,
+                "upload larger than this server accepts",
+            );
+        }
+        let slot = match self.limits.acquire(peer) {
+            Ok(slot) => slot,
+            Err(LimitRefusal::Duplicate) => return Admission::Ignore,
+            Err(LimitRefusal::Full(why)) => return self.refuse(ErrorCode::NotDefined, why),
+        };
+        let limits = NegotiationLimits {
+            // Upload DATA must fit the engines' receive buffers.
+            max_blksize: self.negotiation.max_blksize.min(MAX_UPLOAD_BLKSIZE),
+            max_windowsize: 1,
+        };
+        let negotiated = negotiate(&options, announced, limits);
+        let transfer = Transfer::Write(WriteTransfer::new(
+            &negotiated,
+            self.max_upload_bytes,
+            self.transfer,
+            now,
+        ));
+        self.stats.started.fetch_add(1, Ordering::Relaxed);
+        debug!(%peer, file = %name, "upload started");
+        Admission::Start(Box::new(Started {
+            transfer,
+            data: Arc::new(FileData::Owned(Vec::new())),
+            upload_path: Some(path),
+            name,
+            peer,
+            started_at: now,
+            slot,
+        }))
+    }
+
+    /// Stores a finished upload, if `started` is one whose last block just
+    /// arrived, and lets it send its final ACK (or ERROR 3 on a full disk).
+    /// Engines call this after every datagram; it costs nothing otherwise.
+    pub fn store_upload(&self, started: &mut Started, now: Instant) {
+        let Transfer::Write(write) = &mut started.transfer else {
+            return;
+        };
+        let Some(bytes): Option<Vec<u8>> = write.take_upload() else {
+            return;
+        };
+        let Some(path) = &started.upload_path else {
+            return;
+        };
+        let result = store_atomically(path, &bytes);
+        match &result {
+            Ok(()) => {
+                info!(peer = %started.peer, file = %started.name, bytes = bytes.len(), "upload stored")
+            }
+            Err(e) => {
+                warn!(peer = %started.peer, file = %started.name, error = %e, "cannot store upload")
+            }
+        }
+        write.commit(
+            result.map_err(|e| match e.raw_os_error() {
+                Some(libc::ENOSPC) | Some(libc::EDQUOT) => CommitError::DiskFull,
+                _ if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                    CommitError::AccessViolation
+                }
+                Some(libc::EROFS) => CommitError::AccessViolation,
+                _ => CommitError::Other,
+            }),
+            now,
+        );
     }
 
     /// Records how a transfer ended. Its limit slot is released when the
     /// engine drops the [`Started`], once the kernel holds none of its buffers.
     pub fn finish(&self, started: &Started, now: Instant) {
+        started.slot.release();
         let elapsed = now.saturating_duration_since(started.started_at);
         let retransmitted = started.transfer.retransmitted_blocks();
         self.stats
@@ -246,9 +442,13 @@ impl TftpService {
         match started.transfer.outcome() {
             Some(Outcome::Complete) => {
                 self.stats.completed.fetch_add(1, Ordering::Relaxed);
+                let bytes = match &started.transfer {
+                    Transfer::Read(_) => started.data.len() as u64,
+                    Transfer::Write(write) => write.received(),
+                };
                 self.stats
                     .bytes_completed
-                    .fetch_add(started.data.len() as u64, Ordering::Relaxed);
+                    .fetch_add(bytes, Ordering::Relaxed);
                 debug!(peer = %started.peer, file = %started.name, bytes = started.data.len(),
                     ms = elapsed.as_millis() as u64, retransmitted, "transfer complete");
             }
@@ -355,7 +555,11 @@ struct Limits {
 #[derive(Default)]
 struct ActiveClients {
     per_ip: HashMap<IpAddr, usize>,
-    ports: HashSet<SocketAddr>,
+    /// Client ports whose transfer has not ended yet, with the id of that
+    /// transfer's slot. Released as soon as the transfer ends (not when the
+    /// engine frees its memory), because clients reuse ports at once.
+    ports: HashMap<SocketAddr, u64>,
+    next_id: u64,
 }
 
 enum LimitRefusal {
@@ -367,7 +571,7 @@ enum LimitRefusal {
 impl Limits {
     fn acquire(self: &Arc<Self>, peer: SocketAddr) -> Result<LimitSlot, LimitRefusal> {
         let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
-        if clients.ports.contains(&peer) {
+        if clients.ports.contains_key(&peer) {
             return Err(LimitRefusal::Duplicate);
         }
         if self.active.load(Ordering::Relaxed) >= self.max_total {
@@ -382,29 +586,49 @@ impl Limits {
             ));
         }
         *count += 1;
-        clients.ports.insert(peer);
+        clients.next_id += 1;
+        let id = clients.next_id;
+        clients.ports.insert(peer, id);
         self.active.fetch_add(1, Ordering::Relaxed);
         Ok(LimitSlot {
             limits: Arc::clone(self),
             peer,
+            id,
+            released: std::sync::atomic::AtomicBool::new(false),
         })
+    }
+
+    /// Forgets that `peer`'s port has a running transfer, if the entry is
+    /// still the one of slot `id`.
+    fn release_port(clients: &mut ActiveClients, peer: SocketAddr, id: u64) {
+        if clients.ports.get(&peer) == Some(&id) {
+            clients.ports.remove(&peer);
+        }
     }
 }
 
-/// One transfer's place in the limits; released on drop.
+/// One transfer's place in the limits: released when the transfer ends
+/// ([`TftpService::finish`]), or at the latest when it is dropped.
 struct LimitSlot {
     limits: Arc<Limits>,
     peer: SocketAddr,
+    id: u64,
+    released: std::sync::atomic::AtomicBool,
 }
 
-impl Drop for LimitSlot {
-    fn drop(&mut self) {
+impl LimitSlot {
+    /// Gives the place back, once: the transfer no longer counts against the
+    /// limits, and a new request from the same port is a new transfer.
+    fn release(&self) {
+        if self.released.swap(true, Ordering::AcqRel) {
+            return;
+        }
         let mut clients = self
             .limits
             .clients
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        clients.ports.remove(&self.peer);
+        Limits::release_port(&mut clients, self.peer, self.id);
         if let Some(count) = clients.per_ip.get_mut(&self.peer.ip()) {
             *count -= 1;
             if *count == 0 {
@@ -412,6 +636,12 @@ impl Drop for LimitSlot {
             }
         }
         self.limits.active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Drop for LimitSlot {
+    fn drop(&mut self) {
+        self.release();
     }
 }
 
@@ -527,7 +757,14 @@ mod tests {
             Admission::Start(_)
         ));
         s.finish(&first, now);
+        // Ended: the same port may start a new transfer at once, even while
+        // the engine still holds the old one's memory.
+        let Admission::Start(again) = s.handle_request(&rrq("ok"), peer, now) else {
+            panic!("a new request from a finished transfer's port must start a transfer")
+        };
         drop(first);
+        s.finish(&again, now);
+        drop(again);
         assert!(matches!(
             s.handle_request(&rrq("ok"), peer, now),
             Admission::Start(_)

@@ -359,3 +359,35 @@ fn oack_is_sent_and_tsize_reports_the_size() {
         assert_eq!(reply, want, "{backend}");
     }
 }
+
+#[test]
+fn a_client_that_vanishes_frees_its_transfer() {
+    for backend in BACKENDS {
+        // A retry budget of 10 s: only noticing the closed port can free
+        // the transfer within the 1.5 s this test waits.
+        let server = TestServer::start(
+            backend,
+            boot_dir(),
+            tftp_config(|c| {
+                c.timeout = Duration::from_millis(100);
+                c.max_timeout = Duration::from_millis(100);
+                c.max_retries = 100;
+            }),
+        );
+        {
+            let socket = client();
+            let (reply, tid) = exchange(&socket, server.addr, &rrq(b"70k.bin", &[])).unwrap();
+            assert!(matches!(
+                Packet::parse(&reply),
+                Ok(Packet::Data { block: 1, .. })
+            ));
+            socket.send_to(b"\x00\x04\x00\x01", tid).unwrap();
+        } // the client's socket closes: DATA 2 and its repeats meet a closed port
+        let deadline = std::time::Instant::now() + Duration::from_millis(1500);
+        while server.service.stats().active > 0 && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let stats = server.service.stats();
+        assert_eq!((stats.active, stats.failed), (0, 1), "{backend}: {stats:?}");
+    }
+}

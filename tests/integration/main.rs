@@ -5,3 +5,4 @@ mod common;
 mod hostile;
 mod lossy_namespace;
 mod real_clients;
+mod uploads;

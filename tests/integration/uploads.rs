@@ -1,0 +1,244 @@
+//! Uploads (write requests): refused unless the directory is an upload
+//! directory; real clients (tftp-hpa `put`, `atftp -p`, `curl -T`) store
+//! byte-identical files over both backends; a full disk is reported to the
+//! client as "disk full" and leaves no partial file.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::common::*;
+
+fn upload_root() -> tempfile::TempDir {
+    let root = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(root.path().join("incoming/nodes")).unwrap();
+    std::fs::create_dir(root.path().join("images")).unwrap();
+    root
+}
+
+fn config_with_uploads() -> bootfleet::config::TftpConfig {
+    tftp_config(|c| c.upload_dirs = vec!["incoming".into()])
+}
+
+#[test]
+fn real_clients_upload_into_upload_directories_only() {
+    if !have_tool("tftp") || !have_tool("atftp") || !have_tool("curl") {
+        return;
+    }
+    let source = scratch();
+    let payload = pattern(300_000, 42);
+    let local = source.path().join("dump.bin");
+    std::fs::write(&local, &payload).unwrap();
+    for backend in BACKENDS {
+        let root = upload_root();
+        let server = TestServer::start(backend, root.path(), config_with_uploads());
+        let port = server.addr.port().to_string();
+
+        run(Command::new("timeout")
+            .args([
+                "60",
+                "tftp",
+                "-m",
+                "binary",
+                "127.0.0.1",
+                &port,
+                "-c",
+                "put",
+            ])
+            .arg(&local)
+            .arg("incoming/from-tftp.bin"))
+        .unwrap();
+        run(Command::new("timeout")
+            .args(["60", "atftp", "-p", "-l"])
+            .arg(&local)
+            .args([
+                "-r",
+                "incoming/nodes/from-atftp.bin",
+                "--option",
+                "blksize 1468",
+                "--option",
+                "tsize 300000",
+                "127.0.0.1",
+                &port,
+            ]))
+        .unwrap();
+        run(Command::new("timeout")
+            .args(["60", "curl", "-sS", "--fail", "-T"])
+            .arg(&local)
+            .arg(format!("tftp://127.0.0.1:{port}/incoming/from-curl.bin")))
+        .unwrap();
+        for stored in [
+            "incoming/from-tftp.bin",
+            "incoming/nodes/from-atftp.bin",
+            "incoming/from-curl.bin",
+        ] {
+            let got = std::fs::read(root.path().join(stored))
+                .unwrap_or_else(|e| panic!("{backend}: {stored}: {e}"));
+            assert!(
+                got == payload,
+                "{backend}: {stored} differs ({} bytes)",
+                got.len()
+            );
+        }
+
+        // Outside the upload directories: refused, nothing written.
+        for target in [
+            "images/evil.bin",
+            "evil.bin",
+            "incoming/../evil.bin",
+            "incoming/missing-dir/x.bin",
+        ] {
+            let output = Command::new("timeout")
+                .args([
+                    "20",
+                    "tftp",
+                    "-m",
+                    "binary",
+                    "127.0.0.1",
+                    &port,
+                    "-c",
+                    "put",
+                ])
+                .arg(&local)
+                .arg(target)
+                .output()
+                .unwrap();
+            let said = String::from_utf8_lossy(&output.stdout).to_string()
+                + &String::from_utf8_lossy(&output.stderr);
+            assert!(said.contains("Error code 2"), "{backend}: {target}: {said}");
+        }
+        assert!(!root.path().join("images/evil.bin").exists());
+        assert!(!root.path().join("evil.bin").exists());
+        // Each upload dallies one timeout interval after its final ACK.
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while server.service.stats().completed < 3 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let stats = server.service.stats();
+        assert_eq!(
+            (stats.completed, stats.failed, stats.active),
+            (3, 0, 0),
+            "{backend}: {stats:?}"
+        );
+    }
+}
+
+#[test]
+fn uploads_are_refused_when_not_enabled() {
+    if !have_tool("tftp") {
+        return;
+    }
+    let root = upload_root();
+    let server = TestServer::start(
+        bootfleet::engine::Backend::IoUring,
+        root.path(),
+        tftp_config(|_| {}),
+    );
+    let local = scratch();
+    std::fs::write(local.path().join("f"), b"data").unwrap();
+    let output = Command::new("tftp")
+        .args(["127.0.0.1", &server.addr.port().to_string(), "-c", "put"])
+        .arg(local.path().join("f"))
+        .arg("incoming/f")
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&output.stdout).to_string()
+        + &String::from_utf8_lossy(&output.stderr);
+    assert!(
+        said.contains("Error code 2") && said.contains("uploads are disabled"),
+        "{said}"
+    );
+    assert!(!root.path().join("incoming/f").exists());
+}
+
+/// A 256 KiB tmpfs mounted over the upload directory in a private mount
+/// namespace (gone when the server exits): a 1 MB upload must fail with
+/// "disk full", leave no file, and the server must go on serving.
+#[test]
+fn full_disk_is_reported_as_disk_full() {
+    if !can_make_namespaces() || !have_tool("unshare") || !have_tool("tftp") {
+        return;
+    }
+    let root = upload_root();
+    std::fs::write(root.path().join("images/kernel"), pattern(10_000, 5)).unwrap();
+    let work = scratch();
+    let config = work.path().join("bootfleet.toml");
+    let port = {
+        let probe = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        probe.local_addr().unwrap().port()
+    };
+    std::fs::write(
+        &config,
+        format!(
+            "root = {:?}\n[tftp]\nlisten = \"127.0.0.1:{port}\"\nupload_dirs = [\"incoming\"]\n",
+            root.path()
+        ),
+    )
+    .unwrap();
+    let incoming = root.path().join("incoming");
+    let log = work.path().join("server.log");
+    let mut server = Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c"])
+        .arg(format!(
+            "mount -t tmpfs -o size=256k bootfleet-test {incoming:?} && exec {:?} serve --config {config:?}",
+            env!("CARGO_BIN_EXE_bootfleet")
+        ))
+        .stdout(Stdio::from(std::fs::File::create(&log).unwrap()))
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("engine")
+    {
+        assert!(Instant::now() < deadline, "server did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let local = work.path().join("big.bin");
+    std::fs::write(&local, pattern(1_000_000, 6)).unwrap();
+    let output = Command::new("timeout")
+        .args([
+            "30",
+            "tftp",
+            "-m",
+            "binary",
+            "127.0.0.1",
+            &port.to_string(),
+            "-c",
+            "put",
+        ])
+        .arg(&local)
+        .arg("incoming/big.bin")
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&output.stdout).to_string()
+        + &String::from_utf8_lossy(&output.stderr);
+    // Still serving.
+    let fetched = work.path().join("kernel");
+    let fetch = Command::new("tftp")
+        .args([
+            "-m",
+            "binary",
+            "127.0.0.1",
+            &port.to_string(),
+            "-c",
+            "get",
+            "images/kernel",
+        ])
+        .arg(&fetched)
+        .output();
+    let _ = Command::new("kill").arg(server.id().to_string()).status();
+    let _ = server.wait();
+    assert!(
+        said.contains("Error code 3"),
+        "expected disk full, got: {said}"
+    );
+    assert!(fetch.is_ok());
+    assert_eq!(std::fs::read(&fetched).unwrap(), pattern(10_000, 5));
+    // The tmpfs is gone with the namespace; nothing leaked into the real directory.
+    assert!(std::fs::read_dir(Path::new(&incoming))
+        .unwrap()
+        .filter_map(Result::ok)
+        .all(|e| e.file_name() == "nodes"));
+}
