@@ -103,6 +103,9 @@ async fn run_transfer(
     let mut datagram = Vec::with_capacity(usize::from(started.transfer.blksize()) + 4);
     let mut incoming = vec![0u8; 2048];
     'transfer: loop {
+        if started.superseded() {
+            break;
+        }
         while let Some(transmit) = started.transfer.poll_transmit() {
             match send(&socket, &started, transmit, &mut datagram).await {
                 Ok(()) => {}
@@ -130,7 +133,7 @@ async fn run_transfer(
                 Ok(len) => {
                     let now = Instant::now();
                     started.transfer.handle_datagram(&incoming[..len], now);
-                    service.store_upload(&mut started, now);
+                    service.after_datagram(&mut started, now);
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
                     debug!(peer = %started.peer, "client port closed, abandoning transfer");

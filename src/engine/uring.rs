@@ -518,7 +518,7 @@ impl Worker {
                 let bytes = self.buffers.buffer(bid, result as usize);
                 if let Some(Some(slot)) = self.slots.get_mut(index) {
                     slot.started.transfer.handle_datagram(bytes, now);
-                    self.service.store_upload(&mut slot.started, now);
+                    self.service.after_datagram(&mut slot.started, now);
                 }
                 self.buffers.recycle(bid);
             }
@@ -581,6 +581,10 @@ impl Worker {
                 self.free.push(index);
             }
             return Ok(());
+        }
+        if slot.started.superseded() {
+            slot.queued.clear();
+            return self.close(index, now);
         }
         while let Some(transmit) = slot.started.transfer.poll_transmit() {
             slot.queued.push(transmit);

@@ -25,7 +25,7 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Component, Path, PathBuf};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -70,6 +70,14 @@ pub struct Started {
     pub peer: SocketAddr,
     pub started_at: Instant,
     slot: LimitSlot,
+}
+
+impl Started {
+    /// A newer request from the same client port replaced this transfer:
+    /// the engine ends it without sending anything more.
+    pub fn superseded(&self) -> bool {
+        self.slot.flags.superseded.load(Ordering::Relaxed)
+    }
 }
 
 /// Counters shared by all workers.
@@ -395,10 +403,15 @@ impl TftpService {
         }))
     }
 
-    /// Stores a finished upload, if `started` is one whose last block just
-    /// arrived, and lets it send its final ACK (or ERROR 3 on a full disk).
-    /// Engines call this after every datagram; it costs nothing otherwise.
-    pub fn store_upload(&self, started: &mut Started, now: Instant) {
+    /// Engines call this after feeding a transfer a datagram: it notes the
+    /// client's first sign of life (see [`Started::superseded`]) and stores
+    /// a finished upload, letting it send its final ACK (or ERROR 3 on a
+    /// full disk). Costs two loads otherwise.
+    pub fn after_datagram(&self, started: &mut Started, now: Instant) {
+        let flags = &started.slot.flags;
+        if !flags.progressed.load(Ordering::Relaxed) && started.transfer.progressed() {
+            flags.progressed.store(true, Ordering::Release);
+        }
         let Transfer::Write(write) = &mut started.transfer else {
             return;
         };
@@ -451,6 +464,10 @@ impl TftpService {
                     .fetch_add(bytes, Ordering::Relaxed);
                 debug!(peer = %started.peer, file = %started.name, bytes = started.data.len(),
                     ms = elapsed.as_millis() as u64, retransmitted, "transfer complete");
+            }
+            None if started.superseded() => {
+                debug!(peer = %started.peer, file = %started.name,
+                    "transfer replaced by a newer request from the same client port");
             }
             outcome => {
                 self.stats.failed.fetch_add(1, Ordering::Relaxed);
@@ -556,9 +573,10 @@ struct Limits {
 struct ActiveClients {
     per_ip: HashMap<IpAddr, usize>,
     /// Client ports whose transfer has not ended yet, with the id of that
-    /// transfer's slot. Released as soon as the transfer ends (not when the
-    /// engine frees its memory), because clients reuse ports at once.
-    ports: HashMap<SocketAddr, u64>,
+    /// transfer's slot and its flags. Released as soon as the transfer ends
+    /// (not when the engine frees its memory), because clients reuse ports
+    /// at once.
+    ports: HashMap<SocketAddr, (u64, Arc<TransferFlags>)>,
     next_id: u64,
 }
 
@@ -571,8 +589,18 @@ enum LimitRefusal {
 impl Limits {
     fn acquire(self: &Arc<Self>, peer: SocketAddr) -> Result<LimitSlot, LimitRefusal> {
         let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
-        if clients.ports.contains_key(&peer) {
-            return Err(LimitRefusal::Duplicate);
+        if let Some((_, running)) = clients.ports.get(&peer) {
+            if !running.progressed.load(Ordering::Acquire) {
+                // The client has not heard from that transfer yet: this is
+                // its request again (our first packet was lost or is late),
+                // and the running transfer will retransmit.
+                return Err(LimitRefusal::Duplicate);
+            }
+            // The client acknowledged that transfer and now asks again from
+            // the same port: it has moved on (finished, with the final ACK
+            // still on its way, or gave up). The old transfer goes silent.
+            running.superseded.store(true, Ordering::Release);
+            clients.ports.remove(&peer);
         }
         if self.active.load(Ordering::Relaxed) >= self.max_total {
             return Err(LimitRefusal::Full(
@@ -588,12 +616,14 @@ impl Limits {
         *count += 1;
         clients.next_id += 1;
         let id = clients.next_id;
-        clients.ports.insert(peer, id);
+        let flags = Arc::new(TransferFlags::default());
+        clients.ports.insert(peer, (id, Arc::clone(&flags)));
         self.active.fetch_add(1, Ordering::Relaxed);
         Ok(LimitSlot {
             limits: Arc::clone(self),
             peer,
             id,
+            flags,
             released: std::sync::atomic::AtomicBool::new(false),
         })
     }
@@ -601,7 +631,11 @@ impl Limits {
     /// Forgets that `peer`'s port has a running transfer, if the entry is
     /// still the one of slot `id`.
     fn release_port(clients: &mut ActiveClients, peer: SocketAddr, id: u64) {
-        if clients.ports.get(&peer) == Some(&id) {
+        if clients
+            .ports
+            .get(&peer)
+            .is_some_and(|(entry, _)| *entry == id)
+        {
             clients.ports.remove(&peer);
         }
     }
@@ -613,7 +647,18 @@ struct LimitSlot {
     limits: Arc<Limits>,
     peer: SocketAddr,
     id: u64,
+    flags: Arc<TransferFlags>,
     released: std::sync::atomic::AtomicBool,
+}
+
+/// What the admission side must know about a running transfer.
+#[derive(Default)]
+struct TransferFlags {
+    /// The client acknowledged or sent something (set by the engine's call
+    /// to [`TftpService::after_datagram`]).
+    progressed: AtomicBool,
+    /// A newer request from the same client port replaced this transfer.
+    superseded: AtomicBool,
 }
 
 impl LimitSlot {
@@ -770,6 +815,46 @@ mod tests {
             Admission::Start(_)
         ));
         assert_eq!(s.stats().active, 0);
+    }
+
+    #[test]
+    fn a_new_request_from_the_same_port_supersedes_a_transfer_the_client_acknowledged() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("big"), vec![1u8; 5000]).unwrap();
+        let s = service(dir.path(), 8);
+        let peer: SocketAddr = "127.0.0.1:2000".parse().unwrap();
+        let now = Instant::now();
+        let Admission::Start(mut old) = s.handle_request(&rrq("big"), peer, now) else {
+            panic!("expected a transfer")
+        };
+        old.transfer.poll_transmit();
+        // Nothing acknowledged yet: the same request again is a retransmission.
+        assert!(matches!(
+            s.handle_request(&rrq("big"), peer, now),
+            Admission::Ignore
+        ));
+        // The client acknowledges block 1, then asks again from the same port:
+        // it moved on, so a new transfer starts and the old one goes silent.
+        old.transfer.handle_datagram(b"\x00\x04\x00\x01", now);
+        s.after_datagram(&mut old, now);
+        let Admission::Start(new) = s.handle_request(&rrq("big"), peer, now) else {
+            panic!("a request after progress must start a new transfer")
+        };
+        assert!(old.superseded());
+        assert!(!new.superseded());
+        s.finish(&old, now);
+        drop(old);
+        // The old transfer's end does not release the new one's port.
+        assert!(matches!(
+            s.handle_request(&rrq("big"), peer, now),
+            Admission::Ignore
+        ));
+        assert_eq!(
+            s.stats().failed,
+            0,
+            "a superseded transfer is not a failure"
+        );
+        drop(new);
     }
 
     #[test]

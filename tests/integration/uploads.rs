@@ -16,6 +16,16 @@ fn upload_root() -> tempfile::TempDir {
     root
 }
 
+/// tftp-hpa's client uploading `local` as `remote`.
+fn tftp_put(port: &str, local: &Path, remote: &str) -> Command {
+    let mut command = Command::new("timeout");
+    command
+        .args(["60", "tftp", "-m", "binary", "127.0.0.1", port, "-c", "put"])
+        .arg(local)
+        .arg(remote);
+    command
+}
+
 fn config_with_uploads() -> bootfleet::config::TftpConfig {
     tftp_config(|c| c.upload_dirs = vec!["incoming".into()])
 }
@@ -34,20 +44,7 @@ fn real_clients_upload_into_upload_directories_only() {
         let server = TestServer::start(backend, root.path(), config_with_uploads());
         let port = server.addr.port().to_string();
 
-        run(Command::new("timeout")
-            .args([
-                "60",
-                "tftp",
-                "-m",
-                "binary",
-                "127.0.0.1",
-                &port,
-                "-c",
-                "put",
-            ])
-            .arg(&local)
-            .arg("incoming/from-tftp.bin"))
-        .unwrap();
+        run(&mut tftp_put(&port, &local, "incoming/from-tftp.bin")).unwrap();
         run(Command::new("timeout")
             .args(["60", "atftp", "-p", "-l"])
             .arg(&local)
@@ -88,21 +85,7 @@ fn real_clients_upload_into_upload_directories_only() {
             "incoming/../evil.bin",
             "incoming/missing-dir/x.bin",
         ] {
-            let output = Command::new("timeout")
-                .args([
-                    "20",
-                    "tftp",
-                    "-m",
-                    "binary",
-                    "127.0.0.1",
-                    &port,
-                    "-c",
-                    "put",
-                ])
-                .arg(&local)
-                .arg(target)
-                .output()
-                .unwrap();
+            let output = tftp_put(&port, &local, target).output().unwrap();
             let said = String::from_utf8_lossy(&output.stdout).to_string()
                 + &String::from_utf8_lossy(&output.stderr);
             assert!(said.contains("Error code 2"), "{backend}: {target}: {said}");
@@ -197,19 +180,7 @@ fn full_disk_is_reported_as_disk_full() {
     }
     let local = work.path().join("big.bin");
     std::fs::write(&local, pattern(1_000_000, 6)).unwrap();
-    let output = Command::new("timeout")
-        .args([
-            "30",
-            "tftp",
-            "-m",
-            "binary",
-            "127.0.0.1",
-            &port.to_string(),
-            "-c",
-            "put",
-        ])
-        .arg(&local)
-        .arg("incoming/big.bin")
+    let output = tftp_put(&port.to_string(), &local, "incoming/big.bin")
         .output()
         .unwrap();
     let said = String::from_utf8_lossy(&output.stdout).to_string()

@@ -90,6 +90,14 @@ impl Transfer {
         }
     }
 
+    /// Whether the client acknowledged or sent anything yet.
+    pub fn progressed(&self) -> bool {
+        match self {
+            Transfer::Read(t) => t.progressed(),
+            Transfer::Write(t) => t.progressed(),
+        }
+    }
+
     pub fn retransmitted_blocks(&self) -> u64 {
         match self {
             Transfer::Read(t) => t.retransmitted_blocks(),

@@ -57,6 +57,66 @@ impl Default for TransferConfig {
     }
 }
 
+/// Retransmission timing, shared by read and write transfers: the first
+/// interval, exponential back-off up to a ceiling, and a retry budget that
+/// progress restores.
+#[derive(Debug, Clone)]
+pub(crate) struct Backoff {
+    base: Duration,
+    ceiling: Duration,
+    max_retries: u32,
+    retries: u32,
+}
+
+/// What to do when a retransmission deadline passed without progress.
+pub(crate) enum Retry {
+    /// Retransmit, and wait this long for progress.
+    After(Duration),
+    /// The budget is spent: send this ERROR and end the transfer.
+    GiveUp(Vec<u8>),
+}
+
+impl Backoff {
+    /// RFC 2349's `timeout` is the longest the client wants us to wait before
+    /// retransmitting. Waiting less than that is harmless (repeats are
+    /// expected), and a boot LAN recovers from loss much faster with the
+    /// operator's shorter interval; clients asking 6 s (curl) would otherwise
+    /// pay 6 s per lost packet. The client's value raises the ceiling.
+    pub(crate) fn new(asked: Option<Duration>, config: TransferConfig) -> Self {
+        let base = asked.map_or(config.initial_timeout, |asked| {
+            asked.min(config.initial_timeout)
+        });
+        Self {
+            base,
+            ceiling: config.max_timeout.max(asked.unwrap_or_default()).max(base),
+            max_retries: config.max_retries,
+            retries: 0,
+        }
+    }
+
+    /// The interval after a packet that made progress.
+    pub(crate) fn base(&self) -> Duration {
+        self.base
+    }
+
+    /// The peer made progress: the retry budget is whole again.
+    pub(crate) fn progress(&mut self) {
+        self.retries = 0;
+    }
+
+    /// A deadline passed without progress.
+    pub(crate) fn expired(&mut self) -> Retry {
+        if self.retries >= self.max_retries {
+            let mut error = Vec::new();
+            packet::encode_error(ErrorCode::NotDefined, "transfer timed out", &mut error);
+            return Retry::GiveUp(error);
+        }
+        self.retries += 1;
+        let factor = 1u32 << self.retries.min(16);
+        Retry::After(self.base.saturating_mul(factor).min(self.ceiling))
+    }
+}
+
 /// Something the driver must send to the client.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Transmit {
@@ -103,13 +163,13 @@ pub struct ReadTransfer {
     acked: u64,
     /// Highest block index sent in the current window.
     sent_upto: u64,
-    base_timeout: Duration,
-    config: TransferConfig,
-    retries: u32,
+    backoff: Backoff,
     deadline: Instant,
     pending: Option<Transmit>,
     /// Blocks sent again after a timeout or a gap, for statistics.
     retransmitted_blocks: u64,
+    /// An ACK of the client moved the transfer forward at least once.
+    client_acked: bool,
 }
 
 impl ReadTransfer {
@@ -117,20 +177,7 @@ impl ReadTransfer {
     /// first transmit is the OACK when options were acknowledged, else DATA 1.
     pub fn new(negotiated: &Negotiated, len: u64, config: TransferConfig, now: Instant) -> Self {
         let blksize = u64::from(negotiated.blksize.max(1));
-        // RFC 2349's `timeout` is the longest the client wants us to wait
-        // before retransmitting. Waiting less than that is harmless (repeats
-        // are expected), and a boot LAN recovers from loss much faster with
-        // the operator's shorter interval; clients asking 6 s (curl) would
-        // otherwise pay 6 s per lost packet.
-        let base_timeout = negotiated.timeout.map_or(config.initial_timeout, |asked| {
-            asked.min(config.initial_timeout)
-        });
-        let config = TransferConfig {
-            max_timeout: config
-                .max_timeout
-                .max(negotiated.timeout.unwrap_or_default()),
-            ..config
-        };
+        let backoff = Backoff::new(negotiated.timeout, config);
         let mut transfer = Self {
             state: State::Sending,
             len,
@@ -139,12 +186,11 @@ impl ReadTransfer {
             last_block: len / blksize + 1,
             acked: 0,
             sent_upto: 0,
-            base_timeout,
-            config,
-            retries: 0,
-            deadline: now + base_timeout,
+            deadline: now + backoff.base(),
+            backoff,
             pending: None,
             retransmitted_blocks: 0,
+            client_acked: false,
         };
         if negotiated.oack.is_empty() {
             transfer.send_window_from(1, now);
@@ -165,6 +211,13 @@ impl ReadTransfer {
     /// Number of DATA blocks the whole file takes.
     pub fn block_count(&self) -> u64 {
         self.last_block
+    }
+
+    /// Whether the client acknowledged anything yet (the OACK or a block):
+    /// after that, a new request from its port is a new transfer, not a
+    /// retransmitted request.
+    pub fn progressed(&self) -> bool {
+        self.client_acked
     }
 
     /// Blocks sent more than once so far.
@@ -231,14 +284,14 @@ impl ReadTransfer {
         if matches!(self.state, State::Done(_)) || now < self.deadline {
             return;
         }
-        if self.retries >= self.config.max_retries {
-            let mut error = Vec::new();
-            packet::encode_error(ErrorCode::NotDefined, "transfer timed out", &mut error);
-            self.pending = Some(Transmit::Control(error));
-            self.state = State::Done(Outcome::TimedOut);
-            return;
-        }
-        self.retries += 1;
+        let interval = match self.backoff.expired() {
+            Retry::After(interval) => interval,
+            Retry::GiveUp(error) => {
+                self.pending = Some(Transmit::Control(error));
+                self.state = State::Done(Outcome::TimedOut);
+                return;
+            }
+        };
         match &self.state {
             State::AwaitingOackAck { oack } => {
                 self.pending = Some(Transmit::Control(oack.clone()));
@@ -250,7 +303,7 @@ impl ReadTransfer {
             }
             State::Done(_) => {}
         }
-        self.deadline = now + self.backed_off_timeout();
+        self.deadline = now + interval;
     }
 
     fn handle_ack(&mut self, block: u16, now: Instant) {
@@ -258,7 +311,8 @@ impl ReadTransfer {
             State::AwaitingOackAck { .. } => {
                 if block == 0 {
                     self.state = State::Sending;
-                    self.retries = 0;
+                    self.client_acked = true;
+                    self.backoff.progress();
                     self.send_window_from(1, now);
                 }
                 // Any other block number is stale or stray: ignore.
@@ -277,7 +331,8 @@ impl ReadTransfer {
                     self.retransmitted_blocks += self.sent_upto - acked;
                 }
                 self.acked = acked;
-                self.retries = 0;
+                self.client_acked = true;
+                self.backoff.progress();
                 if self.acked >= self.last_block {
                     self.pending = None;
                     self.state = State::Done(Outcome::Complete);
@@ -300,14 +355,7 @@ impl ReadTransfer {
 
     fn send_window_from(&mut self, first: u64, now: Instant) {
         self.pending = Some(self.window_from(first));
-        self.deadline = now + self.base_timeout;
-    }
-
-    fn backed_off_timeout(&self) -> Duration {
-        let factor = 1u32 << self.retries.min(16);
-        self.base_timeout
-            .saturating_mul(factor)
-            .min(self.config.max_timeout.max(self.base_timeout))
+        self.deadline = now + self.backoff.base();
     }
 
     fn violation(&mut self, why: &'static str) {

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use super::options::Negotiated;
 use super::packet::{self, ErrorCode, Packet};
-use super::transfer::{Outcome, TransferConfig, Transmit};
+use super::transfer::{Backoff, Outcome, Retry, TransferConfig, Transmit};
 
 /// Why storing an upload failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,9 +56,7 @@ pub struct WriteTransfer {
     /// Bytes received in order, kept after the data is handed over.
     received: u64,
     max_bytes: u64,
-    timeout: Duration,
-    config: TransferConfig,
-    retries: u32,
+    backoff: Backoff,
     deadline: Instant,
     /// What we said last (OACK or ACK), repeated on timeout.
     last_sent: Vec<u8>,
@@ -74,9 +72,7 @@ impl WriteTransfer {
         config: TransferConfig,
         now: Instant,
     ) -> Self {
-        let timeout = negotiated.timeout.map_or(config.initial_timeout, |asked| {
-            asked.min(config.initial_timeout)
-        });
+        let backoff = Backoff::new(negotiated.timeout, config);
         let mut first = Vec::with_capacity(32);
         if negotiated.oack.is_empty() {
             packet::encode_ack(0, &mut first);
@@ -90,10 +86,8 @@ impl WriteTransfer {
             data: Vec::new(),
             received: 0,
             max_bytes,
-            timeout,
-            config,
-            retries: 0,
-            deadline: now + timeout,
+            deadline: now + backoff.base(),
+            backoff,
             pending: Some(Transmit::Control(first.clone())),
             last_sent: first,
         }
@@ -124,6 +118,11 @@ impl WriteTransfer {
         }
     }
 
+    /// Whether the client sent any DATA yet.
+    pub fn progressed(&self) -> bool {
+        self.next > 1
+    }
+
     /// Bytes received so far.
     pub fn received(&self) -> u64 {
         self.received
@@ -148,7 +147,7 @@ impl WriteTransfer {
                 self.send_ack(last);
                 self.state = State::Dallying {
                     last,
-                    until: now + self.timeout.max(Duration::from_millis(100)),
+                    until: now + self.backoff.base().max(Duration::from_millis(100)),
                 };
             }
             Err(error) => {
@@ -195,12 +194,12 @@ impl WriteTransfer {
                     self.received += payload.len() as u64;
                     let index = self.next;
                     self.next += 1;
-                    self.retries = 0;
+                    self.backoff.progress();
                     if payload.len() < self.blksize {
                         self.state = State::AwaitingCommit { last: index };
                     } else {
                         self.send_ack(index);
-                        self.deadline = now + self.timeout;
+                        self.deadline = now + self.backoff.base();
                     }
                 } else if block == wire(self.next - 1) {
                     // Our ACK was lost: acknowledge again (one ACK per DATA,
@@ -225,23 +224,16 @@ impl WriteTransfer {
             State::Dallying { until, .. } if now >= until => {
                 self.state = State::Done(Outcome::Complete);
             }
-            State::Receiving if now >= self.deadline => {
-                if self.retries >= self.config.max_retries {
-                    let mut error = Vec::new();
-                    packet::encode_error(ErrorCode::NotDefined, "transfer timed out", &mut error);
+            State::Receiving if now >= self.deadline => match self.backoff.expired() {
+                Retry::After(interval) => {
+                    self.pending = Some(Transmit::Control(self.last_sent.clone()));
+                    self.deadline = now + interval;
+                }
+                Retry::GiveUp(error) => {
                     self.pending = Some(Transmit::Control(error));
                     self.state = State::Done(Outcome::TimedOut);
-                    return;
                 }
-                self.retries += 1;
-                self.pending = Some(Transmit::Control(self.last_sent.clone()));
-                let factor = 1u32 << self.retries.min(16);
-                self.deadline = now
-                    + self
-                        .timeout
-                        .saturating_mul(factor)
-                        .min(self.config.max_timeout.max(self.timeout));
-            }
+            },
             _ => {}
         }
     }
