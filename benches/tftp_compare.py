@@ -161,7 +161,9 @@ def markdown(results, command, seconds):
     ]
     for name, _ in FILES:
         for label, _ in OPTION_SETS:
-            rows = [r for r in results if r["file"] == name and r["options_label"] == label]
+            order = {server: i for i, server in enumerate(["bootfleet", "tftp-hpa", "dnsmasq", "atftpd"])}
+            rows = sorted((r for r in results if r["file"] == name and r["options_label"] == label),
+                          key=lambda r: (r["clients"], order.get(r["label"], 9)))
             if not rows:
                 continue
             lines += [f"#### {name}, {label}", "",
@@ -182,7 +184,13 @@ def main():
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--out", default=str(REPO / "docs/benchmarks.md"))
     parser.add_argument("--only", default="", help="comma-separated server names")
+    parser.add_argument("--from-json", help="rewrite the tables from a results.json of an earlier run")
     args = parser.parse_args()
+    if args.from_json:
+        results = json.loads(Path(args.from_json).read_text())
+        command = "sudo benches/tftp_compare.py" + (" --quick" if args.quick else "") + f" --seconds {args.seconds:g}"
+        write_section(Path(args.out), markdown(results, command, args.seconds))
+        return
     if os.geteuid() != 0:
         sys.exit("run as root: the benchmark pins processes and makes cpuacct cgroups")
     if not CGROOT.exists():
@@ -215,8 +223,12 @@ def main():
             server.stop()
     (work / "results.json").write_text(json.dumps(results, indent=1))
     command = "sudo benches/tftp_compare.py" + (" --quick" if args.quick else "") + f" --seconds {args.seconds:g}"
-    section = markdown(results, command, args.seconds)
-    out = Path(args.out)
+    write_section(Path(args.out), markdown(results, command, args.seconds))
+    print(f"results: {work / 'results.json'}; table written into {args.out}")
+
+
+def write_section(out: Path, section: str):
+    """Replaces the generated section of `out` (between its markers)."""
     text = out.read_text() if out.exists() else ""
     if "<!-- tftp-compare:begin -->" in text:
         head, rest = text.split("<!-- tftp-compare:begin -->", 1)
@@ -225,7 +237,6 @@ def main():
     else:
         text += "\n" + section + "\n"
     out.write_text(text)
-    print(f"results: {work / 'results.json'}; table written into {out}")
 
 
 if __name__ == "__main__":
