@@ -163,10 +163,13 @@ impl BufRing {
         Ok(bufring)
     }
 
-    /// The bytes of buffer `bid`, `len` long.
+    /// The bytes of buffer `bid`, `len` long (empty for an id we never
+    /// handed out, which the kernel does not send).
     fn buffer(&self, bid: u16, len: usize) -> &[u8] {
         let start = usize::from(bid) * self.buffer_size;
-        &self.storage[start..start + len.min(self.buffer_size)]
+        self.storage
+            .get(start..start + len.min(self.buffer_size))
+            .unwrap_or(&[])
     }
 
     /// Hands buffer `bid` back to the kernel.
