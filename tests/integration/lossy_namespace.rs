@@ -184,13 +184,8 @@ fn transfers_survive_loss_and_duplication_on_a_real_link() {
         let mut lab = Lab::new(tag);
         let log = work.path().join(format!("server-{engine}.log"));
         lab.start_server(engine, &config, &log);
-        // Phase 1, full damage: clients that re-acknowledge every repeated block.
-        for name in ["70k.bin", "1m.bin"] {
-            let local = work.path().join(format!("{engine}-hpa-{name}"));
-            let mut command = lab.client("tftp");
-            command
-                .args(["-m", "binary", SERVER_IP, "-c", "get", name])
-                .arg(&local);
+        // Runs a client fetch and compares the file; a failure shows the server's log.
+        let fetch = |mut command: Command, name: &str, local: &std::path::Path, client: &str| {
             run(&mut command).unwrap_or_else(|e| {
                 panic!(
                     "{engine}: {e}\nserver log:\n{}",
@@ -199,9 +194,18 @@ fn transfers_survive_loss_and_duplication_on_a_real_link() {
             });
             assert_same_file(
                 name,
-                &local,
-                &format!("tftp-hpa over a lossy link, {engine}"),
+                local,
+                &format!("{client} over a lossy link, {engine}"),
             );
+        };
+        // Phase 1, full damage: clients that re-acknowledge every repeated block.
+        for name in ["70k.bin", "1m.bin"] {
+            let local = work.path().join(format!("{engine}-hpa-{name}"));
+            let mut command = lab.client("tftp");
+            command
+                .args(["-m", "binary", SERVER_IP, "-c", "get", name])
+                .arg(&local);
+            fetch(command, name, &local, "tftp-hpa");
         }
         let local = work.path().join(format!("{engine}-curl"));
         let mut command = lab.client("curl");
@@ -209,12 +213,7 @@ fn transfers_survive_loss_and_duplication_on_a_real_link() {
             .args(["-sS", "--fail", "--tftp-blksize", "1468", "-o"])
             .arg(&local)
             .arg(format!("tftp://{SERVER_IP}/1m.bin"));
-        run(&mut command).unwrap();
-        assert_same_file(
-            "1m.bin",
-            &local,
-            &format!("curl over a lossy link, {engine}"),
-        );
+        fetch(command, "1m.bin", &local, "curl");
 
         // Phase 2, DATA loss (ACKs still duplicated): atftp, lock-step and
         // windowed. atftp answers a repeated block with an extra ACK only
@@ -248,17 +247,7 @@ fn transfers_survive_loss_and_duplication_on_a_real_link() {
                 command.args(["--option", option]);
             }
             command.arg(SERVER_IP);
-            run(&mut command).unwrap_or_else(|e| {
-                panic!(
-                    "{engine}: {e}\nserver log:\n{}",
-                    std::fs::read_to_string(&log).unwrap_or_default()
-                )
-            });
-            assert_same_file(
-                name,
-                &local,
-                &format!("atftp {options:?} over a lossy link, {engine}"),
-            );
+            fetch(command, name, &local, &format!("atftp {options:?}"));
         }
         lab.stop_server();
         let log_text = std::fs::read_to_string(&log).unwrap_or_default();
