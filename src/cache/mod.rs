@@ -10,25 +10,37 @@
 //! stay under a configured budget.
 //!
 //! Replace boot files by renaming a new file into place (`install`, `rsync`,
-//! `cp` to a temporary name then `mv`): that is what gives the new file a new
-//! identity. Rewriting a file in place while it is being served changes the
-//! pages under a running transfer — as with any server that maps files.
+//! `cp` to a temporary name then `mv`): that gives the new file a new
+//! identity, and running transfers finish with the old one. A file rewritten
+//! in place (`cp new old`) cannot be kept whole for running transfers, but it
+//! never crashes the server ([`guard`] repairs faults in truncated mappings)
+//! and never goes out silently mixed: each mapped version re-checks its file
+//! at most every [`CHECK_INTERVAL`] (at once after a fault), and
+//! [`FileData::changed`] tells the transfers of a changed version to stop
+//! with an error, so that the client's retry gets the new file.
+
+pub mod guard;
 
 use std::fs::File;
 use std::io;
 use std::ops::Deref;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use memmap2::Mmap;
 use moka::sync::Cache;
+
+/// How often a mapped version looks at its file again.
+pub const CHECK_INTERVAL: Duration = Duration::from_millis(250);
 
 /// The bytes of one file version, shared by all transfers reading it.
 #[derive(Debug)]
 pub enum FileData {
     /// A mapped file.
-    Mapped(Mmap),
+    Mapped(MappedFile),
     /// Bytes made in memory: empty files (which cannot be mapped), generated
     /// files and netascii conversions.
     Owned(Vec<u8>),
@@ -38,10 +50,73 @@ impl Deref for FileData {
     type Target = [u8];
     fn deref(&self) -> &[u8] {
         match self {
-            FileData::Mapped(map) => map,
+            FileData::Mapped(mapped) => &mapped.map,
             FileData::Owned(bytes) => bytes,
         }
     }
+}
+
+impl FileData {
+    /// Whether the file this version was mapped from was rewritten in place
+    /// since (cheap: a file status call at most every [`CHECK_INTERVAL`]).
+    pub fn changed(&self, now: Instant) -> bool {
+        match self {
+            FileData::Mapped(mapped) => mapped.changed(now),
+            FileData::Owned(_) => false,
+        }
+    }
+}
+
+/// One mapped file version. Field order matters: the guard registration is
+/// dropped before the mapping is unmapped.
+pub struct MappedFile {
+    _guard: guard::Registration,
+    map: Mmap,
+    /// Kept open to look at this very inode again.
+    file: File,
+    size: u64,
+    mtime_ns: i128,
+    opened: Instant,
+    last_check_ms: AtomicU64,
+    faults_seen: AtomicU64,
+    changed: AtomicBool,
+}
+
+impl std::fmt::Debug for MappedFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MappedFile")
+            .field("size", &self.size)
+            .finish()
+    }
+}
+
+impl MappedFile {
+    fn changed(&self, now: Instant) -> bool {
+        if self.changed.load(Ordering::Relaxed) {
+            return true;
+        }
+        let faults = guard::faults();
+        let elapsed = now.saturating_duration_since(self.opened).as_millis() as u64;
+        let due = elapsed
+            >= self.last_check_ms.load(Ordering::Relaxed) + CHECK_INTERVAL.as_millis() as u64;
+        if !due && faults == self.faults_seen.load(Ordering::Relaxed) {
+            return false;
+        }
+        self.last_check_ms.store(elapsed, Ordering::Relaxed);
+        self.faults_seen.store(faults, Ordering::Relaxed);
+        let Ok(meta) = self.file.metadata() else {
+            return false;
+        };
+        let changed = meta.size() != self.size || mtime_ns(&meta) != self.mtime_ns;
+        if changed {
+            self.changed.store(true, Ordering::Relaxed);
+        }
+        changed
+    }
+}
+
+fn mtime_ns(meta: &std::fs::Metadata) -> i128 {
+    i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec())
 }
 
 impl AsRef<[u8]> for FileData {
@@ -103,7 +178,7 @@ impl FileCache {
             dev: meta.dev(),
             ino: meta.ino(),
             size: meta.size(),
-            mtime_ns: i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec()),
+            mtime_ns: mtime_ns(&meta),
         };
         if let Some(data) = self.entries.get(&key) {
             return Ok(CachedFile { key, data });
@@ -116,7 +191,17 @@ impl FileCache {
             let map = unsafe { Mmap::map(&file)? };
             // Transfers read sequentially; let the kernel read ahead.
             let _ = map.advise(memmap2::Advice::Sequential);
-            Arc::new(FileData::Mapped(map))
+            Arc::new(FileData::Mapped(MappedFile {
+                _guard: guard::register(map.as_ptr(), map.len()),
+                map,
+                file,
+                size: key.size,
+                mtime_ns: key.mtime_ns,
+                opened: Instant::now(),
+                last_check_ms: AtomicU64::new(0),
+                faults_seen: AtomicU64::new(guard::faults()),
+                changed: AtomicBool::new(false),
+            }))
         };
         self.entries.insert(key.clone(), data.clone());
         Ok(CachedFile { key, data })
@@ -161,6 +246,27 @@ mod tests {
         assert_eq!(&c.data[..], b"version two, longer");
         // The running transfer still sees its own version, whole.
         assert_eq!(&a.data[..], b"version one");
+    }
+
+    #[test]
+    fn a_file_truncated_in_place_does_not_crash_and_is_reported_changed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("image");
+        std::fs::write(&path, vec![7u8; 64 * 1024]).unwrap();
+        let cache = FileCache::new(1 << 20);
+        let old = cache.open(&path).unwrap();
+        let now = Instant::now();
+        assert!(!old.data.changed(now));
+        // `cp new image` truncates the file it overwrites.
+        std::fs::write(&path, b"short").unwrap();
+        // Reading past the new end would raise SIGBUS; the guard repairs it.
+        let before = guard::faults();
+        let tail: u64 = old.data[32 * 1024..].iter().map(|&b| u64::from(b)).sum();
+        assert_eq!(tail, 0, "the truncated part reads as zeros");
+        assert!(guard::faults() > before);
+        // The fault makes the next check immediate.
+        assert!(old.data.changed(now));
+        assert_eq!(&cache.open(&path).unwrap().data[..], b"short");
     }
 
     #[test]

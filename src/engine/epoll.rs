@@ -106,6 +106,7 @@ async fn run_transfer(
         if started.superseded() {
             break;
         }
+        service.check_source(&mut started, Instant::now());
         while let Some(transmit) = started.transfer.poll_transmit() {
             match send(&socket, &started, transmit, &mut datagram).await {
                 Ok(()) => {}

@@ -30,7 +30,7 @@ use io_uring::{cqueue, opcode, squeue, types, IoUring};
 use tracing::{debug, error, warn};
 
 use super::{transfer_socket, Shutdown};
-use crate::proto::tftp::{packet, ReadTransfer, Transmit};
+use crate::proto::tftp::{packet, Outcome, ReadTransfer, Transmit};
 use crate::server::tftp::{Admission, Started, TftpService, IDLE_POLL};
 
 /// Buffers in each worker's provided buffer ring (a power of two).
@@ -588,6 +588,11 @@ impl Worker {
         if slot.started.superseded() {
             slot.queued.clear();
             return self.close(index, now);
+        }
+        self.service.check_source(&mut slot.started, now);
+        if matches!(slot.started.transfer.outcome(), Some(Outcome::Aborted(_))) {
+            // Windows queued behind a send in flight read the changed file.
+            slot.queued.clear();
         }
         while let Some(transmit) = slot.started.transfer.poll_transmit() {
             slot.queued.push(transmit);

@@ -403,6 +403,19 @@ impl TftpService {
         }))
     }
 
+    /// Engines call this before sending what a read transfer asks for: if
+    /// its file was rewritten in place since it was mapped, the transfer
+    /// ends with an error instead of sending a mix of two versions, and the
+    /// client's retry gets the new file. Costs two loads when nothing is due.
+    pub fn check_source(&self, started: &mut Started, now: Instant) {
+        if let Transfer::Read(read) = &mut started.transfer {
+            if read.outcome().is_none() && started.data.changed(now) {
+                info!(peer = %started.peer, file = %started.name, "file changed on disk during the transfer; ending it");
+                read.abort("file changed on disk during the transfer; retry");
+            }
+        }
+    }
+
     /// Engines call this after feeding a transfer a datagram: it notes the
     /// client's first sign of life (see [`Started::superseded`]) and stores
     /// a finished upload, letting it send its final ACK (or ERROR 3 on a

@@ -391,3 +391,53 @@ fn a_client_that_vanishes_frees_its_transfer() {
         assert_eq!((stats.active, stats.failed), (0, 1), "{backend}: {stats:?}");
     }
 }
+
+#[test]
+fn a_file_rewritten_in_place_mid_transfer_ends_that_transfer_and_nothing_else() {
+    for backend in BACKENDS {
+        let root = tempfile::tempdir().unwrap();
+        let path = root.path().join("kernel");
+        std::fs::write(&path, pattern(2_000_000, 8)).unwrap();
+        let server = TestServer::start(backend, root.path(), tftp_config(|_| {}));
+        let socket = client();
+        let (first, tid) = exchange(&socket, server.addr, &rrq(b"kernel", &[])).unwrap();
+        assert!(matches!(
+            Packet::parse(&first),
+            Ok(Packet::Data { block: 1, .. })
+        ));
+        let mut block = 1u16;
+        let mut ack = Vec::new();
+        for _ in 0..3 {
+            ack.clear();
+            packet::encode_ack(block, &mut ack);
+            let (reply, _) = exchange(&socket, tid, &ack).unwrap();
+            block += 1;
+            assert!(
+                matches!(Packet::parse(&reply), Ok(Packet::Data { block: b, .. }) if b == block)
+            );
+        }
+        // `cp new kernel`: the file is truncated and rewritten in place.
+        std::fs::write(&path, pattern(1000, 9)).unwrap();
+        let mut ended = None;
+        for _ in 0..20 {
+            ack.clear();
+            packet::encode_ack(block, &mut ack);
+            let Some((reply, _)) = exchange(&socket, tid, &ack) else {
+                continue;
+            };
+            match Packet::parse(&reply) {
+                Ok(Packet::Data { block: b, .. }) => block = b,
+                Ok(Packet::Error { message, .. }) => {
+                    ended = Some(message.to_string());
+                    break;
+                }
+                other => panic!("{backend}: unexpected {other:?}"),
+            }
+        }
+        let message =
+            ended.unwrap_or_else(|| panic!("{backend}: the transfer of a rewritten file went on"));
+        assert!(message.contains("changed"), "{backend}: {message}");
+        // The server is alive and the client's retry gets the new file.
+        assert_eq!(fetch(server.addr, "kernel"), pattern(1000, 9), "{backend}");
+    }
+}

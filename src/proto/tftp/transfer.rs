@@ -137,6 +137,8 @@ pub enum Outcome {
     TimedOut,
     /// The client broke the protocol; an ERROR was sent to it.
     ProtocolViolation(&'static str),
+    /// The driver ended the transfer (e.g. its file changed); an ERROR was sent.
+    Aborted(&'static str),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -356,6 +358,18 @@ impl ReadTransfer {
     fn send_window_from(&mut self, first: u64, now: Instant) {
         self.pending = Some(self.window_from(first));
         self.deadline = now + self.backoff.base();
+    }
+
+    /// Ends the transfer with an ERROR saying `why` (e.g. the file changed
+    /// on disk); nothing more is sent after it.
+    pub fn abort(&mut self, why: &'static str) {
+        if matches!(self.state, State::Done(_)) {
+            return;
+        }
+        let mut error = Vec::new();
+        packet::encode_error(ErrorCode::NotDefined, why, &mut error);
+        self.pending = Some(Transmit::Control(error));
+        self.state = State::Done(Outcome::Aborted(why));
     }
 
     fn violation(&mut self, why: &'static str) {
