@@ -13,7 +13,7 @@ use std::thread::JoinHandle;
 use std::time::Instant;
 
 use tokio::net::UdpSocket as TokioUdp;
-use tracing::{debug, error, warn};
+use tracing::{debug, error};
 
 use super::{transfer_socket, Shutdown};
 use crate::proto::tftp::{packet, ReadTransfer, Transmit};
@@ -73,7 +73,10 @@ async fn serve(listener: TokioUdp, service: Arc<TftpService>, shutdown: Shutdown
             Admission::Start(started) => {
                 let service = Arc::clone(&service);
                 let shutdown = shutdown.clone();
-                tokio::spawn(async move { run_transfer(local, *started, service, shutdown).await });
+                let listener = Arc::clone(&listener);
+                tokio::spawn(async move {
+                    run_transfer(local, *started, service, listener, shutdown).await
+                });
             }
             Admission::Reply(reply) => {
                 if let Err(e) = listener.send_to(&reply, peer).await {
@@ -89,14 +92,16 @@ async fn run_transfer(
     local: SocketAddr,
     mut started: Started,
     service: Arc<TftpService>,
+    listener: Arc<TokioUdp>,
     shutdown: Shutdown,
 ) {
     let socket =
         match transfer_socket(local, started.peer).and_then(|s| TokioUdp::from_std(s.into())) {
             Ok(socket) => socket,
             Err(e) => {
-                warn!(peer = %started.peer, error = %e, "cannot open a transfer socket");
-                service.finish(&started, Instant::now());
+                let peer = started.peer;
+                let reply = service.transfer_port_failed(started, &e);
+                let _ = listener.send_to(&reply, peer).await;
                 return;
             }
         };

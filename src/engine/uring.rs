@@ -448,8 +448,10 @@ impl Worker {
         let socket = match transfer_socket(self.local, started.peer) {
             Ok(socket) => socket,
             Err(e) => {
-                self.service.finish(&started, now);
-                return Err(e);
+                let peer = started.peer;
+                let reply = self.service.transfer_port_failed(started, &e);
+                let _ = self.listener.send_to(&reply, peer);
+                return Ok(());
             }
         };
         let generation = self.next_generation;

@@ -403,6 +403,23 @@ impl TftpService {
         }))
     }
 
+    /// The engine could not open a port for an admitted transfer (e.g. out of
+    /// file descriptors during a power-on storm). Returns the ERROR to send
+    /// from the listening port, so the client retries instead of waiting in
+    /// silence; the transfer counts as refused.
+    pub fn transfer_port_failed(&self, started: Started, error: &std::io::Error) -> Vec<u8> {
+        warn!(peer = %started.peer, file = %started.name, %error, "cannot open a transfer port; told the client to retry");
+        self.stats.started.fetch_sub(1, Ordering::Relaxed);
+        drop(started);
+        match self.refuse(
+            ErrorCode::NotDefined,
+            "server busy: no transfer port available, retry later",
+        ) {
+            Admission::Reply(reply) => reply,
+            _ => Vec::new(),
+        }
+    }
+
     /// Engines call this before sending what a read transfer asks for: if
     /// its file was rewritten in place since it was mapped, the transfer
     /// ends with an error instead of sending a mix of two versions, and the
@@ -519,6 +536,13 @@ impl TftpService {
             }
             Err(e) if e.kind() == std::io::ErrorKind::InvalidInput => {
                 Err((ErrorCode::FileNotFound, "not a regular file"))
+            }
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE) | Some(libc::ENFILE)) => {
+                warn!(file = %path.display(), error = %e, "out of file descriptors; raise LimitNOFILE");
+                Err((
+                    ErrorCode::NotDefined,
+                    "server busy: out of file descriptors, retry later",
+                ))
             }
             Err(e) => {
                 warn!(file = %path.display(), error = %e, "cannot open file");

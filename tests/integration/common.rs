@@ -81,13 +81,28 @@ impl TestServer {
         Self::start_with(backend, root, config, |_| {})
     }
 
+    /// A server listening on `bind` (e.g. "[::1]:0").
+    pub fn start_on(backend: Backend, bind: &str, root: &Path, config: TftpConfig) -> Self {
+        Self::start_full(backend, bind, root, config, |_| {})
+    }
+
     pub fn start_with(
         backend: Backend,
         root: &Path,
         config: TftpConfig,
         customise: impl FnOnce(&mut TftpService),
     ) -> Self {
-        let listener = UdpSocket::bind("127.0.0.1:0").unwrap();
+        Self::start_full(backend, "127.0.0.1:0", root, config, customise)
+    }
+
+    fn start_full(
+        backend: Backend,
+        bind: &str,
+        root: &Path,
+        config: TftpConfig,
+        customise: impl FnOnce(&mut TftpService),
+    ) -> Self {
+        let listener = UdpSocket::bind(bind).unwrap();
         let addr = listener.local_addr().unwrap();
         let mut service = TftpService::new(root, &config, FileCache::new(1 << 30)).unwrap();
         customise(&mut service);

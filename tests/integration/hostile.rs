@@ -441,3 +441,82 @@ fn a_file_rewritten_in_place_mid_transfer_ends_that_transfer_and_nothing_else() 
         assert_eq!(fetch(server.addr, "kernel"), pattern(1000, 9), "{backend}");
     }
 }
+
+/// Out of file descriptors (a power-on storm against a low `ulimit -n`):
+/// every request still gets an answer, DATA or an ERROR saying to retry.
+#[test]
+fn running_out_of_file_descriptors_is_answered_not_silent() {
+    for engine in ["io-uring", "epoll"] {
+        let probe = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let port = probe.local_addr().unwrap().port();
+        drop(probe);
+        let mut server = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "ulimit -n 32 && exec {:?} serve --root {:?} --tftp-listen 127.0.0.1:{port} --engine {engine} --workers 1",
+                env!("CARGO_BIN_EXE_bootfleet"),
+                boot_dir()
+            ))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(500));
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let clients: Vec<UdpSocket> = (0..60).map(|_| client()).collect();
+        let (mut data, mut busy) = (0, 0);
+        for socket in &clients {
+            let (reply, _) = exchange(socket, addr, &rrq(b"70k.bin", &[]))
+                .unwrap_or_else(|| panic!("{engine}: a request got no answer"));
+            match Packet::parse(&reply) {
+                Ok(Packet::Data { .. }) => data += 1,
+                Ok(Packet::Error { code: 0, message }) if message.contains("retry later") => {
+                    busy += 1
+                }
+                other => panic!("{engine}: unexpected {other:?}"),
+            }
+        }
+        let _ = std::process::Command::new("kill")
+            .arg(server.id().to_string())
+            .status();
+        let _ = server.wait();
+        assert!(
+            data > 0 && busy > 0,
+            "{engine}: {data} transfers, {busy} told to retry"
+        );
+    }
+}
+
+#[test]
+fn serves_over_ipv6() {
+    let Ok(probe) = UdpSocket::bind("[::1]:0") else {
+        panic!("IPv6 loopback is not available on this machine");
+    };
+    drop(probe);
+    for backend in BACKENDS {
+        let server = TestServer::start_on(backend, "[::1]:0", boot_dir(), tftp_config(|_| {}));
+        let socket = UdpSocket::bind("[::1]:0").unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_millis(700)))
+            .unwrap();
+        let (mut reply, from) =
+            exchange(&socket, server.addr, &rrq(b"70k.bin", &[])).expect("no answer over IPv6");
+        let mut got = Vec::new();
+        loop {
+            let Ok(Packet::Data { block, payload }) = Packet::parse(&reply) else {
+                panic!("{backend}: expected DATA, got {reply:?}")
+            };
+            got.extend_from_slice(payload);
+            let mut ack = Vec::new();
+            packet::encode_ack(block, &mut ack);
+            if payload.len() < 512 {
+                socket.send_to(&ack, from).unwrap();
+                break;
+            }
+            reply = exchange(&socket, from, &ack)
+                .expect("IPv6 transfer stalled")
+                .0;
+        }
+        assert_eq!(got, pattern(70_000, 3), "{backend}");
+    }
+}
