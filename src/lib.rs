@@ -3,6 +3,8 @@
 //! Crate map (see `DESIGN.md` in the shared design notes for the reasons):
 //!
 //! * [`proto`] — sans-I/O protocol cores (TFTP today; DHCP and HTTP next).
+//! * [`boot`] — what a machine boots: MAC addresses in every spelling and
+//!   pxelinux's file names (the MAC router grows here).
 //! * [`config`] — the TOML file format and the validated runtime configuration.
 //! * [`cache`] — the mmapped file cache every transfer reads from.
 //! * [`server`] — protocol drivers that are independent of the I/O backend:
@@ -10,6 +12,7 @@
 //! * [`engine`] — the only place with socket syscalls: io_uring workers and
 //!   the epoll (tokio) fallback, chosen at start-up.
 
+pub mod boot;
 pub mod cache;
 pub mod config;
 pub mod engine;
