@@ -23,7 +23,11 @@ if [ ${#missing[@]} -gt 0 ]; then
     $SUDO apt-get update -q
     $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
 fi
-command -v cargo >/dev/null || { echo "cargo is missing: install Rust with rustup first" >&2; exit 1; }
+command -v cargo >/dev/null || {
+    echo "cargo is not on PATH: install Rust with rustup, and under sudo keep your PATH:" >&2
+    echo "    sudo env \"PATH=\$PATH\" tests/run-all.sh" >&2
+    exit 1
+}
 command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
 
 echo "== format check"
