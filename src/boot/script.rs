@@ -1,0 +1,142 @@
+//! iPXE scripts that do not depend on the inventory.
+//!
+//! * [`chain_script`] — `/boot.ipxe`, what every machine's iPXE fetches
+//!   first: it chains to `/boot/${net0/mac}.ipxe`, carrying the machine's
+//!   facts (UUID, manufacturer, product, serial, asset tag, build
+//!   architecture, platform) as URI-escaped query parameters, so that the
+//!   router can record an unknown machine with them.
+//! * [`find_static_script`] — the operators' existing layout, one script per
+//!   machine in the boot directory, named after its MAC address
+//!   (`52:54:00:12:34:56.ipxe` or `.gpxe`, as in the classic "boot by MAC
+//!   address" write-up); such a file takes precedence over the inventory.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use super::mac::Mac;
+
+/// The facts the chain script passes on: (query parameter, iPXE setting).
+pub const FACTS: [(&str, &str); 7] = [
+    ("uuid", "uuid"),
+    ("manufacturer", "manufacturer"),
+    ("product", "product"),
+    ("serial", "serial"),
+    ("asset", "asset"),
+    ("buildarch", "buildarch"),
+    ("platform", "platform"),
+];
+
+/// `/boot.ipxe` for a server reachable at `base_url` (e.g.
+/// `http://192.168.1.1:8080`, no trailing slash).
+pub fn chain_script(base_url: &str) -> String {
+    let query: Vec<String> = FACTS
+        .iter()
+        .map(|(name, setting)| format!("{name}=${{{setting}:uristring}}"))
+        .collect();
+    format!(
+        "#!ipxe\n\
+         # bootfleet: fetch this machine's own script, chosen by its MAC address\n\
+         chain --autofree {}/boot/${{net0/mac}}.ipxe?{}\n",
+        base_url.trim_end_matches('/'),
+        query.join("&")
+    )
+}
+
+/// A per-machine script an operator placed in the boot directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StaticScript {
+    pub path: PathBuf,
+    pub body: Vec<u8>,
+}
+
+/// The operator's own script for `mac` in `dir`, if there is one: the names
+/// iPXE's `${net0/mac}` produces (`52:54:00:12:34:56`), then upper case, then
+/// hyphens, each as `.ipxe` before `.gpxe`. Only files that start with
+/// `#!ipxe` or `#!gpxe` count (iPXE would not run anything else as a
+/// script); others are skipped with a warning so the inventory decides.
+pub fn find_static_script(dir: &Path, mac: Mac) -> Option<StaticScript> {
+    let colon = mac.to_string();
+    let spellings = [colon.clone(), colon.to_uppercase(), mac.hyphenated()];
+    for spelling in &spellings {
+        for extension in ["ipxe", "gpxe"] {
+            let path = dir.join(format!("{spelling}.{extension}"));
+            let Ok(mut file) = std::fs::File::open(&path) else {
+                continue;
+            };
+            if !file.metadata().is_ok_and(|m| m.is_file()) {
+                continue;
+            }
+            let mut body = Vec::new();
+            // Scripts are small; a megabyte is far beyond any real one.
+            if file.by_ref().take(1 << 20).read_to_end(&mut body).is_err() {
+                continue;
+            }
+            if body.starts_with(b"#!ipxe") || body.starts_with(b"#!gpxe") {
+                return Some(StaticScript { path, body });
+            }
+            tracing::warn!(file = %path.display(), "per-MAC script skipped: it does not start with #!ipxe or #!gpxe");
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MAC: Mac = Mac([0x52, 0x54, 0x00, 0x12, 0x34, 0x56]);
+
+    #[test]
+    fn chain_script_carries_every_fact_uri_escaped() {
+        let script = chain_script("http://10.0.0.1:8080/");
+        assert!(script.starts_with("#!ipxe\n"));
+        let chain = script.lines().find(|l| l.starts_with("chain ")).unwrap();
+        assert!(
+            chain.starts_with("chain --autofree http://10.0.0.1:8080/boot/${net0/mac}.ipxe?"),
+            "{chain}"
+        );
+        for (name, setting) in FACTS {
+            assert!(
+                chain.contains(&format!("{name}=${{{setting}:uristring}}")),
+                "{name}: {chain}"
+            );
+        }
+        assert_eq!(chain.matches('&').count(), FACTS.len() - 1);
+    }
+
+    #[test]
+    fn static_scripts_in_the_classic_layout() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(find_static_script(dir.path(), MAC), None);
+
+        std::fs::write(
+            dir.path().join("52:54:00:12:34:56.gpxe"),
+            b"#!gpxe\nkernel k\nboot\n",
+        )
+        .unwrap();
+        let found = find_static_script(dir.path(), MAC).unwrap();
+        assert!(found.path.ends_with("52:54:00:12:34:56.gpxe"));
+        assert_eq!(found.body, b"#!gpxe\nkernel k\nboot\n");
+
+        // .ipxe wins over .gpxe.
+        std::fs::write(dir.path().join("52:54:00:12:34:56.ipxe"), b"#!ipxe\nexit\n").unwrap();
+        assert!(find_static_script(dir.path(), MAC)
+            .unwrap()
+            .path
+            .ends_with("52:54:00:12:34:56.ipxe"));
+
+        // Upper case and hyphens are found too.
+        let other = Mac([0xaa, 0xbb, 0xcc, 0xdd, 0xee, 0xff]);
+        std::fs::write(dir.path().join("AA:BB:CC:DD:EE:FF.ipxe"), b"#!ipxe\n").unwrap();
+        assert!(find_static_script(dir.path(), other).is_some());
+        let third = Mac([1, 2, 3, 4, 5, 6]);
+        std::fs::write(dir.path().join("01-02-03-04-05-06.gpxe"), b"#!gpxe\n").unwrap();
+        assert!(find_static_script(dir.path(), third).is_some());
+
+        // Not a script: skipped; a directory with the name: skipped.
+        let fourth = Mac([9, 9, 9, 9, 9, 9]);
+        std::fs::write(dir.path().join("09:09:09:09:09:09.ipxe"), b"kernel k\n").unwrap();
+        std::fs::create_dir(dir.path().join("09:09:09:09:09:09.gpxe")).unwrap();
+        assert_eq!(find_static_script(dir.path(), fourth), None);
+    }
+}
