@@ -2,7 +2,8 @@
 //!
 //! Crate map (see `DESIGN.md` in the shared design notes for the reasons):
 //!
-//! * [`proto`] — sans-I/O protocol cores (TFTP today; DHCP and HTTP next).
+//! * [`proto`] — sans-I/O protocol cores: TFTP, and HTTP range planning
+//!   (the HTTP server and DHCP come with their issues).
 //! * [`boot`] — what a machine boots: MAC addresses in every spelling and
 //!   pxelinux's file names (the MAC router grows here).
 //! * [`config`] — the TOML file format and the validated runtime configuration.

@@ -7,4 +7,5 @@
 //! which is what lets these cores be tested with byte vectors, property tests,
 //! fuzzers and deterministic loss simulations.
 
+pub mod http;
 pub mod tftp;
