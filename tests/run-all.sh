@@ -43,10 +43,12 @@ sed "s#/usr/local/bin/bootfleet#$PWD/target/release/bootfleet#" systemd/bootflee
 systemd-analyze verify "$unit_dir/bootfleet.service"
 target/release/bootfleet check-config systemd/bootfleet.toml > /dev/null
 
-echo "== fuzz: TFTP packet parser and transfer, ${FUZZ_SECONDS:-30} s"
 # cargo-fuzz needs nightly-only flags; RUSTC_BOOTSTRAP lets the stable
 # toolchain accept them.
-RUSTC_BOOTSTRAP=1 cargo fuzz run tftp_packet -- -max_total_time="${FUZZ_SECONDS:-30}" -rss_limit_mb=2048 2>&1 | tail -n 3
+for target in tftp_packet boot_names_and_ranges; do
+    echo "== fuzz: $target, ${FUZZ_SECONDS:-20} s"
+    RUSTC_BOOTSTRAP=1 cargo fuzz run "$target" -- -max_total_time="${FUZZ_SECONDS:-20}" -rss_limit_mb=2048 2>&1 | tail -n 3
+done
 
 echo "== tests (unit, integration with real clients, both engines)"
 test_log=$(mktemp)
