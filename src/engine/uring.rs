@@ -30,7 +30,7 @@ use io_uring::{cqueue, opcode, squeue, types, IoUring};
 use tracing::{debug, error, warn};
 
 use super::{transfer_socket, Shutdown};
-use crate::proto::tftp::{packet, Outcome, ReadTransfer, Transmit};
+use crate::proto::tftp::{packet, ReadTransfer, Transmit};
 use crate::server::tftp::{Admission, Started, TftpService, IDLE_POLL};
 
 /// Buffers in each worker's provided buffer ring (a power of two).
@@ -581,10 +581,7 @@ impl Worker {
         if slot.closing {
             // Ended (possibly without an outcome, e.g. the client vanished):
             // nothing more to send; free the slot once the kernel is done.
-            if !slot.recv_armed && slot.sends_in_flight == 0 {
-                self.slots[index] = None;
-                self.free.push(index);
-            }
+            self.free_if_idle(index);
             return Ok(());
         }
         if slot.started.superseded() {
@@ -592,12 +589,14 @@ impl Worker {
             return self.close(index, now);
         }
         self.service.check_source(&mut slot.started, now);
-        if matches!(slot.started.transfer.outcome(), Some(Outcome::Aborted(_))) {
-            // Windows queued behind a send in flight read the changed file.
-            slot.queued.clear();
-        }
         while let Some(transmit) = slot.started.transfer.poll_transmit() {
             slot.queued.push(transmit);
+        }
+        if slot.started.transfer.outcome().is_some() {
+            // An ended transfer sends its final ERROR, if any, but no more
+            // DATA: windows still queued behind a send in flight are dropped
+            // (after an abort for a changed file they would read new bytes).
+            slot.queued.retain(|t| matches!(t, Transmit::Control(_)));
         }
         if slot.sends_in_flight == 0 && !slot.queued.is_empty() {
             // Swap, not take: both vectors keep their allocations.
@@ -672,11 +671,19 @@ impl Worker {
             return self.push(entry);
         }
         slot.closing = true;
-        if !slot.recv_armed && slot.sends_in_flight == 0 {
-            self.slots[index] = None;
-            self.free.push(index);
-        }
+        self.free_if_idle(index);
         Ok(())
+    }
+
+    /// Frees a closing slot once the kernel holds none of its operations
+    /// (no receive armed, no send in flight) and so none of its memory.
+    fn free_if_idle(&mut self, index: usize) {
+        if let Some(slot) = &self.slots[index] {
+            if slot.closing && !slot.recv_armed && slot.sends_in_flight == 0 {
+                self.slots[index] = None;
+                self.free.push(index);
+            }
+        }
     }
 }
 

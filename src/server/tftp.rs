@@ -256,20 +256,9 @@ impl TftpService {
             }
         };
 
-        let slot = match self.limits.acquire(peer) {
+        let slot = match self.take_slot(peer, &name) {
             Ok(slot) => slot,
-            Err(LimitRefusal::Duplicate) => {
-                // The client retransmitted its request because our first
-                // packet was lost or slow. Its transfer is already running
-                // and will retransmit that packet; a second transfer to the
-                // same port would only make the client reject one of them.
-                debug!(%peer, file = %name, "duplicate request for a running transfer ignored");
-                return Admission::Ignore;
-            }
-            Err(LimitRefusal::Full(why)) => {
-                info!(%peer, file = %name, why, "refused: transfer limit reached");
-                return self.refuse(ErrorCode::NotDefined, why);
-            }
+            Err(admission) => return admission,
         };
 
         let data = match self.lookup(&name, peer) {
@@ -373,10 +362,9 @@ impl TftpService {
                 "upload larger than this server accepts",
             );
         }
-        let slot = match self.limits.acquire(peer) {
+        let slot = match self.take_slot(peer, &name) {
             Ok(slot) => slot,
-            Err(LimitRefusal::Duplicate) => return Admission::Ignore,
-            Err(LimitRefusal::Full(why)) => return self.refuse(ErrorCode::NotDefined, why),
+            Err(admission) => return admission,
         };
         let limits = NegotiationLimits {
             // Upload DATA must fit the engines' receive buffers.
@@ -411,13 +399,10 @@ impl TftpService {
         warn!(peer = %started.peer, file = %started.name, %error, "cannot open a transfer port; told the client to retry");
         self.stats.started.fetch_sub(1, Ordering::Relaxed);
         drop(started);
-        match self.refuse(
+        self.error_reply(
             ErrorCode::NotDefined,
             "server busy: no transfer port available, retry later",
-        ) {
-            Admission::Reply(reply) => reply,
-            _ => Vec::new(),
-        }
+        )
     }
 
     /// Engines call this before sending what a read transfer asks for: if
@@ -508,11 +493,35 @@ impl TftpService {
         }
     }
 
+    /// A transfer's place in the limits, or what to answer instead.
+    fn take_slot(&self, peer: SocketAddr, name: &str) -> Result<LimitSlot, Admission> {
+        match self.limits.acquire(peer) {
+            Ok(slot) => Ok(slot),
+            Err(LimitRefusal::Duplicate) => {
+                // The client retransmitted its request because our first
+                // packet was lost or slow. Its transfer is already running
+                // and will retransmit that packet; a second transfer to the
+                // same port would only make the client reject one of them.
+                debug!(%peer, file = %name, "duplicate request for a running transfer ignored");
+                Err(Admission::Ignore)
+            }
+            Err(LimitRefusal::Full(why)) => {
+                info!(%peer, file = %name, why, "refused: transfer limit reached");
+                Err(self.refuse(ErrorCode::NotDefined, why))
+            }
+        }
+    }
+
     fn refuse(&self, code: ErrorCode, message: &str) -> Admission {
+        Admission::Reply(self.error_reply(code, message))
+    }
+
+    /// An ERROR datagram for a request this server turns down (counted).
+    fn error_reply(&self, code: ErrorCode, message: &str) -> Vec<u8> {
         self.stats.refused.fetch_add(1, Ordering::Relaxed);
         let mut reply = Vec::with_capacity(message.len() + 5);
         packet::encode_error(code, message, &mut reply);
-        Admission::Reply(reply)
+        reply
     }
 
     fn lookup(
