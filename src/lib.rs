@@ -2,14 +2,16 @@
 //!
 //! Crate map (see `DESIGN.md` in the shared design notes for the reasons):
 //!
-//! * [`proto`] — sans-I/O protocol cores: TFTP, and HTTP range planning
-//!   (the HTTP server and DHCP come with their issues).
-//! * [`boot`] — what a machine boots: MAC addresses in every spelling and
-//!   pxelinux's file names (the MAC router grows here).
+//! * [`proto`] — sans-I/O protocol cores: TFTP, HTTP request heads and
+//!   range planning (DHCP comes with its issue).
+//! * [`boot`] — what a machine boots: MAC addresses, the MAC router,
+//!   script templates, boot events.
+//! * [`inventory`] — images, machines and assignments as an immutable
+//!   snapshot (today from `inventory.toml`).
 //! * [`config`] — the TOML file format and the validated runtime configuration.
 //! * [`cache`] — the mmapped file cache every transfer reads from.
 //! * [`server`] — protocol drivers that are independent of the I/O backend:
-//!   request admission, path resolution, limits, generated files.
+//!   TFTP admission and limits, the HTTP file and script service, path safety.
 //! * [`engine`] — the only place with socket syscalls: io_uring workers and
 //!   the epoll (tokio) fallback, chosen at start-up.
 
@@ -17,5 +19,6 @@ pub mod boot;
 pub mod cache;
 pub mod config;
 pub mod engine;
+pub mod inventory;
 pub mod proto;
 pub mod server;

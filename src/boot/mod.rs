@@ -1,16 +1,22 @@
 //! Everything that decides what a machine boots.
 //!
-//! Today:
 //! * [`mac`] — the MAC address in every spelling firmware and operators use,
 //!   and pxelinux's configuration-name rules;
 //! * [`script`] — the `/boot.ipxe` chain script and the operators' static
-//!   per-MAC scripts (the classic `xx:xx:xx:xx:xx:xx.gpxe` layout).
-//!
-//! The MAC → script router, templates and the unknown-machine policy (the
-//! HTTP/router issue) build on these.
+//!   per-MAC scripts (the classic `xx:xx:xx:xx:xx:xx.gpxe` layout);
+//! * [`render`] — the minijinja templates scripts and loader configs are
+//!   rendered from;
+//! * [`router`] — the MAC router: inventory snapshot → each machine's
+//!   script, unknown-machine policy, one-shot assignments, pxelinux/GRUB
+//!   configs over TFTP;
+//! * [`events`] — the boot events every script, kernel and initrd makes.
 
+pub mod events;
 pub mod mac;
+pub mod render;
+pub mod router;
 pub mod script;
 
 pub use mac::{Mac, MacError, PxelinuxConfig};
+pub use router::Router;
 pub use script::{chain_script, find_static_script, StaticScript};

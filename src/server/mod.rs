@@ -1,3 +1,5 @@
 //! Protocol drivers that do not depend on the I/O backend.
 
+pub mod http;
+pub mod paths;
 pub mod tftp;

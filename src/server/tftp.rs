@@ -24,7 +24,7 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -38,6 +38,8 @@ use crate::proto::tftp::{
     negotiate, netascii, CommitError, NegotiationLimits, Outcome, ReadTransfer, Transfer,
     TransferConfig, WriteTransfer,
 };
+pub use crate::server::paths::safe_relative_name;
+use crate::server::paths::{resolve_inside, ResolveError};
 
 /// Answers some file names from memory instead of the disk: the seam through
 /// which the MAC router serves `pxelinux.cfg/01-<mac>` and GRUB configs.
@@ -46,6 +48,21 @@ pub trait FileGenerator: Send + Sync {
     /// leading `/`) requested by `client`, or `None` to fall through to the
     /// next generator and finally the disk.
     fn generate(&self, name: &str, client: SocketAddr) -> Option<Vec<u8>>;
+}
+
+/// Told about every read transfer that ends: how kernels and initrds
+/// fetched over TFTP become boot events.
+pub trait TransferObserver: Send + Sync {
+    /// `name` (relative to the root) was sent to `peer`: `bytes` of it,
+    /// all of it when `complete`.
+    fn read_finished(
+        &self,
+        name: &str,
+        peer: SocketAddr,
+        bytes: u64,
+        elapsed: Duration,
+        complete: bool,
+    );
 }
 
 /// What to do with a datagram that arrived on the listening port.
@@ -108,6 +125,7 @@ pub struct TftpService {
     root: PathBuf,
     cache: FileCache,
     generators: Vec<Arc<dyn FileGenerator>>,
+    observers: Vec<Arc<dyn TransferObserver>>,
     negotiation: NegotiationLimits,
     transfer: TransferConfig,
     limits: Arc<Limits>,
@@ -179,6 +197,7 @@ impl TftpService {
             root,
             cache,
             generators: Vec::new(),
+            observers: Vec::new(),
             negotiation: NegotiationLimits {
                 max_blksize: config.max_blksize,
                 max_windowsize: config.max_windowsize,
@@ -203,6 +222,11 @@ impl TftpService {
     /// Adds a generator; generators are asked in the order they were added.
     pub fn add_generator(&mut self, generator: Arc<dyn FileGenerator>) {
         self.generators.push(generator);
+    }
+
+    /// Adds an observer of finished read transfers.
+    pub fn add_observer(&mut self, observer: Arc<dyn TransferObserver>) {
+        self.observers.push(observer);
     }
 
     /// The canonical boot root.
@@ -464,6 +488,17 @@ impl TftpService {
         started.slot.release();
         let elapsed = now.saturating_duration_since(started.started_at);
         let retransmitted = started.transfer.retransmitted_blocks();
+        if let Transfer::Read(_) = &started.transfer {
+            let complete = matches!(started.transfer.outcome(), Some(Outcome::Complete));
+            let bytes = if complete {
+                started.data.len() as u64
+            } else {
+                0
+            };
+            for observer in &self.observers {
+                observer.read_finished(&started.name, started.peer, bytes, elapsed, complete);
+            }
+        }
         self.stats
             .retransmitted_blocks
             .fetch_add(retransmitted, Ordering::Relaxed);
@@ -562,48 +597,15 @@ impl TftpService {
 
     /// The file's canonical path, which must lie inside the root.
     fn resolve_on_disk(&self, name: &str) -> Result<PathBuf, (ErrorCode, &'static str)> {
-        let joined = self.root.join(name);
-        let canonical = joined.canonicalize().map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => (ErrorCode::FileNotFound, "file not found"),
-            std::io::ErrorKind::PermissionDenied => {
-                (ErrorCode::AccessViolation, "permission denied")
-            }
-            _ => (ErrorCode::FileNotFound, "file not found"),
-        })?;
-        if !canonical.starts_with(&self.root) {
-            warn!(file = %name, target = %canonical.display(), "refused: symbolic link leads outside the boot directory");
-            return Err((
+        resolve_inside(&self.root, name).map_err(|e| match e {
+            ResolveError::NotFound => (ErrorCode::FileNotFound, "file not found"),
+            ResolveError::PermissionDenied => (ErrorCode::AccessViolation, "permission denied"),
+            ResolveError::Outside => (
                 ErrorCode::AccessViolation,
                 "path leads outside the boot directory",
-            ));
-        }
-        Ok(canonical)
+            ),
+        })
     }
-}
-
-/// Checks a requested name and returns it relative to the root.
-pub fn safe_relative_name(raw: &[u8]) -> Result<String, &'static str> {
-    let name = std::str::from_utf8(raw).map_err(|_| "file name is not UTF-8")?;
-    if name.bytes().any(|b| b == 0 || b.is_ascii_control()) {
-        return Err("control character in file name");
-    }
-    if name.contains('\\') {
-        return Err("backslash in file name");
-    }
-    let trimmed = name.trim_start_matches('/');
-    let mut parts = Vec::new();
-    for component in Path::new(trimmed).components() {
-        match component {
-            Component::Normal(part) => parts.push(part.to_str().ok_or("file name is not UTF-8")?),
-            Component::CurDir => {}
-            Component::ParentDir => return Err("`..` in file name"),
-            Component::RootDir | Component::Prefix(_) => return Err("absolute file name"),
-        }
-    }
-    if parts.is_empty() {
-        return Err("empty file name");
-    }
-    Ok(parts.join("/"))
 }
 
 /// Concurrency limits, global and per client address, and the set of

@@ -1,5 +1,7 @@
-//! HTTP, sans-I/O. Today: [`range`], the plan of a response to a GET with
-//! or without `Range` (RFC 9110 §14). The HTTP server that uses it arrives
-//! with the HTTP/router issue.
+//! HTTP, sans-I/O: [`request`] parses a request head (httparse) and
+//! [`range`] plans the body of a response to a GET with or without `Range`
+//! (RFC 9110 §14). The service that answers requests is
+//! [`crate::server::http`]; the sockets are the engine's.
 
 pub mod range;
+pub mod request;

@@ -1,0 +1,163 @@
+//! Boot events: each machine's timeline (chain script, its own script,
+//! loader configs, kernel, initrds), kept in a bounded in-memory ring and
+//! logged as one line each.
+//!
+//! The control-panel issue persists them; until then the ring is what
+//! `GET /api/v1/events` returns.
+
+use std::collections::VecDeque;
+use std::net::IpAddr;
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+
+use super::Mac;
+
+/// A step of the boot chain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Phase {
+    /// `/boot.ipxe`.
+    Chain,
+    /// `/boot/{mac}.ipxe`.
+    Script,
+    /// A generated pxelinux or GRUB config.
+    LoaderConfig,
+    Kernel,
+    Initrd,
+}
+
+/// One event.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct BootEvent {
+    /// Milliseconds since the Unix epoch.
+    pub at_ms: u64,
+    /// The machine, where known.
+    pub mac: Option<Mac>,
+    pub client: IpAddr,
+    pub phase: Phase,
+    /// `http` or `tftp`.
+    pub transport: &'static str,
+    /// The path served, or for scripts what was decided.
+    pub detail: String,
+    pub bytes: u64,
+    pub duration_ms: u64,
+    /// HTTP status; for TFTP 200 (complete) or 500 (failed).
+    pub status: u16,
+}
+
+impl Serialize for Mac {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+/// A bounded ring of the most recent events.
+pub struct EventLog {
+    ring: Mutex<VecDeque<BootEvent>>,
+    capacity: usize,
+}
+
+impl EventLog {
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            ring: Mutex::new(VecDeque::with_capacity(capacity.min(4096))),
+            capacity: capacity.max(1),
+        }
+    }
+
+    /// Records an event (and logs it).
+    #[allow(clippy::too_many_arguments)]
+    pub fn record(
+        &self,
+        mac: Option<Mac>,
+        client: IpAddr,
+        phase: Phase,
+        transport: &'static str,
+        detail: String,
+        bytes: u64,
+        duration: Duration,
+        status: u16,
+    ) {
+        let event = BootEvent {
+            at_ms: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
+            mac,
+            client,
+            phase,
+            transport,
+            detail,
+            bytes,
+            duration_ms: duration.as_millis() as u64,
+            status,
+        };
+        tracing::info!(
+            mac = %event.mac.map_or_else(|| "-".to_string(), |m| m.to_string()),
+            client = %event.client,
+            phase = ?event.phase,
+            transport,
+            detail = %event.detail,
+            bytes,
+            ms = event.duration_ms,
+            status,
+            "boot event"
+        );
+        let mut ring = self.ring.lock().unwrap_or_else(|p| p.into_inner());
+        if ring.len() == self.capacity {
+            ring.pop_front();
+        }
+        ring.push_back(event);
+    }
+
+    /// The most recent events, oldest first, optionally of one machine.
+    pub fn recent(&self, mac: Option<Mac>, limit: usize) -> Vec<BootEvent> {
+        let ring = self.ring.lock().unwrap_or_else(|p| p.into_inner());
+        let mut out: Vec<BootEvent> = ring
+            .iter()
+            .rev()
+            .filter(|e| mac.is_none() || e.mac == mac)
+            .take(limit)
+            .cloned()
+            .collect();
+        out.reverse();
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_ring_keeps_the_newest_and_filters_by_machine() {
+        let log = EventLog::new(3);
+        let a = Mac([1, 2, 3, 4, 5, 6]);
+        let client: IpAddr = "10.0.0.5".parse().unwrap();
+        for i in 0..5u64 {
+            let mac = if i % 2 == 0 { Some(a) } else { None };
+            log.record(
+                mac,
+                client,
+                Phase::Kernel,
+                "http",
+                format!("k{i}"),
+                i,
+                Duration::ZERO,
+                200,
+            );
+        }
+        let all: Vec<String> = log.recent(None, 10).into_iter().map(|e| e.detail).collect();
+        assert_eq!(all, ["k2", "k3", "k4"]);
+        let mine: Vec<String> = log
+            .recent(Some(a), 10)
+            .into_iter()
+            .map(|e| e.detail)
+            .collect();
+        assert_eq!(mine, ["k2", "k4"]);
+        let json = serde_json::to_string(&log.recent(Some(a), 1)[0]).unwrap();
+        assert!(json.contains("\"mac\":\"01:02:03:04:05:06\""), "{json}");
+        assert!(json.contains("\"phase\":\"kernel\""), "{json}");
+    }
+}

@@ -1,0 +1,323 @@
+//! Script and config templates, rendered with minijinja.
+//!
+//! Built-in templates (overridable per image with `template = "file"` in
+//! the inventory, a file in the boot directory):
+//! * `builtin:ipxe` — an assigned machine's iPXE script;
+//! * `builtin:menu` — the unknown-machine menu of images;
+//! * `builtin:wait` — the unknown-machine poll loop;
+//! * `builtin:local` — boot from the local disk (exit iPXE);
+//! * `builtin:pxelinux`, `builtin:pxelinux-local`, `builtin:grub`,
+//!   `builtin:grub-local` — the same decisions for pxelinux and GRUB.
+//!
+//! Every template sees the same context ([`ScriptContext`]). Nothing is
+//! HTML-escaped: these are iPXE, pxelinux and GRUB scripts.
+
+use std::collections::BTreeMap;
+
+use minijinja::{AutoEscape, Environment};
+use serde::Serialize;
+
+const IPXE: &str = "#!ipxe
+# bootfleet: {{ mac }}{% if hostname %} ({{ hostname }}){% endif %} boots image {{ image.name }}
+kernel {{ kernel_url }}{% for initrd in initrds %} initrd={{ initrd.name }}{% endfor %}{% if cmdline %} {{ cmdline }}{% endif %}
+{% for initrd in initrds %}initrd --name {{ initrd.name }} {{ initrd.url }}
+{% endfor %}{% if script_append %}{{ script_append }}
+{% endif %}boot
+";
+
+const MENU: &str = "#!ipxe
+# bootfleet: {{ mac }} is not assigned an image
+menu bootfleet: {{ mac }} is not assigned an image
+{% if images %}item --gap Images
+{% for image in images %}item {{ image.name }} {{ image.name }}{% if image.description %} - {{ image.description }}{% endif %}
+{% endfor %}{% endif %}item --gap Other
+item local Boot from the local disk
+choose --default local --timeout {{ menu_timeout_ms }} choice || exit
+iseq ${choice} local && exit ||
+chain --replace --autofree {{ server }}/boot/{{ mac }}.ipxe?image=${choice:uristring}
+";
+
+const WAIT: &str = "#!ipxe
+# bootfleet: {{ mac }} waits until an operator assigns it an image
+echo bootfleet: {{ mac }} is not assigned an image yet; asking again in {{ poll_seconds }} s
+sleep {{ poll_seconds }}
+chain --replace --autofree {{ server }}/boot/{{ mac }}.ipxe{{ query }}
+";
+
+const LOCAL: &str = "#!ipxe
+# bootfleet: {{ mac }}: {{ reason }}
+echo bootfleet: {{ reason }}; booting from the local disk
+exit
+";
+
+const PXELINUX: &str = "# bootfleet: {{ mac }}{% if hostname %} ({{ hostname }}){% endif %} boots image {{ image.name }}
+DEFAULT bootfleet
+PROMPT 0
+TIMEOUT 0
+LABEL bootfleet
+  KERNEL /{{ image.kernel }}
+{% if image.initrds %}  INITRD {% for initrd in image.initrds %}/{{ initrd }}{% if not loop.last %},{% endif %}{% endfor %}
+{% endif %}  APPEND {{ cmdline }}
+";
+
+const PXELINUX_LOCAL: &str = "# bootfleet: {{ mac }}: {{ reason }}
+DEFAULT local
+PROMPT 0
+TIMEOUT 0
+LABEL local
+  LOCALBOOT 0
+";
+
+const GRUB: &str = "# bootfleet: {{ mac }}{% if hostname %} ({{ hostname }}){% endif %} boots image {{ image.name }}
+set default=0
+set timeout=0
+menuentry \"{{ image.name }}\" {
+  linux /{{ image.kernel }}{% if cmdline %} {{ cmdline }}{% endif %}
+{% if image.initrds %}  initrd{% for initrd in image.initrds %} /{{ initrd }}{% endfor %}
+{% endif %}}
+";
+
+const GRUB_LOCAL: &str = "# bootfleet: {{ mac }}: {{ reason }}
+exit
+";
+
+/// The built-in templates, by name.
+pub const BUILTIN: [(&str, &str); 8] = [
+    ("builtin:ipxe", IPXE),
+    ("builtin:menu", MENU),
+    ("builtin:wait", WAIT),
+    ("builtin:local", LOCAL),
+    ("builtin:pxelinux", PXELINUX),
+    ("builtin:pxelinux-local", PXELINUX_LOCAL),
+    ("builtin:grub", GRUB),
+    ("builtin:grub-local", GRUB_LOCAL),
+];
+
+/// An image as templates see it.
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct ImageView {
+    pub name: String,
+    pub kernel: String,
+    pub initrds: Vec<String>,
+    pub cmdline: String,
+    pub description: String,
+}
+
+/// An initrd with the name iPXE registers it under and its URL.
+#[derive(Debug, Clone, Serialize)]
+pub struct InitrdView {
+    pub name: String,
+    pub url: String,
+}
+
+/// Everything a template can use.
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct ScriptContext {
+    /// `52:54:00:12:34:56`.
+    pub mac: String,
+    pub hostname: Option<String>,
+    pub image: ImageView,
+    pub kernel_url: String,
+    pub initrds: Vec<InitrdView>,
+    /// The image's command line followed by the machine's additions.
+    pub cmdline: String,
+    pub script_append: String,
+    /// The HTTP base URL, e.g. `http://10.0.0.1:8080`.
+    pub server: String,
+    /// The iPXE facts the chain script passed on.
+    pub facts: BTreeMap<String, String>,
+    /// The machine's free values from the inventory.
+    pub vars: BTreeMap<String, String>,
+    /// For the menu.
+    pub images: Vec<ImageView>,
+    pub menu_timeout_ms: u32,
+    /// For the poll loop.
+    pub poll_seconds: u32,
+    /// The facts again as a query string (`?uuid=…`), or empty.
+    pub query: String,
+    /// Why a machine boots locally.
+    pub reason: String,
+}
+
+/// The compiled templates of one inventory snapshot.
+pub struct Templates {
+    env: Environment<'static>,
+}
+
+impl std::fmt::Debug for Templates {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Templates")
+    }
+}
+
+fn environment() -> Environment<'static> {
+    let mut env = Environment::new();
+    env.set_auto_escape_callback(|_| AutoEscape::None);
+    env.set_syntax(
+        minijinja::syntax::SyntaxConfig::builder()
+            .keep_trailing_newline(true)
+            .build()
+            .expect("default delimiters are valid"),
+    );
+    env.set_undefined_behavior(minijinja::UndefinedBehavior::Chainable);
+    env
+}
+
+impl Templates {
+    /// The built-ins plus the operator's templates (name → source).
+    pub fn new(custom: &BTreeMap<String, String>) -> Result<Self, minijinja::Error> {
+        let mut env = environment();
+        for (name, source) in BUILTIN {
+            env.add_template(name, source)?;
+        }
+        for (name, source) in custom {
+            env.add_template_owned(name.clone(), source.clone())?;
+        }
+        Ok(Self { env })
+    }
+
+    /// Renders template `name` with `context`.
+    pub fn render(&self, name: &str, context: &ScriptContext) -> Result<String, minijinja::Error> {
+        self.env
+            .get_template(name)?
+            .render(minijinja::value::Serde(context))
+    }
+}
+
+/// Compiles an operator's template, for a clear error when it is loaded.
+pub fn check_template(name: &str, source: &str) -> Result<(), String> {
+    let mut env = environment();
+    env.add_template(name, source).map_err(|e| {
+        let line = e
+            .line()
+            .map_or(String::new(), |l| format!(" (template line {l})"));
+        format!("{}{line}", e.detail().unwrap_or("syntax error"))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn context() -> ScriptContext {
+        ScriptContext {
+            mac: "52:54:00:12:34:56".into(),
+            hostname: Some("node01".into()),
+            image: ImageView {
+                name: "debian12".into(),
+                kernel: "debian12/vmlinuz".into(),
+                initrds: vec!["debian12/initrd.img".into(), "fw.cpio".into()],
+                cmdline: "console=ttyS0".into(),
+                description: String::new(),
+            },
+            kernel_url: "http://10.0.0.1/debian12/vmlinuz".into(),
+            initrds: vec![
+                InitrdView {
+                    name: "initrd.img".into(),
+                    url: "http://10.0.0.1/debian12/initrd.img".into(),
+                },
+                InitrdView {
+                    name: "fw.cpio".into(),
+                    url: "http://10.0.0.1/fw.cpio".into(),
+                },
+            ],
+            cmdline: "console=ttyS0 node=1".into(),
+            server: "http://10.0.0.1".into(),
+            ..ScriptContext::default()
+        }
+    }
+
+    fn render(name: &str, context: &ScriptContext) -> String {
+        Templates::new(&BTreeMap::new())
+            .unwrap()
+            .render(name, context)
+            .unwrap()
+    }
+
+    #[test]
+    fn ipxe_script_for_an_assigned_machine() {
+        assert_eq!(
+            render("builtin:ipxe", &context()),
+            "#!ipxe\n\
+             # bootfleet: 52:54:00:12:34:56 (node01) boots image debian12\n\
+             kernel http://10.0.0.1/debian12/vmlinuz initrd=initrd.img initrd=fw.cpio console=ttyS0 node=1\n\
+             initrd --name initrd.img http://10.0.0.1/debian12/initrd.img\n\
+             initrd --name fw.cpio http://10.0.0.1/fw.cpio\n\
+             boot\n"
+        );
+        let mut bare = context();
+        bare.initrds.clear();
+        bare.cmdline.clear();
+        bare.hostname = None;
+        bare.script_append = "echo hello".into();
+        assert_eq!(
+            render("builtin:ipxe", &bare),
+            "#!ipxe\n\
+             # bootfleet: 52:54:00:12:34:56 boots image debian12\n\
+             kernel http://10.0.0.1/debian12/vmlinuz\n\
+             echo hello\n\
+             boot\n"
+        );
+    }
+
+    #[test]
+    fn pxelinux_and_grub_configs() {
+        let pxelinux = render("builtin:pxelinux", &context());
+        assert!(
+            pxelinux.contains("  KERNEL /debian12/vmlinuz\n"),
+            "{pxelinux}"
+        );
+        assert!(
+            pxelinux.contains("  INITRD /debian12/initrd.img,/fw.cpio\n"),
+            "{pxelinux}"
+        );
+        assert!(
+            pxelinux.contains("  APPEND console=ttyS0 node=1\n"),
+            "{pxelinux}"
+        );
+        let grub = render("builtin:grub", &context());
+        assert!(
+            grub.contains("  linux /debian12/vmlinuz console=ttyS0 node=1\n"),
+            "{grub}"
+        );
+        assert!(
+            grub.contains("  initrd /debian12/initrd.img /fw.cpio\n"),
+            "{grub}"
+        );
+    }
+
+    #[test]
+    fn menu_lists_images_and_defaults_to_local_boot() {
+        let mut menu = context();
+        menu.images = vec![menu.image.clone()];
+        menu.menu_timeout_ms = 30000;
+        let script = render("builtin:menu", &menu);
+        assert!(script.contains("item debian12 debian12\n"), "{script}");
+        assert!(
+            script.contains("choose --default local --timeout 30000 choice"),
+            "{script}"
+        );
+        assert!(script.contains(
+            "chain --replace --autofree http://10.0.0.1/boot/52:54:00:12:34:56.ipxe?image=${choice:uristring}"
+        ));
+    }
+
+    #[test]
+    fn custom_templates_and_their_errors() {
+        let mut custom = BTreeMap::new();
+        custom.insert(
+            "mine.j2".to_string(),
+            "#!ipxe\necho {{ vars.rack }} {{ facts.serial }}\n".to_string(),
+        );
+        let templates = Templates::new(&custom).unwrap();
+        let mut ctx = context();
+        ctx.vars.insert("rack".into(), "r7".into());
+        ctx.facts.insert("serial".into(), "S1".into());
+        assert_eq!(
+            templates.render("mine.j2", &ctx).unwrap(),
+            "#!ipxe\necho r7 S1\n"
+        );
+        let error = check_template("bad.j2", "#!ipxe\n{% for x in %}\n").unwrap_err();
+        assert!(error.contains("line 2"), "{error}");
+    }
+}

@@ -1,0 +1,978 @@
+//! The MAC router: turns a machine's MAC address into the script (or
+//! pxelinux/GRUB config) it boots, from the current inventory snapshot.
+//!
+//! Decision order for `GET /boot/{mac}.ipxe`:
+//! 1. a per-MAC script the operator placed in the boot directory (the
+//!    classic `xx:xx:xx:xx:xx:xx.gpxe` layout) is served unchanged;
+//! 2. a machine marked `netboot = false` boots its local disk;
+//! 3. a one-shot assignment that has already been used (the machine fetched
+//!    its kernel) boots the local disk until the operator raises `rearm`;
+//! 4. an assigned image is rendered through its template;
+//! 5. anything else gets the inventory's unknown-machine policy (menu,
+//!    local or wait), and a MAC the inventory does not list is recorded as
+//!    *discovered* with the iPXE facts it sent.
+//!
+//! The snapshot is swapped atomically ([`arc_swap`]); readers never wait on
+//! a reload. A file that fails to load keeps the last good snapshot.
+//!
+//! Kernels and initrds carry no MAC address, so the router remembers which
+//! client address last asked for which machine's script; that is how a
+//! kernel fetch becomes a boot event of the right machine and how a
+//! one-shot assignment learns it has been used.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use arc_swap::ArcSwap;
+use serde::Serialize;
+use tracing::{info, warn};
+
+use super::events::{EventLog, Phase};
+use super::render::{ImageView, InitrdView, ScriptContext, Templates};
+use super::{find_static_script, Mac, PxelinuxConfig};
+use crate::inventory::{
+    self, FileRole, Image, InventoryError, Machine, Snapshot, Transport, UnknownPolicy,
+};
+use crate::server::tftp::{FileGenerator, TransferObserver};
+
+/// How long the unknown-machine menu waits before booting locally.
+pub const MENU_TIMEOUT_MS: u32 = 30_000;
+
+/// Most machines remembered as seen (a spray of random MACs cannot grow
+/// memory without bound).
+const MAX_SEEN: usize = 100_000;
+
+/// A snapshot with its compiled templates.
+struct Loaded {
+    snapshot: Snapshot,
+    templates: Templates,
+    /// Modification time and length of the file it came from.
+    source: Option<(SystemTime, u64)>,
+}
+
+/// A machine that asked for its script.
+#[derive(Debug, Clone, Serialize)]
+pub struct SeenMachine {
+    pub mac: Mac,
+    pub client: IpAddr,
+    pub first_seen_ms: u64,
+    pub last_seen_ms: u64,
+    pub facts: BTreeMap<String, String>,
+    /// Not listed in the inventory.
+    pub discovered: bool,
+}
+
+/// What decided a script.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    Static(PathBuf),
+    Assigned(String),
+    /// An image chosen from the unknown-machine menu.
+    MenuChoice(String),
+    Unknown(UnknownPolicy),
+    Local(&'static str),
+}
+
+impl std::fmt::Display for Decision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Decision::Static(path) => write!(f, "static script {}", path.display()),
+            Decision::Assigned(image) => write!(f, "image {image}"),
+            Decision::MenuChoice(image) => write!(f, "image {image} chosen from the menu"),
+            Decision::Unknown(policy) => write!(f, "unknown machine: {policy:?}"),
+            Decision::Local(why) => write!(f, "local boot: {why}"),
+        }
+    }
+}
+
+/// A rendered script and why.
+#[derive(Debug, Clone)]
+pub struct Script {
+    pub body: Vec<u8>,
+    pub decision: Decision,
+}
+
+/// The router; one per server, shared by HTTP and TFTP.
+pub struct Router {
+    root: PathBuf,
+    inventory_path: PathBuf,
+    current: ArcSwap<Loaded>,
+    one_shot: OneShotLedger,
+    seen: Mutex<HashMap<Mac, SeenMachine>>,
+    client_machines: Mutex<HashMap<IpAddr, Mac>>,
+    /// The file version that last failed to load.
+    failed_source: Mutex<Option<(SystemTime, u64)>>,
+    pub events: EventLog,
+}
+
+impl Router {
+    /// A router for the canonical boot `root`, reading `inventory_path`
+    /// (a missing file is an empty inventory) and keeping one-shot state in
+    /// `state_dir`.
+    pub fn new(
+        root: &Path,
+        inventory_path: &Path,
+        state_dir: &Path,
+    ) -> Result<Self, InventoryError> {
+        let router = Self {
+            root: root.to_path_buf(),
+            inventory_path: inventory_path.to_path_buf(),
+            current: ArcSwap::from_pointee(Loaded {
+                snapshot: Snapshot::default(),
+                templates: Templates::new(&BTreeMap::new()).expect("built-in templates compile"),
+                source: None,
+            }),
+            one_shot: OneShotLedger::open(state_dir),
+            seen: Mutex::new(HashMap::new()),
+            client_machines: Mutex::new(HashMap::new()),
+            failed_source: Mutex::new(None),
+            events: EventLog::new(100_000),
+        };
+        router.reload()?;
+        Ok(router)
+    }
+
+    /// The inventory file this router reads.
+    pub fn inventory_path(&self) -> &Path {
+        &self.inventory_path
+    }
+
+    /// The snapshot in use.
+    pub fn snapshot(&self) -> impl std::ops::Deref<Target = Snapshot> + '_ {
+        SnapshotGuard(self.current.load_full())
+    }
+
+    /// Loads the inventory file again if it changed since the last load (or
+    /// `force`); a file that fails to load leaves the current snapshot, and
+    /// the same failed version is not tried again until it changes.
+    /// Returns whether a new snapshot was installed.
+    pub fn reload_if_changed(&self, force: bool) -> Result<bool, InventoryError> {
+        let source = std::fs::metadata(&self.inventory_path)
+            .ok()
+            .map(|m| (m.modified().unwrap_or(UNIX_EPOCH), m.len()));
+        let mut failed = self.failed_source.lock().unwrap_or_else(|p| p.into_inner());
+        if !force
+            && (source == self.current.load().source || (source.is_some() && source == *failed))
+        {
+            return Ok(false);
+        }
+        let generation = self.current.load().snapshot.generation + 1;
+        let built = match source {
+            None => Ok(Snapshot {
+                generation,
+                ..Snapshot::default()
+            }),
+            Some(_) => Snapshot::load(&self.inventory_path, &self.root, generation),
+        }
+        .and_then(|snapshot| {
+            let templates =
+                Templates::new(&snapshot.templates).map_err(|e| InventoryError::Syntax {
+                    path: self.inventory_path.clone(),
+                    message: format!("template: {e}"),
+                })?;
+            Ok((snapshot, templates))
+        });
+        let (snapshot, templates) = match built {
+            Ok(built) => built,
+            Err(error) => {
+                *failed = source;
+                return Err(error);
+            }
+        };
+        *failed = None;
+        info!(
+            inventory = %self.inventory_path.display(),
+            generation,
+            images = snapshot.images.len(),
+            machines = snapshot.machines.len(),
+            unknown_policy = ?snapshot.unknown_policy,
+            "inventory loaded"
+        );
+        self.current.store(Arc::new(Loaded {
+            snapshot,
+            templates,
+            source,
+        }));
+        Ok(true)
+    }
+
+    /// [`Self::reload_if_changed`] with `force`.
+    pub fn reload(&self) -> Result<bool, InventoryError> {
+        self.reload_if_changed(true)
+    }
+
+    /// Checks the file for changes and logs (rather than returns) a
+    /// failure: what the watcher thread and SIGHUP call.
+    pub fn refresh(&self, force: bool) {
+        if let Err(error) = self.reload_if_changed(force) {
+            warn!(%error, "inventory not reloaded; still serving the last good one");
+        }
+    }
+
+    /// The script for the machine `mac` (as requested, any spelling),
+    /// asked for by `client` with the chain script's facts in `query`;
+    /// scripts refer to this server as `base_url`.
+    pub fn machine_script(
+        &self,
+        mac: Mac,
+        query: &[(String, String)],
+        base_url: &str,
+        client: IpAddr,
+    ) -> Script {
+        let loaded = self.current.load_full();
+        let snapshot = &loaded.snapshot;
+        let facts: BTreeMap<String, String> = query
+            .iter()
+            .filter(|(name, _)| super::script::FACTS.iter().any(|(fact, _)| fact == name))
+            .map(|(name, value)| (name.clone(), value.clone()))
+            .collect();
+        let listed = snapshot.machines.get(&mac);
+        self.remember(mac, client, &facts, listed.is_none());
+
+        let mut context = ScriptContext {
+            mac: mac.to_string(),
+            server: base_url.trim_end_matches('/').to_string(),
+            facts,
+            poll_seconds: snapshot.poll_seconds,
+            menu_timeout_ms: MENU_TIMEOUT_MS,
+            query: facts_query(query),
+            ..ScriptContext::default()
+        };
+
+        if let Some(found) = find_static_script(&self.root, mac) {
+            return Script {
+                body: found.body,
+                decision: Decision::Static(found.path),
+            };
+        }
+        let local = |why: &'static str, context: &mut ScriptContext| {
+            context.reason = why.to_string();
+            self.render(&loaded, "builtin:local", context, Decision::Local(why))
+        };
+        if let Some(machine) = listed {
+            context.hostname = machine.hostname.clone();
+            context.vars = machine.vars.clone();
+            if !machine.netboot {
+                return local("marked do-not-netboot in the inventory", &mut context);
+            }
+            if let Some((machine, image)) = snapshot.assigned_image(mac) {
+                if machine.one_shot && self.one_shot.used(mac, machine.rearm) {
+                    return local(
+                        "one-shot assignment already used (raise rearm to boot it again)",
+                        &mut context,
+                    );
+                }
+                fill_image(&mut context, image, Some(machine), base_url);
+                return self.render(
+                    &loaded,
+                    &image.template,
+                    &context,
+                    Decision::Assigned(image.name.clone()),
+                );
+            }
+        }
+
+        let policy = snapshot.unknown_policy;
+        if policy == UnknownPolicy::Menu {
+            if let Some(image) = query
+                .iter()
+                .find(|(name, _)| name == "image")
+                .and_then(|(_, name)| snapshot.images.get(name))
+            {
+                fill_image(&mut context, image, listed, base_url);
+                return self.render(
+                    &loaded,
+                    &image.template,
+                    &context,
+                    Decision::MenuChoice(image.name.clone()),
+                );
+            }
+        }
+        let template = match policy {
+            UnknownPolicy::Menu => {
+                context.images = snapshot.images.values().map(|i| image_view(i)).collect();
+                "builtin:menu"
+            }
+            UnknownPolicy::Wait => "builtin:wait",
+            UnknownPolicy::Local => {
+                context.reason = "not assigned an image".into();
+                "builtin:local"
+            }
+        };
+        self.render(&loaded, template, &context, Decision::Unknown(policy))
+    }
+
+    fn render(
+        &self,
+        loaded: &Loaded,
+        template: &str,
+        context: &ScriptContext,
+        decision: Decision,
+    ) -> Script {
+        match loaded.templates.render(template, context) {
+            Ok(body) => Script {
+                body: body.into_bytes(),
+                decision,
+            },
+            Err(error) => {
+                // A template can fail at render time (a filter on a missing
+                // value): say so on the console and in the log, and let the
+                // firmware fall through to the next boot device.
+                warn!(mac = %context.mac, template, %error, "script template failed to render");
+                Script {
+                    body: format!(
+                        "#!ipxe\necho bootfleet: template {template} failed for {}; see the server log\nexit\n",
+                        context.mac
+                    )
+                    .into_bytes(),
+                    decision: Decision::Local("template failed to render"),
+                }
+            }
+        }
+    }
+
+    fn remember(
+        &self,
+        mac: Mac,
+        client: IpAddr,
+        facts: &BTreeMap<String, String>,
+        discovered: bool,
+    ) {
+        let now = now_ms();
+        {
+            let mut clients = self
+                .client_machines
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            if clients.len() >= MAX_SEEN && !clients.contains_key(&client) {
+                clients.clear();
+            }
+            clients.insert(client, mac);
+        }
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        if seen.len() >= MAX_SEEN && !seen.contains_key(&mac) {
+            return;
+        }
+        let entry = seen.entry(mac).or_insert_with(|| {
+            if discovered {
+                info!(%mac, %client, ?facts, "discovered a machine the inventory does not list");
+            }
+            SeenMachine {
+                mac,
+                client,
+                first_seen_ms: now,
+                last_seen_ms: now,
+                facts: BTreeMap::new(),
+                discovered,
+            }
+        });
+        entry.client = client;
+        entry.last_seen_ms = now;
+        entry.discovered = discovered;
+        for (name, value) in facts {
+            if !value.is_empty() {
+                entry.facts.insert(name.clone(), value.clone());
+            }
+        }
+    }
+
+    /// Machines that asked for a script, most recently seen first;
+    /// `discovered_only` keeps those the inventory does not list.
+    pub fn seen_machines(&self, discovered_only: bool) -> Vec<SeenMachine> {
+        let snapshot = self.snapshot();
+        let seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        let mut out: Vec<SeenMachine> = seen
+            .values()
+            .map(|m| SeenMachine {
+                discovered: !snapshot.machines.contains_key(&m.mac),
+                ..m.clone()
+            })
+            .filter(|m| !discovered_only || m.discovered)
+            .collect();
+        out.sort_by(|a, b| b.last_seen_ms.cmp(&a.last_seen_ms));
+        out
+    }
+
+    /// The machine that last asked for a script from `client`.
+    pub fn machine_at(&self, client: IpAddr) -> Option<Mac> {
+        let clients = self
+            .client_machines
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        clients.get(&client).copied()
+    }
+
+    /// Tells the router that a file was served (`complete`: every byte of
+    /// a whole-file response): kernels and initrds become boot events, and
+    /// a kernel fetched by a one-shot machine uses its assignment up.
+    #[allow(clippy::too_many_arguments)]
+    pub fn file_served(
+        &self,
+        path: &str,
+        client: IpAddr,
+        transport: &'static str,
+        bytes: u64,
+        duration: Duration,
+        status: u16,
+        complete: bool,
+    ) {
+        let loaded = self.current.load();
+        let Some(role) = loaded.snapshot.boot_files.get(path).copied() else {
+            return;
+        };
+        let mac = self.machine_at(client);
+        let phase = match role {
+            FileRole::Kernel => Phase::Kernel,
+            FileRole::Initrd => Phase::Initrd,
+        };
+        self.events.record(
+            mac,
+            client,
+            phase,
+            transport,
+            path.to_string(),
+            bytes,
+            duration,
+            status,
+        );
+        if role != FileRole::Kernel || !complete {
+            return;
+        }
+        let Some(mac) = mac else { return };
+        if let Some((machine, image)) = loaded.snapshot.assigned_image(mac) {
+            if machine.one_shot && image.kernel == path && !self.one_shot.used(mac, machine.rearm) {
+                info!(%mac, image = %image.name, "one-shot assignment used: local boot from now on");
+                self.one_shot.mark_used(mac, machine.rearm);
+            }
+        }
+    }
+
+    /// A pxelinux or GRUB config for the name TFTP was asked for, if it is
+    /// one the router answers: `pxelinux.cfg/01-<mac>` or the machine's full
+    /// hex IP; `grub.cfg-01-<mac>` or `grub.cfg-<hex IP>` (in any directory).
+    /// An operator's file of that name on disk takes precedence.
+    pub fn loader_config(&self, name: &str) -> Option<Vec<u8>> {
+        let (kind, key) = if let Some(index) = name.rfind("pxelinux.cfg/") {
+            ("pxelinux", &name[index + "pxelinux.cfg/".len()..])
+        } else {
+            let file = name.rsplit('/').next()?;
+            ("grub", file.strip_prefix("grub.cfg-")?)
+        };
+        let loaded = self.current.load_full();
+        let snapshot = &loaded.snapshot;
+        let mac = match PxelinuxConfig::parse(key)? {
+            PxelinuxConfig::Mac(mac) => mac,
+            PxelinuxConfig::IpPrefix(hex) if hex.len() == 8 => {
+                let ip = Ipv4Addr::from(u32::from_str_radix(&hex, 16).ok()?);
+                *snapshot.by_ip.get(&ip)?
+            }
+            _ => return None,
+        };
+        let machine = snapshot.machines.get(&mac)?;
+        if self.root.join(name).exists() {
+            return None;
+        }
+        let mut context = ScriptContext {
+            mac: mac.to_string(),
+            hostname: machine.hostname.clone(),
+            vars: machine.vars.clone(),
+            ..ScriptContext::default()
+        };
+        let template = match snapshot.assigned_image(mac) {
+            Some((machine, _)) if machine.one_shot && self.one_shot.used(mac, machine.rearm) => {
+                context.reason = "one-shot assignment already used".into();
+                format!("builtin:{kind}-local")
+            }
+            Some((machine, image)) if machine.netboot => {
+                fill_image(&mut context, image, Some(machine), "");
+                format!("builtin:{kind}")
+            }
+            _ if !machine.netboot => {
+                context.reason = "marked do-not-netboot in the inventory".into();
+                format!("builtin:{kind}-local")
+            }
+            _ => return None,
+        };
+        loaded
+            .templates
+            .render(&template, &context)
+            .ok()
+            .map(String::into_bytes)
+    }
+
+    /// Records a generated loader config as a boot event.
+    pub fn loader_config_served(&self, name: &str, client: IpAddr) {
+        let mac = PxelinuxConfig::parse(
+            name.rsplit('/')
+                .next()
+                .unwrap_or(name)
+                .trim_start_matches("grub.cfg-"),
+        )
+        .and_then(|c| match c {
+            PxelinuxConfig::Mac(mac) => Some(mac),
+            _ => None,
+        })
+        .or_else(|| self.machine_at(client));
+        self.events.record(
+            mac,
+            client,
+            Phase::LoaderConfig,
+            "tftp",
+            name.to_string(),
+            0,
+            Duration::ZERO,
+            200,
+        );
+    }
+}
+
+impl FileGenerator for Router {
+    fn generate(&self, name: &str, client: SocketAddr) -> Option<Vec<u8>> {
+        let body = self.loader_config(name)?;
+        self.loader_config_served(name, client.ip());
+        Some(body)
+    }
+}
+
+impl TransferObserver for Router {
+    fn read_finished(
+        &self,
+        name: &str,
+        peer: SocketAddr,
+        bytes: u64,
+        elapsed: Duration,
+        complete: bool,
+    ) {
+        let status = if complete { 200 } else { 500 };
+        self.file_served(name, peer.ip(), "tftp", bytes, elapsed, status, complete);
+    }
+}
+
+struct SnapshotGuard(Arc<Loaded>);
+
+impl std::ops::Deref for SnapshotGuard {
+    type Target = Snapshot;
+    fn deref(&self) -> &Snapshot {
+        &self.0.snapshot
+    }
+}
+
+fn image_view(image: &Image) -> ImageView {
+    ImageView {
+        name: image.name.clone(),
+        kernel: image.kernel.clone(),
+        initrds: image.initrds.clone(),
+        cmdline: image.cmdline.clone(),
+        description: image.description.clone(),
+    }
+}
+
+/// Fills the image part of a script context: URLs by the image's transport.
+fn fill_image(
+    context: &mut ScriptContext,
+    image: &Image,
+    machine: Option<&Machine>,
+    base_url: &str,
+) {
+    let url = |path: &str| -> String {
+        if inventory::is_url(path) {
+            return path.to_string();
+        }
+        match image.transport {
+            Transport::Http => format!("{}/{}", base_url.trim_end_matches('/'), path),
+            Transport::Tftp => format!("tftp://{}/{}", host_of(base_url), path),
+        }
+    };
+    context.image = image_view(image);
+    context.kernel_url = url(&image.kernel);
+    context.initrds = image
+        .initrds
+        .iter()
+        .map(|path| InitrdView {
+            name: path.rsplit('/').next().unwrap_or(path).to_string(),
+            url: url(path),
+        })
+        .collect();
+    let mut cmdline = image.cmdline.trim().to_string();
+    if let Some(machine) = machine {
+        let extra = machine.cmdline_append.trim();
+        if !extra.is_empty() {
+            if !cmdline.is_empty() {
+                cmdline.push(' ');
+            }
+            cmdline.push_str(extra);
+        }
+        context.script_append = machine.script_append.trim_end().to_string();
+    }
+    context.cmdline = cmdline;
+}
+
+/// `10.0.0.1` from `http://10.0.0.1:8080` (brackets kept for IPv6).
+fn host_of(base_url: &str) -> &str {
+    let rest = base_url.split_once("://").map_or(base_url, |(_, r)| r);
+    let authority = rest.split('/').next().unwrap_or(rest);
+    if authority.starts_with('[') {
+        return authority
+            .split(']')
+            .next()
+            .map_or(authority, |h| &authority[..h.len() + 1]);
+    }
+    authority.split(':').next().unwrap_or(authority)
+}
+
+/// The facts of a query again as `?name=value&…`, escaped, for the poll loop.
+fn facts_query(query: &[(String, String)]) -> String {
+    use percent_encoding::{utf8_percent_encode, NON_ALPHANUMERIC};
+    let pairs: Vec<String> = query
+        .iter()
+        .filter(|(name, _)| super::script::FACTS.iter().any(|(fact, _)| fact == name))
+        .map(|(name, value)| format!("{name}={}", utf8_percent_encode(value, NON_ALPHANUMERIC)))
+        .collect();
+    if pairs.is_empty() {
+        String::new()
+    } else {
+        format!("?{}", pairs.join("&"))
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Which one-shot assignments have been used, by MAC and arming generation;
+/// kept in `one-shot.json` in the state directory so that a restart does not
+/// reinstall machines.
+struct OneShotLedger {
+    path: Option<PathBuf>,
+    used: Mutex<BTreeMap<Mac, u64>>,
+}
+
+impl OneShotLedger {
+    fn open(state_dir: &Path) -> Self {
+        let path = state_dir.join("one-shot.json");
+        let used = std::fs::read(&path)
+            .ok()
+            .and_then(|bytes| serde_json::from_slice::<BTreeMap<String, u64>>(&bytes).ok())
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|(mac, rearm)| Some((Mac::parse(&mac).ok()?, rearm)))
+            .collect();
+        let writable = std::fs::create_dir_all(state_dir).is_ok();
+        if !writable {
+            warn!(dir = %state_dir.display(), "state directory cannot be created; one-shot assignments will not survive a restart");
+        }
+        Self {
+            path: writable.then_some(path),
+            used: Mutex::new(used),
+        }
+    }
+
+    fn used(&self, mac: Mac, rearm: u64) -> bool {
+        let used = self.used.lock().unwrap_or_else(|p| p.into_inner());
+        used.get(&mac)
+            .is_some_and(|&generation| generation >= rearm)
+    }
+
+    fn mark_used(&self, mac: Mac, rearm: u64) {
+        let mut used = self.used.lock().unwrap_or_else(|p| p.into_inner());
+        used.insert(mac, rearm);
+        let Some(path) = &self.path else { return };
+        let as_text: BTreeMap<String, u64> =
+            used.iter().map(|(m, r)| (m.to_string(), *r)).collect();
+        let tmp = path.with_extension("json.tmp");
+        let result = serde_json::to_vec_pretty(&as_text)
+            .map_err(std::io::Error::other)
+            .and_then(|bytes| std::fs::write(&tmp, bytes))
+            .and_then(|()| std::fs::rename(&tmp, path));
+        if let Err(error) = result {
+            warn!(file = %path.display(), %error, "cannot save one-shot state; it holds until restart");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MAC: Mac = Mac([0x52, 0x54, 0x00, 0x12, 0x34, 0x56]);
+
+    struct Setup {
+        root: tempfile::TempDir,
+        state: tempfile::TempDir,
+        router: Router,
+    }
+
+    fn setup(inventory: &str) -> Setup {
+        let root = tempfile::tempdir().unwrap();
+        let state = tempfile::tempdir().unwrap();
+        let root_path = root.path().canonicalize().unwrap();
+        std::fs::write(root_path.join(inventory::FILE_NAME), inventory).unwrap();
+        let router = Router::new(
+            &root_path,
+            &root_path.join(inventory::FILE_NAME),
+            state.path(),
+        )
+        .unwrap();
+        Setup {
+            root,
+            state,
+            router,
+        }
+    }
+
+    const INVENTORY: &str = r#"
+[images.debian]
+kernel = "debian/vmlinuz"
+initrds = ["debian/initrd.img"]
+cmdline = "console=ttyS0"
+
+[images.tiny]
+kernel = "tiny/k"
+transport = "tftp"
+
+[machines."52:54:00:12:34:56"]
+image = "debian"
+hostname = "node01"
+cmdline_append = "node=1"
+ip = "10.0.0.11"
+
+[machines."52:54:00:00:00:02"]
+image = "tiny"
+one_shot = true
+
+[machines."52:54:00:00:00:03"]
+image = "debian"
+netboot = false
+"#;
+
+    fn client() -> IpAddr {
+        "10.0.0.11".parse().unwrap()
+    }
+
+    fn text(script: &Script) -> String {
+        String::from_utf8(script.body.clone()).unwrap()
+    }
+
+    #[test]
+    fn assigned_machine_gets_its_image_with_its_additions() {
+        let s = setup(INVENTORY);
+        let script = s
+            .router
+            .machine_script(MAC, &[], "http://10.0.0.1:8080", client());
+        assert_eq!(script.decision, Decision::Assigned("debian".into()));
+        let body = text(&script);
+        assert!(body.contains(
+            "kernel http://10.0.0.1:8080/debian/vmlinuz initrd=initrd.img console=ttyS0 node=1\n"
+        ), "{body}");
+        assert!(body.contains("initrd --name initrd.img http://10.0.0.1:8080/debian/initrd.img\n"));
+        assert!(body.contains("(node01)"));
+    }
+
+    #[test]
+    fn tftp_transport_uses_tftp_urls() {
+        let s = setup(INVENTORY);
+        let mac = Mac::parse("52:54:00:00:00:02").unwrap();
+        let body = text(
+            &s.router
+                .machine_script(mac, &[], "http://[fd00::1]:8080", client()),
+        );
+        assert!(body.contains("kernel tftp://[fd00::1]/tiny/k\n"), "{body}");
+    }
+
+    #[test]
+    fn one_shot_is_used_by_the_kernel_fetch_and_survives_a_restart() {
+        let s = setup(INVENTORY);
+        let mac = Mac::parse("52:54:00:00:00:02").unwrap();
+        let peer: IpAddr = "10.0.0.50".parse().unwrap();
+        let first = s.router.machine_script(mac, &[], "http://h", peer);
+        assert_eq!(first.decision, Decision::Assigned("tiny".into()));
+        // A partial fetch does not count; a complete one does.
+        s.router
+            .file_served("tiny/k", peer, "tftp", 10, Duration::ZERO, 206, false);
+        assert_eq!(
+            s.router.machine_script(mac, &[], "http://h", peer).decision,
+            first.decision
+        );
+        s.router
+            .file_served("tiny/k", peer, "tftp", 100, Duration::ZERO, 200, true);
+        let after = s.router.machine_script(mac, &[], "http://h", peer);
+        assert!(
+            matches!(after.decision, Decision::Local(_)),
+            "{:?}",
+            after.decision
+        );
+        assert!(text(&after).contains("exit\n"));
+        let events = s.router.events.recent(Some(mac), 10);
+        assert_eq!(events.len(), 2);
+        assert_eq!(events[1].phase, Phase::Kernel);
+
+        // A new router over the same state directory remembers.
+        let root = s.root.path().canonicalize().unwrap();
+        let again = Router::new(&root, &root.join(inventory::FILE_NAME), s.state.path()).unwrap();
+        assert!(matches!(
+            again.machine_script(mac, &[], "http://h", peer).decision,
+            Decision::Local(_)
+        ));
+        // Raising rearm arms it again.
+        std::fs::write(
+            root.join(inventory::FILE_NAME),
+            INVENTORY.replace("one_shot = true", "one_shot = true\nrearm = 1"),
+        )
+        .unwrap();
+        again.reload().unwrap();
+        assert_eq!(
+            again.machine_script(mac, &[], "http://h", peer).decision,
+            Decision::Assigned("tiny".into())
+        );
+    }
+
+    #[test]
+    fn do_not_netboot_and_unknown_policies() {
+        let s = setup(INVENTORY);
+        let blocked = Mac::parse("52:54:00:00:00:03").unwrap();
+        assert!(matches!(
+            s.router
+                .machine_script(blocked, &[], "http://h", client())
+                .decision,
+            Decision::Local(_)
+        ));
+
+        let stranger = Mac([2, 0, 0, 0, 0, 9]);
+        let facts = vec![
+            ("serial".to_string(), "SN 1".to_string()),
+            ("junk".to_string(), "x".to_string()),
+        ];
+        let menu = s
+            .router
+            .machine_script(stranger, &facts, "http://h", client());
+        assert_eq!(menu.decision, Decision::Unknown(UnknownPolicy::Menu));
+        assert!(text(&menu).contains("item debian debian\n"));
+        let seen = s.router.seen_machines(true);
+        assert_eq!(seen.len(), 1);
+        assert_eq!(seen[0].mac, stranger);
+        assert_eq!(
+            seen[0].facts.get("serial").map(String::as_str),
+            Some("SN 1")
+        );
+        assert!(!seen[0].facts.contains_key("junk"));
+
+        let chosen = vec![("image".to_string(), "tiny".to_string())];
+        assert_eq!(
+            s.router
+                .machine_script(stranger, &chosen, "http://h", client())
+                .decision,
+            Decision::MenuChoice("tiny".into())
+        );
+
+        for (policy, needle) in [("wait", "sleep 7\nchain --replace --autofree http://h/boot/02:00:00:00:00:09.ipxe?serial=SN%201\n"), ("local", "exit\n")] {
+            let root = s.root.path().canonicalize().unwrap();
+            std::fs::write(
+                root.join(inventory::FILE_NAME),
+                format!("[unknown]\npolicy = \"{policy}\"\npoll_seconds = 7\n{INVENTORY}"),
+            )
+            .unwrap();
+            s.router.reload().unwrap();
+            let script = s.router.machine_script(stranger, &facts, "http://h", client());
+            assert!(text(&script).contains(needle), "{policy}: {}", text(&script));
+        }
+    }
+
+    #[test]
+    fn static_scripts_take_precedence() {
+        let s = setup(INVENTORY);
+        let root = s.root.path().canonicalize().unwrap();
+        std::fs::write(
+            root.join("52:54:00:12:34:56.gpxe"),
+            "#!gpxe\nkernel old\nboot\n",
+        )
+        .unwrap();
+        let script = s.router.machine_script(MAC, &[], "http://h", client());
+        assert!(matches!(script.decision, Decision::Static(_)));
+        assert_eq!(text(&script), "#!gpxe\nkernel old\nboot\n");
+    }
+
+    #[test]
+    fn a_broken_file_keeps_the_last_good_snapshot() {
+        let s = setup(INVENTORY);
+        let root = s.root.path().canonicalize().unwrap();
+        std::fs::write(root.join(inventory::FILE_NAME), "[images.x\n").unwrap();
+        assert!(s.router.reload_if_changed(false).is_err());
+        s.router.refresh(false);
+        assert_eq!(s.router.snapshot().generation, 1);
+        assert_eq!(
+            s.router
+                .machine_script(MAC, &[], "http://h", client())
+                .decision,
+            Decision::Assigned("debian".into())
+        );
+        // Fixed: picked up.
+        std::fs::write(
+            root.join(inventory::FILE_NAME),
+            INVENTORY.replace("node=1", "node=one"),
+        )
+        .unwrap();
+        s.router.refresh(false);
+        assert_eq!(s.router.snapshot().generation, 2);
+        assert!(
+            text(&s.router.machine_script(MAC, &[], "http://h", client())).contains("node=one")
+        );
+    }
+
+    #[test]
+    fn pxelinux_and_grub_configs_by_mac_and_ip() {
+        let s = setup(INVENTORY);
+        let by_mac = String::from_utf8(
+            s.router
+                .loader_config("pxelinux.cfg/01-52-54-00-12-34-56")
+                .unwrap(),
+        )
+        .unwrap();
+        assert!(by_mac.contains("KERNEL /debian/vmlinuz"), "{by_mac}");
+        assert!(by_mac.contains("APPEND console=ttyS0 node=1"), "{by_mac}");
+        let by_ip = s
+            .router
+            .loader_config("bios/pxelinux.cfg/0A00000B")
+            .unwrap();
+        assert_eq!(String::from_utf8(by_ip).unwrap(), by_mac);
+        let grub = String::from_utf8(
+            s.router
+                .loader_config("grub/grub.cfg-01-52-54-00-12-34-56")
+                .unwrap(),
+        )
+        .unwrap();
+        assert!(
+            grub.contains("linux /debian/vmlinuz console=ttyS0 node=1"),
+            "{grub}"
+        );
+        assert!(s.router.loader_config("pxelinux.cfg/default").is_none());
+        assert!(s.router.loader_config("pxelinux.cfg/0A00").is_none());
+        assert!(s
+            .router
+            .loader_config("pxelinux.cfg/01-02-00-00-00-00-09")
+            .is_none());
+        let blocked = String::from_utf8(
+            s.router
+                .loader_config("pxelinux.cfg/01-52-54-00-00-00-03")
+                .unwrap(),
+        )
+        .unwrap();
+        assert!(blocked.contains("LOCALBOOT 0"), "{blocked}");
+        // The operator's file wins.
+        let root = s.root.path().canonicalize().unwrap();
+        std::fs::create_dir(root.join("pxelinux.cfg")).unwrap();
+        std::fs::write(
+            root.join("pxelinux.cfg/01-52-54-00-12-34-56"),
+            "DEFAULT mine\n",
+        )
+        .unwrap();
+        assert!(s
+            .router
+            .loader_config("pxelinux.cfg/01-52-54-00-12-34-56")
+            .is_none());
+    }
+}

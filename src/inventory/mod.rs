@@ -1,0 +1,520 @@
+//! The inventory: images, machines and their assignments, as an immutable
+//! [`Snapshot`] that the data plane reads without ever waiting.
+//!
+//! Today the source is a TOML file in the boot directory
+//! (`inventory.toml`); the control-panel issue replaces the source (an
+//! embedded database), not the snapshot. A snapshot is built completely —
+//! every machine key parsed as a MAC address, every image reference
+//! resolved, every boot path checked, every template compiled — before it
+//! replaces the previous one, so a mistake in the file leaves the last good
+//! snapshot serving and is reported with its line.
+//!
+//! ```toml
+//! [unknown]                 # machines the inventory does not list
+//! policy = "menu"           # "menu" | "local" | "wait"
+//! poll_seconds = 30         # for "wait": how often iPXE asks again
+//!
+//! [images.debian12]
+//! kernel = "debian12/vmlinuz"           # relative to the boot directory
+//! initrds = ["debian12/initrd.img"]
+//! cmdline = "console=ttyS0 ip=dhcp"
+//! transport = "http"                    # or "tftp"
+//!
+//! [machines."52:54:00:12:34:56"]        # any MAC spelling
+//! image = "debian12"
+//! hostname = "node01"
+//! cmdline_append = "hostname=node01"
+//! one_shot = true                       # local boot after one install
+//! rearm = 0                             # raise to install once more
+//! ```
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::boot::Mac;
+use crate::server::paths::safe_relative_name;
+
+/// The inventory file's name inside the boot directory.
+pub const FILE_NAME: &str = "inventory.toml";
+
+/// What iPXE is told for a machine the inventory does not list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum UnknownPolicy {
+    /// A menu of the images, with local boot as the default after a timeout.
+    Menu,
+    /// Exit iPXE so that the firmware boots the next device (the local disk).
+    Local,
+    /// Wait and ask again until an operator assigns an image.
+    Wait,
+}
+
+/// How a rendered script fetches an image's kernel and initrds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Transport {
+    #[default]
+    Http,
+    Tftp,
+}
+
+/// A bootable image.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Image {
+    pub name: String,
+    /// Relative to the boot directory, or an absolute `http(s)://`/`tftp://` URL.
+    pub kernel: String,
+    pub initrds: Vec<String>,
+    pub cmdline: String,
+    pub transport: Transport,
+    pub description: String,
+    /// The template that renders its iPXE script (built-in unless set).
+    pub template: String,
+}
+
+/// One machine the operator listed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Machine {
+    pub mac: Mac,
+    pub hostname: Option<String>,
+    pub image: Option<String>,
+    pub ip: Option<Ipv4Addr>,
+    pub cmdline_append: String,
+    /// iPXE lines added after the image's own, before `boot`.
+    pub script_append: String,
+    pub one_shot: bool,
+    /// Arming generation of a one-shot assignment: raising it re-arms.
+    pub rearm: u64,
+    /// `false`: never netboot this machine (local boot always).
+    pub netboot: bool,
+    /// Free values for custom templates.
+    pub vars: BTreeMap<String, String>,
+}
+
+/// What a served file is to the images that use it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileRole {
+    Kernel,
+    Initrd,
+}
+
+/// One immutable version of the inventory.
+#[derive(Debug)]
+pub struct Snapshot {
+    /// Counts successful loads, starting at 1 (0: the empty default).
+    pub generation: u64,
+    pub unknown_policy: UnknownPolicy,
+    pub poll_seconds: u32,
+    pub images: BTreeMap<String, Arc<Image>>,
+    pub machines: HashMap<Mac, Machine>,
+    /// Machines by reserved IPv4 address (pxelinux's hex-IP names).
+    pub by_ip: HashMap<Ipv4Addr, Mac>,
+    /// Boot-directory paths of kernels and initrds, and what they are.
+    pub boot_files: HashMap<String, FileRole>,
+    /// Custom template sources by name (the file name in the boot directory).
+    pub templates: BTreeMap<String, String>,
+}
+
+impl Default for Snapshot {
+    fn default() -> Self {
+        Self {
+            generation: 0,
+            unknown_policy: UnknownPolicy::Menu,
+            poll_seconds: 30,
+            images: BTreeMap::new(),
+            machines: HashMap::new(),
+            by_ip: HashMap::new(),
+            boot_files: HashMap::new(),
+            templates: BTreeMap::new(),
+        }
+    }
+}
+
+/// Why an inventory file was not taken.
+#[derive(Debug, thiserror::Error)]
+pub enum InventoryError {
+    #[error("cannot read inventory {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("inventory {path}: {message}")]
+    Syntax { path: PathBuf, message: String },
+    #[error("inventory {path}, line {line}: {message}")]
+    Invalid {
+        path: PathBuf,
+        line: usize,
+        message: String,
+    },
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct InventoryFile {
+    #[serde(default)]
+    unknown: UnknownFile,
+    #[serde(default)]
+    images: BTreeMap<Spanned<String>, ImageFile>,
+    #[serde(default)]
+    machines: BTreeMap<Spanned<String>, MachineFile>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UnknownFile {
+    #[serde(default = "default_policy")]
+    policy: UnknownPolicy,
+    #[serde(default = "default_poll")]
+    poll_seconds: Spanned<u32>,
+}
+
+impl Default for UnknownFile {
+    fn default() -> Self {
+        Self {
+            policy: default_policy(),
+            poll_seconds: Spanned::new(0..0, default_poll().into_inner()),
+        }
+    }
+}
+
+fn default_policy() -> UnknownPolicy {
+    UnknownPolicy::Menu
+}
+
+fn default_poll() -> Spanned<u32> {
+    Spanned::new(0..0, 30)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ImageFile {
+    kernel: Spanned<String>,
+    #[serde(default)]
+    initrds: Vec<Spanned<String>>,
+    #[serde(default)]
+    cmdline: String,
+    #[serde(default)]
+    transport: Transport,
+    #[serde(default)]
+    description: String,
+    template: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MachineFile {
+    image: Option<Spanned<String>>,
+    hostname: Option<String>,
+    ip: Option<Ipv4Addr>,
+    #[serde(default)]
+    cmdline_append: String,
+    #[serde(default)]
+    script_append: String,
+    #[serde(default)]
+    one_shot: bool,
+    #[serde(default)]
+    rearm: u64,
+    #[serde(default = "yes")]
+    netboot: bool,
+    #[serde(default)]
+    vars: BTreeMap<String, String>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// The built-in template name used when an image names none.
+pub const DEFAULT_TEMPLATE: &str = "builtin:ipxe";
+
+impl Snapshot {
+    /// Reads and checks `path` (templates resolve inside `root`).
+    pub fn load(path: &Path, root: &Path, generation: u64) -> Result<Self, InventoryError> {
+        let text = std::fs::read_to_string(path).map_err(|source| InventoryError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(&text, path, root, generation)
+    }
+
+    /// Builds a snapshot from the text of an inventory file.
+    pub fn parse(
+        text: &str,
+        path: &Path,
+        root: &Path,
+        generation: u64,
+    ) -> Result<Self, InventoryError> {
+        let file: InventoryFile = toml::from_str(text).map_err(|e| InventoryError::Syntax {
+            path: path.to_path_buf(),
+            message: e.to_string().trim_end().replace('\n', " | "),
+        })?;
+        let invalid = |span: std::ops::Range<usize>, message: String| InventoryError::Invalid {
+            path: path.to_path_buf(),
+            line: text[..span.start.min(text.len())].matches('\n').count() + 1,
+            message,
+        };
+
+        let mut snapshot = Snapshot {
+            generation,
+            unknown_policy: file.unknown.policy,
+            poll_seconds: *file.unknown.poll_seconds.get_ref(),
+            ..Snapshot::default()
+        };
+        if !(1..=3600).contains(&snapshot.poll_seconds) {
+            return Err(invalid(
+                file.unknown.poll_seconds.span(),
+                "unknown.poll_seconds must be between 1 and 3600".into(),
+            ));
+        }
+
+        for (name, image) in file.images {
+            let span = name.span();
+            let name = name.into_inner();
+            if name.is_empty()
+                || !name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            {
+                return Err(invalid(
+                    span,
+                    format!("image name {name:?} may only use letters, digits, '-', '_' and '.'"),
+                ));
+            }
+            let mut check_path = |value: &Spanned<String>, role: FileRole| {
+                let raw = value.get_ref();
+                if is_url(raw) {
+                    return Ok(raw.clone());
+                }
+                let relative = safe_relative_name(raw.as_bytes()).map_err(|why| {
+                    invalid(
+                        value.span(),
+                        format!("image {name}: boot file {raw:?}: {why}"),
+                    )
+                })?;
+                snapshot.boot_files.insert(relative.clone(), role);
+                Ok(relative)
+            };
+            let kernel = check_path(&image.kernel, FileRole::Kernel)?;
+            let initrds = image
+                .initrds
+                .iter()
+                .map(|initrd| check_path(initrd, FileRole::Initrd))
+                .collect::<Result<Vec<_>, _>>()?;
+            let template = match &image.template {
+                None => DEFAULT_TEMPLATE.to_string(),
+                Some(template) => {
+                    let relative =
+                        safe_relative_name(template.get_ref().as_bytes()).map_err(|why| {
+                            invalid(template.span(), format!("image {name}: template: {why}"))
+                        })?;
+                    if !snapshot.templates.contains_key(&relative) {
+                        let source =
+                            std::fs::read_to_string(root.join(&relative)).map_err(|e| {
+                                invalid(
+                                    template.span(),
+                                    format!("image {name}: cannot read template {relative}: {e}"),
+                                )
+                            })?;
+                        crate::boot::render::check_template(&relative, &source).map_err(|e| {
+                            invalid(
+                                template.span(),
+                                format!("image {name}: template {relative}: {e}"),
+                            )
+                        })?;
+                        snapshot.templates.insert(relative.clone(), source);
+                    }
+                    relative
+                }
+            };
+            snapshot.images.insert(
+                name.clone(),
+                Arc::new(Image {
+                    name,
+                    kernel,
+                    initrds,
+                    cmdline: image.cmdline,
+                    transport: image.transport,
+                    description: image.description,
+                    template,
+                }),
+            );
+        }
+
+        for (key, machine) in file.machines {
+            let mac = Mac::parse(key.get_ref())
+                .map_err(|e| invalid(key.span(), format!("machine {:?}: {e}", key.get_ref())))?;
+            if snapshot.machines.contains_key(&mac) {
+                return Err(invalid(
+                    key.span(),
+                    format!("machine {mac} is listed twice (under different spellings)"),
+                ));
+            }
+            if let Some(image) = &machine.image {
+                if !snapshot.images.contains_key(image.get_ref()) {
+                    let known: Vec<&str> = snapshot.images.keys().map(String::as_str).collect();
+                    return Err(invalid(
+                        image.span(),
+                        format!(
+                            "machine {mac}: no image named {:?} (images: {})",
+                            image.get_ref(),
+                            if known.is_empty() {
+                                "none".to_string()
+                            } else {
+                                known.join(", ")
+                            }
+                        ),
+                    ));
+                }
+            }
+            if let Some(ip) = machine.ip {
+                if let Some(other) = snapshot.by_ip.insert(ip, mac) {
+                    return Err(invalid(
+                        key.span(),
+                        format!("machines {other} and {mac} both reserve {ip}"),
+                    ));
+                }
+            }
+            snapshot.machines.insert(
+                mac,
+                Machine {
+                    mac,
+                    hostname: machine.hostname,
+                    image: machine.image.map(Spanned::into_inner),
+                    ip: machine.ip,
+                    cmdline_append: machine.cmdline_append,
+                    script_append: machine.script_append,
+                    one_shot: machine.one_shot,
+                    rearm: machine.rearm,
+                    netboot: machine.netboot,
+                    vars: machine.vars,
+                },
+            );
+        }
+        Ok(snapshot)
+    }
+
+    /// The image assigned to `mac`, if any.
+    pub fn assigned_image(&self, mac: Mac) -> Option<(&Machine, &Arc<Image>)> {
+        let machine = self.machines.get(&mac)?;
+        let image = self.images.get(machine.image.as_deref()?)?;
+        Some((machine, image))
+    }
+}
+
+/// Whether a boot path is a URL rather than a file in the boot directory.
+pub fn is_url(path: &str) -> bool {
+    ["http://", "https://", "tftp://", "tftm://"]
+        .iter()
+        .any(|scheme| path.starts_with(scheme))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[unknown]
+policy = "wait"
+poll_seconds = 5
+
+[images.debian12]
+kernel = "debian12/vmlinuz"
+initrds = ["debian12/initrd.img", "/extra/firmware.cpio"]
+cmdline = "console=ttyS0"
+
+[images.alpine]
+kernel = "http://mirror.example/alpine/vmlinuz"
+transport = "tftp"
+
+[machines."52-54-00-12-34-56"]
+image = "debian12"
+hostname = "node01"
+ip = "10.0.0.11"
+one_shot = true
+
+[machines.525400123457]
+netboot = false
+"#;
+
+    fn parse(text: &str) -> Result<Snapshot, InventoryError> {
+        Snapshot::parse(
+            text,
+            Path::new("inventory.toml"),
+            Path::new("/nonexistent"),
+            1,
+        )
+    }
+
+    #[test]
+    fn a_good_file_becomes_a_snapshot() {
+        let snapshot = parse(GOOD).unwrap();
+        assert_eq!(snapshot.unknown_policy, UnknownPolicy::Wait);
+        assert_eq!(snapshot.poll_seconds, 5);
+        let mac = Mac::parse("52:54:00:12:34:56").unwrap();
+        let (machine, image) = snapshot.assigned_image(mac).unwrap();
+        assert_eq!(machine.hostname.as_deref(), Some("node01"));
+        assert!(machine.one_shot);
+        assert_eq!(
+            image.initrds,
+            ["debian12/initrd.img", "extra/firmware.cpio"]
+        );
+        assert_eq!(snapshot.by_ip[&"10.0.0.11".parse().unwrap()], mac);
+        assert_eq!(snapshot.boot_files["debian12/vmlinuz"], FileRole::Kernel);
+        assert_eq!(snapshot.boot_files["extra/firmware.cpio"], FileRole::Initrd);
+        assert_eq!(snapshot.images["alpine"].transport, Transport::Tftp);
+        let other = Mac::parse("52:54:00:12:34:57").unwrap();
+        assert!(!snapshot.machines[&other].netboot);
+        assert!(snapshot.assigned_image(other).is_none());
+    }
+
+    #[test]
+    fn mistakes_are_reported_with_their_line() {
+        let cases: &[(&str, usize, &str)] = &[
+            ("[machines.\"52:54:00:12:34\"]\n", 1, "machine"),
+            (
+                "[images.a]\nkernel = \"k\"\n[machines.aabbccddeeff]\nimage = \"b\"\n",
+                4,
+                "no image named \"b\"",
+            ),
+            ("[images.a]\nkernel = \"../etc/passwd\"\n", 2, "`..`"),
+            ("[unknown]\npoll_seconds = 0\n", 2, "poll_seconds"),
+            (
+                "\n[machines.AABBCCDDEEFF]\n[machines.\"aa-bb-cc-dd-ee-ff\"]\n",
+                3,
+                "listed twice",
+            ),
+            (
+                "[images.a]\nkernel = \"k\"\ntemplate = \"missing.j2\"\n",
+                3,
+                "cannot read template",
+            ),
+        ];
+        for (text, line, needle) in cases {
+            match parse(text) {
+                Err(InventoryError::Invalid {
+                    line: got, message, ..
+                }) => {
+                    assert_eq!(got, *line, "{text:?}: {message}");
+                    assert!(message.contains(needle), "{text:?}: {message}");
+                }
+                other => panic!("{text:?}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn syntax_errors_and_unknown_keys_name_the_line() {
+        for text in [
+            "[images.a\nkernel=1",
+            "[images.a]\nkernel = \"k\"\nkernal = \"k\"\n",
+        ] {
+            let message = parse(text).unwrap_err().to_string();
+            assert!(message.contains("line"), "{message}");
+        }
+    }
+}

@@ -1,0 +1,563 @@
+//! The HTTP service: every decision about a request that does not depend on
+//! the I/O backend.
+//!
+//! The engine parses a request head ([`crate::proto::http::request`]) and
+//! hands it to [`HttpService::respond`], which returns a [`Response`]: the
+//! head (with small bodies appended) and, for files, the byte ranges of the
+//! mmapped file to send after it. The engine writes it and calls
+//! [`HttpService::finished`] so that kernels and initrds become boot
+//! events.
+//!
+//! Routes:
+//! * `GET /boot.ipxe` — the chain script;
+//! * `GET /boot/{mac}.ipxe` — that machine's script, from the router (any
+//!   MAC spelling, URL-encoded or not); other names under `/boot/` are files;
+//! * `GET /api/v1/events[?mac=…]`, `GET /api/v1/discovered` — read-only JSON
+//!   (the control-panel issue adds the rest of the API);
+//! * everything else — a file from the boot directory, with `Range`
+//!   (single, multiple, suffix), `If-Range`, `ETag`/`Last-Modified` and
+//!   conditional requests (304), under the same path-safety rules as TFTP.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tracing::{debug, warn};
+
+use crate::boot::events::Phase;
+use crate::boot::{chain_script, Mac, Router};
+use crate::cache::{CachedFile, FileCache, FileData};
+use crate::proto::http::range::{self, BodyPlan, Multipart, Validators};
+use crate::proto::http::request::{Method, Request};
+use crate::server::paths::{resolve_inside, safe_relative_name, ResolveError};
+
+/// HTTP settings the service needs (the engine has its own timeouts).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpServiceConfig {
+    /// How scripts refer to this server (`http://host:port`); by default
+    /// the request's `Host` header.
+    pub public_url: Option<String>,
+}
+
+/// What to send for one request.
+pub struct Response {
+    pub status: u16,
+    /// Status line, headers and any small body.
+    pub head: Vec<u8>,
+    /// The file the segments are taken from.
+    pub file: Option<Arc<FileData>>,
+    /// What follows the head, in order.
+    pub segments: Vec<Segment>,
+    /// Whether the connection stays open afterwards.
+    pub keep_alive: bool,
+    /// The served file's path relative to the root, for boot events.
+    pub served_path: Option<String>,
+}
+
+impl Response {
+    /// Total bytes of the segments.
+    pub fn body_len(&self) -> u64 {
+        self.segments.iter().map(Segment::len).sum()
+    }
+}
+
+/// A piece of a response body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Segment {
+    /// Bytes made for this response (multipart part headers).
+    Bytes(Vec<u8>),
+    /// A slice of the response's file.
+    File { offset: u64, len: u64 },
+}
+
+impl Segment {
+    pub fn len(&self) -> u64 {
+        match self {
+            Segment::Bytes(bytes) => bytes.len() as u64,
+            Segment::File { len, .. } => *len,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Counters shared by all connections.
+#[derive(Debug, Default)]
+pub struct HttpStats {
+    pub requests: AtomicU64,
+    pub body_bytes: AtomicU64,
+    pub client_errors: AtomicU64,
+}
+
+/// The shared HTTP service.
+pub struct HttpService {
+    root: PathBuf,
+    cache: FileCache,
+    router: Arc<Router>,
+    config: HttpServiceConfig,
+    pub stats: HttpStats,
+    boundary_counter: AtomicU64,
+}
+
+const SERVER: &str = concat!("bootfleet/", env!("CARGO_PKG_VERSION"));
+
+impl HttpService {
+    /// A service for the canonical boot `root`.
+    pub fn new(
+        root: &Path,
+        cache: FileCache,
+        router: Arc<Router>,
+        config: HttpServiceConfig,
+    ) -> Self {
+        Self {
+            root: root.to_path_buf(),
+            cache,
+            router,
+            config,
+            stats: HttpStats::default(),
+            boundary_counter: AtomicU64::new(0),
+        }
+    }
+
+    pub fn router(&self) -> &Arc<Router> {
+        &self.router
+    }
+
+    /// Answers `request`, which arrived on `local` from `peer`.
+    pub fn respond(&self, request: &Request, local: SocketAddr, peer: SocketAddr) -> Response {
+        self.stats.requests.fetch_add(1, Ordering::Relaxed);
+        let head_only = request.method == Method::Head;
+        if let Method::Other(method) = &request.method {
+            debug!(%peer, %method, path = %request.path, "method not allowed");
+            let mut response = self.text(405, "only GET and HEAD are served\n", request, false);
+            insert_header(&mut response.head, "Allow: GET, HEAD\r\n");
+            return response;
+        }
+        let path = request.path.as_str();
+
+        if path == "/boot.ipxe" {
+            let body = chain_script(&self.base_url(request, local));
+            self.router.events.record(
+                None,
+                peer.ip(),
+                Phase::Chain,
+                "http",
+                "chain script".into(),
+                body.len() as u64,
+                Duration::ZERO,
+                200,
+            );
+            return self.script(body.into_bytes(), request, head_only);
+        }
+        if let Some(mac) = path
+            .strip_prefix("/boot/")
+            .and_then(|rest| rest.strip_suffix(".ipxe"))
+            .and_then(|name| Mac::parse(name).ok())
+        {
+            let script = self.router.machine_script(
+                mac,
+                &request.query,
+                &self.base_url(request, local),
+                peer.ip(),
+            );
+            self.router.events.record(
+                Some(mac),
+                peer.ip(),
+                Phase::Script,
+                "http",
+                script.decision.to_string(),
+                script.body.len() as u64,
+                Duration::ZERO,
+                200,
+            );
+            return self.script(script.body, request, head_only);
+        }
+        if let Some(api) = path.strip_prefix("/api/v1/") {
+            return self.api(api, request, head_only);
+        }
+        self.file(request, peer, head_only)
+    }
+
+    /// The response for a request head that could not be used.
+    pub fn invalid(&self, status: u16, why: &str) -> Response {
+        self.stats.client_errors.fetch_add(1, Ordering::Relaxed);
+        let body = format!("{why}\n");
+        let head = format!(
+            "HTTP/1.1 {status} {}\r\nServer: {SERVER}\r\nDate: {}\r\nContent-Type: text/plain; charset=utf-8\r\n\
+             Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            reason(status),
+            httpdate::fmt_http_date(SystemTime::now()),
+            body.len()
+        );
+        Response {
+            status,
+            head: head.into_bytes(),
+            file: None,
+            segments: Vec::new(),
+            keep_alive: false,
+            served_path: None,
+        }
+    }
+
+    /// Called by the engine when a response has been written (`sent` body
+    /// bytes of `response.body_len()`), or given up on.
+    pub fn finished(&self, response: &Response, peer: SocketAddr, sent: u64, elapsed: Duration) {
+        self.stats.body_bytes.fetch_add(sent, Ordering::Relaxed);
+        if let Some(path) = &response.served_path {
+            let complete = response.status == 200 && sent == response.body_len();
+            let status = if sent == response.body_len() {
+                response.status
+            } else {
+                499
+            };
+            self.router
+                .file_served(path, peer.ip(), "http", sent, elapsed, status, complete);
+        }
+    }
+
+    fn base_url(&self, request: &Request, local: SocketAddr) -> String {
+        if let Some(url) = &self.config.public_url {
+            return url.trim_end_matches('/').to_string();
+        }
+        let sane = |host: &str| {
+            !host.is_empty()
+                && host.len() <= 255
+                && host
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b".-:[]".contains(&b))
+        };
+        match request.host.as_deref() {
+            Some(host) if sane(host) => format!("http://{host}"),
+            _ => format!("http://{local}"),
+        }
+    }
+
+    fn script(&self, body: Vec<u8>, request: &Request, head_only: bool) -> Response {
+        let mut head = self.head_start(200, request.keep_alive);
+        head.extend_from_slice(
+            b"Content-Type: text/plain; charset=utf-8\r\nCache-Control: no-store\r\n",
+        );
+        finish_head(&mut head, body.len() as u64);
+        if !head_only {
+            head.extend_from_slice(&body);
+        }
+        self.plain(200, head, request.keep_alive)
+    }
+
+    fn text(&self, status: u16, body: &str, request: &Request, head_only: bool) -> Response {
+        if status >= 400 {
+            self.stats.client_errors.fetch_add(1, Ordering::Relaxed);
+        }
+        let mut head = self.head_start(status, request.keep_alive);
+        head.extend_from_slice(b"Content-Type: text/plain; charset=utf-8\r\n");
+        finish_head(&mut head, body.len() as u64);
+        if !head_only {
+            head.extend_from_slice(body.as_bytes());
+        }
+        self.plain(status, head, request.keep_alive)
+    }
+
+    fn json(&self, value: &impl serde::Serialize, request: &Request, head_only: bool) -> Response {
+        let body = serde_json::to_vec_pretty(value)
+            .unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}").into_bytes());
+        let mut head = self.head_start(200, request.keep_alive);
+        head.extend_from_slice(b"Content-Type: application/json\r\nCache-Control: no-store\r\n");
+        finish_head(&mut head, body.len() as u64);
+        if !head_only {
+            head.extend_from_slice(&body);
+        }
+        self.plain(200, head, request.keep_alive)
+    }
+
+    fn plain(&self, status: u16, head: Vec<u8>, keep_alive: bool) -> Response {
+        Response {
+            status,
+            head,
+            file: None,
+            segments: Vec::new(),
+            keep_alive,
+            served_path: None,
+        }
+    }
+
+    fn head_start(&self, status: u16, keep_alive: bool) -> Vec<u8> {
+        let mut head = Vec::with_capacity(320);
+        head.extend_from_slice(
+            format!(
+                "HTTP/1.1 {status} {}\r\nServer: {SERVER}\r\nDate: {}\r\nConnection: {}\r\n",
+                reason(status),
+                httpdate::fmt_http_date(SystemTime::now()),
+                if keep_alive { "keep-alive" } else { "close" }
+            )
+            .as_bytes(),
+        );
+        head
+    }
+
+    fn api(&self, api: &str, request: &Request, head_only: bool) -> Response {
+        match api {
+            "events" => {
+                let mac = match request.query_value("mac").map(Mac::parse) {
+                    None => None,
+                    Some(Ok(mac)) => Some(mac),
+                    Some(Err(e)) => return self.text(400, &format!("{e}\n"), request, head_only),
+                };
+                let limit = request
+                    .query_value("limit")
+                    .and_then(|l| l.parse().ok())
+                    .unwrap_or(1000usize);
+                self.json(&self.router.events.recent(mac, limit), request, head_only)
+            }
+            "discovered" => self.json(&self.router.seen_machines(true), request, head_only),
+            "seen" => self.json(&self.router.seen_machines(false), request, head_only),
+            _ => self.text(404, "no such API endpoint (this build serves /api/v1/events, /api/v1/discovered and /api/v1/seen)\n", request, head_only),
+        }
+    }
+
+    fn file(&self, request: &Request, peer: SocketAddr, head_only: bool) -> Response {
+        let name = match safe_relative_name(request.path.as_bytes()) {
+            Ok(name) => name,
+            Err("empty file name") => return self.text(404, "not found\n", request, head_only),
+            Err(why) => {
+                warn!(%peer, path = %request.path.escape_debug(), why, "refused request path");
+                return self.text(400, &format!("refused path: {why}\n"), request, head_only);
+            }
+        };
+        let path = match resolve_inside(&self.root, &name) {
+            Ok(path) => path,
+            Err(ResolveError::NotFound) => {
+                return self.text(404, "not found\n", request, head_only)
+            }
+            Err(ResolveError::PermissionDenied) | Err(ResolveError::Outside) => {
+                return self.text(403, "forbidden\n", request, head_only)
+            }
+        };
+        let file = match self.cache.open(&path) {
+            Ok(file) => file,
+            Err(e) if e.kind() == std::io::ErrorKind::InvalidInput => {
+                return self.text(404, "not found (not a regular file)\n", request, head_only)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return self.text(404, "not found\n", request, head_only)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                return self.text(403, "forbidden\n", request, head_only)
+            }
+            Err(e) => {
+                warn!(file = %path.display(), error = %e, "cannot open file");
+                let mut response = self.text(
+                    503,
+                    "cannot read file now, retry later\n",
+                    request,
+                    head_only,
+                );
+                insert_header(&mut response.head, "Retry-After: 1\r\n");
+                return response;
+            }
+        };
+        self.file_response(&name, file, request, head_only)
+    }
+
+    fn file_response(
+        &self,
+        name: &str,
+        file: CachedFile,
+        request: &Request,
+        head_only: bool,
+    ) -> Response {
+        let len = file.key.size;
+        let etag = format!("\"{:x}-{:x}-{:x}\"", file.key.ino, len, file.key.mtime_ns);
+        let mtime = UNIX_EPOCH + Duration::from_nanos(file.key.mtime_ns.max(0) as u64);
+        let last_modified = httpdate::fmt_http_date(mtime);
+        let content_type = content_type(name);
+        let validators =
+            format!("ETag: {etag}\r\nLast-Modified: {last_modified}\r\nAccept-Ranges: bytes\r\n");
+
+        if not_modified(request, &etag, mtime) {
+            let mut head = self.head_start(304, request.keep_alive);
+            head.extend_from_slice(validators.as_bytes());
+            head.extend_from_slice(b"\r\n");
+            return self.plain(304, head, request.keep_alive);
+        }
+
+        let plan = range::plan(
+            request.range.as_deref(),
+            request.if_range.as_deref(),
+            len,
+            Validators {
+                etag: &etag,
+                last_modified: &last_modified,
+            },
+        );
+        let (status, extra, segments) = match plan {
+            BodyPlan::Full => (
+                200,
+                format!("Content-Type: {content_type}\r\n"),
+                vec![Segment::File { offset: 0, len }],
+            ),
+            BodyPlan::Single(r) => (
+                206,
+                format!(
+                    "Content-Type: {content_type}\r\nContent-Range: {}\r\n",
+                    range::content_range(&r, len)
+                ),
+                vec![Segment::File {
+                    offset: *r.start(),
+                    len: r.end() - r.start() + 1,
+                }],
+            ),
+            BodyPlan::Multiple(ranges) => {
+                let multipart = Multipart::new(&ranges, len, content_type, &self.boundary());
+                let mut segments = Vec::with_capacity(multipart.parts.len() * 2 + 1);
+                for (part_head, r) in &multipart.parts {
+                    segments.push(Segment::Bytes(part_head.clone().into_bytes()));
+                    segments.push(Segment::File {
+                        offset: *r.start(),
+                        len: r.end() - r.start() + 1,
+                    });
+                }
+                segments.push(Segment::Bytes(multipart.closing.into_bytes()));
+                (
+                    206,
+                    format!("Content-Type: {}\r\n", multipart.content_type),
+                    segments,
+                )
+            }
+            BodyPlan::Unsatisfiable => {
+                let mut head = self.head_start(416, request.keep_alive);
+                head.extend_from_slice(
+                    format!("Content-Range: {}\r\n", range::unsatisfied_range(len)).as_bytes(),
+                );
+                head.extend_from_slice(validators.as_bytes());
+                finish_head(&mut head, 0);
+                return self.plain(416, head, request.keep_alive);
+            }
+        };
+        let segments: Vec<Segment> = segments.into_iter().filter(|s| !s.is_empty()).collect();
+        let body_len: u64 = segments.iter().map(Segment::len).sum();
+        let mut head = self.head_start(status, request.keep_alive);
+        head.extend_from_slice(extra.as_bytes());
+        head.extend_from_slice(validators.as_bytes());
+        finish_head(&mut head, body_len);
+        Response {
+            status,
+            head,
+            file: Some(file.data),
+            segments: if head_only { Vec::new() } else { segments },
+            keep_alive: request.keep_alive,
+            served_path: (!head_only).then(|| name.to_string()),
+        }
+    }
+
+    /// A multipart boundary that differs per response.
+    fn boundary(&self) -> String {
+        let n = self.boundary_counter.fetch_add(1, Ordering::Relaxed);
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        // splitmix64: spreads the bits so boundaries do not look alike.
+        let mut z = nanos ^ n.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        format!("bootfleet-{:016x}", z ^ (z >> 31))
+    }
+}
+
+/// RFC 9110 §13.1.2 and §13.1.3, evaluated as §13.2.2 orders them.
+fn not_modified(request: &Request, etag: &str, mtime: SystemTime) -> bool {
+    if let Some(list) = &request.if_none_match {
+        let ours = etag.trim_start_matches("W/");
+        return list
+            .split(',')
+            .map(str::trim)
+            .any(|tag| tag == "*" || tag.trim_start_matches("W/") == ours);
+    }
+    if let Some(since) = request
+        .if_modified_since
+        .as_deref()
+        .and_then(|d| httpdate::parse_http_date(d).ok())
+    {
+        let mtime_secs = mtime.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        let since_secs = since.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        return mtime_secs <= since_secs;
+    }
+    false
+}
+
+fn finish_head(head: &mut Vec<u8>, content_length: u64) {
+    head.extend_from_slice(format!("Content-Length: {content_length}\r\n\r\n").as_bytes());
+}
+
+/// Adds a header line to a head that already ends with its blank line.
+fn insert_header(head: &mut Vec<u8>, line: &str) {
+    if let Some(end) = head.windows(4).position(|w| w == b"\r\n\r\n") {
+        head.splice(end + 2..end + 2, line.bytes());
+    }
+}
+
+fn reason(status: u16) -> &'static str {
+    match status {
+        200 => "OK",
+        206 => "Partial Content",
+        304 => "Not Modified",
+        400 => "Bad Request",
+        403 => "Forbidden",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        408 => "Request Timeout",
+        411 => "Length Required",
+        413 => "Content Too Large",
+        416 => "Range Not Satisfiable",
+        431 => "Request Header Fields Too Large",
+        503 => "Service Unavailable",
+        505 => "HTTP Version Not Supported",
+        _ => "Unknown",
+    }
+}
+
+/// The content type for a boot-directory file, by extension.
+pub fn content_type(name: &str) -> &'static str {
+    let extension = name
+        .rsplit('/')
+        .next()
+        .and_then(|n| n.rsplit_once('.'))
+        .map(|(_, e)| e.to_ascii_lowercase());
+    match extension.as_deref() {
+        Some("ipxe" | "gpxe" | "txt" | "cfg" | "conf" | "cmdline") => "text/plain; charset=utf-8",
+        Some("html" | "htm") => "text/html; charset=utf-8",
+        Some("json") => "application/json",
+        Some("iso") => "application/x-iso9660-image",
+        Some("gz" | "tgz") => "application/gzip",
+        Some("xz") => "application/x-xz",
+        Some("zst") => "application/zstd",
+        Some("tar") => "application/x-tar",
+        Some("img" | "efi" | "kpxe" | "pxe" | "0" | "cpio" | "squashfs" | "sfs") => {
+            "application/octet-stream"
+        }
+        _ => "application/octet-stream",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn content_types_by_extension() {
+        assert_eq!(content_type("a/b.IPXE"), "text/plain; charset=utf-8");
+        assert_eq!(content_type("x.iso"), "application/x-iso9660-image");
+        assert_eq!(content_type("vmlinuz"), "application/octet-stream");
+        assert_eq!(content_type("dir.d/vmlinuz"), "application/octet-stream");
+    }
+
+    #[test]
+    fn header_insertion_keeps_the_blank_line_last() {
+        let mut head = b"HTTP/1.1 405 X\r\nA: b\r\n\r\nbody".to_vec();
+        insert_header(&mut head, "Allow: GET\r\n");
+        assert_eq!(head, b"HTTP/1.1 405 X\r\nA: b\r\nAllow: GET\r\n\r\nbody");
+    }
+}
