@@ -15,6 +15,7 @@
 //! * [`engine`] — the only place with socket syscalls: io_uring workers and
 //!   the epoll (tokio) fallback, chosen at start-up.
 
+pub mod app;
 pub mod boot;
 pub mod cache;
 pub mod config;

@@ -1,6 +1,6 @@
 //! The `bootfleet` binary: command line, logging, start-up and shutdown.
 
-use std::net::{SocketAddr, UdpSocket};
+use std::net::{SocketAddr, TcpListener, UdpSocket};
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -8,10 +8,9 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use tracing::{info, warn};
 
-use bootfleet::cache::FileCache;
+use bootfleet::app;
 use bootfleet::config::{Config, EngineChoice};
-use bootfleet::engine::{self, Shutdown};
-use bootfleet::server::tftp::TftpService;
+use bootfleet::engine;
 
 #[derive(Parser)]
 #[command(
@@ -46,9 +45,16 @@ struct ServeArgs {
     /// TFTP listen address.
     #[arg(long, value_name = "ADDR:PORT")]
     tftp_listen: Option<SocketAddr>,
-    /// HTTP listen address (reserved: the HTTP server is not built yet).
+    /// HTTP listen address (scripts, kernels, initrds).
     #[arg(long, value_name = "ADDR:PORT")]
     http_listen: Option<SocketAddr>,
+    /// How scripts name this server, e.g. http://10.0.0.1 (default: the
+    /// Host header of each request).
+    #[arg(long, value_name = "URL")]
+    public_url: Option<String>,
+    /// Directory for state that survives restarts (one-shot assignments).
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
     /// Data-plane backend.
     #[arg(long, value_name = "auto|io-uring|epoll")]
     engine: Option<EngineChoice>,
@@ -85,7 +91,16 @@ fn build_config(args: &ServeArgs) -> Result<Config> {
         config.tftp.listen = addr;
     }
     if let Some(addr) = args.http_listen {
-        config.http_listen = addr;
+        config.http.listen = addr;
+    }
+    if let Some(url) = &args.public_url {
+        if !(url.starts_with("http://") || url.starts_with("https://")) {
+            bail!("--public-url {url:?} must start with http:// or https://");
+        }
+        config.http.public_url = Some(url.trim_end_matches('/').to_string());
+    }
+    if let Some(dir) = &args.state_dir {
+        config.state_dir = dir.clone();
     }
     if let Some(engine) = args.engine {
         config.engine = engine;
@@ -130,11 +145,21 @@ fn serve(args: ServeArgs) -> Result<()> {
         );
     }
 
-    let listener = tftp_socket(&config)?;
-    let cache = FileCache::new(config.cache_max_bytes);
-    let service = Arc::new(TftpService::new(&config.root, &config.tftp, cache)?);
+    let (tftp_passed, http_passed) = systemd_sockets();
+    let listener = match tftp_passed {
+        Some(socket) => socket,
+        None => tftp_socket(&config)?,
+    };
+    let http = match http_passed {
+        Some(socket) => socket,
+        None => bind_http(&config)?,
+    };
     let (backend, fallback_reason) = engine::choose(config.engine)?;
     let workers = engine::worker_count(config.workers);
+    let tftp_addr = listener.local_addr()?;
+    let http_addr = http.local_addr()?;
+    let running = app::start(&config, backend, listener, http)?;
+    let service = Arc::clone(&running.tftp);
 
     info!(
         version = env!("CARGO_PKG_VERSION"),
@@ -142,23 +167,15 @@ fn serve(args: ServeArgs) -> Result<()> {
         files = count_files(service.root()),
         "bootfleet serving boot files"
     );
-    info!(listen = %listener.local_addr()?, "TFTP listening (RFC 1350, 2347-2349, 7440)");
-    info!(listen = %config.http_listen, "HTTP reserved: the HTTP server is not part of this build yet");
+    info!(listen = %tftp_addr, "TFTP listening (RFC 1350, 2347-2349, 7440)");
+    info!(listen = %http_addr, chain = %format!("http://{http_addr}/boot.ipxe"),
+        "HTTP listening: files, /boot.ipxe, /boot/{{mac}}.ipxe, /api/v1/events");
     match &fallback_reason {
         Some(why) => {
             warn!(engine = %backend, workers, reason = %why, "io_uring unavailable, using the epoll fallback")
         }
-        None => info!(engine = %backend, workers, "data-plane engine chosen"),
+        None => info!(engine = %backend, workers, "data-plane engine chosen (TFTP on it; HTTP on tokio with sendfile)"),
     }
-
-    let shutdown = Shutdown::new();
-    let handle = engine::spawn_tftp(
-        backend,
-        listener,
-        Arc::clone(&service),
-        workers,
-        shutdown.clone(),
-    )?;
 
     let signals = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -166,15 +183,21 @@ fn serve(args: ServeArgs) -> Result<()> {
     signals.block_on(async {
         use tokio::signal::unix::{signal, SignalKind};
         let mut term = signal(SignalKind::terminate())?;
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
+        let mut hangup = signal(SignalKind::hangup())?;
+        loop {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => break,
+                _ = term.recv() => break,
+                _ = hangup.recv() => {
+                    info!("SIGHUP: reloading the inventory");
+                    running.router.refresh(true);
+                }
+            }
         }
         anyhow::Ok(())
     })?;
     info!("shutting down");
-    shutdown.trigger();
-    handle.join();
+    running.stop();
     let stats = service.stats();
     info!(
         completed = stats.completed,
@@ -186,11 +209,8 @@ fn serve(args: ServeArgs) -> Result<()> {
     Ok(())
 }
 
-/// The TFTP socket: handed in by systemd socket activation (first fd), or bound here.
+/// The TFTP socket, bound here.
 fn tftp_socket(config: &Config) -> Result<UdpSocket> {
-    if let Some(socket) = systemd_socket() {
-        return Ok(socket);
-    }
     UdpSocket::bind(config.tftp.listen).map_err(|e| {
         if e.kind() == std::io::ErrorKind::PermissionDenied {
             anyhow::anyhow!(
@@ -204,16 +224,49 @@ fn tftp_socket(config: &Config) -> Result<UdpSocket> {
     })
 }
 
-/// sd_listen_fds(3): the first passed socket, if systemd passed any to us.
-fn systemd_socket() -> Option<UdpSocket> {
+/// The HTTP listener, bound here.
+fn bind_http(config: &Config) -> Result<TcpListener> {
+    app::http_listener(config.http.listen).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::PermissionDenied {
+            anyhow::anyhow!(
+                "cannot bind HTTP to {}: {e}. Ports below 1024 need root or CAP_NET_BIND_SERVICE: \
+                 run as root, use systemd/bootfleet.service, or pass --http-listen 0.0.0.0:8080",
+                config.http.listen
+            )
+        } else {
+            anyhow::anyhow!("cannot bind HTTP to {}: {e}", config.http.listen)
+        }
+    })
+}
+
+/// sd_listen_fds(3): the sockets systemd passed us, told apart by type
+/// (the datagram socket is TFTP, the stream socket HTTP).
+fn systemd_sockets() -> (Option<UdpSocket>, Option<TcpListener>) {
     use std::os::fd::FromRawFd;
-    let pid: u32 = std::env::var("LISTEN_PID").ok()?.parse().ok()?;
-    let fds: u32 = std::env::var("LISTEN_FDS").ok()?.parse().ok()?;
-    if pid != std::process::id() || fds < 1 {
-        return None;
+    let passed = || -> Option<u32> {
+        let pid: u32 = std::env::var("LISTEN_PID").ok()?.parse().ok()?;
+        let fds: u32 = std::env::var("LISTEN_FDS").ok()?.parse().ok()?;
+        (pid == std::process::id()).then_some(fds)
+    };
+    let (mut udp, mut tcp) = (None, None);
+    for fd in (3..).take(passed().unwrap_or(0) as usize) {
+        let mut kind: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: a plain getsockopt on a descriptor systemd passed us.
+        let rc = unsafe {
+            libc::getsockopt(fd, libc::SOL_SOCKET, libc::SO_TYPE, (&mut kind as *mut libc::c_int).cast(), &mut len)
+        };
+        if rc != 0 {
+            continue;
+        }
+        // SAFETY: systemd guarantees these descriptors are open sockets owned by us.
+        match kind {
+            libc::SOCK_DGRAM if udp.is_none() => udp = Some(unsafe { UdpSocket::from_raw_fd(fd) }),
+            libc::SOCK_STREAM if tcp.is_none() => tcp = Some(unsafe { TcpListener::from_raw_fd(fd) }),
+            _ => {}
+        }
     }
-    // SAFETY: systemd guarantees fd 3 is an open socket owned by us.
-    Some(unsafe { UdpSocket::from_raw_fd(3) })
+    (udp, tcp)
 }
 
 fn count_files(root: &std::path::Path) -> usize {

@@ -230,7 +230,9 @@ impl Router {
             .map(|(name, value)| (name.clone(), value.clone()))
             .collect();
         let listed = snapshot.machines.get(&mac);
-        self.remember(mac, client, &facts, listed.is_none());
+        let static_script = find_static_script(&self.root, mac);
+        // A machine with the operator's own script is known, not discovered.
+        self.remember(mac, client, &facts, listed.is_none() && static_script.is_none());
 
         let mut context = ScriptContext {
             mac: mac.to_string(),
@@ -242,7 +244,7 @@ impl Router {
             ..ScriptContext::default()
         };
 
-        if let Some(found) = find_static_script(&self.root, mac) {
+        if let Some(found) = static_script {
             return Script {
                 body: found.body,
                 decision: Decision::Static(found.path),
@@ -387,7 +389,7 @@ impl Router {
         let mut out: Vec<SeenMachine> = seen
             .values()
             .map(|m| SeenMachine {
-                discovered: !snapshot.machines.contains_key(&m.mac),
+                discovered: m.discovered && !snapshot.machines.contains_key(&m.mac),
                 ..m.clone()
             })
             .filter(|m| !discovered_only || m.discovered)

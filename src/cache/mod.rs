@@ -57,6 +57,16 @@ impl Deref for FileData {
 }
 
 impl FileData {
+    /// The open file behind a mapped version (for `sendfile`); `None` for
+    /// bytes made in memory.
+    pub fn raw_fd(&self) -> Option<std::os::fd::RawFd> {
+        use std::os::fd::AsRawFd;
+        match self {
+            FileData::Mapped(mapped) => Some(mapped.file.as_raw_fd()),
+            FileData::Owned(_) => None,
+        }
+    }
+
     /// Whether the file this version was mapped from was rewritten in place
     /// since (cheap: a file status call at most every [`CHECK_INTERVAL`]).
     pub fn changed(&self, now: Instant) -> bool {

@@ -24,7 +24,18 @@
 //! max_upload_mib = 64          # largest accepted upload
 //!
 //! [http]
-//! listen = "0.0.0.0:80"        # reserved: the HTTP server arrives later
+//! listen = "0.0.0.0:80"
+//! public_url = "http://10.0.0.1"  # how scripts name this server (default: the Host header)
+//! max_connections = 10000
+//! max_header_bytes = 16384     # larger request heads get 431
+//! header_timeout_ms = 10000    # a request head must arrive within this (slowloris)
+//! idle_timeout_ms = 60000      # keep-alive connections idle longer are closed
+//! send_timeout_ms = 30000      # a client that takes no bytes for this long is dropped
+//! body = "sendfile"            # sendfile | mmap: how file bodies reach the socket
+//!
+//! [inventory]
+//! file = "inventory.toml"      # relative to root
+//! state_dir = "state"          # one-shot state; relative to the config file
 //!
 //! [cache]
 //! max_mib = 1024               # mapped bytes kept alive between transfers
@@ -80,6 +91,8 @@ pub struct FileConfig {
     #[serde(default)]
     pub cache: FileCache,
     #[serde(default)]
+    pub inventory: FileInventory,
+    #[serde(default)]
     pub log: FileLog,
 }
 
@@ -102,6 +115,43 @@ pub struct FileTftp {
 #[serde(deny_unknown_fields)]
 pub struct FileHttp {
     pub listen: Option<SocketAddr>,
+    pub public_url: Option<Spanned<String>>,
+    pub max_connections: Option<Spanned<u64>>,
+    pub max_header_bytes: Option<Spanned<u64>>,
+    pub header_timeout_ms: Option<Spanned<u64>>,
+    pub idle_timeout_ms: Option<Spanned<u64>>,
+    pub send_timeout_ms: Option<Spanned<u64>>,
+    pub body: Option<BodyMode>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileInventory {
+    pub file: Option<PathBuf>,
+    pub state_dir: Option<PathBuf>,
+}
+
+/// How the HTTP engine moves file bytes to the socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BodyMode {
+    /// `sendfile(2)` from the file: no copy through user space.
+    Sendfile,
+    /// `send` of slices of the mmapped file.
+    Mmap,
+}
+
+/// HTTP settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HttpConfig {
+    pub listen: SocketAddr,
+    pub public_url: Option<String>,
+    pub max_connections: usize,
+    pub max_header_bytes: usize,
+    pub header_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub send_timeout: Duration,
+    pub body: BodyMode,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -127,7 +177,11 @@ pub struct Config {
     /// Data-plane threads; 0 means one per core.
     pub workers: usize,
     pub tftp: TftpConfig,
-    pub http_listen: SocketAddr,
+    pub http: HttpConfig,
+    /// The inventory file (relative paths are taken inside `root`).
+    pub inventory_file: PathBuf,
+    /// Where state that must survive a restart is kept.
+    pub state_dir: PathBuf,
     pub cache_max_bytes: u64,
     pub log_level: String,
 }
@@ -187,7 +241,18 @@ impl Default for Config {
                 upload_dirs: Vec::new(),
                 max_upload_bytes: 64 << 20,
             },
-            http_listen: "0.0.0.0:80".parse().expect("literal address"),
+            http: HttpConfig {
+                listen: "0.0.0.0:80".parse().expect("literal address"),
+                public_url: None,
+                max_connections: 10_000,
+                max_header_bytes: 16 << 10,
+                header_timeout: Duration::from_secs(10),
+                idle_timeout: Duration::from_secs(60),
+                send_timeout: Duration::from_secs(30),
+                body: BodyMode::Sendfile,
+            },
+            inventory_file: PathBuf::from(crate::inventory::FILE_NAME),
+            state_dir: PathBuf::from("state"),
             cache_max_bytes: 1024 << 20,
             log_level: "info".into(),
         }
@@ -337,7 +402,43 @@ impl Validator<'_> {
         config.tftp.upload_dirs = upload_dirs;
         config.tftp.max_upload_bytes =
             self.ranged(&t.max_upload_mib, "tftp.max_upload_mib", 1..=4096, 64)? << 20;
-        config.http_listen = file.http.listen.unwrap_or(defaults.http_listen);
+        let h = &file.http;
+        let dh = &defaults.http;
+        let millis = |value: &Option<Spanned<u64>>, key: &'static str, default: Duration| {
+            self.ranged(value, key, 100..=3_600_000, default.as_millis() as u64)
+                .map(Duration::from_millis)
+        };
+        config.http = HttpConfig {
+            listen: h.listen.unwrap_or(dh.listen),
+            public_url: None,
+            max_connections: self.ranged(&h.max_connections, "http.max_connections", 1..=1_000_000, dh.max_connections as u64)? as usize,
+            max_header_bytes: self.ranged(&h.max_header_bytes, "http.max_header_bytes", 1024..=1 << 20, dh.max_header_bytes as u64)? as usize,
+            header_timeout: millis(&h.header_timeout_ms, "http.header_timeout_ms", dh.header_timeout)?,
+            idle_timeout: millis(&h.idle_timeout_ms, "http.idle_timeout_ms", dh.idle_timeout)?,
+            send_timeout: millis(&h.send_timeout_ms, "http.send_timeout_ms", dh.send_timeout)?,
+            body: h.body.unwrap_or(dh.body),
+        };
+        if let Some(url) = &h.public_url {
+            let text = url.get_ref().trim_end_matches('/');
+            if !(text.starts_with("http://") || text.starts_with("https://")) || text.contains(char::is_whitespace) {
+                return Err(ConfigError::Invalid {
+                    origin: format!("{} line {}", self.path.display(), self.line_of(url)),
+                    key: "http.public_url",
+                    message: format!("{text:?} is not an http:// or https:// URL"),
+                });
+            }
+            config.http.public_url = Some(text.to_string());
+        }
+        if let Some(file) = &file.inventory.file {
+            config.inventory_file = file.clone();
+        }
+        if let Some(dir) = &file.inventory.state_dir {
+            config.state_dir = if dir.is_relative() {
+                self.path.parent().unwrap_or(Path::new(".")).join(dir)
+            } else {
+                dir.clone()
+            };
+        }
         config.cache_max_bytes =
             self.ranged(&file.cache.max_mib, "cache.max_mib", 1..=1 << 30, 1024)? << 20;
         if let Some(level) = file.log.level {
@@ -381,6 +482,12 @@ max_transfers = 100
 max_transfers_per_client = 4
 [http]
 listen = "127.0.0.1:8080"
+public_url = "http://boot.example:8080/"
+idle_timeout_ms = 5000
+body = "mmap"
+[inventory]
+file = "/etc/bootfleet/inventory.toml"
+state_dir = "/var/lib/bootfleet"
 [cache]
 max_mib = 64
 [log]
@@ -395,6 +502,14 @@ level = "debug"
         assert_eq!(c.tftp.max_transfers_per_client, 4);
         assert_eq!(c.cache_max_bytes, 64 << 20);
         assert_eq!(c.log_level, "debug");
+        assert_eq!(c.http.listen, "127.0.0.1:8080".parse().unwrap());
+        assert_eq!(c.http.public_url.as_deref(), Some("http://boot.example:8080"));
+        assert_eq!(c.http.idle_timeout, Duration::from_secs(5));
+        assert_eq!(c.http.body, BodyMode::Mmap);
+        assert_eq!(c.inventory_file, PathBuf::from("/etc/bootfleet/inventory.toml"));
+        assert_eq!(c.state_dir, PathBuf::from("/var/lib/bootfleet"));
+        let err = parse("[http]\npublic_url = \"10.0.0.1\"\n").unwrap_err().to_string();
+        assert!(err.contains("http.public_url") && err.contains("line 2"), "{err}");
     }
 
     #[test]

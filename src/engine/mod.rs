@@ -22,6 +22,7 @@ use crate::config::EngineChoice;
 use crate::server::tftp::TftpService;
 
 pub mod epoll;
+pub mod http;
 pub mod uring;
 
 /// The backend actually running.

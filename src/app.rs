@@ -1,0 +1,131 @@
+//! Assembling a running server from a [`Config`] and bound sockets: the
+//! inventory router, the TFTP and HTTP services, their engines and the
+//! inventory watcher. `main` and the integration tests both start servers
+//! through [`start`], so tests run exactly what operators run.
+
+use std::net::{TcpListener, UdpSocket};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use tracing::info;
+
+use crate::boot::Router;
+use crate::cache::FileCache;
+use crate::config::Config;
+use crate::engine::{self, Backend, ServerHandle, Shutdown};
+use crate::server::http::{HttpService, HttpServiceConfig};
+use crate::server::tftp::TftpService;
+
+/// How often the inventory file is looked at for changes.
+pub const INVENTORY_POLL: Duration = Duration::from_secs(1);
+
+/// A running server.
+pub struct Running {
+    pub backend: Backend,
+    pub router: Arc<Router>,
+    pub tftp: Arc<TftpService>,
+    pub http: Arc<HttpService>,
+    shutdown: Shutdown,
+    tftp_handle: Option<ServerHandle>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+/// Starts serving TFTP on `tftp` and HTTP on `http` with `backend`.
+pub fn start(config: &Config, backend: Backend, tftp: UdpSocket, http: TcpListener) -> Result<Running> {
+    let root = config
+        .root
+        .canonicalize()
+        .with_context(|| format!("boot directory {}", config.root.display()))?;
+    let inventory_path = root.join(&config.inventory_file);
+    let router = Arc::new(
+        Router::new(&root, &inventory_path, &config.state_dir)
+            .context("the inventory must load at start-up; fix it or move it aside")?,
+    );
+    let cache = FileCache::new(config.cache_max_bytes);
+    let mut tftp_service = TftpService::new(&root, &config.tftp, cache.clone())?;
+    tftp_service.add_generator(router.clone());
+    tftp_service.add_observer(router.clone());
+    let tftp_service = Arc::new(tftp_service);
+    let http_service = Arc::new(HttpService::new(
+        &root,
+        cache,
+        Arc::clone(&router),
+        HttpServiceConfig {
+            public_url: config.http.public_url.clone(),
+        },
+    ));
+
+    let shutdown = Shutdown::new();
+    let workers = engine::worker_count(config.workers);
+    let tftp_handle = engine::spawn_tftp(backend, tftp, Arc::clone(&tftp_service), workers, shutdown.clone())?;
+    let mut threads = vec![engine::http::spawn(
+        http,
+        Arc::clone(&http_service),
+        config.http.clone(),
+        workers,
+        shutdown.clone(),
+    )?];
+
+    let watcher_router = Arc::clone(&router);
+    let watcher_shutdown = shutdown.clone();
+    threads.push(
+        std::thread::Builder::new()
+            .name("bootfleet-inventory".into())
+            .spawn(move || {
+                while !watcher_shutdown.is_triggered() {
+                    std::thread::sleep(INVENTORY_POLL / 4);
+                    watcher_router.refresh(false);
+                }
+            })?,
+    );
+    info!(inventory = %inventory_path.display(), "inventory watched for changes (or send SIGHUP)");
+
+    Ok(Running {
+        backend,
+        router,
+        tftp: tftp_service,
+        http: http_service,
+        shutdown,
+        tftp_handle: Some(tftp_handle),
+        threads,
+    })
+}
+
+impl Running {
+    /// Stops every engine and waits for them.
+    pub fn stop(mut self) {
+        self.stop_inner();
+    }
+
+    fn stop_inner(&mut self) {
+        self.shutdown.trigger();
+        if let Some(handle) = self.tftp_handle.take() {
+            handle.join();
+        }
+        for thread in self.threads.drain(..) {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.stop_inner();
+    }
+}
+
+/// A TCP listener with a deep accept queue (a power-on storm connects
+/// hundreds of clients within milliseconds).
+pub fn http_listener(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM.cloexec(), Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(false)?;
+    }
+    socket.bind(&addr.into())?;
+    socket.listen(4096)?;
+    Ok(socket.into())
+}

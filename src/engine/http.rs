@@ -1,0 +1,299 @@
+//! The HTTP engine: accepting connections, reading request heads,
+//! keep-alive and pipelining, timeouts, and writing responses whose file
+//! bodies go to the socket by `sendfile(2)` or from the mapping.
+//!
+//! It runs on a tokio runtime (epoll) for both backends; see
+//! `docs/benchmarks.md` for why (with sendfile the kernel does the work,
+//! and this path met nginx's CPU per GB). Each connection is one task:
+//! it parses every complete head in its buffer in order, so pipelined
+//! requests are answered in order, and writes each response before it
+//! reads the next one, so a client that does not read its responses only
+//! holds its own connection.
+//!
+//! Timeouts, all per connection: a request head must be complete within
+//! `header_timeout` of its first byte (slowloris), a keep-alive connection
+//! idle for `idle_timeout` is closed, and a client that accepts no bytes
+//! for `send_timeout` is dropped. Connections beyond `max_connections` get
+//! a 503 with `Retry-After` and are closed at once.
+
+use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use tokio::io::Interest;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tracing::{debug, warn};
+
+use super::Shutdown;
+use crate::config::{BodyMode, HttpConfig};
+use crate::proto::http::request::{parse, Parsed};
+use crate::server::http::{HttpService, Response, Segment};
+
+/// Starts serving HTTP on `listener` with `workers` runtime threads.
+pub fn spawn(
+    listener: std::net::TcpListener,
+    service: Arc<HttpService>,
+    config: HttpConfig,
+    workers: usize,
+    shutdown: Shutdown,
+) -> std::io::Result<JoinHandle<()>> {
+    listener.set_nonblocking(true)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers.max(1))
+        .thread_name("bootfleet-http")
+        .enable_all()
+        .build()?;
+    std::thread::Builder::new()
+        .name("bootfleet-http-accept".into())
+        .spawn(move || {
+            runtime.block_on(async move {
+                let listener = match TcpListener::from_std(listener) {
+                    Ok(listener) => listener,
+                    Err(error) => {
+                        warn!(%error, "cannot register the HTTP listener");
+                        return;
+                    }
+                };
+                accept_loop(listener, service, Arc::new(config), shutdown).await;
+            });
+            runtime.shutdown_timeout(Duration::from_secs(1));
+        })
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    service: Arc<HttpService>,
+    config: Arc<HttpConfig>,
+    shutdown: Shutdown,
+) {
+    let slots = Arc::new(Semaphore::new(config.max_connections));
+    let mut warned_fds = false;
+    loop {
+        let accepted = tokio::select! {
+            _ = shutdown.wait() => return,
+            accepted = listener.accept() => accepted,
+        };
+        let (stream, peer) = match accepted {
+            Ok(accepted) => accepted,
+            Err(error) if matches!(error.raw_os_error(), Some(libc::EMFILE) | Some(libc::ENFILE)) => {
+                if !warned_fds {
+                    warn!(%error, "out of file descriptors accepting HTTP connections; raise LimitNOFILE");
+                    warned_fds = true;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+            Err(error) => {
+                debug!(%error, "accept failed");
+                continue;
+            }
+        };
+        let Ok(permit) = Arc::clone(&slots).try_acquire_owned() else {
+            debug!(%peer, "HTTP connection limit reached; answering 503");
+            let busy = b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
+            let _ = stream.try_write(busy);
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let local = stream.local_addr().unwrap_or_else(|_| listener.local_addr().expect("bound listener"));
+        let service = Arc::clone(&service);
+        let config = Arc::clone(&config);
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = shutdown.wait() => {}
+                result = connection(&stream, local, peer, &service, &config) => {
+                    if let Err(error) = result {
+                        debug!(%peer, %error, "HTTP connection ended");
+                    }
+                }
+            }
+            drop(permit);
+        });
+    }
+}
+
+/// Why a connection stopped reading.
+enum ReadEnd {
+    Closed,
+    TimedOut,
+}
+
+async fn connection(
+    stream: &TcpStream,
+    local: SocketAddr,
+    peer: SocketAddr,
+    service: &HttpService,
+    config: &HttpConfig,
+) -> std::io::Result<()> {
+    let mut buf: Vec<u8> = Vec::with_capacity(2048);
+    // When the first byte of the request head now being read arrived.
+    let mut head_started: Option<Instant> = None;
+    loop {
+        match parse(&buf, config.max_header_bytes) {
+            Parsed::Complete(request, used) => {
+                buf.drain(..used);
+                head_started = (!buf.is_empty()).then(Instant::now);
+                let response = service.respond(&request, local, peer);
+                write_response(stream, &response, peer, service, config).await?;
+                if !response.keep_alive {
+                    return Ok(());
+                }
+                continue;
+            }
+            Parsed::Invalid(status, why) => {
+                debug!(%peer, status, why, "bad request");
+                let response = service.invalid(status, why);
+                return write_response(stream, &response, peer, service, config).await;
+            }
+            Parsed::Partial => {}
+        }
+        let deadline = match head_started {
+            Some(started) => started + config.header_timeout,
+            None => Instant::now() + config.idle_timeout,
+        };
+        match read_more(stream, &mut buf, deadline).await {
+            Ok(()) => {
+                head_started.get_or_insert_with(Instant::now);
+            }
+            Err(ReadEnd::Closed) => return Ok(()),
+            Err(ReadEnd::TimedOut) => {
+                if head_started.is_some() {
+                    debug!(%peer, "request head not complete in time; 408");
+                    let response = service.invalid(408, "request head not received in time");
+                    let _ = write_response(stream, &response, peer, service, config).await;
+                }
+                return Ok(());
+            }
+        }
+    }
+}
+
+async fn read_more(stream: &TcpStream, buf: &mut Vec<u8>, deadline: Instant) -> Result<(), ReadEnd> {
+    buf.reserve(2048);
+    let read = tokio::time::timeout_at(deadline.into(), async {
+        loop {
+            stream.readable().await?;
+            match stream.try_read_buf(buf) {
+                Ok(n) => return Ok::<usize, std::io::Error>(n),
+                Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(error) => return Err(error),
+            }
+        }
+    })
+    .await;
+    match read {
+        Err(_) => Err(ReadEnd::TimedOut),
+        Ok(Ok(0)) | Ok(Err(_)) => Err(ReadEnd::Closed),
+        Ok(Ok(_)) => Ok(()),
+    }
+}
+
+async fn write_response(
+    stream: &TcpStream,
+    response: &Response,
+    peer: SocketAddr,
+    service: &HttpService,
+    config: &HttpConfig,
+) -> std::io::Result<()> {
+    let started = Instant::now();
+    let mut sent_body = 0u64;
+    let result = async {
+        let has_body = !response.segments.is_empty();
+        send_bytes(stream, &response.head, has_body, config.send_timeout).await?;
+        let count = response.segments.len();
+        for (index, segment) in response.segments.iter().enumerate() {
+            let more = index + 1 < count;
+            match segment {
+                Segment::Bytes(bytes) => {
+                    send_bytes(stream, bytes, more, config.send_timeout).await?;
+                    sent_body += bytes.len() as u64;
+                }
+                Segment::File { offset, len } => {
+                    let data = response.file.as_ref().expect("file segments come with their file");
+                    match (config.body, data.raw_fd()) {
+                        (BodyMode::Sendfile, Some(fd)) => {
+                            send_file(stream, fd, *offset, *len, config.send_timeout, &mut sent_body).await?
+                        }
+                        _ => {
+                            let slice = &data[*offset as usize..(*offset + *len) as usize];
+                            send_bytes(stream, slice, more, config.send_timeout).await?;
+                            sent_body += len;
+                        }
+                    }
+                }
+            }
+        }
+        Ok::<(), std::io::Error>(())
+    }
+    .await;
+    service.finished(response, peer, sent_body, started.elapsed());
+    result
+}
+
+fn timed_out() -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::TimedOut, "client took no bytes within send_timeout")
+}
+
+/// Writes all of `bytes`; `more` tells the kernel more follows at once
+/// (MSG_MORE), so a head and a small body share segments.
+async fn send_bytes(stream: &TcpStream, mut bytes: &[u8], more: bool, send_timeout: Duration) -> std::io::Result<()> {
+    let flags = libc::MSG_NOSIGNAL | if more { libc::MSG_MORE } else { 0 };
+    while !bytes.is_empty() {
+        let n = tokio::time::timeout(
+            send_timeout,
+            stream.async_io(Interest::WRITABLE, || {
+                // SAFETY: sends from a valid slice on a valid socket.
+                let n = unsafe { libc::send(stream.as_raw_fd(), bytes.as_ptr().cast(), bytes.len(), flags) };
+                if n < 0 {
+                    Err(std::io::Error::last_os_error())
+                } else {
+                    Ok(n as usize)
+                }
+            }),
+        )
+        .await
+        .map_err(|_| timed_out())??;
+        bytes = &bytes[n..];
+    }
+    Ok(())
+}
+
+/// `sendfile(2)` of `len` bytes at `offset` of `file_fd`.
+async fn send_file(
+    stream: &TcpStream,
+    file_fd: std::os::fd::RawFd,
+    offset: u64,
+    len: u64,
+    send_timeout: Duration,
+    sent: &mut u64,
+) -> std::io::Result<()> {
+    let mut position = offset as libc::off_t;
+    let end = offset + len;
+    while (position as u64) < end {
+        let chunk = ((end - position as u64) as usize).min(1 << 30);
+        let n = tokio::time::timeout(
+            send_timeout,
+            stream.async_io(Interest::WRITABLE, || {
+                // SAFETY: both descriptors are open; the kernel advances `position`.
+                let n = unsafe { libc::sendfile(stream.as_raw_fd(), file_fd, &mut position, chunk) };
+                if n < 0 {
+                    Err(std::io::Error::last_os_error())
+                } else {
+                    Ok(n as usize)
+                }
+            }),
+        )
+        .await
+        .map_err(|_| timed_out())??;
+        if n == 0 {
+            // The file shrank under us: the promised length cannot be met.
+            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "file shrank while being sent"));
+        }
+        *sent += n as u64;
+    }
+    Ok(())
+}
