@@ -33,7 +33,12 @@ pub struct Running {
 }
 
 /// Starts serving TFTP on `tftp` and HTTP on `http` with `backend`.
-pub fn start(config: &Config, backend: Backend, tftp: UdpSocket, http: TcpListener) -> Result<Running> {
+pub fn start(
+    config: &Config,
+    backend: Backend,
+    tftp: UdpSocket,
+    http: TcpListener,
+) -> Result<Running> {
     let root = config
         .root
         .canonicalize()
@@ -59,7 +64,13 @@ pub fn start(config: &Config, backend: Backend, tftp: UdpSocket, http: TcpListen
 
     let shutdown = Shutdown::new();
     let workers = engine::worker_count(config.workers);
-    let tftp_handle = engine::spawn_tftp(backend, tftp, Arc::clone(&tftp_service), workers, shutdown.clone())?;
+    let tftp_handle = engine::spawn_tftp(
+        backend,
+        tftp,
+        Arc::clone(&tftp_service),
+        workers,
+        shutdown.clone(),
+    )?;
     let mut threads = vec![engine::http::spawn(
         http,
         Arc::clone(&http_service),
@@ -120,7 +131,11 @@ impl Drop for Running {
 /// hundreds of clients within milliseconds).
 pub fn http_listener(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
     use socket2::{Domain, Protocol, Socket, Type};
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM.cloexec(), Some(Protocol::TCP))?;
+    let socket = Socket::new(
+        Domain::for_address(addr),
+        Type::STREAM.cloexec(),
+        Some(Protocol::TCP),
+    )?;
     socket.set_reuse_address(true)?;
     if addr.is_ipv6() {
         socket.set_only_v6(false)?;

@@ -174,7 +174,9 @@ fn serve(args: ServeArgs) -> Result<()> {
         Some(why) => {
             warn!(engine = %backend, workers, reason = %why, "io_uring unavailable, using the epoll fallback")
         }
-        None => info!(engine = %backend, workers, "data-plane engine chosen (TFTP on it; HTTP on tokio with sendfile)"),
+        None => {
+            info!(engine = %backend, workers, "data-plane engine chosen (TFTP on it; HTTP on tokio with sendfile)")
+        }
     }
 
     let signals = tokio::runtime::Builder::new_current_thread()
@@ -254,7 +256,13 @@ fn systemd_sockets() -> (Option<UdpSocket>, Option<TcpListener>) {
         let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
         // SAFETY: a plain getsockopt on a descriptor systemd passed us.
         let rc = unsafe {
-            libc::getsockopt(fd, libc::SOL_SOCKET, libc::SO_TYPE, (&mut kind as *mut libc::c_int).cast(), &mut len)
+            libc::getsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_TYPE,
+                (&mut kind as *mut libc::c_int).cast(),
+                &mut len,
+            )
         };
         if rc != 0 {
             continue;
@@ -262,7 +270,9 @@ fn systemd_sockets() -> (Option<UdpSocket>, Option<TcpListener>) {
         // SAFETY: systemd guarantees these descriptors are open sockets owned by us.
         match kind {
             libc::SOCK_DGRAM if udp.is_none() => udp = Some(unsafe { UdpSocket::from_raw_fd(fd) }),
-            libc::SOCK_STREAM if tcp.is_none() => tcp = Some(unsafe { TcpListener::from_raw_fd(fd) }),
+            libc::SOCK_STREAM if tcp.is_none() => {
+                tcp = Some(unsafe { TcpListener::from_raw_fd(fd) })
+            }
             _ => {}
         }
     }

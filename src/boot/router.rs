@@ -232,7 +232,12 @@ impl Router {
         let listed = snapshot.machines.get(&mac);
         let static_script = find_static_script(&self.root, mac);
         // A machine with the operator's own script is known, not discovered.
-        self.remember(mac, client, &facts, listed.is_none() && static_script.is_none());
+        self.remember(
+            mac,
+            client,
+            &facts,
+            listed.is_none() && static_script.is_none(),
+        );
 
         let mut context = ScriptContext {
             mac: mac.to_string(),

@@ -411,16 +411,32 @@ impl Validator<'_> {
         config.http = HttpConfig {
             listen: h.listen.unwrap_or(dh.listen),
             public_url: None,
-            max_connections: self.ranged(&h.max_connections, "http.max_connections", 1..=1_000_000, dh.max_connections as u64)? as usize,
-            max_header_bytes: self.ranged(&h.max_header_bytes, "http.max_header_bytes", 1024..=1 << 20, dh.max_header_bytes as u64)? as usize,
-            header_timeout: millis(&h.header_timeout_ms, "http.header_timeout_ms", dh.header_timeout)?,
+            max_connections: self.ranged(
+                &h.max_connections,
+                "http.max_connections",
+                1..=1_000_000,
+                dh.max_connections as u64,
+            )? as usize,
+            max_header_bytes: self.ranged(
+                &h.max_header_bytes,
+                "http.max_header_bytes",
+                1024..=1 << 20,
+                dh.max_header_bytes as u64,
+            )? as usize,
+            header_timeout: millis(
+                &h.header_timeout_ms,
+                "http.header_timeout_ms",
+                dh.header_timeout,
+            )?,
             idle_timeout: millis(&h.idle_timeout_ms, "http.idle_timeout_ms", dh.idle_timeout)?,
             send_timeout: millis(&h.send_timeout_ms, "http.send_timeout_ms", dh.send_timeout)?,
             body: h.body.unwrap_or(dh.body),
         };
         if let Some(url) = &h.public_url {
             let text = url.get_ref().trim_end_matches('/');
-            if !(text.starts_with("http://") || text.starts_with("https://")) || text.contains(char::is_whitespace) {
+            if !(text.starts_with("http://") || text.starts_with("https://"))
+                || text.contains(char::is_whitespace)
+            {
                 return Err(ConfigError::Invalid {
                     origin: format!("{} line {}", self.path.display(), self.line_of(url)),
                     key: "http.public_url",
@@ -503,13 +519,24 @@ level = "debug"
         assert_eq!(c.cache_max_bytes, 64 << 20);
         assert_eq!(c.log_level, "debug");
         assert_eq!(c.http.listen, "127.0.0.1:8080".parse().unwrap());
-        assert_eq!(c.http.public_url.as_deref(), Some("http://boot.example:8080"));
+        assert_eq!(
+            c.http.public_url.as_deref(),
+            Some("http://boot.example:8080")
+        );
         assert_eq!(c.http.idle_timeout, Duration::from_secs(5));
         assert_eq!(c.http.body, BodyMode::Mmap);
-        assert_eq!(c.inventory_file, PathBuf::from("/etc/bootfleet/inventory.toml"));
+        assert_eq!(
+            c.inventory_file,
+            PathBuf::from("/etc/bootfleet/inventory.toml")
+        );
         assert_eq!(c.state_dir, PathBuf::from("/var/lib/bootfleet"));
-        let err = parse("[http]\npublic_url = \"10.0.0.1\"\n").unwrap_err().to_string();
-        assert!(err.contains("http.public_url") && err.contains("line 2"), "{err}");
+        let err = parse("[http]\npublic_url = \"10.0.0.1\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("http.public_url") && err.contains("line 2"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -78,7 +78,12 @@ async fn accept_loop(
         };
         let (stream, peer) = match accepted {
             Ok(accepted) => accepted,
-            Err(error) if matches!(error.raw_os_error(), Some(libc::EMFILE) | Some(libc::ENFILE)) => {
+            Err(error)
+                if matches!(
+                    error.raw_os_error(),
+                    Some(libc::EMFILE) | Some(libc::ENFILE)
+                ) =>
+            {
                 if !warned_fds {
                     warn!(%error, "out of file descriptors accepting HTTP connections; raise LimitNOFILE");
                     warned_fds = true;
@@ -98,7 +103,9 @@ async fn accept_loop(
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let local = stream.local_addr().unwrap_or_else(|_| listener.local_addr().expect("bound listener"));
+        let local = stream
+            .local_addr()
+            .unwrap_or_else(|_| listener.local_addr().expect("bound listener"));
         let service = Arc::clone(&service);
         let config = Arc::clone(&config);
         let shutdown = shutdown.clone();
@@ -172,7 +179,11 @@ async fn connection(
     }
 }
 
-async fn read_more(stream: &TcpStream, buf: &mut Vec<u8>, deadline: Instant) -> Result<(), ReadEnd> {
+async fn read_more(
+    stream: &TcpStream,
+    buf: &mut Vec<u8>,
+    deadline: Instant,
+) -> Result<(), ReadEnd> {
     buf.reserve(2048);
     let read = tokio::time::timeout_at(deadline.into(), async {
         loop {
@@ -213,10 +224,21 @@ async fn write_response(
                     sent_body += bytes.len() as u64;
                 }
                 Segment::File { offset, len } => {
-                    let data = response.file.as_ref().expect("file segments come with their file");
+                    let data = response
+                        .file
+                        .as_ref()
+                        .expect("file segments come with their file");
                     match (config.body, data.raw_fd()) {
                         (BodyMode::Sendfile, Some(fd)) => {
-                            send_file(stream, fd, *offset, *len, config.send_timeout, &mut sent_body).await?
+                            send_file(
+                                stream,
+                                fd,
+                                *offset,
+                                *len,
+                                config.send_timeout,
+                                &mut sent_body,
+                            )
+                            .await?
                         }
                         _ => {
                             let slice = &data[*offset as usize..(*offset + *len) as usize];
@@ -235,19 +257,34 @@ async fn write_response(
 }
 
 fn timed_out() -> std::io::Error {
-    std::io::Error::new(std::io::ErrorKind::TimedOut, "client took no bytes within send_timeout")
+    std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        "client took no bytes within send_timeout",
+    )
 }
 
 /// Writes all of `bytes`; `more` tells the kernel more follows at once
 /// (MSG_MORE), so a head and a small body share segments.
-async fn send_bytes(stream: &TcpStream, mut bytes: &[u8], more: bool, send_timeout: Duration) -> std::io::Result<()> {
+async fn send_bytes(
+    stream: &TcpStream,
+    mut bytes: &[u8],
+    more: bool,
+    send_timeout: Duration,
+) -> std::io::Result<()> {
     let flags = libc::MSG_NOSIGNAL | if more { libc::MSG_MORE } else { 0 };
     while !bytes.is_empty() {
         let n = tokio::time::timeout(
             send_timeout,
             stream.async_io(Interest::WRITABLE, || {
                 // SAFETY: sends from a valid slice on a valid socket.
-                let n = unsafe { libc::send(stream.as_raw_fd(), bytes.as_ptr().cast(), bytes.len(), flags) };
+                let n = unsafe {
+                    libc::send(
+                        stream.as_raw_fd(),
+                        bytes.as_ptr().cast(),
+                        bytes.len(),
+                        flags,
+                    )
+                };
                 if n < 0 {
                     Err(std::io::Error::last_os_error())
                 } else {
@@ -279,7 +316,8 @@ async fn send_file(
             send_timeout,
             stream.async_io(Interest::WRITABLE, || {
                 // SAFETY: both descriptors are open; the kernel advances `position`.
-                let n = unsafe { libc::sendfile(stream.as_raw_fd(), file_fd, &mut position, chunk) };
+                let n =
+                    unsafe { libc::sendfile(stream.as_raw_fd(), file_fd, &mut position, chunk) };
                 if n < 0 {
                     Err(std::io::Error::last_os_error())
                 } else {
@@ -291,7 +329,10 @@ async fn send_file(
         .map_err(|_| timed_out())??;
         if n == 0 {
             // The file shrank under us: the promised length cannot be met.
-            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "file shrank while being sent"));
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "file shrank while being sent",
+            ));
         }
         *sent += n as u64;
     }

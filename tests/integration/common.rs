@@ -205,3 +205,121 @@ pub fn assert_same_file(name: &str, fetched: &Path, context: &str) {
 pub fn out_path(dir: &tempfile::TempDir, name: &str) -> PathBuf {
     dir.path().join(name)
 }
+
+/// A whole server (router, TFTP and HTTP) as `bootfleet serve` runs it, on
+/// loopback ports chosen by the kernel.
+pub struct FullServer {
+    pub http: SocketAddr,
+    pub tftp: SocketAddr,
+    pub running: bootfleet::app::Running,
+    pub state: tempfile::TempDir,
+}
+
+impl FullServer {
+    pub fn start(root: &Path, tweak: impl FnOnce(&mut Config)) -> Self {
+        let state = tempfile::Builder::new()
+            .prefix("bootfleet-state-")
+            .tempdir()
+            .unwrap();
+        let mut config = Config {
+            root: root.to_path_buf(),
+            root_is_default: false,
+            state_dir: state.path().to_path_buf(),
+            workers: 2,
+            ..Config::default()
+        };
+        config.http.listen = "127.0.0.1:0".parse().unwrap();
+        config.tftp.listen = "127.0.0.1:0".parse().unwrap();
+        tweak(&mut config);
+        let tftp = UdpSocket::bind(config.tftp.listen).unwrap();
+        let http = bootfleet::app::http_listener(config.http.listen).unwrap();
+        let (tftp_addr, http_addr) = (tftp.local_addr().unwrap(), http.local_addr().unwrap());
+        let running = bootfleet::app::start(&config, Backend::IoUring, tftp, http).unwrap();
+        Self {
+            http: http_addr,
+            tftp: tftp_addr,
+            running,
+            state,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.http)
+    }
+}
+
+/// What curl fetched: the status, the response head and the body.
+pub struct Fetched {
+    pub status: u16,
+    pub head: String,
+    pub body: Vec<u8>,
+}
+
+impl Fetched {
+    /// The value of header `name` (case-insensitive), if present.
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.head.lines().find_map(|line| {
+            let (key, value) = line.split_once(':')?;
+            key.eq_ignore_ascii_case(name)
+                .then(|| value.trim().to_string())
+        })
+    }
+}
+
+/// Runs curl on `url` with extra `args`; panics if curl itself fails.
+pub fn curl(url: &str, args: &[&str]) -> Fetched {
+    let out = scratch();
+    let head = out.path().join("head");
+    let body = out.path().join("body");
+    let output = Command::new("curl")
+        .args(["-s", "-S", "--max-time", "20", "-D"])
+        .arg(&head)
+        .arg("-o")
+        .arg(&body)
+        .args(args)
+        .arg(url)
+        .output()
+        .expect("curl runs");
+    assert!(
+        output.status.success(),
+        "curl {args:?} {url}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let head = std::fs::read_to_string(&head).unwrap();
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status in {head:?}"));
+    Fetched {
+        status,
+        head,
+        body: std::fs::read(&body).unwrap_or_default(),
+    }
+}
+
+/// Reads one HTTP response (head and Content-Length body) from `stream`.
+pub fn read_response(stream: &mut impl std::io::Read) -> Option<Fetched> {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if stream.read(&mut byte).ok()? == 0 {
+            return None;
+        }
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8(head).ok()?;
+    let status = head.split_whitespace().nth(1)?.parse().ok()?;
+    let mut fetched = Fetched {
+        status,
+        head,
+        body: Vec::new(),
+    };
+    let len: usize = fetched
+        .header("content-length")
+        .and_then(|l| l.parse().ok())
+        .unwrap_or(0);
+    fetched.body = vec![0; len];
+    stream.read_exact(&mut fetched.body).ok()?;
+    Some(fetched)
+}

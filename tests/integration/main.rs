@@ -3,6 +3,7 @@
 
 mod common;
 mod hostile;
+mod http;
 mod lossy_namespace;
 mod real_clients;
 mod uploads;
