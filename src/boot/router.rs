@@ -461,7 +461,7 @@ impl Router {
     /// one the router answers: `pxelinux.cfg/01-<mac>` or the machine's full
     /// hex IP; `grub.cfg-01-<mac>` or `grub.cfg-<hex IP>` (in any directory).
     /// An operator's file of that name on disk takes precedence.
-    pub fn loader_config(&self, name: &str) -> Option<Vec<u8>> {
+    pub fn loader_config(&self, name: &str) -> Option<(Mac, Vec<u8>)> {
         let (kind, key) = if let Some(index) = name.rfind("pxelinux.cfg/") {
             ("pxelinux", &name[index + "pxelinux.cfg/".len()..])
         } else {
@@ -503,43 +503,29 @@ impl Router {
             }
             _ => return None,
         };
-        loaded
-            .templates
-            .render(&template, &context)
-            .ok()
-            .map(String::into_bytes)
-    }
-
-    /// Records a generated loader config as a boot event.
-    pub fn loader_config_served(&self, name: &str, client: IpAddr) {
-        let mac = PxelinuxConfig::parse(
-            name.rsplit('/')
-                .next()
-                .unwrap_or(name)
-                .trim_start_matches("grub.cfg-"),
-        )
-        .and_then(|c| match c {
-            PxelinuxConfig::Mac(mac) => Some(mac),
-            _ => None,
-        })
-        .or_else(|| self.machine_at(client));
-        self.events.record(
-            mac,
-            client,
-            Phase::LoaderConfig,
-            "tftp",
-            name.to_string(),
-            0,
-            Duration::ZERO,
-            200,
-        );
+        match loaded.templates.render(&template, &context) {
+            Ok(body) => Some((mac, body.into_bytes())),
+            Err(error) => {
+                warn!(%mac, template, %error, "loader config template failed to render");
+                None
+            }
+        }
     }
 }
 
 impl FileGenerator for Router {
     fn generate(&self, name: &str, client: SocketAddr) -> Option<Vec<u8>> {
-        let body = self.loader_config(name)?;
-        self.loader_config_served(name, client.ip());
+        let (mac, body) = self.loader_config(name)?;
+        self.events.record(
+            Some(mac),
+            client.ip(),
+            Phase::LoaderConfig,
+            "tftp",
+            name.to_string(),
+            body.len() as u64,
+            Duration::ZERO,
+            200,
+        );
         Some(body)
     }
 }
@@ -936,7 +922,8 @@ netboot = false
         let by_mac = String::from_utf8(
             s.router
                 .loader_config("pxelinux.cfg/01-52-54-00-12-34-56")
-                .unwrap(),
+                .unwrap()
+                .1,
         )
         .unwrap();
         assert!(by_mac.contains("KERNEL /debian/vmlinuz"), "{by_mac}");
@@ -944,12 +931,14 @@ netboot = false
         let by_ip = s
             .router
             .loader_config("bios/pxelinux.cfg/0A00000B")
-            .unwrap();
+            .unwrap()
+            .1;
         assert_eq!(String::from_utf8(by_ip).unwrap(), by_mac);
         let grub = String::from_utf8(
             s.router
                 .loader_config("grub/grub.cfg-01-52-54-00-12-34-56")
-                .unwrap(),
+                .unwrap()
+                .1,
         )
         .unwrap();
         assert!(
@@ -965,7 +954,8 @@ netboot = false
         let blocked = String::from_utf8(
             s.router
                 .loader_config("pxelinux.cfg/01-52-54-00-00-00-03")
-                .unwrap(),
+                .unwrap()
+                .1,
         )
         .unwrap();
         assert!(blocked.contains("LOCALBOOT 0"), "{blocked}");

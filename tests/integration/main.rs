@@ -6,4 +6,5 @@ mod hostile;
 mod http;
 mod lossy_namespace;
 mod real_clients;
+mod router;
 mod uploads;
