@@ -71,13 +71,13 @@ pub fn start(
         workers,
         shutdown.clone(),
     )?;
-    let mut threads = vec![engine::http::spawn(
+    let mut threads = engine::http::spawn(
         http,
         Arc::clone(&http_service),
         config.http.clone(),
         workers,
         shutdown.clone(),
-    )?];
+    )?;
 
     let watcher_router = Arc::clone(&router);
     let watcher_shutdown = shutdown.clone();

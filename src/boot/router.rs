@@ -32,7 +32,8 @@ use tracing::{info, warn};
 
 use super::events::{EventLog, Phase};
 use super::render::{ImageView, InitrdView, ScriptContext, Templates};
-use super::{find_static_script, Mac, PxelinuxConfig};
+use super::script::StaticScripts;
+use super::{Mac, PxelinuxConfig};
 use crate::inventory::{
     self, FileRole, Image, InventoryError, Machine, Snapshot, Transport, UnknownPolicy,
 };
@@ -49,6 +50,9 @@ const MAX_SEEN: usize = 100_000;
 struct Loaded {
     snapshot: Snapshot,
     templates: Templates,
+    /// Scripts of assigned machines rendered with the built-in template,
+    /// by MAC and base URL (they depend on nothing else in this snapshot).
+    rendered: Mutex<HashMap<(Mac, String), Vec<u8>>>,
     /// Modification time and length of the file it came from.
     source: Option<(SystemTime, u64)>,
 }
@@ -98,6 +102,7 @@ pub struct Script {
 /// The router; one per server, shared by HTTP and TFTP.
 pub struct Router {
     root: PathBuf,
+    static_scripts: StaticScripts,
     inventory_path: PathBuf,
     current: ArcSwap<Loaded>,
     one_shot: OneShotLedger,
@@ -119,10 +124,12 @@ impl Router {
     ) -> Result<Self, InventoryError> {
         let router = Self {
             root: root.to_path_buf(),
+            static_scripts: StaticScripts::new(root),
             inventory_path: inventory_path.to_path_buf(),
             current: ArcSwap::from_pointee(Loaded {
                 snapshot: Snapshot::default(),
                 templates: Templates::new(&BTreeMap::new()).expect("built-in templates compile"),
+                rendered: Mutex::new(HashMap::new()),
                 source: None,
             }),
             one_shot: OneShotLedger::open(state_dir),
@@ -194,6 +201,7 @@ impl Router {
         self.current.store(Arc::new(Loaded {
             snapshot,
             templates,
+            rendered: Mutex::new(HashMap::new()),
             source,
         }));
         Ok(true)
@@ -230,7 +238,7 @@ impl Router {
             .map(|(name, value)| (name.clone(), value.clone()))
             .collect();
         let listed = snapshot.machines.get(&mac);
-        let static_script = find_static_script(&self.root, mac);
+        let static_script = self.static_scripts.find(mac);
         // A machine with the operator's own script is known, not discovered.
         self.remember(
             mac,
@@ -272,13 +280,25 @@ impl Router {
                         &mut context,
                     );
                 }
+                let decision = Decision::Assigned(image.name.clone());
+                let cacheable = image.template == inventory::DEFAULT_TEMPLATE;
+                let key = (mac, context.server.clone());
+                if cacheable {
+                    let rendered = loaded.rendered.lock().unwrap_or_else(|p| p.into_inner());
+                    if let Some(body) = rendered.get(&key) {
+                        return Script { body: body.clone(), decision };
+                    }
+                }
                 fill_image(&mut context, image, Some(machine), base_url);
-                return self.render(
-                    &loaded,
-                    &image.template,
-                    &context,
-                    Decision::Assigned(image.name.clone()),
-                );
+                let script = self.render(&loaded, &image.template, &context, decision);
+                if cacheable && matches!(script.decision, Decision::Assigned(_)) {
+                    let mut rendered = loaded.rendered.lock().unwrap_or_else(|p| p.into_inner());
+                    if rendered.len() >= MAX_SEEN {
+                        rendered.clear();
+                    }
+                    rendered.insert(key, script.body.clone());
+                }
+                return script;
             }
         }
 

@@ -2,7 +2,8 @@
 //! keep-alive and pipelining, timeouts, and writing responses whose file
 //! bodies go to the socket by `sendfile(2)` or from the mapping.
 //!
-//! It runs on a tokio runtime (epoll) for both backends; see
+//! It runs on tokio (epoll), one single-threaded runtime per worker, for
+//! both backends; see
 //! `docs/benchmarks.md` for why (with sendfile the kernel does the work,
 //! and this path met nginx's CPU per GB). Each connection is one task:
 //! it parses every complete head in its buffer in order, so pipelined
@@ -39,16 +40,21 @@ pub fn spawn(
     config: HttpConfig,
     workers: usize,
     shutdown: Shutdown,
-) -> std::io::Result<JoinHandle<()>> {
+) -> std::io::Result<Vec<JoinHandle<()>>> {
     listener.set_nonblocking(true)?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(workers.max(1))
-        .thread_name("bootfleet-http")
-        .enable_all()
-        .build()?;
-    std::thread::Builder::new()
-        .name("bootfleet-http-accept".into())
-        .spawn(move || {
+    // One single-threaded runtime per worker, each accepting from the same
+    // listening socket: a connection stays on the thread that accepted it,
+    // and a thread serves its connections in turn (FIFO), which keeps tail
+    // latency low at hundreds of connections per core.
+    let config = Arc::new(config);
+    let slots = Arc::new(Semaphore::new(config.max_connections));
+    let mut threads = Vec::new();
+    for index in 0..workers.max(1) {
+        let listener = listener.try_clone()?;
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let (service, config, slots, shutdown) =
+            (Arc::clone(&service), Arc::clone(&config), Arc::clone(&slots), shutdown.clone());
+        threads.push(std::thread::Builder::new().name(format!("bootfleet-http-{index}")).spawn(move || {
             runtime.block_on(async move {
                 let listener = match TcpListener::from_std(listener) {
                     Ok(listener) => listener,
@@ -57,19 +63,21 @@ pub fn spawn(
                         return;
                     }
                 };
-                accept_loop(listener, service, Arc::new(config), shutdown).await;
+                accept_loop(listener, service, config, slots, shutdown).await;
             });
             runtime.shutdown_timeout(Duration::from_secs(1));
-        })
+        })?);
+    }
+    Ok(threads)
 }
 
 async fn accept_loop(
     listener: TcpListener,
     service: Arc<HttpService>,
     config: Arc<HttpConfig>,
+    slots: Arc<Semaphore>,
     shutdown: Shutdown,
 ) {
-    let slots = Arc::new(Semaphore::new(config.max_connections));
     let mut warned_fds = false;
     loop {
         let accepted = tokio::select! {

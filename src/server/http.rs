@@ -290,7 +290,7 @@ impl HttpService {
             format!(
                 "HTTP/1.1 {status} {}\r\nServer: {SERVER}\r\nDate: {}\r\nConnection: {}\r\n",
                 reason(status),
-                httpdate::fmt_http_date(SystemTime::now()),
+                http_date_now(),
                 if keep_alive { "keep-alive" } else { "close" }
             )
             .as_bytes(),
@@ -465,6 +465,22 @@ impl HttpService {
         z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
         format!("bootfleet-{:016x}", z ^ (z >> 31))
     }
+}
+
+/// The `Date` header's value, formatted once a second per thread.
+fn http_date_now() -> String {
+    thread_local! {
+        static CACHED: std::cell::RefCell<(u64, String)> = const { std::cell::RefCell::new((u64::MAX, String::new())) };
+    }
+    let now = SystemTime::now();
+    let second = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    CACHED.with(|cached| {
+        let mut cached = cached.borrow_mut();
+        if cached.0 != second {
+            *cached = (second, httpdate::fmt_http_date(now));
+        }
+        cached.1.clone()
+    })
 }
 
 /// RFC 9110 §13.1.2 and §13.1.3, evaluated as §13.2.2 orders them.
