@@ -286,7 +286,10 @@ impl Router {
                 if cacheable {
                     let rendered = loaded.rendered.lock().unwrap_or_else(|p| p.into_inner());
                     if let Some(body) = rendered.get(&key) {
-                        return Script { body: body.clone(), decision };
+                        return Script {
+                            body: body.clone(),
+                            decision,
+                        };
                     }
                 }
                 fill_image(&mut context, image, Some(machine), base_url);

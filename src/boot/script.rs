@@ -128,7 +128,8 @@ impl StaticScripts {
                     .unwrap_or_default();
                 listing.mtime = mtime;
                 listing.trusted = mtime.is_some_and(|m| {
-                    now.duration_since(m).is_ok_and(|age| age > std::time::Duration::from_secs(1))
+                    now.duration_since(m)
+                        .is_ok_and(|age| age > std::time::Duration::from_secs(1))
                 });
             }
             let colon = mac.to_string();
@@ -212,7 +213,11 @@ mod tests {
         let cached = StaticScripts::new(dir.path());
         assert_eq!(cached.find(MAC), None);
         std::fs::write(dir.path().join("52-54-00-12-34-56.IPXE"), b"#!ipxe\n").unwrap();
-        assert_eq!(cached.find(MAC), None, "upper-case extension is not a script name iPXE asks for");
+        assert_eq!(
+            cached.find(MAC),
+            None,
+            "upper-case extension is not a script name iPXE asks for"
+        );
         std::fs::write(dir.path().join("52:54:00:12:34:56.ipxe"), b"#!ipxe\nexit\n").unwrap();
         assert_eq!(cached.find(MAC).unwrap().body, b"#!ipxe\nexit\n");
         std::fs::remove_file(dir.path().join("52:54:00:12:34:56.ipxe")).unwrap();

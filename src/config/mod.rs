@@ -33,6 +33,29 @@
 //! send_timeout_ms = 30000      # a client that takes no bytes for this long is dropped
 //! body = "sendfile"            # sendfile | mmap: how file bodies reach the socket
 //!
+//! [dhcp]
+//! mode = "off"                 # off | proxy | full
+//! interfaces = ["eth1"]        # answered only on these (required unless off)
+//! ranges = ["10.0.0.100-10.0.0.200"]  # full mode; subnet from the interface
+//! lease_seconds = 3600
+//! router = "10.0.0.1"          # option 3 (full mode)
+//! dns = ["10.0.0.1"]           # option 6 (full mode)
+//! domain = "cluster.local"     # option 15 (full mode)
+//! relay_pool_share = 0.75      # most of a pool one relay may hold
+//! max_requests_per_second_per_source = 20000
+//! bios = "undionly.kpxe"       # first-stage loaders by architecture
+//! uefi_x64 = "ipxe.efi"
+//! uefi_ia32 = "ipxe-i386.efi"
+//! uefi_arm64 = "arm64/snponly.efi"
+//! http_x64 = "ipxe.efi"        # UEFI HTTP boot: served as http://SERVER:PORT/<file>
+//! http_arm64 = "arm64/snponly.efi"
+//! script_url = "http://10.0.0.1/boot.ipxe"   # for iPXE; default: this server's HTTP
+//! [[dhcp.quirks]]              # matched by MAC prefix and/or vendor-class prefix
+//! mac_prefix = "b8:27:eb"
+//! vendor_class = "PXEClient:Arch:00000"
+//! arch = "uefi-arm64"          # treat as this architecture, and/or
+//! boot_file = "rpi/bootcode.bin"  # answer this file
+//!
 //! [inventory]
 //! file = "inventory.toml"      # relative to root
 //! state_dir = "state"          # one-shot state; relative to the config file
@@ -44,7 +67,7 @@
 //! level = "info"               # or a tracing filter such as "bootfleet=debug"
 //! ```
 
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -93,6 +116,8 @@ pub struct FileConfig {
     #[serde(default)]
     pub inventory: FileInventory,
     #[serde(default)]
+    pub dhcp: FileDhcp,
+    #[serde(default)]
     pub log: FileLog,
 }
 
@@ -122,6 +147,124 @@ pub struct FileHttp {
     pub idle_timeout_ms: Option<Spanned<u64>>,
     pub send_timeout_ms: Option<Spanned<u64>>,
     pub body: Option<BodyMode>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileDhcp {
+    pub mode: Option<DhcpMode>,
+    pub interfaces: Option<Vec<String>>,
+    pub ranges: Option<Vec<Spanned<String>>>,
+    pub lease_seconds: Option<Spanned<u64>>,
+    pub router: Option<Ipv4Addr>,
+    pub dns: Option<Vec<Ipv4Addr>>,
+    pub domain: Option<String>,
+    pub relay_pool_share: Option<Spanned<f64>>,
+    pub max_requests_per_second_per_source: Option<Spanned<u64>>,
+    pub bios: Option<String>,
+    pub uefi_x64: Option<String>,
+    pub uefi_ia32: Option<String>,
+    pub uefi_arm64: Option<String>,
+    pub http_x64: Option<String>,
+    pub http_arm64: Option<String>,
+    pub script_url: Option<String>,
+    #[serde(default)]
+    pub quirks: Vec<Quirk>,
+}
+
+/// Which DHCP service to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DhcpMode {
+    Off,
+    /// ProxyDHCP beside an existing server: boot answers only, no addresses.
+    Proxy,
+    /// Addresses and boot answers.
+    Full,
+}
+
+impl std::str::FromStr for DhcpMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "off" => Ok(Self::Off),
+            "proxy" => Ok(Self::Proxy),
+            "full" => Ok(Self::Full),
+            other => Err(format!(
+                "unknown DHCP mode {other:?}: use off, proxy or full"
+            )),
+        }
+    }
+}
+
+/// A firmware quirk: requests matching every given prefix get the
+/// architecture and/or boot file named here.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Quirk {
+    pub mac_prefix: Option<String>,
+    pub vendor_class: Option<String>,
+    pub arch: Option<crate::proto::dhcp::Arch>,
+    pub boot_file: Option<String>,
+}
+
+/// DHCP settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DhcpConfig {
+    pub mode: DhcpMode,
+    pub interfaces: Vec<String>,
+    /// Address ranges; a prefix length given as `/N` names a relayed
+    /// subnet, otherwise the subnet is the interface's.
+    pub ranges: Vec<(Ipv4Addr, Ipv4Addr, Option<u8>)>,
+    pub lease_time: Duration,
+    pub router: Option<Ipv4Addr>,
+    pub dns: Vec<Ipv4Addr>,
+    pub domain: Option<String>,
+    pub relay_pool_share: f64,
+    pub max_requests_per_second_per_source: u32,
+    pub boot: BootFiles,
+    pub quirks: Vec<Quirk>,
+}
+
+/// First-stage loaders by architecture, and iPXE's script URL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BootFiles {
+    pub bios: String,
+    pub uefi_x64: String,
+    pub uefi_ia32: String,
+    pub uefi_arm64: String,
+    pub http_x64: String,
+    pub http_arm64: String,
+    /// Default: `http://<interface address>:<HTTP port>/boot.ipxe`.
+    pub script_url: Option<String>,
+}
+
+/// Parses `FIRST-LAST` or `FIRST-LAST/PREFIX`.
+pub fn parse_range(text: &str) -> Result<(Ipv4Addr, Ipv4Addr, Option<u8>), String> {
+    let (text, prefix) = match text.split_once('/') {
+        Some((range, prefix)) => {
+            let prefix: u8 = prefix
+                .trim()
+                .parse()
+                .ok()
+                .filter(|p| (8..=30).contains(p))
+                .ok_or_else(|| format!("/{prefix} is not a prefix length between 8 and 30"))?;
+            (range, Some(prefix))
+        }
+        None => (text, None),
+    };
+    let (first, last) = text
+        .split_once('-')
+        .ok_or_else(|| format!("{text:?} is not FIRST-LAST (e.g. 10.0.0.100-10.0.0.200)"))?;
+    let first: Ipv4Addr = first
+        .trim()
+        .parse()
+        .map_err(|e| format!("{first:?}: {e}"))?;
+    let last: Ipv4Addr = last.trim().parse().map_err(|e| format!("{last:?}: {e}"))?;
+    if u32::from(first) > u32::from(last) {
+        return Err(format!("{text:?}: the first address is after the last"));
+    }
+    Ok((first, last, prefix))
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -178,6 +321,7 @@ pub struct Config {
     pub workers: usize,
     pub tftp: TftpConfig,
     pub http: HttpConfig,
+    pub dhcp: DhcpConfig,
     /// The inventory file (relative paths are taken inside `root`).
     pub inventory_file: PathBuf,
     /// Where state that must survive a restart is kept.
@@ -251,6 +395,27 @@ impl Default for Config {
                 send_timeout: Duration::from_secs(30),
                 body: BodyMode::Sendfile,
             },
+            dhcp: DhcpConfig {
+                mode: DhcpMode::Off,
+                interfaces: Vec::new(),
+                ranges: Vec::new(),
+                lease_time: Duration::from_secs(3600),
+                router: None,
+                dns: Vec::new(),
+                domain: None,
+                relay_pool_share: 0.75,
+                max_requests_per_second_per_source: 20_000,
+                boot: BootFiles {
+                    bios: "undionly.kpxe".into(),
+                    uefi_x64: "ipxe.efi".into(),
+                    uefi_ia32: "ipxe-i386.efi".into(),
+                    uefi_arm64: "arm64/snponly.efi".into(),
+                    http_x64: "ipxe.efi".into(),
+                    http_arm64: "arm64/snponly.efi".into(),
+                    script_url: None,
+                },
+                quirks: Vec::new(),
+            },
             inventory_file: PathBuf::from(crate::inventory::FILE_NAME),
             state_dir: PathBuf::from("state"),
             cache_max_bytes: 1024 << 20,
@@ -313,6 +478,72 @@ impl Validator<'_> {
                 message: format!("{number} is outside {}..={}", range.start(), range.end()),
             })
         }
+    }
+
+    fn apply_dhcp(&self, d: &FileDhcp, config: &mut Config) -> Result<(), ConfigError> {
+        let c = &mut config.dhcp;
+        if let Some(mode) = d.mode {
+            c.mode = mode;
+        }
+        if let Some(interfaces) = &d.interfaces {
+            c.interfaces = interfaces.clone();
+        }
+        for range in d.ranges.iter().flatten() {
+            let parsed = parse_range(range.get_ref()).map_err(|message| ConfigError::Invalid {
+                origin: format!("{} line {}", self.path.display(), self.line_of(range)),
+                key: "dhcp.ranges",
+                message,
+            })?;
+            c.ranges.push(parsed);
+        }
+        c.lease_time = Duration::from_secs(self.ranged(
+            &d.lease_seconds,
+            "dhcp.lease_seconds",
+            60..=365 * 86400,
+            3600,
+        )?);
+        c.router = d.router.or(c.router);
+        if let Some(dns) = &d.dns {
+            c.dns = dns.clone();
+        }
+        if d.domain.is_some() {
+            c.domain = d.domain.clone();
+        }
+        if let Some(share) = &d.relay_pool_share {
+            let value = *share.get_ref();
+            if !(value > 0.0 && value <= 1.0) {
+                return Err(ConfigError::Invalid {
+                    origin: format!("{} line {}", self.path.display(), self.line_of(share)),
+                    key: "dhcp.relay_pool_share",
+                    message: format!("{value} is not in (0, 1]"),
+                });
+            }
+            c.relay_pool_share = value;
+        }
+        c.max_requests_per_second_per_source = self.ranged(
+            &d.max_requests_per_second_per_source,
+            "dhcp.max_requests_per_second_per_source",
+            1..=10_000_000,
+            u64::from(c.max_requests_per_second_per_source),
+        )? as u32;
+        let b = &mut c.boot;
+        for (value, slot) in [
+            (&d.bios, &mut b.bios),
+            (&d.uefi_x64, &mut b.uefi_x64),
+            (&d.uefi_ia32, &mut b.uefi_ia32),
+            (&d.uefi_arm64, &mut b.uefi_arm64),
+            (&d.http_x64, &mut b.http_x64),
+            (&d.http_arm64, &mut b.http_arm64),
+        ] {
+            if let Some(value) = value {
+                *slot = value.clone();
+            }
+        }
+        if d.script_url.is_some() {
+            b.script_url = d.script_url.clone();
+        }
+        c.quirks = d.quirks.clone();
+        Ok(())
     }
 
     fn apply(&self, file: FileConfig) -> Result<Config, ConfigError> {
@@ -445,6 +676,7 @@ impl Validator<'_> {
             }
             config.http.public_url = Some(text.to_string());
         }
+        self.apply_dhcp(&file.dhcp, &mut config)?;
         if let Some(file) = &file.inventory.file {
             config.inventory_file = file.clone();
         }

@@ -51,22 +51,32 @@ pub fn spawn(
     let mut threads = Vec::new();
     for index in 0..workers.max(1) {
         let listener = listener.try_clone()?;
-        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-        let (service, config, slots, shutdown) =
-            (Arc::clone(&service), Arc::clone(&config), Arc::clone(&slots), shutdown.clone());
-        threads.push(std::thread::Builder::new().name(format!("bootfleet-http-{index}")).spawn(move || {
-            runtime.block_on(async move {
-                let listener = match TcpListener::from_std(listener) {
-                    Ok(listener) => listener,
-                    Err(error) => {
-                        warn!(%error, "cannot register the HTTP listener");
-                        return;
-                    }
-                };
-                accept_loop(listener, service, config, slots, shutdown).await;
-            });
-            runtime.shutdown_timeout(Duration::from_secs(1));
-        })?);
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let (service, config, slots, shutdown) = (
+            Arc::clone(&service),
+            Arc::clone(&config),
+            Arc::clone(&slots),
+            shutdown.clone(),
+        );
+        threads.push(
+            std::thread::Builder::new()
+                .name(format!("bootfleet-http-{index}"))
+                .spawn(move || {
+                    runtime.block_on(async move {
+                        let listener = match TcpListener::from_std(listener) {
+                            Ok(listener) => listener,
+                            Err(error) => {
+                                warn!(%error, "cannot register the HTTP listener");
+                                return;
+                            }
+                        };
+                        accept_loop(listener, service, config, slots, shutdown).await;
+                    });
+                    runtime.shutdown_timeout(Duration::from_secs(1));
+                })?,
+        );
     }
     Ok(threads)
 }

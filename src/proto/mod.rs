@@ -7,5 +7,6 @@
 //! which is what lets these cores be tested with byte vectors, property tests,
 //! fuzzers and deterministic loss simulations.
 
+pub mod dhcp;
 pub mod http;
 pub mod tftp;

@@ -1,5 +1,6 @@
 //! Protocol drivers that do not depend on the I/O backend.
 
+pub mod dhcp;
 pub mod http;
 pub mod paths;
 pub mod tftp;

@@ -1,0 +1,482 @@
+//! Address leases for full-mode DHCP: pools, offers, bindings, and a journal
+//! so that a restart loses none and never gives one address to two machines.
+//!
+//! The table is plain state handed to the decision function. Changes that
+//! must survive a restart (a binding, a release, a decline) are returned as
+//! [`LeaseChange`]s; the engine appends a batch of them to the journal and
+//! syncs it *before* it sends the ACKs of that batch (group commit: one
+//! `fdatasync` for every request that arrived together). Offers are not
+//! journalled: an offer that a restart forgets is simply made again.
+//!
+//! The journal (`dhcp-leases.jsonl` in the state directory) is one JSON
+//! object per line; on start it is replayed (the last line for an address
+//! wins) and rewritten compactly.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{BufRead, Write};
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use crate::boot::Mac;
+
+/// How long an offered address is held for the client that was offered it.
+pub const OFFER_HOLD: Duration = Duration::from_secs(30);
+
+/// A range of addresses handed out on one subnet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pool {
+    pub first: Ipv4Addr,
+    pub last: Ipv4Addr,
+    pub prefix_len: u8,
+}
+
+impl Pool {
+    pub fn contains(&self, ip: Ipv4Addr) -> bool {
+        (u32::from(self.first)..=u32::from(self.last)).contains(&u32::from(ip))
+    }
+
+    pub fn size(&self) -> u32 {
+        u32::from(self.last) - u32::from(self.first) + 1
+    }
+
+    /// Whether `ip` is on this pool's subnet.
+    pub fn same_subnet(&self, ip: Ipv4Addr) -> bool {
+        let mask = if self.prefix_len == 0 {
+            0
+        } else {
+            u32::MAX << (32 - self.prefix_len)
+        };
+        u32::from(ip) & mask == u32::from(self.first) & mask
+    }
+}
+
+/// What an address is doing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum State {
+    Offered,
+    Bound,
+    /// A client said the address is in use by someone else (DHCPDECLINE).
+    Declined,
+    Released,
+}
+
+/// One address's lease.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lease {
+    pub ip: Ipv4Addr,
+    pub mac: Mac,
+    pub state: State,
+    /// Seconds since the Unix epoch.
+    pub expires: u64,
+    /// The relay that asked for it (0.0.0.0 when not relayed).
+    #[serde(default = "unspecified")]
+    pub relay: Ipv4Addr,
+}
+
+fn unspecified() -> Ipv4Addr {
+    Ipv4Addr::UNSPECIFIED
+}
+
+impl<'de> Deserialize<'de> for Mac {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        Mac::parse(&text).map_err(serde::de::Error::custom)
+    }
+}
+
+/// A change to write to the journal before answering.
+pub type LeaseChange = Lease;
+
+/// Why no address could be given.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NoAddress {
+    /// Every address of the pools on that subnet is taken.
+    PoolExhausted,
+    /// This relay already holds its share of the pool.
+    RelayQuota,
+    /// No pool serves the subnet the request came from.
+    NoPool,
+}
+
+/// Every lease the server knows.
+#[derive(Debug, Default)]
+pub struct LeaseTable {
+    pub pools: Vec<Pool>,
+    by_ip: HashMap<Ipv4Addr, Lease>,
+    by_mac: HashMap<Mac, Ipv4Addr>,
+    /// Where the next search for a free address starts, per pool.
+    next: Vec<u32>,
+    /// Share of a pool one relay may hold (0 < share <= 1).
+    pub relay_share: f64,
+    held_by_relay: HashMap<Ipv4Addr, u32>,
+}
+
+pub fn epoch(now: SystemTime) -> u64 {
+    now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+impl LeaseTable {
+    pub fn new(pools: Vec<Pool>, relay_share: f64) -> Self {
+        let next = pools.iter().map(|p| u32::from(p.first)).collect();
+        Self {
+            pools,
+            next,
+            relay_share,
+            ..Self::default()
+        }
+    }
+
+    /// The lease of `ip`, if any.
+    pub fn get(&self, ip: Ipv4Addr) -> Option<&Lease> {
+        self.by_ip.get(&ip)
+    }
+
+    /// The address last given to `mac`, if any.
+    pub fn of_mac(&self, mac: Mac) -> Option<&Lease> {
+        self.by_ip.get(self.by_mac.get(&mac)?)
+    }
+
+    /// Bound leases that have not expired.
+    pub fn bound(&self, now: SystemTime) -> usize {
+        let now = epoch(now);
+        self.by_ip
+            .values()
+            .filter(|l| l.state == State::Bound && l.expires > now)
+            .count()
+    }
+
+    /// Whether `ip` may be given to `mac` now.
+    pub fn available_for(&self, ip: Ipv4Addr, mac: Mac, now: SystemTime) -> bool {
+        match self.by_ip.get(&ip) {
+            None => true,
+            Some(lease) if lease.mac == mac => {
+                lease.state != State::Declined || lease.expires <= epoch(now)
+            }
+            Some(lease) => lease.expires <= epoch(now) || lease.state == State::Released,
+        }
+    }
+
+    /// Applies a lease (from the decision or the journal).
+    pub fn apply(&mut self, lease: Lease) {
+        if let Some(old) = self.by_ip.get(&lease.ip).copied() {
+            if old.mac != lease.mac && self.by_mac.get(&old.mac) == Some(&lease.ip) {
+                self.by_mac.remove(&old.mac);
+            }
+            if !old.relay.is_unspecified() && old.state != State::Released {
+                if let Some(n) = self.held_by_relay.get_mut(&old.relay) {
+                    *n = n.saturating_sub(1);
+                }
+            }
+        }
+        if let Some(previous) = self.by_mac.get(&lease.mac).copied() {
+            if previous != lease.ip && lease.state != State::Declined {
+                // A client holds one address; its old one becomes free.
+                if let Some(old) = self.by_ip.get_mut(&previous) {
+                    if old.mac == lease.mac && old.state != State::Bound {
+                        old.state = State::Released;
+                        old.expires = 0;
+                    }
+                }
+            }
+        }
+        if !lease.relay.is_unspecified() && lease.state != State::Released {
+            *self.held_by_relay.entry(lease.relay).or_insert(0) += 1;
+        }
+        if lease.state != State::Declined {
+            self.by_mac.insert(lease.mac, lease.ip);
+        }
+        self.by_ip.insert(lease.ip, lease);
+    }
+
+    /// An address for `mac` on the subnet of `subnet_hint` (the interface
+    /// or relay address): its reservation, its current or last address, the
+    /// address it asks for, or the next free one.
+    pub fn choose(
+        &mut self,
+        mac: Mac,
+        subnet_hint: Ipv4Addr,
+        requested: Option<Ipv4Addr>,
+        relay: Ipv4Addr,
+        now: SystemTime,
+    ) -> Result<Ipv4Addr, NoAddress> {
+        let pool_index = self
+            .pools
+            .iter()
+            .position(|p| p.same_subnet(subnet_hint))
+            .ok_or(NoAddress::NoPool)?;
+        let pool = self.pools[pool_index].clone();
+        if let Some(lease) = self.of_mac(mac) {
+            if pool.contains(lease.ip) && lease.state != State::Declined {
+                return Ok(lease.ip);
+            }
+        }
+        if let Some(ip) = requested {
+            if pool.contains(ip) && self.available_for(ip, mac, now) {
+                return Ok(ip);
+            }
+        }
+        if !relay.is_unspecified() {
+            let held = self.held_by_relay.get(&relay).copied().unwrap_or(0);
+            if f64::from(held) >= f64::from(pool.size()) * self.relay_share {
+                return Err(NoAddress::RelayQuota);
+            }
+        }
+        let (first, size) = (u32::from(pool.first), pool.size());
+        let start = self.next[pool_index].clamp(first, u32::from(pool.last));
+        for step in 0..size {
+            let candidate = first + (start - first + step) % size;
+            let ip = Ipv4Addr::from(candidate);
+            if self.available_for(ip, mac, now) {
+                self.next[pool_index] = candidate + 1;
+                return Ok(ip);
+            }
+        }
+        Err(NoAddress::PoolExhausted)
+    }
+}
+
+/// The journal file.
+pub struct Journal {
+    path: PathBuf,
+    file: File,
+}
+
+impl Journal {
+    /// Opens (creating) the journal in `state_dir`, replays it into
+    /// `table`, and rewrites it compactly. Returns how many leases it held.
+    pub fn open(
+        state_dir: &Path,
+        table: &mut LeaseTable,
+        now: SystemTime,
+    ) -> std::io::Result<(Self, usize)> {
+        std::fs::create_dir_all(state_dir)?;
+        let path = state_dir.join("dhcp-leases.jsonl");
+        let mut latest: HashMap<Ipv4Addr, Lease> = HashMap::new();
+        if let Ok(file) = File::open(&path) {
+            for (number, line) in std::io::BufReader::new(file).lines().enumerate() {
+                let line = line?;
+                if line.trim().is_empty() {
+                    continue;
+                }
+                match serde_json::from_str::<Lease>(&line) {
+                    Ok(lease) => {
+                        latest.insert(lease.ip, lease);
+                    }
+                    // A torn last line after a crash: the ACK for it was never sent.
+                    Err(error) => {
+                        tracing::warn!(file = %path.display(), line = number + 1, %error, "skipping unreadable lease line")
+                    }
+                }
+            }
+        }
+        let keep: Vec<Lease> = latest
+            .into_values()
+            .filter(|l| matches!(l.state, State::Bound | State::Declined) && l.expires > epoch(now))
+            .collect();
+        let tmp = path.with_extension("jsonl.tmp");
+        {
+            let mut out = std::io::BufWriter::new(File::create(&tmp)?);
+            for lease in &keep {
+                serde_json::to_writer(&mut out, lease)?;
+                out.write_all(b"\n")?;
+            }
+            out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+        }
+        std::fs::rename(&tmp, &path)?;
+        for lease in &keep {
+            table.apply(*lease);
+        }
+        let file = std::fs::OpenOptions::new().append(true).open(&path)?;
+        Ok((Self { path, file }, keep.len()))
+    }
+
+    /// Appends `changes` and waits until they are on disk.
+    pub fn commit(&mut self, changes: &[LeaseChange]) -> std::io::Result<()> {
+        if changes.is_empty() {
+            return Ok(());
+        }
+        let mut buf = Vec::with_capacity(changes.len() * 100);
+        for change in changes {
+            serde_json::to_writer(&mut buf, change).map_err(std::io::Error::other)?;
+            buf.push(b'\n');
+        }
+        self.file.write_all(&buf)?;
+        self.file.sync_data()
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pool() -> Pool {
+        Pool {
+            first: Ipv4Addr::new(10, 0, 0, 10),
+            last: Ipv4Addr::new(10, 0, 0, 13),
+            prefix_len: 24,
+        }
+    }
+
+    fn mac(n: u8) -> Mac {
+        Mac([2, 0, 0, 0, 0, n])
+    }
+
+    fn bind(table: &mut LeaseTable, ip: Ipv4Addr, mac: Mac, now: SystemTime) -> Lease {
+        let lease = Lease {
+            ip,
+            mac,
+            state: State::Bound,
+            expires: epoch(now) + 3600,
+            relay: Ipv4Addr::UNSPECIFIED,
+        };
+        table.apply(lease);
+        lease
+    }
+
+    #[test]
+    fn addresses_are_never_given_twice_and_the_pool_runs_out_cleanly() {
+        let now = SystemTime::now();
+        let mut table = LeaseTable::new(vec![pool()], 1.0);
+        let iface = Ipv4Addr::new(10, 0, 0, 1);
+        let mut given = Vec::new();
+        for n in 0..4 {
+            let ip = table
+                .choose(mac(n), iface, None, Ipv4Addr::UNSPECIFIED, now)
+                .unwrap();
+            assert!(!given.contains(&ip));
+            bind(&mut table, ip, mac(n), now);
+            given.push(ip);
+        }
+        assert_eq!(
+            table.choose(mac(9), iface, None, Ipv4Addr::UNSPECIFIED, now),
+            Err(NoAddress::PoolExhausted)
+        );
+        // A known client gets its own address again.
+        assert_eq!(
+            table.choose(mac(2), iface, None, Ipv4Addr::UNSPECIFIED, now),
+            Ok(given[2])
+        );
+        // Expired leases are reused.
+        let later = now + Duration::from_secs(7200);
+        assert!(table
+            .choose(mac(9), iface, None, Ipv4Addr::UNSPECIFIED, later)
+            .is_ok());
+        assert_eq!(
+            table.choose(
+                mac(1),
+                Ipv4Addr::new(192, 168, 1, 1),
+                None,
+                Ipv4Addr::UNSPECIFIED,
+                now
+            ),
+            Err(NoAddress::NoPool)
+        );
+    }
+
+    #[test]
+    fn requested_and_declined_addresses() {
+        let now = SystemTime::now();
+        let mut table = LeaseTable::new(vec![pool()], 1.0);
+        let iface = Ipv4Addr::new(10, 0, 0, 1);
+        let want = Ipv4Addr::new(10, 0, 0, 12);
+        assert_eq!(
+            table.choose(mac(1), iface, Some(want), Ipv4Addr::UNSPECIFIED, now),
+            Ok(want)
+        );
+        bind(&mut table, want, mac(1), now);
+        // Someone else asking for it gets another.
+        assert_ne!(
+            table.choose(mac(2), iface, Some(want), Ipv4Addr::UNSPECIFIED, now),
+            Ok(want)
+        );
+        // Declined: nobody gets it until it expires.
+        table.apply(Lease {
+            ip: want,
+            mac: mac(1),
+            state: State::Declined,
+            expires: epoch(now) + 600,
+            relay: Ipv4Addr::UNSPECIFIED,
+        });
+        for n in 3..6 {
+            let ip = table
+                .choose(mac(n), iface, None, Ipv4Addr::UNSPECIFIED, now)
+                .unwrap();
+            assert_ne!(ip, want);
+            bind(&mut table, ip, mac(n), now);
+        }
+    }
+
+    #[test]
+    fn a_relay_holds_at_most_its_share() {
+        let now = SystemTime::now();
+        let mut table = LeaseTable::new(vec![pool()], 0.5);
+        let relay = Ipv4Addr::new(10, 0, 0, 1);
+        for n in 0..2 {
+            let ip = table.choose(mac(n), relay, None, relay, now).unwrap();
+            table.apply(Lease {
+                ip,
+                mac: mac(n),
+                state: State::Bound,
+                expires: epoch(now) + 60,
+                relay,
+            });
+        }
+        assert_eq!(
+            table.choose(mac(7), relay, None, relay, now),
+            Err(NoAddress::RelayQuota)
+        );
+    }
+
+    #[test]
+    fn the_journal_survives_a_restart_and_skips_a_torn_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let now = SystemTime::now();
+        let mut table = LeaseTable::new(vec![pool()], 1.0);
+        let (mut journal, count) = Journal::open(dir.path(), &mut table, now).unwrap();
+        assert_eq!(count, 0);
+        let a = bind(&mut table, Ipv4Addr::new(10, 0, 0, 10), mac(1), now);
+        let b = bind(&mut table, Ipv4Addr::new(10, 0, 0, 11), mac(2), now);
+        journal.commit(&[a, b]).unwrap();
+        let released = Lease {
+            state: State::Released,
+            expires: 0,
+            ..b
+        };
+        journal.commit(&[released]).unwrap();
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(journal.path())
+            .unwrap()
+            .write_all(b"{\"ip\":\"10.0.0.12\",\"ma")
+            .unwrap();
+        drop(journal);
+
+        let mut again = LeaseTable::new(vec![pool()], 1.0);
+        let (_, count) = Journal::open(dir.path(), &mut again, now).unwrap();
+        assert_eq!(count, 1);
+        assert_eq!(again.of_mac(mac(1)).map(|l| l.ip), Some(a.ip));
+        assert!(again.of_mac(mac(2)).is_none());
+        assert_eq!(
+            again
+                .choose(
+                    mac(3),
+                    Ipv4Addr::new(10, 0, 0, 1),
+                    Some(a.ip),
+                    Ipv4Addr::UNSPECIFIED,
+                    now
+                )
+                .unwrap()
+                == a.ip,
+            false
+        );
+    }
+}

@@ -1,0 +1,562 @@
+//! The DHCP service: every decision is [`decide`], a function of the
+//! request, the interface it arrived on, the configuration, the inventory
+//! snapshot and the time, with the lease table handed in as state.
+//!
+//! * **Full mode** gives addresses from the pools (a machine's reserved
+//!   `ip` from the inventory first), with RENEW/REBIND/RELEASE/DECLINE/
+//!   INFORM; bindings are journalled before the ACK leaves ([`leases`]).
+//! * **Proxy mode** (ProxyDHCP, PXE specification §2.2.5) answers only PXE,
+//!   UEFI HTTP and iPXE clients, never with an address: on port 67 an OFFER
+//!   with the boot file, PXE vendor options and the client's UUID echoed,
+//!   and on port 4011 an ACK to the boot-server request.
+//! * **The boot answer** (both modes): iPXE and gPXE get the script URL
+//!   (which breaks the chainload loop); UEFI HTTP boot gets an `http://`
+//!   URL with vendor class `HTTPClient`; PXE firmware gets its loader by
+//!   architecture, after the configured quirks. A machine the inventory
+//!   marks `netboot = false` gets no boot answer (in full mode still an
+//!   address).
+//! * Relayed requests are answered through the relay (giaddr) with option 82
+//!   echoed; [`reply_destination`] is RFC 2131 §4.1.
+
+pub mod leases;
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::time::{Duration, SystemTime};
+
+use dhcproto::v4::{DhcpOption, Flags, Message, MessageType, Opcode, OptionCode};
+use dhcproto::{Encodable, Encoder};
+
+use crate::config::{DhcpConfig, DhcpMode};
+use crate::inventory::Snapshot;
+use crate::proto::dhcp::{reply_destination, Arch, ClientInfo, Destination};
+use leases::{epoch, Lease, LeaseTable, NoAddress, State, OFFER_HOLD};
+
+/// The interface a request arrived on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Interface {
+    pub name: String,
+    pub addr: Ipv4Addr,
+    pub prefix_len: u8,
+}
+
+impl Interface {
+    pub fn netmask(&self) -> Ipv4Addr {
+        let bits = if self.prefix_len == 0 {
+            0
+        } else {
+            u32::MAX << (32 - self.prefix_len)
+        };
+        Ipv4Addr::from(bits)
+    }
+}
+
+/// Which port the request came in on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Port {
+    /// 67: DHCP.
+    Dhcp,
+    /// 4011: PXE boot-server requests (ProxyDHCP).
+    Pxe,
+}
+
+/// Everything besides the request and the leases that a decision reads.
+pub struct Context<'a> {
+    pub config: &'a DhcpConfig,
+    pub iface: &'a Interface,
+    pub snapshot: &'a Snapshot,
+    pub port: Port,
+    /// Where the request came from (for port-4011 answers).
+    pub peer: SocketAddr,
+    /// This server's HTTP port (for the script URL and UEFI HTTP boot).
+    pub http_port: u16,
+    pub now: SystemTime,
+}
+
+/// What to do about one request.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    /// The encoded reply and where it goes.
+    pub reply: Option<(Vec<u8>, Destination)>,
+    /// A lease change to journal before the reply is sent.
+    pub change: Option<Lease>,
+    /// One line for the log and the boot events, when something was decided.
+    pub summary: Option<String>,
+}
+
+/// What the client is told to boot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BootAnswer {
+    pub file: String,
+    /// `PXEClient` or `HTTPClient`, echoed in option 60.
+    pub vendor_class: Option<&'static str>,
+    pub arch: Arch,
+}
+
+/// The boot answer for `info`, or `None` for clients that do not netboot.
+pub fn boot_answer(info: &ClientInfo, ctx: &Context<'_>) -> Option<BootAnswer> {
+    if let Some(machine) = ctx.snapshot.machines.get(&info.mac) {
+        if !machine.netboot {
+            return None;
+        }
+    }
+    let mut arch = info.arch;
+    let mut file_override = None;
+    for quirk in &ctx.config.quirks {
+        let mac_ok = quirk.mac_prefix.as_deref().is_none_or(|prefix| {
+            info.mac
+                .to_string()
+                .starts_with(&prefix.to_ascii_lowercase().replace('-', ":"))
+        });
+        let class_ok = quirk.vendor_class.as_deref().is_none_or(|prefix| {
+            info.vendor_class
+                .as_deref()
+                .is_some_and(|v| v.starts_with(prefix))
+        });
+        if mac_ok && class_ok {
+            arch = quirk.arch.unwrap_or(arch);
+            file_override = quirk.boot_file.clone().or(file_override);
+        }
+    }
+    let http_base = format!("http://{}:{}", ctx.iface.addr, ctx.http_port);
+    if info.ipxe {
+        let url = ctx
+            .config
+            .boot
+            .script_url
+            .clone()
+            .unwrap_or_else(|| format!("{http_base}/boot.ipxe"));
+        let vendor_class = info.pxe.then_some("PXEClient");
+        return Some(BootAnswer {
+            file: url,
+            vendor_class,
+            arch,
+        });
+    }
+    if !(info.pxe || info.http_client || file_override.is_some()) {
+        return None; // an ordinary DHCP client: an address, no boot file
+    }
+    let boot = &ctx.config.boot;
+    let (file, vendor_class) = match arch {
+        Arch::Bios => (boot.bios.clone(), "PXEClient"),
+        Arch::UefiIa32 => (boot.uefi_ia32.clone(), "PXEClient"),
+        Arch::UefiX64 => (boot.uefi_x64.clone(), "PXEClient"),
+        Arch::UefiArm64 => (boot.uefi_arm64.clone(), "PXEClient"),
+        Arch::HttpX64 => (format!("{http_base}/{}", boot.http_x64), "HTTPClient"),
+        Arch::HttpArm64 => (format!("{http_base}/{}", boot.http_arm64), "HTTPClient"),
+        Arch::UefiArm32 | Arch::Other(_) if file_override.is_none() => return None,
+        _ => (String::new(), "PXEClient"),
+    };
+    Some(BootAnswer {
+        file: file_override.unwrap_or(file),
+        vendor_class: Some(vendor_class),
+        arch,
+    })
+}
+
+/// Decides the answer to one request.
+pub fn decide(
+    request: &Message,
+    info: &ClientInfo,
+    ctx: &Context<'_>,
+    leases: &mut LeaseTable,
+) -> Outcome {
+    match ctx.config.mode {
+        DhcpMode::Off => Outcome::default(),
+        DhcpMode::Proxy => decide_proxy(request, info, ctx),
+        DhcpMode::Full if ctx.port == Port::Pxe => decide_proxy(request, info, ctx),
+        DhcpMode::Full => decide_full(request, info, ctx, leases),
+    }
+}
+
+fn decide_proxy(request: &Message, info: &ClientInfo, ctx: &Context<'_>) -> Outcome {
+    let Some(boot) = boot_answer(info, ctx) else {
+        return Outcome::default();
+    };
+    let (reply_type, destination) = match (ctx.port, info.message_type) {
+        (Port::Dhcp, MessageType::Discover) => (
+            MessageType::Offer,
+            reply_destination(info, Ipv4Addr::UNSPECIFIED, false),
+        ),
+        (Port::Pxe, MessageType::Request) | (Port::Pxe, MessageType::Inform) => {
+            let SocketAddr::V4(peer) = ctx.peer else {
+                return Outcome::default();
+            };
+            (
+                MessageType::Ack,
+                Destination::Unicast(*peer.ip(), peer.port()),
+            )
+        }
+        _ => return Outcome::default(),
+    };
+    let mut reply = base_reply(request, reply_type, ctx);
+    add_boot(&mut reply, info, &boot, ctx);
+    Outcome {
+        summary: Some(format!(
+            "proxy {reply_type:?}: {} ({:?})",
+            boot.file, boot.arch
+        )),
+        reply: Some((encode(&reply), destination)),
+        change: None,
+    }
+}
+
+fn decide_full(
+    request: &Message,
+    info: &ClientInfo,
+    ctx: &Context<'_>,
+    leases: &mut LeaseTable,
+) -> Outcome {
+    let now = ctx.now;
+    let relay = info.giaddr;
+    let subnet_hint = if relay.is_unspecified() {
+        ctx.iface.addr
+    } else {
+        relay
+    };
+    let reservation = ctx
+        .snapshot
+        .machines
+        .get(&info.mac)
+        .and_then(|m| m.ip)
+        .filter(|ip| {
+            leases
+                .pools
+                .iter()
+                .any(|p| p.same_subnet(*ip) && p.same_subnet(subnet_hint))
+        });
+    let lease_secs = ctx.config.lease_time.as_secs();
+    let prefix = leases
+        .pools
+        .iter()
+        .find(|p| p.same_subnet(subnet_hint))
+        .map_or(ctx.iface.prefix_len, |p| p.prefix_len);
+    match info.message_type {
+        MessageType::Discover => {
+            let chosen = match reservation {
+                Some(ip) if leases.available_for(ip, info.mac, now) => Ok(ip),
+                Some(_) => Err(NoAddress::PoolExhausted),
+                None => leases.choose(info.mac, subnet_hint, info.requested_ip, relay, now),
+            };
+            let ip = match chosen {
+                Ok(ip) => ip,
+                Err(why) => {
+                    return Outcome {
+                        summary: Some(format!("no offer for {}: {why:?}", info.mac)),
+                        ..Outcome::default()
+                    }
+                }
+            };
+            // Hold it for this client while it decides; not journalled.
+            if leases
+                .get(ip)
+                .is_none_or(|l| l.state != State::Bound || l.mac != info.mac)
+            {
+                leases.apply(Lease {
+                    ip,
+                    mac: info.mac,
+                    state: State::Offered,
+                    expires: epoch(now + OFFER_HOLD),
+                    relay,
+                });
+            }
+            let mut reply = base_reply(request, MessageType::Offer, ctx);
+            reply.set_yiaddr(ip);
+            add_lease_options(&mut reply, info, ctx, prefix, lease_secs, true);
+            let boot = boot_answer(info, ctx);
+            if let Some(boot) = &boot {
+                add_boot(&mut reply, info, boot, ctx);
+            }
+            Outcome {
+                summary: Some(format!(
+                    "offer {ip}{}",
+                    boot.map_or(String::new(), |b| format!(
+                        " boot {} ({:?})",
+                        b.file, b.arch
+                    ))
+                )),
+                reply: Some((encode(&reply), reply_destination(info, ip, false))),
+                change: None,
+            }
+        }
+        MessageType::Request => {
+            if let Some(server) = info.server_id {
+                if server != ctx.iface.addr {
+                    // The client took another server's offer: free ours.
+                    if let Some(lease) = leases.of_mac(info.mac).copied() {
+                        if lease.state == State::Offered {
+                            leases.apply(Lease {
+                                state: State::Released,
+                                expires: 0,
+                                ..lease
+                            });
+                        }
+                    }
+                    return Outcome::default();
+                }
+            }
+            let wanted = info
+                .requested_ip
+                .or((!info.ciaddr.is_unspecified()).then_some(info.ciaddr));
+            let Some(ip) = wanted else {
+                return nak(request, info, ctx, "REQUEST without an address");
+            };
+            let on_subnet = leases
+                .pools
+                .iter()
+                .any(|p| p.same_subnet(subnet_hint) && p.contains(ip))
+                || reservation == Some(ip);
+            if !on_subnet {
+                return nak(request, info, ctx, "address not on this subnet");
+            }
+            if !leases.available_for(ip, info.mac, now) {
+                return nak(request, info, ctx, "address belongs to another machine");
+            }
+            if let Some(reserved) = reservation {
+                if reserved != ip {
+                    return nak(request, info, ctx, "machine has another reserved address");
+                }
+            }
+            let lease = Lease {
+                ip,
+                mac: info.mac,
+                state: State::Bound,
+                expires: epoch(now) + lease_secs,
+                relay,
+            };
+            leases.apply(lease);
+            let mut reply = base_reply(request, MessageType::Ack, ctx);
+            reply.set_yiaddr(ip);
+            add_lease_options(&mut reply, info, ctx, prefix, lease_secs, true);
+            let boot = boot_answer(info, ctx);
+            if let Some(boot) = &boot {
+                add_boot(&mut reply, info, boot, ctx);
+            }
+            Outcome {
+                summary: Some(format!(
+                    "ack {ip}{}",
+                    boot.map_or(String::new(), |b| format!(
+                        " boot {} ({:?})",
+                        b.file, b.arch
+                    ))
+                )),
+                reply: Some((encode(&reply), reply_destination(info, ip, false))),
+                change: Some(lease),
+            }
+        }
+        MessageType::Release => {
+            let ip = info.ciaddr;
+            match leases.get(ip).copied() {
+                Some(lease) if lease.mac == info.mac => {
+                    let released = Lease {
+                        state: State::Released,
+                        expires: 0,
+                        ..lease
+                    };
+                    leases.apply(released);
+                    Outcome {
+                        summary: Some(format!("release {ip}")),
+                        change: Some(released),
+                        reply: None,
+                    }
+                }
+                _ => Outcome::default(),
+            }
+        }
+        MessageType::Decline => {
+            let Some(ip) = info.requested_ip else {
+                return Outcome::default();
+            };
+            match leases.get(ip).copied() {
+                Some(lease) if lease.mac == info.mac => {
+                    let declined = Lease {
+                        state: State::Declined,
+                        expires: epoch(now) + lease_secs,
+                        ..lease
+                    };
+                    leases.apply(declined);
+                    Outcome {
+                        summary: Some(format!("decline {ip}: in use by another host")),
+                        change: Some(declined),
+                        reply: None,
+                    }
+                }
+                _ => Outcome::default(),
+            }
+        }
+        MessageType::Inform => {
+            let mut reply = base_reply(request, MessageType::Ack, ctx);
+            add_lease_options(&mut reply, info, ctx, prefix, lease_secs, false);
+            if let Some(boot) = boot_answer(info, ctx) {
+                add_boot(&mut reply, info, &boot, ctx);
+            }
+            let destination = reply_destination(info, Ipv4Addr::UNSPECIFIED, false);
+            Outcome {
+                summary: Some("inform".into()),
+                reply: Some((encode(&reply), destination)),
+                change: None,
+            }
+        }
+        _ => Outcome::default(),
+    }
+}
+
+fn nak(request: &Message, info: &ClientInfo, ctx: &Context<'_>, why: &str) -> Outcome {
+    let mut reply = base_reply(request, MessageType::Nak, ctx);
+    reply
+        .opts_mut()
+        .insert(DhcpOption::Message(why.to_string()));
+    Outcome {
+        summary: Some(format!("nak: {why}")),
+        reply: Some((
+            encode(&reply),
+            reply_destination(info, Ipv4Addr::UNSPECIFIED, true),
+        )),
+        change: None,
+    }
+}
+
+/// A reply with the request's xid, chaddr, flags, giaddr and option 82.
+fn base_reply(request: &Message, message_type: MessageType, ctx: &Context<'_>) -> Message {
+    let mut reply = Message::new_with_id(
+        request.xid(),
+        Ipv4Addr::UNSPECIFIED,
+        Ipv4Addr::UNSPECIFIED,
+        Ipv4Addr::UNSPECIFIED,
+        request.giaddr(),
+        &request.chaddr()[..6],
+    );
+    reply.set_opcode(Opcode::BootReply);
+    reply.set_flags(if request.flags().broadcast() {
+        Flags::default().set_broadcast()
+    } else {
+        Flags::default()
+    });
+    let opts = reply.opts_mut();
+    opts.insert(DhcpOption::MessageType(message_type));
+    opts.insert(DhcpOption::ServerIdentifier(ctx.iface.addr));
+    if let Some(agent) = request.opts().get(OptionCode::RelayAgentInformation) {
+        opts.insert(agent.clone());
+    }
+    reply
+}
+
+fn add_lease_options(
+    reply: &mut Message,
+    info: &ClientInfo,
+    ctx: &Context<'_>,
+    prefix: u8,
+    lease_secs: u64,
+    with_lease: bool,
+) {
+    let config = ctx.config;
+    let relayed = !info.giaddr.is_unspecified();
+    let opts = reply.opts_mut();
+    if with_lease {
+        let secs = lease_secs.min(u64::from(u32::MAX)) as u32;
+        opts.insert(DhcpOption::AddressLeaseTime(secs));
+        opts.insert(DhcpOption::Renewal(secs / 2));
+        opts.insert(DhcpOption::Rebinding(secs / 8 * 7));
+    }
+    let mask = if prefix == 0 {
+        0
+    } else {
+        u32::MAX << (32 - prefix)
+    };
+    opts.insert(DhcpOption::SubnetMask(Ipv4Addr::from(mask)));
+    match (config.router, relayed) {
+        (Some(router), _) => {
+            opts.insert(DhcpOption::Router(vec![router]));
+        }
+        (None, true) => {
+            opts.insert(DhcpOption::Router(vec![info.giaddr]));
+        }
+        (None, false) => {}
+    }
+    if !config.dns.is_empty() {
+        opts.insert(DhcpOption::DomainNameServer(config.dns.clone()));
+    }
+    if let Some(domain) = &config.domain {
+        opts.insert(DhcpOption::DomainName(domain.clone()));
+    }
+    if let Some(hostname) = ctx
+        .snapshot
+        .machines
+        .get(&info.mac)
+        .and_then(|m| m.hostname.clone())
+    {
+        opts.insert(DhcpOption::Hostname(hostname));
+    }
+}
+
+/// siaddr, `file`, options 66/67, 60, 97 and the PXE vendor options.
+fn add_boot(reply: &mut Message, info: &ClientInfo, boot: &BootAnswer, ctx: &Context<'_>) {
+    reply.set_siaddr(ctx.iface.addr);
+    reply.set_sname_str(ctx.iface.addr.to_string());
+    if boot.file.len() < 128 {
+        reply.set_fname_str(&boot.file);
+    }
+    let opts = reply.opts_mut();
+    opts.insert(DhcpOption::TFTPServerName(
+        ctx.iface.addr.to_string().into_bytes(),
+    ));
+    opts.insert(DhcpOption::BootfileName(boot.file.clone().into_bytes()));
+    if let Some(class) = boot.vendor_class {
+        opts.insert(DhcpOption::ClassIdentifier(class.as_bytes().to_vec()));
+    }
+    if info.pxe {
+        // PXE_DISCOVERY_CONTROL (6) = 8: the boot file is in this answer;
+        // no boot-server discovery, no multicast discovery.
+        opts.insert(DhcpOption::VendorExtensions(vec![6, 1, 8, 255]));
+    }
+    if let Some(id) = &info.machine_id {
+        opts.insert(DhcpOption::ClientMachineIdentifier(id.clone()));
+    }
+}
+
+fn encode(message: &Message) -> Vec<u8> {
+    let mut out = Vec::with_capacity(400);
+    // Encoding a message we built ourselves cannot fail short of a bug;
+    // an empty reply is then dropped by the engine with a log line.
+    let _ = message.encode(&mut Encoder::new(&mut out));
+    out
+}
+
+/// A per-source token bucket: one sender spraying requests (random MACs to
+/// starve the pool) is slowed down without affecting anyone else.
+#[derive(Debug)]
+pub struct RateLimiter {
+    per_second: f64,
+    buckets: std::collections::HashMap<Ipv4Addr, (f64, SystemTime)>,
+}
+
+impl RateLimiter {
+    pub fn new(per_second: u32) -> Self {
+        Self {
+            per_second: f64::from(per_second),
+            buckets: std::collections::HashMap::new(),
+        }
+    }
+
+    /// Whether a request from `source` may be answered now.
+    pub fn allow(&mut self, source: Ipv4Addr, now: SystemTime) -> bool {
+        if self.buckets.len() > 100_000 {
+            self.buckets.clear();
+        }
+        let (tokens, last) = self.buckets.entry(source).or_insert((self.per_second, now));
+        let elapsed = now
+            .duration_since(*last)
+            .unwrap_or(Duration::ZERO)
+            .as_secs_f64();
+        *tokens = (*tokens + elapsed * self.per_second).min(self.per_second);
+        *last = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,433 @@
+//! Decisions from firmware requests (byte vectors as firmware sends them),
+//! in full and proxy mode, relayed and not.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::Path;
+use std::time::SystemTime;
+
+use dhcproto::v4::{DhcpOption, Message, MessageType, OptionCode};
+use dhcproto::{Decodable, Decoder};
+
+use super::leases::{LeaseTable, Pool, State};
+use super::*;
+use crate::config::{Config, DhcpMode, Quirk};
+use crate::inventory::Snapshot;
+use crate::proto::dhcp::parse_request;
+use crate::proto::dhcp::tests::*;
+
+const IFACE_ADDR: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
+
+fn iface() -> Interface {
+    Interface {
+        name: "veth0".into(),
+        addr: IFACE_ADDR,
+        prefix_len: 24,
+    }
+}
+
+fn table() -> LeaseTable {
+    LeaseTable::new(
+        vec![
+            Pool {
+                first: Ipv4Addr::new(10, 0, 0, 100),
+                last: Ipv4Addr::new(10, 0, 0, 199),
+                prefix_len: 24,
+            },
+            Pool {
+                first: Ipv4Addr::new(10, 9, 0, 100),
+                last: Ipv4Addr::new(10, 9, 0, 110),
+                prefix_len: 24,
+            },
+        ],
+        1.0,
+    )
+}
+
+fn snapshot(text: &str) -> Snapshot {
+    Snapshot::parse(
+        text,
+        Path::new("inventory.toml"),
+        Path::new("/nonexistent"),
+        1,
+    )
+    .unwrap()
+}
+
+struct Run {
+    config: crate::config::DhcpConfig,
+    snapshot: Snapshot,
+    leases: LeaseTable,
+    port: Port,
+}
+
+impl Run {
+    fn new(mode: DhcpMode) -> Self {
+        let mut config = Config::default().dhcp;
+        config.mode = mode;
+        config.router = Some(IFACE_ADDR);
+        Self {
+            config,
+            snapshot: Snapshot::default(),
+            leases: table(),
+            port: Port::Dhcp,
+        }
+    }
+
+    fn ask(&mut self, bytes: &[u8]) -> (Outcome, Option<Message>) {
+        let (request, info) = parse_request(bytes).unwrap();
+        let iface = iface();
+        let ctx = Context {
+            config: &self.config,
+            iface: &iface,
+            snapshot: &self.snapshot,
+            port: self.port,
+            peer: "10.0.0.150:68".parse::<SocketAddr>().unwrap(),
+            http_port: 8080,
+            now: SystemTime::now(),
+        };
+        let outcome = decide(&request, &info, &ctx, &mut self.leases);
+        let reply = outcome
+            .reply
+            .as_ref()
+            .map(|(bytes, _)| Message::decode(&mut Decoder::new(bytes)).unwrap());
+        (outcome, reply)
+    }
+}
+
+fn option_bytes(message: &Message, code: OptionCode) -> Option<Vec<u8>> {
+    match message.opts().get(code)? {
+        DhcpOption::ClassIdentifier(v)
+        | DhcpOption::BootfileName(v)
+        | DhcpOption::VendorExtensions(v)
+        | DhcpOption::ClientMachineIdentifier(v) => Some(v.clone()),
+        _ => None,
+    }
+}
+
+fn boot_file(message: &Message) -> String {
+    String::from_utf8(option_bytes(message, OptionCode::BootfileName).unwrap_or_default()).unwrap()
+}
+
+#[test]
+fn full_mode_offers_an_address_and_the_loader_for_each_architecture() {
+    let cases: [(&str, Vec<u8>, &str, &str); 5] = [
+        ("bios", bios_pxe_discover(), "undionly.kpxe", "PXEClient"),
+        ("uefi x64", uefi_x64_discover(), "ipxe.efi", "PXEClient"),
+        ("arm64", arm64_discover(), "arm64/snponly.efi", "PXEClient"),
+        (
+            "ipxe",
+            ipxe_discover(),
+            "http://10.0.0.1:8080/boot.ipxe",
+            "PXEClient",
+        ),
+        (
+            "uefi http",
+            uefi_http_discover(),
+            "http://10.0.0.1:8080/ipxe.efi",
+            "HTTPClient",
+        ),
+    ];
+    for (name, bytes, file, class) in cases {
+        let mut run = Run::new(DhcpMode::Full);
+        let (outcome, reply) = run.ask(&bytes);
+        let reply = reply.unwrap_or_else(|| panic!("{name}: no reply"));
+        assert_eq!(reply.opts().msg_type(), Some(MessageType::Offer), "{name}");
+        assert!(
+            run.leases.pools[0].contains(reply.yiaddr()),
+            "{name}: {}",
+            reply.yiaddr()
+        );
+        assert_eq!(boot_file(&reply), file, "{name}");
+        assert_eq!(reply.siaddr(), IFACE_ADDR, "{name}");
+        assert_eq!(
+            option_bytes(&reply, OptionCode::ClassIdentifier).unwrap(),
+            class.as_bytes(),
+            "{name}"
+        );
+        assert!(
+            outcome.change.is_none(),
+            "{name}: an offer is not journalled"
+        );
+        if class == "PXEClient" && name != "ipxe" {
+            assert_eq!(
+                option_bytes(&reply, OptionCode::VendorExtensions).unwrap(),
+                vec![6, 1, 8, 255],
+                "{name}"
+            );
+            assert_eq!(
+                option_bytes(&reply, OptionCode::ClientMachineIdentifier)
+                    .unwrap()
+                    .len(),
+                17,
+                "{name}"
+            );
+        }
+    }
+}
+
+fn request_for(ip: Ipv4Addr, server: Ipv4Addr) -> Vec<u8> {
+    raw_request(
+        [0x52, 0x54, 0x00, 0x12, 0x34, 0x56],
+        0x8000,
+        [0; 4],
+        [0; 4],
+        &[
+            (53, &[3]),
+            (50, &ip.octets()),
+            (54, &server.octets()),
+            (60, b"PXEClient:Arch:00000:UNDI:002001"),
+            (93, &[0, 0]),
+        ],
+    )
+}
+
+#[test]
+fn the_whole_lease_cycle() {
+    let mut run = Run::new(DhcpMode::Full);
+    let (_, offer) = run.ask(&bios_pxe_discover());
+    let ip = offer.unwrap().yiaddr();
+
+    // Another server's offer chosen: silence, and our offer is freed.
+    let (outcome, _) = run.ask(&request_for(ip, Ipv4Addr::new(10, 0, 0, 2)));
+    assert!(outcome.reply.is_none());
+    assert_eq!(run.leases.get(ip).unwrap().state, State::Released);
+
+    let (outcome, ack) = run.ask(&request_for(ip, IFACE_ADDR));
+    let ack = ack.unwrap();
+    assert_eq!(ack.opts().msg_type(), Some(MessageType::Ack));
+    assert_eq!(ack.yiaddr(), ip);
+    assert_eq!(boot_file(&ack), "undionly.kpxe");
+    assert!(matches!(
+        ack.opts().get(OptionCode::AddressLeaseTime),
+        Some(DhcpOption::AddressLeaseTime(3600))
+    ));
+    assert_eq!(outcome.change.unwrap().state, State::Bound);
+
+    // RENEW: ciaddr, no option 50 or 54 → ACK unicast to ciaddr.
+    let renew = raw_request(
+        [0x52, 0x54, 0x00, 0x12, 0x34, 0x56],
+        0,
+        ip.octets(),
+        [0; 4],
+        &[(53, &[3])],
+    );
+    let (outcome, ack) = run.ask(&renew);
+    assert_eq!(ack.unwrap().opts().msg_type(), Some(MessageType::Ack));
+    assert_eq!(outcome.reply.unwrap().1, Destination::Unicast(ip, 68));
+
+    // Someone else asking for that address is refused.
+    let thief = raw_request(
+        [2, 0, 0, 0, 0, 7],
+        0x8000,
+        [0; 4],
+        [0; 4],
+        &[(53, &[3]), (50, &ip.octets())],
+    );
+    let (_, nak) = run.ask(&thief);
+    assert_eq!(nak.unwrap().opts().msg_type(), Some(MessageType::Nak));
+    // INIT-REBOOT on the wrong subnet is refused too.
+    let (_, nak) = run.ask(&raw_request(
+        [2, 0, 0, 0, 0, 8],
+        0x8000,
+        [0; 4],
+        [0; 4],
+        &[(53, &[3]), (50, &[192, 168, 1, 5])],
+    ));
+    assert_eq!(nak.unwrap().opts().msg_type(), Some(MessageType::Nak));
+
+    // INFORM: options, no address.
+    let (outcome, ack) = run.ask(&raw_request(
+        [2, 0, 0, 0, 0, 9],
+        0,
+        [10, 0, 0, 77],
+        [0; 4],
+        &[(53, &[8])],
+    ));
+    let ack = ack.unwrap();
+    assert_eq!(ack.yiaddr(), Ipv4Addr::UNSPECIFIED);
+    assert!(ack.opts().get(OptionCode::AddressLeaseTime).is_none());
+    assert_eq!(
+        outcome.reply.unwrap().1,
+        Destination::Unicast(Ipv4Addr::new(10, 0, 0, 77), 68)
+    );
+
+    // DECLINE: the address is kept from everyone for a lease time.
+    let decline = raw_request(
+        [0x52, 0x54, 0x00, 0x12, 0x34, 0x56],
+        0,
+        [0; 4],
+        [0; 4],
+        &[(53, &[4]), (50, &ip.octets()), (54, &IFACE_ADDR.octets())],
+    );
+    let (outcome, _) = run.ask(&decline);
+    assert_eq!(outcome.change.unwrap().state, State::Declined);
+    let (_, offer) = run.ask(&bios_pxe_discover());
+    assert_ne!(offer.unwrap().yiaddr(), ip);
+
+    // RELEASE of the new address.
+    let (_, offer) = run.ask(&bios_pxe_discover());
+    let second = offer.unwrap().yiaddr();
+    run.ask(&request_for(second, IFACE_ADDR));
+    let release = raw_request(
+        [0x52, 0x54, 0x00, 0x12, 0x34, 0x56],
+        0,
+        second.octets(),
+        [0; 4],
+        &[(53, &[7]), (54, &IFACE_ADDR.octets())],
+    );
+    let (outcome, reply) = run.ask(&release);
+    assert!(reply.is_none());
+    assert_eq!(outcome.change.unwrap().state, State::Released);
+}
+
+#[test]
+fn relayed_requests_use_the_relay_subnet_and_echo_option_82() {
+    let mut run = Run::new(DhcpMode::Full);
+    let agent: &[u8] = &[1, 4, b'p', b'o', b'r', b't', 2, 3, b'r', b'i', b'd'];
+    let bytes = raw_request(
+        [2, 0, 0, 0, 1, 1],
+        0,
+        [0; 4],
+        [10, 9, 0, 1],
+        &[
+            (53, &[1]),
+            (82, agent),
+            (60, b"PXEClient:Arch:00000:UNDI:002001"),
+        ],
+    );
+    let (outcome, reply) = run.ask(&bytes);
+    let reply = reply.unwrap();
+    assert!(
+        run.leases.pools[1].contains(reply.yiaddr()),
+        "{}",
+        reply.yiaddr()
+    );
+    assert_eq!(reply.giaddr(), Ipv4Addr::new(10, 9, 0, 1));
+    assert_eq!(
+        outcome.reply.unwrap().1,
+        Destination::Relay(Ipv4Addr::new(10, 9, 0, 1))
+    );
+    assert!(
+        reply
+            .opts()
+            .get(OptionCode::RelayAgentInformation)
+            .is_some(),
+        "option 82 echoed"
+    );
+    assert!(
+        matches!(reply.opts().get(OptionCode::Router), Some(DhcpOption::Router(r)) if r == &vec![IFACE_ADDR])
+    );
+}
+
+#[test]
+fn proxy_mode_answers_boot_clients_only_and_never_with_an_address() {
+    let mut run = Run::new(DhcpMode::Proxy);
+    let (outcome, offer) = run.ask(&bios_pxe_discover());
+    let offer = offer.unwrap();
+    assert_eq!(offer.opts().msg_type(), Some(MessageType::Offer));
+    assert_eq!(offer.yiaddr(), Ipv4Addr::UNSPECIFIED);
+    assert_eq!(boot_file(&offer), "undionly.kpxe");
+    assert_eq!(
+        option_bytes(&offer, OptionCode::ClassIdentifier).unwrap(),
+        b"PXEClient"
+    );
+    assert!(offer.opts().get(OptionCode::AddressLeaseTime).is_none());
+    assert_eq!(outcome.reply.unwrap().1, Destination::Broadcast);
+
+    // An ordinary client: nothing.
+    let plain = raw_request([2, 0, 0, 0, 0, 1], 0, [0; 4], [0; 4], &[(53, &[1])]);
+    assert!(run.ask(&plain).0.reply.is_none());
+    // Its REQUEST on port 67: nothing (the real DHCP server answers it).
+    assert!(run
+        .ask(&request_for(
+            Ipv4Addr::new(10, 0, 0, 150),
+            Ipv4Addr::new(10, 0, 0, 2)
+        ))
+        .0
+        .reply
+        .is_none());
+
+    // Port 4011: the boot-server request gets an ACK back to its sender.
+    run.port = Port::Pxe;
+    let pxe_request = raw_request(
+        [0x52, 0x54, 0x00, 0x12, 0x34, 0x56],
+        0,
+        [10, 0, 0, 150],
+        [0; 4],
+        &[
+            (53, &[3]),
+            (60, b"PXEClient:Arch:00007:UNDI:003000"),
+            (93, &[0, 7]),
+        ],
+    );
+    let (outcome, ack) = run.ask(&pxe_request);
+    assert_eq!(boot_file(&ack.unwrap()), "ipxe.efi");
+    assert_eq!(
+        outcome.reply.unwrap().1,
+        Destination::Unicast(Ipv4Addr::new(10, 0, 0, 150), 68)
+    );
+}
+
+#[test]
+fn inventory_reservations_do_not_netboot_and_quirks() {
+    let mut run = Run::new(DhcpMode::Full);
+    run.snapshot = snapshot(
+        "[images.a]\nkernel = \"k\"\n[machines.\"52:54:00:12:34:56\"]\nimage = \"a\"\nip = \"10.0.0.150\"\nhostname = \"node1\"\n\
+         [machines.\"02:00:00:00:00:05\"]\nnetboot = false\n",
+    );
+    let (_, offer) = run.ask(&bios_pxe_discover());
+    let offer = offer.unwrap();
+    assert_eq!(offer.yiaddr(), Ipv4Addr::new(10, 0, 0, 150));
+    assert!(
+        matches!(offer.opts().get(OptionCode::Hostname), Some(DhcpOption::Hostname(h)) if h == "node1")
+    );
+
+    let blocked = raw_request(
+        [2, 0, 0, 0, 0, 5],
+        0x8000,
+        [0; 4],
+        [0; 4],
+        &[(53, &[1]), (60, b"PXEClient:Arch:00000:UNDI:002001")],
+    );
+    let (_, offer) = run.ask(&blocked);
+    let offer = offer.unwrap();
+    assert!(!offer.yiaddr().is_unspecified(), "still an address");
+    assert!(
+        offer.opts().get(OptionCode::BootfileName).is_none(),
+        "but no boot file"
+    );
+    run.config.mode = DhcpMode::Proxy;
+    assert!(run.ask(&blocked).0.reply.is_none());
+
+    // A board that claims BIOS but is arm64.
+    run.config.mode = DhcpMode::Full;
+    run.config.quirks = vec![Quirk {
+        mac_prefix: Some("B8-27-EB".into()),
+        vendor_class: None,
+        arch: Some(Arch::UefiArm64),
+        boot_file: None,
+    }];
+    let pi = raw_request(
+        [0xb8, 0x27, 0xeb, 0, 0, 1],
+        0x8000,
+        [0; 4],
+        [0; 4],
+        &[
+            (53, &[1]),
+            (93, &[0, 0]),
+            (60, b"PXEClient:Arch:00000:UNDI:002001"),
+        ],
+    );
+    assert_eq!(boot_file(&run.ask(&pi).1.unwrap()), "arm64/snponly.efi");
+}
+
+#[test]
+fn the_rate_limiter_holds_one_source_and_not_another() {
+    let mut limiter = RateLimiter::new(10);
+    let now = SystemTime::now();
+    let spray = Ipv4Addr::new(10, 0, 0, 66);
+    let allowed = (0..100).filter(|_| limiter.allow(spray, now)).count();
+    assert_eq!(allowed, 10);
+    assert!(limiter.allow(Ipv4Addr::new(10, 0, 0, 67), now));
+    assert!(limiter.allow(spray, now + std::time::Duration::from_millis(200)));
+}
