@@ -27,6 +27,8 @@ pub struct Running {
     pub router: Arc<Router>,
     pub tftp: Arc<TftpService>,
     pub http: Arc<HttpService>,
+    /// The DHCP service, unless DHCP is off.
+    pub dhcp: Option<Arc<engine::dhcp::DhcpService>>,
     shutdown: Shutdown,
     tftp_handle: Option<ServerHandle>,
     threads: Vec<JoinHandle<()>>,
@@ -79,6 +81,37 @@ pub fn start(
         shutdown.clone(),
     )?;
 
+    let dhcp = if config.dhcp.mode == crate::config::DhcpMode::Off {
+        None
+    } else {
+        if config.dhcp.interfaces.is_empty() {
+            anyhow::bail!("DHCP mode {:?} needs at least one interface (dhcp.interfaces or --dhcp-interface IFACE)", config.dhcp.mode);
+        }
+        let interfaces = config
+            .dhcp
+            .interfaces
+            .iter()
+            .map(|name| engine::dhcp::interface(name))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(anyhow::Error::msg)?;
+        let service = Arc::new(
+            engine::dhcp::DhcpService::new(
+                config.dhcp.clone(),
+                &interfaces,
+                Arc::clone(&router),
+                config.http.listen.port(),
+                &config.state_dir,
+            )
+            .map_err(anyhow::Error::msg)?,
+        );
+        threads.push(engine::dhcp::spawn(
+            Arc::clone(&service),
+            interfaces,
+            shutdown.clone(),
+        )?);
+        Some(service)
+    };
+
     let watcher_router = Arc::clone(&router);
     let watcher_shutdown = shutdown.clone();
     threads.push(
@@ -98,6 +131,7 @@ pub fn start(
         router,
         tftp: tftp_service,
         http: http_service,
+        dhcp,
         shutdown,
         tftp_handle: Some(tftp_handle),
         threads,

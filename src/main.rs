@@ -52,7 +52,16 @@ struct ServeArgs {
     /// Host header of each request).
     #[arg(long, value_name = "URL")]
     public_url: Option<String>,
-    /// Directory for state that survives restarts (one-shot assignments).
+    /// DHCP service: off, proxy (boot answers beside another DHCP server) or full.
+    #[arg(long, value_name = "off|proxy|full")]
+    dhcp_mode: Option<bootfleet::config::DhcpMode>,
+    /// Interface DHCP answers on (repeatable).
+    #[arg(long = "dhcp-interface", value_name = "IFACE")]
+    dhcp_interfaces: Vec<String>,
+    /// Full mode: an address range (repeatable); the subnet is the interface's.
+    #[arg(long = "dhcp-range", value_name = "FIRST-LAST")]
+    dhcp_ranges: Vec<String>,
+    /// Directory for state that survives restarts (one-shot assignments, DHCP leases).
     #[arg(long, value_name = "DIR")]
     state_dir: Option<PathBuf>,
     /// Data-plane backend.
@@ -99,6 +108,21 @@ fn build_config(args: &ServeArgs) -> Result<Config> {
         }
         config.http.public_url = Some(url.trim_end_matches('/').to_string());
     }
+    if let Some(mode) = args.dhcp_mode {
+        config.dhcp.mode = mode;
+    }
+    if !args.dhcp_interfaces.is_empty() {
+        config.dhcp.interfaces = args.dhcp_interfaces.clone();
+    }
+    if !args.dhcp_ranges.is_empty() {
+        config.dhcp.ranges = args
+            .dhcp_ranges
+            .iter()
+            .map(|r| {
+                bootfleet::config::parse_range(r).map_err(|e| anyhow::anyhow!("--dhcp-range: {e}"))
+            })
+            .collect::<Result<_>>()?;
+    }
     if let Some(dir) = &args.state_dir {
         config.state_dir = dir.clone();
     }
@@ -120,8 +144,11 @@ fn init_logging(level: &str) {
         eprintln!("invalid log filter {filter:?} ({e}); using info");
         tracing_subscriber::EnvFilter::new("info")
     });
+    use std::io::IsTerminal;
     tracing_subscriber::fmt()
         .with_env_filter(filter)
+        // Colour only on a terminal: journald and log files get plain text.
+        .with_ansi(std::io::stdout().is_terminal())
         .with_target(false)
         .init();
 }

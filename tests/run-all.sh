@@ -11,9 +11,10 @@ SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 
 # Real peers the tests run: tftp-hpa's and atftp's clients, curl; ip and nft
-# for the lossy network-namespace link; systemd-analyze for the unit; g++
+# for the lossy network-namespace link; busybox (udhcpc), isc-dhcp-client
+# (dhclient) and dnsmasq-base for the DHCP tests; systemd-analyze for the unit; g++
 # for libFuzzer.
-APT_PACKAGES=(tftp-hpa atftp curl iproute2 nftables systemd g++ pkg-config)
+APT_PACKAGES=(tftp-hpa atftp curl iproute2 nftables systemd g++ pkg-config busybox isc-dhcp-client dnsmasq-base procps)
 missing=()
 for package in "${APT_PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")

@@ -18,6 +18,8 @@ use super::Mac;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Phase {
+    /// A DHCP decision (offer, ack, proxy answer...).
+    Dhcp,
     /// `/boot.ipxe`.
     Chain,
     /// `/boot/{mac}.ipxe`.

@@ -21,6 +21,7 @@ use std::thread::JoinHandle;
 use crate::config::EngineChoice;
 use crate::server::tftp::TftpService;
 
+pub mod dhcp;
 pub mod epoll;
 pub mod http;
 pub mod uring;

@@ -2,6 +2,7 @@
 //! server on loopback, and a lossy link inside network namespaces.
 
 mod common;
+mod dhcp_namespace;
 mod hostile;
 mod http;
 mod lossy_namespace;

@@ -236,7 +236,17 @@ impl LeaseTable {
                 return Ok(ip);
             }
         }
-        Err(NoAddress::PoolExhausted)
+        // Every address is bound or offered. Offers are tentative: take the
+        // oldest one back, so that DISCOVERs alone (a sender spraying random
+        // MACs) can never starve the pool; if both clients then REQUEST it,
+        // the first binds and the second gets a NAK and starts over.
+        let oldest_offer = self
+            .by_ip
+            .values()
+            .filter(|l| l.state == State::Offered && l.mac != mac && pool.contains(l.ip))
+            .min_by_key(|l| l.expires)
+            .map(|l| l.ip);
+        oldest_offer.ok_or(NoAddress::PoolExhausted)
     }
 }
 
@@ -380,6 +390,30 @@ mod tests {
             ),
             Err(NoAddress::NoPool)
         );
+    }
+
+    #[test]
+    fn a_flood_of_discovers_cannot_starve_the_pool() {
+        let now = SystemTime::now();
+        let mut table = LeaseTable::new(vec![pool()], 1.0);
+        let iface = Ipv4Addr::new(10, 0, 0, 1);
+        for n in 0..200u8 {
+            let ip = table
+                .choose(mac(n), iface, None, Ipv4Addr::UNSPECIFIED, now)
+                .unwrap();
+            table.apply(Lease {
+                ip,
+                mac: mac(n),
+                state: State::Offered,
+                expires: epoch(now) + 30,
+                relay: Ipv4Addr::UNSPECIFIED,
+            });
+        }
+        let ip = table
+            .choose(mac(250), iface, None, Ipv4Addr::UNSPECIFIED, now)
+            .expect("an offer for a real client");
+        bind(&mut table, ip, mac(250), now);
+        assert_eq!(table.of_mac(mac(250)).unwrap().state, State::Bound);
     }
 
     #[test]

@@ -1,0 +1,414 @@
+//! The DHCP engine: one socket per configured interface (bound to it with
+//! `SO_BINDTODEVICE`, so a request's interface is the socket it arrived
+//! on, and nothing is ever answered on an interface that was not given),
+//! plus port 4011 in proxy mode.
+//!
+//! Each socket's task reads every datagram that is waiting (up to
+//! [`BATCH`]), decides them all under one lock, writes the batch's lease
+//! changes to the journal with one `fdatasync`, and only then sends the
+//! replies: a power-on storm costs one disk sync per batch, not per lease,
+//! and no ACK ever leaves for a lease that a crash could forget.
+//!
+//! Replies to clients without an address go out as broadcasts, or as
+//! unicasts to the offered address after adding the client's hardware
+//! address to the neighbour table (`SIOCSARP`, needs `CAP_NET_ADMIN`; the
+//! broadcast is the fallback). DHCP runs on tokio for both backends: at a
+//! few thousand exchanges per second the disk sync, not the socket, is the
+//! cost.
+
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
+use std::os::fd::AsRawFd;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::SystemTime;
+
+use tracing::{debug, info, warn};
+
+use super::Shutdown;
+use crate::boot::events::Phase;
+use crate::boot::{Mac, Router};
+use crate::config::{DhcpConfig, DhcpMode};
+use crate::proto::dhcp::{parse_request, Destination, CLIENT_PORT, PXE_PORT, SERVER_PORT};
+use crate::server::dhcp::leases::{Journal, LeaseTable, Pool};
+use crate::server::dhcp::{decide, Context, Interface, Port, RateLimiter};
+
+/// Most datagrams decided (and journalled) together.
+pub const BATCH: usize = 256;
+
+/// State shared by every DHCP socket.
+pub struct DhcpService {
+    pub config: DhcpConfig,
+    pub router: Arc<Router>,
+    pub http_port: u16,
+    pub state: Mutex<DhcpState>,
+    pub stats: DhcpStats,
+}
+
+/// Leases, their journal and the rate limiter.
+pub struct DhcpState {
+    pub leases: LeaseTable,
+    journal: Option<Journal>,
+    limiter: RateLimiter,
+}
+
+/// Counters.
+#[derive(Debug, Default)]
+pub struct DhcpStats {
+    pub received: std::sync::atomic::AtomicU64,
+    pub replied: std::sync::atomic::AtomicU64,
+    pub dropped: std::sync::atomic::AtomicU64,
+}
+
+/// The IPv4 address and prefix length of interface `name`.
+pub fn interface(name: &str) -> Result<Interface, String> {
+    let addrs = nix::ifaddrs::getifaddrs().map_err(|e| format!("cannot list interfaces: {e}"))?;
+    for addr in addrs.filter(|a| a.interface_name == name) {
+        let (Some(ip), Some(mask)) = (
+            addr.address
+                .as_ref()
+                .and_then(|a| a.as_sockaddr_in())
+                .map(|a| a.ip()),
+            addr.netmask
+                .as_ref()
+                .and_then(|a| a.as_sockaddr_in())
+                .map(|a| a.ip()),
+        ) else {
+            continue;
+        };
+        return Ok(Interface {
+            name: name.to_string(),
+            addr: ip,
+            prefix_len: u32::from(mask).count_ones() as u8,
+        });
+    }
+    Err(format!(
+        "interface {name} does not exist or has no IPv4 address"
+    ))
+}
+
+impl DhcpService {
+    /// The service for `config`, with pools placed on the interfaces'
+    /// subnets and the lease journal replayed from `state_dir`.
+    pub fn new(
+        config: DhcpConfig,
+        interfaces: &[Interface],
+        router: Arc<Router>,
+        http_port: u16,
+        state_dir: &std::path::Path,
+    ) -> Result<Self, String> {
+        let mut pools = Vec::new();
+        for &(first, last, prefix) in &config.ranges {
+            let prefix_len = match prefix {
+                Some(prefix) => prefix,
+                None => interfaces
+                    .iter()
+                    .find(|i| Pool { first: i.addr, last: i.addr, prefix_len: i.prefix_len }.same_subnet(first))
+                    .map(|i| i.prefix_len)
+                    .ok_or_else(|| {
+                        format!(
+                            "dhcp range {first}-{last} is on no interface's subnet; for a relayed subnet write it as {first}-{last}/PREFIX"
+                        )
+                    })?,
+            };
+            pools.push(Pool {
+                first,
+                last,
+                prefix_len,
+            });
+        }
+        if config.mode == DhcpMode::Full && pools.is_empty() {
+            return Err("full DHCP mode needs at least one address range (dhcp.ranges or --dhcp-range FIRST-LAST)".into());
+        }
+        let mut leases = LeaseTable::new(pools, config.relay_pool_share);
+        let journal = if config.mode == DhcpMode::Full {
+            let (journal, count) = Journal::open(state_dir, &mut leases, SystemTime::now())
+                .map_err(|e| {
+                    format!(
+                        "cannot open the lease journal in {}: {e}",
+                        state_dir.display()
+                    )
+                })?;
+            info!(journal = %journal.path().display(), leases = count, "DHCP leases restored");
+            Some(journal)
+        } else {
+            None
+        };
+        let limiter = RateLimiter::new(config.max_requests_per_second_per_source);
+        Ok(Self {
+            config,
+            router,
+            http_port,
+            state: Mutex::new(DhcpState {
+                leases,
+                journal,
+                limiter,
+            }),
+            stats: DhcpStats::default(),
+        })
+    }
+}
+
+/// A UDP socket on `port` bound to interface `name`.
+pub fn interface_socket(name: &str, port: u16) -> std::io::Result<UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(
+        Domain::IPV4,
+        Type::DGRAM.nonblocking().cloexec(),
+        Some(Protocol::UDP),
+    )?;
+    // Beside another DHCP server on the same host (ProxyDHCP next to
+    // dnsmasq), both sockets must be allowed on port 67.
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.set_broadcast(true)?;
+    socket.bind_device(Some(name.as_bytes())).map_err(|e| {
+        std::io::Error::new(
+            e.kind(),
+            format!("cannot bind a socket to interface {name}: {e} (needs root or CAP_NET_RAW)"),
+        )
+    })?;
+    socket.bind(&SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)).into()).map_err(|e| {
+        std::io::Error::new(e.kind(), format!("cannot bind DHCP port {port} on {name}: {e} (another DHCP server running? ports below 1024 need CAP_NET_BIND_SERVICE)"))
+    })?;
+    let _ = socket.set_recv_buffer_size(8 << 20);
+    Ok(socket.into())
+}
+
+/// Binds every socket the configuration needs and starts serving.
+pub fn spawn(
+    service: Arc<DhcpService>,
+    interfaces: Vec<Interface>,
+    shutdown: Shutdown,
+) -> std::io::Result<JoinHandle<()>> {
+    let mut sockets = Vec::new();
+    for iface in &interfaces {
+        sockets.push((
+            iface.clone(),
+            Port::Dhcp,
+            interface_socket(&iface.name, SERVER_PORT)?,
+        ));
+        if service.config.mode == DhcpMode::Proxy {
+            sockets.push((
+                iface.clone(),
+                Port::Pxe,
+                interface_socket(&iface.name, PXE_PORT)?,
+            ));
+        }
+        info!(interface = %iface.name, addr = %iface.addr, prefix = iface.prefix_len, mode = ?service.config.mode, "DHCP listening");
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    std::thread::Builder::new()
+        .name("bootfleet-dhcp".into())
+        .spawn(move || {
+            runtime.block_on(async move {
+                let mut tasks = Vec::new();
+                for (iface, port, socket) in sockets {
+                    let service = Arc::clone(&service);
+                    let shutdown = shutdown.clone();
+                    tasks.push(tokio::spawn(async move {
+                        let socket = match tokio::net::UdpSocket::from_std(socket) {
+                            Ok(socket) => socket,
+                            Err(error) => return warn!(%error, "cannot register a DHCP socket"),
+                        };
+                        tokio::select! {
+                            _ = shutdown.wait() => {}
+                            _ = serve(&socket, &iface, port, &service) => {}
+                        }
+                    }));
+                }
+                for task in tasks {
+                    let _ = task.await;
+                }
+            })
+        })
+}
+
+async fn serve(
+    socket: &tokio::net::UdpSocket,
+    iface: &Interface,
+    port: Port,
+    service: &DhcpService,
+) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut buf = vec![0u8; 2048];
+    let mut batch: Vec<(Vec<u8>, SocketAddr)> = Vec::with_capacity(BATCH);
+    loop {
+        if socket.readable().await.is_err() {
+            return;
+        }
+        batch.clear();
+        while batch.len() < BATCH {
+            match socket.try_recv_from(&mut buf) {
+                Ok((n, peer)) => batch.push((buf[..n].to_vec(), peer)),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(error) => {
+                    debug!(%error, "DHCP receive error");
+                    break;
+                }
+            }
+        }
+        if batch.is_empty() {
+            continue;
+        }
+        service
+            .stats
+            .received
+            .fetch_add(batch.len() as u64, Relaxed);
+        let replies = decide_batch(&batch, iface, port, service);
+        for (mac, bytes, destination) in replies {
+            match send(socket, iface, &bytes, destination, mac) {
+                Ok(()) => {
+                    service.stats.replied.fetch_add(1, Relaxed);
+                }
+                Err(error) => debug!(%mac, ?destination, %error, "DHCP reply not sent"),
+            }
+        }
+    }
+}
+
+/// Decides a batch, journals its changes, and returns the replies to send.
+fn decide_batch(
+    batch: &[(Vec<u8>, SocketAddr)],
+    iface: &Interface,
+    port: Port,
+    service: &DhcpService,
+) -> Vec<(Mac, Vec<u8>, Destination)> {
+    use std::sync::atomic::Ordering::Relaxed;
+    let now = SystemTime::now();
+    let snapshot = service.router.snapshot();
+    let mut replies = Vec::with_capacity(batch.len());
+    let mut changes = Vec::new();
+    let mut events = Vec::new();
+    let mut state = service.state.lock().unwrap_or_else(|p| p.into_inner());
+    for (bytes, peer) in batch {
+        let (request, info) = match parse_request(bytes) {
+            Ok(parsed) => parsed,
+            Err(error) => {
+                service.stats.dropped.fetch_add(1, Relaxed);
+                debug!(%peer, %error, "DHCP datagram dropped");
+                continue;
+            }
+        };
+        let source = match peer {
+            SocketAddr::V4(v4) => *v4.ip(),
+            SocketAddr::V6(_) => continue,
+        };
+        if !state.limiter.allow(source, now) {
+            service.stats.dropped.fetch_add(1, Relaxed);
+            debug!(%source, mac = %info.mac, "DHCP request over the per-source rate; dropped");
+            continue;
+        }
+        let ctx = Context {
+            config: &service.config,
+            iface,
+            snapshot: &snapshot,
+            port,
+            peer: *peer,
+            http_port: service.http_port,
+            now,
+        };
+        let outcome = decide(&request, &info, &ctx, &mut state.leases);
+        if let Some(change) = outcome.change {
+            changes.push(change);
+        }
+        if let Some(summary) = outcome.summary {
+            events.push((
+                info.mac,
+                source,
+                format!("{:?}: {summary}", info.message_type),
+            ));
+        }
+        if let Some((bytes, destination)) = outcome.reply {
+            replies.push((info.mac, bytes, destination));
+        }
+    }
+    if let Some(journal) = state.journal.as_mut() {
+        if let Err(error) = journal.commit(&changes) {
+            // Without the journal a restart could hand these addresses out
+            // twice: answer nobody in this batch; clients retry.
+            warn!(%error, leases = changes.len(), "cannot write the lease journal; this batch is not answered");
+            return Vec::new();
+        }
+    }
+    drop(state);
+    for (mac, source, detail) in events {
+        service.router.events.record(
+            Some(mac),
+            std::net::IpAddr::V4(source),
+            Phase::Dhcp,
+            "dhcp",
+            detail,
+            0,
+            std::time::Duration::ZERO,
+            200,
+        );
+    }
+    replies
+}
+
+fn send(
+    socket: &tokio::net::UdpSocket,
+    iface: &Interface,
+    bytes: &[u8],
+    destination: Destination,
+    mac: Mac,
+) -> std::io::Result<()> {
+    if bytes.is_empty() {
+        return Err(std::io::Error::other("reply could not be encoded"));
+    }
+    let target = match destination {
+        Destination::Relay(relay) => SocketAddrV4::new(relay, SERVER_PORT),
+        Destination::Unicast(ip, port) => SocketAddrV4::new(ip, port),
+        Destination::Broadcast => SocketAddrV4::new(Ipv4Addr::BROADCAST, CLIENT_PORT),
+        Destination::Hardware { ip, mac } => {
+            if add_neighbour(socket, iface, ip, mac).is_ok() {
+                SocketAddrV4::new(ip, CLIENT_PORT)
+            } else {
+                SocketAddrV4::new(Ipv4Addr::BROADCAST, CLIENT_PORT)
+            }
+        }
+    };
+    let _ = mac;
+    socket
+        .try_send_to(bytes, SocketAddr::V4(target))
+        .map(|_| ())
+}
+
+/// Tells the kernel `ip` is at `mac` on `iface`, so a unicast reaches a
+/// client that cannot answer ARP yet (what RFC 2131 §4.1 asks for).
+fn add_neighbour(
+    socket: &tokio::net::UdpSocket,
+    iface: &Interface,
+    ip: Ipv4Addr,
+    mac: Mac,
+) -> std::io::Result<()> {
+    // SAFETY: arpreq is plain old data; zeroed is a valid value.
+    let mut request: libc::arpreq = unsafe { std::mem::zeroed() };
+    let address = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: 0,
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(ip).to_be(),
+        },
+        sin_zero: [0; 8],
+    };
+    // SAFETY: sockaddr_in fits in sockaddr (both 16 bytes).
+    request.arp_pa = unsafe { std::mem::transmute::<libc::sockaddr_in, libc::sockaddr>(address) };
+    request.arp_ha.sa_family = libc::ARPHRD_ETHER;
+    for (slot, byte) in request.arp_ha.sa_data.iter_mut().zip(mac.0) {
+        *slot = byte as libc::c_char;
+    }
+    request.arp_flags = libc::ATF_COM;
+    for (slot, byte) in request.arp_dev.iter_mut().zip(iface.name.bytes().take(15)) {
+        *slot = byte as libc::c_char;
+    }
+    // SAFETY: SIOCSARP with a fully initialised arpreq on a valid socket.
+    let rc = unsafe { libc::ioctl(socket.as_raw_fd(), libc::SIOCSARP, &request) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
