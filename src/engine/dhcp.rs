@@ -35,6 +35,9 @@ use crate::server::dhcp::{decide, Context, Interface, Port, RateLimiter};
 /// Most datagrams decided (and journalled) together.
 pub const BATCH: usize = 256;
 
+/// How long a batch waits for more requests before its disk sync.
+pub const COMMIT_WINDOW: std::time::Duration = std::time::Duration::from_millis(1);
+
 /// State shared by every DHCP socket.
 pub struct DhcpService {
     pub config: DhcpConfig,

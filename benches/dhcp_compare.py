@@ -1,0 +1,211 @@
+#!/usr/bin/env python3
+"""Side-by-side DHCP benchmark: bootfleet (full mode), Kea (memfile) and dnsmasq.
+
+Kea's perfdhcp (Debian package kea-admin) runs in relay mode over a veth pair
+between two network namespaces the script creates and removes. Each server is
+pinned to core 0 in its own cpuacct cgroup (joined before entering the
+namespace, since `ip netns exec` remounts /sys); perfdhcp is pinned to core 1.
+Every server persists its leases to a file in the same directory on the same
+disk (bootfleet: journal with fdatasync per batch; Kea: memfile; dnsmasq:
+its lease file).
+
+For each rate R (DORA exchanges per second), perfdhcp runs S seconds with new
+clients (random MACs) and the script records the exchanges completed, the
+drops of each half (DISCOVER-OFFER, REQUEST-ACK) and the server's CPU.
+
+Usage (as root, from the repository):
+    benches/dhcp_compare.py [--seconds S] [--rates 1000,3000,...] [--only NAMES]
+"""
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from tftp_compare import CGROOT, REPO, sh  # noqa: E402
+
+SERVER_NS, CLIENT_NS = "bfdhcpb_s", "bfdhcpb_c"
+SERVER_DEV, CLIENT_DEV = "bfdb_s", "bfdb_c"
+SERVER_IP, CLIENT_IP = "10.66.0.1", "10.66.0.2"
+RATES = [1000, 2000, 3000, 5000, 8000]
+
+
+def lab_up():
+    lab_down()
+    for ns in (SERVER_NS, CLIENT_NS):
+        sh("ip", "netns", "add", ns)
+    sh("ip", "link", "add", SERVER_DEV, "type", "veth", "peer", "name", CLIENT_DEV)
+    sh("ip", "link", "set", SERVER_DEV, "netns", SERVER_NS)
+    sh("ip", "link", "set", CLIENT_DEV, "netns", CLIENT_NS)
+    sh("ip", "-n", SERVER_NS, "addr", "add", f"{SERVER_IP}/16", "dev", SERVER_DEV)
+    sh("ip", "-n", CLIENT_NS, "addr", "add", f"{CLIENT_IP}/16", "dev", CLIENT_DEV)
+    for ns, dev in ((SERVER_NS, SERVER_DEV), (CLIENT_NS, CLIENT_DEV)):
+        sh("ip", "-n", ns, "link", "set", dev, "up")
+        sh("ip", "-n", ns, "link", "set", "lo", "up")
+
+
+def lab_down():
+    for ns in (SERVER_NS, CLIENT_NS):
+        subprocess.run(["ip", "netns", "del", ns], stderr=subprocess.DEVNULL)
+
+
+class NsServer:
+    def __init__(self, name, argv, cgroup):
+        self.name, self.argv, self.cgroup = name, argv, CGROOT / cgroup
+        self.proc = None
+
+    def start(self):
+        self.cgroup.mkdir(exist_ok=True)
+        script = f'echo $$ > {self.cgroup}/cgroup.procs && exec ip netns exec {SERVER_NS} taskset -c 0 "$@"'
+        self.proc = subprocess.Popen(["sh", "-c", script, "sh", *self.argv], stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL, start_new_session=True)
+        time.sleep(1.5)
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"{self.name} exited at start: {self.argv}")
+
+    def cpu_ns(self):
+        return int((self.cgroup / "cpuacct.usage").read_text())
+
+    def stop(self):
+        if self.proc:
+            os.killpg(self.proc.pid, 15)
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, 9)
+                self.proc.wait()
+        for _ in range(50):
+            if not (self.cgroup / "cgroup.procs").read_text().split():
+                break
+            time.sleep(0.1)
+        try:
+            self.cgroup.rmdir()
+        except OSError:
+            pass
+
+
+def servers(work: Path):
+    root = work / "boot"
+    root.mkdir(exist_ok=True)
+    kea_conf = work / "kea.json"
+    kea_conf.write_text(json.dumps({"Dhcp4": {
+        "interfaces-config": {"interfaces": [SERVER_DEV], "dhcp-socket-type": "udp"},
+        "lease-database": {"type": "memfile", "persist": True, "name": str(work / "kea-leases.csv"), "lfc-interval": 0},
+        "valid-lifetime": 3600,
+        "subnet4": [{"id": 1, "subnet": "10.66.0.0/16", "pools": [{"pool": "10.66.1.0 - 10.66.255.254"}]}],
+        "loggers": [{"name": "kea-dhcp4", "severity": "ERROR", "output_options": [{"output": "stderr"}]}],
+    }}))
+    return [
+        NsServer("bootfleet", [str(REPO / "target/release/bootfleet"), "serve", "--root", str(root), "--state-dir", str(work / "bootfleet-state"),
+                               "--tftp-listen", f"{SERVER_IP}:69", "--http-listen", f"{SERVER_IP}:80", "--workers", "1",
+                               "--dhcp-mode", "full", "--dhcp-interface", SERVER_DEV, "--dhcp-range", "10.66.1.0-10.66.255.254",
+                               "--log-level", "warn"], "bfbench_dhcp_bootfleet"),
+        NsServer("kea-dhcp4", ["kea-dhcp4", "-c", str(kea_conf)], "bfbench_dhcp_kea"),
+        NsServer("dnsmasq", ["dnsmasq", "-k", "--conf-file=/dev/null", "--port=0", f"--interface={SERVER_DEV}", "--bind-interfaces",
+                             "--dhcp-range=10.66.1.0,10.66.255.254,255.255.0.0,1h", "--dhcp-lease-max=1000000",
+                             f"--dhcp-leasefile={work / 'dnsmasq.leases'}", "--user=root", "--pid-file="], "bfbench_dhcp_dnsmasq"),
+    ]
+
+
+def stat(text: str, section: str, key: str) -> float:
+    part = text.split(f"***Statistics for: {section}***", 1)
+    if len(part) < 2:
+        return 0.0
+    match = re.search(rf"^{re.escape(key)}: ([0-9.]+)", part[1], re.M)
+    return float(match.group(1)) if match else 0.0
+
+
+def run_rate(server: NsServer, rate: int, seconds: int) -> dict:
+    cpu0 = server.cpu_ns()
+    out = subprocess.run(["taskset", "-c", "1", "ip", "netns", "exec", CLIENT_NS, "perfdhcp", "-4", "-l", CLIENT_DEV,
+                          "-r", str(rate), "-R", "1000000", "-p", str(seconds), SERVER_IP],
+                         capture_output=True, text=True, timeout=seconds + 60)
+    cpu = (server.cpu_ns() - cpu0) / 1e9
+    text = out.stdout
+    acks = stat(text, "REQUEST-ACK", "received packets")
+    report = {
+        "server": server.name, "rate": rate, "seconds": seconds,
+        "discovers": stat(text, "DISCOVER-OFFER", "sent packets"),
+        "offers": stat(text, "DISCOVER-OFFER", "received packets"),
+        "offer_drops": stat(text, "DISCOVER-OFFER", "drops"),
+        "requests": stat(text, "REQUEST-ACK", "sent packets"),
+        "acks": acks,
+        "ack_drops": stat(text, "REQUEST-ACK", "drops"),
+        "dora_per_s": acks / seconds,
+        "server_cpu_s": cpu,
+        "cpu_us_per_dora": cpu * 1e6 / acks if acks else None,
+        "avg_ack_delay_ms": stat(text, "REQUEST-ACK", "avg delay"),
+    }
+    print(f"{server.name:10} rate {rate:>5}/s: {report['dora_per_s']:>7.0f} DORA/s, drops {report['offer_drops']:.0f}+{report['ack_drops']:.0f}, "
+          f"cpu {cpu:.2f} s ({report['cpu_us_per_dora'] or 0:.0f} µs/DORA)", flush=True)
+    return report
+
+
+def markdown(results, command):
+    lines = ["<!-- dhcp-compare:begin -->", "## DHCP: bootfleet against Kea and dnsmasq", "",
+             f"Command: `{command}` (generated; do not edit by hand).", "",
+             "perfdhcp in relay mode over a veth pair, new clients at a fixed rate; servers on core 0 (CPU from their cgroups), "
+             "perfdhcp on core 1; every server persists leases to disk.", "",
+             "| offered rate /s | server | DORA/s completed | DISCOVER drops | REQUEST drops | server CPU µs per DORA | avg ACK delay ms |",
+             "|---:|---|---:|---:|---:|---:|---:|"]
+    for r in results:
+        per = f"{r['cpu_us_per_dora']:.0f}" if r["cpu_us_per_dora"] else "-"
+        lines.append(f"| {r['rate']} | {r['server']} | {r['dora_per_s']:.0f} | {r['offer_drops']:.0f} | {r['ack_drops']:.0f} | {per} | {r['avg_ack_delay_ms']:.2f} |")
+    lines.append("<!-- dhcp-compare:end -->")
+    return "\n".join(lines)
+
+
+def write_section(out: Path, section: str):
+    text = out.read_text() if out.exists() else ""
+    if "<!-- dhcp-compare:begin -->" in text:
+        head, rest = text.split("<!-- dhcp-compare:begin -->", 1)
+        text = head + section + rest.split("<!-- dhcp-compare:end -->", 1)[1]
+    else:
+        text += "\n" + section + "\n"
+    out.write_text(text)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seconds", type=int, default=10)
+    parser.add_argument("--rates", default=",".join(map(str, RATES)))
+    parser.add_argument("--only", default="")
+    parser.add_argument("--out", default=str(REPO / "docs/benchmarks.md"))
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        sys.exit("run as root: the benchmark makes network namespaces and cgroups")
+    for tool, package in [("perfdhcp", "kea-admin"), ("kea-dhcp4", "kea-dhcp4-server"), ("dnsmasq", "dnsmasq-base")]:
+        if subprocess.run(["sh", "-c", f"command -v {tool}"], capture_output=True).returncode != 0:
+            sh("apt-get", "install", "-y", "-q", "--no-install-recommends", package, env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+    subprocess.run(["systemctl", "stop", "kea-dhcp4-server"], stderr=subprocess.DEVNULL)
+    Path("/run/kea").mkdir(exist_ok=True)  # Kea's PID file and logger lock live here
+    sh("cargo", "build", "--release", "-p", "bootfleet", cwd=REPO)
+    rates = [int(r) for r in args.rates.split(",")]
+    results = []
+    lab_up()
+    try:
+        for server in servers(Path(tempfile.mkdtemp(prefix="bootfleet-dhcp-bench-", dir="/var/tmp"))):
+            if args.only and server.name not in args.only.split(","):
+                continue
+            server.start()
+            try:
+                for rate in rates:
+                    results.append(run_rate(server, rate, args.seconds))
+            finally:
+                server.stop()
+    finally:
+        lab_down()
+    results.sort(key=lambda r: (r["rate"], r["server"]))
+    command = f"sudo benches/dhcp_compare.py --seconds {args.seconds} --rates {args.rates}"
+    write_section(Path(args.out), markdown(results, command))
+    print(f"table written into {args.out}")
+
+
+if __name__ == "__main__":
+    main()
