@@ -43,6 +43,7 @@
 //! domain = "cluster.local"     # option 15 (full mode)
 //! relay_pool_share = 0.75      # most of a pool one relay may hold
 //! max_requests_per_second_per_source = 20000
+//! sync_leases = true           # fdatasync leases before ACKs (false: write only)
 //! bios = "undionly.kpxe"       # first-stage loaders by architecture
 //! uefi_x64 = "ipxe.efi"
 //! uefi_ia32 = "ipxe-i386.efi"
@@ -161,6 +162,7 @@ pub struct FileDhcp {
     pub domain: Option<String>,
     pub relay_pool_share: Option<Spanned<f64>>,
     pub max_requests_per_second_per_source: Option<Spanned<u64>>,
+    pub sync_leases: Option<bool>,
     pub bios: Option<String>,
     pub uefi_x64: Option<String>,
     pub uefi_ia32: Option<String>,
@@ -222,6 +224,9 @@ pub struct DhcpConfig {
     pub domain: Option<String>,
     pub relay_pool_share: f64,
     pub max_requests_per_second_per_source: u32,
+    /// `fdatasync` the lease journal before ACKs (power-loss safe) or only
+    /// write it (restart safe).
+    pub sync_leases: bool,
     pub boot: BootFiles,
     pub quirks: Vec<Quirk>,
 }
@@ -405,6 +410,7 @@ impl Default for Config {
                 domain: None,
                 relay_pool_share: 0.75,
                 max_requests_per_second_per_source: 20_000,
+                sync_leases: true,
                 boot: BootFiles {
                     bios: "undionly.kpxe".into(),
                     uefi_x64: "ipxe.efi".into(),
@@ -526,6 +532,9 @@ impl Validator<'_> {
             1..=10_000_000,
             u64::from(c.max_requests_per_second_per_source),
         )? as u32;
+        if let Some(sync) = d.sync_leases {
+            c.sync_leases = sync;
+        }
         let b = &mut c.boot;
         for (value, slot) in [
             (&d.bios, &mut b.bios),

@@ -254,6 +254,9 @@ impl LeaseTable {
 pub struct Journal {
     path: PathBuf,
     file: File,
+    /// `fdatasync` each batch (survives power loss) or only write it
+    /// (survives a restart of bootfleet, as Kea's memfile does).
+    pub sync: bool,
 }
 
 impl Journal {
@@ -302,10 +305,10 @@ impl Journal {
             table.apply(*lease);
         }
         let file = std::fs::OpenOptions::new().append(true).open(&path)?;
-        Ok((Self { path, file }, keep.len()))
+        Ok((Self { path, file, sync: true }, keep.len()))
     }
 
-    /// Appends `changes` and waits until they are on disk.
+    /// Appends `changes` and, with `sync`, waits until they are on disk.
     pub fn commit(&mut self, changes: &[LeaseChange]) -> std::io::Result<()> {
         if changes.is_empty() {
             return Ok(());
@@ -316,7 +319,10 @@ impl Journal {
             buf.push(b'\n');
         }
         self.file.write_all(&buf)?;
-        self.file.sync_data()
+        if self.sync {
+            self.file.sync_data()?;
+        }
+        Ok(())
     }
 
     pub fn path(&self) -> &Path {
