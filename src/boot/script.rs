@@ -28,18 +28,34 @@ pub const FACTS: [(&str, &str); 7] = [
 
 /// `/boot.ipxe` for a server reachable at `base_url` (e.g.
 /// `http://192.168.1.1:8080`, no trailing slash).
+///
+/// Each fact is added by its own `isset … && set …` line rather than
+/// written into the URL at once: older iPXE builds (Debian's 2019 one among
+/// them) cut a whole command line short at a typed expansion of an unset
+/// setting (`${uuid:uristring}` on a machine without an SMBIOS UUID), and
+/// format `${uuid:uristring}` as raw bytes. The UUID is therefore expanded
+/// as `${uuid}` (its own text form: hex digits and dashes) and every string
+/// fact as `:uristring` (also in its `isset` test, where a space would
+/// make two arguments); a fact that is not set is left out.
 pub fn chain_script(base_url: &str) -> String {
-    let query: Vec<String> = FACTS
-        .iter()
-        .map(|(name, setting)| format!("{name}=${{{setting}:uristring}}"))
-        .collect();
-    format!(
-        "#!ipxe\n\
-         # bootfleet: fetch this machine's own script, chosen by its MAC address\n\
-         chain --autofree {}/boot/${{net0/mac}}.ipxe?{}\n",
-        base_url.trim_end_matches('/'),
-        query.join("&")
-    )
+    let mut script = String::from(
+        "#!ipxe\n# bootfleet: fetch this machine's own script, chosen by its MAC address\nset bootfleet-facts from=ipxe\n",
+    );
+    for (name, setting) in FACTS {
+        let expansion = if setting == "uuid" {
+            format!("${{{setting}}}")
+        } else {
+            format!("${{{setting}:uristring}}")
+        };
+        script.push_str(&format!(
+            "isset {expansion} && set bootfleet-facts ${{bootfleet-facts}}&{name}={expansion} ||\n"
+        ));
+    }
+    script.push_str(&format!(
+        "chain --autofree {}/boot/${{net0/mac}}.ipxe?${{bootfleet-facts}}\n",
+        base_url.trim_end_matches('/')
+    ));
+    script
 }
 
 /// A per-machine script an operator placed in the boot directory.
@@ -154,21 +170,23 @@ mod tests {
     const MAC: Mac = Mac([0x52, 0x54, 0x00, 0x12, 0x34, 0x56]);
 
     #[test]
-    fn chain_script_carries_every_fact_uri_escaped() {
+    fn chain_script_carries_every_fact_that_is_set() {
         let script = chain_script("http://10.0.0.1:8080/");
         assert!(script.starts_with("#!ipxe\n"));
-        let chain = script.lines().find(|l| l.starts_with("chain ")).unwrap();
-        assert!(
-            chain.starts_with("chain --autofree http://10.0.0.1:8080/boot/${net0/mac}.ipxe?"),
-            "{chain}"
-        );
+        assert!(script.ends_with(
+            "chain --autofree http://10.0.0.1:8080/boot/${net0/mac}.ipxe?${bootfleet-facts}\n"
+        ));
         for (name, setting) in FACTS {
-            assert!(
-                chain.contains(&format!("{name}=${{{setting}:uristring}}")),
-                "{name}: {chain}"
+            let expansion = if setting == "uuid" {
+                "${uuid}".to_string()
+            } else {
+                format!("${{{setting}:uristring}}")
+            };
+            let line = format!(
+                "isset {expansion} && set bootfleet-facts ${{bootfleet-facts}}&{name}={expansion} ||"
             );
+            assert!(script.lines().any(|l| l == line), "{line}\n{script}");
         }
-        assert_eq!(chain.matches('&').count(), FACTS.len() - 1);
     }
 
     #[test]

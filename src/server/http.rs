@@ -131,6 +131,7 @@ impl HttpService {
     pub fn respond(&self, request: &Request, local: SocketAddr, peer: SocketAddr) -> Response {
         self.stats.requests.fetch_add(1, Ordering::Relaxed);
         let head_only = request.method == Method::Head;
+        debug!(%peer, method = ?request.method, path = %request.path, query = ?request.query, "HTTP request");
         if let Method::Other(method) = &request.method {
             debug!(%peer, %method, path = %request.path, "method not allowed");
             let mut response = self.text(405, "only GET and HEAD are served\n", request, false);

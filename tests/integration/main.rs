@@ -6,6 +6,7 @@ mod dhcp_namespace;
 mod hostile;
 mod http;
 mod lossy_namespace;
+mod qemu_boot;
 mod real_clients;
 mod router;
 mod uploads;

@@ -118,7 +118,7 @@ fn every_mac_spelling_gets_the_same_rendered_script() {
     let chain = text(&curl(&server.url("/boot.ipxe"), &[]));
     assert!(
         chain.contains(&format!(
-            "chain --autofree http://{host}/boot/${{net0/mac}}.ipxe?uuid=${{uuid:uristring}}&"
+            "chain --autofree http://{host}/boot/${{net0/mac}}.ipxe?${{bootfleet-facts}}"
         )),
         "{chain}"
     );

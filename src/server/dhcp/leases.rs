@@ -305,7 +305,14 @@ impl Journal {
             table.apply(*lease);
         }
         let file = std::fs::OpenOptions::new().append(true).open(&path)?;
-        Ok((Self { path, file, sync: true }, keep.len()))
+        Ok((
+            Self {
+                path,
+                file,
+                sync: true,
+            },
+            keep.len(),
+        ))
     }
 
     /// Appends `changes` and, with `sync`, waits until they are on disk.

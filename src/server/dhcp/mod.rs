@@ -117,7 +117,11 @@ pub fn boot_answer(info: &ClientInfo, ctx: &Context<'_>) -> Option<BootAnswer> {
             file_override = quirk.boot_file.clone().or(file_override);
         }
     }
-    let http_base = format!("http://{}:{}", ctx.iface.addr, ctx.http_port);
+    let http_base = if ctx.http_port == 80 {
+        format!("http://{}", ctx.iface.addr)
+    } else {
+        format!("http://{}:{}", ctx.iface.addr, ctx.http_port)
+    };
     if info.ipxe {
         let url = ctx
             .config
