@@ -46,10 +46,10 @@ pub fn start(
         .canonicalize()
         .with_context(|| format!("boot directory {}", config.root.display()))?;
     let inventory_path = root.join(&config.inventory_file);
-    let router = Arc::new(
-        Router::new(&root, &inventory_path, &config.state_dir)
-            .context("the inventory must load at start-up; fix it or move it aside")?,
-    );
+    let mut router = Router::new(&root, &inventory_path, &config.state_dir)
+        .context("the inventory must load at start-up; fix it or move it aside")?;
+    router.set_loader_files(config.dhcp.loader_files());
+    let router = Arc::new(router);
     let cache = FileCache::new(config.cache_max_bytes);
     let mut tftp_service = TftpService::new(&root, &config.tftp, cache.clone())?;
     tftp_service.add_generator(router.clone());

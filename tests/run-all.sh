@@ -11,10 +11,15 @@ SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 
 # Real peers the tests run: tftp-hpa's and atftp's clients, curl; ip and nft
-# for the lossy network-namespace link; busybox (udhcpc), isc-dhcp-client
-# (dhclient) and dnsmasq-base for the DHCP tests; systemd-analyze for the unit; g++
-# for libFuzzer.
-APT_PACKAGES=(tftp-hpa atftp curl iproute2 nftables systemd g++ pkg-config busybox isc-dhcp-client dnsmasq-base procps)
+# for the lossy network-namespace link; busybox (udhcpc; the static build,
+# which also goes into the test machines' initramfs), isc-dhcp-client
+# (dhclient), dnsmasq-base and ndisc6 (rdisc6) for the DHCP tests;
+# systemd-analyze for the unit; g++ for libFuzzer. The machines that boot
+# end to end: QEMU, SeaBIOS's iPXE ROMs (ipxe-qemu), UEFI (ovmf), Debian's
+# ipxe.efi (ipxe), and the kernel they boot (linux-image-amd64, with kmod,
+# cpio, xz-utils and zstd to build their initramfs).
+APT_PACKAGES=(tftp-hpa atftp curl iproute2 nftables systemd g++ pkg-config busybox-static isc-dhcp-client
+    dnsmasq-base ndisc6 procps qemu-system-x86 ipxe-qemu ipxe ovmf linux-image-amd64 kmod cpio xz-utils zstd)
 missing=()
 for package in "${APT_PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")

@@ -20,6 +20,9 @@ use super::Mac;
 pub enum Phase {
     /// A DHCP decision (offer, ack, proxy answer...).
     Dhcp,
+    /// A first-stage loader named in a DHCP boot answer (`undionly.kpxe`,
+    /// `ipxe.efi`...), fetched over TFTP or HTTP.
+    Loader,
     /// `/boot.ipxe`.
     Chain,
     /// `/boot/{mac}.ipxe`.

@@ -15,12 +15,13 @@
 //! The snapshot is swapped atomically ([`arc_swap`]); readers never wait on
 //! a reload. A file that fails to load keeps the last good snapshot.
 //!
-//! Kernels and initrds carry no MAC address, so the router remembers which
-//! client address last asked for which machine's script; that is how a
-//! kernel fetch becomes a boot event of the right machine and how a
-//! one-shot assignment learns it has been used.
+//! Loaders, kernels and initrds carry no MAC address, so the router
+//! remembers which client address is which machine (from the address DHCP
+//! gave it, or the last script it asked for); that is how a kernel fetch
+//! becomes a boot event of the right machine and how a one-shot assignment
+//! learns it has been used.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -108,6 +109,9 @@ pub struct Router {
     one_shot: OneShotLedger,
     seen: Mutex<HashMap<Mac, SeenMachine>>,
     client_machines: Mutex<HashMap<IpAddr, Mac>>,
+    /// First-stage loaders the DHCP answers name: their fetches are the
+    /// loader phase of a boot.
+    loader_files: HashSet<String>,
     /// The file version that last failed to load.
     failed_source: Mutex<Option<(SystemTime, u64)>>,
     pub events: EventLog,
@@ -135,6 +139,7 @@ impl Router {
             one_shot: OneShotLedger::open(state_dir),
             seen: Mutex::new(HashMap::new()),
             client_machines: Mutex::new(HashMap::new()),
+            loader_files: HashSet::new(),
             failed_source: Mutex::new(None),
             events: EventLog::new(100_000),
         };
@@ -372,16 +377,7 @@ impl Router {
         discovered: bool,
     ) {
         let now = now_ms();
-        {
-            let mut clients = self
-                .client_machines
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
-            if clients.len() >= MAX_SEEN && !clients.contains_key(&client) {
-                clients.clear();
-            }
-            clients.insert(client, mac);
-        }
+        self.note_client(client, mac);
         let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
         if seen.len() >= MAX_SEEN && !seen.contains_key(&mac) {
             return;
@@ -426,6 +422,26 @@ impl Router {
         out
     }
 
+    /// Records that `client` is `mac` (it asked for a script, or DHCP gave
+    /// or confirmed that address), so that file fetches, which carry no
+    /// MAC address, can be put on that machine's timeline.
+    pub fn note_client(&self, client: IpAddr, mac: Mac) {
+        let mut clients = self
+            .client_machines
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if clients.len() >= MAX_SEEN && !clients.contains_key(&client) {
+            clients.clear();
+        }
+        clients.insert(client, mac);
+    }
+
+    /// Names the first-stage loaders (paths relative to the boot
+    /// directory) whose fetches are recorded as the loader phase.
+    pub fn set_loader_files(&mut self, files: impl IntoIterator<Item = String>) {
+        self.loader_files = files.into_iter().collect();
+    }
+
     /// The machine that last asked for a script from `client`.
     pub fn machine_at(&self, client: IpAddr) -> Option<Mac> {
         let clients = self
@@ -436,7 +452,7 @@ impl Router {
     }
 
     /// Tells the router that a file was served (`complete`: every byte of
-    /// a whole-file response): kernels and initrds become boot events, and
+    /// a whole-file response): loaders, kernels and initrds become boot events, and
     /// a kernel fetched by a one-shot machine uses its assignment up.
     #[allow(clippy::too_many_arguments)]
     pub fn file_served(
@@ -449,6 +465,20 @@ impl Router {
         status: u16,
         complete: bool,
     ) {
+        if self.loader_files.contains(path) {
+            let mac = self.machine_at(client);
+            self.events.record(
+                mac,
+                client,
+                Phase::Loader,
+                transport,
+                path.to_string(),
+                bytes,
+                duration,
+                status,
+            );
+            return;
+        }
         let loaded = self.current.load();
         let Some(role) = loaded.snapshot.boot_files.get(path).copied() else {
             return;
@@ -787,6 +817,28 @@ netboot = false
         ), "{body}");
         assert!(body.contains("initrd --name initrd.img http://10.0.0.1:8080/debian/initrd.img\n"));
         assert!(body.contains("(node01)"));
+    }
+
+    #[test]
+    fn loader_fetches_land_on_the_machine_dhcp_addressed() {
+        let mut s = setup(INVENTORY);
+        s.router.set_loader_files(["undionly.kpxe".to_string()]);
+        let mac = Mac::parse("52:54:00:00:00:02").unwrap();
+        let peer: IpAddr = "10.0.0.51".parse().unwrap();
+        // Before DHCP has told the router who is at that address, the
+        // fetch is still an event, with no machine.
+        s.router
+            .file_served("undionly.kpxe", peer, "tftp", 70, Duration::ZERO, 200, true);
+        s.router.note_client(peer, mac);
+        s.router
+            .file_served("undionly.kpxe", peer, "tftp", 70, Duration::ZERO, 200, true);
+        s.router
+            .file_served("other.bin", peer, "tftp", 70, Duration::ZERO, 200, true);
+        let events = s.router.events.recent(None, 10);
+        let loaders: Vec<_> = events.iter().filter(|e| e.phase == Phase::Loader).collect();
+        assert_eq!(loaders.len(), 2, "{events:?}");
+        assert_eq!(s.router.events.recent(Some(mac), 10).len(), 1);
+        assert!(events.iter().all(|e| e.detail != "other.bin"));
     }
 
     #[test]

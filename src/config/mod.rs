@@ -44,6 +44,7 @@
 //! relay_pool_share = 0.75      # most of a pool one relay may hold
 //! max_requests_per_second_per_source = 20000
 //! sync_leases = true           # fdatasync leases before ACKs (false: write only)
+//! answer_router_solicitations = true  # end iPXE's ~13 s IPv6 wait (default: full mode only)
 //! bios = "undionly.kpxe"       # first-stage loaders by architecture
 //! uefi_x64 = "ipxe.efi"
 //! uefi_ia32 = "ipxe-i386.efi"
@@ -163,6 +164,7 @@ pub struct FileDhcp {
     pub relay_pool_share: Option<Spanned<f64>>,
     pub max_requests_per_second_per_source: Option<Spanned<u64>>,
     pub sync_leases: Option<bool>,
+    pub answer_router_solicitations: Option<bool>,
     pub bios: Option<String>,
     pub uefi_x64: Option<String>,
     pub uefi_ia32: Option<String>,
@@ -227,6 +229,11 @@ pub struct DhcpConfig {
     /// `fdatasync` the lease journal before ACKs (power-loss safe) or only
     /// write it (restart safe).
     pub sync_leases: bool,
+    /// Answer IPv6 Router Solicitations on the DHCP interfaces with an
+    /// advertisement that configures nothing, so that iPXE stops waiting
+    /// for IPv6 (see [`crate::proto::ndp`]); `None`: only in full mode,
+    /// where bootfleet owns the boot LAN.
+    pub answer_router_solicitations: Option<bool>,
     pub boot: BootFiles,
     pub quirks: Vec<Quirk>,
 }
@@ -242,6 +249,43 @@ pub struct BootFiles {
     pub http_arm64: String,
     /// Default: `http://<interface address>:<HTTP port>/boot.ipxe`.
     pub script_url: Option<String>,
+}
+
+impl DhcpConfig {
+    /// Whether IPv6 Router Solicitations are answered (by default only in
+    /// full mode: beside another DHCP server the network has an owner).
+    pub fn answers_router_solicitations(&self) -> bool {
+        self.mode != DhcpMode::Off
+            && self
+                .answer_router_solicitations
+                .unwrap_or(self.mode == DhcpMode::Full)
+    }
+
+    /// Every first-stage loader a boot answer can name, as paths relative
+    /// to the boot directory (URLs lose their scheme and host), so that
+    /// their fetches can be told apart as the loader phase of a boot.
+    pub fn loader_files(&self) -> Vec<String> {
+        let boot = &self.boot;
+        [
+            &boot.bios,
+            &boot.uefi_x64,
+            &boot.uefi_ia32,
+            &boot.uefi_arm64,
+            &boot.http_x64,
+            &boot.http_arm64,
+        ]
+        .into_iter()
+        .chain(self.quirks.iter().filter_map(|q| q.boot_file.as_ref()))
+        .map(|file| {
+            let path = match file.split_once("://") {
+                Some((_, rest)) => rest.split_once('/').map_or("", |(_, path)| path),
+                None => file.as_str(),
+            };
+            path.trim_start_matches('/').to_string()
+        })
+        .filter(|path| !path.is_empty())
+        .collect()
+    }
 }
 
 /// Parses `FIRST-LAST` or `FIRST-LAST/PREFIX`.
@@ -411,6 +455,7 @@ impl Default for Config {
                 relay_pool_share: 0.75,
                 max_requests_per_second_per_source: 20_000,
                 sync_leases: true,
+                answer_router_solicitations: None,
                 boot: BootFiles {
                     bios: "undionly.kpxe".into(),
                     uefi_x64: "ipxe.efi".into(),
@@ -534,6 +579,9 @@ impl Validator<'_> {
         )? as u32;
         if let Some(sync) = d.sync_leases {
             c.sync_leases = sync;
+        }
+        if d.answer_router_solicitations.is_some() {
+            c.answer_router_solicitations = d.answer_router_solicitations;
         }
         let b = &mut c.boot;
         for (value, slot) in [
@@ -720,6 +768,22 @@ mod tests {
         let c = parse("root = \"boot\"\n").unwrap();
         assert_eq!(c.root, PathBuf::from("/etc/bootfleet/boot"));
         assert!(!c.root_is_default);
+    }
+
+    #[test]
+    fn loader_files_are_paths_inside_the_boot_directory() {
+        let c = parse(
+            "[dhcp]\nhttp_x64 = \"http://10.0.0.1:8080/efi/ipxe.efi\"\n\
+             [[dhcp.quirks]]\nmac_prefix = \"b8:27:eb\"\nboot_file = \"/rpi/bootcode.bin\"\n",
+        )
+        .unwrap();
+        let files = c.dhcp.loader_files();
+        for expected in ["undionly.kpxe", "efi/ipxe.efi", "rpi/bootcode.bin"] {
+            assert!(files.iter().any(|f| f == expected), "{expected}: {files:?}");
+        }
+        assert!(files
+            .iter()
+            .all(|f| !f.contains("://") && !f.starts_with('/')));
     }
 
     #[test]

@@ -12,7 +12,8 @@
 //! Replies to clients without an address go out as broadcasts, or as
 //! unicasts to the offered address after adding the client's hardware
 //! address to the neighbour table (`SIOCSARP`, needs `CAP_NET_ADMIN`; the
-//! broadcast is the fallback). DHCP runs on tokio for both backends: at a
+//! broadcast is the fallback). IPv6 router solicitations on the same
+//! interfaces are answered by [`super::ndp`]. DHCP runs on tokio for both backends: at a
 //! few thousand exchanges per second the disk sync, not the socket, is the
 //! cost.
 
@@ -28,8 +29,10 @@ use super::Shutdown;
 use crate::boot::events::Phase;
 use crate::boot::{Mac, Router};
 use crate::config::{DhcpConfig, DhcpMode};
+use dhcproto::v4::MessageType;
+
 use crate::proto::dhcp::{parse_request, Destination, CLIENT_PORT, PXE_PORT, SERVER_PORT};
-use crate::server::dhcp::leases::{Journal, LeaseTable, Pool};
+use crate::server::dhcp::leases::{Journal, LeaseTable, Pool, State as LeaseState};
 use crate::server::dhcp::{decide, Context, Interface, Port, RateLimiter};
 
 /// Most datagrams decided (and journalled) together.
@@ -199,6 +202,20 @@ pub fn spawn(
         }
         info!(interface = %iface.name, addr = %iface.addr, prefix = iface.prefix_len, mode = ?service.config.mode, "DHCP listening");
     }
+    let mut responders = Vec::new();
+    if service.config.answers_router_solicitations() {
+        for iface in &interfaces {
+            match super::ndp::responder(&iface.name) {
+                Ok(responder) => responders.push(responder),
+                Err(error) => warn!(
+                    interface = %iface.name,
+                    %error,
+                    "cannot answer IPv6 router solicitations, so iPXE will wait ~13 s for IPv6 on every boot; \
+                     grant CAP_NET_RAW, or set dhcp.answer_router_solicitations = false to silence this"
+                ),
+            }
+        }
+    }
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -218,6 +235,15 @@ pub fn spawn(
                         tokio::select! {
                             _ = shutdown.wait() => {}
                             _ = serve(&socket, &iface, port, &service) => {}
+                        }
+                    }));
+                }
+                for responder in responders {
+                    let shutdown = shutdown.clone();
+                    tasks.push(tokio::spawn(async move {
+                        tokio::select! {
+                            _ = shutdown.wait() => {}
+                            _ = responder.serve() => {}
                         }
                     }));
                 }
@@ -284,6 +310,7 @@ fn decide_batch(
     let mut replies = Vec::with_capacity(batch.len());
     let mut changes = Vec::new();
     let mut events = Vec::new();
+    let mut known_clients = Vec::new();
     let mut state = service.state.lock().unwrap_or_else(|p| p.into_inner());
     for (bytes, peer) in batch {
         let (request, info) = match parse_request(bytes) {
@@ -313,6 +340,24 @@ fn decide_batch(
             now,
         };
         let outcome = decide(&request, &info, &ctx, &mut state.leases);
+        // The address this machine will fetch its loader from: the lease
+        // it was given, its own (ProxyDHCP on port 4011, INFORM), or, beside
+        // another DHCP server, the one it asks that server for.
+        let bound = outcome
+            .change
+            .as_ref()
+            .filter(|lease| lease.mac == info.mac && lease.state == LeaseState::Bound);
+        if let Some(lease) = bound {
+            known_clients.push((lease.ip, info.mac));
+        } else if !info.giaddr.is_unspecified() {
+            // Relayed: the source is the relay.
+        } else if !source.is_unspecified() {
+            known_clients.push((source, info.mac));
+        } else if let (DhcpMode::Proxy, MessageType::Request, Some(ip)) =
+            (service.config.mode, info.message_type, info.requested_ip)
+        {
+            known_clients.push((ip, info.mac));
+        }
         if let Some(change) = outcome.change {
             changes.push(change);
         }
@@ -336,6 +381,9 @@ fn decide_batch(
         }
     }
     drop(state);
+    for (ip, mac) in known_clients {
+        service.router.note_client(std::net::IpAddr::V4(ip), mac);
+    }
     for (mac, source, detail) in events {
         service.router.events.record(
             Some(mac),

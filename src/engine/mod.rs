@@ -24,6 +24,7 @@ use crate::server::tftp::TftpService;
 pub mod dhcp;
 pub mod epoll;
 pub mod http;
+pub mod ndp;
 pub mod uring;
 
 /// The backend actually running.

@@ -9,4 +9,5 @@
 
 pub mod dhcp;
 pub mod http;
+pub mod ndp;
 pub mod tftp;

@@ -24,7 +24,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use tracing::{debug, warn};
+use tracing::{debug, trace, warn};
 
 use crate::boot::events::Phase;
 use crate::boot::{chain_script, Mac, Router};
@@ -131,7 +131,7 @@ impl HttpService {
     pub fn respond(&self, request: &Request, local: SocketAddr, peer: SocketAddr) -> Response {
         self.stats.requests.fetch_add(1, Ordering::Relaxed);
         let head_only = request.method == Method::Head;
-        debug!(%peer, method = ?request.method, path = %request.path, query = ?request.query, "HTTP request");
+        trace!(%peer, method = ?request.method, path = %request.path, query = ?request.query, "HTTP request");
         if let Method::Other(method) = &request.method {
             debug!(%peer, %method, path = %request.path, "method not allowed");
             let mut response = self.text(405, "only GET and HEAD are served\n", request, false);
@@ -143,7 +143,7 @@ impl HttpService {
         if path == "/boot.ipxe" {
             let body = chain_script(&self.base_url(request, local));
             self.router.events.record(
-                None,
+                self.router.machine_at(peer.ip()),
                 peer.ip(),
                 Phase::Chain,
                 "http",

@@ -488,7 +488,11 @@ impl TftpService {
         started.slot.release();
         let elapsed = now.saturating_duration_since(started.started_at);
         let retransmitted = started.transfer.retransmitted_blocks();
-        if let Transfer::Read(_) = &started.transfer {
+        let size_query = matches!(
+            started.transfer.outcome(),
+            Some(Outcome::OptionsDeclined { .. })
+        );
+        if let (Transfer::Read(_), false) = (&started.transfer, size_query) {
             let complete = matches!(started.transfer.outcome(), Some(Outcome::Complete));
             let bytes = if complete {
                 started.data.len() as u64
@@ -514,6 +518,10 @@ impl TftpService {
                     .fetch_add(bytes, Ordering::Relaxed);
                 debug!(peer = %started.peer, file = %started.name, bytes = started.data.len(),
                     ms = elapsed.as_millis() as u64, retransmitted, "transfer complete");
+            }
+            Some(Outcome::OptionsDeclined { code }) => {
+                debug!(peer = %started.peer, file = %started.name, code,
+                    "client declined the options (a size query); its download follows");
             }
             None if started.superseded() => {
                 debug!(peer = %started.peer, file = %started.name,

@@ -774,3 +774,77 @@ fn hostile_datagrams_do_not_stop_service() {
         "bad datagrams were logged"
     );
 }
+
+/// `rdisc6` (ndisc6) solicits a router on the client end, `tries` times one
+/// second apart, and prints the advertisement it got, if any.
+fn solicit_router(lab: &Lab, tries: &str) -> (bool, String) {
+    // Both ends need their link-local address, which is usable once
+    // duplicate address detection is done (about a second after link-up).
+    for (ns, dev) in [
+        (&lab.server_ns, &lab.server_dev),
+        (&lab.client_ns, &lab.client_dev),
+    ] {
+        wait_for("IPv6 duplicate address detection", || {
+            let output = Command::new("ip")
+                .args(["-n", ns, "-6", "addr", "show", "dev", dev])
+                .output()
+                .unwrap();
+            let text = String::from_utf8_lossy(&output.stdout);
+            text.contains("fe80::") && !text.contains("tentative")
+        });
+    }
+    let output = lab
+        .in_client("rdisc6")
+        .args(["-1", "-r", tries, "-w", "1000", &lab.client_dev])
+        .output()
+        .unwrap();
+    (
+        output.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        ),
+    )
+}
+
+#[test]
+fn router_solicitations_get_an_advertisement_that_configures_nothing() {
+    if !can_make_namespaces() || !have_tool("rdisc6") {
+        return;
+    }
+    // Full mode: bootfleet owns the boot LAN and answers, so that iPXE
+    // need not wait out its IPv6 timeout.
+    let mut lab = Lab::new("r");
+    lab.start_server(&[
+        "--dhcp-mode",
+        "full",
+        "--dhcp-range",
+        "10.77.0.100-10.77.0.150",
+    ]);
+    let (answered, advertisement) = solicit_router(&lab, "3");
+    assert!(
+        answered,
+        "no advertisement:\n{advertisement}\n{}",
+        lab.log()
+    );
+    for line in [
+        "Stateful address conf.    :           No",
+        "Stateful other conf.      :           No",
+        "Router lifetime           :            0",
+    ] {
+        assert!(advertisement.contains(line), "{line}:\n{advertisement}");
+    }
+    assert!(
+        !advertisement.contains("Prefix"),
+        "no prefix offered:\n{advertisement}"
+    );
+    assert!(lab.log().contains("answering IPv6 router solicitations"));
+
+    // Proxy mode: the network has an owner; bootfleet stays silent.
+    lab.stop_server();
+    lab.start_server(&["--dhcp-mode", "proxy"]);
+    let (answered, advertisement) = solicit_router(&lab, "2");
+    assert!(!answered, "proxy mode answered:\n{advertisement}");
+    assert!(!lab.log().contains("answering IPv6 router solicitations"));
+}

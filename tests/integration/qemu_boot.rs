@@ -328,7 +328,7 @@ impl BootLan {
                     &format!("virtio-net-pci,netdev=n0,mac={mac}"),
                 ]);
             }
-            Firmware::UefiPxe => {
+            Firmware::UefiPxe | Firmware::UefiIpxe => {
                 let vars = self.dir.path().join(format!("{tap}.vars.fd"));
                 std::fs::copy("/usr/share/OVMF/OVMF_VARS_4M.fd", &vars).unwrap();
                 command
@@ -340,10 +340,18 @@ impl BootLan {
                         "-drive",
                         &format!("if=pflash,format=raw,file={}", vars.display()),
                     ])
-                    // romfile= empty: the firmware's own PXE client, not iPXE's ROM.
                     .args([
                         "-device",
-                        &format!("virtio-net-pci,netdev=n0,mac={mac},romfile=,bootindex=1"),
+                        &format!(
+                            "virtio-net-pci,netdev=n0,mac={mac},bootindex=1{}",
+                            // romfile= empty: the firmware's own PXE client
+                            // instead of the iPXE ROM's driver.
+                            if matches!(firmware, Firmware::UefiPxe) {
+                                ",romfile="
+                            } else {
+                                ""
+                            }
+                        ),
                     ]);
             }
         }
@@ -354,9 +362,41 @@ impl BootLan {
             .unwrap();
         Machine {
             mac: mac.to_string(),
+            firmware,
             serial,
             child,
+            started: Instant::now(),
+            powered_on_ms: epoch_ms(),
         }
+    }
+
+    /// The boot events bootfleet recorded for `mac` since `since_ms`, one
+    /// line each, oldest first, with their time after `since_ms`.
+    fn timeline(&self, mac: &str, since_ms: u64) -> Vec<String> {
+        let events: Vec<serde_json::Value> =
+            serde_json::from_str(&self.api(&format!("/api/v1/events?mac={mac}")))
+                .unwrap_or_default();
+        let mut events: Vec<(u64, String)> = events
+            .iter()
+            .filter_map(|event| {
+                let at = event["at_ms"].as_u64()?;
+                (at >= since_ms).then(|| {
+                    (
+                        at,
+                        format!(
+                            "{:>7} {:<7} {:<4} {} ({})",
+                            format!("+{:.1}s", (at - since_ms) as f64 / 1000.0),
+                            event["phase"].as_str().unwrap_or("?"),
+                            event["transport"].as_str().unwrap_or("?"),
+                            event["detail"].as_str().unwrap_or(""),
+                            event["status"]
+                        ),
+                    )
+                })
+            })
+            .collect();
+        events.sort();
+        events.into_iter().map(|(_, line)| line).collect()
     }
 
     fn api(&self, path: &str) -> String {
@@ -393,42 +433,97 @@ impl Drop for BootLan {
     }
 }
 
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Debug)]
 enum Firmware {
+    /// SeaBIOS with the iPXE NIC ROM (`ipxe-qemu`).
     BiosIpxe,
+    /// OVMF with its own PXE client: TFTP `ipxe.efi`, then iPXE.
     UefiPxe,
+    /// OVMF with the iPXE NIC ROM's UEFI driver.
+    UefiIpxe,
+}
+
+fn epoch_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis() as u64
+}
+
+/// What one machine's boot showed.
+struct Booted {
+    cmdline: String,
+    /// Boot events bootfleet recorded for the machine, phase by phase.
+    timeline: Vec<String>,
+}
+
+impl Booted {
+    /// Whether bootfleet recorded `phase` for this machine.
+    fn reached(&self, phase: &str) -> bool {
+        self.timeline
+            .iter()
+            .any(|line| line.split_whitespace().nth(1) == Some(phase))
+    }
 }
 
 struct Machine {
     mac: String,
+    firmware: Firmware,
     serial: PathBuf,
     child: Child,
+    started: Instant,
+    powered_on_ms: u64,
 }
 
 impl Machine {
-    /// Waits for the marker line and returns the booted command line.
-    fn booted(mut self, lan: &BootLan) -> String {
-        let status = self.child.wait().unwrap();
+    /// Waits for the marker line; prints the time from power-on to it and
+    /// the machine's boot events, and says at which step a machine that
+    /// did not boot stopped.
+    fn booted(mut self, lan: &BootLan) -> Booted {
+        let mut marker_after = None;
+        let status = loop {
+            let serial = std::fs::read_to_string(&self.serial).unwrap_or_default();
+            if marker_after.is_none() && serial.contains(MARKER) {
+                marker_after = Some(self.started.elapsed());
+            }
+            if let Some(status) = self.child.try_wait().unwrap() {
+                break status;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        let timeline = lan.timeline(&self.mac, self.powered_on_ms);
         let serial = std::fs::read_to_string(&self.serial).unwrap_or_default();
-        let line = serial
-            .lines()
-            .find(|l| l.starts_with(MARKER))
-            .unwrap_or_else(|| {
-                panic!(
-                    "{} did not boot ({status}); serial console:\n{}\nserver log:\n{}",
-                    self.mac,
-                    tail(&serial),
-                    tail(&lan.log())
-                )
-            });
+        let line = serial.lines().find(|l| l.starts_with(MARKER));
+        let (Some(line), Some(after)) = (line, marker_after) else {
+            panic!(
+                "{} ({:?}) did not boot (QEMU {status}); it stopped after the last step below.\n\
+                 boot events:\n{}\nserial console:\n{}\nserver log:\n{}",
+                self.mac,
+                self.firmware,
+                timeline.join("\n"),
+                tail(&serial),
+                tail(&lan.log())
+            )
+        };
+        eprintln!(
+            "qemu: {} {:?}: power-on to marker {:.1} s\n  {}",
+            self.mac,
+            self.firmware,
+            after.as_secs_f64(),
+            timeline.join("\n  ")
+        );
         let mac = line
             .split_whitespace()
             .find_map(|f| f.strip_prefix("mac="))
             .unwrap_or("");
         assert_eq!(mac, self.mac, "the marker reports the NIC's MAC: {line}");
-        line.split_once("cmdline=")
-            .map(|(_, c)| c.to_string())
-            .unwrap_or_default()
+        Booted {
+            cmdline: line
+                .split_once("cmdline=")
+                .map(|(_, c)| c.to_string())
+                .unwrap_or_default(),
+            timeline,
+        }
     }
 }
 
@@ -494,6 +589,10 @@ cmdline_append = "bootfleet.node=three"
 image = "alpha"
 cmdline_append = "bootfleet.node=uefi"
 
+[machines."52:54:00:b0:00:11"]
+image = "alpha"
+cmdline_append = "bootfleet.node=uefi-ipxe"
+
 [machines."52:54:00:b0:00:20"]
 image = "beta"
 cmdline_append = "bootfleet.node=proxied"
@@ -520,29 +619,26 @@ fn machines_boot_end_to_end_through_bootfleet_alone() {
         "10.99.0.100-10.99.0.200",
     ]);
 
-    // Five machines powered on at the same moment: two images, one over
-    // TFTP, one static .gpxe, one unknown that waits for an assignment.
+    // Seven machines powered on at the same moment: two BIOS machines with
+    // two images, one whose image comes over TFTP, one with a static
+    // .gpxe, one unknown that waits for an assignment, and two UEFI ones
+    // (firmware PXE → TFTP ipxe.efi → iPXE; iPXE ROM driver).
     let stranger = "52:54:00:b0:00:05";
     let machines: Vec<Machine> = [
-        "52:54:00:b0:00:01",
-        "52:54:00:b0:00:02",
-        "52:54:00:b0:00:03",
-        "52:54:00:b0:00:04",
-        stranger,
+        ("52:54:00:b0:00:01", Firmware::BiosIpxe),
+        ("52:54:00:b0:00:02", Firmware::BiosIpxe),
+        ("52:54:00:b0:00:03", Firmware::BiosIpxe),
+        ("52:54:00:b0:00:04", Firmware::BiosIpxe),
+        (stranger, Firmware::BiosIpxe),
+        ("52:54:00:b0:00:10", Firmware::UefiPxe),
+        ("52:54:00:b0:00:11", Firmware::UefiIpxe),
     ]
-    .iter()
-    .map(|mac| lan.power_on(mac, Firmware::BiosIpxe))
+    .into_iter()
+    .map(|(mac, firmware)| lan.power_on(mac, firmware))
     .collect();
-    let mut machines = machines.into_iter();
-    let (one, two, three, four, five) = (
-        machines.next().unwrap(),
-        machines.next().unwrap(),
-        machines.next().unwrap(),
-        machines.next().unwrap(),
-        machines.next().unwrap(),
-    );
 
-    // The unknown machine shows up as discovered; then it is assigned.
+    // The unknown machine shows up as discovered; then it is assigned,
+    // with no restart of bootfleet.
     let deadline = Instant::now() + Duration::from_secs(300);
     while !lan.api("/api/v1/discovered").contains(stranger) {
         assert!(
@@ -567,46 +663,58 @@ fn machines_boot_end_to_end_through_bootfleet_alone() {
     )
     .unwrap();
 
-    let cmdline = one.booted(&lan);
-    assert!(
-        cmdline.contains("bootfleet.image=alpha") && cmdline.contains("bootfleet.node=one"),
-        "{cmdline}"
-    );
-    let cmdline = two.booted(&lan);
-    assert!(
-        cmdline.contains("bootfleet.image=beta") && cmdline.contains("bootfleet.node=two"),
-        "{cmdline}"
-    );
-    let cmdline = three.booted(&lan);
-    assert!(
-        cmdline.contains("bootfleet.image=tftp") && cmdline.contains("bootfleet.node=three"),
-        "{cmdline}"
-    );
-    let cmdline = four.booted(&lan);
-    assert!(cmdline.contains("bootfleet.static=yes"), "{cmdline}");
-    let cmdline = five.booted(&lan);
-    assert!(
-        cmdline.contains("bootfleet.image=beta") && cmdline.contains("bootfleet.node=five"),
-        "{cmdline}"
-    );
-    let events = lan.api("/api/v1/events?mac=52:54:00:b0:00:03");
-    assert!(
-        events.contains("\"transport\": \"tftp\"") && events.contains("\"phase\": \"kernel\""),
-        "kernel over TFTP: {events}"
-    );
-
-    // UEFI: the firmware's own PXE client → TFTP ipxe.efi → iPXE → HTTP.
-    let uefi = lan.power_on("52:54:00:b0:00:10", Firmware::UefiPxe);
-    let cmdline = uefi.booted(&lan);
-    assert!(
-        cmdline.contains("bootfleet.image=alpha") && cmdline.contains("bootfleet.node=uefi"),
-        "{cmdline}"
-    );
-    let events = lan.api("/api/v1/events?mac=52:54:00:b0:00:10");
-    assert!(
-        events.contains("UefiX64") && events.contains("ipxe.efi"),
-        "firmware was given ipxe.efi: {events}"
-    );
+    // Each machine booted its own image with its own command line, and
+    // bootfleet saw every step of its chain.
+    for machine in machines {
+        let mac = machine.mac.clone();
+        let firmware = machine.firmware;
+        let booted = machine.booted(&lan);
+        let expected: &[&str] = match &mac[12..] {
+            "00:01" => &["bootfleet.image=alpha", "bootfleet.node=one"],
+            "00:02" => &["bootfleet.image=beta", "bootfleet.node=two"],
+            "00:03" => &["bootfleet.image=tftp", "bootfleet.node=three"],
+            "00:04" => &["bootfleet.static=yes"],
+            "00:05" => &["bootfleet.image=beta", "bootfleet.node=five"],
+            "00:10" => &["bootfleet.image=alpha", "bootfleet.node=uefi"],
+            _ => &["bootfleet.image=alpha", "bootfleet.node=uefi-ipxe"],
+        };
+        for needle in expected {
+            assert!(
+                booted.cmdline.contains(needle),
+                "{mac}: {needle} missing from {}",
+                booted.cmdline
+            );
+        }
+        for phase in ["dhcp", "chain", "script", "kernel", "initrd"] {
+            assert!(
+                booted.reached(phase),
+                "{mac} ({firmware:?}): no {phase} event:\n{}",
+                booted.timeline.join("\n")
+            );
+        }
+        if mac.ends_with("00:03") {
+            assert!(
+                booted.timeline.iter().any(|l| l.contains("kernel  tftp")),
+                "kernel over TFTP: {}",
+                booted.timeline.join("\n")
+            );
+        }
+        if matches!(firmware, Firmware::UefiPxe) {
+            assert!(
+                booted.timeline.iter().any(|l| l.contains("UefiX64")),
+                "the firmware's PXE request was seen as UEFI x64: {}",
+                booted.timeline.join("\n")
+            );
+            assert!(
+                booted
+                    .timeline
+                    .iter()
+                    .any(|l| l.contains("loader  tftp ipxe.efi (200)")),
+                "the firmware fetched ipxe.efi over TFTP: {}",
+                booted.timeline.join("\n")
+            );
+        }
+    }
 
     // ProxyDHCP: dnsmasq gives the addresses, bootfleet only the boot answer.
     lan.stop();
@@ -626,7 +734,10 @@ fn machines_boot_end_to_end_through_bootfleet_alone() {
             "--dhcp-range=10.99.0.50,10.99.0.60,1h",
             "--user=root",
             "--pid-file=",
-            "--dhcp-leasefile=/dev/null",
+            &format!(
+                "--dhcp-leasefile={}",
+                lan.dir.path().join("dnsmasq.leases").display()
+            ),
         ])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -635,15 +746,30 @@ fn machines_boot_end_to_end_through_bootfleet_alone() {
     lan.others.push(dnsmasq);
     std::thread::sleep(Duration::from_millis(500));
     lan.start(&["--dhcp-mode", "proxy"]);
-    let proxied = lan.power_on("52:54:00:b0:00:20", Firmware::BiosIpxe);
-    let cmdline = proxied.booted(&lan);
+    let booted = lan
+        .power_on("52:54:00:b0:00:20", Firmware::BiosIpxe)
+        .booted(&lan);
     assert!(
-        cmdline.contains("bootfleet.image=beta") && cmdline.contains("bootfleet.node=proxied"),
-        "{cmdline}"
+        booted.cmdline.contains("bootfleet.image=beta")
+            && booted.cmdline.contains("bootfleet.node=proxied"),
+        "{}",
+        booted.cmdline
     );
-    let events = lan.api("/api/v1/events?mac=52:54:00:b0:00:20");
     assert!(
-        events.contains("proxy"),
-        "bootfleet answered as a proxy: {events}"
+        booted.timeline.iter().any(|l| l.contains("proxy")),
+        "bootfleet answered as a proxy: {}",
+        booted.timeline.join("\n")
+    );
+    for phase in ["dhcp", "chain", "script", "kernel", "initrd"] {
+        assert!(
+            booted.reached(phase),
+            "proxied machine: no {phase} event:\n{}",
+            booted.timeline.join("\n")
+        );
+    }
+    let leases = std::fs::read_to_string(lan.dir.path().join("dnsmasq.leases")).unwrap_or_default();
+    assert!(
+        leases.contains("52:54:00:b0:00:20"),
+        "dnsmasq gave the address: {leases:?}"
     );
 }

@@ -133,6 +133,11 @@ pub enum Outcome {
     Complete,
     /// The client sent an ERROR (code and message as sent).
     ClientError { code: u16, message: String },
+    /// The client answered the OACK with an ERROR (RFC 2347 §2): it
+    /// declined the options, or, as UEFI firmware does before every
+    /// download, asked only for `tsize` to learn the file's size. Not a
+    /// failure; the real download follows as a new request.
+    OptionsDeclined { code: u16 },
     /// No progress after the retry budget.
     TimedOut,
     /// The client broke the protocol; an ERROR was sent to it.
@@ -269,9 +274,13 @@ impl ReadTransfer {
             Ok(Packet::Ack { block }) => self.handle_ack(block, now),
             Ok(Packet::Error { code, message }) => {
                 self.pending = None;
-                self.state = State::Done(Outcome::ClientError {
-                    code,
-                    message: message.chars().take(200).collect(),
+                self.state = State::Done(if matches!(self.state, State::AwaitingOackAck { .. }) {
+                    Outcome::OptionsDeclined { code }
+                } else {
+                    Outcome::ClientError {
+                        code,
+                        message: message.chars().take(200).collect(),
+                    }
                 });
             }
             Ok(_) => self.violation("only ACK or ERROR may be sent to a read transfer"),
@@ -545,15 +554,25 @@ mod tests {
     #[test]
     fn client_error_ends_the_transfer_silently() {
         let now = Instant::now();
+        // Answering the OACK with an ERROR declines the options (UEFI's
+        // size query): no failure.
         let mut t = start(&[("tsize", "0")], 5000, now);
         t.poll_transmit();
         t.handle_datagram(b"\x00\x05\x00\x08tsize too big\x00", now);
         assert_eq!(t.poll_transmit(), None);
+        assert_eq!(t.outcome(), Some(&Outcome::OptionsDeclined { code: 8 }));
+        // An ERROR once data flows is the client giving up.
+        let mut t = start(&[("tsize", "0")], 5000, now);
+        t.poll_transmit();
+        t.handle_datagram(b"\x00\x04\x00\x00", now);
+        t.poll_transmit();
+        t.handle_datagram(b"\x00\x05\x00\x00disk full\x00", now);
+        assert_eq!(t.poll_transmit(), None);
         assert_eq!(
             t.outcome(),
             Some(&Outcome::ClientError {
-                code: 8,
-                message: "tsize too big".into()
+                code: 0,
+                message: "disk full".into()
             })
         );
     }
