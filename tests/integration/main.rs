@@ -1,5 +1,6 @@
 //! Integration tests: one binary (see STYLE.md). Real clients against a real
-//! server on loopback, and a lossy link inside network namespaces.
+//! server on loopback, a lossy link and DHCP clients inside network
+//! namespaces, and QEMU machines booting end to end on a bridge.
 
 mod common;
 mod dhcp_namespace;
@@ -7,6 +8,10 @@ mod hostile;
 mod http;
 mod lossy_namespace;
 mod qemu_boot;
+// Shared with benches/boot_compare.rs, which uses the parts the test does not
+// (the reference stack, boot times).
+#[allow(dead_code)]
+mod qemu_lan;
 mod real_clients;
 mod router;
 mod uploads;

@@ -1,0 +1,650 @@
+//! A boot LAN with real machines, shared by the end-to-end test
+//! (`qemu_boot`) and the boot-time benchmark (`benches/boot_compare.rs`):
+//! a network namespace the harness makes and removes, a bridge with one tap
+//! per QEMU virtual machine, bootfleet (or the reference dnsmasq + nginx
+//! stack) serving on it, and the machines' firmware: SeaBIOS with the iPXE
+//! NIC ROM (`ipxe-qemu`), UEFI (OVMF) with its own PXE client fetching
+//! Debian's `ipxe.efi` over TFTP, and UEFI with the iPXE ROM's driver.
+//!
+//! The image is built here: Debian's kernel (`linux-image-amd64`) and a
+//! busybox initramfs whose init loads the NIC driver, prints one marker
+//! line with the MAC address read from the NIC and `/proc/cmdline`, and
+//! powers off.
+//!
+//! KVM is used when it actually works and software emulation otherwise:
+//! `/dev/kvm` can open and still not run a guest (nested virtualisation
+//! without the CPU features, as on this project's CI machines), so the
+//! harness boots its image directly (`-kernel`) under KVM once and keeps KVM
+//! only if the marker line appears within 20 seconds.
+//!
+//! Everything is removed when the [`BootLan`] is dropped, also when a test
+//! fails; a namespace left by an interrupted run is removed at the start of
+//! the next.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use crate::common::*;
+
+pub const NS: &str = "bfqemu";
+pub const SERVER_IP: &str = "10.99.0.1";
+pub const MARKER: &str = "BOOTFLEET-BOOTED";
+
+/// The kernel and the marker initramfs, built once per run.
+struct TestImage {
+    _dir: tempfile::TempDir,
+    kernel: PathBuf,
+    initrd: PathBuf,
+}
+
+fn newest_kernel() -> Option<(PathBuf, String)> {
+    let mut kernels: Vec<PathBuf> = std::fs::read_dir("/boot")
+        .ok()?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("vmlinuz-"))
+        })
+        .collect();
+    kernels.sort();
+    let kernel = kernels.pop()?;
+    let version = kernel
+        .file_name()?
+        .to_str()?
+        .trim_start_matches("vmlinuz-")
+        .to_string();
+    Some((kernel, version))
+}
+
+/// `names` and everything they depend on, in load order.
+fn modules_in_order(version: &str, names: &[&str]) -> Vec<PathBuf> {
+    fn visit(version: &str, name: &str, out: &mut Vec<(String, PathBuf)>) {
+        if out.iter().any(|(n, _)| n == name) {
+            return;
+        }
+        let info = |field: &str| {
+            let output = Command::new("modinfo")
+                .args(["-k", version, "-F", field, name])
+                .output()
+                .unwrap();
+            String::from_utf8_lossy(&output.stdout).trim().to_string()
+        };
+        for dependency in info("depends").split(',').filter(|d| !d.is_empty()) {
+            visit(version, dependency, out);
+        }
+        let file = info("filename");
+        if file.starts_with('/') {
+            out.push((name.to_string(), PathBuf::from(file)));
+        }
+    }
+    let mut out = Vec::new();
+    for name in names {
+        visit(version, name, &mut out);
+    }
+    out.into_iter().map(|(_, path)| path).collect()
+}
+
+fn test_image() -> &'static TestImage {
+    static IMAGE: OnceLock<TestImage> = OnceLock::new();
+    IMAGE.get_or_init(|| {
+        let dir = tempfile::Builder::new().prefix("bootfleet-image-").tempdir().unwrap();
+        let (kernel_src, version) = newest_kernel().expect("a kernel in /boot (linux-image-amd64)");
+        let kernel = dir.path().join("vmlinuz");
+        std::fs::copy(&kernel_src, &kernel).unwrap();
+        let tree = dir.path().join("initramfs");
+        std::fs::create_dir_all(tree.join("bin")).unwrap();
+        std::fs::create_dir_all(tree.join("m")).unwrap();
+        std::fs::copy("/bin/busybox", tree.join("bin/busybox")).unwrap();
+        let mut loads = String::new();
+        for (i, module) in modules_in_order(&version, &["virtio_pci", "virtio_net"]).iter().enumerate() {
+            let name = format!("{i:02}.ko");
+            let bytes = std::fs::read(module).unwrap();
+            // Debian may ship compressed modules; busybox insmod wants them plain.
+            let plain = match module.extension().and_then(|e| e.to_str()) {
+                Some("xz") => Command::new("xz").args(["-dc"]).arg(module).output().unwrap().stdout,
+                Some("zst") => Command::new("zstd").args(["-dc"]).arg(module).output().unwrap().stdout,
+                _ => bytes,
+            };
+            std::fs::write(tree.join("m").join(&name), plain).unwrap();
+            loads.push_str(&format!("insmod /m/{name}\n"));
+        }
+        std::fs::write(
+            tree.join("init"),
+            format!(
+                "#!/bin/busybox sh\n/bin/busybox --install -s /bin\nmkdir -p /proc /sys /dev\n\
+                 mount -t proc proc /proc\nmount -t sysfs sysfs /sys\n{loads}sleep 1\n\
+                 for n in /sys/class/net/*; do [ \"${{n##*/}}\" = lo ] || mac=$(cat $n/address); done\n\
+                 echo \"{MARKER} mac=$mac cmdline=$(cat /proc/cmdline)\"\npoweroff -f\n"
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(tree.join("init"), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        let initrd = dir.path().join("initrd.gz");
+        run(Command::new("sh")
+            .arg("-c")
+            .arg(format!("cd {} && find . | cpio -o -H newc 2>/dev/null | gzip -1 > {}", tree.display(), initrd.display())))
+        .unwrap();
+        TestImage { _dir: dir, kernel, initrd }
+    })
+}
+
+/// `kvm` if a guest really runs under KVM here, else `tcg`.
+pub fn accelerator() -> &'static str {
+    static ACCEL: OnceLock<&'static str> = OnceLock::new();
+    ACCEL.get_or_init(|| {
+        if !Path::new("/dev/kvm").exists() {
+            eprintln!("qemu: /dev/kvm missing; software emulation (tcg)");
+            return "tcg";
+        }
+        let image = test_image();
+        let serial = image._dir.path().join("kvm-probe.serial");
+        let _ = Command::new("timeout")
+            .args([
+                "20",
+                "qemu-system-x86_64",
+                "-accel",
+                "kvm",
+                "-m",
+                "256",
+                "-display",
+                "none",
+                "-no-reboot",
+                "-monitor",
+                "none",
+            ])
+            .arg("-kernel")
+            .arg(&image.kernel)
+            .arg("-initrd")
+            .arg(&image.initrd)
+            .args(["-append", "console=ttyS0 quiet panic=-1", "-serial"])
+            .arg(format!("file:{}", serial.display()))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        let works = std::fs::read_to_string(&serial)
+            .unwrap_or_default()
+            .contains(MARKER);
+        eprintln!(
+            "qemu: KVM {}",
+            if works {
+                "works; using it"
+            } else {
+                "present but unusable; software emulation (tcg)"
+            }
+        );
+        if works {
+            "kvm"
+        } else {
+            "tcg"
+        }
+    })
+}
+
+/// The boot LAN: a namespace with a bridge, taps, bootfleet, maybe dnsmasq.
+pub struct BootLan {
+    pub dir: tempfile::TempDir,
+    server: Option<Child>,
+    /// Other servers on the LAN (dnsmasq, nginx), stopped with it.
+    pub others: Vec<Child>,
+    taps: usize,
+}
+
+fn ns_ip(args: &[&str]) {
+    let mut all = vec!["-n", NS];
+    all.extend_from_slice(args);
+    run(Command::new("ip").args(&all)).unwrap();
+}
+
+impl BootLan {
+    pub fn new() -> Self {
+        // A namespace left by an interrupted run goes first.
+        let _ = Command::new("ip")
+            .args(["netns", "del", NS])
+            .stderr(Stdio::null())
+            .status();
+        run(Command::new("ip").args(["netns", "add", NS])).unwrap();
+        ns_ip(&["link", "add", "br0", "type", "bridge"]);
+        ns_ip(&["addr", "add", &format!("{SERVER_IP}/24"), "dev", "br0"]);
+        ns_ip(&["link", "set", "br0", "up"]);
+        ns_ip(&["link", "set", "lo", "up"]);
+        let dir = tempfile::Builder::new()
+            .prefix("bootfleet-lan-")
+            .tempdir()
+            .unwrap();
+        let boot = dir.path().join("boot");
+        std::fs::create_dir_all(boot.join("img")).unwrap();
+        let image = test_image();
+        std::fs::copy(&image.kernel, boot.join("img/vmlinuz")).unwrap();
+        std::fs::copy(&image.initrd, boot.join("img/initrd.gz")).unwrap();
+        std::fs::copy("/usr/lib/ipxe/ipxe.efi", boot.join("ipxe.efi")).unwrap();
+        std::fs::copy("/usr/lib/ipxe/undionly.kpxe", boot.join("undionly.kpxe")).unwrap();
+        BootLan {
+            dir,
+            server: None,
+            others: Vec::new(),
+            taps: 0,
+        }
+    }
+
+    pub fn boot_dir(&self) -> PathBuf {
+        self.dir.path().join("boot")
+    }
+
+    pub fn start(&mut self, dhcp: &[&str]) {
+        self.stop();
+        let log = self.dir.path().join("server.log");
+        let child = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                NS,
+                env!("CARGO_BIN_EXE_bootfleet"),
+                "serve",
+                "--root",
+            ])
+            .arg(self.boot_dir())
+            .arg("--state-dir")
+            .arg(self.dir.path().join("state"))
+            .args([
+                "--tftp-listen",
+                &format!("{SERVER_IP}:69"),
+                "--http-listen",
+                &format!("{SERVER_IP}:80"),
+            ])
+            .args(["--dhcp-interface", "br0"])
+            .args(dhcp)
+            .stdout(Stdio::from(std::fs::File::create(&log).unwrap()))
+            .stderr(Stdio::from(
+                std::fs::File::create(self.dir.path().join("server.err")).unwrap(),
+            ))
+            .spawn()
+            .unwrap();
+        self.server = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("DHCP listening")
+        {
+            assert!(
+                Instant::now() < deadline,
+                "server did not start: {}",
+                std::fs::read_to_string(self.dir.path().join("server.err")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.server.take() {
+            let _ = Command::new("kill").arg(child.id().to_string()).status();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts `program` inside the LAN's namespace as one of its other
+    /// servers (output to `NAME.log` in the LAN's directory).
+    pub fn spawn_other(&mut self, program: &str, args: &[&str]) {
+        let name = Path::new(program)
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .into_owned();
+        let log = std::fs::File::create(self.dir.path().join(format!("{name}.log"))).unwrap();
+        let child = Command::new("ip")
+            .args(["netns", "exec", NS, program])
+            .args(args)
+            .stdout(Stdio::from(log.try_clone().unwrap()))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .unwrap();
+        self.others.push(child);
+    }
+
+    /// Stops the other servers.
+    pub fn stop_others(&mut self) {
+        for mut child in self.others.drain(..) {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// The stack most sites run today, for comparison: dnsmasq (DHCP with
+    /// the same boot answers, and TFTP) and nginx serving the boot files
+    /// and `scripts` (path, body) as static files, as in the classic
+    /// per-MAC layout. bootfleet is stopped first.
+    pub fn start_reference(&mut self, scripts: &[(String, String)]) {
+        self.stop();
+        let dir = self.dir.path().to_path_buf();
+        let web = dir.join("reference-web");
+        std::fs::create_dir_all(web.join("boot")).unwrap();
+        for (path, body) in scripts {
+            std::fs::write(web.join(path), body).unwrap();
+        }
+        let _ = std::os::unix::fs::symlink(self.boot_dir().join("img"), web.join("img"));
+        let conf = dir.join("nginx.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "user root;\nworker_processes 1;\ndaemon off;\nerror_log stderr;\npid {dir}/nginx.pid;\n\
+                 events {{ worker_connections 1024; }}\n\
+                 http {{ sendfile on; tcp_nopush on; access_log off; default_type application/octet-stream;\n\
+                 types {{ text/plain ipxe; }}\n\
+                 server {{ listen {SERVER_IP}:80; root {web}; location / {{ }} }} }}\n",
+                dir = dir.display(),
+                web = web.display()
+            ),
+        )
+        .unwrap();
+        let conf = conf.display().to_string();
+        let prefix = dir.display().to_string();
+        self.spawn_other("/usr/sbin/nginx", &["-c", &conf, "-p", &prefix]);
+        let tftp_root = format!("--tftp-root={}", self.boot_dir().display());
+        let leases = format!(
+            "--dhcp-leasefile={}",
+            dir.join("reference.leases").display()
+        );
+        let script_url = format!("--dhcp-boot=tag:ipxe,http://{SERVER_IP}/boot.ipxe");
+        self.spawn_other(
+            "dnsmasq",
+            &[
+                "-k",
+                "--conf-file=/dev/null",
+                "--port=0",
+                "--interface=br0",
+                "--bind-interfaces",
+                "--dhcp-range=10.99.0.100,10.99.0.200,1h",
+                "--enable-tftp",
+                &tftp_root,
+                "--dhcp-userclass=set:ipxe,iPXE",
+                "--dhcp-match=set:efi64,option:client-arch,7",
+                &script_url,
+                "--dhcp-boot=tag:!ipxe,tag:efi64,ipxe.efi",
+                "--dhcp-boot=tag:!ipxe,tag:!efi64,undionly.kpxe",
+                "--user=root",
+                "--pid-file=",
+                &leases,
+            ],
+        );
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !self.api("/boot.ipxe").starts_with("#!ipxe") {
+            assert!(Instant::now() < deadline, "reference stack did not start");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
+    }
+
+    /// Powers on a machine; returns the QEMU process and its serial log.
+    pub fn power_on(&mut self, mac: &str, firmware: Firmware) -> Machine {
+        let tap = format!("tap{}", self.taps);
+        self.taps += 1;
+        ns_ip(&["tuntap", "add", &tap, "mode", "tap"]);
+        ns_ip(&["link", "set", &tap, "master", "br0"]);
+        ns_ip(&["link", "set", &tap, "up"]);
+        let serial = self.dir.path().join(format!("{tap}.serial"));
+        let mut command = Command::new("timeout");
+        command
+            .args([
+                "600",
+                "ip",
+                "netns",
+                "exec",
+                NS,
+                "qemu-system-x86_64",
+                "-accel",
+                accelerator(),
+                "-m",
+                "512",
+            ])
+            .args(["-display", "none", "-no-reboot", "-monitor", "none"])
+            .args([
+                "-smbios",
+                &format!(
+                    "type=1,manufacturer=bootfleet test,serial=SN-{}",
+                    mac[9..].replace(':', "-").to_uppercase()
+                ),
+            ])
+            .arg("-serial")
+            .arg(format!("file:{}", serial.display()))
+            .args([
+                "-netdev",
+                &format!("tap,id=n0,ifname={tap},script=no,downscript=no"),
+            ]);
+        match firmware {
+            Firmware::BiosIpxe => {
+                command.args([
+                    "-boot",
+                    "n",
+                    "-device",
+                    &format!("virtio-net-pci,netdev=n0,mac={mac}"),
+                ]);
+            }
+            Firmware::UefiPxe | Firmware::UefiIpxe => {
+                let vars = self.dir.path().join(format!("{tap}.vars.fd"));
+                std::fs::copy("/usr/share/OVMF/OVMF_VARS_4M.fd", &vars).unwrap();
+                command
+                    .args([
+                        "-drive",
+                        "if=pflash,format=raw,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.fd",
+                    ])
+                    .args([
+                        "-drive",
+                        &format!("if=pflash,format=raw,file={}", vars.display()),
+                    ])
+                    .args([
+                        "-device",
+                        &format!(
+                            "virtio-net-pci,netdev=n0,mac={mac},bootindex=1{}",
+                            // romfile= empty: the firmware's own PXE client
+                            // instead of the iPXE ROM's driver.
+                            if matches!(firmware, Firmware::UefiPxe) {
+                                ",romfile="
+                            } else {
+                                ""
+                            }
+                        ),
+                    ]);
+            }
+        }
+        let child = command
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        Machine {
+            mac: mac.to_string(),
+            firmware,
+            serial,
+            child,
+            started: Instant::now(),
+            powered_on_ms: epoch_ms(),
+        }
+    }
+
+    /// The boot events bootfleet recorded for `mac` since `since_ms`, one
+    /// line each, oldest first, with their time after `since_ms`.
+    pub fn timeline(&self, mac: &str, since_ms: u64) -> Vec<String> {
+        let events: Vec<serde_json::Value> =
+            serde_json::from_str(&self.api(&format!("/api/v1/events?mac={mac}")))
+                .unwrap_or_default();
+        let mut events: Vec<(u64, String)> = events
+            .iter()
+            .filter_map(|event| {
+                let at = event["at_ms"].as_u64()?;
+                (at >= since_ms).then(|| {
+                    (
+                        at,
+                        format!(
+                            "{:>7} {:<7} {:<4} {} ({})",
+                            format!("+{:.1}s", (at - since_ms) as f64 / 1000.0),
+                            event["phase"].as_str().unwrap_or("?"),
+                            event["transport"].as_str().unwrap_or("?"),
+                            event["detail"].as_str().unwrap_or(""),
+                            event["status"]
+                        ),
+                    )
+                })
+            })
+            .collect();
+        events.sort();
+        events.into_iter().map(|(_, line)| line).collect()
+    }
+
+    pub fn api(&self, path: &str) -> String {
+        let output = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                NS,
+                "curl",
+                "-s",
+                "--max-time",
+                "5",
+                &format!("http://{SERVER_IP}{path}"),
+            ])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+}
+
+impl Drop for BootLan {
+    fn drop(&mut self) {
+        self.stop();
+        self.stop_others();
+        // Any QEMU still running in the namespace goes with it.
+        let _ = Command::new("sh")
+            .arg("-c")
+            .arg(format!("ip netns pids {NS} | xargs -r kill -9"))
+            .status();
+        let _ = Command::new("ip").args(["netns", "del", NS]).status();
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+pub enum Firmware {
+    /// SeaBIOS with the iPXE NIC ROM (`ipxe-qemu`).
+    BiosIpxe,
+    /// OVMF with its own PXE client: TFTP `ipxe.efi`, then iPXE.
+    UefiPxe,
+    /// OVMF with the iPXE NIC ROM's UEFI driver.
+    UefiIpxe,
+}
+
+pub fn epoch_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis() as u64
+}
+
+/// What one machine's boot showed.
+pub struct Booted {
+    pub cmdline: String,
+    /// Seconds from power-on to the marker line.
+    pub seconds: f64,
+    /// Boot events bootfleet recorded for the machine, phase by phase.
+    pub timeline: Vec<String>,
+}
+
+impl Booted {
+    /// Whether bootfleet recorded `phase` for this machine.
+    pub fn reached(&self, phase: &str) -> bool {
+        self.timeline
+            .iter()
+            .any(|line| line.split_whitespace().nth(1) == Some(phase))
+    }
+}
+
+pub struct Machine {
+    pub mac: String,
+    pub firmware: Firmware,
+    serial: PathBuf,
+    child: Child,
+    started: Instant,
+    powered_on_ms: u64,
+}
+
+impl Machine {
+    /// Waits for the marker line; prints the time from power-on to it and
+    /// the machine's boot events, and says at which step a machine that
+    /// did not boot stopped.
+    pub fn booted(mut self, lan: &BootLan) -> Booted {
+        let mut marker_after = None;
+        let status = loop {
+            let serial = std::fs::read_to_string(&self.serial).unwrap_or_default();
+            if marker_after.is_none() && serial.contains(MARKER) {
+                marker_after = Some(self.started.elapsed());
+            }
+            if let Some(status) = self.child.try_wait().unwrap() {
+                break status;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        let timeline = lan.timeline(&self.mac, self.powered_on_ms);
+        let serial = std::fs::read_to_string(&self.serial).unwrap_or_default();
+        let line = serial.lines().find(|l| l.starts_with(MARKER));
+        let (Some(line), Some(after)) = (line, marker_after) else {
+            panic!(
+                "{} ({:?}) did not boot (QEMU {status}); it stopped after the last step below.\n\
+                 boot events:\n{}\nserial console:\n{}\nserver log:\n{}",
+                self.mac,
+                self.firmware,
+                timeline.join("\n"),
+                tail(&serial),
+                tail(&lan.log())
+            )
+        };
+        eprintln!(
+            "qemu: {} {:?}: power-on to marker {:.1} s\n  {}",
+            self.mac,
+            self.firmware,
+            after.as_secs_f64(),
+            timeline.join("\n  ")
+        );
+        let mac = line
+            .split_whitespace()
+            .find_map(|f| f.strip_prefix("mac="))
+            .unwrap_or("");
+        assert_eq!(mac, self.mac, "the marker reports the NIC's MAC: {line}");
+        Booted {
+            seconds: after.as_secs_f64(),
+            cmdline: line
+                .split_once("cmdline=")
+                .map(|(_, c)| c.to_string())
+                .unwrap_or_default(),
+            timeline,
+        }
+    }
+}
+
+pub fn tail(text: &str) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(40)..].join("\n")
+}
+
+pub fn tools_present() -> bool {
+    let tools = ["qemu-system-x86_64", "cpio", "modinfo", "curl", "dnsmasq"];
+    let all = tools.iter().all(|t| have_tool(t));
+    let files = [
+        "/usr/lib/ipxe/ipxe.efi",
+        "/usr/lib/ipxe/qemu/efi-virtio.rom",
+        "/usr/share/OVMF/OVMF_CODE_4M.fd",
+        "/bin/busybox",
+    ];
+    let missing: Vec<&&str> = files.iter().filter(|f| !Path::new(f).exists()).collect();
+    if !missing.is_empty() {
+        let message = format!("REQUIRED FILES MISSING: {missing:?} (packages ipxe, ipxe-qemu, ovmf, busybox-static); install with tests/run-all.sh");
+        if std::env::var_os("CI").is_some() {
+            panic!("{message}");
+        }
+        eprintln!("\n*** SKIPPED: {message} ***\n");
+    }
+    all && missing.is_empty() && newest_kernel().is_some()
+}
