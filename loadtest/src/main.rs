@@ -1,17 +1,17 @@
 //! bootfleet-loadtest — simulated boot clients.
 //!
-//! Today: `tftp`, a concurrent TFTP client that fetches one file from many
-//! simulated machines at once, each transfer on its own socket exactly as
-//! firmware does (RRQ retried after 1 s, RFC 7440 windowed receive, an ACK
-//! repeated once per burst of repeats or gaps). Every byte received is
-//! compared with the expected file: a fast wrong answer is a failure. It is
-//! the client of the side-by-side benchmark in `benches/` and the first piece
-//! of the PXE client simulator (DHCP, loader, script, kernel, initrd) that
-//! grows here.
+//! * `storm` ([`storm`]): thousands of simulated machines powered on at once,
+//!   each walking the real boot chain — DHCP as PXE firmware and as iPXE
+//!   (through a relay agent), the loader over TFTP, the chain script and the
+//!   machine's own script over HTTP, its kernel and initrds — with every
+//!   byte checked, and a report per phase (table, JSON, HTML chart).
+//! * `tftp`: many concurrent TFTP clients fetching one file, each transfer on
+//!   its own socket exactly as firmware does; the client of the TFTP
+//!   side-by-side benchmark in `benches/`.
 //!
-//! Load is bounded: a fixed number of concurrent clients, a maximum number of
-//! transfers, and a hard time limit after which in-flight transfers stop and
-//! their bytes still count towards goodput.
+//! Load is bounded: a fixed number of machines or transfers, a concurrency
+//! limit, and a hard time limit. It goes to loopback or to a test namespace
+//! only.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -19,10 +19,15 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use bootfleet::proto::tftp::packet::{self, Mode, Packet};
 use clap::{Parser, Subcommand};
 use serde::Serialize;
-use tokio::net::UdpSocket;
+
+mod chart;
+mod dhcp;
+mod http;
+mod ipxe;
+mod storm;
+mod tftp;
 
 #[derive(Parser)]
 #[command(
@@ -38,6 +43,8 @@ struct Cli {
 enum Command {
     /// Many concurrent TFTP clients fetching one file.
     Tftp(TftpArgs),
+    /// Power on many simulated machines that walk the whole boot chain.
+    Storm(storm::StormArgs),
 }
 
 #[derive(clap::Args, Clone)]
@@ -106,22 +113,27 @@ struct Report {
     failures: Vec<String>,
 }
 
-enum Ending {
-    Complete,
-    Failed(String),
-    CutByTimeLimit,
-}
-
-struct TransferResult {
-    ending: Ending,
-    bytes: u64,
-    elapsed: Duration,
-    rrq_sent: u32,
-}
-
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
+        Command::Storm(args) => {
+            let json = args.json.clone();
+            let chart = args.chart.clone();
+            let report = storm::run(args)?;
+            storm::print(&report);
+            if let Some(path) = &json {
+                std::fs::write(path, serde_json::to_vec_pretty(&report)?)
+                    .with_context(|| format!("cannot write {}", path.display()))?;
+            }
+            if let Some(path) = &chart {
+                std::fs::write(path, chart::html(&report))
+                    .with_context(|| format!("cannot write {}", path.display()))?;
+            }
+            if report.booted < report.machines {
+                std::process::exit(2);
+            }
+            Ok(())
+        }
         Command::Tftp(args) => {
             // One thread: the benchmark pins the client to one core.
             let runtime = tokio::runtime::Builder::new_current_thread()
@@ -143,7 +155,7 @@ fn main() -> Result<()> {
 
 /// Load goes to loopback, or to a test namespace the caller made (which it
 /// vouches for with BOOTFLEET_LOADTEST_NAMESPACE=1); never anywhere else.
-fn check_target(addr: &SocketAddr) -> Result<()> {
+pub(crate) fn check_target(addr: &SocketAddr) -> Result<()> {
     if !addr.ip().is_loopback() && std::env::var_os("BOOTFLEET_LOADTEST_NAMESPACE").is_none() {
         bail!(
             "refusing to send load to {addr}: use a loopback address, or an address in a test \
@@ -161,6 +173,7 @@ async fn run_tftp(args: TftpArgs) -> Result<Report> {
     );
     let started = Instant::now();
     let deadline = started + Duration::from_secs_f64(args.seconds);
+    let request = Rc::new(args.request());
     let args = Rc::new(args);
     let launched = Rc::new(std::cell::Cell::new(0u64));
     let local = tokio::task::LocalSet::new();
@@ -169,13 +182,14 @@ async fn run_tftp(args: TftpArgs) -> Result<Report> {
             let mut handles = Vec::new();
             for _ in 0..args.clients {
                 let args = Rc::clone(&args);
+                let request = Rc::clone(&request);
                 let expected = Rc::clone(&expected);
                 let launched = Rc::clone(&launched);
                 handles.push(tokio::task::spawn_local(async move {
                     let mut results = Vec::new();
                     while Instant::now() < deadline && launched.get() < args.max_transfers {
                         launched.set(launched.get() + 1);
-                        results.push(fetch(&args, &expected, deadline).await);
+                        results.push(tftp::get(&request, &expected, deadline).await);
                     }
                     results
                 }));
@@ -195,7 +209,7 @@ async fn run_tftp(args: TftpArgs) -> Result<Report> {
         file: args.file.clone(),
         file_bytes: expected.len() as u64,
         clients: args.clients,
-        options: options_label(&args),
+        options: request.options_label(),
         seconds: wall,
         ..Report::default()
     };
@@ -206,17 +220,17 @@ async fn run_tftp(args: TftpArgs) -> Result<Report> {
             report.first_requests_retried += 1;
         }
         match &result.ending {
-            Ending::Complete => {
+            tftp::Ending::Complete => {
                 report.transfers_completed += 1;
                 times.push(result.elapsed.as_secs_f64() * 1000.0);
             }
-            Ending::Failed(why) => {
+            tftp::Ending::Failed(why) => {
                 report.transfers_failed += 1;
                 if report.failures.len() < 10 {
                     report.failures.push(why.clone());
                 }
             }
-            Ending::CutByTimeLimit => report.transfers_cut_by_time_limit += 1,
+            tftp::Ending::CutByTimeLimit => report.transfers_cut_by_time_limit += 1,
         }
     }
     times.sort_by(|a, b| a.total_cmp(b));
@@ -236,197 +250,22 @@ async fn run_tftp(args: TftpArgs) -> Result<Report> {
     Ok(report)
 }
 
-fn options_label(args: &TftpArgs) -> String {
-    let mut parts = Vec::new();
-    if let Some(b) = args.blksize {
-        parts.push(format!("blksize {b}"));
-    }
-    if let Some(w) = args.windowsize {
-        parts.push(format!("windowsize {w}"));
-    }
-    if args.tsize {
-        parts.push("tsize".into());
-    }
-    if parts.is_empty() {
-        "plain".into()
-    } else {
-        parts.join(" + ")
-    }
-}
-
-/// One transfer, as a firmware client does it.
-async fn fetch(args: &TftpArgs, expected: &[u8], deadline: Instant) -> TransferResult {
-    let started = Instant::now();
-    let mut result = TransferResult {
-        ending: Ending::Failed(String::new()),
-        bytes: 0,
-        elapsed: Duration::ZERO,
-        rrq_sent: 0,
-    };
-    let outcome = receive(args, expected, deadline, &mut result).await;
-    result.elapsed = started.elapsed();
-    result.ending = outcome;
-    result
-}
-
-async fn receive(
-    args: &TftpArgs,
-    expected: &[u8],
-    deadline: Instant,
-    result: &mut TransferResult,
-) -> Ending {
-    let bind: SocketAddr = if args.server.is_ipv4() {
-        "0.0.0.0:0"
-    } else {
-        "[::]:0"
-    }
-    .parse()
-    .expect("literal");
-    let socket = match UdpSocket::bind(bind).await {
-        Ok(socket) => socket,
-        Err(e) => return Ending::Failed(format!("bind: {e}")),
-    };
-    let mut options: Vec<(&str, String)> = Vec::new();
-    if let Some(b) = args.blksize {
-        options.push(("blksize", b.to_string()));
-    }
-    if let Some(w) = args.windowsize {
-        options.push(("windowsize", w.to_string()));
-    }
-    if args.tsize {
-        options.push(("tsize", "0".into()));
-    }
-    let option_refs: Vec<(&str, &str)> = options.iter().map(|(n, v)| (*n, v.as_str())).collect();
-    let mut rrq = Vec::new();
-    packet::encode_rrq(&args.file, Mode::Octet, &option_refs, &mut rrq);
-
-    let retry = Duration::from_millis(args.retry_ms);
-    let stall = Duration::from_millis(args.stall_ms);
-    let mut blksize = 512usize;
-    let mut windowsize = 1u64;
-    let mut tid: Option<SocketAddr> = None;
-    let mut next: u64 = 1; // next block index expected
-    let mut in_window = 0u64;
-    let mut repeat_acked = false; // one ACK per burst of repeats or gaps
-    let mut last_progress = Instant::now();
-    let mut buf = vec![0u8; 65536 + 4];
-    let mut ack = Vec::with_capacity(4);
-
-    if let Err(e) = socket.send_to(&rrq, args.server).await {
-        return Ending::Failed(format!("send RRQ: {e}"));
-    }
-    result.rrq_sent = 1;
-    loop {
-        let now = Instant::now();
-        if now >= deadline {
-            return Ending::CutByTimeLimit;
-        }
-        if now.duration_since(last_progress) >= stall {
-            return Ending::Failed(format!("stalled at block {next} ({} bytes)", result.bytes));
-        }
-        let wait = retry.min(deadline - now);
-        let received = tokio::time::timeout(wait, socket.recv_from(&mut buf)).await;
-        let (len, from) = match received {
-            Err(_) => {
-                // Our timeout: repeat the last thing we said.
-                let sent = match tid {
-                    None => {
-                        result.rrq_sent += 1;
-                        socket.send_to(&rrq, args.server).await
-                    }
-                    Some(tid) => {
-                        ack.clear();
-                        packet::encode_ack(((next - 1) & 0xFFFF) as u16, &mut ack);
-                        socket.send_to(&ack, tid).await
-                    }
-                };
-                if let Err(e) = sent {
-                    return Ending::Failed(format!("send: {e}"));
-                }
-                continue;
-            }
-            Ok(Err(e)) => return Ending::Failed(format!("receive: {e}")),
-            Ok(Ok(received)) => received,
+impl TftpArgs {
+    fn request(&self) -> tftp::Request {
+        let local = if self.server.is_ipv4() {
+            "0.0.0.0:0"
+        } else {
+            "[::]:0"
         };
-        if from.ip() != args.server.ip() || tid.is_some_and(|t| t != from) {
-            continue; // not our transfer
-        }
-        match Packet::parse(&buf[..len]) {
-            Ok(Packet::Oack { options }) if tid.is_none() => {
-                tid = Some(from);
-                for (name, value) in options {
-                    if name.eq_ignore_ascii_case("blksize") {
-                        blksize = value.parse().unwrap_or(512);
-                    } else if name.eq_ignore_ascii_case("windowsize") {
-                        windowsize = value.parse().unwrap_or(1);
-                    } else if name.eq_ignore_ascii_case("tsize")
-                        && value.parse::<usize>().ok() != Some(expected.len())
-                    {
-                        return Ending::Failed(format!(
-                            "tsize {value} but the file has {} bytes",
-                            expected.len()
-                        ));
-                    }
-                }
-                ack.clear();
-                packet::encode_ack(0, &mut ack);
-                if let Err(e) = socket.send_to(&ack, from).await {
-                    return Ending::Failed(format!("send ACK 0: {e}"));
-                }
-                last_progress = Instant::now();
-            }
-            Ok(Packet::Data { block, payload }) => {
-                if tid.is_none() {
-                    if !(options.is_empty() || block == 1) {
-                        continue;
-                    }
-                    tid = Some(from);
-                }
-                let tid = tid.expect("set above");
-                if block == (next & 0xFFFF) as u16 {
-                    let start = ((next - 1) as usize) * blksize;
-                    let end = start + payload.len();
-                    if end > expected.len() || expected[start..end] != *payload {
-                        return Ending::Failed(format!("wrong bytes in block {next}"));
-                    }
-                    result.bytes += payload.len() as u64;
-                    next += 1;
-                    in_window += 1;
-                    repeat_acked = false;
-                    last_progress = Instant::now();
-                    let last = payload.len() < blksize;
-                    if last || in_window == windowsize {
-                        in_window = 0;
-                        ack.clear();
-                        packet::encode_ack(block, &mut ack);
-                        if let Err(e) = socket.send_to(&ack, tid).await {
-                            return Ending::Failed(format!("send ACK: {e}"));
-                        }
-                    }
-                    if last {
-                        if end != expected.len() {
-                            return Ending::Failed(format!(
-                                "short file: {end} of {} bytes",
-                                expected.len()
-                            ));
-                        }
-                        return Ending::Complete;
-                    }
-                } else if !repeat_acked {
-                    // A repeat (our ACK was lost) or a gap: say where we are, once.
-                    repeat_acked = true;
-                    in_window = 0;
-                    ack.clear();
-                    packet::encode_ack(((next - 1) & 0xFFFF) as u16, &mut ack);
-                    if let Err(e) = socket.send_to(&ack, tid).await {
-                        return Ending::Failed(format!("send ACK: {e}"));
-                    }
-                }
-            }
-            Ok(Packet::Error { code, message }) => {
-                return Ending::Failed(format!("server error {code}: {message}"));
-            }
-            _ => {}
+        tftp::Request {
+            server: self.server,
+            local: local.parse().expect("literal"),
+            file: self.file.clone(),
+            blksize: self.blksize,
+            windowsize: self.windowsize,
+            tsize: self.tsize,
+            retry: Duration::from_millis(self.retry_ms),
+            stall: Duration::from_millis(self.stall_ms),
         }
     }
 }

@@ -18,5 +18,5 @@ pub mod router;
 pub mod script;
 
 pub use mac::{Mac, MacError, PxelinuxConfig};
-pub use router::Router;
+pub use router::{FileServed, Router};
 pub use script::{chain_script, find_static_script, StaticScript};

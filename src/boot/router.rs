@@ -38,7 +38,7 @@ use super::{Mac, PxelinuxConfig};
 use crate::inventory::{
     self, FileRole, Image, InventoryError, Machine, Snapshot, Transport, UnknownPolicy,
 };
-use crate::server::tftp::{FileGenerator, TransferObserver};
+use crate::server::tftp::{FileGenerator, FinishedRead, TransferObserver};
 
 /// How long the unknown-machine menu waits before booting locally.
 pub const MENU_TIMEOUT_MS: u32 = 30_000;
@@ -451,54 +451,36 @@ impl Router {
         clients.get(&client).copied()
     }
 
-    /// Tells the router that a file was served (`complete`: every byte of
-    /// a whole-file response): loaders, kernels and initrds become boot events, and
-    /// a kernel fetched by a one-shot machine uses its assignment up.
-    #[allow(clippy::too_many_arguments)]
-    pub fn file_served(
-        &self,
-        path: &str,
-        client: IpAddr,
-        transport: &'static str,
-        bytes: u64,
-        duration: Duration,
-        status: u16,
-        complete: bool,
-    ) {
-        if self.loader_files.contains(path) {
-            let mac = self.machine_at(client);
-            self.events.record(
-                mac,
-                client,
-                Phase::Loader,
-                transport,
-                path.to_string(),
-                bytes,
-                duration,
-                status,
-            );
-            return;
-        }
+    /// Tells the router that a file was served: loaders, kernels and
+    /// initrds become boot events, and a kernel fetched by a one-shot
+    /// machine uses its assignment up.
+    pub fn file_served(&self, served: &FileServed<'_>) {
+        let FileServed { path, client, .. } = *served;
         let loaded = self.current.load();
-        let Some(role) = loaded.snapshot.boot_files.get(path).copied() else {
-            return;
+        let phase = if self.loader_files.contains(path) {
+            Phase::Loader
+        } else {
+            match loaded.snapshot.boot_files.get(path) {
+                Some(FileRole::Kernel) => Phase::Kernel,
+                Some(FileRole::Initrd) => Phase::Initrd,
+                None => return,
+            }
         };
         let mac = self.machine_at(client);
-        let phase = match role {
-            FileRole::Kernel => Phase::Kernel,
-            FileRole::Initrd => Phase::Initrd,
-        };
         self.events.record(
             mac,
             client,
             phase,
-            transport,
-            path.to_string(),
-            bytes,
-            duration,
-            status,
+            served.transport,
+            match &served.how {
+                Some(how) => format!("{path} ({how})"),
+                None => path.to_string(),
+            },
+            served.bytes,
+            served.duration,
+            served.status,
         );
-        if role != FileRole::Kernel || !complete {
+        if phase != Phase::Kernel || !served.complete {
             return;
         }
         let Some(mac) = mac else { return };
@@ -584,17 +566,39 @@ impl FileGenerator for Router {
 }
 
 impl TransferObserver for Router {
-    fn read_finished(
-        &self,
-        name: &str,
-        peer: SocketAddr,
-        bytes: u64,
-        elapsed: Duration,
-        complete: bool,
-    ) {
-        let status = if complete { 200 } else { 500 };
-        self.file_served(name, peer.ip(), "tftp", bytes, elapsed, status, complete);
+    fn read_finished(&self, read: &FinishedRead<'_>) {
+        self.file_served(&FileServed {
+            path: read.name,
+            client: read.peer.ip(),
+            transport: "tftp",
+            how: Some(format!(
+                "blksize {}, windowsize {}",
+                read.blksize, read.windowsize
+            )),
+            bytes: read.bytes,
+            duration: read.elapsed,
+            status: if read.complete { 200 } else { 500 },
+            complete: read.complete,
+        });
     }
+}
+
+/// A file the HTTP or TFTP server sent, as the router is told of it.
+#[derive(Debug)]
+pub struct FileServed<'a> {
+    /// Relative to the boot directory.
+    pub path: &'a str,
+    pub client: IpAddr,
+    /// `http` or `tftp`.
+    pub transport: &'static str,
+    /// How it was sent, for the boot event (TFTP: block and window size).
+    pub how: Option<String>,
+    pub bytes: u64,
+    pub duration: Duration,
+    /// HTTP status; for TFTP 200 (complete) or 500.
+    pub status: u16,
+    /// Every byte of a whole-file response was sent.
+    pub complete: bool,
 }
 
 struct SnapshotGuard(Arc<Loaded>);
@@ -819,6 +823,25 @@ netboot = false
         assert!(body.contains("(node01)"));
     }
 
+    fn served(
+        path: &str,
+        client: IpAddr,
+        bytes: u64,
+        status: u16,
+        complete: bool,
+    ) -> FileServed<'_> {
+        FileServed {
+            path,
+            client,
+            transport: "tftp",
+            how: None,
+            bytes,
+            duration: Duration::ZERO,
+            status,
+            complete,
+        }
+    }
+
     #[test]
     fn loader_fetches_land_on_the_machine_dhcp_addressed() {
         let mut s = setup(INVENTORY);
@@ -828,12 +851,12 @@ netboot = false
         // Before DHCP has told the router who is at that address, the
         // fetch is still an event, with no machine.
         s.router
-            .file_served("undionly.kpxe", peer, "tftp", 70, Duration::ZERO, 200, true);
+            .file_served(&served("undionly.kpxe", peer, 70, 200, true));
         s.router.note_client(peer, mac);
         s.router
-            .file_served("undionly.kpxe", peer, "tftp", 70, Duration::ZERO, 200, true);
+            .file_served(&served("undionly.kpxe", peer, 70, 200, true));
         s.router
-            .file_served("other.bin", peer, "tftp", 70, Duration::ZERO, 200, true);
+            .file_served(&served("other.bin", peer, 70, 200, true));
         let events = s.router.events.recent(None, 10);
         let loaders: Vec<_> = events.iter().filter(|e| e.phase == Phase::Loader).collect();
         assert_eq!(loaders.len(), 2, "{events:?}");
@@ -861,13 +884,13 @@ netboot = false
         assert_eq!(first.decision, Decision::Assigned("tiny".into()));
         // A partial fetch does not count; a complete one does.
         s.router
-            .file_served("tiny/k", peer, "tftp", 10, Duration::ZERO, 206, false);
+            .file_served(&served("tiny/k", peer, 10, 206, false));
         assert_eq!(
             s.router.machine_script(mac, &[], "http://h", peer).decision,
             first.decision
         );
         s.router
-            .file_served("tiny/k", peer, "tftp", 100, Duration::ZERO, 200, true);
+            .file_served(&served("tiny/k", peer, 100, 200, true));
         let after = s.router.machine_script(mac, &[], "http://h", peer);
         assert!(
             matches!(after.decision, Decision::Local(_)),

@@ -27,7 +27,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tracing::{debug, trace, warn};
 
 use crate::boot::events::Phase;
-use crate::boot::{chain_script, Mac, Router};
+use crate::boot::{chain_script, FileServed, Mac, Router};
 use crate::cache::{CachedFile, FileCache, FileData};
 use crate::proto::http::range::{self, BodyPlan, Multipart, Validators};
 use crate::proto::http::request::{Method, Request};
@@ -215,8 +215,16 @@ impl HttpService {
             } else {
                 499
             };
-            self.router
-                .file_served(path, peer.ip(), "http", sent, elapsed, status, complete);
+            self.router.file_served(&FileServed {
+                path,
+                client: peer.ip(),
+                transport: "http",
+                how: None,
+                bytes: sent,
+                duration: elapsed,
+                status,
+                complete,
+            });
         }
     }
 

@@ -50,19 +50,27 @@ pub trait FileGenerator: Send + Sync {
     fn generate(&self, name: &str, client: SocketAddr) -> Option<Vec<u8>>;
 }
 
-/// Told about every read transfer that ends: how kernels and initrds
-/// fetched over TFTP become boot events.
+/// A read transfer that ended, as [`TransferObserver`]s are told of it.
+#[derive(Debug)]
+pub struct FinishedRead<'a> {
+    /// The file, relative to the root.
+    pub name: &'a str,
+    pub peer: SocketAddr,
+    /// Bytes sent: the whole file when `complete`, otherwise 0.
+    pub bytes: u64,
+    pub elapsed: Duration,
+    /// The client acknowledged the last block.
+    pub complete: bool,
+    /// Negotiated block and window size (RFC 2348, RFC 7440): how the
+    /// client asked for the file, which is where firmware differs.
+    pub blksize: u16,
+    pub windowsize: u16,
+}
+
+/// Told about every read transfer that ends (size queries aside): how
+/// loaders, kernels and initrds fetched over TFTP become boot events.
 pub trait TransferObserver: Send + Sync {
-    /// `name` (relative to the root) was sent to `peer`: `bytes` of it,
-    /// all of it when `complete`.
-    fn read_finished(
-        &self,
-        name: &str,
-        peer: SocketAddr,
-        bytes: u64,
-        elapsed: Duration,
-        complete: bool,
-    );
+    fn read_finished(&self, read: &FinishedRead<'_>);
 }
 
 /// What to do with a datagram that arrived on the listening port.
@@ -492,15 +500,23 @@ impl TftpService {
             started.transfer.outcome(),
             Some(Outcome::OptionsDeclined { .. })
         );
-        if let (Transfer::Read(_), false) = (&started.transfer, size_query) {
+        if let (Transfer::Read(read), false) = (&started.transfer, size_query) {
             let complete = matches!(started.transfer.outcome(), Some(Outcome::Complete));
-            let bytes = if complete {
-                started.data.len() as u64
-            } else {
-                0
+            let finished = FinishedRead {
+                name: &started.name,
+                peer: started.peer,
+                bytes: if complete {
+                    started.data.len() as u64
+                } else {
+                    0
+                },
+                elapsed,
+                complete,
+                blksize: read.blksize(),
+                windowsize: read.windowsize(),
             };
             for observer in &self.observers {
-                observer.read_finished(&started.name, started.peer, bytes, elapsed, complete);
+                observer.read_finished(&finished);
             }
         }
         self.stats

@@ -163,12 +163,14 @@ fn machines_boot_end_to_end_through_bootfleet_alone() {
                 "the firmware's PXE request was seen as UEFI x64: {}",
                 booted.timeline.join("\n")
             );
+            // OVMF asks for a window of 4 blocks (RFC 7440).
             assert!(
                 booted
                     .timeline
                     .iter()
-                    .any(|l| l.contains("loader  tftp ipxe.efi (200)")),
-                "the firmware fetched ipxe.efi over TFTP: {}",
+                    .any(|l| l.contains("loader  tftp ipxe.efi (blksize ")
+                        && l.contains(", windowsize 4) (200)")),
+                "the firmware fetched ipxe.efi over TFTP with windowsize 4: {}",
                 booted.timeline.join("\n")
             );
         }

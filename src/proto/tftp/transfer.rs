@@ -215,6 +215,11 @@ impl ReadTransfer {
         self.blksize as u16
     }
 
+    /// Blocks sent before waiting for an ACK (RFC 7440; 1 is lock-step).
+    pub fn windowsize(&self) -> u16 {
+        self.windowsize as u16
+    }
+
     /// Number of DATA blocks the whole file takes.
     pub fn block_count(&self) -> u64 {
         self.last_block

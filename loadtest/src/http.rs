@@ -1,0 +1,153 @@
+//! The HTTP client of the load tester: one GET on its own connection from
+//! the machine's own address, as iPXE does it (it needs `Content-Length`),
+//! with the body hashed (SHA-256) as it streams in, so that thousands of
+//! machines fetching hundreds of megabytes hold only their read buffers.
+//!
+//! Written on `httparse` rather than with a client crate: the load tester
+//! must choose each connection's source address, count bytes as they
+//! arrive and never buffer a kernel, which general clients hide.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Instant;
+
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpSocket;
+
+/// A response: status, body length and digest, and the body itself when
+/// it was asked for (scripts).
+#[derive(Debug)]
+pub struct Fetched {
+    pub status: u16,
+    pub bytes: u64,
+    pub sha256: [u8; 32],
+    pub body: Option<Vec<u8>>,
+}
+
+/// Largest response head accepted.
+const MAX_HEAD: usize = 16 << 10;
+
+/// GETs `url` (an `http://` URL) from `local`, keeping the body when
+/// `keep_body`, giving up at `deadline`.
+pub async fn get(
+    url: &url::Url,
+    local: IpAddr,
+    keep_body: bool,
+    deadline: Instant,
+) -> Result<Fetched, String> {
+    tokio::time::timeout_at(deadline.into(), get_inner(url, local, keep_body))
+        .await
+        .map_err(|_| "timed out".to_string())?
+}
+
+async fn get_inner(url: &url::Url, local: IpAddr, keep_body: bool) -> Result<Fetched, String> {
+    let host = url.host_str().ok_or("URL without a host")?;
+    let ip: IpAddr = host
+        .trim_matches(|c| c == '[' || c == ']')
+        .parse()
+        .map_err(|_| format!("{host}: the load tester takes addresses, not names"))?;
+    let server = SocketAddr::new(ip, url.port().unwrap_or(80));
+    let socket = if server.is_ipv4() {
+        TcpSocket::new_v4()
+    } else {
+        TcpSocket::new_v6()
+    }
+    .map_err(|e| format!("socket: {e}"))?;
+    socket
+        .bind(SocketAddr::new(local, 0))
+        .map_err(|e| format!("bind {local}: {e}"))?;
+    let mut stream = socket
+        .connect(server)
+        .await
+        .map_err(|e| format!("connect {server}: {e}"))?;
+    let target = match url.query() {
+        Some(query) => format!("{}?{query}", url.path()),
+        None => url.path().to_string(),
+    };
+    let request = format!(
+        "GET {target} HTTP/1.1\r\nHost: {}\r\nUser-Agent: iPXE/1.21.1 (bootfleet-loadtest)\r\nConnection: close\r\n\r\n",
+        url.authority()
+    );
+    stream
+        .write_all(request.as_bytes())
+        .await
+        .map_err(|e| format!("send: {e}"))?;
+
+    let mut buf = vec![0u8; 64 << 10];
+    let mut filled = 0usize;
+    let (status, length, head_len) = loop {
+        let n = stream
+            .read(&mut buf[filled..])
+            .await
+            .map_err(|e| format!("receive: {e}"))?;
+        if n == 0 {
+            return Err("connection closed before the response head".into());
+        }
+        filled += n;
+        let mut headers = [httparse::EMPTY_HEADER; 32];
+        let mut response = httparse::Response::new(&mut headers);
+        match response.parse(&buf[..filled]) {
+            Ok(httparse::Status::Complete(head_len)) => {
+                let status = response.code.unwrap_or(0);
+                let length = response
+                    .headers
+                    .iter()
+                    .find(|h| h.name.eq_ignore_ascii_case("content-length"))
+                    .and_then(|h| {
+                        std::str::from_utf8(h.value)
+                            .ok()?
+                            .trim()
+                            .parse::<u64>()
+                            .ok()
+                    })
+                    .ok_or_else(|| format!("HTTP {status} without Content-Length"))?;
+                break (status, length, head_len);
+            }
+            Ok(httparse::Status::Partial) if filled < MAX_HEAD.min(buf.len()) => continue,
+            Ok(httparse::Status::Partial) => return Err("response head too large".into()),
+            Err(e) => return Err(format!("bad response head: {e}")),
+        }
+    };
+
+    let mut sink = BodySink {
+        hasher: Sha256::new(),
+        body: keep_body.then(Vec::new),
+        received: 0,
+    };
+    let first = &buf[head_len..filled];
+    sink.take(&first[..first.len().min(length as usize)]);
+    while sink.received < length {
+        let want = (length - sink.received).min(buf.len() as u64) as usize;
+        let n = stream
+            .read(&mut buf[..want])
+            .await
+            .map_err(|e| format!("receive body: {e}"))?;
+        if n == 0 {
+            return Err(format!("body cut at {} of {length} bytes", sink.received));
+        }
+        sink.take(&buf[..n]);
+    }
+    Ok(Fetched {
+        status,
+        bytes: sink.received,
+        sha256: sink.hasher.finalize().into(),
+        body: sink.body,
+    })
+}
+
+/// Where a body goes as it arrives.
+struct BodySink {
+    hasher: Sha256,
+    body: Option<Vec<u8>>,
+    received: u64,
+}
+
+impl BodySink {
+    fn take(&mut self, chunk: &[u8]) {
+        self.hasher.update(chunk);
+        if let Some(body) = self.body.as_mut() {
+            body.extend_from_slice(chunk);
+        }
+        self.received += chunk.len() as u64;
+    }
+}

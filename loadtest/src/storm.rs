@@ -1,0 +1,762 @@
+//! `storm`: thousands of simulated machines walking the real boot chain at
+//! once — DHCP as PXE firmware (through a relay agent), the loader over
+//! TFTP with the options that firmware sends, DHCP again as iPXE, the chain
+//! script and the machine's own script over HTTP (followed as iPXE follows
+//! them), then its kernel and initrds over HTTP or TFTP as the script says.
+//! Every byte is checked against the boot directory (size and SHA-256, or
+//! block by block over TFTP); a fast wrong answer is a failure.
+//!
+//! The load is bounded: a fixed number of machines, at most `concurrency`
+//! booting at once, and a hard time limit after which the machines still
+//! booting are counted as cut, by the phase they were in. Failures are
+//! counted by phase and cause, never hidden.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Component, Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+use crate::dhcp::{self, ClientIdentity, Relay, Stage};
+use crate::{http, ipxe, tftp};
+
+/// Firmware the simulated machines run.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Firmware {
+    /// BIOS PXE ROM (option 93 = 0): loader with blksize 1432 + tsize.
+    Bios,
+    /// x64 UEFI (option 93 = 7): loader with blksize 1468 + windowsize 4 + tsize.
+    Uefi,
+    /// Every other machine BIOS, the rest UEFI.
+    Mixed,
+}
+
+/// When the machines are powered on.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Profile {
+    /// All at the same moment.
+    Storm,
+    /// Evenly over `--ramp-seconds`.
+    Ramp,
+    /// In `--waves` groups, `--wave-interval` seconds apart.
+    Waves,
+}
+
+/// Where a machine's boot ends on purpose.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StopAfter {
+    /// After its own script (no kernel or initrd).
+    Script,
+    /// After the last initrd: the whole chain.
+    Initrd,
+}
+
+#[derive(clap::Args, Clone, Debug)]
+pub struct StormArgs {
+    /// The boot server's address (DHCP on port 67, TFTP on --tftp-port);
+    /// loopback, or a test namespace (BOOTFLEET_LOADTEST_NAMESPACE=1).
+    #[arg(long)]
+    pub server: Ipv4Addr,
+    /// Machines to power on.
+    #[arg(long)]
+    pub machines: usize,
+    /// The boot directory being served: every byte received is checked
+    /// against the file of the same path in it.
+    #[arg(long)]
+    pub root: PathBuf,
+    #[arg(long, value_enum, default_value = "storm")]
+    pub profile: Profile,
+    #[arg(long, default_value_t = 10.0)]
+    pub ramp_seconds: f64,
+    #[arg(long, default_value_t = 4)]
+    pub waves: usize,
+    #[arg(long, default_value_t = 5.0)]
+    pub wave_interval: f64,
+    #[arg(long, value_enum, default_value = "bios")]
+    pub firmware: Firmware,
+    #[arg(long, value_enum, default_value = "initrd")]
+    pub stop_after: StopAfter,
+    /// The relay agent's address (giaddr): the machines' subnet must be a
+    /// relayed range of the server (e.g. 127.1.0.10-127.1.255.250/16).
+    #[arg(long, default_value = "127.1.0.1")]
+    pub relay: Ipv4Addr,
+    /// Interface the relay socket is bound to ("" for none).
+    #[arg(long, default_value = "lo")]
+    pub relay_device: String,
+    #[arg(long, default_value_t = 69)]
+    pub tftp_port: u16,
+    /// An HTTP request with no complete answer for this long has failed.
+    #[arg(long, default_value_t = 30.0)]
+    pub http_timeout: f64,
+    /// Most machines booting at once (0: all).
+    #[arg(long, default_value_t = 0)]
+    pub concurrency: usize,
+    /// Hard limit of the whole run, seconds.
+    #[arg(long, default_value_t = 120.0)]
+    pub time_limit: f64,
+    /// First machine number (MACs are 02:bf:NN:NN:NN:NN from it).
+    #[arg(long, default_value_t = 0)]
+    pub first: u32,
+    /// Runtime threads.
+    #[arg(long, default_value_t = 1)]
+    pub threads: usize,
+    /// Free-form label copied into the report.
+    #[arg(long, default_value = "")]
+    pub label: String,
+    /// Write the report as JSON here.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Write a self-contained HTML chart here.
+    #[arg(long)]
+    pub chart: Option<PathBuf>,
+}
+
+/// The steps of a boot, in order.
+pub const PHASES: [&str; 5] = ["dhcp", "loader", "script", "kernel", "initrd"];
+
+/// One machine's story.
+#[derive(Debug, Clone, Serialize)]
+pub struct MachineRecord {
+    pub mac: String,
+    /// Seconds after the run started at which each phase began (index as
+    /// in [`PHASES`]; the DHCP phase covers both exchanges).
+    pub phase_started: Vec<Option<f64>>,
+    /// Seconds spent in each phase.
+    pub phase_seconds: Vec<f64>,
+    pub powered_on: f64,
+    /// When it booted (or failed, or was cut).
+    pub ended: f64,
+    /// `booted`, `failed` or `cut`.
+    pub outcome: &'static str,
+    /// The phase it failed or was cut in, and why.
+    pub failed_phase: Option<&'static str>,
+    pub cause: Option<String>,
+    pub bytes: u64,
+}
+
+/// Latency figures of one phase, in milliseconds.
+#[derive(Debug, Clone, Serialize)]
+pub struct Percentiles {
+    pub count: usize,
+    pub p50_ms: f64,
+    pub p90_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+}
+
+/// The run's report.
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub label: String,
+    pub server: String,
+    pub firmware: String,
+    pub profile: String,
+    pub machines: usize,
+    pub booted: usize,
+    pub failed: usize,
+    /// Still booting at the time limit.
+    pub cut: usize,
+    pub seconds: f64,
+    pub bytes_received: u64,
+    pub goodput_mb_s: f64,
+    /// Per phase, and `total` (power-on to booted), over booted machines.
+    pub phases: BTreeMap<String, Percentiles>,
+    /// `phase: cause` → machines.
+    pub failures: BTreeMap<String, usize>,
+    /// Machines that finished booting in each second of the run.
+    pub booted_per_second: Vec<usize>,
+    /// Machines in each phase, sampled every `tick_seconds`.
+    pub tick_seconds: f64,
+    pub in_phase: BTreeMap<String, Vec<usize>>,
+    /// Power-on to booted, per booted machine (for the chart).
+    #[serde(skip)]
+    pub boot_seconds: Vec<f64>,
+}
+
+/// An expected file: its bytes (TFTP compares block by block), length
+/// and digest.
+struct Expected {
+    bytes: Vec<u8>,
+    sha256: [u8; 32],
+}
+
+/// What every machine shares.
+struct Shared {
+    args: StormArgs,
+    relay: Arc<Relay>,
+    started: Instant,
+    deadline: Instant,
+    files: Mutex<HashMap<String, Arc<Expected>>>,
+}
+
+impl Shared {
+    fn since_start(&self) -> f64 {
+        self.started.elapsed().as_secs_f64()
+    }
+
+    /// The file at `path` (relative, from a URL or a boot-file name) in
+    /// the boot directory, read once.
+    fn expected(&self, path: &str) -> Result<Arc<Expected>, String> {
+        if let Some(found) = self
+            .files
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(path)
+        {
+            return Ok(Arc::clone(found));
+        }
+        let relative = Path::new(path.trim_start_matches('/'));
+        if relative
+            .components()
+            .any(|c| !matches!(c, Component::Normal(_)))
+        {
+            return Err(format!("{path}: not a path inside the boot directory"));
+        }
+        let bytes = std::fs::read(self.args.root.join(relative))
+            .map_err(|e| format!("{path}: cannot read the expected file: {e}"))?;
+        let expected = Arc::new(Expected {
+            sha256: Sha256::digest(&bytes).into(),
+            bytes,
+        });
+        self.files
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(path.to_string(), Arc::clone(&expected));
+        Ok(expected)
+    }
+}
+
+pub fn run(args: StormArgs) -> Result<Report> {
+    crate::check_target(&SocketAddr::from((args.server, 67)))?;
+    if args.machines == 0 {
+        bail!("--machines must be at least 1");
+    }
+    if args.machines > 16_000_000 {
+        bail!("--machines is at most 16 million (the MAC numbering)");
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(args.threads.max(1))
+        .enable_all()
+        .build()?;
+    runtime.block_on(storm(args))
+}
+
+async fn storm(args: StormArgs) -> Result<Report> {
+    let device = (!args.relay_device.is_empty()).then_some(args.relay_device.as_str());
+    let relay = Relay::start(args.relay, SocketAddr::from((args.server, 67)), device)
+        .with_context(|| {
+            format!(
+                "cannot bind the relay agent to {}:67 (needs root; --relay-device {:?})",
+                args.relay, args.relay_device
+            )
+        })?;
+    let started = Instant::now();
+    let ctx = Arc::new(Shared {
+        deadline: started + Duration::from_secs_f64(args.time_limit),
+        args,
+        relay,
+        started,
+        files: Mutex::new(HashMap::new()),
+    });
+    let limit = match ctx.args.concurrency {
+        0 => ctx.args.machines,
+        n => n,
+    };
+    let permits = Arc::new(tokio::sync::Semaphore::new(limit));
+    let mut handles = Vec::with_capacity(ctx.args.machines);
+    for index in 0..ctx.args.machines {
+        let ctx = Arc::clone(&ctx);
+        let permits = Arc::clone(&permits);
+        handles.push(tokio::spawn(async move {
+            let at = ctx.started + power_on_offset(&ctx.args, index);
+            tokio::time::sleep_until(at.into()).await;
+            let _permit = permits.acquire().await;
+            boot(&ctx, index).await
+        }));
+    }
+    let mut records = Vec::with_capacity(handles.len());
+    for handle in handles {
+        if let Ok(record) = handle.await {
+            records.push(record);
+        }
+    }
+    Ok(report(&ctx, &records))
+}
+
+fn power_on_offset(args: &StormArgs, index: usize) -> Duration {
+    let seconds = match args.profile {
+        Profile::Storm => 0.0,
+        Profile::Ramp => args.ramp_seconds * index as f64 / args.machines as f64,
+        Profile::Waves => {
+            let per_wave = args.machines.div_ceil(args.waves.max(1));
+            (index / per_wave) as f64 * args.wave_interval
+        }
+    };
+    Duration::from_secs_f64(seconds)
+}
+
+/// A machine's progress through the phases.
+struct Tracker<'a> {
+    ctx: &'a Shared,
+    record: MachineRecord,
+    current: Option<(usize, Instant)>,
+}
+
+impl Tracker<'_> {
+    fn enter(&mut self, phase: usize) {
+        self.leave();
+        if self.record.phase_started[phase].is_none() {
+            self.record.phase_started[phase] = Some(self.ctx.since_start());
+        }
+        self.current = Some((phase, Instant::now()));
+    }
+
+    fn leave(&mut self) {
+        if let Some((phase, since)) = self.current.take() {
+            self.record.phase_seconds[phase] += since.elapsed().as_secs_f64();
+        }
+    }
+
+    fn finish(mut self, result: Result<(), String>) -> MachineRecord {
+        let phase = self.current.map(|(p, _)| PHASES[p]);
+        self.leave();
+        self.record.ended = self.ctx.since_start();
+        match result {
+            Ok(()) => self.record.outcome = "booted",
+            Err(cause) => {
+                let cut = Instant::now() >= self.ctx.deadline;
+                self.record.outcome = if cut { "cut" } else { "failed" };
+                self.record.failed_phase = phase;
+                self.record.cause = Some(if cut { "time limit".to_string() } else { cause });
+            }
+        }
+        self.record
+    }
+}
+
+fn identity(args: &StormArgs, index: usize) -> (ClientIdentity, Firmware) {
+    let number = args.first.wrapping_add(index as u32);
+    let n = number.to_be_bytes();
+    let firmware = match args.firmware {
+        Firmware::Mixed if index % 2 == 0 => Firmware::Bios,
+        Firmware::Mixed => Firmware::Uefi,
+        other => other,
+    };
+    let mut uuid = [0u8; 16];
+    uuid[..4].copy_from_slice(b"bflt");
+    uuid[12..].copy_from_slice(&n);
+    (
+        ClientIdentity {
+            mac: [0x02, 0xbf, n[0], n[1], n[2], n[3]],
+            arch: if firmware == Firmware::Uefi { 7 } else { 0 },
+            uuid,
+        },
+        firmware,
+    )
+}
+
+async fn boot(ctx: &Shared, index: usize) -> MachineRecord {
+    let (client, firmware) = identity(&ctx.args, index);
+    let mac = client
+        .mac
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":");
+    let mut tracker = Tracker {
+        ctx,
+        record: MachineRecord {
+            mac: mac.clone(),
+            phase_started: vec![None; PHASES.len()],
+            phase_seconds: vec![0.0; PHASES.len()],
+            powered_on: ctx.since_start(),
+            ended: 0.0,
+            outcome: "failed",
+            failed_phase: None,
+            cause: None,
+            bytes: 0,
+        },
+        current: None,
+    };
+    let result = walk(ctx, &client, firmware, &mac, index, &mut tracker).await;
+    tracker.finish(result)
+}
+
+/// The boot chain; `Err` carries the cause, the tracker the phase.
+async fn walk(
+    ctx: &Shared,
+    client: &ClientIdentity,
+    firmware: Firmware,
+    mac: &str,
+    index: usize,
+    tracker: &mut Tracker<'_>,
+) -> Result<(), String> {
+    let xid = 0x5000_0000u32.wrapping_add((index as u32).wrapping_mul(2));
+    tracker.enter(0);
+    let lease = dhcp::obtain(&ctx.relay, client, xid, Stage::Firmware, ctx.deadline).await?;
+    let local = IpAddr::V4(lease.address);
+
+    tracker.enter(1);
+    let next_server = if lease.next_server.is_unspecified() {
+        ctx.args.server
+    } else {
+        lease.next_server
+    };
+    if lease.boot_file.starts_with("http://") {
+        fetch_url(ctx, &lease.boot_file, local, tracker).await?;
+    } else {
+        let (blksize, windowsize) = match firmware {
+            Firmware::Uefi => (1468, Some(4)),
+            _ => (1432, None),
+        };
+        fetch_tftp(
+            ctx,
+            SocketAddr::from((next_server, ctx.args.tftp_port)),
+            &lease.boot_file,
+            local,
+            Some(blksize),
+            windowsize,
+            tracker,
+        )
+        .await?;
+    }
+
+    tracker.enter(0);
+    let lease = dhcp::obtain(&ctx.relay, client, xid + 1, Stage::Ipxe, ctx.deadline).await?;
+    let local = IpAddr::V4(lease.address);
+
+    tracker.enter(2);
+    let mut settings = ipxe::Settings::default();
+    for (name, value) in [
+        ("mac", mac.to_string()),
+        ("uuid", uuid_text(&client.uuid)),
+        ("manufacturer", "bootfleet-loadtest".to_string()),
+        ("product", "simulated machine".to_string()),
+        ("serial", format!("SIM-{index}")),
+        (
+            "buildarch",
+            if firmware == Firmware::Uefi {
+                "x86_64"
+            } else {
+                "i386"
+            }
+            .to_string(),
+        ),
+        (
+            "platform",
+            if firmware == Firmware::Uefi {
+                "efi"
+            } else {
+                "pcbios"
+            }
+            .to_string(),
+        ),
+        ("ip", lease.address.to_string()),
+        ("next-server", lease.next_server.to_string()),
+        ("filename", lease.boot_file.clone()),
+    ] {
+        settings.0.insert(name.to_string(), value);
+    }
+    let mut url = parse_url(&lease.boot_file, None)?;
+    let (kernel, initrds) = loop {
+        let fetched = http_get(ctx, &url, local, true).await?;
+        tracker.record.bytes += fetched.bytes;
+        let body =
+            String::from_utf8_lossy(fetched.body.as_deref().unwrap_or_default()).into_owned();
+        let outcome = ipxe::run(&body, &mut settings).map_err(|e| format!("{url}: {e}"))?;
+        if outcome.sleep_seconds > 0 {
+            let until = Instant::now() + Duration::from_secs(outcome.sleep_seconds);
+            if until >= ctx.deadline {
+                return Err(format!(
+                    "told to wait {} s for an operator",
+                    outcome.sleep_seconds
+                ));
+            }
+            tokio::time::sleep_until(until.into()).await;
+        }
+        match outcome.ending {
+            ipxe::Ending::Chain(next) => url = parse_url(&next, Some(&url))?,
+            ipxe::Ending::Boot { kernel, initrds } => break (kernel, initrds),
+            ipxe::Ending::Exit => return Err("the script exits to the local disk".into()),
+        }
+    };
+    if ctx.args.stop_after == StopAfter::Script {
+        return Ok(());
+    }
+    let base = url;
+    tracker.enter(3);
+    fetch_url(ctx, &resolve(&kernel, &base)?, local, tracker).await?;
+    tracker.enter(4);
+    for initrd in &initrds {
+        fetch_url(ctx, &resolve(initrd, &base)?, local, tracker).await?;
+    }
+    Ok(())
+}
+
+fn uuid_text(uuid: &[u8; 16]) -> String {
+    let hex: String = uuid.iter().map(|b| format!("{b:02x}")).collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &hex[..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..]
+    )
+}
+
+fn parse_url(text: &str, base: Option<&url::Url>) -> Result<url::Url, String> {
+    match base {
+        Some(base) => base.join(text),
+        None => url::Url::parse(text),
+    }
+    .map_err(|e| format!("{text}: not a URL ({e})"))
+}
+
+fn resolve(text: &str, base: &url::Url) -> Result<String, String> {
+    Ok(parse_url(text, Some(base))?.to_string())
+}
+
+/// The file a URL names, relative to the boot directory.
+fn url_path(url: &url::Url) -> String {
+    percent_encoding::percent_decode_str(url.path().trim_start_matches('/'))
+        .decode_utf8_lossy()
+        .into_owned()
+}
+
+async fn http_get(
+    ctx: &Shared,
+    url: &url::Url,
+    local: IpAddr,
+    keep_body: bool,
+) -> Result<http::Fetched, String> {
+    if url.scheme() != "http" {
+        return Err(format!("{url}: only http:// and tftp:// are simulated"));
+    }
+    let deadline =
+        (Instant::now() + Duration::from_secs_f64(ctx.args.http_timeout)).min(ctx.deadline);
+    let fetched = http::get(url, local, keep_body, deadline)
+        .await
+        .map_err(|e| format!("{url}: {e}"))?;
+    if fetched.status != 200 {
+        return Err(format!("{url}: HTTP {}", fetched.status));
+    }
+    Ok(fetched)
+}
+
+/// Fetches a loader, kernel or initrd by URL and checks it.
+async fn fetch_url(
+    ctx: &Shared,
+    text: &str,
+    local: IpAddr,
+    tracker: &mut Tracker<'_>,
+) -> Result<(), String> {
+    let url = parse_url(text, None)?;
+    match url.scheme() {
+        "tftp" => {
+            let host: Ipv4Addr = url
+                .host_str()
+                .and_then(|h| h.parse().ok())
+                .ok_or_else(|| format!("{url}: the load tester takes addresses, not names"))?;
+            let port = url.port().unwrap_or(ctx.args.tftp_port);
+            fetch_tftp(
+                ctx,
+                SocketAddr::from((host, port)),
+                &url_path(&url),
+                local,
+                Some(1432),
+                None,
+                tracker,
+            )
+            .await
+        }
+        _ => {
+            let expected = ctx.expected(&url_path(&url))?;
+            let fetched = http_get(ctx, &url, local, false).await?;
+            tracker.record.bytes += fetched.bytes;
+            if fetched.bytes != expected.bytes.len() as u64 || fetched.sha256 != expected.sha256 {
+                return Err(format!(
+                    "{url}: wrong bytes ({} bytes, SHA-256 differs from the boot directory's {} bytes)",
+                    fetched.bytes,
+                    expected.bytes.len()
+                ));
+            }
+            Ok(())
+        }
+    }
+}
+
+async fn fetch_tftp(
+    ctx: &Shared,
+    server: SocketAddr,
+    file: &str,
+    local: IpAddr,
+    blksize: Option<u16>,
+    windowsize: Option<u16>,
+    tracker: &mut Tracker<'_>,
+) -> Result<(), String> {
+    let expected = ctx.expected(file)?;
+    let request = tftp::Request {
+        server,
+        local: SocketAddr::new(local, 0),
+        file: file.to_string(),
+        blksize,
+        windowsize,
+        tsize: true,
+        retry: Duration::from_secs(1),
+        stall: Duration::from_secs(10),
+    };
+    let transfer = tftp::get(&request, &expected.bytes, ctx.deadline).await;
+    tracker.record.bytes += transfer.bytes;
+    match transfer.ending {
+        tftp::Ending::Complete => Ok(()),
+        tftp::Ending::Failed(why) => Err(format!("tftp {file}: {why}")),
+        tftp::Ending::CutByTimeLimit => Err("time limit".into()),
+    }
+}
+
+fn percentiles(mut values: Vec<f64>) -> Option<Percentiles> {
+    if values.is_empty() {
+        return None;
+    }
+    values.sort_by(f64::total_cmp);
+    let pick = |q: f64| {
+        let index = ((values.len() as f64 - 1.0) * q).round() as usize;
+        (values[index] * 1000.0 * 10.0).round() / 10.0
+    };
+    Some(Percentiles {
+        count: values.len(),
+        p50_ms: pick(0.5),
+        p90_ms: pick(0.9),
+        p99_ms: pick(0.99),
+        max_ms: pick(1.0),
+    })
+}
+
+/// How often the machines-per-phase series is sampled.
+const TICK: f64 = 0.25;
+
+fn report(ctx: &Shared, records: &[MachineRecord]) -> Report {
+    let seconds = ctx.since_start();
+    let booted: Vec<&MachineRecord> = records.iter().filter(|r| r.outcome == "booted").collect();
+    let mut phases = BTreeMap::new();
+    for (i, phase) in PHASES.iter().enumerate() {
+        let values = booted
+            .iter()
+            .filter(|r| r.phase_started[i].is_some())
+            .map(|r| r.phase_seconds[i])
+            .collect();
+        if let Some(p) = percentiles(values) {
+            phases.insert(phase.to_string(), p);
+        }
+    }
+    if let Some(p) = percentiles(booted.iter().map(|r| r.ended - r.powered_on).collect()) {
+        phases.insert("total".to_string(), p);
+    }
+    let mut failures = BTreeMap::new();
+    for record in records.iter().filter(|r| r.outcome != "booted") {
+        let cause = record.cause.clone().unwrap_or_default();
+        // Group causes by their text without numbers (block numbers, sizes).
+        let cause: String = cause
+            .chars()
+            .map(|c| if c.is_ascii_digit() { 'N' } else { c })
+            .collect();
+        *failures
+            .entry(format!(
+                "{}: {cause}",
+                record.failed_phase.unwrap_or("start")
+            ))
+            .or_insert(0) += 1;
+    }
+    let mut booted_per_second = vec![0usize; seconds.ceil() as usize + 1];
+    for record in &booted {
+        booted_per_second[record.ended as usize] += 1;
+    }
+    let ticks = (seconds / TICK).ceil() as usize + 1;
+    let mut in_phase: BTreeMap<String, Vec<usize>> = PHASES
+        .iter()
+        .chain(["booted"].iter())
+        .map(|p| (p.to_string(), vec![0; ticks]))
+        .collect();
+    for record in records {
+        // Phase starts in time order; each lasts until the next starts.
+        let mut starts: Vec<(f64, usize)> = record
+            .phase_started
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| s.map(|s| (s, i)))
+            .collect();
+        starts.sort_by(|a, b| a.0.total_cmp(&b.0));
+        for (k, &(start, phase)) in starts.iter().enumerate() {
+            let end = starts.get(k + 1).map_or(record.ended, |next| next.0);
+            let series = in_phase
+                .get_mut(PHASES[phase])
+                .expect("every phase has a series");
+            for tick in (start / TICK).ceil() as usize..=((end / TICK) as usize).min(ticks - 1) {
+                series[tick] += 1;
+            }
+        }
+        if record.outcome == "booted" {
+            let series = in_phase.get_mut("booted").expect("booted series");
+            for count in series
+                .iter_mut()
+                .skip((record.ended / TICK).ceil() as usize)
+            {
+                *count += 1;
+            }
+        }
+    }
+    let bytes_received = records.iter().map(|r| r.bytes).sum();
+    Report {
+        label: ctx.args.label.clone(),
+        server: ctx.args.server.to_string(),
+        firmware: format!("{:?}", ctx.args.firmware).to_lowercase(),
+        profile: format!("{:?}", ctx.args.profile).to_lowercase(),
+        machines: ctx.args.machines,
+        booted: booted.len(),
+        failed: records.iter().filter(|r| r.outcome == "failed").count(),
+        cut: records.iter().filter(|r| r.outcome == "cut").count(),
+        seconds,
+        bytes_received,
+        goodput_mb_s: bytes_received as f64 / seconds / 1e6,
+        phases,
+        failures,
+        booted_per_second,
+        tick_seconds: TICK,
+        in_phase,
+        boot_seconds: booted.iter().map(|r| r.ended - r.powered_on).collect(),
+    }
+}
+
+pub fn print(report: &Report) {
+    println!(
+        "{} machines ({}, {}): {} booted, {} failed, {} cut by the time limit, in {:.2} s ({:.1} MB/s)",
+        report.machines,
+        report.firmware,
+        report.profile,
+        report.booted,
+        report.failed,
+        report.cut,
+        report.seconds,
+        report.goodput_mb_s
+    );
+    println!(
+        "{:<8} {:>7} {:>10} {:>10} {:>10} {:>10}",
+        "phase", "count", "p50 ms", "p90 ms", "p99 ms", "max ms"
+    );
+    for phase in PHASES.iter().chain(["total"].iter()) {
+        if let Some(p) = report.phases.get(*phase) {
+            println!(
+                "{phase:<8} {:>7} {:>10.1} {:>10.1} {:>10.1} {:>10.1}",
+                p.count, p.p50_ms, p.p90_ms, p.p99_ms, p.max_ms
+            );
+        }
+    }
+    for (cause, count) in &report.failures {
+        println!("failure: {count} × {cause}");
+    }
+}

@@ -1,0 +1,377 @@
+//! The PXE client simulator against a real bootfleet, inside a network
+//! namespace the test makes (so that ports 67, 69 and 80 on its loopback
+//! are the test's own): a few hundred machines walk the whole chain with
+//! every byte verified, and deliberately broken servers (a wrong file,
+//! TFTP packets dropped, a script that never comes) are reported as the
+//! right failure in the right phase.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const MACHINES: usize = 300;
+
+fn is_root() -> bool {
+    let output = Command::new("id").arg("-u").output().unwrap();
+    let root = String::from_utf8_lossy(&output.stdout).trim() == "0";
+    if !root {
+        let message = "the storm test needs root (a network namespace, DHCP port 67)";
+        if std::env::var_os("CI").is_some() {
+            panic!("{message}");
+        }
+        eprintln!("\n*** SKIPPED: {message} ***\n");
+    }
+    root
+}
+
+/// A namespace with only its loopback, bootfleet serving in it.
+struct Lab {
+    ns: String,
+    dir: tempfile::TempDir,
+    server: Option<Child>,
+}
+
+impl Lab {
+    fn new(tag: &str) -> Lab {
+        let ns = format!("bfstorm{tag}{}", std::process::id() % 100_000);
+        // A namespace left by an interrupted run goes first.
+        let _ = Command::new("ip")
+            .args(["netns", "del", &ns])
+            .stderr(Stdio::null())
+            .status();
+        assert!(Command::new("ip")
+            .args(["netns", "add", &ns])
+            .status()
+            .unwrap()
+            .success());
+        assert!(Command::new("ip")
+            .args(["-n", &ns, "link", "set", "lo", "up"])
+            .status()
+            .unwrap()
+            .success());
+        let dir = tempfile::Builder::new()
+            .prefix("bootfleet-storm-")
+            .tempdir()
+            .unwrap();
+        let boot = dir.path().join("boot");
+        std::fs::create_dir_all(boot.join("img")).unwrap();
+        let pattern = |len: usize, seed: u32| -> Vec<u8> {
+            (0..len as u32)
+                .map(|i| (i.wrapping_mul(2654435761).wrapping_add(seed) >> 13) as u8)
+                .collect()
+        };
+        std::fs::write(boot.join("undionly.kpxe"), pattern(70_000, 1)).unwrap();
+        std::fs::write(boot.join("ipxe.efi"), pattern(90_000, 2)).unwrap();
+        std::fs::write(boot.join("img/vmlinuz"), pattern(1 << 20, 3)).unwrap();
+        std::fs::write(boot.join("img/initrd.gz"), pattern(2 << 20, 4)).unwrap();
+        std::fs::write(boot.join("img/modules.cpio"), pattern(300_000, 5)).unwrap();
+        let mut inventory = String::from(
+            "[images.node]\nkernel = \"img/vmlinuz\"\ninitrds = [\"img/initrd.gz\"]\ncmdline = \"console=ttyS0\"\n\n\
+             [images.node-tftp]\nkernel = \"img/vmlinuz\"\ninitrds = [\"img/initrd.gz\", \"img/modules.cpio\"]\n\
+             cmdline = \"console=ttyS0\"\ntransport = \"tftp\"\n\n",
+        );
+        for i in 0..MACHINES as u32 {
+            let n = i.to_be_bytes();
+            // Every tenth machine's image comes over TFTP.
+            let image = if i % 10 == 9 { "node-tftp" } else { "node" };
+            inventory.push_str(&format!(
+                "[machines.\"02:bf:{:02x}:{:02x}:{:02x}:{:02x}\"]\nimage = \"{image}\"\n",
+                n[0], n[1], n[2], n[3]
+            ));
+        }
+        std::fs::write(boot.join("inventory.toml"), inventory).unwrap();
+        Lab {
+            ns,
+            dir,
+            server: None,
+        }
+    }
+
+    fn boot_dir(&self) -> PathBuf {
+        self.dir.path().join("boot")
+    }
+
+    /// Stops bootfleet with SIGTERM: it cancels its io_uring operations on
+    /// the way out, so the next start can bind the same ports at once
+    /// (after SIGKILL the kernel frees them only when the ring is torn down).
+    fn stop(&mut self) {
+        if let Some(mut child) = self.server.take() {
+            let _ = Command::new("kill").arg(child.id().to_string()).status();
+            let _ = child.wait();
+        }
+    }
+
+    fn start(&mut self, config: &str) {
+        let bootfleet =
+            Path::new(env!("CARGO_BIN_EXE_bootfleet-loadtest")).with_file_name("bootfleet");
+        assert!(
+            bootfleet.exists(),
+            "{} is missing: build the workspace first (cargo build --release --workspace)",
+            bootfleet.display()
+        );
+        let config_path = self.dir.path().join("bootfleet.toml");
+        std::fs::write(&config_path, config).unwrap();
+        let log = self.dir.path().join("server.log");
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.ns])
+            .arg(&bootfleet)
+            .args(["serve", "--config"])
+            .arg(&config_path)
+            .arg("--root")
+            .arg(self.boot_dir())
+            .arg("--state-dir")
+            .arg(self.dir.path().join("state"))
+            .args([
+                "--tftp-listen",
+                "127.0.0.1:69",
+                "--http-listen",
+                "127.0.0.1:80",
+            ])
+            .args(["--dhcp-mode", "full", "--dhcp-interface", "lo"])
+            .args(["--dhcp-range", "127.1.0.10-127.1.255.250/16"])
+            .stdout(Stdio::from(std::fs::File::create(&log).unwrap()))
+            .stderr(Stdio::from(
+                std::fs::File::create(self.dir.path().join("server.err")).unwrap(),
+            ))
+            .spawn()
+            .unwrap();
+        self.server = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("DHCP listening")
+        {
+            assert!(
+                Instant::now() < deadline,
+                "bootfleet did not start: {}",
+                std::fs::read_to_string(self.dir.path().join("server.err")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Runs a storm; returns its exit status and JSON report.
+    fn storm(
+        &self,
+        expected_root: &Path,
+        machines: usize,
+        extra: &[&str],
+    ) -> (bool, serde_json::Value, String) {
+        let json = self.dir.path().join("report.json");
+        let chart = self.dir.path().join("report.html");
+        let output = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &self.ns,
+                env!("CARGO_BIN_EXE_bootfleet-loadtest"),
+                "storm",
+            ])
+            .args([
+                "--server",
+                "127.0.0.1",
+                "--machines",
+                &machines.to_string(),
+                "--root",
+            ])
+            .arg(expected_root)
+            .args(["--time-limit", "60", "--json"])
+            .arg(&json)
+            .arg("--chart")
+            .arg(&chart)
+            .args(extra)
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let report = serde_json::from_slice(&std::fs::read(&json).unwrap_or_default())
+            .unwrap_or_else(|e| panic!("no JSON report ({e}):\n{text}"));
+        (output.status.success(), report, text)
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = Command::new("ip").args(["netns", "del", &self.ns]).status();
+    }
+}
+
+#[test]
+fn a_few_hundred_machines_boot_with_every_byte_verified() {
+    if !is_root() {
+        return;
+    }
+    let mut lab = Lab::new("ok");
+    lab.start("");
+    let (ok, report, text) = lab.storm(
+        &lab.boot_dir(),
+        MACHINES,
+        &["--firmware", "mixed", "--threads", "2"],
+    );
+    assert!(ok, "{text}");
+    assert_eq!(report["machines"], MACHINES, "{text}");
+    assert_eq!(report["booted"], MACHINES, "{text}");
+    assert_eq!(report["failed"], 0, "{text}");
+    for phase in ["dhcp", "loader", "script", "kernel", "initrd", "total"] {
+        assert_eq!(
+            report["phases"][phase]["count"], MACHINES,
+            "{phase}: {text}"
+        );
+        assert!(
+            report["phases"][phase]["p99_ms"].as_f64().unwrap() > 0.0,
+            "{phase}"
+        );
+    }
+    // Every byte: loaders, kernels and initrds of every machine.
+    let per_machine = |i: usize| {
+        let loader = if i % 2 == 0 { 70_000 } else { 90_000 };
+        let initrds = if i % 10 == 9 {
+            (2 << 20) + 300_000
+        } else {
+            2 << 20
+        };
+        loader + (1 << 20) + initrds
+    };
+    let file_bytes: u64 = (0..MACHINES).map(per_machine).sum::<usize>() as u64;
+    let received = report["bytes_received"].as_u64().unwrap();
+    assert!(
+        received > file_bytes,
+        "{received} received, files alone are {file_bytes}"
+    );
+    let chart = std::fs::read_to_string(lab.dir.path().join("report.html")).unwrap();
+    assert!(
+        chart.contains("<svg") && chart.contains("initrd"),
+        "chart drawn"
+    );
+    let booted_per_second: u64 = report["booted_per_second"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap())
+        .sum();
+    assert_eq!(booted_per_second, MACHINES as u64);
+    // bootfleet saw each machine's whole chain.
+    let events = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &lab.ns,
+            "curl",
+            "-s",
+            "http://127.0.0.1/api/v1/events?mac=02:bf:00:00:00:09",
+        ])
+        .output()
+        .unwrap();
+    let events = String::from_utf8_lossy(&events.stdout);
+    for phase in [
+        "\"dhcp\"",
+        "\"loader\"",
+        "\"chain\"",
+        "\"script\"",
+        "\"kernel\"",
+        "\"initrd\"",
+    ] {
+        assert!(events.contains(phase), "{phase} missing: {events}");
+    }
+}
+
+#[test]
+fn broken_servers_are_reported_in_the_right_phase() {
+    if !is_root() {
+        return;
+    }
+    let mut lab = Lab::new("bad");
+    lab.start("");
+
+    // 1. The server's initrd differs from the boot directory's: every
+    //    machine fails in the initrd phase, on its bytes.
+    let expected = lab.dir.path().join("expected");
+    std::fs::create_dir_all(expected.join("img")).unwrap();
+    for file in [
+        "undionly.kpxe",
+        "ipxe.efi",
+        "img/vmlinuz",
+        "img/modules.cpio",
+    ] {
+        std::fs::copy(lab.boot_dir().join(file), expected.join(file)).unwrap();
+    }
+    let mut initrd = std::fs::read(lab.boot_dir().join("img/initrd.gz")).unwrap();
+    initrd[1_000_000] ^= 0xff;
+    std::fs::write(expected.join("img/initrd.gz"), initrd).unwrap();
+    let (ok, report, text) = lab.storm(&expected, 40, &[]);
+    assert!(!ok, "{text}");
+    assert_eq!(report["booted"], 0, "{text}");
+    let failures = report["failures"].as_object().unwrap();
+    assert!(
+        failures
+            .keys()
+            .all(|k| k.starts_with("initrd: ") && k.contains("wrong bytes")),
+        "{text}"
+    );
+
+    // 2. TFTP packets dropped: machines fail fetching their loader.
+    let nft = |rules: &str| {
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &lab.ns, "nft", "-f", "-"])
+            .stdin(Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(rules.as_bytes())
+            .unwrap();
+        assert!(child.wait().unwrap().success(), "nft {rules}");
+    };
+    nft(
+        "table inet storm {\n  chain in {\n    type filter hook input priority 0; policy accept;\n    udp dport 69 drop\n  }\n}\n",
+    );
+    let (ok, report, text) = lab.storm(&lab.boot_dir(), 20, &[]);
+    assert!(!ok, "{text}");
+    assert_eq!(report["booted"], 0, "{text}");
+    let failures = report["failures"].as_object().unwrap();
+    assert!(
+        failures
+            .keys()
+            .all(|k| k.starts_with("loader: ") && k.contains("no answer")),
+        "{text}"
+    );
+    nft("delete table inet storm\n");
+
+    // 3. A script server that accepts and never answers: machines fail in
+    //    the script phase once iPXE's patience (--http-timeout) is over.
+    let (stop, stopped) = std::sync::mpsc::channel::<()>();
+    let (bound, is_bound) = std::sync::mpsc::channel::<()>();
+    let stalled = std::thread::spawn({
+        let ns = lab.ns.clone();
+        move || {
+            // Inside the namespace, a listener that never accepts: the
+            // kernel completes each connection and the request waits.
+            let file = std::fs::File::open(format!("/var/run/netns/{ns}")).unwrap();
+            nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+            let _listener = std::net::TcpListener::bind("127.0.0.1:8081").unwrap();
+            bound.send(()).unwrap();
+            let _ = stopped.recv_timeout(Duration::from_secs(60));
+        }
+    });
+    is_bound.recv().unwrap();
+    lab.stop();
+    lab.start("[dhcp]\nscript_url = \"http://127.0.0.1:8081/boot.ipxe\"\n");
+    let (ok, report, text) = lab.storm(&lab.boot_dir(), 20, &["--http-timeout", "2"]);
+    assert!(!ok, "{text}");
+    let failures = report["failures"].as_object().unwrap();
+    assert!(
+        failures
+            .keys()
+            .all(|k| k.starts_with("script: ") && k.contains("timed out")),
+        "{text}"
+    );
+    let _ = stop.send(());
+    let _ = stalled.join();
+}
