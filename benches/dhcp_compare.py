@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tftp_compare import CGROOT, REPO, sh  # noqa: E402
+from tftp_compare import CGROOT, REPO, sh, write_section  # noqa: E402
 
 SERVER_NS, CLIENT_NS = "bfdhcpb_s", "bfdhcpb_c"
 SERVER_DEV, CLIENT_DEV = "bfdb_s", "bfdb_c"
@@ -168,16 +168,6 @@ def markdown(results, command):
     return "\n".join(lines)
 
 
-def write_section(out: Path, section: str):
-    text = out.read_text() if out.exists() else ""
-    if "<!-- dhcp-compare:begin -->" in text:
-        head, rest = text.split("<!-- dhcp-compare:begin -->", 1)
-        text = head + section + rest.split("<!-- dhcp-compare:end -->", 1)[1]
-    else:
-        text += "\n" + section + "\n"
-    out.write_text(text)
-
-
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=int, default=10)
@@ -210,7 +200,7 @@ def main():
         lab_down()
     results.sort(key=lambda r: (r["rate"], r["server"]))
     command = f"sudo benches/dhcp_compare.py --seconds {args.seconds} --rates {args.rates}"
-    write_section(Path(args.out), markdown(results, command))
+    write_section(Path(args.out), markdown(results, command), "dhcp-compare")
     print(f"table written into {args.out}")
 
 

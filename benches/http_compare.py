@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tftp_compare import CGROOT, REPO, Server, sh  # noqa: E402
+from tftp_compare import CGROOT, REPO, Server, sh, write_section  # noqa: E402
 
 FILES = [("10m.bin", 10_000_000), ("100m.bin", 100_000_000)]
 CONNECTIONS = [1, 64, 512]
@@ -222,17 +222,6 @@ def markdown(results, command) -> str:
     return "\n".join(lines)
 
 
-def write_section(out: Path, section: str):
-    text = out.read_text() if out.exists() else ""
-    if "<!-- http-compare:begin -->" in text:
-        head, rest = text.split("<!-- http-compare:begin -->", 1)
-        tail = rest.split("<!-- http-compare:end -->", 1)[1]
-        text = head + section + tail
-    else:
-        text += "\n" + section + "\n"
-    out.write_text(text)
-
-
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=float, default=5.0)
@@ -275,7 +264,7 @@ def main():
     results.sort(key=lambda r: (workloads.index(r["workload"]), r["connections"], r["server"]))
     (work / "results.json").write_text(json.dumps(results, indent=1))
     command = f"sudo benches/http_compare.py --seconds {args.seconds:g}"
-    write_section(Path(args.out), markdown(results, command))
+    write_section(Path(args.out), markdown(results, command), "http-compare")
     print(f"results: {work / 'results.json'}; table written into {args.out}")
 
 

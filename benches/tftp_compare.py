@@ -227,12 +227,14 @@ def main():
     print(f"results: {work / 'results.json'}; table written into {args.out}")
 
 
-def write_section(out: Path, section: str):
-    """Replaces the generated section of `out` (between its markers)."""
+def write_section(out: Path, section: str, name: str = "tftp-compare"):
+    """Replaces the generated section `name` of `out` (between its
+    `<!-- name:begin -->` and `<!-- name:end -->` markers), or appends it."""
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
     text = out.read_text() if out.exists() else ""
-    if "<!-- tftp-compare:begin -->" in text:
-        head, rest = text.split("<!-- tftp-compare:begin -->", 1)
-        tail = rest.split("<!-- tftp-compare:end -->", 1)[1]
+    if begin in text:
+        head, rest = text.split(begin, 1)
+        tail = rest.split(end, 1)[1]
         text = head + section + tail
     else:
         text += "\n" + section + "\n"

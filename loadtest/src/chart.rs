@@ -19,6 +19,20 @@ fn escape(text: &str) -> String {
         .replace('>', "&gt;")
 }
 
+/// Draws the time axis (0 to `end`), labels the top of the count axis and
+/// closes the picture.
+fn close_with_axes(svg: &mut String, plot_w: f64, end: &str, top: f64) {
+    let plot_h = HEIGHT - 2.0 * MARGIN;
+    let _ = write!(
+        svg,
+        r#"<line x1="{MARGIN}" y1="{y}" x2="{x2}" y2="{y}" stroke="black"/><text x="{MARGIN}" y="{ty}">0 s</text><text x="{x2}" y="{ty}" text-anchor="end">{end}</text><text x="{MARGIN}" y="{t}">{top} machines</text></svg>"#,
+        y = MARGIN + plot_h,
+        x2 = MARGIN + plot_w,
+        ty = MARGIN + plot_h + 15.0,
+        t = MARGIN - 8.0,
+    );
+}
+
 /// The boot-time distribution: `booted_seconds` in 30 bars.
 fn histogram(booted_seconds: &[f64]) -> String {
     let mut svg = format!(
@@ -53,14 +67,7 @@ fn histogram(booted_seconds: &[f64]) -> String {
             COLOURS[0]
         );
     }
-    let _ = write!(
-        svg,
-        r#"<line x1="{MARGIN}" y1="{y}" x2="{x2}" y2="{y}" stroke="black"/><text x="{MARGIN}" y="{ty}">0 s</text><text x="{x2}" y="{ty}" text-anchor="end">{max:.2} s</text><text x="{MARGIN}" y="{t}">{top} machines</text></svg>"#,
-        y = MARGIN + plot_h,
-        x2 = MARGIN + plot_w,
-        ty = MARGIN + plot_h + 15.0,
-        t = MARGIN - 8.0,
-    );
+    close_with_axes(&mut svg, plot_w, &format!("{max:.2} s"), top);
     svg
 }
 
@@ -105,15 +112,8 @@ fn phases_over_time(report: &Report) -> String {
             escape(name)
         );
     }
-    let _ = write!(
-        svg,
-        r#"<line x1="{MARGIN}" y1="{y}" x2="{x2}" y2="{y}" stroke="black"/><text x="{MARGIN}" y="{ty}">0 s</text><text x="{x2}" y="{ty}" text-anchor="end">{end:.1} s</text><text x="{MARGIN}" y="{t}">{top} machines</text></svg>"#,
-        y = MARGIN + plot_h,
-        x2 = MARGIN + plot_w,
-        ty = MARGIN + plot_h + 15.0,
-        t = MARGIN - 8.0,
-        end = (ticks - 1) as f64 * report.tick_seconds,
-    );
+    let end = (ticks - 1) as f64 * report.tick_seconds;
+    close_with_axes(&mut svg, plot_w, &format!("{end:.1} s"), top);
     svg
 }
 

@@ -49,6 +49,8 @@ pub enum Profile {
 /// Where a machine's boot ends on purpose.
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum StopAfter {
+    /// After its first DHCP exchange (DISCOVER, OFFER, REQUEST, ACK).
+    Dhcp,
     /// After its own script (no kernel or initrd).
     Script,
     /// After the last initrd: the whole chain.
@@ -122,11 +124,9 @@ pub const PHASES: [&str; 5] = ["dhcp", "loader", "script", "kernel", "initrd"];
 #[derive(Debug, Clone, Serialize)]
 pub struct MachineRecord {
     pub mac: String,
-    /// Seconds after the run started at which each phase began (index as
-    /// in [`PHASES`]; the DHCP phase covers both exchanges).
-    pub phase_started: Vec<Option<f64>>,
-    /// Seconds spent in each phase.
-    pub phase_seconds: Vec<f64>,
+    /// Each stretch spent in a phase: (index in [`PHASES`], from, to), in
+    /// seconds after the run started. DHCP appears twice (firmware, iPXE).
+    pub intervals: Vec<(usize, f64, f64)>,
     pub powered_on: f64,
     /// When it booted (or failed, or was cut).
     pub ended: f64,
@@ -303,21 +303,21 @@ fn power_on_offset(args: &StormArgs, index: usize) -> Duration {
 struct Tracker<'a> {
     ctx: &'a Shared,
     record: MachineRecord,
-    current: Option<(usize, Instant)>,
+    /// The phase it is in, since when.
+    current: Option<(usize, f64)>,
 }
 
 impl Tracker<'_> {
     fn enter(&mut self, phase: usize) {
         self.leave();
-        if self.record.phase_started[phase].is_none() {
-            self.record.phase_started[phase] = Some(self.ctx.since_start());
-        }
-        self.current = Some((phase, Instant::now()));
+        self.current = Some((phase, self.ctx.since_start()));
     }
 
     fn leave(&mut self) {
         if let Some((phase, since)) = self.current.take() {
-            self.record.phase_seconds[phase] += since.elapsed().as_secs_f64();
+            self.record
+                .intervals
+                .push((phase, since, self.ctx.since_start()));
         }
     }
 
@@ -371,8 +371,7 @@ async fn boot(ctx: &Shared, index: usize) -> MachineRecord {
         ctx,
         record: MachineRecord {
             mac: mac.clone(),
-            phase_started: vec![None; PHASES.len()],
-            phase_seconds: vec![0.0; PHASES.len()],
+            intervals: Vec::with_capacity(6),
             powered_on: ctx.since_start(),
             ended: 0.0,
             outcome: "failed",
@@ -398,6 +397,9 @@ async fn walk(
     let xid = 0x5000_0000u32.wrapping_add((index as u32).wrapping_mul(2));
     tracker.enter(0);
     let lease = dhcp::obtain(&ctx.relay, client, xid, Stage::Firmware, ctx.deadline).await?;
+    if ctx.args.stop_after == StopAfter::Dhcp {
+        return Ok(());
+    }
     let local = IpAddr::V4(lease.address);
 
     tracker.enter(1);
@@ -647,8 +649,14 @@ fn report(ctx: &Shared, records: &[MachineRecord]) -> Report {
     for (i, phase) in PHASES.iter().enumerate() {
         let values = booted
             .iter()
-            .filter(|r| r.phase_started[i].is_some())
-            .map(|r| r.phase_seconds[i])
+            .filter(|r| r.intervals.iter().any(|&(p, _, _)| p == i))
+            .map(|r| {
+                r.intervals
+                    .iter()
+                    .filter(|&&(p, _, _)| p == i)
+                    .map(|&(_, from, to)| to - from)
+                    .sum()
+            })
             .collect();
         if let Some(p) = percentiles(values) {
             phases.insert(phase.to_string(), p);
@@ -683,20 +691,11 @@ fn report(ctx: &Shared, records: &[MachineRecord]) -> Report {
         .map(|p| (p.to_string(), vec![0; ticks]))
         .collect();
     for record in records {
-        // Phase starts in time order; each lasts until the next starts.
-        let mut starts: Vec<(f64, usize)> = record
-            .phase_started
-            .iter()
-            .enumerate()
-            .filter_map(|(i, s)| s.map(|s| (s, i)))
-            .collect();
-        starts.sort_by(|a, b| a.0.total_cmp(&b.0));
-        for (k, &(start, phase)) in starts.iter().enumerate() {
-            let end = starts.get(k + 1).map_or(record.ended, |next| next.0);
+        for &(phase, from, to) in &record.intervals {
             let series = in_phase
                 .get_mut(PHASES[phase])
                 .expect("every phase has a series");
-            for tick in (start / TICK).ceil() as usize..=((end / TICK) as usize).min(ticks - 1) {
+            for tick in (from / TICK).ceil() as usize..=((to / TICK) as usize).min(ticks - 1) {
                 series[tick] += 1;
             }
         }

@@ -279,6 +279,19 @@ fn a_few_hundred_machines_boot_with_every_byte_verified() {
     }
 }
 
+/// Every machine failed, in `phase`, for a cause that says `cause`.
+fn assert_every_failure(report: &serde_json::Value, phase: &str, cause: &str, text: &str) {
+    assert_eq!(report["booted"], 0, "{text}");
+    let failures = report["failures"].as_object().unwrap();
+    assert!(!failures.is_empty(), "{text}");
+    assert!(
+        failures
+            .keys()
+            .all(|k| k.starts_with(&format!("{phase}: ")) && k.contains(cause)),
+        "every failure should be `{phase}: …{cause}…`:\n{text}"
+    );
+}
+
 #[test]
 fn broken_servers_are_reported_in_the_right_phase() {
     if !is_root() {
@@ -304,14 +317,7 @@ fn broken_servers_are_reported_in_the_right_phase() {
     std::fs::write(expected.join("img/initrd.gz"), initrd).unwrap();
     let (ok, report, text) = lab.storm(&expected, 40, &[]);
     assert!(!ok, "{text}");
-    assert_eq!(report["booted"], 0, "{text}");
-    let failures = report["failures"].as_object().unwrap();
-    assert!(
-        failures
-            .keys()
-            .all(|k| k.starts_with("initrd: ") && k.contains("wrong bytes")),
-        "{text}"
-    );
+    assert_every_failure(&report, "initrd", "wrong bytes", &text);
 
     // 2. TFTP packets dropped: machines fail fetching their loader.
     let nft = |rules: &str| {
@@ -334,14 +340,7 @@ fn broken_servers_are_reported_in_the_right_phase() {
     );
     let (ok, report, text) = lab.storm(&lab.boot_dir(), 20, &[]);
     assert!(!ok, "{text}");
-    assert_eq!(report["booted"], 0, "{text}");
-    let failures = report["failures"].as_object().unwrap();
-    assert!(
-        failures
-            .keys()
-            .all(|k| k.starts_with("loader: ") && k.contains("no answer")),
-        "{text}"
-    );
+    assert_every_failure(&report, "loader", "no answer", &text);
     nft("delete table inet storm\n");
 
     // 3. A script server that accepts and never answers: machines fail in
@@ -365,13 +364,7 @@ fn broken_servers_are_reported_in_the_right_phase() {
     lab.start("[dhcp]\nscript_url = \"http://127.0.0.1:8081/boot.ipxe\"\n");
     let (ok, report, text) = lab.storm(&lab.boot_dir(), 20, &["--http-timeout", "2"]);
     assert!(!ok, "{text}");
-    let failures = report["failures"].as_object().unwrap();
-    assert!(
-        failures
-            .keys()
-            .all(|k| k.starts_with("script: ") && k.contains("timed out")),
-        "{text}"
-    );
+    assert_every_failure(&report, "script", "timed out", &text);
     let _ = stop.send(());
     let _ = stalled.join();
 }

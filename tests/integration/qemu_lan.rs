@@ -193,6 +193,19 @@ pub struct BootLan {
     taps: usize,
 }
 
+/// Kills whatever still runs in the LAN's namespace (QEMU, servers) and
+/// removes it.
+fn remove_namespace() {
+    let _ = Command::new("sh")
+        .arg("-c")
+        .arg(format!("ip netns pids {NS} 2>/dev/null | xargs -r kill -9"))
+        .status();
+    let _ = Command::new("ip")
+        .args(["netns", "del", NS])
+        .stderr(Stdio::null())
+        .status();
+}
+
 fn ns_ip(args: &[&str]) {
     let mut all = vec!["-n", NS];
     all.extend_from_slice(args);
@@ -201,11 +214,9 @@ fn ns_ip(args: &[&str]) {
 
 impl BootLan {
     pub fn new() -> Self {
-        // A namespace left by an interrupted run goes first.
-        let _ = Command::new("ip")
-            .args(["netns", "del", NS])
-            .stderr(Stdio::null())
-            .status();
+        // A namespace left by an interrupted run goes first, with the
+        // machines and servers still running in it.
+        remove_namespace();
         run(Command::new("ip").args(["netns", "add", NS])).unwrap();
         ns_ip(&["link", "add", "br0", "type", "bridge"]);
         ns_ip(&["addr", "add", &format!("{SERVER_IP}/24"), "dev", "br0"]);
@@ -315,7 +326,8 @@ impl BootLan {
     /// The stack most sites run today, for comparison: dnsmasq (DHCP with
     /// the same boot answers, and TFTP) and nginx serving the boot files
     /// and `scripts` (path, body) as static files, as in the classic
-    /// per-MAC layout. bootfleet is stopped first.
+    /// per-MAC layout; nginx runs as one process (no master), so that
+    /// stopping it frees port 80. bootfleet is stopped first.
     pub fn start_reference(&mut self, scripts: &[(String, String)]) {
         self.stop();
         let dir = self.dir.path().to_path_buf();
@@ -329,7 +341,7 @@ impl BootLan {
         std::fs::write(
             &conf,
             format!(
-                "user root;\nworker_processes 1;\ndaemon off;\nerror_log stderr;\npid {dir}/nginx.pid;\n\
+                "user root;\nworker_processes 1;\nmaster_process off;\ndaemon off;\nerror_log stderr;\npid {dir}/nginx.pid;\n\
                  events {{ worker_connections 1024; }}\n\
                  http {{ sendfile on; tcp_nopush on; access_log off; default_type application/octet-stream;\n\
                  types {{ text/plain ipxe; }}\n\
@@ -518,12 +530,7 @@ impl Drop for BootLan {
     fn drop(&mut self) {
         self.stop();
         self.stop_others();
-        // Any QEMU still running in the namespace goes with it.
-        let _ = Command::new("sh")
-            .arg("-c")
-            .arg(format!("ip netns pids {NS} | xargs -r kill -9"))
-            .status();
-        let _ = Command::new("ip").args(["netns", "del", NS]).status();
+        remove_namespace();
     }
 }
 
