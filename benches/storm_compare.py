@@ -52,6 +52,13 @@ def ns_up():
     ns_down()
     sh("ip", "netns", "add", NS)
     sh("ip", "-n", NS, "link", "set", "lo", "up")
+    # tftp-hpa resolves its listen address with AI_ADDRCONFIG, which finds
+    # nothing in a namespace whose only address is loopback: a veth pair
+    # inside the namespace with a link-local address (nothing is ever sent
+    # to it) satisfies it.
+    sh("ip", "-n", NS, "link", "add", "bfsb0", "type", "veth", "peer", "name", "bfsb1")
+    sh("ip", "-n", NS, "addr", "add", "169.254.99.1/32", "dev", "bfsb0")
+    sh("ip", "-n", NS, "link", "set", "bfsb0", "up")
 
 
 def ns_down():
@@ -162,7 +169,7 @@ def start_reference(work: Path, root: Path, web: Path) -> Stack:
         "  types { text/plain ipxe; }\n"
         f"  server {{ listen 127.0.0.1:80 backlog=4096; root {web}; location / {{ }} }} }}\n")
     stack.spawn(["/usr/sbin/nginx", "-c", conf, "-p", work], work / "nginx.log")
-    stack.spawn(["/usr/sbin/in.tftpd", "--foreground", "--address", "127.0.0.1:69", "--secure", root], work / "tftpd.log")
+    stack.spawn(["/usr/sbin/in.tftpd", "-L", "-a", "127.0.0.1:69", "-s", "-u", "root", "-B", "65464", root], work / "tftpd.log")
     stack.spawn(["dnsmasq", "-k", "--conf-file=/dev/null", "--port=0", "--interface=lo", "--bind-interfaces",
                  "--dhcp-range=127.1.0.10,127.1.255.250,255.255.0.0,1h", "--dhcp-lease-max=10000000",
                  f"--dhcp-leasefile={work / 'dnsmasq.leases'}", "--dhcp-userclass=set:ipxe,iPXE",

@@ -136,7 +136,7 @@ impl Relay {
                 match tokio::time::timeout_at(wait_until.into(), answers.recv()).await {
                     Ok(Some(answer)) => match message_type(&answer) {
                         Some(t) if t == expect => return Ok(answer),
-                        Some(MessageType::Nak) => return Err("NAK".into()),
+                        Some(MessageType::Nak) => return Err(NAK.into()),
                         _ => continue,
                     },
                     Ok(None) => return Err("relay closed".into()),
@@ -268,7 +268,8 @@ impl Lease {
     }
 }
 
-/// A whole DORA exchange for `stage`: the lease, or why there is none.
+/// A whole DORA exchange for `stage`: the lease, or why there is none. A
+/// NAK starts over from DISCOVER, as RFC 2131 §3.1 has clients do.
 pub async fn obtain(
     relay: &Relay,
     client: &ClientIdentity,
@@ -276,21 +277,36 @@ pub async fn obtain(
     stage: Stage,
     deadline: Instant,
 ) -> Result<Lease, String> {
-    let offer = relay
-        .exchange(
-            &client.discover(xid, stage),
-            MessageType::Offer,
-            stage.first_retry(),
-            deadline,
-        )
-        .await?;
-    let ack = relay
-        .exchange(
-            &client.request(xid, stage, &offer),
-            MessageType::Ack,
-            stage.first_retry(),
-            deadline,
-        )
-        .await?;
-    Lease::from_ack(&ack)
+    let mut naks = 0;
+    loop {
+        let offer = relay
+            .exchange(
+                &client.discover(xid, stage),
+                MessageType::Offer,
+                stage.first_retry(),
+                deadline,
+            )
+            .await?;
+        match relay
+            .exchange(
+                &client.request(xid, stage, &offer),
+                MessageType::Ack,
+                stage.first_retry(),
+                deadline,
+            )
+            .await
+        {
+            Ok(ack) => return Lease::from_ack(&ack),
+            Err(why) if why == NAK => {
+                naks += 1;
+                if Instant::now() >= deadline {
+                    return Err(format!("NAK ({naks} times)"));
+                }
+            }
+            Err(why) => return Err(why),
+        }
+    }
 }
+
+/// What [`Relay::exchange`] says of a DHCPNAK.
+const NAK: &str = "NAK";
