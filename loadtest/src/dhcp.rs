@@ -45,10 +45,13 @@ impl Relay {
             socket.bind_device(Some(device.as_bytes()))?;
         }
         socket.bind(&SocketAddr::from(SocketAddrV4::new(giaddr, 67)).into())?;
-        let _ = socket.set_recv_buffer_size(8 << 20);
         let _ = socket.set_send_buffer_size(8 << 20);
+        let socket: std::net::UdpSocket = socket.into();
+        // Ten thousand answers can arrive at once; the tester must not be
+        // where they are dropped.
+        bootfleet::engine::deepen_receive_queue(&socket);
         let relay = Arc::new(Relay {
-            socket: UdpSocket::from_std(socket.into())?,
+            socket: UdpSocket::from_std(socket)?,
             giaddr,
             server,
             waiting: Mutex::new(HashMap::new()),

@@ -8,7 +8,7 @@
 //! arrive and never buffer a kernel, which general clients hide.
 
 use std::net::{IpAddr, SocketAddr};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -27,20 +27,36 @@ pub struct Fetched {
 /// Largest response head accepted.
 const MAX_HEAD: usize = 16 << 10;
 
+/// Waits for `step`, for at most `idle` and never past `deadline`: the
+/// server must make progress, as iPXE needs it to, however long a large
+/// body takes in all.
+async fn step<T>(
+    step: impl std::future::Future<Output = std::io::Result<T>>,
+    what: &str,
+    idle: Duration,
+    deadline: Instant,
+) -> Result<T, String> {
+    let until = (Instant::now() + idle).min(deadline);
+    match tokio::time::timeout_at(until.into(), step).await {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(e)) => Err(format!("{what}: {e}")),
+        Err(_) if until == deadline => Err("time limit".to_string()),
+        Err(_) => Err(format!(
+            "{what}: timed out (nothing for {} s)",
+            idle.as_secs_f64()
+        )),
+    }
+}
+
 /// GETs `url` (an `http://` URL) from `local`, keeping the body when
-/// `keep_body`, giving up at `deadline`.
+/// `keep_body`; a server silent for `idle`, or the `deadline`, ends it.
 pub async fn get(
     url: &url::Url,
     local: IpAddr,
     keep_body: bool,
+    idle: Duration,
     deadline: Instant,
 ) -> Result<Fetched, String> {
-    tokio::time::timeout_at(deadline.into(), get_inner(url, local, keep_body))
-        .await
-        .map_err(|_| "timed out".to_string())?
-}
-
-async fn get_inner(url: &url::Url, local: IpAddr, keep_body: bool) -> Result<Fetched, String> {
     let host = url.host_str().ok_or("URL without a host")?;
     let ip: IpAddr = host
         .trim_matches(|c| c == '[' || c == ']')
@@ -56,10 +72,7 @@ async fn get_inner(url: &url::Url, local: IpAddr, keep_body: bool) -> Result<Fet
     socket
         .bind(SocketAddr::new(local, 0))
         .map_err(|e| format!("bind {local}: {e}"))?;
-    let mut stream = socket
-        .connect(server)
-        .await
-        .map_err(|e| format!("connect {server}: {e}"))?;
+    let mut stream = step(socket.connect(server), "connect", idle, deadline).await?;
     let target = match url.query() {
         Some(query) => format!("{}?{query}", url.path()),
         None => url.path().to_string(),
@@ -68,18 +81,12 @@ async fn get_inner(url: &url::Url, local: IpAddr, keep_body: bool) -> Result<Fet
         "GET {target} HTTP/1.1\r\nHost: {}\r\nUser-Agent: iPXE/1.21.1 (bootfleet-loadtest)\r\nConnection: close\r\n\r\n",
         url.authority()
     );
-    stream
-        .write_all(request.as_bytes())
-        .await
-        .map_err(|e| format!("send: {e}"))?;
+    step(stream.write_all(request.as_bytes()), "send", idle, deadline).await?;
 
     let mut buf = vec![0u8; 64 << 10];
     let mut filled = 0usize;
     let (status, length, head_len) = loop {
-        let n = stream
-            .read(&mut buf[filled..])
-            .await
-            .map_err(|e| format!("receive: {e}"))?;
+        let n = step(stream.read(&mut buf[filled..]), "receive", idle, deadline).await?;
         if n == 0 {
             return Err("connection closed before the response head".into());
         }
@@ -118,10 +125,13 @@ async fn get_inner(url: &url::Url, local: IpAddr, keep_body: bool) -> Result<Fet
     sink.take(&first[..first.len().min(length as usize)]);
     while sink.received < length {
         let want = (length - sink.received).min(buf.len() as u64) as usize;
-        let n = stream
-            .read(&mut buf[..want])
-            .await
-            .map_err(|e| format!("receive body: {e}"))?;
+        let n = step(
+            stream.read(&mut buf[..want]),
+            "receive body",
+            idle,
+            deadline,
+        )
+        .await?;
         if n == 0 {
             return Err(format!("body cut at {} of {length} bytes", sink.received));
         }

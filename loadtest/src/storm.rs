@@ -91,7 +91,8 @@ pub struct StormArgs {
     pub relay_device: String,
     #[arg(long, default_value_t = 69)]
     pub tftp_port: u16,
-    /// An HTTP request with no complete answer for this long has failed.
+    /// An HTTP server that sends nothing for this long has failed the
+    /// request (iPXE waits on progress, not on the whole transfer).
     #[arg(long, default_value_t = 30.0)]
     pub http_timeout: f64,
     /// Most machines booting at once (0: all).
@@ -539,9 +540,8 @@ async fn http_get(
     if url.scheme() != "http" {
         return Err(format!("{url}: only http:// and tftp:// are simulated"));
     }
-    let deadline =
-        (Instant::now() + Duration::from_secs_f64(ctx.args.http_timeout)).min(ctx.deadline);
-    let fetched = http::get(url, local, keep_body, deadline)
+    let idle = Duration::from_secs_f64(ctx.args.http_timeout);
+    let fetched = http::get(url, local, keep_body, idle, ctx.deadline)
         .await
         .map_err(|e| format!("{url}: {e}"))?;
     if fetched.status != 200 {
@@ -639,6 +639,47 @@ fn percentiles(mut values: Vec<f64>) -> Option<Percentiles> {
     })
 }
 
+/// A failure's cause as a group: URLs without their query and with a MAC
+/// address as `{mac}`, numbers (block numbers, sizes, addresses) as `N`,
+/// so that a thousand machines failing alike count as one cause.
+fn cause_key(cause: &str) -> String {
+    let words: Vec<String> = cause
+        .split(' ')
+        .map(|word| {
+            let trimmed = word.trim_end_matches(':');
+            match url::Url::parse(trimmed) {
+                Ok(url) if word.contains("://") => {
+                    let path: Vec<String> = url
+                        .path()
+                        .split('/')
+                        .map(|segment| {
+                            let stem = segment.split('.').next().unwrap_or("");
+                            if stem.split(':').count() == 6 {
+                                format!("{{mac}}{}", &segment[stem.len()..])
+                            } else {
+                                segment.to_string()
+                            }
+                        })
+                        .collect();
+                    let suffix = if word.ends_with(':') { ":" } else { "" };
+                    let path = path.join("/");
+                    format!(
+                        "{}://{}{path}{suffix}",
+                        url.scheme(),
+                        url.host_str().unwrap_or("")
+                    )
+                }
+                _ => word.to_string(),
+            }
+        })
+        .collect();
+    words
+        .join(" ")
+        .chars()
+        .map(|c| if c.is_ascii_digit() { 'N' } else { c })
+        .collect()
+}
+
 /// How often the machines-per-phase series is sampled.
 const TICK: f64 = 0.25;
 
@@ -667,12 +708,7 @@ fn report(ctx: &Shared, records: &[MachineRecord]) -> Report {
     }
     let mut failures = BTreeMap::new();
     for record in records.iter().filter(|r| r.outcome != "booted") {
-        let cause = record.cause.clone().unwrap_or_default();
-        // Group causes by their text without numbers (block numbers, sizes).
-        let cause: String = cause
-            .chars()
-            .map(|c| if c.is_ascii_digit() { 'N' } else { c })
-            .collect();
+        let cause = cause_key(record.cause.as_deref().unwrap_or_default());
         *failures
             .entry(format!(
                 "{}: {cause}",
@@ -731,8 +767,13 @@ fn report(ctx: &Shared, records: &[MachineRecord]) -> Report {
     }
 }
 
+/// The report as a table on standard output (a closed pipe ends it
+/// quietly).
 pub fn print(report: &Report) {
-    println!(
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(
+        out,
         "{} machines ({}, {}): {} booted, {} failed, {} cut by the time limit, in {:.2} s ({:.1} MB/s)",
         report.machines,
         report.firmware,
@@ -743,19 +784,41 @@ pub fn print(report: &Report) {
         report.seconds,
         report.goodput_mb_s
     );
-    println!(
+    let _ = writeln!(
+        out,
         "{:<8} {:>7} {:>10} {:>10} {:>10} {:>10}",
         "phase", "count", "p50 ms", "p90 ms", "p99 ms", "max ms"
     );
     for phase in PHASES.iter().chain(["total"].iter()) {
         if let Some(p) = report.phases.get(*phase) {
-            println!(
+            let _ = writeln!(
+                out,
                 "{phase:<8} {:>7} {:>10.1} {:>10.1} {:>10.1} {:>10.1}",
                 p.count, p.p50_ms, p.p90_ms, p.p99_ms, p.max_ms
             );
         }
     }
     for (cause, count) in &report.failures {
-        println!("failure: {count} × {cause}");
+        let _ = writeln!(out, "failure: {count} × {cause}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn causes_group_without_queries_macs_and_numbers() {
+        let a = cause_key("http://127.0.0.1/boot/02:bf:00:00:4e:20.ipxe?from=ipxe&serial=SIM-1: `menu` is not simulated");
+        let b = cause_key("http://127.0.0.1/boot/02:bf:00:00:4e:2a.ipxe?from=ipxe&serial=SIM-22: `menu` is not simulated");
+        assert_eq!(a, b);
+        assert_eq!(
+            a,
+            "http://NNN.N.N.N/boot/{mac}.ipxe: `menu` is not simulated"
+        );
+        assert_eq!(
+            cause_key("tftp undionly.kpxe: stalled at block 17 (24000 bytes)"),
+            "tftp undionly.kpxe: stalled at block NN (NNNNN bytes)"
+        );
     }
 }

@@ -176,8 +176,9 @@ pub fn interface_socket(name: &str, port: u16) -> std::io::Result<UdpSocket> {
     socket.bind(&SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)).into()).map_err(|e| {
         std::io::Error::new(e.kind(), format!("cannot bind DHCP port {port} on {name}: {e} (another DHCP server running? ports below 1024 need CAP_NET_BIND_SERVICE)"))
     })?;
-    let _ = socket.set_recv_buffer_size(8 << 20);
-    Ok(socket.into())
+    let socket: UdpSocket = socket.into();
+    super::deepen_receive_queue(&socket);
+    Ok(socket)
 }
 
 /// Binds every socket the configuration needs and starts serving.

@@ -137,7 +137,7 @@ pub fn spawn_tftp(
     workers: usize,
     shutdown: Shutdown,
 ) -> Result<ServerHandle, EngineError> {
-    tune_listener(&listener);
+    deepen_receive_queue(&listener);
     let workers = worker_count(workers);
     let threads = match backend {
         Backend::IoUring => uring::spawn(listener, service, workers, shutdown)?,
@@ -146,10 +146,11 @@ pub fn spawn_tftp(
     Ok(ServerHandle { backend, threads })
 }
 
-/// A deep receive queue on the listening socket: at cluster power-on
-/// thousands of requests arrive within milliseconds, and a request dropped
-/// here costs its client a whole retry interval (1 s or more).
-fn tune_listener(listener: &UdpSocket) {
+/// A deep receive queue on a listening socket (TFTP, DHCP): at cluster
+/// power-on thousands of requests arrive within milliseconds, and a
+/// request dropped here costs its client a whole retry interval (1 s for
+/// iPXE, 4 s for PXE firmware).
+pub fn deepen_receive_queue(listener: &UdpSocket) {
     let socket = socket2::SockRef::from(listener);
     const WANT: usize = 16 << 20;
     // SO_RCVBUFFORCE works for root/CAP_NET_ADMIN past rmem_max; otherwise

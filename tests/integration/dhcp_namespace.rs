@@ -172,12 +172,15 @@ impl Drop for Lab {
             let _ = child.kill();
             let _ = child.wait();
         }
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.server_ns])
-            .status();
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.client_ns])
-            .status();
+        for ns in [&self.server_ns, &self.client_ns] {
+            // What still runs in it (a udhcpc whose `timeout` wrapper was
+            // killed outlives it) goes with it.
+            let _ = Command::new("sh")
+                .arg("-c")
+                .arg(format!("ip netns pids {ns} 2>/dev/null | xargs -r kill -9"))
+                .status();
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
     }
 }
 
