@@ -472,9 +472,9 @@ fn pxelinux_and_grub_configs_over_tftp() {
         10,
     );
     assert!(
-        events
-            .iter()
-            .any(|e| e.transport == "tftp" && e.detail == "images/beta/vmlinuz" && e.status == 200),
+        events.iter().any(|e| e.transport == "tftp"
+            && e.detail == "images/beta/vmlinuz (blksize 512, windowsize 1)"
+            && e.status == 200),
         "{events:?}"
     );
     assert!(
