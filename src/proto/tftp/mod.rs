@@ -11,10 +11,11 @@
 //! * [`Transfer`] — either of them, as the engines drive it.
 //! * [`netascii`] — the RFC 1350 / RFC 764 netascii transform.
 //!
-//! Multicast (RFC 2090) will be a sibling of [`transfer`]: a session that many
-//! clients join; the request parser already hands unknown options through so
-//! that the negotiation can learn `multicast` without touching the codec.
+//! * [`multicast`] — RFC 2090: one session that many clients join, the
+//!   master client pacing it, the others listening (the core only; the
+//!   engines do not drive it yet).
 
+pub mod multicast;
 pub mod netascii;
 pub mod options;
 pub mod packet;
