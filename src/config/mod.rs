@@ -44,7 +44,7 @@
 //! relay_pool_share = 0.75      # most of a pool one relay may hold
 //! max_requests_per_second_per_source = 20000
 //! sync_leases = true           # fdatasync leases before ACKs (false: write only)
-//! answer_router_solicitations = true  # end iPXE's ~13 s IPv6 wait (default: full mode only)
+//! answer_router_solicitations = true  # end iPXE's ~15 s IPv6 wait (default: full mode only)
 //! bios = "undionly.kpxe"       # first-stage loaders by architecture
 //! uefi_x64 = "ipxe.efi"
 //! uefi_ia32 = "ipxe-i386.efi"

@@ -13,9 +13,9 @@
 //! unicasts to the offered address after adding the client's hardware
 //! address to the neighbour table (`SIOCSARP`, needs `CAP_NET_ADMIN`; the
 //! broadcast is the fallback). IPv6 router solicitations on the same
-//! interfaces are answered by [`super::ndp`]. DHCP runs on tokio for both backends: at a
-//! few thousand exchanges per second the disk sync, not the socket, is the
-//! cost.
+//! interfaces are answered by [`super::ndp`]. DHCP runs on tokio for both
+//! backends: at a few thousand exchanges per second the disk sync, not the
+//! socket, is the cost.
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
 use std::os::fd::AsRawFd;
@@ -23,14 +23,13 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::SystemTime;
 
+use dhcproto::v4::MessageType;
 use tracing::{debug, info, warn};
 
 use super::Shutdown;
 use crate::boot::events::Phase;
 use crate::boot::{Mac, Router};
 use crate::config::{DhcpConfig, DhcpMode};
-use dhcproto::v4::MessageType;
-
 use crate::proto::dhcp::{parse_request, Destination, CLIENT_PORT, PXE_PORT, SERVER_PORT};
 use crate::server::dhcp::leases::{Journal, LeaseTable, Pool, State as LeaseState};
 use crate::server::dhcp::{decide, Context, Interface, Port, RateLimiter};
@@ -211,7 +210,7 @@ pub fn spawn(
                 Err(error) => warn!(
                     interface = %iface.name,
                     %error,
-                    "cannot answer IPv6 router solicitations, so iPXE will wait ~13 s for IPv6 on every boot; \
+                    "cannot answer IPv6 router solicitations, so iPXE will wait about 15 s for IPv6 on every boot; \
                      grant CAP_NET_RAW, or set dhcp.answer_router_solicitations = false to silence this"
                 ),
             }

@@ -4,10 +4,10 @@
 //! Why a boot server speaks NDP at all: iPXE configures a NIC by running
 //! DHCPv4 and IPv6 autoconfiguration side by side and waits for both. On an
 //! IPv4-only boot LAN no router ever answers its Router Solicitations, so
-//! every iPXE (once per iPXE instance) sits out the
-//! solicitation timeout — about 13 seconds with Debian's build — before it
-//! even asks for its script. iPXE ends that wait at the first
-//! advertisement whose M and O flags are clear (`ipv6conf_rx_router_advertisement`),
+//! every iPXE instance sits out the solicitation timeout (about 15 s with
+//! Debian's build, measured in `docs/benchmarks.md`) before it even asks
+//! for its script. iPXE ends that wait at the first advertisement whose M
+//! and O flags are clear (`ipv6conf_rx_router_advertisement` in its ndp.c),
 //! so bootfleet answers with exactly that: router lifetime 0 (not a default
 //! router), no prefixes, no flags. Hosts take nothing from it but "no
 //! stateful configuration here".
