@@ -368,3 +368,67 @@ fn broken_servers_are_reported_in_the_right_phase() {
     let _ = stop.send(());
     let _ = stalled.join();
 }
+
+#[test]
+fn ramps_and_waves_power_machines_on_over_time() {
+    if !is_root() {
+        return;
+    }
+    let mut lab = Lab::new("arr");
+    lab.start("");
+    let booted_per_second = |report: &serde_json::Value| -> Vec<u64> {
+        report["booted_per_second"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap())
+            .collect()
+    };
+
+    // A ramp over 2 s: machines keep arriving through the whole ramp.
+    let (ok, report, text) = lab.storm(
+        &lab.boot_dir(),
+        60,
+        &[
+            "--profile",
+            "ramp",
+            "--ramp-seconds",
+            "2",
+            "--stop-after",
+            "script",
+        ],
+    );
+    assert!(ok, "{text}");
+    assert_eq!(report["booted"], 60, "{text}");
+    // The last machine is powered on 59/60 of the way through the ramp.
+    assert!(report["seconds"].as_f64().unwrap() >= 1.9, "{text}");
+    let per_second = booted_per_second(&report);
+    assert!(
+        per_second[0] > 0 && per_second[1] > 0,
+        "machines booted through both seconds of the ramp: {per_second:?}"
+    );
+
+    // Three waves 1.5 s apart: three bursts with quiet between them.
+    let (ok, report, text) = lab.storm(
+        &lab.boot_dir(),
+        60,
+        &[
+            "--profile",
+            "waves",
+            "--waves",
+            "3",
+            "--wave-interval",
+            "1.5",
+            "--stop-after",
+            "script",
+        ],
+    );
+    assert!(ok, "{text}");
+    assert_eq!(report["booted"], 60, "{text}");
+    let per_second = booted_per_second(&report);
+    assert!(report["seconds"].as_f64().unwrap() >= 3.0, "{text}");
+    assert!(
+        per_second.iter().filter(|&&n| n > 0).count() >= 3,
+        "machines booted in at least three different seconds: {per_second:?}"
+    );
+}
