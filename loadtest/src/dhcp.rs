@@ -1,39 +1,65 @@
-//! DHCP as PXE firmware and then iPXE speak it, reaching the server through
-//! a relay agent: one socket at `giaddr:67` that every simulated machine's
-//! exchanges go through (as a real relay carries a whole rack), with the
-//! server's answers handed back to the machine by transaction id.
+//! DHCP as PXE firmware and then iPXE speak it, reaching the server one of
+//! two ways ([`DhcpLink`]):
+//! * through a relay agent: one socket at `giaddr:67` that every simulated
+//!   machine's exchanges go through (as a real relay carries a whole
+//!   rack), the server answering the relay;
+//! * with real broadcasts on a boot LAN: one socket at `0.0.0.0:68` on the
+//!   interface, requests to `255.255.255.255:67` with the broadcast flag
+//!   set (as PXE firmware sets it), answers broadcast back.
 //!
-//! `dhcproto` is the codec. Retransmissions follow the clients: PXE
-//! firmware waits 4 s before it asks again (PXE 2.1 §2.2.1: 4, 8, 16, 32 s),
-//! iPXE 1 s, doubling.
+//! Either way the server's answers are handed to the machine that waits for
+//! them by transaction id. `dhcproto` is the codec. Retransmissions follow
+//! the clients: PXE firmware waits 4 s before it asks again (PXE 2.1
+//! §2.2.1: 4, 8, 16, 32 s), iPXE 1 s, doubling.
 
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use dhcproto::v4::{DhcpOption, Message, MessageType, OptionCode};
+use dhcproto::v4::{DhcpOption, Flags, Message, MessageType, OptionCode};
 use dhcproto::{Decodable, Decoder, Encodable, Encoder};
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 
-/// The relay agent every machine's DHCP goes through.
-pub struct Relay {
+/// The way every machine's DHCP reaches the server.
+pub struct DhcpLink {
     socket: UdpSocket,
-    giaddr: Ipv4Addr,
-    server: SocketAddr,
+    /// Relayed: the relay's address, put in `giaddr`. Broadcast: none.
+    giaddr: Option<Ipv4Addr>,
+    /// Where requests go: the server's port 67, or the broadcast address.
+    target: SocketAddr,
     waiting: Mutex<HashMap<u32, mpsc::Sender<Message>>>,
 }
 
-impl Relay {
-    /// Binds `giaddr:67` (on `device` when given, so that the server's own
-    /// wildcard socket on that device does not take the answers) and
-    /// starts handing answers to the machines that wait for them.
-    pub fn start(
+impl DhcpLink {
+    /// A relay agent at `giaddr:67` (bound to `device` when given, so that
+    /// the server's own wildcard socket on that device does not take the
+    /// answers), handing answers to the machines that wait for them.
+    pub fn relay(
         giaddr: Ipv4Addr,
         server: SocketAddr,
         device: Option<&str>,
-    ) -> std::io::Result<Arc<Relay>> {
+    ) -> std::io::Result<Arc<DhcpLink>> {
+        Self::start(SocketAddrV4::new(giaddr, 67), device, Some(giaddr), server)
+    }
+
+    /// Real broadcasts on `device`, from the client port.
+    pub fn broadcast(device: &str) -> std::io::Result<Arc<DhcpLink>> {
+        Self::start(
+            SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 68),
+            Some(device),
+            None,
+            SocketAddr::from((Ipv4Addr::BROADCAST, 67)),
+        )
+    }
+
+    fn start(
+        bind: SocketAddrV4,
+        device: Option<&str>,
+        giaddr: Option<Ipv4Addr>,
+        target: SocketAddr,
+    ) -> std::io::Result<Arc<DhcpLink>> {
         use socket2::{Domain, Protocol, Socket, Type};
         let socket = Socket::new(
             Domain::IPV4,
@@ -41,24 +67,25 @@ impl Relay {
             Some(Protocol::UDP),
         )?;
         socket.set_reuse_address(true)?;
+        socket.set_broadcast(true)?;
         if let Some(device) = device {
             socket.bind_device(Some(device.as_bytes()))?;
         }
-        socket.bind(&SocketAddr::from(SocketAddrV4::new(giaddr, 67)).into())?;
+        socket.bind(&SocketAddr::from(bind).into())?;
         let _ = socket.set_send_buffer_size(8 << 20);
         let socket: std::net::UdpSocket = socket.into();
         // Ten thousand answers can arrive at once; the tester must not be
         // where they are dropped.
         bootfleet::engine::deepen_receive_queue(&socket);
-        let relay = Arc::new(Relay {
+        let link = Arc::new(DhcpLink {
             socket: UdpSocket::from_std(socket)?,
             giaddr,
-            server,
+            target,
             waiting: Mutex::new(HashMap::new()),
         });
-        let receiver = Arc::clone(&relay);
+        let receiver = Arc::clone(&link);
         tokio::spawn(async move { receiver.hand_out().await });
-        Ok(relay)
+        Ok(link)
     }
 
     async fn hand_out(&self) {
@@ -116,10 +143,17 @@ impl Relay {
         deadline: Instant,
         answers: &mut mpsc::Receiver<Message>,
     ) -> Result<Message, String> {
-        let mut relayed = request.clone();
-        relayed.set_giaddr(self.giaddr).set_hops(1);
+        let mut sent_as = request.clone();
+        match self.giaddr {
+            Some(giaddr) => {
+                sent_as.set_giaddr(giaddr).set_hops(1);
+            }
+            None => {
+                sent_as.set_flags(Flags::default().set_broadcast());
+            }
+        }
         let mut bytes = Vec::new();
-        relayed
+        sent_as
             .encode(&mut Encoder::new(&mut bytes))
             .map_err(|e| format!("encode: {e}"))?;
         let mut retry = first_retry;
@@ -130,7 +164,7 @@ impl Relay {
                 return Err(format!("no {expect:?} after {sent} requests"));
             }
             self.socket
-                .send_to(&bytes, self.server)
+                .send_to(&bytes, self.target)
                 .await
                 .map_err(|e| format!("send: {e}"))?;
             sent += 1;
@@ -142,7 +176,7 @@ impl Relay {
                         Some(MessageType::Nak) => return Err(NAK.into()),
                         _ => continue,
                     },
-                    Ok(None) => return Err("relay closed".into()),
+                    Ok(None) => return Err("DHCP link closed".into()),
                     Err(_) => break,
                 }
             }
@@ -274,7 +308,7 @@ impl Lease {
 /// A whole DORA exchange for `stage`: the lease, or why there is none. A
 /// NAK starts over from DISCOVER, as RFC 2131 §3.1 has clients do.
 pub async fn obtain(
-    relay: &Relay,
+    link: &DhcpLink,
     client: &ClientIdentity,
     xid: u32,
     stage: Stage,
@@ -282,7 +316,7 @@ pub async fn obtain(
 ) -> Result<Lease, String> {
     let mut naks = 0;
     loop {
-        let offer = relay
+        let offer = link
             .exchange(
                 &client.discover(xid, stage),
                 MessageType::Offer,
@@ -290,7 +324,7 @@ pub async fn obtain(
                 deadline,
             )
             .await?;
-        match relay
+        match link
             .exchange(
                 &client.request(xid, stage, &offer),
                 MessageType::Ack,
@@ -311,5 +345,5 @@ pub async fn obtain(
     }
 }
 
-/// What [`Relay::exchange`] says of a DHCPNAK.
+/// What [`DhcpLink::exchange`] says of a DHCPNAK.
 const NAK: &str = "NAK";

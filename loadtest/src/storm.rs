@@ -1,5 +1,6 @@
 //! `storm`: thousands of simulated machines walking the real boot chain at
-//! once — DHCP as PXE firmware (through a relay agent), the loader over
+//! once — DHCP as PXE firmware (through a relay agent, or as real
+//! broadcasts from a namespace the tool creates), the loader over
 //! TFTP with the options that firmware sends, DHCP again as iPXE, the chain
 //! script and the machine's own script over HTTP (followed as iPXE follows
 //! them), then its kernel and initrds over HTTP or TFTP as the script says.
@@ -21,7 +22,7 @@ use anyhow::{bail, Context, Result};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-use crate::dhcp::{self, ClientIdentity, Relay, Stage};
+use crate::dhcp::{self, ClientIdentity, DhcpLink, Stage};
 use crate::{http, ipxe, tftp};
 
 /// Firmware the simulated machines run.
@@ -33,6 +34,15 @@ pub enum Firmware {
     Uefi,
     /// Every other machine BIOS, the rest UEFI.
     Mixed,
+}
+
+/// How DHCP reaches the server.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DhcpVia {
+    /// A relay agent at `--relay` (giaddr), as a rack behind a router.
+    Relay,
+    /// Real broadcasts on a boot LAN, from a namespace the tool creates.
+    Broadcast,
 }
 
 /// When the machines are powered on.
@@ -82,6 +92,15 @@ pub struct StormArgs {
     pub firmware: Firmware,
     #[arg(long, value_enum, default_value = "initrd")]
     pub stop_after: StopAfter,
+    /// How DHCP reaches the server: through a relay agent (on loopback),
+    /// or as real broadcasts from a namespace the tool creates and joins to
+    /// `--attach BRIDGE`.
+    #[arg(long, value_enum, default_value = "relay")]
+    pub dhcp_via: DhcpVia,
+    /// With `--dhcp-via broadcast`: the bridge (in this namespace) of the
+    /// boot LAN the server listens on; the tool adds its own veth to it.
+    #[arg(long)]
+    pub attach: Option<String>,
     /// The relay agent's address (giaddr): the machines' subnet must be a
     /// relayed range of the server (e.g. 127.1.0.10-127.1.255.250/16).
     #[arg(long, default_value = "127.1.0.1")]
@@ -188,7 +207,10 @@ struct Expected {
 /// What every machine shares.
 struct Shared {
     args: StormArgs,
-    relay: Arc<Relay>,
+    dhcp: Arc<DhcpLink>,
+    /// With broadcast DHCP: the tool's own interface, which every leased
+    /// address is added to (so that the server's answers reach it).
+    lan_interface: Option<String>,
     started: Instant,
     deadline: Instant,
     files: Mutex<HashMap<String, Arc<Expected>>>,
@@ -239,27 +261,111 @@ pub fn run(args: StormArgs) -> Result<Report> {
     if args.machines > 16_000_000 {
         bail!("--machines is at most 16 million (the MAC numbering)");
     }
+    // The namespace must be entered before the runtime's threads exist:
+    // they inherit it.
+    let lan = match (args.dhcp_via, &args.attach) {
+        (DhcpVia::Broadcast, Some(bridge)) => Some(ClientLan::create(bridge)?),
+        (DhcpVia::Broadcast, None) => bail!("--dhcp-via broadcast needs --attach BRIDGE"),
+        (DhcpVia::Relay, _) => None,
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(args.threads.max(1))
         .enable_all()
         .build()?;
-    runtime.block_on(storm(args))
+    let report = runtime.block_on(storm(args, lan.as_ref().map(|l| l.interface.clone())));
+    drop(runtime);
+    drop(lan);
+    report
 }
 
-async fn storm(args: StormArgs) -> Result<Report> {
-    let device = (!args.relay_device.is_empty()).then_some(args.relay_device.as_str());
-    let relay = Relay::start(args.relay, SocketAddr::from((args.server, 67)), device)
-        .with_context(|| {
-            format!(
-                "cannot bind the relay agent to {}:67 (needs root; --relay-device {:?})",
-                args.relay, args.relay_device
-            )
-        })?;
+/// The namespace and veth of `--dhcp-via broadcast`: the tool's machines
+/// live in it, on the boot LAN through the bridge; removed when dropped.
+struct ClientLan {
+    namespace: String,
+    interface: String,
+}
+
+fn ip(args: &[&str]) -> Result<()> {
+    let status = std::process::Command::new("ip")
+        .args(args)
+        .status()
+        .with_context(|| format!("cannot run ip {args:?}"))?;
+    if !status.success() {
+        bail!("ip {args:?} failed with {status}");
+    }
+    Ok(())
+}
+
+impl ClientLan {
+    fn create(bridge: &str) -> Result<ClientLan> {
+        let id = std::process::id();
+        let namespace = format!("bfload{id}");
+        let outer = format!("bfl{id}a");
+        let interface = format!("bfl{id}b");
+        ip(&["netns", "add", &namespace])?;
+        let lan = ClientLan {
+            namespace,
+            interface,
+        };
+        ip(&[
+            "link",
+            "add",
+            &outer,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &lan.interface,
+        ])?;
+        ip(&["link", "set", &outer, "master", bridge, "up"])?;
+        ip(&["link", "set", &lan.interface, "netns", &lan.namespace])?;
+        for args in [
+            vec!["link", "set", "lo", "up"],
+            vec!["link", "set", lan.interface.as_str(), "up"],
+            // Every leased address is on this link; the server is reached on it.
+            vec!["route", "add", "default", "dev", lan.interface.as_str()],
+        ] {
+            let mut all = vec!["-n", lan.namespace.as_str()];
+            all.extend(args);
+            ip(&all)?;
+        }
+        let file = std::fs::File::open(format!("/var/run/netns/{}", lan.namespace))?;
+        nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
+            .context("cannot enter the machines' namespace")?;
+        Ok(lan)
+    }
+}
+
+impl Drop for ClientLan {
+    fn drop(&mut self) {
+        // The veth pair goes with the namespace once this process ends.
+        let _ = ip(&["netns", "del", &self.namespace]);
+    }
+}
+
+async fn storm(args: StormArgs, lan_interface: Option<String>) -> Result<Report> {
+    let dhcp = match &lan_interface {
+        Some(interface) => DhcpLink::broadcast(interface).with_context(|| {
+            format!("cannot bind the DHCP client port on {interface} (needs root)")
+        })?,
+        None => {
+            let device = (!args.relay_device.is_empty()).then_some(args.relay_device.as_str());
+            DhcpLink::relay(args.relay, SocketAddr::from((args.server, 67)), device).with_context(
+                || {
+                    format!(
+                        "cannot bind the relay agent to {}:67 (needs root; --relay-device {:?})",
+                        args.relay, args.relay_device
+                    )
+                },
+            )?
+        }
+    };
     let started = Instant::now();
     let ctx = Arc::new(Shared {
         deadline: started + Duration::from_secs_f64(args.time_limit),
         args,
-        relay,
+        dhcp,
+        lan_interface,
         started,
         files: Mutex::new(HashMap::new()),
     });
@@ -397,11 +503,16 @@ async fn walk(
 ) -> Result<(), String> {
     let xid = 0x5000_0000u32.wrapping_add((index as u32).wrapping_mul(2));
     tracker.enter(0);
-    let lease = dhcp::obtain(&ctx.relay, client, xid, Stage::Firmware, ctx.deadline).await?;
+    let lease = dhcp::obtain(&ctx.dhcp, client, xid, Stage::Firmware, ctx.deadline).await?;
     if ctx.args.stop_after == StopAfter::Dhcp {
         return Ok(());
     }
     let local = IpAddr::V4(lease.address);
+    if let Some(interface) = &ctx.lan_interface {
+        // The machine now owns its address on the LAN: answers to it (ARP,
+        // TFTP, HTTP) must reach the tool.
+        take_address(interface, lease.address).await?;
+    }
 
     tracker.enter(1);
     let next_server = if lease.next_server.is_unspecified() {
@@ -429,7 +540,7 @@ async fn walk(
     }
 
     tracker.enter(0);
-    let lease = dhcp::obtain(&ctx.relay, client, xid + 1, Stage::Ipxe, ctx.deadline).await?;
+    let lease = dhcp::obtain(&ctx.dhcp, client, xid + 1, Stage::Ipxe, ctx.deadline).await?;
     let local = IpAddr::V4(lease.address);
 
     tracker.enter(2);
@@ -498,6 +609,21 @@ async fn walk(
         fetch_url(ctx, &resolve(initrd, &base)?, local, tracker).await?;
     }
     Ok(())
+}
+
+/// Adds `address` to `interface` (a lease renewed as iPXE is already there).
+async fn take_address(interface: &str, address: Ipv4Addr) -> Result<(), String> {
+    let output = tokio::process::Command::new("ip")
+        .args(["addr", "add", &format!("{address}/32"), "dev", interface])
+        .output()
+        .await
+        .map_err(|e| format!("cannot run ip: {e}"))?;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    if output.status.success() || stderr.contains("File exists") {
+        Ok(())
+    } else {
+        Err(format!("cannot take address {address}: {}", stderr.trim()))
+    }
 }
 
 fn uuid_text(uuid: &[u8; 16]) -> String {

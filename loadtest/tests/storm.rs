@@ -101,7 +101,27 @@ impl Lab {
         }
     }
 
+    /// bootfleet on the namespace's loopback, the machines' subnet relayed
+    /// from 127.1.0.1.
     fn start(&mut self, config: &str) {
+        self.start_with(
+            config,
+            &[
+                "--tftp-listen",
+                "127.0.0.1:69",
+                "--http-listen",
+                "127.0.0.1:80",
+                "--dhcp-mode",
+                "full",
+                "--dhcp-interface",
+                "lo",
+                "--dhcp-range",
+                "127.1.0.10-127.1.255.250/16",
+            ],
+        );
+    }
+
+    fn start_with(&mut self, config: &str, serve_args: &[&str]) {
         let bootfleet =
             Path::new(env!("CARGO_BIN_EXE_bootfleet-loadtest")).with_file_name("bootfleet");
         assert!(
@@ -121,14 +141,7 @@ impl Lab {
             .arg(self.boot_dir())
             .arg("--state-dir")
             .arg(self.dir.path().join("state"))
-            .args([
-                "--tftp-listen",
-                "127.0.0.1:69",
-                "--http-listen",
-                "127.0.0.1:80",
-            ])
-            .args(["--dhcp-mode", "full", "--dhcp-interface", "lo"])
-            .args(["--dhcp-range", "127.1.0.10-127.1.255.250/16"])
+            .args(serve_args)
             .stdout(Stdio::from(std::fs::File::create(&log).unwrap()))
             .stderr(Stdio::from(
                 std::fs::File::create(self.dir.path().join("server.err")).unwrap(),
@@ -430,5 +443,93 @@ fn ramps_and_waves_power_machines_on_over_time() {
     assert!(
         per_second.iter().filter(|&&n| n > 0).count() >= 3,
         "machines booted in at least three different seconds: {per_second:?}"
+    );
+}
+
+#[test]
+fn machines_broadcast_dhcp_from_their_own_namespace() {
+    if !is_root() {
+        return;
+    }
+    // A boot LAN: a bridge in the lab's namespace with bootfleet on it; the
+    // load tester adds its own namespace and veth to the bridge.
+    let mut lab = Lab::new("bc");
+    for args in [
+        &["link", "add", "br0", "type", "bridge"][..],
+        &["addr", "add", "10.97.0.1/16", "dev", "br0"],
+        &["link", "set", "br0", "up"],
+    ] {
+        let status = Command::new("ip")
+            .args(["-n", &lab.ns])
+            .args(args)
+            .status()
+            .unwrap();
+        assert!(status.success(), "ip {args:?}");
+    }
+    lab.start_with(
+        "",
+        &[
+            "--tftp-listen",
+            "10.97.0.1:69",
+            "--http-listen",
+            "10.97.0.1:80",
+            "--dhcp-mode",
+            "full",
+            "--dhcp-interface",
+            "br0",
+            "--dhcp-range",
+            "10.97.1.1-10.97.255.250",
+        ],
+    );
+    let json = lab.dir.path().join("broadcast.json");
+    let output = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &lab.ns,
+            "env",
+            "BOOTFLEET_LOADTEST_NAMESPACE=1",
+        ])
+        .arg(env!("CARGO_BIN_EXE_bootfleet-loadtest"))
+        .args([
+            "storm",
+            "--server",
+            "10.97.0.1",
+            "--machines",
+            "40",
+            "--root",
+        ])
+        .arg(lab.boot_dir())
+        .args([
+            "--dhcp-via",
+            "broadcast",
+            "--attach",
+            "br0",
+            "--firmware",
+            "mixed",
+        ])
+        .args(["--time-limit", "60", "--json"])
+        .arg(&json)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr),
+        std::fs::read_to_string(lab.dir.path().join("server.log")).unwrap_or_default()
+    );
+    assert!(output.status.success(), "{text}");
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    assert_eq!(report["booted"], 40, "{text}");
+    // bootfleet saw broadcasts on its interface, not relayed requests, and
+    // gave addresses from the bridge's subnet.
+    let leases = std::fs::read_to_string(lab.dir.path().join("state/dhcp-leases.jsonl")).unwrap();
+    assert!(leases.contains("\"10.97."), "{leases}");
+    assert!(leases.contains("\"relay\":\"0.0.0.0\""), "{leases}");
+    // The tool removed its namespace.
+    let namespaces = Command::new("ip").args(["netns", "list"]).output().unwrap();
+    assert!(
+        !String::from_utf8_lossy(&namespaces.stdout).contains("bfload"),
+        "the load tester's namespace is gone"
     );
 }
