@@ -16,6 +16,7 @@ use crate::cache::FileCache;
 use crate::config::Config;
 use crate::engine::{self, Backend, ServerHandle, Shutdown};
 use crate::server::http::{HttpService, HttpServiceConfig};
+use crate::server::multicast::MulticastHub;
 use crate::server::tftp::TftpService;
 
 /// How often the inventory file is looked at for changes.
@@ -54,6 +55,23 @@ pub fn start(
     let mut tftp_service = TftpService::new(&root, &config.tftp, cache.clone())?;
     tftp_service.add_generator(router.clone());
     tftp_service.add_observer(router.clone());
+    let shutdown = Shutdown::new();
+    let mut threads = Vec::new();
+    if let Some(multicast) = &config.tftp.multicast {
+        let local = match tftp.local_addr()?.ip() {
+            std::net::IpAddr::V4(ip) => ip,
+            std::net::IpAddr::V6(_) => std::net::Ipv4Addr::UNSPECIFIED,
+        };
+        let (hub, thread) = MulticastHub::start(
+            multicast.clone(),
+            local,
+            config.tftp.timeout,
+            config.tftp.max_retries,
+            shutdown.clone(),
+        )?;
+        tftp_service.set_multicast(hub);
+        threads.push(thread);
+    }
     let tftp_service = Arc::new(tftp_service);
     let http_service = Arc::new(HttpService::new(
         &root,
@@ -64,7 +82,6 @@ pub fn start(
         },
     ));
 
-    let shutdown = Shutdown::new();
     let workers = engine::worker_count(config.workers);
     let tftp_handle = engine::spawn_tftp(
         backend,
@@ -73,13 +90,13 @@ pub fn start(
         workers,
         shutdown.clone(),
     )?;
-    let mut threads = engine::http::spawn(
+    threads.extend(engine::http::spawn(
         http,
         Arc::clone(&http_service),
         config.http.clone(),
         workers,
         shutdown.clone(),
-    )?;
+    )?);
 
     let dhcp = if config.dhcp.mode == crate::config::DhcpMode::Off {
         None

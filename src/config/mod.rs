@@ -22,6 +22,9 @@
 //! max_transfers_per_client = 64
 //! upload_dirs = []             # directories (under root) that accept uploads
 //! max_upload_mib = 64          # largest accepted upload
+//! multicast_groups = "239.255.66.1-239.255.66.254"  # RFC 2090 sessions (off when absent)
+//! multicast_port = 1758        # UDP port of every group
+//! multicast_ttl = 1            # hops a group datagram may cross
 //!
 //! [http]
 //! listen = "0.0.0.0:80"
@@ -136,6 +139,9 @@ pub struct FileTftp {
     pub max_transfers_per_client: Option<Spanned<u64>>,
     pub upload_dirs: Option<Vec<Spanned<PathBuf>>>,
     pub max_upload_mib: Option<Spanned<u64>>,
+    pub multicast_groups: Option<Spanned<String>>,
+    pub multicast_port: Option<Spanned<u64>>,
+    pub multicast_ttl: Option<Spanned<u64>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -394,6 +400,18 @@ pub struct TftpConfig {
     /// create or replace files. Empty: every write request is refused.
     pub upload_dirs: Vec<PathBuf>,
     pub max_upload_bytes: u64,
+    /// RFC 2090 multicast: the groups sessions are given, or `None` (the
+    /// `multicast` option is then ignored and clients get unicast).
+    pub multicast: Option<MulticastConfig>,
+}
+
+/// Where multicast TFTP sessions send.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MulticastConfig {
+    /// First and last group address; one session per address at a time.
+    pub groups: (Ipv4Addr, Ipv4Addr),
+    pub port: u16,
+    pub ttl: u32,
 }
 
 /// A configuration that cannot be used, and where the problem is.
@@ -433,6 +451,7 @@ impl Default for Config {
                 max_transfers_per_client: 64,
                 upload_dirs: Vec::new(),
                 max_upload_bytes: 64 << 20,
+                multicast: None,
             },
             http: HttpConfig {
                 listen: "0.0.0.0:80".parse().expect("literal address"),
@@ -667,6 +686,7 @@ impl Validator<'_> {
             )? as usize,
             upload_dirs: Vec::new(),
             max_upload_bytes: d.max_upload_bytes,
+            multicast: None,
         };
         let mut upload_dirs = Vec::new();
         for dir in t.upload_dirs.iter().flatten() {
@@ -690,6 +710,39 @@ impl Validator<'_> {
         config.tftp.upload_dirs = upload_dirs;
         config.tftp.max_upload_bytes =
             self.ranged(&t.max_upload_mib, "tftp.max_upload_mib", 1..=4096, 64)? << 20;
+        if let Some(groups) = &t.multicast_groups {
+            let invalid = |message: String| ConfigError::Invalid {
+                origin: format!("{} line {}", self.path.display(), self.line_of(groups)),
+                key: "tftp.multicast_groups",
+                message,
+            };
+            let (first, last) = groups
+                .get_ref()
+                .split_once('-')
+                .and_then(|(a, b)| {
+                    Some((
+                        a.trim().parse::<Ipv4Addr>().ok()?,
+                        b.trim().parse::<Ipv4Addr>().ok()?,
+                    ))
+                })
+                .ok_or_else(|| {
+                    invalid(format!(
+                        "{:?} is not FIRST-LAST, e.g. 239.255.66.1-239.255.66.254",
+                        groups.get_ref()
+                    ))
+                })?;
+            if !first.is_multicast() || !last.is_multicast() || first > last {
+                return Err(invalid(format!(
+                    "{first}-{last} must be multicast addresses (224.0.0.0/4), first not above last"
+                )));
+            }
+            config.tftp.multicast = Some(MulticastConfig {
+                groups: (first, last),
+                port: self.ranged(&t.multicast_port, "tftp.multicast_port", 1..=65535, 1758)?
+                    as u16,
+                ttl: self.ranged(&t.multicast_ttl, "tftp.multicast_ttl", 1..=255, 1)? as u32,
+            });
+        }
         let h = &file.http;
         let dh = &defaults.http;
         let millis = |value: &Option<Spanned<u64>>, key: &'static str, default: Duration| {
@@ -768,6 +821,36 @@ mod tests {
         let c = parse("root = \"boot\"\n").unwrap();
         assert_eq!(c.root, PathBuf::from("/etc/bootfleet/boot"));
         assert!(!c.root_is_default);
+    }
+
+    #[test]
+    fn multicast_groups_are_checked() {
+        assert_eq!(parse("").unwrap().tftp.multicast, None);
+        let c =
+            parse("[tftp]\nmulticast_groups = \"239.255.66.1-239.255.66.9\"\nmulticast_ttl = 2\n")
+                .unwrap();
+        assert_eq!(
+            c.tftp.multicast,
+            Some(MulticastConfig {
+                groups: (
+                    "239.255.66.1".parse().unwrap(),
+                    "239.255.66.9".parse().unwrap()
+                ),
+                port: 1758,
+                ttl: 2,
+            })
+        );
+        for bad in [
+            "10.0.0.1-10.0.0.9",
+            "239.255.66.9-239.255.66.1",
+            "239.255.66.1",
+        ] {
+            let error = parse(&format!("[tftp]\nmulticast_groups = \"{bad}\"\n")).unwrap_err();
+            assert!(
+                error.to_string().contains("tftp.multicast_groups"),
+                "{bad}: {error}"
+            );
+        }
     }
 
     #[test]

@@ -2,5 +2,6 @@
 
 pub mod dhcp;
 pub mod http;
+pub mod multicast;
 pub mod paths;
 pub mod tftp;

@@ -38,6 +38,7 @@ use crate::proto::tftp::{
     negotiate, netascii, CommitError, NegotiationLimits, Outcome, ReadTransfer, Transfer,
     TransferConfig, WriteTransfer,
 };
+use crate::server::multicast::{Join, MulticastHub};
 pub use crate::server::paths::safe_relative_name;
 use crate::server::paths::{resolve_inside, ResolveError};
 
@@ -141,6 +142,8 @@ pub struct TftpService {
     /// Canonical upload directories (empty: uploads refused).
     upload_dirs: Vec<PathBuf>,
     max_upload_bytes: u64,
+    /// RFC 2090 sessions, when multicast is configured.
+    multicast: Option<Arc<MulticastHub>>,
 }
 
 /// Largest block size granted to uploads: DATA must fit the engines'
@@ -224,7 +227,13 @@ impl TftpService {
             stats: TftpStats::default(),
             upload_dirs,
             max_upload_bytes: config.max_upload_bytes,
+            multicast: None,
         })
+    }
+
+    /// Serves read requests that ask for `multicast` through `hub`.
+    pub fn set_multicast(&mut self, hub: Arc<MulticastHub>) {
+        self.multicast = Some(hub);
     }
 
     /// Adds a generator; generators are asked in the order they were added.
@@ -306,6 +315,23 @@ impl TftpService {
         };
 
         let negotiated = negotiate(&request.options, data.len() as u64, self.negotiation);
+        if let (Some(hub), Mode::Octet, Some(_)) =
+            (&self.multicast, request.mode, request.option("multicast"))
+        {
+            let join = Join {
+                name: name.clone(),
+                data: Arc::clone(&data),
+                peer,
+                blksize: negotiated.blksize,
+                windowsize: negotiated.windowsize,
+                options: negotiated.oack.clone(),
+            };
+            // The session answers from its own port; with no group free,
+            // the request is served by unicast below.
+            if hub.join(join).is_ok() {
+                return Admission::Ignore;
+            }
+        }
         let transfer = Transfer::Read(ReadTransfer::new(
             &negotiated,
             data.len() as u64,

@@ -7,6 +7,7 @@ mod dhcp_namespace;
 mod hostile;
 mod http;
 mod lossy_namespace;
+mod multicast;
 mod qemu_boot;
 // Shared with benches/boot_compare.rs, which uses the parts the test does not
 // (the reference stack, boot times).

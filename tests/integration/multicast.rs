@@ -1,0 +1,219 @@
+//! RFC 2090 multicast TFTP with real `atftp` clients (`--option
+//! multicast`), several at once, each in its own network namespace joined
+//! to bootfleet's by a bridge the test makes and removes: every client gets
+//! the file byte for byte, and the session sends it far less than once per
+//! client.
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::common::*;
+
+const CLIENTS: usize = 4;
+
+/// bootfleet's namespace with a bridge, and one namespace per client
+/// machine on it (an atftp client binds the group's port, as one per host).
+struct Lab {
+    server_ns: String,
+    client_ns: Vec<String>,
+    dir: tempfile::TempDir,
+    server: Option<std::process::Child>,
+}
+
+fn ip(args: &[&str]) {
+    run(Command::new("ip").args(args)).unwrap();
+}
+
+impl Lab {
+    fn new() -> Lab {
+        let id = std::process::id() % 100_000;
+        let lab = Lab {
+            server_ns: format!("bfmcs{id}"),
+            client_ns: (0..CLIENTS).map(|i| format!("bfmc{i}c{id}")).collect(),
+            dir: tempfile::Builder::new()
+                .prefix("bootfleet-mtftp-")
+                .tempdir()
+                .unwrap(),
+            server: None,
+        };
+        let s = lab.server_ns.as_str();
+        ip(&["netns", "add", s]);
+        ip(&[
+            "-n",
+            s,
+            "link",
+            "add",
+            "br0",
+            "type",
+            "bridge",
+            "mcast_snooping",
+            "0",
+        ]);
+        ip(&["-n", s, "addr", "add", "10.95.0.1/24", "dev", "br0"]);
+        ip(&["-n", s, "link", "set", "br0", "up"]);
+        ip(&["-n", s, "link", "set", "lo", "up"]);
+        // Groups are reached over the bridge.
+        ip(&["-n", s, "route", "add", "224.0.0.0/4", "dev", "br0"]);
+        for (i, c) in lab.client_ns.iter().enumerate() {
+            let (port, nic) = (format!("mcp{i}x{id}"), format!("mcn{i}x{id}"));
+            let address = format!("10.95.0.{}/24", 10 + i);
+            ip(&["netns", "add", c]);
+            ip(&["link", "add", &port, "type", "veth", "peer", "name", &nic]);
+            ip(&["link", "set", &port, "netns", s]);
+            ip(&["link", "set", &nic, "netns", c]);
+            ip(&["-n", s, "link", "set", &port, "master", "br0", "up"]);
+            ip(&["-n", c, "addr", "add", &address, "dev", &nic]);
+            ip(&["-n", c, "link", "set", &nic, "up"]);
+            ip(&["-n", c, "link", "set", "lo", "up"]);
+            ip(&["-n", c, "route", "add", "224.0.0.0/4", "dev", &nic]);
+        }
+        lab
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.server.take() {
+            let _ = Command::new("kill").arg(child.id().to_string()).status();
+            let _ = child.wait();
+        }
+        for ns in std::iter::once(&self.server_ns).chain(&self.client_ns) {
+            let _ = Command::new("sh")
+                .arg("-c")
+                .arg(format!("ip netns pids {ns} 2>/dev/null | xargs -r kill -9"))
+                .status();
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+    }
+}
+
+#[test]
+fn atftp_clients_share_one_multicast_stream() {
+    if !can_make_namespaces() || !have_tool("atftp") {
+        return;
+    }
+    let mut lab = Lab::new();
+    let root = lab.dir.path().join("boot");
+    std::fs::create_dir_all(&root).unwrap();
+    let image: Vec<u8> = (0..3_000_000u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 11) as u8)
+        .collect();
+    std::fs::write(root.join("image.bin"), &image).unwrap();
+    let config = lab.dir.path().join("bootfleet.toml");
+    std::fs::write(
+        &config,
+        "[tftp]\nmulticast_groups = \"239.255.66.1-239.255.66.8\"\n",
+    )
+    .unwrap();
+    let log = lab.dir.path().join("server.log");
+    lab.server = Some(
+        Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &lab.server_ns,
+                env!("CARGO_BIN_EXE_bootfleet"),
+                "serve",
+                "--config",
+            ])
+            .arg(&config)
+            .arg("--root")
+            .arg(&root)
+            .arg("--state-dir")
+            .arg(lab.dir.path().join("state"))
+            .args([
+                "--tftp-listen",
+                "10.95.0.1:69",
+                "--http-listen",
+                "10.95.0.1:80",
+            ])
+            .stdout(Stdio::from(std::fs::File::create(&log).unwrap()))
+            .stderr(Stdio::from(
+                std::fs::File::create(lab.dir.path().join("server.err")).unwrap(),
+            ))
+            .spawn()
+            .unwrap(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("TFTP listening")
+    {
+        assert!(Instant::now() < deadline, "bootfleet did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|i| {
+            let out = lab.dir.path().join(format!("out{i}.bin"));
+            let child = Command::new("timeout")
+                .args(["60", "ip", "netns", "exec", &lab.client_ns[i], "atftp"])
+                .args([
+                    "--option",
+                    "multicast",
+                    "--option",
+                    "blksize 1428",
+                    "-g",
+                    "-r",
+                    "image.bin",
+                    "-l",
+                ])
+                .arg(&out)
+                .arg("10.95.0.1")
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap();
+            (out, child)
+        })
+        .collect();
+    for (out, child) in clients {
+        let output = child.wait_with_output().unwrap();
+        let got = std::fs::read(&out).unwrap_or_default();
+        assert!(
+            got == image,
+            "{} got {} of {} bytes ({}):\n{}{}\nserver:\n{}",
+            out.display(),
+            got.len(),
+            image.len(),
+            output.status,
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr),
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("multicast session ended")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "session never ended:\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let text = std::fs::read_to_string(&log).unwrap();
+    let ended = text
+        .lines()
+        .find(|l| l.contains("multicast session ended"))
+        .unwrap();
+    let field = |name: &str| -> u64 {
+        ended
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix(&format!("{name}=")))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{name} in {ended}"))
+    };
+    eprintln!("mtftp: {ended}");
+    let file_blocks = field("file_blocks");
+    assert!(
+        field("blocks_sent") < 2 * file_blocks,
+        "one stream for {CLIENTS} clients, not {CLIENTS}: {ended}"
+    );
+    assert!(
+        text.matches("multicast session started").count() >= 1,
+        "{text}"
+    );
+}
