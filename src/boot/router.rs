@@ -634,6 +634,7 @@ fn fill_image(
         match image.transport {
             Transport::Http => format!("{}/{}", base_url.trim_end_matches('/'), path),
             Transport::Tftp => format!("tftp://{}/{}", host_of(base_url), path),
+            Transport::Multicast => format!("tftm://{}/{}", host_of(base_url), path),
         }
     };
     context.image = image_view(image);
@@ -873,6 +874,17 @@ netboot = false
                 .machine_script(mac, &[], "http://[fd00::1]:8080", client()),
         );
         assert!(body.contains("kernel tftp://[fd00::1]/tiny/k\n"), "{body}");
+    }
+
+    #[test]
+    fn multicast_transport_uses_tftm_urls() {
+        let s = setup(&INVENTORY.replace("transport = \"tftp\"", "transport = \"multicast\""));
+        let mac = Mac::parse("52:54:00:00:00:02").unwrap();
+        let body = text(
+            &s.router
+                .machine_script(mac, &[], "http://10.0.0.1", client()),
+        );
+        assert!(body.contains("kernel tftm://10.0.0.1/tiny/k\n"), "{body}");
     }
 
     #[test]

@@ -18,7 +18,7 @@
 //! kernel = "debian12/vmlinuz"           # relative to the boot directory
 //! initrds = ["debian12/initrd.img"]
 //! cmdline = "console=ttyS0 ip=dhcp"
-//! transport = "http"                    # or "tftp"
+//! transport = "http"                    # or "tftp", or "multicast" (tftm://)
 //!
 //! [machines."52:54:00:12:34:56"]        # any MAC spelling
 //! image = "debian12"
@@ -61,6 +61,10 @@ pub enum Transport {
     #[default]
     Http,
     Tftp,
+    /// Multicast TFTP (RFC 2090, `tftm://` URLs): machines booting the
+    /// image at the same time share one stream (needs
+    /// `tftp.multicast_groups`).
+    Multicast,
 }
 
 /// A bootable image.
