@@ -323,3 +323,21 @@ pub fn read_response(stream: &mut impl std::io::Read) -> Option<Fetched> {
     stream.read_exact(&mut fetched.body).ok()?;
     Some(fetched)
 }
+
+/// Waits up to 10 s until the server log at `log` holds every one of
+/// `needles`; otherwise fails with the log and the server's `errors` file.
+pub fn wait_for_log(log: &Path, needles: &[&str], errors: &Path) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        if needles.iter().all(|n| text.contains(n)) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the server log never said {needles:?}:\n{text}{}",
+            std::fs::read_to_string(errors).unwrap_or_default()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}

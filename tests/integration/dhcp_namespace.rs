@@ -116,18 +116,10 @@ impl Lab {
             .spawn()
             .unwrap();
         self.server = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            let text = std::fs::read_to_string(&log).unwrap_or_default();
-            if text.contains("engine chosen") && text.contains("DHCP listening") {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        panic!(
-            "server did not start: {}{}",
-            std::fs::read_to_string(&log).unwrap_or_default(),
-            std::fs::read_to_string(self.dir.path().join("server.err")).unwrap_or_default()
+        wait_for_log(
+            &log,
+            &["engine chosen", "DHCP listening"],
+            &self.dir.path().join("server.err"),
         );
     }
 

@@ -5,7 +5,6 @@
 //! client.
 
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
 
 use crate::common::*;
 
@@ -134,14 +133,8 @@ fn atftp_clients_share_one_multicast_stream() {
             .spawn()
             .unwrap(),
     );
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !std::fs::read_to_string(&log)
-        .unwrap_or_default()
-        .contains("TFTP listening")
-    {
-        assert!(Instant::now() < deadline, "bootfleet did not start");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let errors = lab.dir.path().join("server.err");
+    wait_for_log(&log, &["TFTP listening"], &errors);
 
     let clients: Vec<_> = (0..CLIENTS)
         .map(|i| {
@@ -182,18 +175,7 @@ fn atftp_clients_share_one_multicast_stream() {
             std::fs::read_to_string(&log).unwrap_or_default()
         );
     }
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !std::fs::read_to_string(&log)
-        .unwrap_or_default()
-        .contains("multicast session ended")
-    {
-        assert!(
-            Instant::now() < deadline,
-            "session never ended:\n{}",
-            std::fs::read_to_string(&log).unwrap_or_default()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_for_log(&log, &["multicast session ended"], &errors);
     let text = std::fs::read_to_string(&log).unwrap();
     let ended = text
         .lines()

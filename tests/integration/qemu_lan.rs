@@ -275,18 +275,11 @@ impl BootLan {
             .spawn()
             .unwrap();
         self.server = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !std::fs::read_to_string(&log)
-            .unwrap_or_default()
-            .contains("DHCP listening")
-        {
-            assert!(
-                Instant::now() < deadline,
-                "server did not start: {}",
-                std::fs::read_to_string(self.dir.path().join("server.err")).unwrap_or_default()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        wait_for_log(
+            &log,
+            &["DHCP listening"],
+            &self.dir.path().join("server.err"),
+        );
     }
 
     pub fn stop(&mut self) {

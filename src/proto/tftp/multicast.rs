@@ -383,6 +383,13 @@ mod tests {
     }
 
     impl Net {
+        fn losing_every(loss_every: u64) -> Net {
+            Net {
+                deliveries: 0,
+                loss_every,
+            }
+        }
+
         fn delivered(&mut self) -> bool {
             self.deliveries += 1;
             self.loss_every == 0 || self.deliveries % self.loss_every != 0
@@ -443,11 +450,9 @@ mod tests {
                                     got_any = true;
                                 }
                             }
+                            // A listener with every block waits to be made
+                            // master; then it ACKs the end and is done.
                             let held = client.held();
-                            if held == client.have.len() as u64 && !client.master {
-                                // A listener with every block just waits to
-                                // be made master, ACKs the end and is done.
-                            }
                             if client.master && !client.mute && got_any {
                                 acks.push((client.addr, held));
                             }
@@ -505,10 +510,7 @@ mod tests {
         run(
             &mut session,
             &mut cs,
-            &mut Net {
-                deliveries: 0,
-                loss_every: 0,
-            },
+            &mut Net::losing_every(0),
             &joins,
             &[],
         );
@@ -534,10 +536,7 @@ mod tests {
         run(
             &mut session,
             &mut cs,
-            &mut Net {
-                deliveries: 0,
-                loss_every: 7,
-            },
+            &mut Net::losing_every(7),
             &joins,
             &[],
         );
@@ -555,10 +554,7 @@ mod tests {
         run(
             &mut session,
             &mut cs,
-            &mut Net {
-                deliveries: 0,
-                loss_every: 0,
-            },
+            &mut Net::losing_every(0),
             &[(0, 0), (1, 20)],
             &[],
         );
@@ -590,10 +586,7 @@ mod tests {
         run(
             &mut session,
             &mut cs,
-            &mut Net {
-                deliveries: 0,
-                loss_every: 0,
-            },
+            &mut Net::losing_every(0),
             &joins,
             &[(0, 5)],
         );
