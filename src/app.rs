@@ -30,17 +30,22 @@ pub struct Running {
     pub http: Arc<HttpService>,
     /// The DHCP service, unless DHCP is off.
     pub dhcp: Option<Arc<engine::dhcp::DhcpService>>,
+    /// The control panel, when it was given a listener.
+    pub panel: Option<crate::panel::Panel>,
     shutdown: Shutdown,
     tftp_handle: Option<ServerHandle>,
     threads: Vec<JoinHandle<()>>,
 }
 
-/// Starts serving TFTP on `tftp` and HTTP on `http` with `backend`.
+/// Starts serving TFTP on `tftp` and HTTP on `http` with `backend`, and
+/// the control panel on `panel` if given: the inventory then comes from the
+/// database (`panel.database`), otherwise from the inventory file.
 pub fn start(
     config: &Config,
     backend: Backend,
     tftp: UdpSocket,
     http: TcpListener,
+    panel: Option<TcpListener>,
 ) -> Result<Running> {
     let root = config
         .root
@@ -129,6 +134,26 @@ pub fn start(
         Some(service)
     };
 
+    let panel = match panel {
+        Some(listener) => {
+            let database = database_path(config);
+            let store = crate::store::sqlite::SqliteStore::open(&database)
+                .with_context(|| format!("inventory database {}", database.display()))?;
+            info!(database = %database.display(), "inventory database opened");
+            let (panel, thread) = crate::panel::start(
+                &config.panel,
+                Arc::new(store),
+                Arc::clone(&router),
+                &root,
+                listener,
+                shutdown.clone(),
+            )?;
+            threads.push(thread);
+            Some(panel)
+        }
+        None => None,
+    };
+
     let watcher_router = Arc::clone(&router);
     let watcher_shutdown = shutdown.clone();
     threads.push(
@@ -141,7 +166,9 @@ pub fn start(
                 }
             })?,
     );
-    info!(inventory = %inventory_path.display(), "inventory watched for changes (or send SIGHUP)");
+    if panel.is_none() {
+        info!(inventory = %inventory_path.display(), "inventory watched for changes (or send SIGHUP)");
+    }
 
     Ok(Running {
         backend,
@@ -149,6 +176,7 @@ pub fn start(
         tftp: tftp_service,
         http: http_service,
         dhcp,
+        panel,
         shutdown,
         tftp_handle: Some(tftp_handle),
         threads,
@@ -176,6 +204,11 @@ impl Drop for Running {
     fn drop(&mut self) {
         self.stop_inner();
     }
+}
+
+/// The inventory database file of `config`.
+pub fn database_path(config: &Config) -> std::path::PathBuf {
+    config.state_dir.join(&config.panel.database)
 }
 
 /// A TCP listener with a deep accept queue (a power-on storm connects

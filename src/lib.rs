@@ -12,6 +12,8 @@
 //! * [`cache`] — the mmapped file cache every transfer reads from.
 //! * [`server`] — protocol drivers that are independent of the I/O backend:
 //!   TFTP admission and limits, the HTTP file and script service, path safety.
+//! * [`store`] — the inventory database (SQLite) behind the control panel.
+//! * [`panel`] — the REST API and web panel, on their own listener.
 //! * [`engine`] — the only place with socket syscalls: io_uring workers and
 //!   the epoll (tokio) fallback, chosen at start-up.
 
@@ -21,5 +23,7 @@ pub mod cache;
 pub mod config;
 pub mod engine;
 pub mod inventory;
+pub mod panel;
 pub mod proto;
 pub mod server;
+pub mod store;

@@ -12,6 +12,8 @@ use bootfleet::app;
 use bootfleet::config::{Config, EngineChoice};
 use bootfleet::engine;
 
+mod cli;
+
 #[derive(Parser)]
 #[command(
     name = "bootfleet",
@@ -31,6 +33,134 @@ enum Command {
     CheckConfig {
         /// The TOML file to check.
         config: PathBuf,
+    },
+    /// Panel users (written straight into the inventory database).
+    #[command(subcommand)]
+    Users(UsersCommand),
+    /// API tokens (written straight into the inventory database).
+    #[command(subcommand)]
+    Tokens(TokensCommand),
+    /// Machines, through the running server's API.
+    #[command(subcommand)]
+    Machines(MachinesCommand),
+    /// Images, through the running server's API.
+    #[command(subcommand)]
+    Images(ImagesCommand),
+}
+
+/// Where the inventory database is (as `serve` would find it).
+#[derive(clap::Args)]
+struct DatabaseArgs {
+    /// The server's TOML config file (for its state directory and database).
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// The state directory (default: ./state, or the config's).
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+    /// The database file itself (overrides the two above).
+    #[arg(long, value_name = "FILE")]
+    database: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum UsersCommand {
+    /// Create a user or set its password and scope; the password is read
+    /// from standard input (one line).
+    Add {
+        name: String,
+        /// read, assign or admin.
+        #[arg(long, default_value = "admin")]
+        scope: String,
+        #[command(flatten)]
+        database: DatabaseArgs,
+    },
+    /// List users.
+    List {
+        #[command(flatten)]
+        database: DatabaseArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokensCommand {
+    /// Create an API token and print it (shown only this once).
+    Add {
+        name: String,
+        /// read, assign or admin.
+        #[arg(long, default_value = "read")]
+        scope: String,
+        /// The user the token acts for (recorded in the audit log).
+        #[arg(long, default_value = "cli")]
+        user: String,
+        #[command(flatten)]
+        database: DatabaseArgs,
+    },
+}
+
+/// How to reach the running server's API.
+#[derive(clap::Args)]
+struct ApiArgs {
+    /// The panel's URL.
+    #[arg(long, env = "BOOTFLEET_URL", default_value = "http://127.0.0.1:9090")]
+    url: String,
+    /// An API token (`bootfleet tokens add NAME --scope assign`).
+    #[arg(long, env = "BOOTFLEET_TOKEN", hide_env_values = true)]
+    token: String,
+}
+
+#[derive(Subcommand)]
+enum MachinesCommand {
+    /// List machines with their state.
+    List {
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Assign an image to machines (adopting discovered ones).
+    Assign {
+        /// The image, or "none" to unassign.
+        image: String,
+        /// MAC addresses (any spelling).
+        #[arg(required = true)]
+        macs: Vec<String>,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Forget a machine.
+    Forget {
+        mac: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum ImagesCommand {
+    /// List images.
+    List {
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Register an image from files in the boot directory (or URLs).
+    Add {
+        name: String,
+        #[arg(long)]
+        kernel: String,
+        /// Repeatable, in boot order.
+        #[arg(long = "initrd")]
+        initrds: Vec<String>,
+        #[arg(long, default_value = "")]
+        cmdline: String,
+        /// http, tftp or multicast.
+        #[arg(long, default_value = "http")]
+        transport: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Remove an image no machine uses.
+    Remove {
+        name: String,
+        #[command(flatten)]
+        api: ApiArgs,
     },
 }
 
@@ -73,6 +203,10 @@ struct ServeArgs {
     /// Log filter, e.g. info or bootfleet=debug (RUST_LOG also works).
     #[arg(long)]
     log_level: Option<String>,
+    /// Control panel and API address (default 127.0.0.1:9090), or "off" to
+    /// serve the inventory file instead of the database.
+    #[arg(long, value_name = "ADDR:PORT|off")]
+    panel_listen: Option<String>,
 }
 
 fn main() -> Result<()> {
@@ -84,6 +218,10 @@ fn main() -> Result<()> {
             println!("{config:#?}");
             Ok(())
         }
+        Command::Users(command) => cli::users(command),
+        Command::Tokens(command) => cli::tokens(command),
+        Command::Machines(command) => cli::machines(command),
+        Command::Images(command) => cli::images(command),
     }
 }
 
@@ -135,6 +273,10 @@ fn build_config(args: &ServeArgs) -> Result<Config> {
     if let Some(level) = &args.log_level {
         config.log_level = level.clone();
     }
+    if let Some(listen) = &args.panel_listen {
+        config.panel.listen = bootfleet::config::parse_panel_listen(listen)
+            .map_err(|e| anyhow::anyhow!("--panel-listen: {e}"))?;
+    }
     Ok(config)
 }
 
@@ -185,7 +327,13 @@ fn serve(args: ServeArgs) -> Result<()> {
     let workers = engine::worker_count(config.workers);
     let tftp_addr = listener.local_addr()?;
     let http_addr = http.local_addr()?;
-    let running = app::start(&config, backend, listener, http)?;
+    let panel = match config.panel.listen {
+        Some(addr) => Some(TcpListener::bind(addr).with_context(|| {
+            format!("cannot bind the panel to {addr}; pass --panel-listen ADDR:PORT or --panel-listen off")
+        })?),
+        None => None,
+    };
+    let running = app::start(&config, backend, listener, http, panel)?;
     let service = Arc::clone(&running.tftp);
 
     info!(

@@ -62,6 +62,9 @@ impl Serialize for Mac {
 pub struct EventLog {
     ring: Mutex<VecDeque<BootEvent>>,
     capacity: usize,
+    /// Where events also go (the inventory database and the panel's live
+    /// views). Sending never blocks; a subscriber that lags loses events.
+    sink: std::sync::OnceLock<tokio::sync::broadcast::Sender<BootEvent>>,
 }
 
 impl EventLog {
@@ -69,7 +72,15 @@ impl EventLog {
         Self {
             ring: Mutex::new(VecDeque::with_capacity(capacity.min(4096))),
             capacity: capacity.max(1),
+            sink: std::sync::OnceLock::new(),
         }
+    }
+
+    /// A live feed of every event recorded from now on.
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<BootEvent> {
+        self.sink
+            .get_or_init(|| tokio::sync::broadcast::channel(65_536).0)
+            .subscribe()
     }
 
     /// Records an event (and logs it).
@@ -109,6 +120,9 @@ impl EventLog {
             status,
             "boot event"
         );
+        if let Some(sink) = self.sink.get() {
+            let _ = sink.send(event.clone());
+        }
         let mut ring = self.ring.lock().unwrap_or_else(|p| p.into_inner());
         if ring.len() == self.capacity {
             ring.pop_front();

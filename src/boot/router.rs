@@ -114,6 +114,9 @@ pub struct Router {
     loader_files: HashSet<String>,
     /// The file version that last failed to load.
     failed_source: Mutex<Option<(SystemTime, u64)>>,
+    /// Set once the inventory database is the source: the file is then
+    /// no longer watched.
+    external_source: std::sync::atomic::AtomicBool,
     pub events: EventLog,
 }
 
@@ -141,6 +144,7 @@ impl Router {
             client_machines: Mutex::new(HashMap::new()),
             loader_files: HashSet::new(),
             failed_source: Mutex::new(None),
+            external_source: std::sync::atomic::AtomicBool::new(false),
             events: EventLog::new(100_000),
         };
         router.reload()?;
@@ -162,6 +166,12 @@ impl Router {
     /// the same failed version is not tried again until it changes.
     /// Returns whether a new snapshot was installed.
     pub fn reload_if_changed(&self, force: bool) -> Result<bool, InventoryError> {
+        if self
+            .external_source
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            return Ok(false);
+        }
         let source = std::fs::metadata(&self.inventory_path)
             .ok()
             .map(|m| (m.modified().unwrap_or(UNIX_EPOCH), m.len()));
@@ -210,6 +220,32 @@ impl Router {
             source,
         }));
         Ok(true)
+    }
+
+    /// Installs a snapshot built elsewhere (the inventory database) and
+    /// stops watching the inventory file: from now on only further calls
+    /// change what is served. Readers switch atomically.
+    pub fn install(&self, snapshot: Snapshot) -> Result<(), InventoryError> {
+        self.external_source
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        let templates =
+            Templates::new(&snapshot.templates).map_err(|e| InventoryError::Syntax {
+                path: PathBuf::from("inventory database"),
+                message: format!("template: {e}"),
+            })?;
+        tracing::debug!(
+            generation = snapshot.generation,
+            images = snapshot.images.len(),
+            machines = snapshot.machines.len(),
+            "inventory snapshot installed"
+        );
+        self.current.store(Arc::new(Loaded {
+            snapshot,
+            templates,
+            rendered: Mutex::new(HashMap::new()),
+            source: None,
+        }));
+        Ok(())
     }
 
     /// [`Self::reload_if_changed`] with `force`.
@@ -420,6 +456,12 @@ impl Router {
             .collect();
         out.sort_by(|a, b| b.last_seen_ms.cmp(&a.last_seen_ms));
         out
+    }
+
+    /// What the router remembers of one machine that asked for a script.
+    pub fn seen_machine(&self, mac: Mac) -> Option<SeenMachine> {
+        let seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        seen.get(&mac).cloned()
     }
 
     /// Records that `client` is `mac` (it asked for a script, or DHCP gave

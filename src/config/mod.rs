@@ -124,6 +124,50 @@ pub struct FileConfig {
     pub dhcp: FileDhcp,
     #[serde(default)]
     pub log: FileLog,
+    #[serde(default)]
+    pub panel: FilePanel,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FilePanel {
+    /// `ADDR:PORT`, or `"off"` (the inventory is then read from the file).
+    pub listen: Option<Spanned<String>>,
+    pub database: Option<PathBuf>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub event_retention_hours: Option<Spanned<u64>>,
+    pub stuck_after_seconds: Option<Spanned<u64>>,
+    pub max_upload_mib: Option<Spanned<u64>>,
+}
+
+/// The control panel and its inventory database.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PanelConfig {
+    /// Where the panel and API listen; `None`: no panel, and the inventory
+    /// comes from the inventory file instead of the database.
+    pub listen: Option<SocketAddr>,
+    /// The SQLite file (relative paths are taken inside `state_dir`).
+    pub database: PathBuf,
+    /// PEM certificate chain and key: the panel is served over TLS.
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    /// How long boot events are kept.
+    pub event_retention: Duration,
+    /// A machine that has not moved on for this long is shown as stuck.
+    pub stuck_after: Duration,
+    /// Largest file the panel accepts as an upload.
+    pub max_upload_bytes: u64,
+}
+
+/// Parses the panel's listen setting: an address, or `off`.
+pub fn parse_panel_listen(text: &str) -> Result<Option<SocketAddr>, String> {
+    if text == "off" {
+        return Ok(None);
+    }
+    text.parse()
+        .map(Some)
+        .map_err(|_| format!("{text:?} is not ADDR:PORT (e.g. 127.0.0.1:9090) or \"off\""))
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -383,6 +427,7 @@ pub struct Config {
     pub state_dir: PathBuf,
     pub cache_max_bytes: u64,
     pub log_level: String,
+    pub panel: PanelConfig,
 }
 
 /// TFTP settings.
@@ -490,6 +535,15 @@ impl Default for Config {
             state_dir: PathBuf::from("state"),
             cache_max_bytes: 1024 << 20,
             log_level: "info".into(),
+            panel: PanelConfig {
+                listen: Some(SocketAddr::from(([127, 0, 0, 1], 9090))),
+                database: PathBuf::from("bootfleet.db"),
+                tls_cert: None,
+                tls_key: None,
+                event_retention: Duration::from_secs(7 * 24 * 3600),
+                stuck_after: Duration::from_secs(120),
+                max_upload_bytes: 16 << 30,
+            },
         }
     }
 }
@@ -799,6 +853,47 @@ impl Validator<'_> {
         }
         config.cache_max_bytes =
             self.ranged(&file.cache.max_mib, "cache.max_mib", 1..=1 << 30, 1024)? << 20;
+        let p = &file.panel;
+        if let Some(listen) = &p.listen {
+            config.panel.listen =
+                parse_panel_listen(listen.get_ref()).map_err(|message| ConfigError::Invalid {
+                    origin: format!("{} line {}", self.path.display(), self.line_of(listen)),
+                    key: "panel.listen",
+                    message,
+                })?;
+        }
+        if let Some(database) = &p.database {
+            config.panel.database = database.clone();
+        }
+        if p.tls_cert.is_some() != p.tls_key.is_some() {
+            return Err(ConfigError::Invalid {
+                origin: self.path.display().to_string(),
+                key: "panel.tls_cert",
+                message: "set both panel.tls_cert and panel.tls_key, or neither".into(),
+            });
+        }
+        config.panel.tls_cert = p.tls_cert.clone();
+        config.panel.tls_key = p.tls_key.clone();
+        config.panel.event_retention = Duration::from_secs(
+            3600 * self.ranged(
+                &p.event_retention_hours,
+                "panel.event_retention_hours",
+                1..=87_600,
+                168,
+            )?,
+        );
+        config.panel.stuck_after = Duration::from_secs(self.ranged(
+            &p.stuck_after_seconds,
+            "panel.stuck_after_seconds",
+            5..=86_400,
+            120,
+        )?);
+        config.panel.max_upload_bytes = self.ranged(
+            &p.max_upload_mib,
+            "panel.max_upload_mib",
+            1..=1 << 20,
+            16 << 10,
+        )? << 20;
         if let Some(level) = file.log.level {
             config.log_level = level;
         }

@@ -402,6 +402,52 @@ impl Snapshot {
         Ok(snapshot)
     }
 
+    /// Builds a snapshot from records another source (the inventory
+    /// database) has already validated field by field; what spans records
+    /// — unknown images, two machines on one address — is checked here.
+    /// Images use the built-in template.
+    pub fn from_records(
+        generation: u64,
+        unknown_policy: UnknownPolicy,
+        poll_seconds: u32,
+        images: impl IntoIterator<Item = Image>,
+        machines: impl IntoIterator<Item = Machine>,
+    ) -> Result<Self, String> {
+        let mut snapshot = Snapshot {
+            generation,
+            unknown_policy,
+            poll_seconds: poll_seconds.clamp(1, 3600),
+            ..Snapshot::default()
+        };
+        for image in images {
+            for (path, role) in std::iter::once((&image.kernel, FileRole::Kernel))
+                .chain(image.initrds.iter().map(|i| (i, FileRole::Initrd)))
+            {
+                if !is_url(path) {
+                    snapshot.boot_files.insert(path.clone(), role);
+                }
+            }
+            snapshot.images.insert(image.name.clone(), Arc::new(image));
+        }
+        for machine in machines {
+            if let Some(image) = &machine.image {
+                if !snapshot.images.contains_key(image) {
+                    return Err(format!("machine {}: no image named {image:?}", machine.mac));
+                }
+            }
+            if let Some(ip) = machine.ip {
+                if let Some(other) = snapshot.by_ip.insert(ip, machine.mac) {
+                    return Err(format!(
+                        "machines {other} and {} both reserve {ip}",
+                        machine.mac
+                    ));
+                }
+            }
+            snapshot.machines.insert(machine.mac, machine);
+        }
+        Ok(snapshot)
+    }
+
     /// The image assigned to `mac`, if any.
     pub fn assigned_image(&self, mac: Mac) -> Option<(&Machine, &Arc<Image>)> {
         let machine = self.machines.get(&mac)?;

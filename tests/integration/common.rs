@@ -234,7 +234,7 @@ impl FullServer {
         let tftp = UdpSocket::bind(config.tftp.listen).unwrap();
         let http = bootfleet::app::http_listener(config.http.listen).unwrap();
         let (tftp_addr, http_addr) = (tftp.local_addr().unwrap(), http.local_addr().unwrap());
-        let running = bootfleet::app::start(&config, Backend::IoUring, tftp, http).unwrap();
+        let running = bootfleet::app::start(&config, Backend::IoUring, tftp, http, None).unwrap();
         Self {
             http: http_addr,
             tftp: tftp_addr,

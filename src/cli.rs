@@ -1,0 +1,201 @@
+//! Command-line subcommands besides `serve`: users and tokens are written
+//! straight into the inventory database (they must work before anyone can
+//! log in); machines and images go through the running server's API, so
+//! that they are audited and reach the data plane like panel changes.
+
+use std::io::BufRead;
+
+use anyhow::{bail, Context, Result};
+use serde_json::{json, Value};
+
+use bootfleet::config::Config;
+use bootfleet::panel::auth;
+use bootfleet::store::sqlite::SqliteStore;
+use bootfleet::store::{InventoryStore, Scope};
+
+use super::{ApiArgs, DatabaseArgs, ImagesCommand, MachinesCommand, TokensCommand, UsersCommand};
+
+fn open(args: &DatabaseArgs) -> Result<SqliteStore> {
+    let path = match &args.database {
+        Some(path) => path.clone(),
+        None => {
+            let mut config = match &args.config {
+                Some(file) => Config::load(file)?,
+                None => Config::default(),
+            };
+            if let Some(dir) = &args.state_dir {
+                config.state_dir = dir.clone();
+            }
+            bootfleet::app::database_path(&config)
+        }
+    };
+    SqliteStore::open(&path).with_context(|| format!("inventory database {}", path.display()))
+}
+
+fn scope(text: &str) -> Result<Scope> {
+    text.parse().map_err(anyhow::Error::msg)
+}
+
+pub fn users(command: UsersCommand) -> Result<()> {
+    match command {
+        UsersCommand::Add {
+            name,
+            scope: wanted,
+            database,
+        } => {
+            let wanted = scope(&wanted)?;
+            let mut password = String::new();
+            std::io::stdin()
+                .lock()
+                .read_line(&mut password)
+                .context("reading the password from standard input")?;
+            let password = password.trim_end_matches(['\n', '\r']);
+            auth::check_password_strength(password).map_err(anyhow::Error::msg)?;
+            let hash = auth::hash_password(password).map_err(anyhow::Error::msg)?;
+            let store = open(&database)?;
+            store.add_user(&name, &hash, wanted, "cli")?;
+            println!("user {name} ({}) saved", wanted.as_str());
+        }
+        UsersCommand::List { database } => {
+            for user in open(&database)?.users()? {
+                println!("{}\t{}", user.name, user.scope.as_str());
+            }
+        }
+    }
+    Ok(())
+}
+
+pub fn tokens(command: TokensCommand) -> Result<()> {
+    let TokensCommand::Add {
+        name,
+        scope: wanted,
+        user,
+        database,
+    } = command;
+    let wanted = scope(&wanted)?;
+    let secret = format!("bft_{}", auth::random_hex(32));
+    open(&database)?.add_token(&name, &user, wanted, &auth::secret_hash(&secret), "cli")?;
+    println!("{secret}");
+    eprintln!(
+        "token {name} ({}) created; it is shown only this once",
+        wanted.as_str()
+    );
+    Ok(())
+}
+
+/// Calls the API and returns its JSON (or its error message).
+fn call(api: &ApiArgs, method: &str, path: &str, body: Option<Value>) -> Result<Value> {
+    if !api.url.starts_with("http://") {
+        bail!("--url {:?}: this build's command line speaks plain http:// only (use it on the panel's loopback address)", api.url);
+    }
+    let url = format!("{}/api/v1{path}", api.url.trim_end_matches('/'));
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let auth = format!("Bearer {}", api.token);
+    let response = match (method, body) {
+        ("GET", _) => agent.get(&url).header("Authorization", &auth).call(),
+        ("DELETE", _) => agent.delete(&url).header("Authorization", &auth).call(),
+        (_, body) => {
+            let request = match method {
+                "PUT" => agent.put(&url),
+                _ => agent.post(&url),
+            };
+            request
+                .header("Authorization", &auth)
+                .send_json(body.unwrap_or(json!({})))
+        }
+    }
+    .with_context(|| format!("cannot reach {url}"))?;
+    let status = response.status();
+    let text = response.into_body().read_to_string().unwrap_or_default();
+    let value: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+    if !status.is_success() {
+        bail!(
+            "{status}: {}",
+            value["error"].as_str().unwrap_or(text.as_str())
+        );
+    }
+    Ok(value)
+}
+
+pub fn machines(command: MachinesCommand) -> Result<()> {
+    match command {
+        MachinesCommand::List { api } => {
+            let machines = call(&api, "GET", "/machines", None)?;
+            println!("MAC\tHOSTNAME\tIMAGE\tSTATE");
+            for m in machines.as_array().into_iter().flatten() {
+                println!(
+                    "{}\t{}\t{}\t{}{}",
+                    m["mac"].as_str().unwrap_or(""),
+                    m["hostname"].as_str().unwrap_or("-"),
+                    m["image"].as_str().unwrap_or("-"),
+                    m["state"].as_str().unwrap_or(""),
+                    if m["stuck"] == true { " (stuck)" } else { "" }
+                );
+            }
+        }
+        MachinesCommand::Assign { image, macs, api } => {
+            let image = (image != "none").then_some(image);
+            let result = call(
+                &api,
+                "POST",
+                "/machines/assign",
+                Some(json!({ "macs": macs, "image": image })),
+            )?;
+            println!("{} machine(s) assigned", result["changed"]);
+        }
+        MachinesCommand::Forget { mac, api } => {
+            call(&api, "DELETE", &format!("/machines/{mac}"), None)?;
+            println!("forgot {mac}");
+        }
+    }
+    Ok(())
+}
+
+pub fn images(command: ImagesCommand) -> Result<()> {
+    match command {
+        ImagesCommand::List { api } => {
+            let images = call(&api, "GET", "/images", None)?;
+            for i in images.as_array().into_iter().flatten() {
+                println!(
+                    "{}\t{}\t{}",
+                    i["name"].as_str().unwrap_or(""),
+                    i["kernel"].as_str().unwrap_or(""),
+                    i["cmdline"].as_str().unwrap_or("")
+                );
+            }
+        }
+        ImagesCommand::Add {
+            name,
+            kernel,
+            initrds,
+            cmdline,
+            transport,
+            api,
+        } => {
+            let image = call(
+                &api,
+                "POST",
+                "/images",
+                Some(json!({ "name": name, "kernel": kernel, "initrds": initrds,
+                    "cmdline": cmdline, "transport": transport })),
+            )?;
+            for file in image["files"].as_array().into_iter().flatten() {
+                println!(
+                    "{}\t{} bytes\tsha256 {}",
+                    file["path"].as_str().unwrap_or(""),
+                    file["size"],
+                    file["sha256"].as_str().unwrap_or("")
+                );
+            }
+            println!("image {name} registered");
+        }
+        ImagesCommand::Remove { name, api } => {
+            call(&api, "DELETE", &format!("/images/{name}"), None)?;
+            println!("removed {name}");
+        }
+    }
+    Ok(())
+}

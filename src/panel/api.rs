@@ -1,0 +1,1193 @@
+//! The REST API (`/api/v1/…`, JSON) and the panel's embedded assets.
+//!
+//! [`API_ROUTES`] lists every endpoint; the OpenAPI document served at
+//! `/api/v1/openapi.json` must describe exactly these (a unit test checks
+//! both ways, and the API test checks each one is answered).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{ConnectInfo, DefaultBodyLimit, Path, Query, State};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::Json;
+use futures_util::StreamExt;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tracing::info;
+
+use super::auth::{self, authorize, Caller};
+use super::tls::PeerAddr;
+use super::{check_files, machine_view, now_ms, ApiError, MachineView, PanelState};
+use crate::boot::Mac;
+use crate::server::paths::safe_relative_name;
+use crate::store::{ImageRecord, MachinePatch, PoolRecord, Scope, SessionRecord};
+
+type Shared = State<Arc<PanelState>>;
+type ApiResult<T = Response> = Result<T, ApiError>;
+
+/// Every API endpoint: method and path (axum's `{name}` placeholders).
+pub const API_ROUTES: &[(&str, &str)] = &[
+    ("post", "/api/v1/login"),
+    ("post", "/api/v1/logout"),
+    ("get", "/api/v1/session"),
+    ("get", "/api/v1/machines"),
+    ("post", "/api/v1/machines/assign"),
+    ("get", "/api/v1/machines/{mac}"),
+    ("put", "/api/v1/machines/{mac}"),
+    ("delete", "/api/v1/machines/{mac}"),
+    ("get", "/api/v1/discovered"),
+    ("get", "/api/v1/images"),
+    ("post", "/api/v1/images"),
+    ("get", "/api/v1/images/{name}"),
+    ("delete", "/api/v1/images/{name}"),
+    ("get", "/api/v1/files"),
+    ("put", "/api/v1/files/{path}"),
+    ("get", "/api/v1/pools"),
+    ("get", "/api/v1/pools/{name}"),
+    ("put", "/api/v1/pools/{name}"),
+    ("delete", "/api/v1/pools/{name}"),
+    ("post", "/api/v1/pools/{name}/assign"),
+    ("get", "/api/v1/events"),
+    ("get", "/api/v1/events/stream"),
+    ("get", "/api/v1/fleet"),
+    ("get", "/api/v1/fleet/stream"),
+    ("get", "/api/v1/audit"),
+    ("get", "/api/v1/users"),
+    ("get", "/api/v1/tokens"),
+    ("post", "/api/v1/tokens"),
+    ("delete", "/api/v1/tokens/{id}"),
+    ("get", "/api/v1/settings/unknown"),
+    ("put", "/api/v1/settings/unknown"),
+    ("get", "/api/v1/openapi.json"),
+];
+
+const OPENAPI: &str = include_str!("openapi.json");
+const INDEX_HTML: &str = include_str!("assets/index.html");
+const APP_JS: &str = include_str!("assets/app.js");
+const APP_CSS: &str = include_str!("assets/app.css");
+
+/// The (method, path) pairs the OpenAPI document describes.
+pub fn openapi_paths() -> Vec<(String, String)> {
+    let doc: Value = serde_json::from_str(OPENAPI).expect("openapi.json is JSON");
+    let mut out = Vec::new();
+    for (path, item) in doc["paths"].as_object().into_iter().flatten() {
+        for method in item.as_object().into_iter().flatten().map(|(m, _)| m) {
+            if method != "parameters" {
+                out.push((method.clone(), path.clone()));
+            }
+        }
+    }
+    out
+}
+
+/// The panel's router.
+pub fn routes(state: Arc<PanelState>) -> axum::Router {
+    axum::Router::new()
+        .route("/", get(|| asset(INDEX_HTML, "text/html; charset=utf-8")))
+        .route(
+            "/assets/app.js",
+            get(|| asset(APP_JS, "text/javascript; charset=utf-8")),
+        )
+        .route(
+            "/assets/app.css",
+            get(|| asset(APP_CSS, "text/css; charset=utf-8")),
+        )
+        .route("/api/v1/login", post(login))
+        .route("/api/v1/logout", post(logout))
+        .route("/api/v1/session", get(session))
+        .route("/api/v1/machines", get(list_machines))
+        .route("/api/v1/machines/assign", post(assign_machines))
+        .route(
+            "/api/v1/machines/{mac}",
+            get(get_machine).put(put_machine).delete(forget_machine),
+        )
+        .route("/api/v1/discovered", get(discovered))
+        .route("/api/v1/images", get(list_images).post(add_image))
+        .route("/api/v1/images/{name}", get(get_image).delete(remove_image))
+        .route("/api/v1/files", get(list_files))
+        .route(
+            "/api/v1/files/{*path}",
+            put(upload_file).layer(DefaultBodyLimit::disable()),
+        )
+        .route("/api/v1/pools", get(list_pools))
+        .route(
+            "/api/v1/pools/{name}",
+            get(get_pool).put(put_pool).delete(delete_pool),
+        )
+        .route("/api/v1/pools/{name}/assign", post(assign_pool))
+        .route("/api/v1/events", get(events))
+        .route("/api/v1/events/stream", get(event_stream))
+        .route("/api/v1/fleet", get(fleet))
+        .route("/api/v1/fleet/stream", get(fleet_stream))
+        .route("/api/v1/audit", get(audit))
+        .route("/api/v1/users", get(users))
+        .route("/api/v1/tokens", get(list_tokens).post(add_token))
+        .route("/api/v1/tokens/{id}", axum::routing::delete(revoke_token))
+        .route(
+            "/api/v1/settings/unknown",
+            get(get_unknown).put(put_unknown),
+        )
+        .route(
+            "/api/v1/openapi.json",
+            get(|| asset(OPENAPI, "application/json")),
+        )
+        .fallback(|| async {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "no such page or API endpoint; see /api/v1/openapi.json",
+            )
+        })
+        .layer(axum::middleware::map_response(security_headers))
+        .with_state(state)
+}
+
+async fn security_headers(mut response: Response) -> Response {
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(
+            "default-src 'self'; img-src 'self' data:; frame-ancestors 'none'; form-action 'self'",
+        ),
+    );
+    headers.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    headers.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
+    if !headers.contains_key(header::CACHE_CONTROL) {
+        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    }
+    response
+}
+
+async fn asset(body: &'static str, content_type: &'static str) -> Response {
+    ([(header::CONTENT_TYPE, content_type)], body).into_response()
+}
+
+fn parse_mac(text: &str) -> ApiResult<Mac> {
+    Mac::parse(text).map_err(|e| ApiError::bad_request(e.to_string()))
+}
+
+fn check_name(kind: &str, name: &str) -> ApiResult<()> {
+    let valid = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        && !name.starts_with('.');
+    if valid {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!("{kind} name {name:?} may only use letters, digits, '-', '_' and '.' (1 to 64, not starting with '.')"),
+        ))
+    }
+}
+
+/// Runs blocking store work off the async threads.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+}
+
+async fn caller(
+    state: &Arc<PanelState>,
+    headers: &HeaderMap,
+    method: &Method,
+    required: Scope,
+) -> ApiResult<Caller> {
+    let state = Arc::clone(state);
+    let headers = headers.clone();
+    let method = method.clone();
+    blocking(move || authorize(&*state.store, &headers, &method, required)).await
+}
+
+// ---- sessions ----
+
+#[derive(Deserialize)]
+struct Login {
+    user: String,
+    password: String,
+}
+
+async fn login(
+    State(state): Shared,
+    ConnectInfo(PeerAddr(peer)): ConnectInfo<PeerAddr>,
+    Json(body): Json<Login>,
+) -> ApiResult {
+    if let Some(seconds) = state.limiter.retry_after(peer.ip(), &body.user) {
+        let mut error = ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            format!("too many failed logins; try again in {seconds} s"),
+        );
+        error.retry_after = Some(seconds);
+        return Err(error);
+    }
+    let worker = Arc::clone(&state);
+    let user = body.user.clone();
+    let verified = blocking(move || {
+        let record = worker.store.user(&user)?;
+        // Verify against a dummy hash for unknown users, so that timing
+        // does not tell which names exist.
+        let hash = record
+            .as_ref()
+            .map_or(dummy_hash(), |r| r.password_hash.as_str());
+        let ok = auth::verify_password(&body.password, hash) && record.is_some();
+        Ok(record.filter(|_| ok))
+    })
+    .await?;
+    let Some(user) = verified else {
+        state.limiter.failed(peer.ip(), &body.user);
+        info!(user = %body.user, client = %peer, "panel login failed");
+        let _ = state
+            .store
+            .record_audit(&body.user, "login.failed", &peer.ip().to_string(), "");
+        return Err(ApiError::unauthorized("wrong user name or password"));
+    };
+    state.limiter.succeeded(peer.ip(), &user.name);
+    let session_id = auth::random_hex(32);
+    let csrf = auth::random_hex(24);
+    let record = SessionRecord {
+        user: user.name.clone(),
+        scope: user.scope,
+        csrf: csrf.clone(),
+        expires_ms: now_ms() + auth::SESSION_LIFETIME.as_millis() as u64,
+    };
+    let worker = Arc::clone(&state);
+    let hash = auth::secret_hash(&session_id);
+    let name = user.name.clone();
+    let client = peer.ip().to_string();
+    blocking(move || {
+        worker.store.create_session(&hash, &record)?;
+        worker.store.record_audit(&name, "login", &client, "")?;
+        Ok(())
+    })
+    .await?;
+    let cookie = format!(
+        "{}={session_id}; Path=/; HttpOnly; SameSite=Strict; Max-Age={}{}",
+        auth::SESSION_COOKIE,
+        auth::SESSION_LIFETIME.as_secs(),
+        if state.tls { "; Secure" } else { "" }
+    );
+    Ok((
+        [(header::SET_COOKIE, cookie)],
+        Json(json!({ "user": user.name, "scope": user.scope, "csrf": csrf })),
+    )
+        .into_response())
+}
+
+/// An argon2 hash of a random password, verified for unknown user names
+/// so that the time a failed login takes does not tell which names exist.
+fn dummy_hash() -> &'static str {
+    static HASH: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    HASH.get_or_init(|| auth::hash_password(&auth::random_hex(16)).unwrap_or_default())
+}
+
+async fn logout(State(state): Shared, headers: HeaderMap, method: Method) -> ApiResult {
+    let who = caller(&state, &headers, &method, Scope::Read).await?;
+    if let Some(id) = headers
+        .get(header::COOKIE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|c| {
+            c.split(';')
+                .filter_map(|p| p.trim().split_once('='))
+                .find(|(k, _)| *k == auth::SESSION_COOKIE)
+                .map(|(_, v)| v.to_string())
+        })
+    {
+        state.store.delete_session(&auth::secret_hash(&id))?;
+    }
+    state.store.record_audit(&who.actor, "logout", "", "")?;
+    let cookie = format!(
+        "{}=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0",
+        auth::SESSION_COOKIE
+    );
+    Ok(([(header::SET_COOKIE, cookie)], Json(json!({ "ok": true }))).into_response())
+}
+
+async fn session(State(state): Shared, headers: HeaderMap, method: Method) -> ApiResult {
+    let who = caller(&state, &headers, &method, Scope::Read).await?;
+    Ok(Json(json!({ "user": who.actor, "scope": who.scope, "csrf": who.csrf })).into_response())
+}
+
+// ---- machines ----
+
+#[derive(Deserialize, Default)]
+struct MachineFilter {
+    /// Text found in the MAC, hostname, IP, image, labels, notes or facts.
+    q: Option<String>,
+    state: Option<String>,
+    image: Option<String>,
+    label: Option<String>,
+    stuck: Option<bool>,
+}
+
+fn all_views(state: &PanelState) -> ApiResult<Vec<MachineView>> {
+    let now = now_ms();
+    Ok(state
+        .store
+        .machines()?
+        .into_iter()
+        .map(|m| machine_view(m, now, state.config.stuck_after))
+        .collect())
+}
+
+fn matches(view: &MachineView, filter: &MachineFilter) -> bool {
+    let m = &view.machine;
+    if filter
+        .state
+        .as_deref()
+        .is_some_and(|s| !s.is_empty() && s != view.state)
+    {
+        return false;
+    }
+    if filter
+        .image
+        .as_deref()
+        .is_some_and(|i| !i.is_empty() && m.image.as_deref() != Some(i))
+    {
+        return false;
+    }
+    if filter
+        .label
+        .as_deref()
+        .is_some_and(|l| !l.is_empty() && !m.labels.iter().any(|x| x == l))
+    {
+        return false;
+    }
+    if filter.stuck.is_some_and(|s| s != view.stuck) {
+        return false;
+    }
+    match filter.q.as_deref().map(str::to_lowercase) {
+        Some(q) if !q.is_empty() => {
+            let haystack = format!(
+                "{} {} {} {} {} {} {}",
+                m.mac,
+                m.hostname.as_deref().unwrap_or(""),
+                m.ip.map(|ip| ip.to_string()).unwrap_or_default(),
+                m.image.as_deref().unwrap_or(""),
+                m.labels.join(" "),
+                m.notes,
+                m.facts.values().cloned().collect::<Vec<_>>().join(" ")
+            )
+            .to_lowercase();
+            haystack.contains(&q)
+        }
+        _ => true,
+    }
+}
+
+async fn list_machines(
+    State(state): Shared,
+    headers: HeaderMap,
+    method: Method,
+    Query(filter): Query<MachineFilter>,
+) -> ApiResult {
+    caller(&state, &headers, &method, Scope::Read).await?;
+    let views = blocking(move || {
+        Ok(all_views(&state)?
+            .into_iter()
+            .filter(|v| matches(v, &filter))
+            .collect::<Vec<_>>())
+    })
+    .await?;
+    Ok(Json(views).into_response())
+}
+
+async fn get_machine(
+    State(state): Shared,
+    headers: HeaderMap,
+    method: Method,
+    Path(mac): Path<String>,
+) -> ApiResult {
+    caller(&state, &headers, &method, Scope::Read).await?;
+    let mac = parse_mac(&mac)?;
+    let machine = state
+        .store
+        .machine(mac)?
+        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("no machine {mac}")))?;
+    let events = state.store.events(Some(mac), 0, 200)?;
+    let mut value = serde_json::to_value(machine_view(machine, now_ms(), state.config.stuck_after))
+        .expect("plain data");
+    value["events"] = serde_json::to_value(events).expect("plain data");
+    Ok(Json(value).into_response())
+}
+
+async fn put_machine(
+    State(state): Shared,
+    headers: HeaderMap,
+    method: Method,
+    Path(mac): Path<String>,
+    body: axum::body::Bytes,
+) -> ApiResult {
+    let who = caller(&state, &headers, &method, Scope::Assign).await?;
+    let mac = parse_mac(&mac)?;
+    let patch: MachinePatch = parse_json(&body)?;
+    let machine = blocking(move || {
+        let machine = state.store.put_machine(mac, &patch, &who.actor)?;
+        state.publish()?;
+        Ok(machine)
+    })
+    .await?;
+    Ok(Json(machine).into_response())
+}
+
+fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> ApiResult<T> {
+    serde_json::from_slice(body).map_err(|e| {
+        ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!("request body: {e}"),
+        )
+    })
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AssignMany {
+    macs: Vec<String>,
+    /// An image for all of them (`null` unassigns).
+    #[serde(default, deserialize_with = "some")]
+    image: Option<Option<String>>,
+    /// Add them to this pool (created if missing).
+    pool: Option<String>,
+}
+
+fn some<'de, T: Deserialize<'de>, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<T>, D::Error> {
+    T::deserialize(d).map(Some)
+}
+
+async fn assign_machines(
+    State(state): Shared,
+    headers: HeaderMap,
+    method: Method,
+    body: axum::body::Bytes,
+) -> ApiResult {
+    let who = caller(&state, &headers, &method, Scope::Assign).await?;
+    let request: AssignMany = parse_json(&body)?;
+    let macs = request
+        .macs
+        .iter()
+        .map(|m| parse_mac(m))
+        .collect::<ApiResult<Vec<_>>>()?;
+    if request.image.is_none() && request.pool.is_none() {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "give \"image\" (a name or null) and/or \"pool\"",
+        ));
+    }
+    if let Some(pool) = &request.pool {
+        check_name("pool", pool)?;
+    }
+    let changed = blocking(move || {
+        let mut changed = 0;
+        if let Some(image) = &request.image {
+            let patch = MachinePatch {
+                image: Some(image.clone()),
+                ..MachinePatch::default()
+            };
+            changed = state.store.put_machines(&macs, &patch, &who.actor)?;
+        } else {
+            // Adding to a pool adopts discovered machines.
+            state
+                .store
+                .put_machines(&macs, &MachinePatch::default(), &who.actor)?;
+        }
+        if let Some(name) = &request.pool {
+            let mut pool = state
+                .store
+                .pools()?
+                .into_iter()
+                .find(|p| &p.name == name)
+                .unwrap_or(PoolRecord {
+                    name: name.clone(),
+                    members: Vec::new(),
+                    selector: Vec::new(),
+                    image: None,
+                });
+            for mac in &macs {
+                if !pool.members.contains(mac) {
+                    pool.members.push(*mac);
+                }
+            }
+            state.store.put_pool(&pool, &who.actor)?;
+            changed = macs.len();
+        }
+        state.publish()?;
+        Ok(changed)
+    })
+    .await?;
+    Ok(Json(json!({ "changed": changed })).into_response())
+}
+
+async fn forget_machine(
+    State(state): Shared,
+    headers: HeaderMap,
+    method: Method,
+    Path(mac): Path<String>,
+) -> ApiResult {
+    let who = caller(&state, &headers, &method, Scope::Admin).await?;
+    let mac = parse_mac(&mac)?;
+    blocking(move || {
+        state.store.forget_machine(mac, &who.actor)?;
+        state.publish()
+    })
+    .await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn discovered(State(state): Shared, headers: HeaderMap, method: Method) -> ApiResult {
+    caller(&state, &headers, &method, Scope::Read).await?;
+    let views = blocking(move || {
+        Ok(all_views(&state)?
+            .into_iter()
+            .filter(|v| !v.machine.adopted)
+            .collect::<Vec<_>>())
+    })
+    .await?;
+    Ok(Json(views).into_response())
+}
+
+// ---- images and files ----
+
+async fn list_images(State(state): Shared, headers: HeaderMap, method: Method) -> ApiResult {
+    caller(&state, &headers, &method, Scope::Read).await?;
+    Ok(Json(state.store.images()?).into_response())
+}
+
+async fn get_image(
+    State(state): Shared,
+    headers: HeaderMap,
+    method: Method,
+    Path(name): Path<String>,
+) -> ApiResult {
+    caller(&state, &headers, &method, Scope::Read).await?;
+    let image = state
+        .store
+        .image(&name)?
+        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("no image named {name:?}")))?;
+    Ok(Json(image).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewImage {
+    name: String,
+    kernel: String,
+    #[serde(default)]
+    initrds: Vec<String>,
+    #[serde(default)]
+    cmdline: String,
+    #[serde(default = "http")]
+    transport: String,
+    #[serde(default)]
+    architecture: String,
+    #[serde(default)]
+    description: String,
+}
+
+fn http() -> String {
+    "http".into()
+}
+
+/// A boot path: a URL, or a safe path inside the boot directory.
+fn check_boot_path(raw: &str) -> ApiResult<String> {
+    if crate::inventory::is_url(raw) {
+        if raw.chars().any(|c| c.is_control() || c.is_whitespace()) {
+            return Err(ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                format!("URL {raw:?} contains spaces or control characters"),
+            ));
+        }
+        return Ok(raw.to_string());
+    }
+    safe_relative_name(raw.as_bytes()).map_err(|why| {
+        ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!("boot file {raw:?}: {why}; give a path inside the boot directory"),
+        )
+    })
+}
+
+async fn add_image(
+    State(state): Shared,
+    headers: HeaderMap,
+    method: Method,
+    body: axum::body::Bytes,
+) -> ApiResult {
+    let who = caller(&state, &headers, &method, Scope::Admin).await?;
+    let new: NewImage = parse_json(&body)?;
+    check_name("image", &new.name)?;
+    crate::store::parse_transport(&new.transport)?;
+    if new.cmdline.chars().any(|c| c.is_control()) {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "cmdline must be one line without control characters",
+        ));
+    }
+    let mut image = ImageRecord {
+        name: new.name,
+        kernel: check_boot_path(&new.kernel)?,
+        initrds: new
+            .initrds
+            .iter()
+            .map(|i| check_boot_path(i))
+            .collect::<ApiResult<_>>()?,
+        cmdline: new.cmdline,
+        transport: new.transport,
+        architecture: new.architecture,
+        description: new.description,
+        files: Vec::new(),
+        created_ms: now_ms(),
+    };
+    let image = blocking(move || {
+        image.files = check_files(&state.root, &image)
+            .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e))?;
+        state.store.add_image(&image, &who.actor)?;
+        state.publish()?;
+        Ok(image)
+    })
+    .await?;
+    Ok((StatusCode::CREATED, Json(image)).into_response())
+}
+
+async fn remove_image(
+    State(state): Shared,
+    headers: HeaderMap,
+    method: Method,
+    Path(name): Path<String>,
+) -> ApiResult {
+    let who = caller(&state, &headers, &method, Scope::Admin).await?;
+    blocking(move || {
+        state.store.remove_image(&name, &who.actor)?;
+        state.publish()
+    })
+    .await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// Regular files in the boot directory, for registering images.
+async fn list_files(State(state): Shared, headers: HeaderMap, method: Method) -> ApiResult {
+    caller(&state, &headers, &method, Scope::Read).await?;
+    let files = blocking(move || {
+        let mut files = Vec::new();
+        let mut stack = vec![state.root.clone()];
+        while let Some(dir) = stack.pop() {
+            let Ok(entries) = std::fs::read_dir(&dir) else {
+                continue;
+            };
+            for entry in entries.flatten() {
+                let Ok(kind) = entry.file_type() else {
+                    continue;
+                };
+                let path = entry.path();
+                if kind.is_dir() {
+                    stack.push(path);
+                } else if kind.is_file() && files.len() < 10_000 {
+                    let relative = path
+                        .strip_prefix(&state.root)
+                        .map(|p| p.to_string_lossy().into_owned())
+                        .unwrap_or_default();
+                    let size = entry.metadata().map(|m| m.len()).unwrap_or(0);
+                    files.push(json!({ "path": relative, "size": size }));
+                }
+            }
+        }
+        files.sort_by(|a, b| a["path"].as_str().cmp(&b["path"].as_str()));
+        Ok(files)
+    })
+    .await?;
+    Ok(Json(files).into_response())
+}
+
+/// Stores an upload under the boot directory: streamed into a temporary
+/// file next to the target, renamed over it once complete, so a boot in
+/// progress never reads half a file.
+async fn upload_file(
+    State(state): Shared,
+    headers: HeaderMap,
+    method: Method,
+    Path(path): Path<String>,
+    body: Body,
+) -> ApiResult {
+    use tokio::io::AsyncWriteExt;
+    let who = caller(&state, &headers, &method, Scope::Admin).await?;
+    let relative = safe_relative_name(path.as_bytes()).map_err(|why| {
+        ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!("file {path:?}: {why}"),
+        )
+    })?;
+    if relative.is_empty() || relative == crate::inventory::FILE_NAME {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!("{relative:?} cannot be uploaded"),
+        ));
+    }
+    let target = state.root.join(&relative);
+    if let Some(dir) = target.parent() {
+        tokio::fs::create_dir_all(dir).await.map_err(|e| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("{}: {e}", dir.display()),
+            )
+        })?;
+    }
+    let temp = target.with_file_name(format!(
+        ".{}.upload-{}",
+        target
+            .file_name()
+            .map(|n| n.to_string_lossy())
+            .unwrap_or_default(),
+        auth::random_hex(6)
+    ));
+    let failed = |status: StatusCode, message: String| {
+        let temp = temp.clone();
+        async move {
+            let _ = tokio::fs::remove_file(&temp).await;
+            ApiError::new(status, message)
+        }
+    };
+    let mut file = tokio::fs::File::create(&temp).await.map_err(|e| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("{}: {e}", temp.display()),
+        )
+    })?;
+    let mut stream = body.into_data_stream();
+    let mut written: u64 = 0;
+    while let Some(chunk) = stream.next().await {
+        let chunk = match chunk {
+            Ok(chunk) => chunk,
+            Err(e) => {
+                return Err(
+                    failed(StatusCode::BAD_REQUEST, format!("upload interrupted: {e}")).await,
+                )
+            }
+        };
+        written += chunk.len() as u64;
+        if written > state.config.max_upload_bytes {
+            return Err(failed(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!(
+                    "the file is larger than panel.max_upload_mib ({} MiB)",
+                    state.config.max_upload_bytes >> 20
+                ),
+            )
+            .await);
+        }
+        if let Err(e) = file.write_all(&chunk).await {
+            let status = if e.raw_os_error() == Some(libc::ENOSPC) {
+                StatusCode::INSUFFICIENT_STORAGE
+            } else {
+                StatusCode::INTERNAL_SERVER_ERROR
+            };
+            return Err(failed(status, format!("cannot store {relative}: {e}")).await);
+        }
+    }
+    if let Err(e) = file.sync_all().await {
+        return Err(failed(
+            StatusCode::INSUFFICIENT_STORAGE,
+            format!("cannot store {relative}: {e}"),
+        )
+        .await);
+    }
+    drop(file);
+    if let Err(e) = tokio::fs::rename(&temp, &target).await {
+        return Err(failed(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("cannot store {relative}: {e}"),
+        )
+        .await);
+    }
+    let detail = format!("{written} bytes");
+    state
+        .store
+        .record_audit(&who.actor, "file.upload", &relative, &detail)?;
+    info!(file = %relative, bytes = written, by = %who.actor, "file uploaded through the panel");
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({ "path": relative, "size": written })),
+    )
+        .into_response())
+}
+
+// ---- pools ----
+
+async fn list_pools(State(state): Shared, headers: HeaderMap, method: Method) -> ApiResult {
+    caller(&state, &headers, &method, Scope::Read).await?;
+    Ok(Json(pools_with_members(&state)?).into_response())
+}
+
+fn pools_with_members(state: &PanelState) -> ApiResult<Vec<Value>> {
+    let machines = state.store.machines()?;
+    Ok(state
+        .store
+        .pools()?
+        .into_iter()
+        .map(|pool| {
+            let matched: Vec<String> = machines
+                .iter()
+                .filter(|m| pool.contains(m))
+                .map(|m| m.mac.to_string())
+                .collect();
+            let mut value = serde_json::to_value(&pool).expect("plain data");
+            value["machines"] = json!(matched);
+            value
+        })
+        .collect())
+}
+
+async fn get_pool(
+    State(state): Shared,
+    headers: HeaderMap,
+    method: Method,
+    Path(name): Path<String>,
+) -> ApiResult {
+    caller(&state, &headers, &method, Scope::Read).await?;
+    pools_with_members(&state)?
+        .into_iter()
+        .find(|p| p["name"] == name.as_str())
+        .map(|p| Json(p).into_response())
+        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("no pool named {name:?}")))
+}
+
+async fn put_pool(
+    State(state): Shared,
+    headers: HeaderMap,
+    method: Method,
+    Path(name): Path<String>,
+    body: axum::body::Bytes,
+) -> ApiResult {
+    let who = caller(&state, &headers, &method, Scope::Admin).await?;
+    check_name("pool", &name)?;
+    let mut pool: PoolRecord = parse_json(&body)?;
+    pool.name = name;
+    blocking(move || {
+        state.store.put_pool(&pool, &who.actor)?;
+        Ok(())
+    })
+    .await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn delete_pool(
+    State(state): Shared,
+    headers: HeaderMap,
+    method: Method,
+    Path(name): Path<String>,
+) -> ApiResult {
+    let who = caller(&state, &headers, &method, Scope::Admin).await?;
+    state.store.delete_pool(&name, &who.actor)?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PoolAssign {
+    image: Option<String>,
+}
+
+async fn assign_pool(
+    State(state): Shared,
+    headers: HeaderMap,
+    method: Method,
+    Path(name): Path<String>,
+    body: axum::body::Bytes,
+) -> ApiResult {
+    let who = caller(&state, &headers, &method, Scope::Assign).await?;
+    let request: PoolAssign = parse_json(&body)?;
+    let changed = blocking(move || {
+        let changed = state
+            .store
+            .assign_pool(&name, request.image.as_deref(), &who.actor)?;
+        state.publish()?;
+        Ok(changed)
+    })
+    .await?;
+    Ok(Json(json!({ "changed": changed })).into_response())
+}
+
+// ---- events and the fleet ----
+
+#[derive(Deserialize)]
+struct EventQuery {
+    mac: Option<String>,
+    since_ms: Option<u64>,
+    limit: Option<usize>,
+}
+
+async fn events(
+    State(state): Shared,
+    headers: HeaderMap,
+    method: Method,
+    Query(query): Query<EventQuery>,
+) -> ApiResult {
+    caller(&state, &headers, &method, Scope::Read).await?;
+    let mac = query.mac.as_deref().map(parse_mac).transpose()?;
+    let events = blocking(move || {
+        Ok(state.store.events(
+            mac,
+            query.since_ms.unwrap_or(0),
+            query.limit.unwrap_or(500).min(10_000),
+        )?)
+    })
+    .await?;
+    Ok(Json(events).into_response())
+}
+
+/// Boot events as they happen (server-sent events), optionally of one machine.
+async fn event_stream(
+    State(state): Shared,
+    headers: HeaderMap,
+    method: Method,
+    Query(query): Query<EventQuery>,
+) -> ApiResult {
+    caller(&state, &headers, &method, Scope::Read).await?;
+    let mac = query.mac.as_deref().map(parse_mac).transpose()?;
+    let feed = state.router.events.subscribe();
+    let stream = futures_util::stream::unfold(feed, move |mut feed| async move {
+        loop {
+            match feed.recv().await {
+                Ok(event) if mac.is_none() || event.mac == mac => {
+                    let data = serde_json::to_string(&event).expect("plain data");
+                    return Some((
+                        Ok::<_, std::convert::Infallible>(
+                            Event::default().event("boot").data(data),
+                        ),
+                        feed,
+                    ));
+                }
+                Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+            }
+        }
+    });
+    Ok(Sse::new(stream)
+        .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+        .into_response())
+}
+
+/// How many machines are in each state, and which are stuck where.
+fn fleet_summary(state: &PanelState) -> ApiResult<Value> {
+    let views = all_views(state)?;
+    let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+    let mut stuck = Vec::new();
+    for view in &views {
+        *counts.entry(view.state).or_default() += 1;
+        if view.stuck && stuck.len() < 500 {
+            stuck.push(json!({
+                "mac": view.machine.mac,
+                "hostname": view.machine.hostname,
+                "state": view.state,
+                "since_ms": view.machine.phase_ms,
+                "status": view.machine.phase_status,
+            }));
+        }
+    }
+    Ok(json!({
+        "at_ms": now_ms(),
+        "machines": views.len(),
+        "states": counts,
+        "stuck": stuck,
+        "stuck_after_seconds": state.config.stuck_after.as_secs(),
+    }))
+}
+
+async fn fleet(State(state): Shared, headers: HeaderMap, method: Method) -> ApiResult {
+    caller(&state, &headers, &method, Scope::Read).await?;
+    let summary = blocking(move || fleet_summary(&state)).await?;
+    Ok(Json(summary).into_response())
+}
+
+/// The fleet summary once a second while anything changes.
+async fn fleet_stream(State(state): Shared, headers: HeaderMap, method: Method) -> ApiResult {
+    caller(&state, &headers, &method, Scope::Read).await?;
+    let stream = futures_util::stream::unfold(
+        (state, String::new(), true),
+        |(state, last, first)| async move {
+            loop {
+                if !first {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                let worker = Arc::clone(&state);
+                let Ok(Ok(mut summary)) =
+                    tokio::task::spawn_blocking(move || fleet_summary(&worker)).await
+                else {
+                    return None;
+                };
+                let at = summary["at_ms"].take();
+                let key = summary.to_string();
+                if key != last || first {
+                    summary["at_ms"] = at;
+                    let event = Event::default().event("fleet").data(summary.to_string());
+                    return Some((
+                        Ok::<_, std::convert::Infallible>(event),
+                        (state, key, false),
+                    ));
+                }
+            }
+        },
+    );
+    Ok(Sse::new(stream)
+        .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+        .into_response())
+}
+
+// ---- audit, users, tokens, settings ----
+
+#[derive(Deserialize)]
+struct Limit {
+    limit: Option<usize>,
+}
+
+async fn audit(
+    State(state): Shared,
+    headers: HeaderMap,
+    method: Method,
+    Query(limit): Query<Limit>,
+) -> ApiResult {
+    caller(&state, &headers, &method, Scope::Read).await?;
+    Ok(Json(state.store.audit(limit.limit.unwrap_or(200).min(5000))?).into_response())
+}
+
+async fn users(State(state): Shared, headers: HeaderMap, method: Method) -> ApiResult {
+    caller(&state, &headers, &method, Scope::Admin).await?;
+    Ok(Json(state.store.users()?).into_response())
+}
+
+async fn list_tokens(State(state): Shared, headers: HeaderMap, method: Method) -> ApiResult {
+    caller(&state, &headers, &method, Scope::Admin).await?;
+    Ok(Json(state.store.tokens()?).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewToken {
+    name: String,
+    scope: Scope,
+}
+
+async fn add_token(
+    State(state): Shared,
+    headers: HeaderMap,
+    method: Method,
+    body: axum::body::Bytes,
+) -> ApiResult {
+    let who = caller(&state, &headers, &method, Scope::Admin).await?;
+    let request: NewToken = parse_json(&body)?;
+    check_name("token", &request.name)?;
+    let secret = format!("bft_{}", auth::random_hex(32));
+    let id = state.store.add_token(
+        &request.name,
+        &who.actor,
+        request.scope,
+        &auth::secret_hash(&secret),
+        &who.actor,
+    )?;
+    Ok((
+        StatusCode::CREATED,
+        Json(
+            json!({ "id": id, "name": request.name, "scope": request.scope, "token": secret,
+            "note": "this is the only time the token is shown" }),
+        ),
+    )
+        .into_response())
+}
+
+async fn revoke_token(
+    State(state): Shared,
+    headers: HeaderMap,
+    method: Method,
+    Path(id): Path<String>,
+) -> ApiResult {
+    let who = caller(&state, &headers, &method, Scope::Admin).await?;
+    let id: i64 = id
+        .parse()
+        .map_err(|_| ApiError::bad_request(format!("token id {id:?} is not a number")))?;
+    state.store.revoke_token(id, &who.actor)?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn get_unknown(State(state): Shared, headers: HeaderMap, method: Method) -> ApiResult {
+    caller(&state, &headers, &method, Scope::Read).await?;
+    let (policy, poll) = state.store.unknown_policy()?;
+    Ok(Json(json!({ "policy": policy_name(policy), "poll_seconds": poll })).into_response())
+}
+
+fn policy_name(policy: crate::inventory::UnknownPolicy) -> &'static str {
+    match policy {
+        crate::inventory::UnknownPolicy::Menu => "menu",
+        crate::inventory::UnknownPolicy::Local => "local",
+        crate::inventory::UnknownPolicy::Wait => "wait",
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UnknownSetting {
+    policy: crate::inventory::UnknownPolicy,
+    #[serde(default = "thirty")]
+    poll_seconds: u32,
+}
+
+fn thirty() -> u32 {
+    30
+}
+
+async fn put_unknown(
+    State(state): Shared,
+    headers: HeaderMap,
+    method: Method,
+    body: axum::body::Bytes,
+) -> ApiResult {
+    let who = caller(&state, &headers, &method, Scope::Admin).await?;
+    let setting: UnknownSetting = parse_json(&body)?;
+    blocking(move || {
+        state
+            .store
+            .set_unknown_policy(setting.policy, setting.poll_seconds, &who.actor)?;
+        state.publish()
+    })
+    .await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashSet;
+
+    #[test]
+    fn the_openapi_document_describes_exactly_the_routes() {
+        let documented: HashSet<(String, String)> = openapi_paths().into_iter().collect();
+        let served: HashSet<(String, String)> = API_ROUTES
+            .iter()
+            .map(|(m, p)| (m.to_string(), p.to_string()))
+            .collect();
+        let undocumented: Vec<_> = served.difference(&documented).collect();
+        let unserved: Vec<_> = documented.difference(&served).collect();
+        assert!(
+            undocumented.is_empty(),
+            "routes missing from openapi.json: {undocumented:?}"
+        );
+        assert!(
+            unserved.is_empty(),
+            "openapi.json documents routes not served: {unserved:?}"
+        );
+    }
+}

@@ -1,0 +1,446 @@
+// bootfleet panel: a small single-page app over /api/v1 (no build step,
+// no external assets). Every value from the network is put into the page
+// as text (textContent), never as HTML: iPXE facts come from machines.
+"use strict";
+
+const state = { csrf: null, user: null, scope: null, images: [], streams: [] };
+const ROW_LIMIT = 1000;
+
+function h(tag, attrs, ...children) {
+  const el = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs || {})) {
+    if (v === null || v === undefined || v === false) continue;
+    if (k.startsWith("on")) el.addEventListener(k.slice(2), v);
+    else if (k === "dataset") Object.assign(el.dataset, v);
+    else el.setAttribute(k, v === true ? "" : v);
+  }
+  for (const c of children.flat()) {
+    if (c === null || c === undefined || c === false) continue;
+    el.append(c instanceof Node ? c : document.createTextNode(String(c)));
+  }
+  return el;
+}
+
+function flash(message, isError) {
+  const el = document.getElementById("flash");
+  el.textContent = message;
+  el.className = isError ? "error" : "";
+  el.hidden = false;
+  clearTimeout(flash.timer);
+  flash.timer = setTimeout(() => { el.hidden = true; }, isError ? 8000 : 4000);
+}
+
+async function api(method, path, body) {
+  const headers = {};
+  if (body !== undefined) headers["Content-Type"] = "application/json";
+  if (method !== "GET" && state.csrf) headers["X-CSRF-Token"] = state.csrf;
+  const res = await fetch("/api/v1" + path, {
+    method, headers, credentials: "same-origin",
+    body: body === undefined ? undefined : JSON.stringify(body),
+  });
+  if (res.status === 401 && path !== "/login") { showLogin(); throw new Error("please log in"); }
+  const text = await res.text();
+  const data = text ? JSON.parse(text) : null;
+  if (!res.ok) throw new Error((data && data.error) || res.statusText);
+  return data;
+}
+
+function when(ms) {
+  if (!ms) return "—";
+  const s = Math.round((Date.now() - ms) / 1000);
+  if (s < 60) return s + " s ago";
+  if (s < 3600) return Math.round(s / 60) + " min ago";
+  if (s < 86400) return Math.round(s / 3600) + " h ago";
+  return new Date(ms).toLocaleString();
+}
+
+function size(bytes) {
+  const units = ["B", "KiB", "MiB", "GiB", "TiB"];
+  let i = 0;
+  while (bytes >= 1024 && i < units.length - 1) { bytes /= 1024; i++; }
+  return (i ? bytes.toFixed(1) : bytes) + " " + units[i];
+}
+
+function badge(text, extra) {
+  return h("span", { class: "badge " + text + (extra ? " " + extra : "") }, text);
+}
+
+function closeStreams() {
+  for (const s of state.streams) s.close();
+  state.streams = [];
+}
+
+function showLogin() {
+  closeStreams();
+  document.getElementById("login").hidden = false;
+  document.getElementById("nav").hidden = true;
+  document.getElementById("logout").hidden = true;
+  document.getElementById("who").textContent = "";
+  document.getElementById("view").replaceChildren();
+}
+
+async function start() {
+  document.getElementById("login").addEventListener("submit", async (e) => {
+    e.preventDefault();
+    try {
+      const s = await api("POST", "/login", {
+        user: document.getElementById("login-user").value,
+        password: document.getElementById("login-password").value,
+      });
+      document.getElementById("login-password").value = "";
+      loggedIn(s);
+    } catch (err) { flash(err.message, true); }
+  });
+  document.getElementById("logout").addEventListener("click", async () => {
+    try { await api("POST", "/logout"); } catch (_) { /* already out */ }
+    state.csrf = null;
+    showLogin();
+  });
+  window.addEventListener("hashchange", route);
+  try { loggedIn(await api("GET", "/session")); } catch (_) { showLogin(); }
+}
+
+function loggedIn(s) {
+  state.csrf = s.csrf; state.user = s.user; state.scope = s.scope;
+  document.getElementById("login").hidden = true;
+  document.getElementById("nav").hidden = false;
+  document.getElementById("logout").hidden = false;
+  document.getElementById("who").textContent = s.user + " (" + s.scope + ")";
+  if (!location.hash || location.hash === "#/") location.hash = "#/machines";
+  else route();
+}
+
+async function route() {
+  if (!state.csrf && !state.user) return;
+  closeStreams();
+  const hash = location.hash.slice(1) || "/machines";
+  for (const a of document.querySelectorAll("#nav a")) {
+    a.classList.toggle("active", hash.startsWith(a.getAttribute("href").slice(1)));
+  }
+  const view = document.getElementById("view");
+  try {
+    state.images = await api("GET", "/images");
+    const discovered = await api("GET", "/discovered");
+    document.getElementById("discovered-count").textContent = discovered.length || "";
+    let page;
+    if (hash.startsWith("/machine/")) page = await machinePage(decodeURIComponent(hash.slice(9)));
+    else if (hash === "/fleet") page = await fleetPage();
+    else if (hash === "/discovered") page = discoveredPage(discovered);
+    else if (hash === "/images") page = await imagesPage();
+    else if (hash === "/pools") page = await poolsPage();
+    else if (hash === "/audit") page = await auditPage();
+    else page = await machinesPage();
+    view.replaceChildren(page);
+  } catch (err) { flash(err.message, true); }
+}
+
+function imageSelect(id, withNone) {
+  return h("select", { id },
+    withNone ? h("option", { value: "" }, "— no image —") : null,
+    state.images.map((i) => h("option", { value: i.name }, i.name)));
+}
+
+function selectedMacs(table) {
+  return [...table.querySelectorAll("tbody input[type=checkbox]:checked")].map((c) => c.value);
+}
+
+function checkAll(table) {
+  return h("input", { type: "checkbox", title: "select all shown", onchange: (e) => {
+    for (const c of table.querySelectorAll("tbody input[type=checkbox]")) c.checked = e.target.checked;
+  } });
+}
+
+// ---- machines ----
+
+async function machinesPage() {
+  const params = new URLSearchParams(location.hash.split("?")[1] || "");
+  const filter = {
+    q: params.get("q") || "", state: params.get("state") || "",
+    image: params.get("image") || "", label: params.get("label") || "",
+  };
+  const query = new URLSearchParams(Object.entries(filter).filter(([, v]) => v)).toString();
+  const machines = await api("GET", "/machines" + (query ? "?" + query : ""));
+  const table = h("table", { id: "machines" });
+  const apply = () => {
+    const q = new URLSearchParams();
+    for (const k of ["q", "state", "image", "label"]) {
+      const v = document.getElementById("filter-" + k).value.trim();
+      if (v) q.set(k, v);
+    }
+    location.hash = "#/machines" + (q.toString() ? "?" + q : "");
+  };
+  const states = ["", "assigned", "unassigned", "dhcp", "loader", "chain", "script", "kernel", "initrd", "booted", "failed", "local", "discovered"];
+  const toolbar = h("div", { class: "toolbar" },
+    h("input", { id: "filter-q", type: "search", placeholder: "search MAC, name, IP, serial…", value: filter.q,
+      onkeydown: (e) => { if (e.key === "Enter") apply(); } }),
+    h("select", { id: "filter-state", onchange: apply },
+      states.map((s) => h("option", { value: s, selected: s === filter.state }, s || "any state"))),
+    h("select", { id: "filter-image", onchange: apply },
+      h("option", { value: "" }, "any image"),
+      state.images.map((i) => h("option", { value: i.name, selected: i.name === filter.image }, i.name))),
+    h("input", { id: "filter-label", placeholder: "label key=value", value: filter.label,
+      onkeydown: (e) => { if (e.key === "Enter") apply(); } }),
+    h("button", { class: "secondary", onclick: apply }, "Filter"));
+  const actions = h("div", { class: "toolbar" },
+    "Selected:", imageSelect("assign-image", true),
+    h("button", { id: "assign-button", onclick: async () => {
+      const macs = selectedMacs(table);
+      if (!macs.length) return flash("select machines first", true);
+      const image = document.getElementById("assign-image").value || null;
+      try {
+        const r = await api("POST", "/machines/assign", { macs, image });
+        flash(`${r.changed} machine(s) now boot ${image || "nothing"}`);
+        route();
+      } catch (err) { flash(err.message, true); }
+    } }, "Assign image"),
+    h("input", { id: "assign-pool", placeholder: "pool name" }),
+    h("button", { id: "pool-add-button", class: "secondary", onclick: async () => {
+      const macs = selectedMacs(table);
+      const pool = document.getElementById("assign-pool").value.trim();
+      if (!macs.length || !pool) return flash("select machines and name a pool", true);
+      try {
+        await api("POST", "/machines/assign", { macs, pool });
+        flash(`${macs.length} machine(s) added to pool ${pool}`);
+        route();
+      } catch (err) { flash(err.message, true); }
+    } }, "Add to pool"));
+  const shown = machines.slice(0, ROW_LIMIT);
+  table.append(
+    h("thead", {}, h("tr", {}, h("th", {}, checkAll(table)),
+      ["MAC", "Hostname", "IP", "Image", "Labels", "State", "Last seen"].map((t) => h("th", {}, t)))),
+    h("tbody", {}, shown.map(machineRow)));
+  return h("div", {},
+    h("h1", {}, "Machines"), toolbar, actions,
+    h("p", { class: "muted", id: "machine-count" },
+      machines.length > ROW_LIMIT ? `showing ${ROW_LIMIT} of ${machines.length}; narrow the filter to see the rest`
+        : `${machines.length} machine(s)`),
+    table);
+}
+
+function machineRow(v) {
+  return h("tr", { dataset: { mac: v.mac } },
+    h("td", {}, h("input", { type: "checkbox", value: v.mac })),
+    h("td", { class: "mono" }, h("a", { href: "#/machine/" + encodeURIComponent(v.mac) }, v.mac)),
+    h("td", {}, v.hostname || ""),
+    h("td", { class: "mono" }, v.ip || ""),
+    h("td", {}, v.image || "—"),
+    h("td", {}, (v.labels || []).join(", ")),
+    h("td", {}, badge(v.state), v.stuck ? badge("stuck") : null),
+    h("td", {}, when(v.last_seen_ms)));
+}
+
+// ---- discovered ----
+
+function discoveredPage(machines) {
+  const table = h("table", { id: "discovered" });
+  const facts = ["manufacturer", "product", "serial", "uuid", "platform", "buildarch"];
+  table.append(
+    h("thead", {}, h("tr", {}, h("th", {}, checkAll(table)),
+      ["MAC", ...facts, "First seen", "Last seen"].map((t) => h("th", {}, t)))),
+    h("tbody", {}, machines.map((m) => h("tr", { dataset: { mac: m.mac } },
+      h("td", {}, h("input", { type: "checkbox", value: m.mac })),
+      h("td", { class: "mono" }, m.mac),
+      facts.map((f) => h("td", {}, m.facts[f] || "")),
+      h("td", {}, when(m.first_seen_ms)), h("td", {}, when(m.last_seen_ms))))));
+  return h("div", {},
+    h("h1", {}, "Discovered machines"),
+    h("p", { class: "muted" }, "Machines that asked for their script but are not in the inventory. Adopt them to choose what they boot."),
+    h("div", { class: "toolbar" }, "Adopt selected with", imageSelect("adopt-image", true),
+      h("button", { id: "adopt-button", onclick: async () => {
+        const macs = selectedMacs(table);
+        if (!macs.length) return flash("select machines first", true);
+        const image = document.getElementById("adopt-image").value || null;
+        try {
+          await api("POST", "/machines/assign", { macs, image });
+          flash(`adopted ${macs.length} machine(s)` + (image ? `; they boot ${image}` : ""));
+          route();
+        } catch (err) { flash(err.message, true); }
+      } }, "Adopt")),
+    machines.length ? table : h("p", {}, "None waiting."));
+}
+
+// ---- one machine ----
+
+async function machinePage(mac) {
+  const m = await api("GET", "/machines/" + encodeURIComponent(mac));
+  const rows = h("tbody", {}, m.events.map(eventRow));
+  const stream = new EventSource("/api/v1/events/stream?mac=" + encodeURIComponent(m.mac));
+  stream.addEventListener("boot", (e) => rows.append(eventRow(JSON.parse(e.data))));
+  state.streams.push(stream);
+  const facts = Object.entries(m.facts || {});
+  const image = imageSelect("machine-image", true);
+  image.value = m.image || "";
+  return h("div", {},
+    h("h1", {}, "Machine ", h("span", { class: "mono" }, m.mac), " ", badge(m.state), m.stuck ? badge("stuck") : null),
+    h("dl", { class: "grid" },
+      h("dt", {}, "Hostname"), h("dd", {}, m.hostname || "—"),
+      h("dt", {}, "Reserved IP"), h("dd", {}, m.ip || "—"),
+      h("dt", {}, "Image"), h("dd", {}, image, " ",
+        h("button", { id: "machine-assign", onclick: async () => {
+          try {
+            await api("PUT", "/machines/" + encodeURIComponent(m.mac), { image: image.value || null });
+            flash("assigned; the machine's next script uses it"); route();
+          } catch (err) { flash(err.message, true); }
+        } }, "Save")),
+      h("dt", {}, "Labels"), h("dd", {}, (m.labels || []).join(", ") || "—"),
+      h("dt", {}, "One-shot"), h("dd", {}, m.one_shot ? `yes (generation ${m.rearm}) ` : "no ",
+        m.one_shot ? h("button", { class: "secondary", onclick: async () => {
+          try { await api("PUT", "/machines/" + encodeURIComponent(m.mac), { rearm: true }); flash("re-armed"); route(); }
+          catch (err) { flash(err.message, true); }
+        } }, "Re-arm") : null),
+      h("dt", {}, "Netboot"), h("dd", {}, m.netboot ? "yes" : "no (boots its local disk)"),
+      h("dt", {}, "Notes"), h("dd", {}, m.notes || "—"),
+      h("dt", {}, "First / last seen"), h("dd", {}, when(m.first_seen_ms) + " / " + when(m.last_seen_ms)),
+      facts.map(([k, v]) => [h("dt", {}, k), h("dd", { class: "mono" }, v)])),
+    h("h2", {}, "Boot timeline (live)"),
+    h("table", { id: "timeline" },
+      h("thead", {}, h("tr", {}, ["When", "Step", "Via", "What", "Bytes", "ms", "Status"].map((t) => h("th", {}, t)))),
+      rows));
+}
+
+function eventRow(e) {
+  return h("tr", {},
+    h("td", {}, new Date(e.at_ms).toLocaleTimeString()),
+    h("td", {}, badge(e.phase, e.status >= 400 ? "failed" : "")),
+    h("td", {}, e.transport), h("td", { class: "mono" }, e.detail),
+    h("td", {}, e.bytes ? size(e.bytes) : ""), h("td", {}, e.duration_ms), h("td", {}, e.status));
+}
+
+// ---- fleet ----
+
+async function fleetPage() {
+  const box = h("div", { id: "fleet" });
+  const render = (f) => {
+    const order = ["assigned", "dhcp", "loader", "chain", "script", "loader-config", "kernel", "initrd", "booted", "failed", "unassigned", "local", "discovered"];
+    const counts = f.states || {};
+    const total = f.machines || 1;
+    box.replaceChildren(
+      h("p", { class: "muted" }, `${f.machines} machines · updated ${new Date(f.at_ms).toLocaleTimeString()} · stuck = no progress for ${f.stuck_after_seconds} s`),
+      h("div", { class: "phases" }, order.filter((s) => counts[s]).map((s) => {
+        const bar = h("div", {});
+        bar.style.width = Math.round(100 * counts[s] / total) + "%";
+        return h("div", { class: "phase", dataset: { state: s } }, h("div", { class: "n" }, counts[s]), badge(s), h("div", { class: "bar" }, bar));
+      })),
+      h("h2", {}, `Stuck (${f.stuck.length})`),
+      f.stuck.length ? h("table", { id: "stuck" },
+        h("thead", {}, h("tr", {}, ["MAC", "Hostname", "Stopped at", "Since", "Status"].map((t) => h("th", {}, t)))),
+        h("tbody", {}, f.stuck.map((s) => h("tr", {},
+          h("td", { class: "mono" }, h("a", { href: "#/machine/" + encodeURIComponent(s.mac) }, s.mac)),
+          h("td", {}, s.hostname || ""), h("td", {}, badge(s.state)), h("td", {}, when(s.since_ms)), h("td", {}, s.status ?? "")))))
+        : h("p", {}, "No machine is stuck."));
+  };
+  render(await api("GET", "/fleet"));
+  const stream = new EventSource("/api/v1/fleet/stream");
+  stream.addEventListener("fleet", (e) => render(JSON.parse(e.data)));
+  state.streams.push(stream);
+  return h("div", {}, h("h1", {}, "Fleet (live)"), box);
+}
+
+// ---- images ----
+
+async function imagesPage() {
+  const files = await api("GET", "/files");
+  const table = h("table", { id: "images" },
+    h("thead", {}, h("tr", {}, ["Name", "Kernel", "Initrds", "Command line", "Via", "Files (size, SHA-256)", ""].map((t) => h("th", {}, t)))),
+    h("tbody", {}, state.images.map((i) => h("tr", { dataset: { image: i.name } },
+      h("td", {}, i.name), h("td", { class: "mono" }, i.kernel), h("td", { class: "mono" }, i.initrds.join(" ")),
+      h("td", { class: "mono" }, i.cmdline), h("td", {}, i.transport),
+      h("td", {}, i.files.map((f) => h("div", { class: "mono", title: f.sha256 }, `${f.path}: ${size(f.size)}, ${f.sha256.slice(0, 12)}…`))),
+      h("td", {}, h("button", { class: "secondary", onclick: async () => {
+        try { await api("DELETE", "/images/" + encodeURIComponent(i.name)); flash("removed " + i.name); route(); }
+        catch (err) { flash(err.message, true); }
+      } }, "Remove"))))));
+  const list = h("datalist", { id: "boot-files" }, files.map((f) => h("option", { value: f.path }, `${f.path} (${size(f.size)})`)));
+  const field = (id, label, attrs) => h("label", {}, label + " ", h("input", { id, list: "boot-files", ...attrs }));
+  const register = h("form", { class: "toolbar", id: "register-image", onsubmit: async (e) => {
+    e.preventDefault();
+    const v = (id) => document.getElementById(id).value.trim();
+    try {
+      const image = await api("POST", "/images", {
+        name: v("image-name"), kernel: v("image-kernel"),
+        initrds: v("image-initrds").split(/\s+/).filter(Boolean), cmdline: v("image-cmdline"),
+        transport: v("image-transport"),
+      });
+      flash(`registered ${image.name}`); route();
+    } catch (err) { flash(err.message, true); }
+  } },
+    h("label", {}, "Name ", h("input", { id: "image-name", required: true, size: 12 })),
+    field("image-kernel", "Kernel", { required: true }), field("image-initrds", "Initrds (space-separated)", {}),
+    h("label", {}, "Command line ", h("input", { id: "image-cmdline", size: 30 })),
+    h("select", { id: "image-transport" }, ["http", "tftp", "multicast"].map((t) => h("option", { value: t }, t))),
+    h("button", { type: "submit" }, "Register"));
+  const progress = h("progress", { max: 100, value: 0, hidden: true });
+  const upload = h("div", { class: "toolbar" },
+    h("input", { type: "file", id: "upload-file" }),
+    h("input", { id: "upload-dir", placeholder: "directory in the boot dir, e.g. debian12" }),
+    h("button", { class: "secondary", onclick: () => {
+      const file = document.getElementById("upload-file").files[0];
+      if (!file) return flash("choose a file", true);
+      const dir = document.getElementById("upload-dir").value.trim().replace(/^\/+|\/+$/g, "");
+      const path = (dir ? dir + "/" : "") + file.name;
+      const xhr = new XMLHttpRequest();
+      xhr.open("PUT", "/api/v1/files/" + path.split("/").map(encodeURIComponent).join("/"));
+      xhr.setRequestHeader("X-CSRF-Token", state.csrf);
+      progress.hidden = false;
+      xhr.upload.onprogress = (e) => { if (e.lengthComputable) progress.value = Math.round(100 * e.loaded / e.total); };
+      xhr.onload = () => {
+        progress.hidden = true;
+        if (xhr.status === 201) { flash("uploaded " + path); route(); }
+        else flash(JSON.parse(xhr.responseText || "{}").error || xhr.statusText, true);
+      };
+      xhr.onerror = () => { progress.hidden = true; flash("upload failed", true); };
+      xhr.send(file);
+    } }, "Upload"), progress);
+  return h("div", {}, h("h1", {}, "Images"), table,
+    h("h2", {}, "Register an image"), list, register,
+    h("h2", {}, "Upload a file into the boot directory"), upload);
+}
+
+// ---- pools ----
+
+async function poolsPage() {
+  const pools = await api("GET", "/pools");
+  const rows = pools.map((p) => {
+    const select = imageSelect("pool-image-" + p.name, true);
+    select.dataset.pool = p.name;
+    select.value = p.image || "";
+    return h("tr", { dataset: { pool: p.name } },
+      h("td", {}, p.name), h("td", { class: "mono" }, p.selector.join(", ") || "—"),
+      h("td", {}, String(p.machines.length)), h("td", {}, p.image || "—"),
+      h("td", {}, select, " ", h("button", { dataset: { poolAssign: p.name }, onclick: async () => {
+        try {
+          const r = await api("POST", "/pools/" + encodeURIComponent(p.name) + "/assign", { image: select.value || null });
+          flash(`${r.changed} machine(s) of ${p.name} now boot ${select.value || "nothing"}`); route();
+        } catch (err) { flash(err.message, true); }
+      } }, "Assign to pool")));
+  });
+  const create = h("form", { class: "toolbar", onsubmit: async (e) => {
+    e.preventDefault();
+    const name = document.getElementById("pool-name").value.trim();
+    const selector = document.getElementById("pool-selector").value.split(/[\s,]+/).filter(Boolean);
+    try { await api("PUT", "/pools/" + encodeURIComponent(name), { selector }); flash("pool " + name + " saved"); route(); }
+    catch (err) { flash(err.message, true); }
+  } },
+    h("input", { id: "pool-name", placeholder: "name", required: true }),
+    h("input", { id: "pool-selector", placeholder: "labels, e.g. rack=r1 role=compute" }),
+    h("button", { type: "submit" }, "Create pool"));
+  return h("div", {}, h("h1", {}, "Pools"),
+    h("table", { id: "pools" },
+      h("thead", {}, h("tr", {}, ["Pool", "Label selector", "Machines", "Image", "Assign"].map((t) => h("th", {}, t)))),
+      h("tbody", {}, rows)),
+    h("h2", {}, "New pool"), create);
+}
+
+// ---- audit ----
+
+async function auditPage() {
+  const entries = await api("GET", "/audit?limit=500");
+  return h("div", {}, h("h1", {}, "Audit log"),
+    h("table", { id: "audit" },
+      h("thead", {}, h("tr", {}, ["When", "Who", "What", "Target", "Detail"].map((t) => h("th", {}, t)))),
+      h("tbody", {}, entries.map((a) => h("tr", {},
+        h("td", {}, new Date(a.at_ms).toLocaleString()), h("td", {}, a.actor), h("td", {}, a.action),
+        h("td", { class: "mono" }, a.target), h("td", {}, a.detail))))));
+}
+
+document.addEventListener("DOMContentLoaded", start);

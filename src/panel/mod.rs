@@ -1,0 +1,430 @@
+//! The control panel: the REST API under `/api/v1/` and the web panel,
+//! on their own listener (`--panel-listen`, loopback by default), never on
+//! the boot-LAN listeners.
+//!
+//! It runs on its own small tokio runtime so that nothing it does — a slow
+//! database, a big upload — can hold up the data plane. Every change goes
+//! to the [inventory store](crate::store) first, then a fresh snapshot is
+//! built from the store and swapped into the router; the data plane never
+//! waits on the database. Boot events flow the other way: the router's
+//! live feed is written to the database in batches and forwarded to
+//! browsers over server-sent events.
+
+mod api;
+pub mod auth;
+mod tls;
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+use tracing::{info, warn};
+
+use crate::boot::events::{BootEvent, Phase};
+use crate::boot::Router;
+use crate::config::PanelConfig;
+use crate::store::{
+    snapshot_from_store, FileCheck, ImageRecord, InventoryStore, MachineRecord, StoreError,
+};
+
+pub use api::{openapi_paths, API_ROUTES};
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// An API error: a status and a message that says what to fix, sent as
+/// `{"error": "..."}`.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub message: String,
+    pub retry_after: Option<u64>,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            message: message.into(),
+            retry_after: None,
+        }
+    }
+
+    pub fn unauthorized(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNAUTHORIZED, message)
+    }
+
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, message)
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(error: StoreError) -> Self {
+        let status = match &error {
+            StoreError::NotFound(_) => StatusCode::NOT_FOUND,
+            StoreError::Conflict(_) => StatusCode::CONFLICT,
+            StoreError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            StoreError::Database(_) => {
+                warn!(%error, "inventory database error");
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
+        };
+        ApiError::new(status, error.to_string())
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut response = (
+            self.status,
+            axum::Json(serde_json::json!({ "error": self.message })),
+        )
+            .into_response();
+        if let Some(seconds) = self.retry_after {
+            response.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from(seconds),
+            );
+        }
+        response
+    }
+}
+
+/// Everything the panel's handlers share.
+pub struct PanelState {
+    pub store: Arc<dyn InventoryStore>,
+    pub router: Arc<Router>,
+    pub config: PanelConfig,
+    /// The canonical boot directory (images and uploads live in it).
+    pub root: PathBuf,
+    pub limiter: auth::LoginLimiter,
+    generation: AtomicU64,
+    /// Whether cookies get `Secure` (the panel is served over TLS).
+    pub tls: bool,
+}
+
+impl PanelState {
+    /// Rebuilds the data plane's snapshot from the store and installs it.
+    pub fn publish(&self) -> Result<(), ApiError> {
+        let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
+        let snapshot = snapshot_from_store(&*self.store, generation)?;
+        self.router
+            .install(snapshot)
+            .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
+    }
+}
+
+/// A machine with the state the panel shows.
+#[derive(Debug, Clone, Serialize)]
+pub struct MachineView {
+    #[serde(flatten)]
+    pub machine: MachineRecord,
+    /// discovered, local, unassigned, assigned, dhcp, loader, chain,
+    /// script, loader-config, kernel, initrd, booted or failed.
+    pub state: &'static str,
+    /// Not booted, and nothing happened for `stuck_after_seconds`.
+    pub stuck: bool,
+}
+
+const BOOT_PHASES: &[&str] = &[
+    "dhcp",
+    "loader",
+    "chain",
+    "script",
+    "loader-config",
+    "kernel",
+    "initrd",
+];
+
+/// The state of a machine at `now_ms`.
+pub fn machine_view(machine: MachineRecord, now_ms: u64, stuck_after: Duration) -> MachineView {
+    let (state, in_progress) = if !machine.adopted {
+        ("discovered", false)
+    } else if !machine.netboot {
+        ("local", false)
+    } else {
+        match (machine.phase.as_deref(), machine.phase_status) {
+            (None, _) if machine.image.is_none() => ("unassigned", false),
+            (None, _) => ("assigned", false),
+            (Some(_), Some(status)) if status >= 400 => ("failed", false),
+            (Some("initrd"), _) => ("booted", false),
+            (Some(phase), _) => (
+                BOOT_PHASES
+                    .iter()
+                    .find(|p| **p == phase)
+                    .copied()
+                    .unwrap_or("script"),
+                true,
+            ),
+        }
+    };
+    let quiet_for = now_ms.saturating_sub(machine.phase_ms.unwrap_or(now_ms));
+    let stuck = (in_progress || state == "failed") && quiet_for > stuck_after.as_millis() as u64;
+    MachineView {
+        machine,
+        state,
+        stuck,
+    }
+}
+
+/// Size and SHA-256 of an image's local boot files.
+pub fn check_files(root: &Path, image: &ImageRecord) -> Result<Vec<FileCheck>, String> {
+    use sha2::Digest;
+    use std::io::Read;
+    let mut checks = Vec::new();
+    for path in std::iter::once(&image.kernel).chain(&image.initrds) {
+        if crate::inventory::is_url(path) {
+            continue;
+        }
+        let full = root.join(path);
+        let mut file = std::fs::File::open(&full).map_err(|e| {
+            format!("boot file {path:?}: {e} (upload it first, or give a path inside the boot directory)")
+        })?;
+        let meta = file.metadata().map_err(|e| format!("{path}: {e}"))?;
+        if !meta.is_file() {
+            return Err(format!("boot file {path:?} is not a regular file"));
+        }
+        let mut hasher = sha2::Sha256::new();
+        let mut buffer = vec![0u8; 1 << 20];
+        loop {
+            let read = file.read(&mut buffer).map_err(|e| format!("{path}: {e}"))?;
+            if read == 0 {
+                break;
+            }
+            hasher.update(&buffer[..read]);
+        }
+        checks.push(FileCheck {
+            path: path.clone(),
+            size: meta.len(),
+            sha256: hasher
+                .finalize()
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect(),
+            mtime_ms: mtime_ms(&meta),
+        });
+    }
+    Ok(checks)
+}
+
+fn mtime_ms(meta: &std::fs::Metadata) -> u64 {
+    meta.modified()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// A running panel.
+pub struct Panel {
+    pub state: Arc<PanelState>,
+    pub address: SocketAddr,
+}
+
+/// Opens the store, imports `inventory.toml` into an empty database,
+/// installs the database's snapshot in `router`, and serves the panel on
+/// `listener` until `shutdown`. Returns the thread running it.
+pub fn start(
+    config: &PanelConfig,
+    store: Arc<dyn InventoryStore>,
+    router: Arc<Router>,
+    root: &Path,
+    listener: TcpListener,
+    shutdown: crate::engine::Shutdown,
+) -> Result<(Panel, std::thread::JoinHandle<()>)> {
+    let empty = store.images()?.is_empty() && store.machines()?.is_empty();
+    let file_snapshot = router.snapshot();
+    if empty && (!file_snapshot.images.is_empty() || !file_snapshot.machines.is_empty()) {
+        let (images, machines) =
+            crate::store::import_snapshot(&*store, &file_snapshot, "import:inventory.toml")?;
+        info!(images, machines, file = %router.inventory_path().display(),
+            "imported the inventory file into the empty inventory database; edit the inventory in the panel from now on");
+    }
+    drop(file_snapshot);
+    let tls = match (&config.tls_cert, &config.tls_key) {
+        (Some(cert), Some(key)) => Some(tls::acceptor(cert, key)?),
+        _ => None,
+    };
+    let state = Arc::new(PanelState {
+        store,
+        router,
+        config: config.clone(),
+        root: root.to_path_buf(),
+        limiter: auth::LoginLimiter::default(),
+        generation: AtomicU64::new(1_000_000),
+        tls: tls.is_some(),
+    });
+    state
+        .publish()
+        .map_err(|e| anyhow::anyhow!("inventory database: {}", e.message))?;
+    if state.store.users()?.is_empty() {
+        warn!("the panel has no users yet; create the first administrator with `bootfleet users add NAME` (password on standard input)");
+    }
+    listener.set_nonblocking(true)?;
+    let address = listener.local_addr()?;
+    info!(panel = %format!("{}://{address}/", if tls.is_some() { "https" } else { "http" }),
+        "control panel and API listening");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("bootfleet-panel")
+        .enable_all()
+        .build()
+        .context("panel runtime")?;
+    let thread_state = Arc::clone(&state);
+    let thread = std::thread::Builder::new()
+        .name("bootfleet-panel".into())
+        .spawn(move || {
+            runtime.block_on(async move {
+                let state = thread_state;
+                tokio::spawn(write_events(Arc::clone(&state)));
+                tokio::spawn(housekeeping(Arc::clone(&state)));
+                let app = api::routes(Arc::clone(&state));
+                let listener = match tokio::net::TcpListener::from_std(listener) {
+                    Ok(listener) => listener,
+                    Err(error) => {
+                        warn!(%error, "panel listener unusable");
+                        return;
+                    }
+                };
+                let stop = async move {
+                    while !shutdown.is_triggered() {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                };
+                let service = app.into_make_service_with_connect_info::<tls::PeerAddr>();
+                let served = match tls {
+                    Some(acceptor) => {
+                        axum::serve(tls::TlsListener::new(listener, acceptor), service)
+                            .with_graceful_shutdown(stop)
+                            .await
+                    }
+                    None => {
+                        axum::serve(listener, service)
+                            .with_graceful_shutdown(stop)
+                            .await
+                    }
+                };
+                if let Err(error) = served {
+                    warn!(%error, "panel stopped");
+                }
+            });
+            runtime.shutdown_timeout(Duration::from_secs(1));
+        })?;
+    Ok((Panel { state, address }, thread))
+}
+
+/// Writes the router's boot events to the database in batches, and
+/// remembers every machine that asked for its script (discovery).
+async fn write_events(state: Arc<PanelState>) {
+    let mut feed = state.router.events.subscribe();
+    loop {
+        let mut batch: Vec<BootEvent> = Vec::new();
+        match feed.recv().await {
+            Ok(event) => batch.push(event),
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(lost)) => {
+                warn!(
+                    lost,
+                    "boot events arrived faster than the database took them; some are not stored"
+                );
+                continue;
+            }
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+        }
+        // Gather what else arrives within 100 ms into one transaction.
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(100);
+        while batch.len() < 2000 {
+            match tokio::time::timeout_at(deadline, feed.recv()).await {
+                Ok(Ok(event)) => batch.push(event),
+                Ok(Err(tokio::sync::broadcast::error::RecvError::Lagged(lost))) => {
+                    warn!(lost, "boot events arrived faster than the database took them; some are not stored");
+                }
+                _ => break,
+            }
+        }
+        let state = Arc::clone(&state);
+        let written = tokio::task::spawn_blocking(move || {
+            for event in &batch {
+                if let (Phase::Script | Phase::Chain, Some(mac)) = (event.phase, event.mac) {
+                    let facts = state
+                        .router
+                        .seen_machine(mac)
+                        .map(|seen| seen.facts)
+                        .unwrap_or_default();
+                    state.store.note_seen(mac, &facts, event.at_ms)?;
+                }
+            }
+            state.store.note_events(&batch)
+        })
+        .await;
+        match written {
+            Ok(Err(error)) => warn!(%error, "boot events not stored"),
+            Err(error) => warn!(%error, "boot event writer failed"),
+            Ok(Ok(())) => {}
+        }
+    }
+}
+
+/// Periodic work: re-checking image files that changed on disk, and
+/// dropping events older than the retention.
+async fn housekeeping(state: Arc<PanelState>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(10));
+    loop {
+        tick.tick().await;
+        let state = Arc::clone(&state);
+        let _ = tokio::task::spawn_blocking(move || {
+            let retention = state.config.event_retention.as_millis() as u64;
+            if let Err(error) = state.store.prune_events(now_ms().saturating_sub(retention)) {
+                warn!(%error, "old boot events not pruned");
+            }
+            recheck_image_files(&state);
+        })
+        .await;
+    }
+}
+
+/// Recomputes the checksums of image files whose size or time changed.
+fn recheck_image_files(state: &PanelState) {
+    let Ok(images) = state.store.images() else {
+        return;
+    };
+    for image in images {
+        let changed = image.files.iter().any(|file| {
+            std::fs::metadata(state.root.join(&file.path))
+                .map(|meta| meta.len() != file.size || mtime_ms(&meta) != file.mtime_ms)
+                .unwrap_or(true)
+        });
+        if !changed {
+            continue;
+        }
+        match check_files(&state.root, &image) {
+            Ok(files) => {
+                info!(image = %image.name, "an image's boot file changed on disk; size and checksum updated");
+                let detail = files
+                    .iter()
+                    .map(|f| format!("{} {} bytes sha256 {}", f.path, f.size, &f.sha256[..16]))
+                    .collect::<Vec<_>>()
+                    .join("; ");
+                let _ = state.store.update_image_files(&image.name, &files);
+                let _ = state.store.record_audit(
+                    "bootfleet",
+                    "image.files-changed",
+                    &image.name,
+                    &detail,
+                );
+            }
+            Err(error) => {
+                warn!(image = %image.name, %error, "an image's boot file is missing or unreadable")
+            }
+        }
+    }
+}

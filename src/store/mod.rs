@@ -1,0 +1,439 @@
+//! The inventory store behind the control panel: machines, images, pools,
+//! boot events, users, API tokens and the audit log.
+//!
+//! [`InventoryStore`] is the one seam between the panel and its database:
+//! the embedded SQLite file ([`sqlite::SqliteStore`]) is the default, and a
+//! PostgreSQL store shared by several boot servers can be added behind the
+//! same trait. The data plane never reads the store: every change is turned
+//! into a fresh [`Snapshot`](crate::inventory::Snapshot) by
+//! [`snapshot_from_store`] and swapped into the router atomically.
+
+pub mod sqlite;
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::boot::events::BootEvent;
+use crate::boot::Mac;
+use crate::inventory::{self, Snapshot, Transport, UnknownPolicy};
+
+/// What a user or API token may do; each scope includes the ones before it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scope {
+    /// Read everything except users and tokens.
+    Read,
+    /// Also assign images to machines and pools, adopt and re-arm machines.
+    Assign,
+    /// Also manage images, pools, users and tokens, and forget machines.
+    Admin,
+}
+
+impl std::str::FromStr for Scope {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "read" => Ok(Scope::Read),
+            "assign" => Ok(Scope::Assign),
+            "admin" => Ok(Scope::Admin),
+            other => Err(format!("scope {other:?} is not one of read, assign, admin")),
+        }
+    }
+}
+
+impl Scope {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scope::Read => "read",
+            Scope::Assign => "assign",
+            Scope::Admin => "admin",
+        }
+    }
+}
+
+/// A machine as the panel knows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct MachineRecord {
+    pub mac: Mac,
+    pub hostname: Option<String>,
+    pub ip: Option<Ipv4Addr>,
+    /// `key=value` labels (pools select machines by them).
+    pub labels: Vec<String>,
+    pub image: Option<String>,
+    pub one_shot: bool,
+    pub rearm: u64,
+    pub netboot: bool,
+    pub cmdline_append: String,
+    pub notes: String,
+    /// `false`: discovered (it asked for a script) but not adopted yet.
+    pub adopted: bool,
+    pub first_seen_ms: Option<u64>,
+    pub last_seen_ms: Option<u64>,
+    /// The iPXE facts it sent (uuid, manufacturer, product, serial, asset,
+    /// buildarch, platform).
+    pub facts: BTreeMap<String, String>,
+    /// The last boot step seen, when, and its status.
+    pub phase: Option<String>,
+    pub phase_ms: Option<u64>,
+    pub phase_status: Option<u16>,
+}
+
+/// A change to a machine (`PUT /api/v1/machines/{mac}`); absent fields stay.
+/// Putting a discovered machine adopts it.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MachinePatch {
+    /// An image name, or `null` to unassign.
+    #[serde(default, deserialize_with = "double_option")]
+    pub image: Option<Option<String>>,
+    #[serde(default, deserialize_with = "double_option")]
+    pub hostname: Option<Option<String>>,
+    #[serde(default, deserialize_with = "double_option")]
+    pub ip: Option<Option<Ipv4Addr>>,
+    pub labels: Option<Vec<String>>,
+    pub one_shot: Option<bool>,
+    /// `true`: a used one-shot assignment installs once more.
+    #[serde(default)]
+    pub rearm: bool,
+    pub netboot: Option<bool>,
+    pub cmdline_append: Option<String>,
+    pub notes: Option<String>,
+}
+
+fn double_option<'de, T: Deserialize<'de>, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<Option<T>>, D::Error> {
+    Option::<T>::deserialize(deserializer).map(Some)
+}
+
+/// A boot file of an image, as last checked.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileCheck {
+    pub path: String,
+    pub size: u64,
+    pub sha256: String,
+    pub mtime_ms: u64,
+}
+
+/// An image.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageRecord {
+    pub name: String,
+    pub kernel: String,
+    #[serde(default)]
+    pub initrds: Vec<String>,
+    #[serde(default)]
+    pub cmdline: String,
+    /// `http`, `tftp` or `multicast`.
+    #[serde(default = "http")]
+    pub transport: String,
+    /// e.g. `x86_64`, `arm64`.
+    #[serde(default)]
+    pub architecture: String,
+    #[serde(default)]
+    pub description: String,
+    /// Sizes and SHA-256 of the files in the boot directory (URLs have none).
+    #[serde(default)]
+    pub files: Vec<FileCheck>,
+    #[serde(default)]
+    pub created_ms: u64,
+}
+
+fn http() -> String {
+    "http".into()
+}
+
+/// A named set of machines: listed ones plus those whose labels match
+/// every `key=value` of the selector.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolRecord {
+    #[serde(default)]
+    pub name: String,
+    #[serde(default)]
+    pub members: Vec<Mac>,
+    #[serde(default)]
+    pub selector: Vec<String>,
+    /// The image last assigned to the pool.
+    #[serde(default)]
+    pub image: Option<String>,
+}
+
+impl PoolRecord {
+    /// Whether `machine` belongs to this pool.
+    pub fn contains(&self, machine: &MachineRecord) -> bool {
+        self.members.contains(&machine.mac)
+            || (!self.selector.is_empty()
+                && self
+                    .selector
+                    .iter()
+                    .all(|wanted| machine.labels.iter().any(|label| label == wanted)))
+    }
+}
+
+/// A user of the panel.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct UserRecord {
+    pub name: String,
+    pub scope: Scope,
+    #[serde(skip)]
+    pub password_hash: String,
+    pub created_ms: u64,
+}
+
+/// An API token (the secret itself is only ever shown once, at creation).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct TokenRecord {
+    pub id: i64,
+    pub name: String,
+    pub user: String,
+    pub scope: Scope,
+    pub created_ms: u64,
+    pub last_used_ms: Option<u64>,
+}
+
+/// A logged-in browser session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionRecord {
+    pub user: String,
+    pub scope: Scope,
+    pub csrf: String,
+    pub expires_ms: u64,
+}
+
+/// One change, who made it and when.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AuditEntry {
+    pub id: i64,
+    pub at_ms: u64,
+    pub actor: String,
+    pub action: String,
+    pub target: String,
+    pub detail: String,
+}
+
+/// A boot event as stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct StoredEvent {
+    pub at_ms: u64,
+    pub mac: Option<String>,
+    pub client: String,
+    pub phase: String,
+    pub transport: String,
+    pub detail: String,
+    pub bytes: u64,
+    pub duration_ms: u64,
+    pub status: u16,
+}
+
+/// What went wrong in the store, in words an API client can act on.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("inventory database: {0}")]
+    Database(String),
+}
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(error: rusqlite::Error) -> Self {
+        StoreError::Database(error.to_string())
+    }
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// The inventory database. Every method is one transaction; writes record
+/// their audit entry in the same transaction.
+pub trait InventoryStore: Send + Sync {
+    fn machines(&self) -> StoreResult<Vec<MachineRecord>>;
+    fn machine(&self, mac: Mac) -> StoreResult<Option<MachineRecord>>;
+    /// Creates or changes a machine (adopting it), as `actor`.
+    fn put_machine(
+        &self,
+        mac: Mac,
+        patch: &MachinePatch,
+        actor: &str,
+    ) -> StoreResult<MachineRecord>;
+    /// Puts the same change to many machines in one transaction.
+    fn put_machines(&self, macs: &[Mac], patch: &MachinePatch, actor: &str) -> StoreResult<usize>;
+    fn forget_machine(&self, mac: Mac, actor: &str) -> StoreResult<()>;
+    /// A machine asked for a script: remember it (discovered if new).
+    fn note_seen(
+        &self,
+        mac: Mac,
+        facts: &BTreeMap<String, String>,
+        at_ms: u64,
+    ) -> StoreResult<bool>;
+    /// Stores boot events and moves each machine's last phase.
+    fn note_events(&self, events: &[BootEvent]) -> StoreResult<()>;
+    fn events(
+        &self,
+        mac: Option<Mac>,
+        since_ms: u64,
+        limit: usize,
+    ) -> StoreResult<Vec<StoredEvent>>;
+    /// Deletes events older than `before_ms`; returns how many.
+    fn prune_events(&self, before_ms: u64) -> StoreResult<usize>;
+
+    fn images(&self) -> StoreResult<Vec<ImageRecord>>;
+    fn image(&self, name: &str) -> StoreResult<Option<ImageRecord>>;
+    fn add_image(&self, image: &ImageRecord, actor: &str) -> StoreResult<()>;
+    fn remove_image(&self, name: &str, actor: &str) -> StoreResult<()>;
+    /// Records new sizes and checksums (a file changed on disk).
+    fn update_image_files(&self, name: &str, files: &[FileCheck]) -> StoreResult<()>;
+
+    fn pools(&self) -> StoreResult<Vec<PoolRecord>>;
+    fn put_pool(&self, pool: &PoolRecord, actor: &str) -> StoreResult<()>;
+    fn delete_pool(&self, name: &str, actor: &str) -> StoreResult<()>;
+    /// Assigns `image` to every machine of the pool; returns how many.
+    fn assign_pool(&self, name: &str, image: Option<&str>, actor: &str) -> StoreResult<usize>;
+
+    fn unknown_policy(&self) -> StoreResult<(UnknownPolicy, u32)>;
+    fn set_unknown_policy(
+        &self,
+        policy: UnknownPolicy,
+        poll_seconds: u32,
+        actor: &str,
+    ) -> StoreResult<()>;
+
+    fn add_user(
+        &self,
+        name: &str,
+        password_hash: &str,
+        scope: Scope,
+        actor: &str,
+    ) -> StoreResult<()>;
+    fn user(&self, name: &str) -> StoreResult<Option<UserRecord>>;
+    fn users(&self) -> StoreResult<Vec<UserRecord>>;
+    fn create_session(&self, id_hash: &str, session: &SessionRecord) -> StoreResult<()>;
+    fn session(&self, id_hash: &str, now_ms: u64) -> StoreResult<Option<SessionRecord>>;
+    fn delete_session(&self, id_hash: &str) -> StoreResult<()>;
+    fn add_token(
+        &self,
+        name: &str,
+        user: &str,
+        scope: Scope,
+        secret_hash: &str,
+        actor: &str,
+    ) -> StoreResult<i64>;
+    /// The token with this hash, marking it used.
+    fn token(&self, secret_hash: &str, now_ms: u64) -> StoreResult<Option<TokenRecord>>;
+    fn tokens(&self) -> StoreResult<Vec<TokenRecord>>;
+    fn revoke_token(&self, id: i64, actor: &str) -> StoreResult<()>;
+
+    fn audit(&self, limit: usize) -> StoreResult<Vec<AuditEntry>>;
+    /// An audit entry for something that is not a store change (a login).
+    fn record_audit(
+        &self,
+        actor: &str,
+        action: &str,
+        target: &str,
+        detail: &str,
+    ) -> StoreResult<()>;
+}
+
+/// Builds the data plane's snapshot from the store: every image, and every
+/// adopted machine (discovered ones stay unknown to the router, so the
+/// unknown-machine policy answers them until an operator adopts them).
+pub fn snapshot_from_store(store: &dyn InventoryStore, generation: u64) -> StoreResult<Snapshot> {
+    let (policy, poll) = store.unknown_policy()?;
+    let images = store
+        .images()?
+        .into_iter()
+        .map(|image| inventory::Image {
+            transport: parse_transport(&image.transport).unwrap_or_default(),
+            name: image.name,
+            kernel: image.kernel,
+            initrds: image.initrds,
+            cmdline: image.cmdline,
+            description: image.description,
+            template: inventory::DEFAULT_TEMPLATE.to_string(),
+        })
+        .collect::<Vec<_>>();
+    let machines = store
+        .machines()?
+        .into_iter()
+        .filter(|m| m.adopted)
+        .map(|m| inventory::Machine {
+            mac: m.mac,
+            hostname: m.hostname,
+            image: m.image,
+            ip: m.ip,
+            cmdline_append: m.cmdline_append,
+            script_append: String::new(),
+            one_shot: m.one_shot,
+            rearm: m.rearm,
+            netboot: m.netboot,
+            vars: BTreeMap::new(),
+        });
+    Snapshot::from_records(generation, policy, poll, images, machines).map_err(StoreError::Invalid)
+}
+
+/// `http`, `tftp` or `multicast`.
+pub fn parse_transport(text: &str) -> Result<Transport, StoreError> {
+    match text {
+        "http" => Ok(Transport::Http),
+        "tftp" => Ok(Transport::Tftp),
+        "multicast" => Ok(Transport::Multicast),
+        other => Err(StoreError::Invalid(format!(
+            "transport {other:?} is not one of http, tftp, multicast"
+        ))),
+    }
+}
+
+/// Imports an inventory file's images and machines into an empty store.
+pub fn import_snapshot(
+    store: &dyn InventoryStore,
+    snapshot: &Snapshot,
+    actor: &str,
+) -> StoreResult<(usize, usize)> {
+    for image in snapshot.images.values() {
+        store.add_image(
+            &ImageRecord {
+                name: image.name.clone(),
+                kernel: image.kernel.clone(),
+                initrds: image.initrds.clone(),
+                cmdline: image.cmdline.clone(),
+                transport: match image.transport {
+                    Transport::Http => "http",
+                    Transport::Tftp => "tftp",
+                    Transport::Multicast => "multicast",
+                }
+                .into(),
+                architecture: String::new(),
+                description: image.description.clone(),
+                files: Vec::new(),
+                created_ms: 0,
+            },
+            actor,
+        )?;
+    }
+    let mut machines = 0;
+    for machine in snapshot.machines.values() {
+        store.put_machine(
+            machine.mac,
+            &MachinePatch {
+                image: Some(machine.image.clone()),
+                hostname: Some(machine.hostname.clone()),
+                ip: Some(machine.ip),
+                labels: None,
+                one_shot: Some(machine.one_shot),
+                rearm: false,
+                netboot: Some(machine.netboot),
+                cmdline_append: Some(machine.cmdline_append.clone()),
+                notes: None,
+            },
+            actor,
+        )?;
+        machines += 1;
+    }
+    store.set_unknown_policy(snapshot.unknown_policy, snapshot.poll_seconds, actor)?;
+    Ok((snapshot.images.len(), machines))
+}

@@ -1,0 +1,1190 @@
+//! The embedded inventory database: one SQLite file in WAL mode, one
+//! connection behind a mutex (SQLite allows one writer; the panel's
+//! queries are short), schema migrations numbered by `PRAGMA user_version`.
+//!
+//! Hand-written rather than through a migration crate: the schema is a
+//! list of SQL scripts applied in order, which is all such a crate would do.
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+use std::path::Path;
+use std::sync::Mutex;
+
+use rusqlite::{params, Connection, OptionalExtension, Row, Transaction};
+
+use super::*;
+use crate::boot::events::BootEvent;
+
+/// Schema versions, in order; version N is `MIGRATIONS[N-1]`.
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE images (
+    name TEXT PRIMARY KEY,
+    kernel TEXT NOT NULL,
+    initrds TEXT NOT NULL DEFAULT '[]',
+    cmdline TEXT NOT NULL DEFAULT '',
+    transport TEXT NOT NULL DEFAULT 'http',
+    architecture TEXT NOT NULL DEFAULT '',
+    description TEXT NOT NULL DEFAULT '',
+    files TEXT NOT NULL DEFAULT '[]',
+    created_ms INTEGER NOT NULL
+);
+CREATE TABLE machines (
+    mac TEXT PRIMARY KEY,
+    hostname TEXT,
+    ip TEXT UNIQUE,
+    labels TEXT NOT NULL DEFAULT '[]',
+    image TEXT REFERENCES images(name),
+    one_shot INTEGER NOT NULL DEFAULT 0,
+    rearm INTEGER NOT NULL DEFAULT 0,
+    netboot INTEGER NOT NULL DEFAULT 1,
+    cmdline_append TEXT NOT NULL DEFAULT '',
+    notes TEXT NOT NULL DEFAULT '',
+    adopted INTEGER NOT NULL DEFAULT 0,
+    first_seen_ms INTEGER,
+    last_seen_ms INTEGER,
+    facts TEXT NOT NULL DEFAULT '{}',
+    phase TEXT,
+    phase_ms INTEGER,
+    phase_status INTEGER
+);
+CREATE INDEX machines_image ON machines(image);
+CREATE TABLE pools (
+    name TEXT PRIMARY KEY,
+    members TEXT NOT NULL DEFAULT '[]',
+    selector TEXT NOT NULL DEFAULT '[]',
+    image TEXT
+);
+CREATE TABLE events (
+    id INTEGER PRIMARY KEY,
+    at_ms INTEGER NOT NULL,
+    mac TEXT,
+    client TEXT NOT NULL,
+    phase TEXT NOT NULL,
+    transport TEXT NOT NULL,
+    detail TEXT NOT NULL,
+    bytes INTEGER NOT NULL,
+    duration_ms INTEGER NOT NULL,
+    status INTEGER NOT NULL
+);
+CREATE INDEX events_by_time ON events(at_ms);
+CREATE INDEX events_by_machine ON events(mac, at_ms);
+CREATE TABLE users (
+    name TEXT PRIMARY KEY,
+    password_hash TEXT NOT NULL,
+    scope TEXT NOT NULL,
+    created_ms INTEGER NOT NULL
+);
+CREATE TABLE sessions (
+    id_hash TEXT PRIMARY KEY,
+    user TEXT NOT NULL REFERENCES users(name) ON DELETE CASCADE,
+    scope TEXT NOT NULL,
+    csrf TEXT NOT NULL,
+    expires_ms INTEGER NOT NULL
+);
+CREATE TABLE tokens (
+    id INTEGER PRIMARY KEY,
+    name TEXT NOT NULL,
+    user TEXT NOT NULL,
+    scope TEXT NOT NULL,
+    secret_hash TEXT NOT NULL UNIQUE,
+    created_ms INTEGER NOT NULL,
+    last_used_ms INTEGER,
+    revoked INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE audit (
+    id INTEGER PRIMARY KEY,
+    at_ms INTEGER NOT NULL,
+    actor TEXT NOT NULL,
+    action TEXT NOT NULL,
+    target TEXT NOT NULL,
+    detail TEXT NOT NULL
+);
+CREATE TABLE settings (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+"#];
+
+/// The SQLite inventory store.
+pub struct SqliteStore {
+    connection: Mutex<Connection>,
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn json<T: serde::Serialize>(value: &T) -> String {
+    serde_json::to_string(value).expect("plain data serializes")
+}
+
+fn from_json<T: serde::de::DeserializeOwned + Default>(text: &str) -> T {
+    serde_json::from_str(text).unwrap_or_default()
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database at `path` and brings its
+    /// schema up to date.
+    pub fn open(path: &Path) -> StoreResult<Self> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| {
+                StoreError::Database(format!("cannot create {}: {e}", dir.display()))
+            })?;
+        }
+        let connection = Connection::open(path)
+            .map_err(|e| StoreError::Database(format!("cannot open {}: {e}", path.display())))?;
+        connection.pragma_update(None, "journal_mode", "WAL")?;
+        connection.pragma_update(None, "synchronous", "NORMAL")?;
+        connection.pragma_update(None, "foreign_keys", "ON")?;
+        connection.busy_timeout(std::time::Duration::from_secs(5))?;
+        let store = Self {
+            connection: Mutex::new(connection),
+        };
+        store.migrate()?;
+        Ok(store)
+    }
+
+    fn migrate(&self) -> StoreResult<()> {
+        let mut connection = self.lock();
+        let version =
+            connection.pragma_query_value(None, "user_version", |r| r.get::<_, i64>(0))? as usize;
+        if version > MIGRATIONS.len() {
+            return Err(StoreError::Database(format!(
+                "the database has schema version {version}, newer than this bootfleet knows ({}); upgrade bootfleet",
+                MIGRATIONS.len()
+            )));
+        }
+        for (index, script) in MIGRATIONS.iter().enumerate().skip(version) {
+            let tx = connection.transaction()?;
+            tx.execute_batch(script)?;
+            tx.pragma_update(None, "user_version", (index + 1) as i64)?;
+            tx.commit()?;
+            tracing::info!(version = index + 1, "inventory database schema migrated");
+        }
+        Ok(())
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Connection> {
+        self.connection.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Runs `f` in one write transaction.
+    fn write<T>(&self, f: impl FnOnce(&Transaction<'_>) -> StoreResult<T>) -> StoreResult<T> {
+        let mut connection = self.lock();
+        let tx = connection.transaction()?;
+        let value = f(&tx)?;
+        tx.commit()?;
+        Ok(value)
+    }
+}
+
+fn audit(
+    tx: &Transaction<'_>,
+    actor: &str,
+    action: &str,
+    target: &str,
+    detail: &str,
+) -> StoreResult<()> {
+    tx.execute(
+        "INSERT INTO audit (at_ms, actor, action, target, detail) VALUES (?1, ?2, ?3, ?4, ?5)",
+        params![now_ms() as i64, actor, action, target, detail],
+    )?;
+    Ok(())
+}
+
+const MACHINE_COLUMNS: &str = "mac, hostname, ip, labels, image, one_shot, rearm, netboot, \
+     cmdline_append, notes, adopted, first_seen_ms, last_seen_ms, facts, phase, phase_ms, phase_status";
+
+fn machine_from_row(row: &Row<'_>) -> rusqlite::Result<MachineRecord> {
+    let mac: String = row.get(0)?;
+    let ip: Option<String> = row.get(2)?;
+    Ok(MachineRecord {
+        mac: Mac::parse(&mac).unwrap_or(Mac([0; 6])),
+        hostname: row.get(1)?,
+        ip: ip.and_then(|ip| ip.parse::<Ipv4Addr>().ok()),
+        labels: from_json(&row.get::<_, String>(3)?),
+        image: row.get(4)?,
+        one_shot: row.get(5)?,
+        rearm: row.get::<_, i64>(6)? as u64,
+        netboot: row.get(7)?,
+        cmdline_append: row.get(8)?,
+        notes: row.get(9)?,
+        adopted: row.get(10)?,
+        first_seen_ms: row.get::<_, Option<i64>>(11)?.map(|v| v as u64),
+        last_seen_ms: row.get::<_, Option<i64>>(12)?.map(|v| v as u64),
+        facts: from_json(&row.get::<_, String>(13)?),
+        phase: row.get(14)?,
+        phase_ms: row.get::<_, Option<i64>>(15)?.map(|v| v as u64),
+        phase_status: row.get::<_, Option<i64>>(16)?.map(|v| v as u16),
+    })
+}
+
+fn image_from_row(row: &Row<'_>) -> rusqlite::Result<ImageRecord> {
+    Ok(ImageRecord {
+        name: row.get(0)?,
+        kernel: row.get(1)?,
+        initrds: from_json(&row.get::<_, String>(2)?),
+        cmdline: row.get(3)?,
+        transport: row.get(4)?,
+        architecture: row.get(5)?,
+        description: row.get(6)?,
+        files: from_json(&row.get::<_, String>(7)?),
+        created_ms: row.get::<_, i64>(8)? as u64,
+    })
+}
+
+const IMAGE_COLUMNS: &str =
+    "name, kernel, initrds, cmdline, transport, architecture, description, files, created_ms";
+
+fn get_machine(tx: &Connection, mac: Mac) -> StoreResult<Option<MachineRecord>> {
+    Ok(tx
+        .query_row(
+            &format!("SELECT {MACHINE_COLUMNS} FROM machines WHERE mac = ?1"),
+            [mac.to_string()],
+            machine_from_row,
+        )
+        .optional()?)
+}
+
+fn image_exists(tx: &Connection, name: &str) -> StoreResult<bool> {
+    Ok(tx
+        .query_row("SELECT 1 FROM images WHERE name = ?1", [name], |_| Ok(()))
+        .optional()?
+        .is_some())
+}
+
+/// Applies `patch` to `mac` inside `tx` and returns the machine and a
+/// one-line description of what changed (for the audit log).
+fn apply_patch(
+    tx: &Transaction<'_>,
+    mac: Mac,
+    patch: &MachinePatch,
+) -> StoreResult<(MachineRecord, String)> {
+    if let Some(Some(image)) = &patch.image {
+        if !image_exists(tx, image)? {
+            return Err(StoreError::Invalid(format!(
+                "no image named {image:?}; register it first (POST /api/v1/images)"
+            )));
+        }
+    }
+    if let Some(labels) = &patch.labels {
+        validate_labels(labels)?;
+    }
+    if let Some(Some(hostname)) = &patch.hostname {
+        validate_hostname(hostname)?;
+    }
+    let existing = get_machine(tx, mac)?;
+    let mut machine = existing.clone().unwrap_or(MachineRecord {
+        mac,
+        hostname: None,
+        ip: None,
+        labels: Vec::new(),
+        image: None,
+        one_shot: false,
+        rearm: 0,
+        netboot: true,
+        cmdline_append: String::new(),
+        notes: String::new(),
+        adopted: true,
+        first_seen_ms: None,
+        last_seen_ms: None,
+        facts: BTreeMap::new(),
+        phase: None,
+        phase_ms: None,
+        phase_status: None,
+    });
+    let mut changes = Vec::new();
+    if !machine.adopted {
+        changes.push("adopted".to_string());
+    }
+    machine.adopted = true;
+    if let Some(image) = &patch.image {
+        if *image != machine.image {
+            changes.push(format!(
+                "image {} -> {}",
+                machine.image.as_deref().unwrap_or("none"),
+                image.as_deref().unwrap_or("none")
+            ));
+        }
+        machine.image = image.clone();
+    }
+    if let Some(hostname) = &patch.hostname {
+        if *hostname != machine.hostname {
+            changes.push(format!(
+                "hostname {}",
+                hostname.as_deref().unwrap_or("none")
+            ));
+        }
+        machine.hostname = hostname.clone();
+    }
+    if let Some(ip) = patch.ip {
+        if ip != machine.ip {
+            changes.push(format!(
+                "ip {}",
+                ip.map_or("none".into(), |ip| ip.to_string())
+            ));
+        }
+        machine.ip = ip;
+    }
+    if let Some(labels) = &patch.labels {
+        if *labels != machine.labels {
+            changes.push(format!("labels [{}]", labels.join(", ")));
+        }
+        machine.labels = labels.clone();
+    }
+    if let Some(one_shot) = patch.one_shot {
+        if one_shot != machine.one_shot {
+            changes.push(format!("one_shot {one_shot}"));
+        }
+        machine.one_shot = one_shot;
+    }
+    if patch.rearm {
+        machine.rearm += 1;
+        changes.push(format!("re-armed (generation {})", machine.rearm));
+    }
+    if let Some(netboot) = patch.netboot {
+        if netboot != machine.netboot {
+            changes.push(format!("netboot {netboot}"));
+        }
+        machine.netboot = netboot;
+    }
+    if let Some(append) = &patch.cmdline_append {
+        if *append != machine.cmdline_append {
+            changes.push(format!("cmdline_append {append:?}"));
+        }
+        machine.cmdline_append = append.clone();
+    }
+    if let Some(notes) = &patch.notes {
+        if *notes != machine.notes {
+            changes.push("notes".to_string());
+        }
+        machine.notes = notes.clone();
+    }
+    if let Some(ip) = machine.ip {
+        let holder: Option<String> = tx
+            .query_row(
+                "SELECT mac FROM machines WHERE ip = ?1 AND mac != ?2",
+                params![ip.to_string(), mac.to_string()],
+                |r| r.get(0),
+            )
+            .optional()?;
+        if let Some(holder) = holder {
+            return Err(StoreError::Conflict(format!(
+                "{ip} is already reserved for {holder}"
+            )));
+        }
+    }
+    tx.execute(
+        "INSERT INTO machines (mac, hostname, ip, labels, image, one_shot, rearm, netboot, \
+         cmdline_append, notes, adopted) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, 1) \
+         ON CONFLICT(mac) DO UPDATE SET hostname = ?2, ip = ?3, labels = ?4, image = ?5, \
+         one_shot = ?6, rearm = ?7, netboot = ?8, cmdline_append = ?9, notes = ?10, adopted = 1",
+        params![
+            mac.to_string(),
+            machine.hostname,
+            machine.ip.map(|ip| ip.to_string()),
+            json(&machine.labels),
+            machine.image,
+            machine.one_shot,
+            machine.rearm as i64,
+            machine.netboot,
+            machine.cmdline_append,
+            machine.notes,
+        ],
+    )?;
+    let summary = if existing.is_none() {
+        format!("created; {}", changes.join("; "))
+    } else if changes.is_empty() {
+        "no change".to_string()
+    } else {
+        changes.join("; ")
+    };
+    Ok((machine, summary))
+}
+
+/// Labels are `key=value` with a plain key.
+pub fn validate_labels(labels: &[String]) -> StoreResult<()> {
+    for label in labels {
+        let valid = label.split_once('=').is_some_and(|(key, value)| {
+            !key.is_empty()
+                && key.len() <= 63
+                && value.len() <= 255
+                && key
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c))
+                && !value.chars().any(char::is_control)
+        });
+        if !valid {
+            return Err(StoreError::Invalid(format!(
+                "label {label:?} must be key=value (key: letters, digits, '-', '_', '.', '/')"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// A hostname is DNS letters, digits, hyphens and dots.
+pub fn validate_hostname(hostname: &str) -> StoreResult<()> {
+    let valid = !hostname.is_empty()
+        && hostname.len() <= 253
+        && hostname.split('.').all(|part| {
+            !part.is_empty()
+                && part.len() <= 63
+                && !part.starts_with('-')
+                && part.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+        });
+    if valid {
+        Ok(())
+    } else {
+        Err(StoreError::Invalid(format!(
+            "hostname {hostname:?} is not a DNS name (letters, digits, '-', dots between labels)"
+        )))
+    }
+}
+
+impl InventoryStore for SqliteStore {
+    fn machines(&self) -> StoreResult<Vec<MachineRecord>> {
+        let connection = self.lock();
+        let mut statement = connection.prepare_cached(&format!(
+            "SELECT {MACHINE_COLUMNS} FROM machines ORDER BY mac"
+        ))?;
+        let rows = statement.query_map([], machine_from_row)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn machine(&self, mac: Mac) -> StoreResult<Option<MachineRecord>> {
+        get_machine(&self.lock(), mac)
+    }
+
+    fn put_machine(
+        &self,
+        mac: Mac,
+        patch: &MachinePatch,
+        actor: &str,
+    ) -> StoreResult<MachineRecord> {
+        self.write(|tx| {
+            let (machine, summary) = apply_patch(tx, mac, patch)?;
+            audit(tx, actor, "machine.put", &mac.to_string(), &summary)?;
+            Ok(machine)
+        })
+    }
+
+    fn put_machines(&self, macs: &[Mac], patch: &MachinePatch, actor: &str) -> StoreResult<usize> {
+        self.write(|tx| {
+            for &mac in macs {
+                let (_, summary) = apply_patch(tx, mac, patch)?;
+                audit(tx, actor, "machine.put", &mac.to_string(), &summary)?;
+            }
+            Ok(macs.len())
+        })
+    }
+
+    fn forget_machine(&self, mac: Mac, actor: &str) -> StoreResult<()> {
+        self.write(|tx| {
+            let removed = tx.execute("DELETE FROM machines WHERE mac = ?1", [mac.to_string()])?;
+            if removed == 0 {
+                return Err(StoreError::NotFound(format!("no machine {mac}")));
+            }
+            audit(tx, actor, "machine.forget", &mac.to_string(), "")
+        })
+    }
+
+    fn note_seen(
+        &self,
+        mac: Mac,
+        facts: &BTreeMap<String, String>,
+        at_ms: u64,
+    ) -> StoreResult<bool> {
+        self.write(|tx| {
+            let existing = get_machine(tx, mac)?;
+            let mut merged = existing
+                .as_ref()
+                .map(|m| m.facts.clone())
+                .unwrap_or_default();
+            for (key, value) in facts {
+                if !value.is_empty() {
+                    merged.insert(
+                        key.chars().take(32).collect(),
+                        value.chars().take(200).collect(),
+                    );
+                }
+            }
+            tx.execute(
+                "INSERT INTO machines (mac, adopted, first_seen_ms, last_seen_ms, facts) \
+                 VALUES (?1, 0, ?2, ?2, ?3) ON CONFLICT(mac) DO UPDATE SET \
+                 first_seen_ms = COALESCE(first_seen_ms, ?2), last_seen_ms = ?2, facts = ?3",
+                params![mac.to_string(), at_ms as i64, json(&merged)],
+            )?;
+            Ok(existing.is_none())
+        })
+    }
+
+    fn note_events(&self, events: &[BootEvent]) -> StoreResult<()> {
+        self.write(|tx| {
+            let mut insert = tx.prepare_cached(
+                "INSERT INTO events (at_ms, mac, client, phase, transport, detail, bytes, \
+                 duration_ms, status) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            )?;
+            let mut phase = tx.prepare_cached(
+                "UPDATE machines SET phase = ?2, phase_ms = ?3, phase_status = ?4, \
+                 last_seen_ms = MAX(COALESCE(last_seen_ms, 0), ?3) WHERE mac = ?1",
+            )?;
+            for event in events {
+                let phase_name = serde_json::to_value(event.phase)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_string))
+                    .unwrap_or_default();
+                let mac = event.mac.map(|m| m.to_string());
+                insert.execute(params![
+                    event.at_ms as i64,
+                    mac,
+                    event.client.to_string(),
+                    phase_name,
+                    event.transport,
+                    event.detail,
+                    event.bytes as i64,
+                    event.duration_ms as i64,
+                    event.status,
+                ])?;
+                if let Some(mac) = mac {
+                    phase.execute(params![mac, phase_name, event.at_ms as i64, event.status])?;
+                }
+            }
+            Ok(())
+        })
+    }
+
+    fn events(
+        &self,
+        mac: Option<Mac>,
+        since_ms: u64,
+        limit: usize,
+    ) -> StoreResult<Vec<StoredEvent>> {
+        let connection = self.lock();
+        let mut statement = connection.prepare_cached(
+            "SELECT at_ms, mac, client, phase, transport, detail, bytes, duration_ms, status \
+             FROM events WHERE (?1 IS NULL OR mac = ?1) AND at_ms >= ?2 \
+             ORDER BY at_ms DESC, id DESC LIMIT ?3",
+        )?;
+        let rows = statement.query_map(
+            params![mac.map(|m| m.to_string()), since_ms as i64, limit as i64],
+            |row| {
+                Ok(StoredEvent {
+                    at_ms: row.get::<_, i64>(0)? as u64,
+                    mac: row.get(1)?,
+                    client: row.get(2)?,
+                    phase: row.get(3)?,
+                    transport: row.get(4)?,
+                    detail: row.get(5)?,
+                    bytes: row.get::<_, i64>(6)? as u64,
+                    duration_ms: row.get::<_, i64>(7)? as u64,
+                    status: row.get::<_, i64>(8)? as u16,
+                })
+            },
+        )?;
+        let mut events: Vec<StoredEvent> = rows.collect::<Result<_, _>>()?;
+        events.reverse();
+        Ok(events)
+    }
+
+    fn prune_events(&self, before_ms: u64) -> StoreResult<usize> {
+        self.write(|tx| Ok(tx.execute("DELETE FROM events WHERE at_ms < ?1", [before_ms as i64])?))
+    }
+
+    fn images(&self) -> StoreResult<Vec<ImageRecord>> {
+        let connection = self.lock();
+        let mut statement = connection
+            .prepare_cached(&format!("SELECT {IMAGE_COLUMNS} FROM images ORDER BY name"))?;
+        let rows = statement.query_map([], image_from_row)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn image(&self, name: &str) -> StoreResult<Option<ImageRecord>> {
+        Ok(self
+            .lock()
+            .query_row(
+                &format!("SELECT {IMAGE_COLUMNS} FROM images WHERE name = ?1"),
+                [name],
+                image_from_row,
+            )
+            .optional()?)
+    }
+
+    fn add_image(&self, image: &ImageRecord, actor: &str) -> StoreResult<()> {
+        parse_transport(&image.transport)?;
+        self.write(|tx| {
+            if image_exists(tx, &image.name)? {
+                return Err(StoreError::Conflict(format!(
+                    "an image named {:?} exists; remove it first or pick another name",
+                    image.name
+                )));
+            }
+            tx.execute(
+                &format!("INSERT INTO images ({IMAGE_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)"),
+                params![
+                    image.name,
+                    image.kernel,
+                    json(&image.initrds),
+                    image.cmdline,
+                    image.transport,
+                    image.architecture,
+                    image.description,
+                    json(&image.files),
+                    now_ms() as i64,
+                ],
+            )?;
+            audit(tx, actor, "image.add", &image.name, &format!("kernel {}", image.kernel))
+        })
+    }
+
+    fn remove_image(&self, name: &str, actor: &str) -> StoreResult<()> {
+        self.write(|tx| {
+            let users: Vec<String> = tx
+                .prepare("SELECT mac FROM machines WHERE image = ?1 ORDER BY mac LIMIT 6")?
+                .query_map([name], |r| r.get(0))?
+                .collect::<Result<_, _>>()?;
+            if !users.is_empty() {
+                return Err(StoreError::Conflict(format!(
+                    "image {name:?} is assigned to {}; assign those machines another image first",
+                    users.join(", ")
+                )));
+            }
+            if tx.execute("DELETE FROM images WHERE name = ?1", [name])? == 0 {
+                return Err(StoreError::NotFound(format!("no image named {name:?}")));
+            }
+            audit(tx, actor, "image.remove", name, "")
+        })
+    }
+
+    fn update_image_files(&self, name: &str, files: &[FileCheck]) -> StoreResult<()> {
+        self.write(|tx| {
+            tx.execute(
+                "UPDATE images SET files = ?2 WHERE name = ?1",
+                params![name, json(&files)],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn pools(&self) -> StoreResult<Vec<PoolRecord>> {
+        let connection = self.lock();
+        let mut statement = connection
+            .prepare_cached("SELECT name, members, selector, image FROM pools ORDER BY name")?;
+        let rows = statement.query_map([], |row| {
+            Ok(PoolRecord {
+                name: row.get(0)?,
+                members: from_json::<Vec<String>>(&row.get::<_, String>(1)?)
+                    .iter()
+                    .filter_map(|m| Mac::parse(m).ok())
+                    .collect(),
+                selector: from_json(&row.get::<_, String>(2)?),
+                image: row.get(3)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn put_pool(&self, pool: &PoolRecord, actor: &str) -> StoreResult<()> {
+        validate_labels(&pool.selector)?;
+        self.write(|tx| {
+            let members: Vec<String> = pool.members.iter().map(Mac::to_string).collect();
+            tx.execute(
+                "INSERT INTO pools (name, members, selector) VALUES (?1, ?2, ?3) \
+                 ON CONFLICT(name) DO UPDATE SET members = ?2, selector = ?3",
+                params![pool.name, json(&members), json(&pool.selector)],
+            )?;
+            audit(
+                tx,
+                actor,
+                "pool.put",
+                &pool.name,
+                &format!(
+                    "{} listed, selector [{}]",
+                    members.len(),
+                    pool.selector.join(", ")
+                ),
+            )
+        })
+    }
+
+    fn delete_pool(&self, name: &str, actor: &str) -> StoreResult<()> {
+        self.write(|tx| {
+            if tx.execute("DELETE FROM pools WHERE name = ?1", [name])? == 0 {
+                return Err(StoreError::NotFound(format!("no pool named {name:?}")));
+            }
+            audit(tx, actor, "pool.delete", name, "")
+        })
+    }
+
+    fn assign_pool(&self, name: &str, image: Option<&str>, actor: &str) -> StoreResult<usize> {
+        let pool = self
+            .pools()?
+            .into_iter()
+            .find(|p| p.name == name)
+            .ok_or_else(|| StoreError::NotFound(format!("no pool named {name:?}")))?;
+        let members: Vec<Mac> = self
+            .machines()?
+            .iter()
+            .filter(|m| pool.contains(m))
+            .map(|m| m.mac)
+            .collect();
+        let patch = MachinePatch {
+            image: Some(image.map(str::to_string)),
+            ..MachinePatch::default()
+        };
+        self.write(|tx| {
+            for &mac in &members {
+                let (_, summary) = apply_patch(tx, mac, &patch)?;
+                audit(
+                    tx,
+                    actor,
+                    "machine.put",
+                    &mac.to_string(),
+                    &format!("{summary} (pool {name})"),
+                )?;
+            }
+            tx.execute(
+                "UPDATE pools SET image = ?2 WHERE name = ?1",
+                params![name, image],
+            )?;
+            audit(
+                tx,
+                actor,
+                "pool.assign",
+                name,
+                &format!(
+                    "image {} to {} machines",
+                    image.unwrap_or("none"),
+                    members.len()
+                ),
+            )?;
+            Ok(members.len())
+        })
+    }
+
+    fn unknown_policy(&self) -> StoreResult<(UnknownPolicy, u32)> {
+        let connection = self.lock();
+        let get = |key: &str| -> StoreResult<Option<String>> {
+            Ok(connection
+                .query_row("SELECT value FROM settings WHERE key = ?1", [key], |r| {
+                    r.get(0)
+                })
+                .optional()?)
+        };
+        let policy = match get("unknown.policy")?.as_deref() {
+            Some("local") => UnknownPolicy::Local,
+            Some("wait") => UnknownPolicy::Wait,
+            _ => UnknownPolicy::Menu,
+        };
+        let poll = get("unknown.poll_seconds")?
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(30);
+        Ok((policy, poll))
+    }
+
+    fn set_unknown_policy(
+        &self,
+        policy: UnknownPolicy,
+        poll_seconds: u32,
+        actor: &str,
+    ) -> StoreResult<()> {
+        if !(1..=3600).contains(&poll_seconds) {
+            return Err(StoreError::Invalid(
+                "poll_seconds must be between 1 and 3600".into(),
+            ));
+        }
+        let name = match policy {
+            UnknownPolicy::Menu => "menu",
+            UnknownPolicy::Local => "local",
+            UnknownPolicy::Wait => "wait",
+        };
+        self.write(|tx| {
+            for (key, value) in [
+                ("unknown.policy", name.to_string()),
+                ("unknown.poll_seconds", poll_seconds.to_string()),
+            ] {
+                tx.execute(
+                    "INSERT INTO settings (key, value) VALUES (?1, ?2) \
+                     ON CONFLICT(key) DO UPDATE SET value = ?2",
+                    params![key, value],
+                )?;
+            }
+            audit(
+                tx,
+                actor,
+                "settings.unknown",
+                name,
+                &format!("poll {poll_seconds} s"),
+            )
+        })
+    }
+
+    fn add_user(
+        &self,
+        name: &str,
+        password_hash: &str,
+        scope: Scope,
+        actor: &str,
+    ) -> StoreResult<()> {
+        if name.is_empty()
+            || name.len() > 64
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.@".contains(c))
+        {
+            return Err(StoreError::Invalid(format!(
+                "user name {name:?} may only use letters, digits, '-', '_', '.', '@' (1 to 64)"
+            )));
+        }
+        self.write(|tx| {
+            tx.execute(
+                "INSERT INTO users (name, password_hash, scope, created_ms) VALUES (?1, ?2, ?3, ?4) \
+                 ON CONFLICT(name) DO UPDATE SET password_hash = ?2, scope = ?3",
+                params![name, password_hash, scope.as_str(), now_ms() as i64],
+            )?;
+            tx.execute("DELETE FROM sessions WHERE user = ?1", [name])?;
+            audit(tx, actor, "user.set", name, scope.as_str())
+        })
+    }
+
+    fn user(&self, name: &str) -> StoreResult<Option<UserRecord>> {
+        Ok(self
+            .lock()
+            .query_row(
+                "SELECT name, password_hash, scope, created_ms FROM users WHERE name = ?1",
+                [name],
+                |r| {
+                    Ok(UserRecord {
+                        name: r.get(0)?,
+                        password_hash: r.get(1)?,
+                        scope: r.get::<_, String>(2)?.parse().unwrap_or(Scope::Read),
+                        created_ms: r.get::<_, i64>(3)? as u64,
+                    })
+                },
+            )
+            .optional()?)
+    }
+
+    fn users(&self) -> StoreResult<Vec<UserRecord>> {
+        let connection = self.lock();
+        let mut statement = connection
+            .prepare("SELECT name, password_hash, scope, created_ms FROM users ORDER BY name")?;
+        let rows = statement.query_map([], |r| {
+            Ok(UserRecord {
+                name: r.get(0)?,
+                password_hash: String::new(),
+                scope: r.get::<_, String>(2)?.parse().unwrap_or(Scope::Read),
+                created_ms: r.get::<_, i64>(3)? as u64,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn create_session(&self, id_hash: &str, session: &SessionRecord) -> StoreResult<()> {
+        self.write(|tx| {
+            tx.execute("DELETE FROM sessions WHERE expires_ms < ?1", [now_ms() as i64])?;
+            tx.execute(
+                "INSERT INTO sessions (id_hash, user, scope, csrf, expires_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![id_hash, session.user, session.scope.as_str(), session.csrf, session.expires_ms as i64],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn session(&self, id_hash: &str, now_ms: u64) -> StoreResult<Option<SessionRecord>> {
+        Ok(self
+            .lock()
+            .query_row(
+                "SELECT user, scope, csrf, expires_ms FROM sessions WHERE id_hash = ?1 AND expires_ms > ?2",
+                params![id_hash, now_ms as i64],
+                |r| {
+                    Ok(SessionRecord {
+                        user: r.get(0)?,
+                        scope: r.get::<_, String>(1)?.parse().unwrap_or(Scope::Read),
+                        csrf: r.get(2)?,
+                        expires_ms: r.get::<_, i64>(3)? as u64,
+                    })
+                },
+            )
+            .optional()?)
+    }
+
+    fn delete_session(&self, id_hash: &str) -> StoreResult<()> {
+        self.lock()
+            .execute("DELETE FROM sessions WHERE id_hash = ?1", [id_hash])?;
+        Ok(())
+    }
+
+    fn add_token(
+        &self,
+        name: &str,
+        user: &str,
+        scope: Scope,
+        secret_hash: &str,
+        actor: &str,
+    ) -> StoreResult<i64> {
+        self.write(|tx| {
+            tx.execute(
+                "INSERT INTO tokens (name, user, scope, secret_hash, created_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![name, user, scope.as_str(), secret_hash, now_ms() as i64],
+            )?;
+            let id = tx.last_insert_rowid();
+            audit(tx, actor, "token.add", name, &format!("scope {} for {user}", scope.as_str()))?;
+            Ok(id)
+        })
+    }
+
+    fn token(&self, secret_hash: &str, now_ms: u64) -> StoreResult<Option<TokenRecord>> {
+        let connection = self.lock();
+        let token = connection
+            .query_row(
+                "SELECT id, name, user, scope, created_ms, last_used_ms FROM tokens \
+                 WHERE secret_hash = ?1 AND revoked = 0",
+                [secret_hash],
+                token_from_row,
+            )
+            .optional()?;
+        if let Some(token) = &token {
+            // Coarse (once a minute) so a busy script does not write per call.
+            if token
+                .last_used_ms
+                .is_none_or(|t| now_ms.saturating_sub(t) > 60_000)
+            {
+                connection.execute(
+                    "UPDATE tokens SET last_used_ms = ?2 WHERE id = ?1",
+                    params![token.id, now_ms as i64],
+                )?;
+            }
+        }
+        Ok(token)
+    }
+
+    fn tokens(&self) -> StoreResult<Vec<TokenRecord>> {
+        let connection = self.lock();
+        let mut statement = connection.prepare(
+            "SELECT id, name, user, scope, created_ms, last_used_ms FROM tokens WHERE revoked = 0 ORDER BY id",
+        )?;
+        let rows = statement.query_map([], token_from_row)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn revoke_token(&self, id: i64, actor: &str) -> StoreResult<()> {
+        self.write(|tx| {
+            if tx.execute(
+                "UPDATE tokens SET revoked = 1 WHERE id = ?1 AND revoked = 0",
+                [id],
+            )? == 0
+            {
+                return Err(StoreError::NotFound(format!("no token with id {id}")));
+            }
+            audit(tx, actor, "token.revoke", &id.to_string(), "")
+        })
+    }
+
+    fn audit(&self, limit: usize) -> StoreResult<Vec<AuditEntry>> {
+        let connection = self.lock();
+        let mut statement = connection.prepare_cached(
+            "SELECT id, at_ms, actor, action, target, detail FROM audit ORDER BY id DESC LIMIT ?1",
+        )?;
+        let rows = statement.query_map([limit as i64], |r| {
+            Ok(AuditEntry {
+                id: r.get(0)?,
+                at_ms: r.get::<_, i64>(1)? as u64,
+                actor: r.get(2)?,
+                action: r.get(3)?,
+                target: r.get(4)?,
+                detail: r.get(5)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn record_audit(
+        &self,
+        actor: &str,
+        action: &str,
+        target: &str,
+        detail: &str,
+    ) -> StoreResult<()> {
+        self.write(|tx| audit(tx, actor, action, target, detail))
+    }
+}
+
+fn token_from_row(r: &Row<'_>) -> rusqlite::Result<TokenRecord> {
+    Ok(TokenRecord {
+        id: r.get(0)?,
+        name: r.get(1)?,
+        user: r.get(2)?,
+        scope: r.get::<_, String>(3)?.parse().unwrap_or(Scope::Read),
+        created_ms: r.get::<_, i64>(4)? as u64,
+        last_used_ms: r.get::<_, Option<i64>>(5)?.map(|v| v as u64),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store() -> (tempfile::TempDir, SqliteStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("inventory.db")).unwrap();
+        (dir, store)
+    }
+
+    fn image(name: &str) -> ImageRecord {
+        ImageRecord {
+            name: name.into(),
+            kernel: format!("{name}/vmlinuz"),
+            initrds: vec![format!("{name}/initrd")],
+            cmdline: "console=ttyS0".into(),
+            transport: "http".into(),
+            architecture: "x86_64".into(),
+            description: String::new(),
+            files: Vec::new(),
+            created_ms: 0,
+        }
+    }
+
+    #[test]
+    fn machines_are_adopted_assigned_and_audited() {
+        let (_dir, store) = store();
+        let mac = Mac::parse("52:54:00:00:00:01").unwrap();
+        assert!(store
+            .note_seen(mac, &BTreeMap::from([("serial".into(), "S1".into())]), 5)
+            .unwrap());
+        let seen = store.machine(mac).unwrap().unwrap();
+        assert!(!seen.adopted);
+        assert_eq!(seen.facts["serial"], "S1");
+        // A discovered machine is not in the data plane's snapshot.
+        assert!(snapshot_from_store(&store, 1).unwrap().machines.is_empty());
+
+        let patch = MachinePatch {
+            image: Some(Some("debian".into())),
+            ..Default::default()
+        };
+        let error = store.put_machine(mac, &patch, "alice").unwrap_err();
+        assert!(error.to_string().contains("register it first"), "{error}");
+        store.add_image(&image("debian"), "alice").unwrap();
+        let machine = store.put_machine(mac, &patch, "alice").unwrap();
+        assert!(machine.adopted);
+        assert_eq!(machine.facts["serial"], "S1", "facts survive adoption");
+        let snapshot = snapshot_from_store(&store, 2).unwrap();
+        assert_eq!(snapshot.assigned_image(mac).unwrap().1.name, "debian");
+
+        let audit = store.audit(10).unwrap();
+        assert_eq!(audit[0].actor, "alice");
+        assert_eq!(audit[0].action, "machine.put");
+        assert!(
+            audit[0].detail.contains("adopted; image none -> debian"),
+            "{:?}",
+            audit[0]
+        );
+        let error = store.remove_image("debian", "alice").unwrap_err();
+        assert!(matches!(error, StoreError::Conflict(_)), "{error}");
+    }
+
+    #[test]
+    fn pools_assign_by_list_and_by_label() {
+        let (_dir, store) = store();
+        store.add_image(&image("a"), "t").unwrap();
+        let macs: Vec<Mac> = (1..=4).map(|i| Mac([0x52, 0x54, 0, 0, 0, i])).collect();
+        for (i, &mac) in macs.iter().enumerate() {
+            let labels = vec![format!("rack={}", if i < 2 { "r1" } else { "r2" })];
+            store
+                .put_machine(
+                    mac,
+                    &MachinePatch {
+                        labels: Some(labels),
+                        ..Default::default()
+                    },
+                    "t",
+                )
+                .unwrap();
+        }
+        store
+            .put_pool(
+                &PoolRecord {
+                    name: "p".into(),
+                    members: vec![macs[3]],
+                    selector: vec!["rack=r1".into()],
+                    image: None,
+                },
+                "t",
+            )
+            .unwrap();
+        assert_eq!(store.assign_pool("p", Some("a"), "t").unwrap(), 3);
+        let images: Vec<Option<String>> = store
+            .machines()
+            .unwrap()
+            .into_iter()
+            .map(|m| m.image)
+            .collect();
+        assert_eq!(
+            images,
+            [Some("a".into()), Some("a".into()), None, Some("a".into())]
+        );
+    }
+
+    #[test]
+    fn schema_is_migrated_once_and_reopens() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        {
+            let store = SqliteStore::open(&path).unwrap();
+            store.add_image(&image("x"), "t").unwrap();
+        }
+        let store = SqliteStore::open(&path).unwrap();
+        assert_eq!(store.images().unwrap().len(), 1);
+        let version = store
+            .lock()
+            .pragma_query_value(None, "user_version", |r| r.get::<_, i64>(0))
+            .unwrap() as usize;
+        assert_eq!(version, MIGRATIONS.len());
+    }
+
+    #[test]
+    fn reserved_addresses_and_fields_are_checked() {
+        let (_dir, store) = store();
+        let ip = Some(Some("10.0.0.5".parse().unwrap()));
+        store
+            .put_machine(
+                Mac([2; 6]),
+                &MachinePatch {
+                    ip,
+                    ..Default::default()
+                },
+                "t",
+            )
+            .unwrap();
+        let error = store
+            .put_machine(
+                Mac([3; 6]),
+                &MachinePatch {
+                    ip,
+                    ..Default::default()
+                },
+                "t",
+            )
+            .unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .contains("already reserved for 02:02:02:02:02:02"),
+            "{error}"
+        );
+        for bad in [vec!["norack".to_string()], vec!["a b=c".to_string()]] {
+            let patch = MachinePatch {
+                labels: Some(bad),
+                ..Default::default()
+            };
+            assert!(store.put_machine(Mac([4; 6]), &patch, "t").is_err());
+        }
+        let patch = MachinePatch {
+            hostname: Some(Some("../x".into())),
+            ..Default::default()
+        };
+        assert!(store.put_machine(Mac([4; 6]), &patch, "t").is_err());
+    }
+}
