@@ -17,9 +17,12 @@ SUDO=""
 # systemd-analyze for the unit; g++ for libFuzzer. The machines that boot
 # end to end: QEMU, SeaBIOS's iPXE ROMs (ipxe-qemu), UEFI (ovmf), Debian's
 # ipxe.efi (ipxe), and the kernel they boot (linux-image-amd64, with kmod,
-# cpio, xz-utils and zstd to build their initramfs).
+# cpio, xz-utils and zstd to build their initramfs). The control panel:
+# headless Chromium driven through chromium-driver (WebDriver), openssl for
+# the TLS test's certificate.
 APT_PACKAGES=(tftp-hpa atftp curl iproute2 nftables systemd g++ pkg-config busybox-static isc-dhcp-client
-    dnsmasq-base ndisc6 procps qemu-system-x86 ipxe-qemu ipxe ovmf linux-image-amd64 kmod cpio xz-utils zstd)
+    dnsmasq-base ndisc6 procps qemu-system-x86 ipxe-qemu ipxe ovmf linux-image-amd64 kmod cpio xz-utils zstd
+    openssl chromium chromium-driver)
 missing=()
 for package in "${APT_PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")

@@ -211,6 +211,8 @@ pub fn out_path(dir: &tempfile::TempDir, name: &str) -> PathBuf {
 pub struct FullServer {
     pub http: SocketAddr,
     pub tftp: SocketAddr,
+    /// The control panel, when started with one.
+    pub panel: Option<SocketAddr>,
     pub running: bootfleet::app::Running,
     pub state: tempfile::TempDir,
 }
@@ -221,6 +223,25 @@ impl FullServer {
             .prefix("bootfleet-state-")
             .tempdir()
             .unwrap();
+        Self::start_in(root, state, false, tweak)
+    }
+
+    /// With the control panel on a loopback port, its database in `state`
+    /// (pass the same directory again to restart on the same database).
+    pub fn start_with_panel(
+        root: &Path,
+        state: tempfile::TempDir,
+        tweak: impl FnOnce(&mut Config),
+    ) -> Self {
+        Self::start_in(root, state, true, tweak)
+    }
+
+    fn start_in(
+        root: &Path,
+        state: tempfile::TempDir,
+        with_panel: bool,
+        tweak: impl FnOnce(&mut Config),
+    ) -> Self {
         let mut config = Config {
             root: root.to_path_buf(),
             root_is_default: false,
@@ -234,10 +255,13 @@ impl FullServer {
         let tftp = UdpSocket::bind(config.tftp.listen).unwrap();
         let http = bootfleet::app::http_listener(config.http.listen).unwrap();
         let (tftp_addr, http_addr) = (tftp.local_addr().unwrap(), http.local_addr().unwrap());
-        let running = bootfleet::app::start(&config, Backend::IoUring, tftp, http, None).unwrap();
+        let panel = with_panel.then(|| std::net::TcpListener::bind("127.0.0.1:0").unwrap());
+        let panel_addr = panel.as_ref().map(|p| p.local_addr().unwrap());
+        let running = bootfleet::app::start(&config, Backend::IoUring, tftp, http, panel).unwrap();
         Self {
             http: http_addr,
             tftp: tftp_addr,
+            panel: panel_addr,
             running,
             state,
         }

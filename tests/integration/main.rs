@@ -11,6 +11,7 @@ mod multicast;
 mod qemu_boot;
 // Shared with benches/boot_compare.rs, which uses the parts the test does not
 // (the reference stack, boot times).
+mod panel;
 #[allow(dead_code)]
 mod qemu_lan;
 mod real_clients;
