@@ -25,7 +25,7 @@ use super::tls::PeerAddr;
 use super::{check_files, machine_view, now_ms, ApiError, MachineView, PanelState};
 use crate::boot::Mac;
 use crate::server::paths::safe_relative_name;
-use crate::store::{ImageRecord, MachinePatch, PoolRecord, Scope, SessionRecord};
+use crate::store::{ImageRecord, MachinePatch, PoolRecord, Scope, SessionRecord, StoredEvent};
 
 type Shared = State<Arc<PanelState>>;
 type ApiResult<T = Response> = Result<T, ApiError>;
@@ -419,7 +419,23 @@ async fn get_machine(
         .store
         .machine(mac)?
         .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("no machine {mac}")))?;
-    let events = state.store.events(Some(mac), 0, 200)?;
+    // The database has the history; the router's ring has what the
+    // event writer may not have stored yet (it batches for 100 ms).
+    let recent: Vec<StoredEvent> = state
+        .router
+        .events
+        .recent(Some(mac), 200)
+        .iter()
+        .map(StoredEvent::from)
+        .collect();
+    let cutoff = recent.first().map_or(u64::MAX, |e| e.at_ms);
+    let mut events: Vec<StoredEvent> = state
+        .store
+        .events(Some(mac), 0, 200)?
+        .into_iter()
+        .filter(|e| e.at_ms < cutoff)
+        .collect();
+    events.extend(recent);
     let mut value = serde_json::to_value(machine_view(machine, now_ms(), state.config.stuck_after))
         .expect("plain data");
     value["events"] = serde_json::to_value(events).expect("plain data");

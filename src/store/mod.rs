@@ -228,6 +228,25 @@ pub struct StoredEvent {
     pub status: u16,
 }
 
+impl From<&BootEvent> for StoredEvent {
+    fn from(event: &BootEvent) -> Self {
+        StoredEvent {
+            at_ms: event.at_ms,
+            mac: event.mac.map(|m| m.to_string()),
+            client: event.client.to_string(),
+            phase: serde_json::to_value(event.phase)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_string))
+                .unwrap_or_default(),
+            transport: event.transport.to_string(),
+            detail: event.detail.clone(),
+            bytes: event.bytes,
+            duration_ms: event.duration_ms,
+            status: event.status,
+        }
+    }
+}
+
 /// What went wrong in the store, in words an API client can act on.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {

@@ -532,11 +532,11 @@ impl InventoryStore for SqliteStore {
                  last_seen_ms = MAX(COALESCE(last_seen_ms, 0), ?3) WHERE mac = ?1",
             )?;
             for event in events {
-                let phase_name = serde_json::to_value(event.phase)
-                    .ok()
-                    .and_then(|v| v.as_str().map(str::to_string))
-                    .unwrap_or_default();
-                let mac = event.mac.map(|m| m.to_string());
+                let StoredEvent {
+                    phase: phase_name,
+                    mac,
+                    ..
+                } = StoredEvent::from(event);
                 insert.execute(params![
                     event.at_ms as i64,
                     mac,

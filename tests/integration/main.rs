@@ -12,6 +12,7 @@ mod qemu_boot;
 // Shared with benches/boot_compare.rs, which uses the parts the test does not
 // (the reference stack, boot times).
 mod panel;
+mod panel_browser;
 #[allow(dead_code)]
 mod qemu_lan;
 mod real_clients;

@@ -98,13 +98,6 @@ impl Api {
         api
     }
 
-    pub fn logged_in(panel: std::net::SocketAddr, user: &str) -> Self {
-        let mut api = Self::new(panel);
-        let reply = api.login(user, PASSWORD);
-        assert_eq!(reply.status, 200, "{reply:?}");
-        api
-    }
-
     pub fn login(&mut self, user: &str, password: &str) -> Reply {
         let reply = self.call(
             "POST",

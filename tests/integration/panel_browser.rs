@@ -1,0 +1,381 @@
+//! The web panel in headless Chromium, driven through chromedriver
+//! (WebDriver, from Rust with fantoccini): an operator logs in, adopts a
+//! discovered machine, puts it in a pool, assigns the pool an image, and the
+//! data plane's next script for that machine boots the new kernel.
+//!
+//! With `BOOTFLEET_SCREENSHOTS=docs` the pages it visits are saved as
+//! `docs/panel-*.png` (how the README's screenshots are made).
+
+use std::net::{SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use fantoccini::{Client, ClientBuilder, Locator};
+use serde_json::json;
+
+use crate::common::{curl, have_tool, FullServer};
+use crate::panel::{add_token, add_user, boot_dir, register, script, state_dir, Api, PASSWORD};
+
+/// chromedriver on a free loopback port, killed on drop.
+pub struct Driver {
+    child: Child,
+    pub url: String,
+}
+
+impl Driver {
+    pub fn start() -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = Command::new("chromedriver")
+            .arg(format!("--port={port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("chromedriver starts");
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while TcpStream::connect(addr).is_err() {
+            assert!(Instant::now() < deadline, "chromedriver did not listen");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Self {
+            child,
+            url: format!("http://{addr}"),
+        }
+    }
+
+    /// A headless Chromium session.
+    pub async fn browser(&self) -> Client {
+        let mut caps = serde_json::Map::new();
+        caps.insert(
+            "goog:chromeOptions".into(),
+            json!({ "args": ["--headless=new", "--no-sandbox", "--disable-gpu",
+                "--disable-dev-shm-usage", "--window-size=1400,900"] }),
+        );
+        ClientBuilder::rustls()
+            .unwrap()
+            .capabilities(caps)
+            .connect(&self.url)
+            .await
+            .expect("a Chromium session through chromedriver")
+    }
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Whether Chromium and chromedriver are installed (loudly, as for every tool).
+pub fn have_browser() -> bool {
+    have_tool("chromium") && have_tool("chromedriver")
+}
+
+/// Where screenshots go: `docs/` when asked for, otherwise nowhere.
+fn screenshot_dir() -> Option<PathBuf> {
+    (std::env::var("BOOTFLEET_SCREENSHOTS").ok().as_deref() == Some("docs"))
+        .then(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("docs"))
+}
+
+async fn shot(client: &Client, name: &str) {
+    let png = client.screenshot().await.unwrap();
+    assert!(png.starts_with(b"\x89PNG"), "a PNG screenshot");
+    if let Some(dir) = screenshot_dir() {
+        std::fs::write(dir.join(format!("panel-{name}.png")), png).unwrap();
+    }
+}
+
+/// Waits until the status line says `needle` (or fails with what it says).
+async fn flash(client: &Client, needle: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = client
+            .find(Locator::Css("#flash"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap_or_default();
+        if text.contains(needle) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "expected {needle:?} in the status line, it says {text:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn open(client: &Client, base: &str, page: &str, ready: &str) {
+    client.goto(&format!("{base}/{page}")).await.unwrap();
+    client
+        .wait()
+        .at_most(Duration::from_secs(10))
+        .for_element(Locator::Css(ready))
+        .await
+        .unwrap_or_else(|e| panic!("{page}: {ready} did not appear: {e}"));
+}
+
+async fn click(client: &Client, css: &str) {
+    client
+        .find(Locator::Css(css))
+        .await
+        .unwrap_or_else(|e| panic!("{css}: {e}"))
+        .click()
+        .await
+        .unwrap();
+}
+
+/// A small fleet for the screenshots: machines in several states.
+fn populate(server: &FullServer, api: &Api) {
+    for (i, state) in ["booted", "booted", "kernel", "script", "assigned"]
+        .iter()
+        .enumerate()
+    {
+        let mac = format!("52:54:00:10:00:{:02x}", i + 1);
+        api.ok(
+            "PUT",
+            &format!("/api/v1/machines/{mac}"),
+            Some(
+                json!({ "image": "debian12", "hostname": format!("node{:02}", i + 1),
+                "labels": ["rack=r2", "role=compute"] }),
+            ),
+        );
+        // Each machine fetches from its own address: the router tells
+        // machines apart by client address.
+        let ip = format!("127.0.1.{}", i + 1);
+        let as_machine = |path: &str| curl(&server.url(path), &["--interface", &ip]);
+        let query = format!("?serial=SN10{i}&manufacturer=Supermicro&product=X11&platform=efi");
+        if *state != "assigned" {
+            as_machine(&format!("/boot/{mac}.ipxe{query}"));
+        }
+        if *state == "booted" || *state == "kernel" {
+            as_machine("/debian12/vmlinuz");
+        }
+        if *state == "booted" {
+            as_machine("/debian12/initrd.img");
+        }
+    }
+}
+
+#[test]
+fn an_operator_adopts_pools_and_assigns_in_the_browser() {
+    if !have_browser() {
+        return;
+    }
+    let root = boot_dir();
+    let state = state_dir();
+    add_user(state.path(), "alice", "admin");
+    // Machines that stop mid-boot show as stuck after a second.
+    let server = FullServer::start_with_panel(root.path(), state, |c| {
+        c.panel.stuck_after = Duration::from_secs(1);
+    });
+    let panel = server.panel.unwrap();
+    let base = format!("http://{panel}");
+    let api = Api::with_token(panel, &add_token(server.state.path(), "setup", "admin"));
+    register(&api, "debian12");
+    register(&api, "rocky9");
+    populate(&server, &api);
+
+    // A machine nobody listed powers on: iPXE asks for its script with its facts.
+    let mac = "52:54:00:ab:cd:01";
+    let before = script(
+        &server,
+        "52%3A54%3A00%3Aab%3Acd%3A01",
+        "?serial=NEW-001&manufacturer=Dell&product=R650&platform=efi&buildarch=x86_64",
+    );
+    assert!(!before.contains("vmlinuz"), "{before}");
+
+    let driver = Driver::start();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let client = driver.browser().await;
+
+        // Log in.
+        open(&client, &base, "", "#login-user").await;
+        client
+            .find(Locator::Css("#login-user"))
+            .await
+            .unwrap()
+            .send_keys("alice")
+            .await
+            .unwrap();
+        client
+            .find(Locator::Css("#login-password"))
+            .await
+            .unwrap()
+            .send_keys(PASSWORD)
+            .await
+            .unwrap();
+        click(&client, "#login-submit").await;
+        client
+            .wait()
+            .for_element(Locator::Css("#machines"))
+            .await
+            .unwrap();
+        let who = client
+            .find(Locator::Css("#who"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert_eq!(who, "alice (admin)");
+        let session_cookie = client.get_named_cookie("bf_session").await.unwrap();
+        assert_eq!(session_cookie.http_only(), Some(true));
+        // HttpOnly: page scripts cannot read the session.
+        let visible = client
+            .execute("return document.cookie", vec![])
+            .await
+            .unwrap();
+        assert!(!visible.as_str().unwrap_or_default().contains("bf_session"));
+        shot(&client, "machines").await;
+
+        // Adopt the discovered machine, its facts on screen.
+        open(
+            &client,
+            &base,
+            "#/discovered",
+            &format!("tr[data-mac='{mac}']"),
+        )
+        .await;
+        let row = client
+            .find(Locator::Css(&format!("tr[data-mac='{mac}']")))
+            .await
+            .unwrap();
+        let text = row.text().await.unwrap();
+        assert!(text.contains("Dell") && text.contains("NEW-001"), "{text}");
+        shot(&client, "discovered").await;
+        click(
+            &client,
+            &format!("tr[data-mac='{mac}'] input[type=checkbox]"),
+        )
+        .await;
+        client
+            .find(Locator::Css("#adopt-image"))
+            .await
+            .unwrap()
+            .select_by_value("debian12")
+            .await
+            .unwrap();
+        click(&client, "#adopt-button").await;
+        flash(&client, "adopted 1 machine").await;
+
+        // Put it in a new pool from the machines table.
+        open(
+            &client,
+            &base,
+            "#/machines?q=ab:cd",
+            &format!("tr[data-mac='{mac}']"),
+        )
+        .await;
+        click(
+            &client,
+            &format!("tr[data-mac='{mac}'] input[type=checkbox]"),
+        )
+        .await;
+        client
+            .find(Locator::Css("#assign-pool"))
+            .await
+            .unwrap()
+            .send_keys("rack1")
+            .await
+            .unwrap();
+        click(&client, "#pool-add-button").await;
+        flash(&client, "added to pool rack1").await;
+
+        // Assign the pool an image.
+        open(&client, &base, "#/pools", "select[data-pool='rack1']").await;
+        client
+            .find(Locator::Css("select[data-pool='rack1']"))
+            .await
+            .unwrap()
+            .select_by_value("rocky9")
+            .await
+            .unwrap();
+        click(&client, "button[data-pool-assign='rack1']").await;
+        flash(&client, "1 machine(s) of rack1 now boot rocky9").await;
+        shot(&client, "pools").await;
+
+        // The data plane's next answer for that machine boots the new kernel.
+        let after = script(&server, mac, "");
+        assert!(after.contains("rocky9/vmlinuz"), "{after}");
+
+        // Its timeline shows the script fetch live.
+        open(&client, &base, &format!("#/machine/{mac}"), "#timeline").await;
+        let kernel = curl(&server.url("/rocky9/vmlinuz"), &[]);
+        assert_eq!(kernel.status, 200);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let timeline = client
+                .find(Locator::Css("#timeline"))
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap();
+            if timeline.contains("image rocky9") && timeline.contains("rocky9/vmlinuz") {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the kernel fetch never reached the live timeline: {timeline}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        shot(&client, "machine").await;
+
+        open(&client, &base, "#/fleet", "#stuck").await;
+        let fleet = client
+            .find(Locator::Css("#fleet"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert!(
+            fleet.contains("booted") && fleet.contains("52:54:00:10:00:03"),
+            "{fleet}"
+        );
+        shot(&client, "fleet").await;
+        open(&client, &base, "#/images", "#images").await;
+        shot(&client, "images").await;
+        open(&client, &base, "#/audit", "#audit").await;
+        let audit = client
+            .find(Locator::Css("#audit"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert!(
+            audit.contains("pool.assign") && audit.contains("alice"),
+            "{audit}"
+        );
+        shot(&client, "audit").await;
+
+        // Logging out leaves the API closed to this browser.
+        click(&client, "#logout").await;
+        client
+            .wait()
+            .for_element(Locator::Css("#login:not([hidden])"))
+            .await
+            .unwrap();
+        let status = client
+            .execute(
+                "return fetch('/api/v1/machines').then(r => r.status)",
+                vec![],
+            )
+            .await
+            .unwrap();
+        assert_eq!(status, json!(401));
+        client.close().await.unwrap();
+    });
+}
