@@ -131,6 +131,8 @@ async function route() {
     else if (hash === "/audit") page = await auditPage();
     else page = await machinesPage();
     view.replaceChildren(page);
+    // When the page was painted (the panel benchmark reads it).
+    requestAnimationFrame(() => requestAnimationFrame(() => { window.bfPaintedAt = performance.now(); }));
   } catch (err) { flash(err.message, true); }
 }
 
