@@ -104,12 +104,12 @@ def servers(work: Path):
     nosync = work / "bootfleet-nosync.toml"
     nosync.write_text("[dhcp]\nsync_leases = false\n")
     return [
-        NsServer("bootfleet-nosync", [str(REPO / "target/release/bootfleet"), "serve", "--config", str(nosync), "--root", str(root),
+        NsServer("bootfleet-nosync", [str(REPO / "target/release/bootfleet"), "serve", "--panel-listen", "off", "--config", str(nosync), "--root", str(root),
                                       "--state-dir", str(work / "bootfleet-nosync-state"),
                                       "--tftp-listen", f"{SERVER_IP}:69", "--http-listen", f"{SERVER_IP}:80", "--workers", "1",
                                       "--dhcp-mode", "full", "--dhcp-interface", SERVER_DEV, "--dhcp-range", "10.65.0.0-10.127.255.254",
                                       "--log-level", "warn"], "bfbench_dhcp_bootfleet_nosync"),
-        NsServer("bootfleet", [str(REPO / "target/release/bootfleet"), "serve", "--root", str(root), "--state-dir", str(work / "bootfleet-state"),
+        NsServer("bootfleet", [str(REPO / "target/release/bootfleet"), "serve", "--panel-listen", "off", "--root", str(root), "--state-dir", str(work / "bootfleet-state"),
                                "--tftp-listen", f"{SERVER_IP}:69", "--http-listen", f"{SERVER_IP}:80", "--workers", "1",
                                "--dhcp-mode", "full", "--dhcp-interface", SERVER_DEV, "--dhcp-range", "10.65.0.0-10.127.255.254",
                                "--log-level", "warn"], "bfbench_dhcp_bootfleet"),

@@ -113,7 +113,7 @@ def servers(root: Path, work: Path):
             f'[inventory]\nstate_dir = "{work}/state"\n'
             '[log]\nlevel = "warn"\n'
         )
-        out.append(Server(f"bootfleet-{body}", [str(REPO / "target/release/bootfleet"), "serve", "--config", str(config)],
+        out.append(Server(f"bootfleet-{body}", [str(REPO / "target/release/bootfleet"), "serve", "--panel-listen", "off", "--config", str(config)],
                           f"127.0.0.1:{BOOTFLEET_PORT}", f"bfbench_http_{body}"))
     nginx_conf = work / "nginx.conf"
     nginx_conf.write_text(

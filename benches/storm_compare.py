@@ -132,7 +132,7 @@ def start_bootfleet(work: Path, root: Path) -> Stack:
     # rack: the per-source limit guards against one host, not one relay.
     config.write_text("[dhcp]\nmax_requests_per_second_per_source = 10000000\n[log]\nlevel = \"warn\"\n")
     stack = Stack("bootfleet")
-    stack.spawn([BOOTFLEET, "serve", "--config", config, "--root", root, "--state-dir", work / "bootfleet-state",
+    stack.spawn([BOOTFLEET, "serve", "--panel-listen", "off", "--config", config, "--root", root, "--state-dir", work / "bootfleet-state",
                  "--tftp-listen", "127.0.0.1:69", "--http-listen", "127.0.0.1:80",
                  "--dhcp-mode", "full", "--dhcp-interface", "lo", "--dhcp-range", RELAY_RANGE], work / "bootfleet.log")
     wait_http("http://127.0.0.1/boot.ipxe")

@@ -121,7 +121,7 @@ def servers(peers, root: Path, work: Path):
         "[log]\nlevel = \"warn\"\n"
     )
     return [
-        Server("bootfleet", [str(REPO / "target/release/bootfleet"), "serve", "--config", str(config)], "127.0.0.1:6903", "bfbench_bootfleet"),
+        Server("bootfleet", [str(REPO / "target/release/bootfleet"), "serve", "--panel-listen", "off", "--config", str(config)], "127.0.0.1:6903", "bfbench_bootfleet"),
         Server("tftp-hpa", [peers["in.tftpd"], "-L", "-a", "127.0.0.1:6901", "-s", "-u", "root", "-B", "65464", str(root)], "127.0.0.1:6901", "bfbench_tftphpa"),
         # dnsmasq's TFTP port is fixed at 69, so it gets an address of its own.
         Server("dnsmasq", [peers["dnsmasq"], "-k", "--conf-file=/dev/null", "--port=0", "--enable-tftp", f"--tftp-root={root}",

@@ -84,6 +84,7 @@ pub fn start(
         Arc::clone(&router),
         HttpServiceConfig {
             public_url: config.http.public_url.clone(),
+            serve_api: panel.is_none(),
         },
     ));
 

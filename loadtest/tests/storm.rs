@@ -135,7 +135,7 @@ impl Lab {
         let child = Command::new("ip")
             .args(["netns", "exec", &self.ns])
             .arg(&bootfleet)
-            .args(["serve", "--config"])
+            .args(["serve", "--panel-listen", "off", "--config"])
             .arg(&config_path)
             .arg("--root")
             .arg(self.boot_dir())

@@ -1000,7 +1000,13 @@ async fn event_stream(
 
 /// How many machines are in each state, and which are stuck where.
 fn fleet_summary(state: &PanelState) -> ApiResult<Value> {
-    let views = all_views(state)?;
+    let now = now_ms();
+    let views: Vec<MachineView> = state
+        .store
+        .machines_brief()?
+        .into_iter()
+        .map(|m| machine_view(m, now, state.config.stuck_after))
+        .collect();
     let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
     let mut stuck = Vec::new();
     for view in &views {

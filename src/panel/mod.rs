@@ -351,19 +351,28 @@ async fn write_events(state: Arc<PanelState>) {
                 _ => break,
             }
         }
+        // Machines that asked for a script (latest per machine), with the
+        // facts the router remembers.
+        let mut seen: std::collections::HashMap<crate::boot::Mac, u64> = Default::default();
+        for event in &batch {
+            if let (Phase::Script | Phase::Chain, Some(mac)) = (event.phase, event.mac) {
+                seen.insert(mac, event.at_ms);
+            }
+        }
         let state = Arc::clone(&state);
         let written = tokio::task::spawn_blocking(move || {
-            for event in &batch {
-                if let (Phase::Script | Phase::Chain, Some(mac)) = (event.phase, event.mac) {
+            let seen: Vec<crate::store::SeenNote> = seen
+                .into_iter()
+                .map(|(mac, at_ms)| {
                     let facts = state
                         .router
                         .seen_machine(mac)
                         .map(|seen| seen.facts)
                         .unwrap_or_default();
-                    state.store.note_seen(mac, &facts, event.at_ms)?;
-                }
-            }
-            state.store.note_events(&batch)
+                    (mac, facts, at_ms)
+                })
+                .collect();
+            state.store.note_events(&batch, &seen)
         })
         .await;
         match written {

@@ -12,8 +12,10 @@
 //! * `GET /boot.ipxe` — the chain script;
 //! * `GET /boot/{mac}.ipxe` — that machine's script, from the router (any
 //!   MAC spelling, URL-encoded or not); other names under `/boot/` are files;
-//! * `GET /api/v1/events[?mac=…]`, `GET /api/v1/discovered` — read-only JSON
-//!   (the control-panel issue adds the rest of the API);
+//! * `GET /api/v1/events[?mac=…]`, `GET /api/v1/discovered` — read-only JSON,
+//!   only when the control panel is off (with the panel on, the API lives
+//!   on the panel's own listener, behind authentication, and never on the
+//!   boot LAN);
 //! * everything else — a file from the boot directory, with `Range`
 //!   (single, multiple, suffix), `If-Range`, `ETag`/`Last-Modified` and
 //!   conditional requests (304), under the same path-safety rules as TFTP.
@@ -39,6 +41,8 @@ pub struct HttpServiceConfig {
     /// How scripts refer to this server (`http://host:port`); by default
     /// the request's `Host` header.
     pub public_url: Option<String>,
+    /// Serve the read-only `/api/v1/` endpoints (only without the panel).
+    pub serve_api: bool,
 }
 
 /// What to send for one request.
@@ -178,7 +182,15 @@ impl HttpService {
             return self.script(script.body, request, head_only);
         }
         if let Some(api) = path.strip_prefix("/api/v1/") {
-            return self.api(api, request, head_only);
+            if self.config.serve_api {
+                return self.api(api, request, head_only);
+            }
+            return self.text(
+                404,
+                "the API is served on the control panel's listener (panel.listen), not on the boot LAN\n",
+                request,
+                head_only,
+            );
         }
         self.file(request, peer, head_only)
     }

@@ -95,6 +95,8 @@ impl Lab {
                 &self.server_ns,
                 env!("CARGO_BIN_EXE_bootfleet"),
                 "serve",
+                "--panel-listen",
+                "off",
                 "--root",
             ])
             .arg(self.dir.path().join("boot"))

@@ -114,6 +114,8 @@ impl Lab {
                 &self.server_ns,
                 env!("CARGO_BIN_EXE_bootfleet"),
                 "serve",
+                "--panel-listen",
+                "off",
                 "--config",
             ])
             .arg(config)

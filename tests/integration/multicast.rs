@@ -113,6 +113,8 @@ fn atftp_clients_share_one_multicast_stream() {
                 &lab.server_ns,
                 env!("CARGO_BIN_EXE_bootfleet"),
                 "serve",
+                "--panel-listen",
+                "off",
                 "--config",
             ])
             .arg(&config)

@@ -30,6 +30,8 @@ use crate::common::*;
 
 pub const NS: &str = "bfqemu";
 pub const SERVER_IP: &str = "10.99.0.1";
+/// The control panel, on the namespace's loopback (never on the boot LAN).
+pub const PANEL: &str = "127.0.0.1:9090";
 pub const MARKER: &str = "BOOTFLEET-BOOTED";
 
 /// The kernel and the marker initramfs, built once per run.
@@ -191,6 +193,8 @@ pub struct BootLan {
     /// Other servers on the LAN (dnsmasq, nginx), stopped with it.
     pub others: Vec<Child>,
     taps: usize,
+    /// An admin API token for the control panel (made on first start).
+    token: Option<String>,
 }
 
 /// Kills whatever still runs in the LAN's namespace (QEMU, servers) and
@@ -238,6 +242,7 @@ impl BootLan {
             server: None,
             others: Vec::new(),
             taps: 0,
+            token: None,
         }
     }
 
@@ -267,6 +272,7 @@ impl BootLan {
                 &format!("{SERVER_IP}:80"),
             ])
             .args(["--dhcp-interface", "br0"])
+            .args(["--panel-listen", PANEL])
             .args(dhcp)
             .stdout(Stdio::from(std::fs::File::create(&log).unwrap()))
             .stderr(Stdio::from(
@@ -280,6 +286,27 @@ impl BootLan {
             &["DHCP listening"],
             &self.dir.path().join("server.err"),
         );
+        if self.token.is_none() {
+            // The real command line, on the server's database file.
+            let output = Command::new(env!("CARGO_BIN_EXE_bootfleet"))
+                .args([
+                    "tokens",
+                    "add",
+                    "qemu-test",
+                    "--scope",
+                    "admin",
+                    "--state-dir",
+                ])
+                .arg(self.dir.path().join("state"))
+                .output()
+                .unwrap();
+            assert!(
+                output.status.success(),
+                "{}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+            self.token = Some(String::from_utf8(output.stdout).unwrap().trim().to_string());
+        }
     }
 
     pub fn stop(&mut self) {
@@ -501,20 +528,39 @@ impl BootLan {
         events.into_iter().map(|(_, line)| line).collect()
     }
 
+    /// GETs `path`: `/api/…` from the control panel (with the admin
+    /// token), anything else from the data plane.
     pub fn api(&self, path: &str) -> String {
-        let output = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                NS,
-                "curl",
-                "-s",
-                "--max-time",
-                "5",
-                &format!("http://{SERVER_IP}{path}"),
-            ])
-            .output()
-            .unwrap();
+        self.api_send("GET", path, None)
+    }
+
+    /// Calls the control panel's API (or the data plane, for other paths)
+    /// from inside the LAN's namespace.
+    pub fn api_send(&self, method: &str, path: &str, body: Option<&str>) -> String {
+        let mut command = Command::new("ip");
+        command.args([
+            "netns",
+            "exec",
+            NS,
+            "curl",
+            "-s",
+            "--max-time",
+            "5",
+            "-X",
+            method,
+        ]);
+        if path.starts_with("/api/") {
+            let token = self.token.as_deref().expect("the server was started");
+            command
+                .args(["-H", &format!("Authorization: Bearer {token}")])
+                .arg(format!("http://{PANEL}{path}"));
+        } else {
+            command.arg(format!("http://{SERVER_IP}{path}"));
+        }
+        if let Some(body) = body {
+            command.args(["-H", "Content-Type: application/json", "--data", body]);
+        }
+        let output = command.output().unwrap();
         String::from_utf8_lossy(&output.stdout).into_owned()
     }
 }
