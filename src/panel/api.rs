@@ -779,9 +779,15 @@ async fn upload_file(
         }
     };
     let mut file = tokio::fs::File::create(&temp).await.map_err(|e| {
+        let hint = match e.raw_os_error() {
+            Some(libc::EROFS | libc::EACCES | libc::EPERM) => {
+                "; the boot directory is not writable by bootfleet (under systemd, list it in ReadWritePaths=)"
+            }
+            _ => "",
+        };
         ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
-            format!("{}: {e}", temp.display()),
+            format!("cannot store {relative}: {e}{hint}"),
         )
     })?;
     let mut stream = body.into_data_stream();
