@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::{ConnectInfo, DefaultBodyLimit, Path, Query, State};
-use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
@@ -203,16 +203,37 @@ async fn blocking<T: Send + 'static>(
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
 }
 
-async fn caller(
-    state: &Arc<PanelState>,
-    headers: &HeaderMap,
-    method: &Method,
-    required: Scope,
-) -> ApiResult<Caller> {
-    let state = Arc::clone(state);
-    let headers = headers.clone();
-    let method = method.clone();
-    blocking(move || authorize(&*state.store, &headers, &method, required)).await
+/// The caller of a request, authorized for at least scope `S` (see
+/// [`Reader`], [`Assigner`], [`Admin`]); a handler that takes one refuses
+/// unauthenticated, unauthorized and CSRF-less requests before it runs.
+pub struct Auth<const S: u8>(pub Caller);
+
+/// Any authenticated caller.
+pub type Reader = Auth<0>;
+/// A caller who may assign images and adopt machines.
+pub type Assigner = Auth<1>;
+/// A caller who may change images, pools, users, tokens and settings.
+pub type Admin = Auth<2>;
+
+impl<const S: u8> axum::extract::FromRequestParts<Arc<PanelState>> for Auth<S> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &Arc<PanelState>,
+    ) -> Result<Self, ApiError> {
+        let required = match S {
+            0 => Scope::Read,
+            1 => Scope::Assign,
+            _ => Scope::Admin,
+        };
+        let state = Arc::clone(state);
+        let headers = parts.headers.clone();
+        let method = parts.method.clone();
+        blocking(move || authorize(&*state.store, &headers, &method, required))
+            .await
+            .map(Auth)
+    }
 }
 
 // ---- sessions ----
@@ -296,8 +317,7 @@ fn dummy_hash() -> &'static str {
     HASH.get_or_init(|| auth::hash_password(&auth::random_hex(16)).unwrap_or_default())
 }
 
-async fn logout(State(state): Shared, headers: HeaderMap, method: Method) -> ApiResult {
-    let who = caller(&state, &headers, &method, Scope::Read).await?;
+async fn logout(State(state): Shared, Auth(who): Reader, headers: HeaderMap) -> ApiResult {
     if let Some(id) = headers
         .get(header::COOKIE)
         .and_then(|v| v.to_str().ok())
@@ -318,8 +338,7 @@ async fn logout(State(state): Shared, headers: HeaderMap, method: Method) -> Api
     Ok(([(header::SET_COOKIE, cookie)], Json(json!({ "ok": true }))).into_response())
 }
 
-async fn session(State(state): Shared, headers: HeaderMap, method: Method) -> ApiResult {
-    let who = caller(&state, &headers, &method, Scope::Read).await?;
+async fn session(Auth(who): Reader) -> ApiResult {
     Ok(Json(json!({ "user": who.actor, "scope": who.scope, "csrf": who.csrf })).into_response())
 }
 
@@ -392,11 +411,9 @@ fn matches(view: &MachineView, filter: &MachineFilter) -> bool {
 
 async fn list_machines(
     State(state): Shared,
-    headers: HeaderMap,
-    method: Method,
+    _: Reader,
     Query(filter): Query<MachineFilter>,
 ) -> ApiResult {
-    caller(&state, &headers, &method, Scope::Read).await?;
     let views = blocking(move || {
         Ok(all_views(&state)?
             .into_iter()
@@ -407,13 +424,7 @@ async fn list_machines(
     Ok(Json(views).into_response())
 }
 
-async fn get_machine(
-    State(state): Shared,
-    headers: HeaderMap,
-    method: Method,
-    Path(mac): Path<String>,
-) -> ApiResult {
-    caller(&state, &headers, &method, Scope::Read).await?;
+async fn get_machine(State(state): Shared, _: Reader, Path(mac): Path<String>) -> ApiResult {
     let mac = parse_mac(&mac)?;
     let machine = state
         .store
@@ -444,12 +455,10 @@ async fn get_machine(
 
 async fn put_machine(
     State(state): Shared,
-    headers: HeaderMap,
-    method: Method,
+    Auth(who): Assigner,
     Path(mac): Path<String>,
     body: axum::body::Bytes,
 ) -> ApiResult {
-    let who = caller(&state, &headers, &method, Scope::Assign).await?;
     let mac = parse_mac(&mac)?;
     let patch: MachinePatch = parse_json(&body)?;
     let machine = blocking(move || {
@@ -489,11 +498,9 @@ fn some<'de, T: Deserialize<'de>, D: serde::Deserializer<'de>>(
 
 async fn assign_machines(
     State(state): Shared,
-    headers: HeaderMap,
-    method: Method,
+    Auth(who): Assigner,
     body: axum::body::Bytes,
 ) -> ApiResult {
-    let who = caller(&state, &headers, &method, Scope::Assign).await?;
     let request: AssignMany = parse_json(&body)?;
     let macs = request
         .macs
@@ -552,11 +559,9 @@ async fn assign_machines(
 
 async fn forget_machine(
     State(state): Shared,
-    headers: HeaderMap,
-    method: Method,
+    Auth(who): Admin,
     Path(mac): Path<String>,
 ) -> ApiResult {
-    let who = caller(&state, &headers, &method, Scope::Admin).await?;
     let mac = parse_mac(&mac)?;
     blocking(move || {
         state.store.forget_machine(mac, &who.actor)?;
@@ -566,8 +571,7 @@ async fn forget_machine(
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
-async fn discovered(State(state): Shared, headers: HeaderMap, method: Method) -> ApiResult {
-    caller(&state, &headers, &method, Scope::Read).await?;
+async fn discovered(State(state): Shared, _: Reader) -> ApiResult {
     let views = blocking(move || {
         Ok(all_views(&state)?
             .into_iter()
@@ -580,18 +584,11 @@ async fn discovered(State(state): Shared, headers: HeaderMap, method: Method) ->
 
 // ---- images and files ----
 
-async fn list_images(State(state): Shared, headers: HeaderMap, method: Method) -> ApiResult {
-    caller(&state, &headers, &method, Scope::Read).await?;
+async fn list_images(State(state): Shared, _: Reader) -> ApiResult {
     Ok(Json(state.store.images()?).into_response())
 }
 
-async fn get_image(
-    State(state): Shared,
-    headers: HeaderMap,
-    method: Method,
-    Path(name): Path<String>,
-) -> ApiResult {
-    caller(&state, &headers, &method, Scope::Read).await?;
+async fn get_image(State(state): Shared, _: Reader, Path(name): Path<String>) -> ApiResult {
     let image = state
         .store
         .image(&name)?
@@ -639,13 +636,7 @@ fn check_boot_path(raw: &str) -> ApiResult<String> {
     })
 }
 
-async fn add_image(
-    State(state): Shared,
-    headers: HeaderMap,
-    method: Method,
-    body: axum::body::Bytes,
-) -> ApiResult {
-    let who = caller(&state, &headers, &method, Scope::Admin).await?;
+async fn add_image(State(state): Shared, Auth(who): Admin, body: axum::body::Bytes) -> ApiResult {
     let new: NewImage = parse_json(&body)?;
     check_name("image", &new.name)?;
     crate::store::parse_transport(&new.transport)?;
@@ -683,11 +674,9 @@ async fn add_image(
 
 async fn remove_image(
     State(state): Shared,
-    headers: HeaderMap,
-    method: Method,
+    Auth(who): Admin,
     Path(name): Path<String>,
 ) -> ApiResult {
-    let who = caller(&state, &headers, &method, Scope::Admin).await?;
     blocking(move || {
         state.store.remove_image(&name, &who.actor)?;
         state.publish()
@@ -697,8 +686,7 @@ async fn remove_image(
 }
 
 /// Regular files in the boot directory, for registering images.
-async fn list_files(State(state): Shared, headers: HeaderMap, method: Method) -> ApiResult {
-    caller(&state, &headers, &method, Scope::Read).await?;
+async fn list_files(State(state): Shared, _: Reader) -> ApiResult {
     let files = blocking(move || {
         let mut files = Vec::new();
         let mut stack = vec![state.root.clone()];
@@ -735,13 +723,11 @@ async fn list_files(State(state): Shared, headers: HeaderMap, method: Method) ->
 /// progress never reads half a file.
 async fn upload_file(
     State(state): Shared,
-    headers: HeaderMap,
-    method: Method,
+    Auth(who): Admin,
     Path(path): Path<String>,
     body: Body,
 ) -> ApiResult {
     use tokio::io::AsyncWriteExt;
-    let who = caller(&state, &headers, &method, Scope::Admin).await?;
     let relative = safe_relative_name(path.as_bytes()).map_err(|why| {
         ApiError::new(
             StatusCode::UNPROCESSABLE_ENTITY,
@@ -850,8 +836,7 @@ async fn upload_file(
 
 // ---- pools ----
 
-async fn list_pools(State(state): Shared, headers: HeaderMap, method: Method) -> ApiResult {
-    caller(&state, &headers, &method, Scope::Read).await?;
+async fn list_pools(State(state): Shared, _: Reader) -> ApiResult {
     Ok(Json(pools_with_members(&state)?).into_response())
 }
 
@@ -874,13 +859,7 @@ fn pools_with_members(state: &PanelState) -> ApiResult<Vec<Value>> {
         .collect())
 }
 
-async fn get_pool(
-    State(state): Shared,
-    headers: HeaderMap,
-    method: Method,
-    Path(name): Path<String>,
-) -> ApiResult {
-    caller(&state, &headers, &method, Scope::Read).await?;
+async fn get_pool(State(state): Shared, _: Reader, Path(name): Path<String>) -> ApiResult {
     pools_with_members(&state)?
         .into_iter()
         .find(|p| p["name"] == name.as_str())
@@ -890,12 +869,10 @@ async fn get_pool(
 
 async fn put_pool(
     State(state): Shared,
-    headers: HeaderMap,
-    method: Method,
+    Auth(who): Admin,
     Path(name): Path<String>,
     body: axum::body::Bytes,
 ) -> ApiResult {
-    let who = caller(&state, &headers, &method, Scope::Admin).await?;
     check_name("pool", &name)?;
     let mut pool: PoolRecord = parse_json(&body)?;
     pool.name = name;
@@ -909,11 +886,9 @@ async fn put_pool(
 
 async fn delete_pool(
     State(state): Shared,
-    headers: HeaderMap,
-    method: Method,
+    Auth(who): Admin,
     Path(name): Path<String>,
 ) -> ApiResult {
-    let who = caller(&state, &headers, &method, Scope::Admin).await?;
     state.store.delete_pool(&name, &who.actor)?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
@@ -926,12 +901,10 @@ struct PoolAssign {
 
 async fn assign_pool(
     State(state): Shared,
-    headers: HeaderMap,
-    method: Method,
+    Auth(who): Assigner,
     Path(name): Path<String>,
     body: axum::body::Bytes,
 ) -> ApiResult {
-    let who = caller(&state, &headers, &method, Scope::Assign).await?;
     let request: PoolAssign = parse_json(&body)?;
     let changed = blocking(move || {
         let changed = state
@@ -953,13 +926,7 @@ struct EventQuery {
     limit: Option<usize>,
 }
 
-async fn events(
-    State(state): Shared,
-    headers: HeaderMap,
-    method: Method,
-    Query(query): Query<EventQuery>,
-) -> ApiResult {
-    caller(&state, &headers, &method, Scope::Read).await?;
+async fn events(State(state): Shared, _: Reader, Query(query): Query<EventQuery>) -> ApiResult {
     let mac = query.mac.as_deref().map(parse_mac).transpose()?;
     let events = blocking(move || {
         Ok(state.store.events(
@@ -975,11 +942,9 @@ async fn events(
 /// Boot events as they happen (server-sent events), optionally of one machine.
 async fn event_stream(
     State(state): Shared,
-    headers: HeaderMap,
-    method: Method,
+    _: Reader,
     Query(query): Query<EventQuery>,
 ) -> ApiResult {
-    caller(&state, &headers, &method, Scope::Read).await?;
     let mac = query.mac.as_deref().map(parse_mac).transpose()?;
     let feed = state.router.events.subscribe();
     let stream = futures_util::stream::unfold(feed, move |mut feed| async move {
@@ -1036,15 +1001,13 @@ fn fleet_summary(state: &PanelState) -> ApiResult<Value> {
     }))
 }
 
-async fn fleet(State(state): Shared, headers: HeaderMap, method: Method) -> ApiResult {
-    caller(&state, &headers, &method, Scope::Read).await?;
+async fn fleet(State(state): Shared, _: Reader) -> ApiResult {
     let summary = blocking(move || fleet_summary(&state)).await?;
     Ok(Json(summary).into_response())
 }
 
 /// The fleet summary once a second while anything changes.
-async fn fleet_stream(State(state): Shared, headers: HeaderMap, method: Method) -> ApiResult {
-    caller(&state, &headers, &method, Scope::Read).await?;
+async fn fleet_stream(State(state): Shared, _: Reader) -> ApiResult {
     let stream = futures_util::stream::unfold(
         (state, String::new(), true),
         |(state, last, first)| async move {
@@ -1083,23 +1046,15 @@ struct Limit {
     limit: Option<usize>,
 }
 
-async fn audit(
-    State(state): Shared,
-    headers: HeaderMap,
-    method: Method,
-    Query(limit): Query<Limit>,
-) -> ApiResult {
-    caller(&state, &headers, &method, Scope::Read).await?;
+async fn audit(State(state): Shared, _: Reader, Query(limit): Query<Limit>) -> ApiResult {
     Ok(Json(state.store.audit(limit.limit.unwrap_or(200).min(5000))?).into_response())
 }
 
-async fn users(State(state): Shared, headers: HeaderMap, method: Method) -> ApiResult {
-    caller(&state, &headers, &method, Scope::Admin).await?;
+async fn users(State(state): Shared, _: Admin) -> ApiResult {
     Ok(Json(state.store.users()?).into_response())
 }
 
-async fn list_tokens(State(state): Shared, headers: HeaderMap, method: Method) -> ApiResult {
-    caller(&state, &headers, &method, Scope::Admin).await?;
+async fn list_tokens(State(state): Shared, _: Admin) -> ApiResult {
     Ok(Json(state.store.tokens()?).into_response())
 }
 
@@ -1110,13 +1065,7 @@ struct NewToken {
     scope: Scope,
 }
 
-async fn add_token(
-    State(state): Shared,
-    headers: HeaderMap,
-    method: Method,
-    body: axum::body::Bytes,
-) -> ApiResult {
-    let who = caller(&state, &headers, &method, Scope::Admin).await?;
+async fn add_token(State(state): Shared, Auth(who): Admin, body: axum::body::Bytes) -> ApiResult {
     let request: NewToken = parse_json(&body)?;
     check_name("token", &request.name)?;
     let secret = format!("bft_{}", auth::random_hex(32));
@@ -1137,13 +1086,7 @@ async fn add_token(
         .into_response())
 }
 
-async fn revoke_token(
-    State(state): Shared,
-    headers: HeaderMap,
-    method: Method,
-    Path(id): Path<String>,
-) -> ApiResult {
-    let who = caller(&state, &headers, &method, Scope::Admin).await?;
+async fn revoke_token(State(state): Shared, Auth(who): Admin, Path(id): Path<String>) -> ApiResult {
     let id: i64 = id
         .parse()
         .map_err(|_| ApiError::bad_request(format!("token id {id:?} is not a number")))?;
@@ -1151,8 +1094,7 @@ async fn revoke_token(
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
-async fn get_unknown(State(state): Shared, headers: HeaderMap, method: Method) -> ApiResult {
-    caller(&state, &headers, &method, Scope::Read).await?;
+async fn get_unknown(State(state): Shared, _: Reader) -> ApiResult {
     let (policy, poll) = state.store.unknown_policy()?;
     Ok(Json(json!({ "policy": policy_name(policy), "poll_seconds": poll })).into_response())
 }
@@ -1177,13 +1119,7 @@ fn thirty() -> u32 {
     30
 }
 
-async fn put_unknown(
-    State(state): Shared,
-    headers: HeaderMap,
-    method: Method,
-    body: axum::body::Bytes,
-) -> ApiResult {
-    let who = caller(&state, &headers, &method, Scope::Admin).await?;
+async fn put_unknown(State(state): Shared, Auth(who): Admin, body: axum::body::Bytes) -> ApiResult {
     let setting: UnknownSetting = parse_json(&body)?;
     blocking(move || {
         state

@@ -95,13 +95,7 @@ async fn shot(client: &Client, name: &str) {
 async fn flash(client: &Client, needle: &str) {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let text = client
-            .find(Locator::Css("#flash"))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap_or_default();
+        let text = text_of(client, "#flash").await;
         if text.contains(needle) {
             return;
         }
@@ -121,6 +115,17 @@ async fn open(client: &Client, base: &str, page: &str, ready: &str) {
         .for_element(Locator::Css(ready))
         .await
         .unwrap_or_else(|e| panic!("{page}: {ready} did not appear: {e}"));
+}
+
+/// The visible text of the element `css`.
+async fn text_of(client: &Client, css: &str) -> String {
+    client
+        .find(Locator::Css(css))
+        .await
+        .unwrap_or_else(|e| panic!("{css}: {e}"))
+        .text()
+        .await
+        .unwrap()
 }
 
 async fn click(client: &Client, css: &str) {
@@ -220,13 +225,7 @@ fn an_operator_adopts_pools_and_assigns_in_the_browser() {
             .for_element(Locator::Css("#machines"))
             .await
             .unwrap();
-        let who = client
-            .find(Locator::Css("#who"))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let who = text_of(&client, "#who").await;
         assert_eq!(who, "alice (admin)");
         let session_cookie = client.get_named_cookie("bf_session").await.unwrap();
         assert_eq!(session_cookie.http_only(), Some(true));
@@ -314,13 +313,7 @@ fn an_operator_adopts_pools_and_assigns_in_the_browser() {
         assert_eq!(kernel.status, 200);
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            let timeline = client
-                .find(Locator::Css("#timeline"))
-                .await
-                .unwrap()
-                .text()
-                .await
-                .unwrap();
+            let timeline = text_of(&client, "#timeline").await;
             if timeline.contains("image rocky9") && timeline.contains("rocky9/vmlinuz") {
                 break;
             }
@@ -333,13 +326,7 @@ fn an_operator_adopts_pools_and_assigns_in_the_browser() {
         shot(&client, "machine").await;
 
         open(&client, &base, "#/fleet", "#stuck").await;
-        let fleet = client
-            .find(Locator::Css("#fleet"))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let fleet = text_of(&client, "#fleet").await;
         assert!(
             fleet.contains("booted") && fleet.contains("52:54:00:10:00:03"),
             "{fleet}"
@@ -348,13 +335,7 @@ fn an_operator_adopts_pools_and_assigns_in_the_browser() {
         open(&client, &base, "#/images", "#images").await;
         shot(&client, "images").await;
         open(&client, &base, "#/audit", "#audit").await;
-        let audit = client
-            .find(Locator::Css("#audit"))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let audit = text_of(&client, "#audit").await;
         assert!(
             audit.contains("pool.assign") && audit.contains("alice"),
             "{audit}"
