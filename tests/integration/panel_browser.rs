@@ -332,7 +332,66 @@ fn an_operator_adopts_pools_and_assigns_in_the_browser() {
             "{fleet}"
         );
         shot(&client, "fleet").await;
+        // Upload a file through the Images page, then register it as an image.
+        let upload = tempfile::tempdir().unwrap();
+        let local = upload.path().join("vmlinuz");
+        std::fs::write(&local, vec![42u8; 3 << 20]).unwrap();
         open(&client, &base, "#/images", "#images").await;
+        client
+            .find(Locator::Css("#upload-file"))
+            .await
+            .unwrap()
+            .send_keys(local.to_str().unwrap())
+            .await
+            .unwrap();
+        client
+            .find(Locator::Css("#upload-dir"))
+            .await
+            .unwrap()
+            .send_keys("alma9")
+            .await
+            .unwrap();
+        click(&client, "#upload-button").await;
+        flash(&client, "uploaded alma9/vmlinuz").await;
+        assert_eq!(
+            std::fs::read(root.path().join("alma9/vmlinuz")).unwrap(),
+            std::fs::read(&local).unwrap()
+        );
+        client
+            .wait()
+            .for_element(Locator::Css("#image-name"))
+            .await
+            .unwrap();
+        client
+            .find(Locator::Css("#image-name"))
+            .await
+            .unwrap()
+            .send_keys("alma9")
+            .await
+            .unwrap();
+        client
+            .find(Locator::Css("#image-kernel"))
+            .await
+            .unwrap()
+            .send_keys("alma9/vmlinuz")
+            .await
+            .unwrap();
+        client
+            .find(Locator::Css("#image-cmdline"))
+            .await
+            .unwrap()
+            .send_keys("console=ttyS0")
+            .await
+            .unwrap();
+        click(&client, "#register-image button[type=submit]").await;
+        flash(&client, "registered alma9").await;
+        client
+            .wait()
+            .for_element(Locator::Css("tr[data-image='alma9']"))
+            .await
+            .unwrap();
+        let row = text_of(&client, "tr[data-image='alma9']").await;
+        assert!(row.contains("3.0 MiB"), "size shown: {row}");
         shot(&client, "images").await;
         open(&client, &base, "#/audit", "#audit").await;
         let audit = text_of(&client, "#audit").await;

@@ -371,11 +371,11 @@ async function imagesPage() {
     h("label", {}, "Command line ", h("input", { id: "image-cmdline", size: 30 })),
     h("select", { id: "image-transport" }, ["http", "tftp", "multicast"].map((t) => h("option", { value: t }, t))),
     h("button", { type: "submit" }, "Register"));
-  const progress = h("progress", { max: 100, value: 0, hidden: true });
+  const progress = h("progress", { id: "upload-progress", max: 100, value: 0, hidden: true });
   const upload = h("div", { class: "toolbar" },
     h("input", { type: "file", id: "upload-file" }),
     h("input", { id: "upload-dir", placeholder: "directory in the boot dir, e.g. debian12" }),
-    h("button", { class: "secondary", onclick: () => {
+    h("button", { id: "upload-button", class: "secondary", onclick: () => {
       const file = document.getElementById("upload-file").files[0];
       if (!file) return flash("choose a file", true);
       const dir = document.getElementById("upload-dir").value.trim().replace(/^\/+|\/+$/g, "");
