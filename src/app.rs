@@ -72,6 +72,7 @@ pub fn start(
             local,
             config.tftp.timeout,
             config.tftp.max_retries,
+            vec![router.clone()],
             shutdown.clone(),
         )?;
         tftp_service.set_multicast(hub);

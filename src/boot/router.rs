@@ -613,10 +613,13 @@ impl TransferObserver for Router {
             path: read.name,
             client: read.peer.ip(),
             transport: "tftp",
-            how: Some(format!(
-                "blksize {}, windowsize {}",
-                read.blksize, read.windowsize
-            )),
+            how: Some(match read.multicast {
+                Some(group) => format!(
+                    "multicast {group}, blksize {}, windowsize {}",
+                    read.blksize, read.windowsize
+                ),
+                None => format!("blksize {}, windowsize {}", read.blksize, read.windowsize),
+            }),
             bytes: read.bytes,
             duration: read.elapsed,
             status: if read.complete { 200 } else { 500 },

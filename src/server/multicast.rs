@@ -25,6 +25,7 @@ use crate::config::MulticastConfig;
 use crate::engine::Shutdown;
 use crate::proto::tftp::multicast::{Session, SessionConfig, Transmit};
 use crate::proto::tftp::packet::{self, Packet};
+use crate::server::tftp::{FinishedRead, TransferObserver};
 
 /// A read request that asked for multicast.
 #[derive(Debug)]
@@ -62,6 +63,8 @@ pub struct MulticastHub {
     max_retries: u32,
     sessions: Mutex<HashMap<SessionKey, Running>>,
     runtime: tokio::runtime::Handle,
+    /// Told when each member's part ends, as for unicast reads (boot events).
+    observers: Vec<Arc<dyn TransferObserver>>,
 }
 
 impl MulticastHub {
@@ -71,6 +74,7 @@ impl MulticastHub {
         local: Ipv4Addr,
         retry: Duration,
         max_retries: u32,
+        observers: Vec<Arc<dyn TransferObserver>>,
         shutdown: Shutdown,
     ) -> std::io::Result<(Arc<MulticastHub>, std::thread::JoinHandle<()>)> {
         let runtime = tokio::runtime::Builder::new_current_thread()
@@ -83,6 +87,7 @@ impl MulticastHub {
             max_retries,
             sessions: Mutex::new(HashMap::new()),
             runtime: runtime.handle().clone(),
+            observers,
         });
         let thread = std::thread::Builder::new()
             .name("bootfleet-mtftp".into())
@@ -162,6 +167,7 @@ impl MulticastHub {
     ) {
         let group = config.group;
         let blksize = usize::from(config.blksize);
+        let (config_blksize, config_windowsize) = (config.blksize, config.windowsize);
         let Some(first) = joins.recv().await else {
             return;
         };
@@ -195,6 +201,25 @@ impl MulticastHub {
                 };
                 if let Err(error) = sent {
                     debug!(file = %key.name, %error, "multicast send failed");
+                }
+            }
+            while let Some(outcome) = session.poll_outcome() {
+                let finished = FinishedRead {
+                    name: &key.name,
+                    peer: outcome.addr,
+                    bytes: if outcome.completed {
+                        data.len() as u64
+                    } else {
+                        0
+                    },
+                    elapsed: outcome.joined.elapsed(),
+                    complete: outcome.completed,
+                    blksize: config_blksize,
+                    windowsize: config_windowsize,
+                    multicast: Some(group),
+                };
+                for observer in &self.observers {
+                    observer.read_finished(&finished);
                 }
             }
             if session.is_done() {

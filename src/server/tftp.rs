@@ -66,6 +66,8 @@ pub struct FinishedRead<'a> {
     /// client asked for the file, which is where firmware differs.
     pub blksize: u16,
     pub windowsize: u16,
+    /// The group it was sent to, for a multicast (RFC 2090) member.
+    pub multicast: Option<SocketAddr>,
 }
 
 /// Told about every read transfer that ends (size queries aside): how
@@ -540,6 +542,7 @@ impl TftpService {
                 complete,
                 blksize: read.blksize(),
                 windowsize: read.windowsize(),
+                multicast: None,
             };
             for observer in &self.observers {
                 observer.read_finished(&finished);

@@ -98,6 +98,12 @@ fn atftp_clients_share_one_multicast_stream() {
         .map(|i| (i.wrapping_mul(2654435761) >> 11) as u8)
         .collect();
     std::fs::write(root.join("image.bin"), &image).unwrap();
+    // An image whose kernel it is: each member's fetch becomes a boot event.
+    std::fs::write(
+        root.join("inventory.toml"),
+        "[images.mc]\nkernel = \"image.bin\"\ntransport = \"multicast\"\n",
+    )
+    .unwrap();
     let config = lab.dir.path().join("bootfleet.toml");
     std::fs::write(
         &config,
@@ -200,4 +206,30 @@ fn atftp_clients_share_one_multicast_stream() {
         text.matches("multicast session started").count() >= 1,
         "{text}"
     );
+    // One boot event per client: its kernel, complete, by multicast.
+    let events = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &lab.server_ns,
+            "curl",
+            "-s",
+            "http://10.95.0.1/api/v1/events",
+        ])
+        .output()
+        .unwrap();
+    let events: Vec<serde_json::Value> = serde_json::from_slice(&events.stdout).unwrap();
+    for i in 0..CLIENTS {
+        let client = format!("10.95.0.{}", 10 + i);
+        assert!(
+            events.iter().any(|e| e["client"] == client.as_str()
+                && e["phase"] == "kernel"
+                && e["status"] == 200
+                && e["detail"]
+                    .as_str()
+                    .unwrap_or("")
+                    .contains("multicast 239.255.66.")),
+            "no multicast kernel event for {client}: {events:?}"
+        );
+    }
 }

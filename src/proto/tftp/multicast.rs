@@ -66,6 +66,17 @@ struct Member {
     addr: SocketAddr,
     /// Options acknowledged besides `multicast`, for its OACKs.
     options: Vec<(&'static str, String)>,
+    joined: Instant,
+}
+
+/// How one member's part in the session ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemberOutcome {
+    pub addr: SocketAddr,
+    /// It acknowledged the last block; otherwise it left or was dropped.
+    pub completed: bool,
+    /// When it joined.
+    pub joined: Instant,
 }
 
 #[derive(Debug)]
@@ -96,6 +107,7 @@ pub struct Session {
     /// goes below it, is a repair).
     highest_sent: u64,
     queue: VecDeque<Transmit>,
+    outcomes: VecDeque<MemberOutcome>,
     stats: SessionStats,
 }
 
@@ -110,6 +122,7 @@ impl Session {
             master: None,
             highest_sent: 0,
             queue: VecDeque::new(),
+            outcomes: VecDeque::new(),
             stats: SessionStats::default(),
         }
     }
@@ -160,6 +173,7 @@ impl Session {
         let member = Member {
             addr: client,
             options,
+            joined: now,
         };
         if self.master.is_none() {
             self.appoint(member, now);
@@ -203,8 +217,14 @@ impl Session {
 
     /// The master is gone (`completed` or dropped): the longest-waiting
     /// listener takes its place.
-    fn next_master(&mut self, now: Instant) {
-        self.master = None;
+    fn next_master(&mut self, completed: bool, now: Instant) {
+        if let Some((master, member)) = self.master.take() {
+            self.outcomes.push_back(MemberOutcome {
+                addr: master.addr,
+                completed,
+                joined: member.joined,
+            });
+        }
         if let Some(member) = self.listeners.pop_front() {
             self.stats.master_changes += 1;
             self.appoint(member, now);
@@ -238,7 +258,7 @@ impl Session {
         .min(self.last_block);
         if held >= self.last_block {
             self.stats.members_completed += 1;
-            self.next_master(now);
+            self.next_master(true, now);
             return;
         }
         master.state = MasterState::Pacing { held };
@@ -265,10 +285,16 @@ impl Session {
     pub fn handle_error(&mut self, from: SocketAddr, now: Instant) {
         if self.master.as_ref().is_some_and(|(m, _)| m.addr == from) {
             self.stats.members_dropped += 1;
-            self.next_master(now);
+            self.next_master(false, now);
         } else if let Some(index) = self.listeners.iter().position(|m| m.addr == from) {
             self.stats.members_dropped += 1;
-            self.listeners.remove(index);
+            if let Some(member) = self.listeners.remove(index) {
+                self.outcomes.push_back(MemberOutcome {
+                    addr: member.addr,
+                    completed: false,
+                    joined: member.joined,
+                });
+            }
         }
     }
 
@@ -290,7 +316,7 @@ impl Session {
             );
             self.queue.push_back(Transmit::To(master.addr, error));
             self.stats.members_dropped += 1;
-            self.next_master(now);
+            self.next_master(false, now);
             return;
         }
         // The OACK again to an appointed master, the window again to a
@@ -314,6 +340,11 @@ impl Session {
     /// The next datagram to send.
     pub fn poll_transmit(&mut self) -> Option<Transmit> {
         self.queue.pop_front()
+    }
+
+    /// The next member whose part ended (for boot events).
+    pub fn poll_outcome(&mut self) -> Option<MemberOutcome> {
+        self.outcomes.pop_front()
     }
 
     /// When [`Session::handle_timeout`] is due.
@@ -597,6 +628,17 @@ mod tests {
         let stats = session.stats();
         assert_eq!(stats.members_dropped, 2, "{stats:?}");
         assert_eq!(stats.members_completed, 2, "{stats:?}");
+        // Each member's end is reported once, for its boot event.
+        let outcomes: Vec<(SocketAddr, bool)> = std::iter::from_fn(|| session.poll_outcome())
+            .map(|o| (o.addr, o.completed))
+            .collect();
+        assert_eq!(outcomes.len(), 4, "{outcomes:?}");
+        for (i, completed) in [(0, false), (1, false), (2, true), (3, true)] {
+            assert!(
+                outcomes.contains(&(addr(i), completed)),
+                "{i}: {outcomes:?}"
+            );
+        }
     }
 
     #[test]
