@@ -25,6 +25,8 @@
 //! multicast_groups = "239.255.66.1-239.255.66.254"  # RFC 2090 sessions (off when absent)
 //! multicast_port = 1758        # UDP port of every group
 //! multicast_ttl = 1            # hops a group datagram may cross
+//! multicast_interface = "10.0.0.1"  # address of the interface groups leave by
+//! multicast_gather_ms = 500     # a session's first block waits this long for more machines
 //!
 //! [http]
 //! listen = "0.0.0.0:80"
@@ -186,6 +188,8 @@ pub struct FileTftp {
     pub multicast_groups: Option<Spanned<String>>,
     pub multicast_port: Option<Spanned<u64>>,
     pub multicast_ttl: Option<Spanned<u64>>,
+    pub multicast_interface: Option<Ipv4Addr>,
+    pub multicast_gather_ms: Option<Spanned<u64>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -457,6 +461,12 @@ pub struct MulticastConfig {
     pub groups: (Ipv4Addr, Ipv4Addr),
     pub port: u16,
     pub ttl: u32,
+    /// The address of the interface group datagrams leave by
+    /// (IP_MULTICAST_IF); by default the TFTP listener's address, or the
+    /// routing table's choice when that is 0.0.0.0.
+    pub interface: Option<Ipv4Addr>,
+    /// How long a new session waits for more members before its first block.
+    pub gather: Duration,
 }
 
 /// A configuration that cannot be used, and where the problem is.
@@ -795,6 +805,13 @@ impl Validator<'_> {
                 port: self.ranged(&t.multicast_port, "tftp.multicast_port", 1..=65535, 1758)?
                     as u16,
                 ttl: self.ranged(&t.multicast_ttl, "tftp.multicast_ttl", 1..=255, 1)? as u32,
+                interface: t.multicast_interface,
+                gather: Duration::from_millis(self.ranged(
+                    &t.multicast_gather_ms,
+                    "tftp.multicast_gather_ms",
+                    0..=60_000,
+                    500,
+                )?),
             });
         }
         let h = &file.http;
@@ -922,7 +939,7 @@ mod tests {
     fn multicast_groups_are_checked() {
         assert_eq!(parse("").unwrap().tftp.multicast, None);
         let c =
-            parse("[tftp]\nmulticast_groups = \"239.255.66.1-239.255.66.9\"\nmulticast_ttl = 2\n")
+            parse("[tftp]\nmulticast_groups = \"239.255.66.1-239.255.66.9\"\nmulticast_ttl = 2\nmulticast_interface = \"10.0.0.1\"\n")
                 .unwrap();
         assert_eq!(
             c.tftp.multicast,
@@ -933,6 +950,8 @@ mod tests {
                 ),
                 port: 1758,
                 ttl: 2,
+                interface: Some("10.0.0.1".parse().unwrap()),
+                gather: Duration::from_millis(500),
             })
         );
         for bad in [

@@ -137,6 +137,7 @@ impl MulticastHub {
             windowsize: join.windowsize,
             retry: self.retry,
             max_retries: self.max_retries,
+            gather: self.config.gather,
         };
         info!(file = %join.name, %group, port = self.config.port, blksize = join.blksize, "multicast session started");
         let _ = joins.send(join);
@@ -152,8 +153,9 @@ impl MulticastHub {
         let socket = std::net::UdpSocket::bind((self.local, 0))?;
         socket.set_nonblocking(true)?;
         socket.set_multicast_ttl_v4(self.config.ttl)?;
-        if !self.local.is_unspecified() {
-            socket2::SockRef::from(&socket).set_multicast_if_v4(&self.local)?;
+        let interface = self.config.interface.unwrap_or(self.local);
+        if !interface.is_unspecified() {
+            socket2::SockRef::from(&socket).set_multicast_if_v4(&interface)?;
         }
         UdpSocket::from_std(socket)
     }

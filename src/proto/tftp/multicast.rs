@@ -37,6 +37,10 @@ pub struct SessionConfig {
     pub retry: Duration,
     /// Retransmissions to a silent master before it is dropped.
     pub max_retries: u32,
+    /// How long after the first request the first block waits, so that
+    /// machines powered on together join before the stream starts instead
+    /// of each needing the start repaired afterwards.
+    pub gather: Duration,
 }
 
 /// What the engine sends.
@@ -109,6 +113,8 @@ pub struct Session {
     queue: VecDeque<Transmit>,
     outcomes: VecDeque<MemberOutcome>,
     stats: SessionStats,
+    /// No block goes out before this (the gathering window).
+    start_at: Option<Instant>,
 }
 
 impl Session {
@@ -124,6 +130,7 @@ impl Session {
             queue: VecDeque::new(),
             outcomes: VecDeque::new(),
             stats: SessionStats::default(),
+            start_at: None,
         }
     }
 
@@ -170,6 +177,7 @@ impl Session {
             return;
         }
         self.stats.members_joined += 1;
+        self.start_at.get_or_insert(now + self.config.gather);
         let member = Member {
             addr: client,
             options,
@@ -262,8 +270,13 @@ impl Session {
             return;
         }
         master.state = MasterState::Pacing { held };
-        master.retry_at = now + self.config.retry;
         master.retries = 0;
+        if let Some(start_at) = self.start_at.filter(|&at| now < at) {
+            // Still gathering: the first window goes out when it ends.
+            master.retry_at = start_at;
+            return;
+        }
+        master.retry_at = now + self.config.retry;
         self.send_window(held + 1);
     }
 
@@ -325,8 +338,12 @@ impl Session {
             MasterState::Appointed => (Some((master.addr, self.oack(member, true))), None),
             MasterState::Pacing { held } => (None, Some(held + 1)),
         };
+        let gathered = self.highest_sent == 0 && window.is_some();
         if let Some((master, _)) = &mut self.master {
-            master.retries += 1;
+            // The end of the gathering window is the first send, not a retry.
+            if !gathered {
+                master.retries += 1;
+            }
             master.retry_at = now + self.config.retry;
         }
         if let Some((addr, oack)) = oack {
@@ -380,6 +397,7 @@ mod tests {
             windowsize,
             retry: Duration::from_secs(1),
             max_retries: 3,
+            gather: Duration::ZERO,
         }
     }
 
@@ -639,6 +657,55 @@ mod tests {
                 "{i}: {outcomes:?}"
             );
         }
+    }
+
+    #[test]
+    fn the_first_block_waits_for_the_gathering_window() {
+        let mut session = Session::new(
+            FILE,
+            SessionConfig {
+                gather: Duration::from_millis(100),
+                ..config(4)
+            },
+        );
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        session.join(addr(0), vec![], t0);
+        assert!(matches!(session.poll_transmit(), Some(Transmit::To(to, _)) if to == addr(0)));
+        session.handle_ack(addr(0), 0, t0 + ms(1));
+        assert_eq!(
+            session.poll_transmit(),
+            None,
+            "nothing sent while gathering"
+        );
+        // A machine powered on a little later joins before the stream starts.
+        session.join(addr(1), vec![], t0 + ms(50));
+        assert!(matches!(session.poll_transmit(), Some(Transmit::To(to, _)) if to == addr(1)));
+        assert_eq!(session.poll_timeout(), Some(t0 + ms(100)));
+        session.handle_timeout(t0 + ms(60));
+        assert_eq!(session.poll_transmit(), None);
+        session.handle_timeout(t0 + ms(100));
+        assert_eq!(
+            session.poll_transmit(),
+            Some(Transmit::Group { first: 1, count: 4 })
+        );
+        // The gathering window's end was the first send, not a retry: a
+        // master that then goes quiet still has its whole retry budget.
+        let t1 = t0 + ms(100);
+        for n in 1..=3 {
+            session.handle_timeout(t1 + Duration::from_secs(n));
+            assert_eq!(
+                session.poll_transmit(),
+                Some(Transmit::Group { first: 1, count: 4 })
+            );
+        }
+        assert_eq!(session.stats().members_dropped, 0);
+        // It answers, and paces from there as usual.
+        session.handle_ack(addr(0), 4, t1 + ms(3500));
+        assert_eq!(
+            session.poll_transmit(),
+            Some(Transmit::Group { first: 5, count: 4 })
+        );
     }
 
     #[test]
