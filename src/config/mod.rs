@@ -936,6 +936,27 @@ mod tests {
     }
 
     #[test]
+    fn the_panel_section_is_checked() {
+        let c = parse("").unwrap();
+        assert_eq!(c.panel.listen, Some("127.0.0.1:9090".parse().unwrap()));
+        let c = parse("[panel]\nlisten = \"off\"\nstuck_after_seconds = 30\n").unwrap();
+        assert_eq!(c.panel.listen, None);
+        assert_eq!(c.panel.stuck_after, Duration::from_secs(30));
+        for (bad, key) in [
+            ("[panel]\nlisten = \"everywhere\"\n", "panel.listen"),
+            ("[panel]\ntls_cert = \"c.pem\"\n", "panel.tls_cert"),
+            (
+                "[panel]\nstuck_after_seconds = 1\n",
+                "panel.stuck_after_seconds",
+            ),
+            ("[panel]\nlisten_on = \"x\"\n", "listen_on"),
+        ] {
+            let error = parse(bad).unwrap_err().to_string();
+            assert!(error.contains(key), "{bad}: {error}");
+        }
+    }
+
+    #[test]
     fn multicast_groups_are_checked() {
         assert_eq!(parse("").unwrap().tftp.multicast, None);
         let c =
