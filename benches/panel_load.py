@@ -203,7 +203,7 @@ def page(args) -> dict:
             for _ in range(200):
                 timing = webdriver(base, "POST", s + "/execute/sync", {"script": (
                     "if (!window.bfPaintedAt) return null;"
-                    "const api = performance.getEntriesByType('resource').find(e => e.name.endsWith('/api/v1/machines'));"
+                    "const api = performance.getEntriesByType('resource').find(e => e.name.includes('/api/v1/machines?'));"
                     "const fcp = performance.getEntriesByName('first-contentful-paint')[0];"
                     "return {painted_ms: window.bfPaintedAt, fcp_ms: fcp ? fcp.startTime : null,"
                     " api_server_ms: api ? api.responseStart - api.requestStart : null,"

@@ -352,6 +352,10 @@ struct MachineFilter {
     image: Option<String>,
     label: Option<String>,
     stuck: Option<bool>,
+    /// At most this many, after skipping `offset`; the whole count is in
+    /// the `X-Total-Count` header.
+    limit: Option<usize>,
+    offset: Option<usize>,
 }
 
 fn all_views(state: &PanelState) -> ApiResult<Vec<MachineView>> {
@@ -414,14 +418,21 @@ async fn list_machines(
     _: Reader,
     Query(filter): Query<MachineFilter>,
 ) -> ApiResult {
-    let views = blocking(move || {
-        Ok(all_views(&state)?
+    let (total, views) = blocking(move || {
+        let matching: Vec<MachineView> = all_views(&state)?
             .into_iter()
             .filter(|v| matches(v, &filter))
-            .collect::<Vec<_>>())
+            .collect();
+        let total = matching.len();
+        let page = matching
+            .into_iter()
+            .skip(filter.offset.unwrap_or(0))
+            .take(filter.limit.unwrap_or(usize::MAX))
+            .collect::<Vec<_>>();
+        Ok((total, page))
     })
     .await?;
-    Ok(Json(views).into_response())
+    Ok(([("x-total-count", total.to_string())], Json(views)).into_response())
 }
 
 async fn get_machine(State(state): Shared, _: Reader, Path(mac): Path<String>) -> ApiResult {

@@ -74,6 +74,7 @@ pub struct Reply {
     pub status: u16,
     pub set_cookie: Option<String>,
     pub retry_after: Option<String>,
+    pub total_count: Option<String>,
     pub body: Value,
 }
 
@@ -141,16 +142,18 @@ impl Api {
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_string)
         };
-        let (status, set_cookie, retry_after) = (
+        let (status, set_cookie, retry_after, total_count) = (
             response.status().as_u16(),
             header("set-cookie"),
             header("retry-after"),
+            header("x-total-count"),
         );
         let text = response.into_body().read_to_string().unwrap_or_default();
         Reply {
             status,
             set_cookie,
             retry_after,
+            total_count,
             body: serde_json::from_str(&text).unwrap_or(Value::String(text)),
         }
     }
@@ -538,6 +541,21 @@ fn pools_assign_many_machines_by_list_and_label() {
         "/api/v1/machines/assign",
         Some(json!({ "macs": [&macs[5]], "pool": "rack-a" })),
     );
+    // The list pages: a window of the matches and their whole count.
+    let page = api.call(
+        "GET",
+        "/api/v1/machines?label=role=compute&offset=2&limit=3",
+        None,
+    );
+    assert_eq!(page.total_count.as_deref(), Some("6"), "{page:?}");
+    let listed: Vec<&str> = page
+        .body
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["mac"].as_str().unwrap())
+        .collect();
+    assert_eq!(listed, [&macs[2], &macs[3], &macs[4]]);
     let pool = api.ok("GET", "/api/v1/pools/rack-a", None);
     assert_eq!(pool["machines"].as_array().unwrap().len(), 4, "{pool}");
     let changed = api.ok(

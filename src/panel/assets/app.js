@@ -45,6 +45,15 @@ async function api(method, path, body) {
   return data;
 }
 
+// A GET of a paged list: its items and the whole count.
+async function apiPage(path) {
+  const res = await fetch("/api/v1" + path, { credentials: "same-origin" });
+  if (res.status === 401) { showLogin(); throw new Error("please log in"); }
+  const data = await res.json();
+  if (!res.ok) throw new Error(data.error || res.statusText);
+  return { data, total: Number(res.headers.get("x-total-count") || data.length) };
+}
+
 function when(ms) {
   if (!ms) return "—";
   const s = Math.round((Date.now() - ms) / 1000);
@@ -160,8 +169,9 @@ async function machinesPage() {
     q: params.get("q") || "", state: params.get("state") || "",
     image: params.get("image") || "", label: params.get("label") || "",
   };
-  const query = new URLSearchParams(Object.entries(filter).filter(([, v]) => v)).toString();
-  const machines = await api("GET", "/machines" + (query ? "?" + query : ""));
+  const query = new URLSearchParams(Object.entries(filter).filter(([, v]) => v));
+  query.set("limit", ROW_LIMIT);
+  const { data: machines, total } = await apiPage("/machines?" + query);
   const table = h("table", { id: "machines" });
   const apply = () => {
     const q = new URLSearchParams();
@@ -206,16 +216,15 @@ async function machinesPage() {
         route();
       } catch (err) { flash(err.message, true); }
     } }, "Add to pool"));
-  const shown = machines.slice(0, ROW_LIMIT);
   table.append(
     h("thead", {}, h("tr", {}, h("th", {}, checkAll(table)),
       ["MAC", "Hostname", "IP", "Image", "Labels", "State", "Last seen"].map((t) => h("th", {}, t)))),
-    h("tbody", {}, shown.map(machineRow)));
+    h("tbody", {}, machines.map(machineRow)));
   return h("div", {},
     h("h1", {}, "Machines"), toolbar, actions,
     h("p", { class: "muted", id: "machine-count" },
-      machines.length > ROW_LIMIT ? `showing ${ROW_LIMIT} of ${machines.length}; narrow the filter to see the rest`
-        : `${machines.length} machine(s)`),
+      total > machines.length ? `showing ${machines.length} of ${total}; narrow the filter to see the rest`
+        : `${total} machine(s)`),
     table);
 }
 
