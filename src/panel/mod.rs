@@ -327,6 +327,9 @@ pub fn start(
 /// remembers every machine that asked for its script (discovery).
 async fn write_events(state: Arc<PanelState>) {
     let mut feed = state.router.events.subscribe();
+    // A database that keeps failing (a full disk) is said once a minute,
+    // with how many batches were lost meanwhile, not every 100 ms.
+    let mut failures = FailureLog::default();
     loop {
         let mut batch: Vec<BootEvent> = Vec::new();
         match feed.recv().await {
@@ -376,10 +379,40 @@ async fn write_events(state: Arc<PanelState>) {
         })
         .await;
         match written {
-            Ok(Err(error)) => warn!(%error, "boot events not stored"),
-            Err(error) => warn!(%error, "boot event writer failed"),
-            Ok(Ok(())) => {}
+            Ok(Err(error)) => failures.failed(&error.to_string()),
+            Err(error) => failures.failed(&error.to_string()),
+            Ok(Ok(())) => failures.succeeded(),
         }
+    }
+}
+
+/// Logs a repeating failure once a minute instead of every time.
+#[derive(Default)]
+struct FailureLog {
+    last_logged: Option<std::time::Instant>,
+    unlogged: u64,
+}
+
+impl FailureLog {
+    fn failed(&mut self, error: &str) {
+        let due = self
+            .last_logged
+            .is_none_or(|at| at.elapsed() >= Duration::from_secs(60));
+        if due {
+            warn!(%error, batches_lost_since_last_report = self.unlogged,
+                "boot events not stored in the inventory database (the data plane goes on serving)");
+            self.last_logged = Some(std::time::Instant::now());
+            self.unlogged = 0;
+        } else {
+            self.unlogged += 1;
+        }
+    }
+
+    fn succeeded(&mut self) {
+        if self.last_logged.take().is_some() {
+            info!(batches_lost = self.unlogged, "boot events are stored again");
+        }
+        self.unlogged = 0;
     }
 }
 

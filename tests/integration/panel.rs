@@ -917,3 +917,96 @@ fn the_command_line_manages_machines_and_images_through_the_api() {
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("assigned to 52:54:00:dd:00:02"));
 }
+
+/// The inventory database on a full disk (a 512 KiB tmpfs in a private
+/// mount namespace): the data plane goes on answering every machine, the
+/// API goes on reading, and the failure is logged once, not per batch.
+#[test]
+fn a_full_database_disk_costs_the_events_not_the_boots() {
+    if !crate::common::can_make_namespaces() || !have_tool("unshare") {
+        return;
+    }
+    let root = boot_dir();
+    let work = state_dir();
+    let state = work.path().join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    let free_port = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    };
+    let (http, panel, tftp) = (free_port(), free_port(), free_port());
+    let token_file = work.path().join("token");
+    let log = work.path().join("server.log");
+    let binary = env!("CARGO_BIN_EXE_bootfleet");
+    let mut server = Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c"])
+        .arg(format!(
+            "mount -t tmpfs -o size=512k bootfleet-test {state:?} \
+             && {binary:?} tokens add t --scope read --state-dir {state:?} > {token_file:?} \
+             && exec {binary:?} serve --root {root:?} --state-dir {state:?} \
+                --tftp-listen 127.0.0.1:{tftp} --http-listen 127.0.0.1:{http} --panel-listen 127.0.0.1:{panel}",
+            root = root.path()
+        ))
+        .stdout(Stdio::from(std::fs::File::create(&log).unwrap()))
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let panel_addr: std::net::SocketAddr = format!("127.0.0.1:{panel}").parse().unwrap();
+    eventually("the server to start", || {
+        std::net::TcpStream::connect(panel_addr).ok()
+    });
+    let api = Api::with_token(
+        panel_addr,
+        std::fs::read_to_string(&token_file).unwrap().trim(),
+    );
+
+    // 3,000 machines nobody listed, each with long iPXE facts: far more
+    // than the disk holds.
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_global(Some(Duration::from_secs(10)))
+        .build()
+        .into();
+    let long = "x".repeat(200);
+    for i in 0..3000u32 {
+        let mac = format!("52:54:00:ee:{:02x}:{:02x}", i >> 8, i & 0xff);
+        let url = format!(
+            "http://127.0.0.1:{http}/boot/{mac}.ipxe?serial={long}&manufacturer={long}&product={long}"
+        );
+        let body = agent
+            .get(&url)
+            .call()
+            .unwrap_or_else(|e| panic!("machine {i} got no script: {e}"))
+            .into_body()
+            .read_to_string()
+            .unwrap();
+        assert!(body.starts_with("#!ipxe"), "{body}");
+    }
+    let text = eventually("the failure to be logged", || {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        text.contains("boot events not stored").then_some(text)
+    });
+    // Still serving, and still readable.
+    let body = agent
+        .get(&format!("http://127.0.0.1:{http}/boot.ipxe"))
+        .call()
+        .unwrap()
+        .into_body()
+        .read_to_string()
+        .unwrap();
+    assert!(body.starts_with("#!ipxe"));
+    assert_eq!(api.call("GET", "/api/v1/fleet", None).status, 200);
+    assert!(
+        server.try_wait().unwrap().is_none(),
+        "the server is still running"
+    );
+    assert_eq!(
+        text.matches("boot events not stored").count(),
+        1,
+        "one line, not one per batch:\n{text}"
+    );
+    let _ = Command::new("kill").arg(server.id().to_string()).status();
+    let _ = server.wait();
+}
