@@ -245,7 +245,21 @@ impl Session {
             return;
         };
         if master.addr != from {
-            // Listeners do not pace the session; an ACK from one is ignored.
+            // Listeners do not pace the session. A listener that ACKs the
+            // last block has it all (atftp says so when it is done): it
+            // leaves without having to be made master first.
+            if block == (self.last_block & 0xFFFF) as u16 {
+                if let Some(index) = self.listeners.iter().position(|m| m.addr == from) {
+                    if let Some(member) = self.listeners.remove(index) {
+                        self.stats.members_completed += 1;
+                        self.outcomes.push_back(MemberOutcome {
+                            addr: member.addr,
+                            completed: true,
+                            joined: member.joined,
+                        });
+                    }
+                }
+            }
             return;
         }
         let held = match master.state {
@@ -706,6 +720,29 @@ mod tests {
             session.poll_transmit(),
             Some(Transmit::Group { first: 5, count: 4 })
         );
+    }
+
+    #[test]
+    fn a_listener_that_acks_the_last_block_leaves_without_being_master() {
+        let mut session = Session::new(FILE, config(4));
+        let now = Instant::now();
+        let last = (session.block_count() & 0xFFFF) as u16;
+        session.join(addr(0), vec![], now);
+        session.join(addr(1), vec![], now);
+        while session.poll_transmit().is_some() {}
+        // A listener's other ACKs change nothing.
+        session.handle_ack(addr(1), 3, now);
+        assert_eq!(session.members(), 2);
+        session.handle_ack(addr(1), last, now);
+        assert_eq!(session.members(), 1);
+        assert_eq!(session.stats().members_completed, 1);
+        let outcome = session.poll_outcome().unwrap();
+        assert!(outcome.completed && outcome.addr == addr(1));
+        // The master finishing ends the session: nobody is left to appoint.
+        session.handle_ack(addr(0), 0, now);
+        session.handle_ack(addr(0), last, now);
+        assert!(session.is_done());
+        assert_eq!(session.stats().master_changes, 0);
     }
 
     #[test]
