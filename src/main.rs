@@ -343,8 +343,13 @@ fn serve(args: ServeArgs) -> Result<()> {
         "bootfleet serving boot files"
     );
     info!(listen = %tftp_addr, "TFTP listening (RFC 1350, 2347-2349, 7440)");
-    info!(listen = %http_addr, chain = %format!("http://{http_addr}/boot.ipxe"),
-        "HTTP listening: files, /boot.ipxe, /boot/{{mac}}.ipxe, /api/v1/events");
+    if config.panel.listen.is_some() {
+        info!(listen = %http_addr, chain = %format!("http://{http_addr}/boot.ipxe"),
+            "HTTP listening: files, /boot.ipxe, /boot/{{mac}}.ipxe (the API is on the panel's listener)");
+    } else {
+        info!(listen = %http_addr, chain = %format!("http://{http_addr}/boot.ipxe"),
+            "HTTP listening: files, /boot.ipxe, /boot/{{mac}}.ipxe, read-only /api/v1/events and /api/v1/discovered");
+    }
     match &fallback_reason {
         Some(why) => {
             warn!(engine = %backend, workers, reason = %why, "io_uring unavailable, using the epoll fallback")
