@@ -325,6 +325,26 @@ fn an_operator_adopts_pools_and_assigns_in_the_browser() {
         }
         shot(&client, "machine").await;
 
+        // Edit the machine: name, labels, a command-line addition.
+        for (css, text) in [
+            ("#machine-hostname", "web01"),
+            ("#machine-labels", "rack=r9 role=web"),
+            ("#machine-cmdline", "console=ttyS1"),
+        ] {
+            let field = client.find(Locator::Css(css)).await.unwrap();
+            field.clear().await.unwrap();
+            field.send_keys(text).await.unwrap();
+        }
+        click(&client, "#machine-save").await;
+        flash(&client, "saved").await;
+        let edited = script(&server, mac, "");
+        assert!(
+            edited.contains("rocky9/vmlinuz") && edited.contains("console=ttyS1"),
+            "{edited}"
+        );
+        let listed = api.ok("GET", "/api/v1/machines?label=rack=r9", None);
+        assert_eq!(listed[0]["hostname"], "web01", "{listed}");
+
         open(&client, &base, "#/fleet", "#stuck").await;
         let fleet = text_of(&client, "#fleet").await;
         assert!(

@@ -281,28 +281,45 @@ async function machinePage(mac) {
   const facts = Object.entries(m.facts || {});
   const image = imageSelect("machine-image", true);
   image.value = m.image || "";
+  const input = (id, value, attrs) => h("input", { id, value: value || "", ...attrs });
+  const check = (id, on) => h("input", { id, type: "checkbox", checked: on });
+  const save = async (e) => {
+    e.preventDefault();
+    const v = (id) => document.getElementById(id).value.trim();
+    try {
+      await api("PUT", "/machines/" + encodeURIComponent(m.mac), {
+        image: image.value || null,
+        hostname: v("machine-hostname") || null,
+        ip: v("machine-ip") || null,
+        labels: v("machine-labels").split(/[\s,]+/).filter(Boolean),
+        cmdline_append: v("machine-cmdline"),
+        notes: v("machine-notes"),
+        one_shot: document.getElementById("machine-one-shot").checked,
+        netboot: document.getElementById("machine-netboot").checked,
+      });
+      flash("saved; the machine's next script uses it"); route();
+    } catch (err) { flash(err.message, true); }
+  };
   return h("div", {},
     h("h1", {}, "Machine ", h("span", { class: "mono" }, m.mac), " ", badge(m.state), m.stuck ? badge("stuck") : null),
-    h("dl", { class: "grid" },
-      h("dt", {}, "Hostname"), h("dd", {}, m.hostname || "—"),
-      h("dt", {}, "Reserved IP"), h("dd", {}, m.ip || "—"),
-      h("dt", {}, "Image"), h("dd", {}, image, " ",
-        h("button", { id: "machine-assign", onclick: async () => {
-          try {
-            await api("PUT", "/machines/" + encodeURIComponent(m.mac), { image: image.value || null });
-            flash("assigned; the machine's next script uses it"); route();
-          } catch (err) { flash(err.message, true); }
-        } }, "Save")),
-      h("dt", {}, "Labels"), h("dd", {}, (m.labels || []).join(", ") || "—"),
-      h("dt", {}, "One-shot"), h("dd", {}, m.one_shot ? `yes (generation ${m.rearm}) ` : "no ",
-        m.one_shot ? h("button", { class: "secondary", onclick: async () => {
-          try { await api("PUT", "/machines/" + encodeURIComponent(m.mac), { rearm: true }); flash("re-armed"); route(); }
-          catch (err) { flash(err.message, true); }
-        } }, "Re-arm") : null),
-      h("dt", {}, "Netboot"), h("dd", {}, m.netboot ? "yes" : "no (boots its local disk)"),
-      h("dt", {}, "Notes"), h("dd", {}, m.notes || "—"),
-      h("dt", {}, "First / last seen"), h("dd", {}, when(m.first_seen_ms) + " / " + when(m.last_seen_ms)),
-      facts.map(([k, v]) => [h("dt", {}, k), h("dd", { class: "mono" }, v)])),
+    h("form", { id: "machine-form", onsubmit: save },
+      h("dl", { class: "grid" },
+        h("dt", {}, "Image"), h("dd", {}, image),
+        h("dt", {}, "Hostname"), h("dd", {}, input("machine-hostname", m.hostname, { placeholder: "node01" })),
+        h("dt", {}, "Reserved IP"), h("dd", {}, input("machine-ip", m.ip, { placeholder: "10.0.0.11" })),
+        h("dt", {}, "Labels"), h("dd", {}, input("machine-labels", (m.labels || []).join(" "), { placeholder: "rack=r1 role=compute", size: 40 })),
+        h("dt", {}, "Command line additions"), h("dd", {}, input("machine-cmdline", m.cmdline_append, { size: 40 })),
+        h("dt", {}, "Notes"), h("dd", {}, input("machine-notes", m.notes, { size: 40 })),
+        h("dt", {}, "Netboot"), h("dd", {}, check("machine-netboot", m.netboot), " boots from the network (off: its local disk)"),
+        h("dt", {}, "One-shot"), h("dd", {}, check("machine-one-shot", m.one_shot),
+          m.one_shot ? ` generation ${m.rearm} ` : " ",
+          m.one_shot ? h("button", { type: "button", class: "secondary", onclick: async () => {
+            try { await api("PUT", "/machines/" + encodeURIComponent(m.mac), { rearm: true }); flash("re-armed"); route(); }
+            catch (err) { flash(err.message, true); }
+          } }, "Re-arm") : null),
+        h("dt", {}, ""), h("dd", {}, h("button", { id: "machine-save", type: "submit" }, "Save")),
+        h("dt", {}, "First / last seen"), h("dd", {}, when(m.first_seen_ms) + " / " + when(m.last_seen_ms)),
+        facts.map(([k, val]) => [h("dt", {}, k), h("dd", { class: "mono" }, val)]))),
     h("h2", {}, "Boot timeline (live)"),
     h("table", { id: "timeline" },
       h("thead", {}, h("tr", {}, ["When", "Step", "Via", "What", "Bytes", "ms", "Status"].map((t) => h("th", {}, t)))),
