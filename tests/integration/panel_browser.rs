@@ -251,6 +251,24 @@ fn an_operator_adopts_pools_and_assigns_in_the_browser() {
             .unwrap();
         let text = row.text().await.unwrap();
         assert!(text.contains("Dell") && text.contains("NEW-001"), "{text}");
+        // What unknown machines get: wait for an assignment, asking every 5 s.
+        client
+            .find(Locator::Css("#unknown-policy"))
+            .await
+            .unwrap()
+            .select_by_value("wait")
+            .await
+            .unwrap();
+        let poll = client.find(Locator::Css("#unknown-poll")).await.unwrap();
+        poll.clear().await.unwrap();
+        poll.send_keys("5").await.unwrap();
+        click(&client, "#unknown-form button[type=submit]").await;
+        flash(&client, "unknown machines now get wait for an assignment").await;
+        let waiting = script(&server, "52:54:00:ab:cd:99", "");
+        assert!(
+            waiting.contains("sleep 5") && waiting.contains("chain"),
+            "{waiting}"
+        );
         shot(&client, "discovered").await;
         click(
             &client,

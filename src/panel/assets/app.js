@@ -134,7 +134,7 @@ async function route() {
     let page;
     if (hash.startsWith("/machine/")) page = await machinePage(decodeURIComponent(hash.slice(9)));
     else if (hash === "/fleet") page = await fleetPage();
-    else if (hash === "/discovered") page = discoveredPage(discovered);
+    else if (hash === "/discovered") page = discoveredPage(discovered, await unknownPolicyForm());
     else if (hash === "/images") page = await imagesPage();
     else if (hash === "/pools") page = await poolsPage();
     else if (hash === "/audit") page = await auditPage();
@@ -242,7 +242,23 @@ function machineRow(v) {
 
 // ---- discovered ----
 
-function discoveredPage(machines) {
+async function unknownPolicyForm() {
+  const setting = await api("GET", "/settings/unknown");
+  const policy = h("select", { id: "unknown-policy" },
+    [["menu", "a menu of the images"], ["wait", "wait for an assignment"], ["local", "their local disk"]]
+      .map(([v, t]) => h("option", { value: v, selected: v === setting.policy }, t)));
+  const poll = h("input", { id: "unknown-poll", type: "number", min: 1, max: 3600, value: setting.poll_seconds, size: 5 });
+  return h("form", { class: "toolbar", id: "unknown-form", onsubmit: async (e) => {
+    e.preventDefault();
+    try {
+      await api("PUT", "/settings/unknown", { policy: policy.value, poll_seconds: Number(poll.value) });
+      flash("unknown machines now get " + policy.options[policy.selectedIndex].text);
+    } catch (err) { flash(err.message, true); }
+  } }, "Machines not in the inventory boot", policy, "asking again every", poll, "s",
+    h("button", { type: "submit", class: "secondary" }, "Save"));
+}
+
+function discoveredPage(machines, policyForm) {
   const table = h("table", { id: "discovered" });
   const facts = ["manufacturer", "product", "serial", "uuid", "platform", "buildarch"];
   table.append(
@@ -256,6 +272,7 @@ function discoveredPage(machines) {
   return h("div", {},
     h("h1", {}, "Discovered machines"),
     h("p", { class: "muted" }, "Machines that asked for their script but are not in the inventory. Adopt them to choose what they boot."),
+    policyForm,
     h("div", { class: "toolbar" }, "Adopt selected with", imageSelect("adopt-image", true),
       h("button", { id: "adopt-button", onclick: async () => {
         const macs = selectedMacs(table);
