@@ -439,6 +439,38 @@ fn an_operator_adopts_pools_and_assigns_in_the_browser() {
         );
         shot(&client, "audit").await;
 
+        // An API token made in the panel works at once, and stops when revoked.
+        open(&client, &base, "#/tokens", "#token-form").await;
+        client
+            .find(Locator::Css("#token-name"))
+            .await
+            .unwrap()
+            .send_keys("ci")
+            .await
+            .unwrap();
+        client
+            .find(Locator::Css("#token-scope"))
+            .await
+            .unwrap()
+            .select_by_value("read")
+            .await
+            .unwrap();
+        click(&client, "#token-form button[type=submit]").await;
+        flash(&client, "token ci created").await;
+        let secret = text_of(&client, "#token-secret").await;
+        assert!(secret.starts_with("bft_"), "{secret}");
+        let ci = Api::with_token(panel, &secret);
+        assert_eq!(ci.call("GET", "/api/v1/machines", None).status, 200);
+        assert_eq!(
+            ci.call("DELETE", &format!("/api/v1/machines/{mac}"), None)
+                .status,
+            403,
+            "a read token cannot forget machines"
+        );
+        click(&client, "tr[data-token='ci'] button").await;
+        flash(&client, "revoked ci").await;
+        assert_eq!(ci.call("GET", "/api/v1/machines", None).status, 401);
+
         // Logging out leaves the API closed to this browser.
         click(&client, "#logout").await;
         client

@@ -115,6 +115,7 @@ function loggedIn(s) {
   document.getElementById("nav").hidden = false;
   document.getElementById("logout").hidden = false;
   document.getElementById("who").textContent = s.user + " (" + s.scope + ")";
+  document.getElementById("nav-tokens").hidden = s.scope !== "admin";
   if (!location.hash || location.hash === "#/") location.hash = "#/machines";
   else route();
 }
@@ -138,6 +139,7 @@ async function route() {
     else if (hash === "/images") page = await imagesPage();
     else if (hash === "/pools") page = await poolsPage();
     else if (hash === "/audit") page = await auditPage();
+    else if (hash === "/tokens") page = await tokensPage();
     else page = await machinesPage();
     view.replaceChildren(page);
     // When the page was painted (the panel benchmark reads it).
@@ -474,6 +476,47 @@ async function poolsPage() {
       h("thead", {}, h("tr", {}, ["Pool", "Label selector", "Machines", "Image", "Assign"].map((t) => h("th", {}, t)))),
       h("tbody", {}, rows)),
     h("h2", {}, "New pool"), create);
+}
+
+// ---- API tokens ----
+
+async function tokensPage() {
+  const tokens = await api("GET", "/tokens");
+  const secret = h("p", { id: "token-secret", class: "mono", hidden: true });
+  const create = h("form", { class: "toolbar", id: "token-form", onsubmit: async (e) => {
+    e.preventDefault();
+    try {
+      const t = await api("POST", "/tokens", {
+        name: document.getElementById("token-name").value.trim(),
+        scope: document.getElementById("token-scope").value,
+      });
+      // Shown once: the server keeps only its hash.
+      secret.textContent = t.token;
+      secret.hidden = false;
+      flash(`token ${t.name} created; copy it now, it is not shown again`);
+      const rows = document.querySelector("#tokens tbody");
+      rows.append(tokenRow({ ...t, user: state.user, created_ms: Date.now(), last_used_ms: null }));
+    } catch (err) { flash(err.message, true); }
+  } },
+    h("input", { id: "token-name", placeholder: "name, e.g. ci", required: true }),
+    h("select", { id: "token-scope" }, ["read", "assign", "admin"].map((s) => h("option", { value: s }, s))),
+    h("button", { type: "submit" }, "Create token"));
+  return h("div", {}, h("h1", {}, "API tokens"),
+    h("p", { class: "muted" }, "Scripts and the command line authenticate with Authorization: Bearer <token>."),
+    h("table", { id: "tokens" },
+      h("thead", {}, h("tr", {}, ["Name", "For", "Scope", "Created", "Last used", ""].map((t) => h("th", {}, t)))),
+      h("tbody", {}, tokens.map(tokenRow))),
+    h("h2", {}, "New token"), create, secret);
+}
+
+function tokenRow(t) {
+  return h("tr", { dataset: { token: t.name } },
+    h("td", {}, t.name), h("td", {}, t.user), h("td", {}, t.scope),
+    h("td", {}, when(t.created_ms)), h("td", {}, when(t.last_used_ms)),
+    h("td", {}, h("button", { class: "secondary", onclick: async () => {
+      try { await api("DELETE", "/tokens/" + t.id); flash("revoked " + t.name); route(); }
+      catch (err) { flash(err.message, true); }
+    } }, "Revoke")));
 }
 
 // ---- audit ----
