@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::extract::{ConnectInfo, DefaultBodyLimit, Path, Query, State};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -28,6 +28,48 @@ use crate::server::paths::safe_relative_name;
 use crate::store::{ImageRecord, MachinePatch, PoolRecord, Scope, SessionRecord, StoredEvent};
 
 type Shared = State<Arc<PanelState>>;
+
+/// axum's `Query`, with a bad query string answered as a JSON error.
+struct Query<T>(T);
+
+/// axum's `Path`, with a bad path answered as a JSON error.
+struct Path<T>(T);
+
+impl<T, S> axum::extract::FromRequestParts<S> for Query<T>
+where
+    T: serde::de::DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, ApiError> {
+        axum::extract::Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|axum::extract::Query(value)| Query(value))
+            .map_err(|e| ApiError::bad_request(e.body_text()))
+    }
+}
+
+impl<T, S> axum::extract::FromRequestParts<S> for Path<T>
+where
+    T: serde::de::DeserializeOwned + Send,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, ApiError> {
+        axum::extract::Path::<T>::from_request_parts(parts, state)
+            .await
+            .map(|axum::extract::Path(value)| Path(value))
+            .map_err(|e| ApiError::bad_request(e.body_text()))
+    }
+}
 type ApiResult<T = Response> = Result<T, ApiError>;
 
 /// Every API endpoint: method and path (axum's `{name}` placeholders).
@@ -142,6 +184,12 @@ pub fn routes(state: Arc<PanelState>) -> axum::Router {
                 "no such page or API endpoint; see /api/v1/openapi.json",
             )
         })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "this endpoint does not take that method; see /api/v1/openapi.json",
+            )
+        })
         .layer(axum::middleware::map_response(security_headers))
         .with_state(state)
 }
@@ -247,8 +295,9 @@ struct Login {
 async fn login(
     State(state): Shared,
     ConnectInfo(PeerAddr(peer)): ConnectInfo<PeerAddr>,
-    Json(body): Json<Login>,
+    body: axum::body::Bytes,
 ) -> ApiResult {
+    let body: Login = parse_json(&body)?;
     if let Some(seconds) = state.limiter.retry_after(peer.ip(), &body.user) {
         let mut error = ApiError::new(
             StatusCode::TOO_MANY_REQUESTS,

@@ -687,6 +687,20 @@ fn hostile_input_gets_a_clear_error_and_changes_nothing() {
         true,
     );
     assert_eq!(garbage.status, 422, "{garbage:?}");
+    // Bad query strings, bodies and methods get JSON errors too.
+    for (method, path, body, status) in [
+        ("GET", "/api/v1/machines?limit=lots", None, 400),
+        ("GET", "/api/v1/events?since_ms=-1", None, 400),
+        ("POST", "/api/v1/login", Some(b"user=alice".to_vec()), 422),
+        ("PATCH", "/api/v1/machines/525400123456", None, 405),
+    ] {
+        let reply = api.raw(method, path, body, true);
+        assert_eq!(reply.status, status, "{method} {path}: {reply:?}");
+        assert!(
+            reply.body["error"].is_string(),
+            "{method} {path}: {reply:?}"
+        );
+    }
     assert!(api
         .ok("GET", "/api/v1/machines", None)
         .as_array()
