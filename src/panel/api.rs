@@ -29,47 +29,44 @@ use crate::store::{ImageRecord, MachinePatch, PoolRecord, Scope, SessionRecord, 
 
 type Shared = State<Arc<PanelState>>;
 
-/// axum's `Query`, with a bad query string answered as a JSON error.
-struct Query<T>(T);
+/// Wraps an axum extractor so that its rejection is a JSON [`ApiError`]
+/// (400 with axum's explanation) like every other refusal.
+macro_rules! json_rejection {
+    ($(#[$doc:meta])* $name:ident, $inner:ident) => {
+        $(#[$doc])*
+        struct $name<T>(T);
 
-/// axum's `Path`, with a bad path answered as a JSON error.
-struct Path<T>(T);
+        impl<T, S> axum::extract::FromRequestParts<S> for $name<T>
+        where
+            T: serde::de::DeserializeOwned + Send,
+            S: Send + Sync,
+        {
+            type Rejection = ApiError;
 
-impl<T, S> axum::extract::FromRequestParts<S> for Query<T>
-where
-    T: serde::de::DeserializeOwned,
-    S: Send + Sync,
-{
-    type Rejection = ApiError;
-
-    async fn from_request_parts(
-        parts: &mut axum::http::request::Parts,
-        state: &S,
-    ) -> Result<Self, ApiError> {
-        axum::extract::Query::<T>::from_request_parts(parts, state)
-            .await
-            .map(|axum::extract::Query(value)| Query(value))
-            .map_err(|e| ApiError::bad_request(e.body_text()))
-    }
+            async fn from_request_parts(
+                parts: &mut axum::http::request::Parts,
+                state: &S,
+            ) -> Result<Self, ApiError> {
+                axum::extract::$inner::<T>::from_request_parts(parts, state)
+                    .await
+                    .map(|axum::extract::$inner(value)| $name(value))
+                    .map_err(|e| ApiError::bad_request(e.body_text()))
+            }
+        }
+    };
 }
 
-impl<T, S> axum::extract::FromRequestParts<S> for Path<T>
-where
-    T: serde::de::DeserializeOwned + Send,
-    S: Send + Sync,
-{
-    type Rejection = ApiError;
+json_rejection!(
+    /// axum's `Query`, with a bad query string answered as a JSON error.
+    Query,
+    Query
+);
+json_rejection!(
+    /// axum's `Path`, with a bad path answered as a JSON error.
+    Path,
+    Path
+);
 
-    async fn from_request_parts(
-        parts: &mut axum::http::request::Parts,
-        state: &S,
-    ) -> Result<Self, ApiError> {
-        axum::extract::Path::<T>::from_request_parts(parts, state)
-            .await
-            .map(|axum::extract::Path(value)| Path(value))
-            .map_err(|e| ApiError::bad_request(e.body_text()))
-    }
-}
 type ApiResult<T = Response> = Result<T, ApiError>;
 
 /// Every API endpoint: method and path (axum's `{name}` placeholders).
