@@ -54,6 +54,17 @@ pub enum UnknownPolicy {
     Wait,
 }
 
+impl UnknownPolicy {
+    /// The name used in files, the database and the API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UnknownPolicy::Menu => "menu",
+            UnknownPolicy::Local => "local",
+            UnknownPolicy::Wait => "wait",
+        }
+    }
+}
+
 /// How a rendered script fetches an image's kernel and initrds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -65,6 +76,17 @@ pub enum Transport {
     /// image at the same time share one stream (needs
     /// `tftp.multicast_groups`).
     Multicast,
+}
+
+impl Transport {
+    /// The name used in files, the database and the API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Transport::Http => "http",
+            Transport::Tftp => "tftp",
+            Transport::Multicast => "multicast",
+        }
+    }
 }
 
 /// A bootable image.

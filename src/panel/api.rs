@@ -1153,15 +1153,7 @@ async fn revoke_token(State(state): Shared, Auth(who): Admin, Path(id): Path<Str
 
 async fn get_unknown(State(state): Shared, _: Reader) -> ApiResult {
     let (policy, poll) = state.store.unknown_policy()?;
-    Ok(Json(json!({ "policy": policy_name(policy), "poll_seconds": poll })).into_response())
-}
-
-fn policy_name(policy: crate::inventory::UnknownPolicy) -> &'static str {
-    match policy {
-        crate::inventory::UnknownPolicy::Menu => "menu",
-        crate::inventory::UnknownPolicy::Local => "local",
-        crate::inventory::UnknownPolicy::Wait => "wait",
-    }
+    Ok(Json(json!({ "policy": policy.as_str(), "poll_seconds": poll })).into_response())
 }
 
 #[derive(Deserialize)]

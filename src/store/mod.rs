@@ -80,6 +80,31 @@ pub struct MachineRecord {
     pub phase_status: Option<u16>,
 }
 
+impl MachineRecord {
+    /// A machine the store has never seen: adopted, netbooting, nothing set.
+    pub fn new(mac: Mac) -> Self {
+        Self {
+            mac,
+            hostname: None,
+            ip: None,
+            labels: Vec::new(),
+            image: None,
+            one_shot: false,
+            rearm: 0,
+            netboot: true,
+            cmdline_append: String::new(),
+            notes: String::new(),
+            adopted: true,
+            first_seen_ms: None,
+            last_seen_ms: None,
+            facts: BTreeMap::new(),
+            phase: None,
+            phase_ms: None,
+            phase_status: None,
+        }
+    }
+}
+
 /// A change to a machine (`PUT /api/v1/machines/{mac}`); absent fields stay.
 /// Putting a discovered machine adopts it.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -406,14 +431,14 @@ pub fn snapshot_from_store(store: &dyn InventoryStore, generation: u64) -> Store
 
 /// `http`, `tftp` or `multicast`.
 pub fn parse_transport(text: &str) -> Result<Transport, StoreError> {
-    match text {
-        "http" => Ok(Transport::Http),
-        "tftp" => Ok(Transport::Tftp),
-        "multicast" => Ok(Transport::Multicast),
-        other => Err(StoreError::Invalid(format!(
-            "transport {other:?} is not one of http, tftp, multicast"
-        ))),
-    }
+    [Transport::Http, Transport::Tftp, Transport::Multicast]
+        .into_iter()
+        .find(|t| t.as_str() == text)
+        .ok_or_else(|| {
+            StoreError::Invalid(format!(
+                "transport {text:?} is not one of http, tftp, multicast"
+            ))
+        })
 }
 
 /// Imports an inventory file's images and machines into an empty store.
@@ -429,12 +454,7 @@ pub fn import_snapshot(
                 kernel: image.kernel.clone(),
                 initrds: image.initrds.clone(),
                 cmdline: image.cmdline.clone(),
-                transport: match image.transport {
-                    Transport::Http => "http",
-                    Transport::Tftp => "tftp",
-                    Transport::Multicast => "multicast",
-                }
-                .into(),
+                transport: image.transport.as_str().into(),
                 architecture: String::new(),
                 description: image.description.clone(),
                 files: Vec::new(),

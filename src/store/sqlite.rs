@@ -360,25 +360,7 @@ fn apply_patch(
         validate_hostname(hostname)?;
     }
     let existing = get_machine(tx, mac)?;
-    let mut machine = existing.clone().unwrap_or(MachineRecord {
-        mac,
-        hostname: None,
-        ip: None,
-        labels: Vec::new(),
-        image: None,
-        one_shot: false,
-        rearm: 0,
-        netboot: true,
-        cmdline_append: String::new(),
-        notes: String::new(),
-        adopted: true,
-        first_seen_ms: None,
-        last_seen_ms: None,
-        facts: BTreeMap::new(),
-        phase: None,
-        phase_ms: None,
-        phase_status: None,
-    });
+    let mut machine = existing.clone().unwrap_or_else(|| MachineRecord::new(mac));
     let mut changes = Vec::new();
     if !machine.adopted {
         changes.push("adopted".to_string());
@@ -537,11 +519,25 @@ impl InventoryStore for SqliteStore {
         self.with_machines(|machines| {
             machines
                 .values()
+                // Labels, facts and notes are left empty, not cloned.
                 .map(|m| MachineRecord {
+                    mac: m.mac,
+                    hostname: m.hostname.clone(),
+                    ip: m.ip,
                     labels: Vec::new(),
-                    facts: BTreeMap::new(),
+                    image: m.image.clone(),
+                    one_shot: m.one_shot,
+                    rearm: m.rearm,
+                    netboot: m.netboot,
+                    cmdline_append: m.cmdline_append.clone(),
                     notes: String::new(),
-                    ..m.clone()
+                    adopted: m.adopted,
+                    first_seen_ms: m.first_seen_ms,
+                    last_seen_ms: m.last_seen_ms,
+                    facts: BTreeMap::new(),
+                    phase: m.phase.clone(),
+                    phase_ms: m.phase_ms,
+                    phase_status: m.phase_status,
                 })
                 .collect()
         })
@@ -860,11 +856,11 @@ impl InventoryStore for SqliteStore {
                 })
                 .optional()?)
         };
-        let policy = match get("unknown.policy")?.as_deref() {
-            Some("local") => UnknownPolicy::Local,
-            Some("wait") => UnknownPolicy::Wait,
-            _ => UnknownPolicy::Menu,
-        };
+        let stored = get("unknown.policy")?;
+        let policy = [UnknownPolicy::Local, UnknownPolicy::Wait]
+            .into_iter()
+            .find(|p| Some(p.as_str()) == stored.as_deref())
+            .unwrap_or(UnknownPolicy::Menu);
         let poll = get("unknown.poll_seconds")?
             .and_then(|v| v.parse().ok())
             .unwrap_or(30);
@@ -882,11 +878,7 @@ impl InventoryStore for SqliteStore {
                 "poll_seconds must be between 1 and 3600".into(),
             ));
         }
-        let name = match policy {
-            UnknownPolicy::Menu => "menu",
-            UnknownPolicy::Local => "local",
-            UnknownPolicy::Wait => "wait",
-        };
+        let name = policy.as_str();
         self.write(|tx| {
             for (key, value) in [
                 ("unknown.policy", name.to_string()),
@@ -1107,23 +1099,23 @@ fn seen(
     at_ms: u64,
     changes: &mut Vec<CacheChange>,
 ) -> StoreResult<bool> {
-    let existing: Option<String> = tx
-        .prepare_cached("SELECT facts FROM machines WHERE mac = ?1")?
-        .query_row([mac.to_string()], |r| r.get(0))
-        .optional()?;
-    let mut merged: BTreeMap<String, String> =
-        existing.as_deref().map(from_json).unwrap_or_default();
-    let mut changed = existing.is_none();
+    let existing = get_machine(tx, mac)?;
+    let new = existing.is_none();
+    let mut machine = existing.unwrap_or_else(|| MachineRecord {
+        adopted: false,
+        ..MachineRecord::new(mac)
+    });
+    let mut changed = new;
     for (key, value) in facts {
         if !value.is_empty() {
             let key: String = key.chars().take(32).collect();
             let value: String = value.chars().take(200).collect();
-            changed |= merged.get(&key) != Some(&value);
-            merged.insert(key, value);
+            changed |= machine.facts.get(&key) != Some(&value);
+            machine.facts.insert(key, value);
         }
     }
     // Facts are re-encoded only when they changed.
-    let facts_json = changed.then(|| json(&merged));
+    let facts_json = changed.then(|| json(&machine.facts));
     tx.prepare_cached(
         "INSERT INTO machines (mac, adopted, first_seen_ms, last_seen_ms, facts) \
          VALUES (?1, 0, ?2, ?2, COALESCE(?3, '{}')) ON CONFLICT(mac) DO UPDATE SET \
@@ -1131,10 +1123,10 @@ fn seen(
          facts = COALESCE(?3, facts)",
     )?
     .execute(params![mac.to_string(), at_ms as i64, facts_json])?;
-    if let Some(machine) = get_machine(tx, mac)? {
-        changes.push(CacheChange::Put(machine));
-    }
-    Ok(existing.is_none())
+    machine.first_seen_ms = machine.first_seen_ms.or(Some(at_ms));
+    machine.last_seen_ms = Some(at_ms);
+    changes.push(CacheChange::Put(machine));
+    Ok(new)
 }
 
 fn token_from_row(r: &Row<'_>) -> rusqlite::Result<TokenRecord> {
