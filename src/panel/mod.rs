@@ -24,7 +24,7 @@ use anyhow::{Context, Result};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::boot::events::{BootEvent, Phase};
 use crate::boot::Router;
@@ -391,10 +391,15 @@ async fn write_events(state: Arc<PanelState>) {
 struct FailureLog {
     last_logged: Option<std::time::Instant>,
     unlogged: u64,
+    /// The last attempt failed.
+    failing: bool,
 }
 
 impl FailureLog {
     fn failed(&mut self, error: &str) {
+        self.failing = true;
+        // Due once a minute, also across brief recoveries (a nearly full
+        // disk lets a small batch through now and then).
         let due = self
             .last_logged
             .is_none_or(|at| at.elapsed() >= Duration::from_secs(60));
@@ -409,10 +414,12 @@ impl FailureLog {
     }
 
     fn succeeded(&mut self) {
-        if self.last_logged.take().is_some() {
-            info!(batches_lost = self.unlogged, "boot events are stored again");
+        if std::mem::take(&mut self.failing) {
+            debug!(
+                batches_lost_unreported = self.unlogged,
+                "boot events are stored again"
+            );
         }
-        self.unlogged = 0;
     }
 }
 

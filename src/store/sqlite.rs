@@ -1031,10 +1031,14 @@ impl InventoryStore for SqliteStore {
                 .last_used_ms
                 .is_none_or(|t| now_ms.saturating_sub(t) > 60_000)
             {
-                connection.execute(
+                // Best effort: a token must keep working for reads when
+                // the database cannot be written (a full disk).
+                if let Err(error) = connection.execute(
                     "UPDATE tokens SET last_used_ms = ?2 WHERE id = ?1",
                     params![token.id, now_ms as i64],
-                )?;
+                ) {
+                    tracing::debug!(%error, token = %token.name, "token use not recorded");
+                }
             }
         }
         Ok(token)
