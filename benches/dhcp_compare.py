@@ -34,6 +34,9 @@ SERVER_NS, CLIENT_NS = "bfdhcpb_s", "bfdhcpb_c"
 SERVER_DEV, CLIENT_DEV = "bfdb_s", "bfdb_c"
 SERVER_IP, CLIENT_IP = "10.66.0.1", "10.66.0.2"
 RATES = [1000, 2000, 3000, 5000, 8000]
+# After its last request perfdhcp waits this long for answers still in flight,
+# so that a "drop" is a request never answered, not one cut off by the stop.
+EXIT_WAIT_US = 1_000_000
 
 
 def lab_up():
@@ -131,8 +134,8 @@ def stat(text: str, section: str, key: str) -> float:
 def run_rate(server: NsServer, rate: int, seconds: int) -> dict:
     cpu0 = server.cpu_ns()
     out = subprocess.run(["taskset", "-c", "1", "ip", "netns", "exec", CLIENT_NS, "perfdhcp", "-4", "-l", CLIENT_DEV,
-                          "-r", str(rate), "-R", "1000000", "-p", str(seconds), SERVER_IP],
-                         capture_output=True, text=True, timeout=seconds + 60)
+                          "-r", str(rate), "-R", "1000000", "-p", str(seconds), "-W", str(EXIT_WAIT_US), SERVER_IP],
+                         capture_output=True, text=True, timeout=seconds + 61)
     cpu = (server.cpu_ns() - cpu0) / 1e9
     text = out.stdout
     acks = stat(text, "REQUEST-ACK", "received packets")

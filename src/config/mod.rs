@@ -49,6 +49,7 @@
 //! relay_pool_share = 0.75      # most of a pool one relay may hold
 //! max_requests_per_second_per_source = 20000
 //! sync_leases = true           # fdatasync leases before ACKs (false: write only)
+//! gather_ms = 5                # while busy, let requests gather this long per batch (0: none)
 //! answer_router_solicitations = true  # end iPXE's ~15 s IPv6 wait (default: full mode only)
 //! bios = "undionly.kpxe"       # first-stage loaders by architecture
 //! uefi_x64 = "ipxe.efi"
@@ -218,6 +219,7 @@ pub struct FileDhcp {
     pub relay_pool_share: Option<Spanned<f64>>,
     pub max_requests_per_second_per_source: Option<Spanned<u64>>,
     pub sync_leases: Option<bool>,
+    pub gather_ms: Option<Spanned<u64>>,
     pub answer_router_solicitations: Option<bool>,
     pub bios: Option<String>,
     pub uefi_x64: Option<String>,
@@ -283,6 +285,11 @@ pub struct DhcpConfig {
     /// `fdatasync` the lease journal before ACKs (power-loss safe) or only
     /// write it (restart safe).
     pub sync_leases: bool,
+    /// While requests keep arriving, how long the DHCP loop lets them
+    /// gather before it reads and answers the next batch (zero: answer each
+    /// wake-up at once). An idle server still answers the first request of
+    /// a burst immediately.
+    pub gather: Duration,
     /// Answer IPv6 Router Solicitations on the DHCP interfaces with an
     /// advertisement that configures nothing, so that iPXE stops waiting
     /// for IPv6 (see [`crate::proto::ndp`]); `None`: only in full mode,
@@ -529,6 +536,7 @@ impl Default for Config {
                 relay_pool_share: 0.75,
                 max_requests_per_second_per_source: 20_000,
                 sync_leases: true,
+                gather: Duration::from_millis(5),
                 answer_router_solicitations: None,
                 boot: BootFiles {
                     bios: "undionly.kpxe".into(),
@@ -663,6 +671,12 @@ impl Validator<'_> {
         if let Some(sync) = d.sync_leases {
             c.sync_leases = sync;
         }
+        c.gather = Duration::from_millis(self.ranged(
+            &d.gather_ms,
+            "dhcp.gather_ms",
+            0..=50,
+            c.gather.as_millis() as u64,
+        )?);
         if d.answer_router_solicitations.is_some() {
             c.answer_router_solicitations = d.answer_router_solicitations;
         }
@@ -1100,5 +1114,15 @@ level = "debug"
         assert_eq!(c.tftp.max_upload_bytes, 8 << 20);
         let err = parse("workers = -1\n").unwrap_err().to_string();
         assert!(err.contains("workers"), "{err}");
+        let err = parse("[dhcp]\n\ngather_ms = 51\n").unwrap_err().to_string();
+        assert!(
+            err.contains("dhcp.gather_ms") && err.contains("line 3"),
+            "{err}"
+        );
+        assert_eq!(
+            parse("[dhcp]\ngather_ms = 0\n").unwrap().dhcp.gather,
+            Duration::ZERO
+        );
+        assert_eq!(parse("").unwrap().dhcp.gather, Duration::from_millis(5));
     }
 }

@@ -61,6 +61,23 @@ pub fn bios_pxe_discover() -> Vec<u8> {
     )
 }
 
+/// The same BIOS machine's DHCPREQUEST for `ip` offered by `server`.
+pub fn bios_pxe_request(ip: std::net::Ipv4Addr, server: std::net::Ipv4Addr) -> Vec<u8> {
+    raw_request(
+        [0x52, 0x54, 0x00, 0x12, 0x34, 0x56],
+        0x8000,
+        [0; 4],
+        [0; 4],
+        &[
+            (53, &[3]),
+            (50, &ip.octets()),
+            (54, &server.octets()),
+            (60, b"PXEClient:Arch:00000:UNDI:002001"),
+            (93, &[0, 0]),
+        ],
+    )
+}
+
 /// OVMF's own PXE client (x64 UEFI).
 pub fn uefi_x64_discover() -> Vec<u8> {
     raw_request(

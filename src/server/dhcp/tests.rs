@@ -165,22 +165,6 @@ fn full_mode_offers_an_address_and_the_loader_for_each_architecture() {
     }
 }
 
-fn request_for(ip: Ipv4Addr, server: Ipv4Addr) -> Vec<u8> {
-    raw_request(
-        [0x52, 0x54, 0x00, 0x12, 0x34, 0x56],
-        0x8000,
-        [0; 4],
-        [0; 4],
-        &[
-            (53, &[3]),
-            (50, &ip.octets()),
-            (54, &server.octets()),
-            (60, b"PXEClient:Arch:00000:UNDI:002001"),
-            (93, &[0, 0]),
-        ],
-    )
-}
-
 #[test]
 fn the_whole_lease_cycle() {
     let mut run = Run::new(DhcpMode::Full);
@@ -188,11 +172,11 @@ fn the_whole_lease_cycle() {
     let ip = offer.unwrap().yiaddr();
 
     // Another server's offer chosen: silence, and our offer is freed.
-    let (outcome, _) = run.ask(&request_for(ip, Ipv4Addr::new(10, 0, 0, 2)));
+    let (outcome, _) = run.ask(&bios_pxe_request(ip, Ipv4Addr::new(10, 0, 0, 2)));
     assert!(outcome.reply.is_none());
     assert_eq!(run.leases.get(ip).unwrap().state, State::Released);
 
-    let (outcome, ack) = run.ask(&request_for(ip, IFACE_ADDR));
+    let (outcome, ack) = run.ask(&bios_pxe_request(ip, IFACE_ADDR));
     let ack = ack.unwrap();
     assert_eq!(ack.opts().msg_type(), Some(MessageType::Ack));
     assert_eq!(ack.yiaddr(), ip);
@@ -267,7 +251,7 @@ fn the_whole_lease_cycle() {
     // RELEASE of the new address.
     let (_, offer) = run.ask(&bios_pxe_discover());
     let second = offer.unwrap().yiaddr();
-    run.ask(&request_for(second, IFACE_ADDR));
+    run.ask(&bios_pxe_request(second, IFACE_ADDR));
     let release = raw_request(
         [0x52, 0x54, 0x00, 0x12, 0x34, 0x56],
         0,
@@ -339,7 +323,7 @@ fn proxy_mode_answers_boot_clients_only_and_never_with_an_address() {
     assert!(run.ask(&plain).0.reply.is_none());
     // Its REQUEST on port 67: nothing (the real DHCP server answers it).
     assert!(run
-        .ask(&request_for(
+        .ask(&bios_pxe_request(
             Ipv4Addr::new(10, 0, 0, 150),
             Ipv4Addr::new(10, 0, 0, 2)
         ))
