@@ -37,6 +37,11 @@ RATES = [1000, 2000, 3000, 5000, 8000]
 # After its last request perfdhcp waits this long for answers still in flight,
 # so that a "drop" is a request never answered, not one cut off by the stop.
 EXIT_WAIT_US = 1_000_000
+# A receive buffer deep enough that perfdhcp, one socket standing for
+# thousands of clients, can take a burst of answers (a server that batches
+# sends them together); the system default (208 KiB) overflows.
+RMEM_DEFAULT = 4 << 20
+RMEM_SYSCTL = Path("/proc/sys/net/core/rmem_default")
 
 
 def lab_up():
@@ -131,7 +136,14 @@ def stat(text: str, section: str, key: str) -> float:
     return float(match.group(1)) if match else 0.0
 
 
+def client_overflows() -> int:
+    """Answers the client's own socket had no room for (UdpRcvbufErrors in its namespace)."""
+    out = subprocess.run(["ip", "netns", "exec", CLIENT_NS, "nstat", "-az", "UdpRcvbufErrors"], capture_output=True, text=True).stdout
+    return sum(int(line.split()[1]) for line in out.splitlines() if line.startswith("UdpRcvbufErrors"))
+
+
 def run_rate(server: NsServer, rate: int, seconds: int) -> dict:
+    overflows0 = client_overflows()
     cpu0 = server.cpu_ns()
     out = subprocess.run(["taskset", "-c", "1", "ip", "netns", "exec", CLIENT_NS, "perfdhcp", "-4", "-l", CLIENT_DEV,
                           "-r", str(rate), "-R", "1000000", "-p", str(seconds), "-W", str(EXIT_WAIT_US), SERVER_IP],
@@ -151,9 +163,10 @@ def run_rate(server: NsServer, rate: int, seconds: int) -> dict:
         "server_cpu_s": cpu,
         "cpu_us_per_dora": cpu * 1e6 / acks if acks else None,
         "avg_ack_delay_ms": stat(text, "REQUEST-ACK", "avg delay"),
+        "client_overflows": client_overflows() - overflows0,
     }
     print(f"{server.name:10} rate {rate:>5}/s: {report['dora_per_s']:>7.0f} DORA/s, drops {report['offer_drops']:.0f}+{report['ack_drops']:.0f}, "
-          f"cpu {cpu:.2f} s ({report['cpu_us_per_dora'] or 0:.0f} µs/DORA)", flush=True)
+          f"cpu {cpu:.2f} s ({report['cpu_us_per_dora'] or 0:.0f} µs/DORA), client overflows {report['client_overflows']}", flush=True)
     return report
 
 
@@ -161,12 +174,14 @@ def markdown(results, command):
     lines = ["<!-- dhcp-compare:begin -->", "## DHCP: bootfleet against Kea and dnsmasq", "",
              f"Command: `{command}` (generated; do not edit by hand).", "",
              "perfdhcp in relay mode over a veth pair, new clients at a fixed rate, a /10 pool (4 million addresses, never near full); servers on core 0 (CPU from their cgroups), "
-             "perfdhcp on core 1; every server persists leases to disk (`bootfleet` with an fdatasync per batch, `bootfleet-nosync` with `sync_leases = false`, written but not synced, as Kea's memfile and dnsmasq do).", "",
-             "| offered rate /s | server | DORA/s completed | DISCOVER drops | REQUEST drops | server CPU µs per DORA | avg ACK delay ms |",
-             "|---:|---|---:|---:|---:|---:|---:|"]
+             "perfdhcp on core 1; every server persists leases to disk (`bootfleet` with an fdatasync per batch, `bootfleet-nosync` with `sync_leases = false`, written but not synced, as Kea's memfile and dnsmasq do). "
+             f"perfdhcp waits {EXIT_WAIT_US // 1000} ms for answers after its last request; sockets get a {RMEM_DEFAULT >> 20} MiB receive buffer (`net.core.rmem_default`, restored afterwards) so that perfdhcp's own socket does not drop answers that arrive in a burst; "
+             "*client overflows* counts those it dropped anyway (UdpRcvbufErrors in its namespace), which perfdhcp reports as drops.", "",
+             "| offered rate /s | server | DORA/s completed | DISCOVER drops | REQUEST drops | client overflows | server CPU µs per DORA | avg ACK delay ms |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         per = f"{r['cpu_us_per_dora']:.0f}" if r["cpu_us_per_dora"] else "-"
-        lines.append(f"| {r['rate']} | {r['server']} | {r['dora_per_s']:.0f} | {r['offer_drops']:.0f} | {r['ack_drops']:.0f} | {per} | {r['avg_ack_delay_ms']:.2f} |")
+        lines.append(f"| {r['rate']} | {r['server']} | {r['dora_per_s']:.0f} | {r['offer_drops']:.0f} | {r['ack_drops']:.0f} | {r['client_overflows']} | {per} | {r['avg_ack_delay_ms']:.2f} |")
     lines.append("<!-- dhcp-compare:end -->")
     return "\n".join(lines)
 
@@ -188,6 +203,8 @@ def main():
     sh("cargo", "build", "--release", "-p", "bootfleet", cwd=REPO)
     rates = [int(r) for r in args.rates.split(",")]
     results = []
+    rmem_default = RMEM_SYSCTL.read_text().strip()
+    RMEM_SYSCTL.write_text(str(max(RMEM_DEFAULT, int(rmem_default))))
     lab_up()
     try:
         for server in servers(Path(tempfile.mkdtemp(prefix="bootfleet-dhcp-bench-", dir="/var/tmp"))):
@@ -201,6 +218,7 @@ def main():
                 server.stop()
     finally:
         lab_down()
+        RMEM_SYSCTL.write_text(rmem_default)
     results.sort(key=lambda r: (r["rate"], r["server"]))
     command = f"sudo benches/dhcp_compare.py --seconds {args.seconds} --rates {args.rates}"
     write_section(Path(args.out), markdown(results, command), "dhcp-compare")
