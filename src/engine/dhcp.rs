@@ -310,7 +310,8 @@ async fn serve(
 }
 
 /// Decides a batch, journals its changes, and returns the replies to send.
-fn decide_batch(
+/// Public for `benches/dhcp_decide.rs`.
+pub fn decide_batch(
     batch: &[(Vec<u8>, SocketAddr)],
     iface: &Interface,
     port: Port,
