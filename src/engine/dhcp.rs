@@ -3,22 +3,23 @@
 //! on, and nothing is ever answered on an interface that was not given),
 //! plus port 4011 in proxy mode.
 //!
-//! Each socket's task reads every datagram that is waiting (up to
+//! Each socket's thread reads every datagram that is waiting (up to
 //! [`BATCH`]), decides them all under one lock, writes the batch's lease
 //! changes to the journal with one `fdatasync`, and only then sends the
 //! replies: a power-on storm costs one disk sync per batch, not per lease,
 //! and no ACK ever leaves for a lease that a crash could forget. Offers are
 //! not journalled at all (a restart forgets promises, not leases). While
-//! requests keep coming, the task sleeps `dhcp.gather_ms` between batches
+//! requests keep coming, the thread sleeps `dhcp.gather_ms` between batches
 //! so that each wake-up (and each disk sync) serves many requests.
-
+//!
 //! Replies to clients without an address go out as broadcasts, or as
 //! unicasts to the offered address after adding the client's hardware
 //! address to the neighbour table (`SIOCSARP`, needs `CAP_NET_ADMIN`; the
 //! broadcast is the fallback). IPv6 router solicitations on the same
-//! interfaces are answered by [`super::ndp`]. DHCP runs on tokio for both
-//! backends: per exchange, the cost is the kernel's wake-ups, UDP path and
-//! disk syncs, which batching reduces and the engine would not.
+//! interfaces are answered by [`super::ndp`]. Each DHCP socket has its own
+//! plain thread for both engines (see [`serve`] for why not an async task);
+//! per exchange, the cost is the kernel's wake-ups, UDP path and disk
+//! syncs, which batching reduces and io_uring would not.
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
 use std::os::fd::AsRawFd;
@@ -217,69 +218,80 @@ pub fn spawn(
             }
         }
     }
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
     std::thread::Builder::new()
         .name("bootfleet-dhcp".into())
         .spawn(move || {
-            runtime.block_on(async move {
-                let mut tasks = Vec::new();
-                for (iface, port, socket) in sockets {
-                    let service = Arc::clone(&service);
-                    let shutdown = shutdown.clone();
-                    tasks.push(tokio::spawn(async move {
-                        let socket = match tokio::net::UdpSocket::from_std(socket) {
-                            Ok(socket) => socket,
-                            Err(error) => return warn!(%error, "cannot register a DHCP socket"),
-                        };
-                        tokio::select! {
-                            _ = shutdown.wait() => {}
-                            _ = serve(&socket, &iface, port, &service) => {}
-                        }
-                    }));
+            std::thread::scope(|scope| {
+                for (iface, port, socket) in &sockets {
+                    let (service, shutdown) = (&service, &shutdown);
+                    let spawned = std::thread::Builder::new()
+                        .name(format!("bootfleet-dhcp-{}", iface.name))
+                        .spawn_scoped(scope, move || serve(socket, iface, *port, service, shutdown));
+                    if let Err(error) = spawned {
+                        warn!(interface = %iface.name, %error, "cannot start a DHCP thread; that interface is not answered");
+                    }
                 }
-                for responder in responders {
-                    let shutdown = shutdown.clone();
-                    tasks.push(tokio::spawn(async move {
-                        tokio::select! {
-                            _ = shutdown.wait() => {}
-                            _ = responder.serve() => {}
-                        }
-                    }));
+                if responders.is_empty() {
+                    return;
                 }
-                for task in tasks {
-                    let _ = task.await;
-                }
+                let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                    Ok(runtime) => runtime,
+                    Err(error) => return warn!(%error, "cannot start the router solicitation responder"),
+                };
+                runtime.block_on(async {
+                    let mut tasks = Vec::new();
+                    for responder in responders {
+                        let shutdown = shutdown.clone();
+                        tasks.push(tokio::spawn(async move {
+                            tokio::select! {
+                                _ = shutdown.wait() => {}
+                                _ = responder.serve() => {}
+                            }
+                        }));
+                    }
+                    for task in tasks {
+                        let _ = task.await;
+                    }
+                });
             })
         })
 }
 
-async fn serve(
-    socket: &tokio::net::UdpSocket,
+/// How long an idle DHCP thread waits for a datagram before it looks at
+/// the shutdown flag again.
+const IDLE_POLL: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// One socket's loop, on its own thread.
+///
+/// Every wake-up of the thread costs more than deciding a request (on a VM,
+/// several times more), so while requests keep arriving it sleeps `gather`
+/// between batches and takes all that arrived in one go, as a NIC
+/// moderates its interrupts. A plain thread, not an async task, because a
+/// sleeping thread that waits on nothing is not woken by arrivals, whereas
+/// an event loop's socket would wake it for every datagram. An idle socket
+/// is waited on with `poll`, so the first request of a burst is answered
+/// at once.
+fn serve(
+    socket: &UdpSocket,
     iface: &Interface,
     port: Port,
     service: &DhcpService,
+    shutdown: &Shutdown,
 ) {
     use std::sync::atomic::Ordering::Relaxed;
     let mut buf = vec![0u8; 2048];
     let mut batch: Vec<(Vec<u8>, SocketAddr)> = Vec::with_capacity(BATCH);
-    // Every wake-up of this thread costs more than deciding a request (on
-    // a VM, several times more), so while requests keep arriving the loop
-    // sleeps `gather` between batches and takes all that arrived in one
-    // go, as a NIC moderates its interrupts. An idle socket is waited on
-    // directly, so the first request of a burst is answered at once.
     let mut busy = false;
-    loop {
+    while !shutdown.is_triggered() {
         if busy {
             // Requests arrived during the last batch: let more gather.
-            tokio::time::sleep(service.config.gather).await;
-        } else if socket.readable().await.is_err() {
-            return;
+            std::thread::sleep(service.config.gather);
+        } else if !wait_readable(socket, IDLE_POLL) {
+            continue;
         }
         batch.clear();
         while batch.len() < BATCH {
-            match socket.try_recv_from(&mut buf) {
+            match socket.recv_from(&mut buf) {
                 Ok((n, peer)) => batch.push((buf[..n].to_vec(), peer)),
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                 Err(error) => {
@@ -299,7 +311,7 @@ async fn serve(
             .fetch_add(batch.len() as u64, Relaxed);
         let replies = decide_batch(&batch, iface, port, service);
         for (mac, bytes, destination) in replies {
-            match send(socket, iface, &bytes, destination, mac) {
+            match send(socket, iface, &bytes, destination) {
                 Ok(()) => {
                     service.stats.replied.fetch_add(1, Relaxed);
                 }
@@ -307,6 +319,15 @@ async fn serve(
             }
         }
     }
+}
+
+/// Whether `socket` has a datagram waiting, after waiting up to `timeout`.
+fn wait_readable(socket: &UdpSocket, timeout: std::time::Duration) -> bool {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    use std::os::fd::AsFd;
+    let mut fds = [PollFd::new(socket.as_fd(), PollFlags::POLLIN)];
+    let timeout = PollTimeout::try_from(timeout).unwrap_or(PollTimeout::MAX);
+    matches!(poll(&mut fds, timeout), Ok(ready) if ready > 0)
 }
 
 /// Decides a batch, journals its changes, and returns the replies to send.
@@ -417,11 +438,10 @@ pub fn decide_batch(
 }
 
 fn send(
-    socket: &tokio::net::UdpSocket,
+    socket: &UdpSocket,
     iface: &Interface,
     bytes: &[u8],
     destination: Destination,
-    mac: Mac,
 ) -> std::io::Result<()> {
     if bytes.is_empty() {
         return Err(std::io::Error::other("reply could not be encoded"));
@@ -438,16 +458,13 @@ fn send(
             }
         }
     };
-    let _ = mac;
-    socket
-        .try_send_to(bytes, SocketAddr::V4(target))
-        .map(|_| ())
+    socket.send_to(bytes, SocketAddr::V4(target)).map(|_| ())
 }
 
 /// Tells the kernel `ip` is at `mac` on `iface`, so a unicast reaches a
 /// client that cannot answer ARP yet (what RFC 2131 §4.1 asks for).
 fn add_neighbour(
-    socket: &tokio::net::UdpSocket,
+    socket: &UdpSocket,
     iface: &Interface,
     ip: Ipv4Addr,
     mac: Mac,
