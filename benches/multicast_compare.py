@@ -7,7 +7,7 @@ moment, measured in one run:
 
 * bootfleet multicast (`atftp --option multicast`),
 * bootfleet unicast (the same clients without the option),
-* atftpd multicast (Debian's atftpd, `--mcast-addr`),
+* atftpd multicast (Debian's atftpd, unpacked so as not to replace tftpd-hpa, `--mcast-addr`),
 
 and, as the yardstick of the issue's target, one unicast transfer of the file
 to a single client. Reported: the bytes the server sent (its bridge's
@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tftp_compare import REPO, write_section  # noqa: E402
+from tftp_compare import REPO, installed, unpacked_atftpd, write_section  # noqa: E402
 
 SERVER_NS = "bfmcb-s"
 # A jumbo-frame boot LAN: atftp 0.8 (client and server) cannot continue a
@@ -143,10 +143,11 @@ def main():
     parser.add_argument("--time-limit", type=int, default=600)
     args = parser.parse_args()
     counts = [int(c) for c in args.clients.split(",")]
-    if not shutil.which("atftpd"):
-        sh("apt-get", "install", "-y", "-q", "atftpd", "atftp", env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+    if not installed("atftp"):
+        sh("apt-get", "install", "-y", "-q", "atftp", env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
 
     work = Path(tempfile.mkdtemp(prefix="bfmcb-"))
+    atftpd = unpacked_atftpd(work)
     root = work / "boot"
     root.mkdir()
     source = root / "image.bin"
@@ -165,7 +166,7 @@ def main():
          [BOOTFLEET, "serve", "--panel-listen", "off", "--config", config, "--root", root, "--state-dir",
           work / "state", "--tftp-listen", f"{SERVER_IP}:69", "--http-listen", "127.0.0.1:8099"]),
         ("atftpd multicast", True,
-         ["atftpd", "--daemon", "--no-fork", "--logfile", "-", "--user", "root.root", "--bind-address", SERVER_IP,
+         [atftpd, "--daemon", "--no-fork", "--logfile", "-", "--user", "root.root", "--bind-address", SERVER_IP,
           "--port", "69", "--mcast-addr", "239.255.99.1-16", "--mcast-port", "1758", "--mcast-ttl", "1",
           "--maxthread", "256", root]),
     ]

@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tftp_compare import CGROOT, REPO, sh, write_section  # noqa: E402
+from tftp_compare import CGROOT, REPO, installed, sh, write_section  # noqa: E402
 
 NS = "bfstormb"
 RELAY_RANGE = "127.1.0.10-127.1.255.250/16"
@@ -235,9 +235,8 @@ def main():
     args = parser.parse_args()
     if os.geteuid() != 0:
         sys.exit("run as root: the benchmark makes a network namespace and cgroups")
-    for tool, package in [("/usr/sbin/nginx", "nginx-light"), ("/usr/sbin/in.tftpd", "tftpd-hpa"),
-                          ("/usr/sbin/dnsmasq", "dnsmasq-base"), ("/usr/bin/curl", "curl")]:
-        if not Path(tool).exists():
+    for package in ["nginx-light", "tftpd-hpa", "dnsmasq-base", "curl"]:
+        if not installed(package):
             sh("apt-get", "install", "-y", "-q", "--no-install-recommends", package,
                env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
     subprocess.run(["systemctl", "stop", "tftpd-hpa", "nginx"], stderr=subprocess.DEVNULL)

@@ -42,19 +42,31 @@ def sh(*args, **kw):
     return subprocess.run(args, check=True, **kw)
 
 
-def ensure_peers(work: Path) -> dict:
-    """Installs the peers (in.tftpd, dnsmasq) and unpacks atftpd, which
-    conflicts with tftpd-hpa as a package."""
-    need = [p for p, binary in [("tftpd-hpa", "/usr/sbin/in.tftpd"), ("dnsmasq-base", "/usr/sbin/dnsmasq")] if not Path(binary).exists()]
-    if need:
-        sh("apt-get", "update", "-q")
-        sh("apt-get", "install", "-y", "-q", "--no-install-recommends", *need, env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+def installed(package: str) -> bool:
+    """Whether the Debian package is installed (a file test is not enough:
+    installing atftpd turns /usr/sbin/in.tftpd into a link to atftpd)."""
+    out = subprocess.run(["dpkg-query", "-W", "-f=${Status}", package], capture_output=True, text=True)
+    return out.returncode == 0 and out.stdout.endswith("install ok installed")
+
+
+def unpacked_atftpd(work: Path) -> str:
+    """atftpd unpacked into `work`: as a package it conflicts with tftpd-hpa
+    and would replace in.tftpd for every other benchmark."""
     atftpd = work / "atftpd-pkg/usr/sbin/atftpd"
     if not atftpd.exists():
         sh("apt-get", "download", "atftpd", cwd=work)
         deb = next(work.glob("atftpd_*.deb"))
         sh("dpkg", "-x", str(deb), str(work / "atftpd-pkg"))
-    return {"in.tftpd": "/usr/sbin/in.tftpd", "dnsmasq": "/usr/sbin/dnsmasq", "atftpd": str(atftpd)}
+    return str(atftpd)
+
+
+def ensure_peers(work: Path) -> dict:
+    """Installs the peers (in.tftpd, dnsmasq) and unpacks atftpd."""
+    need = [p for p in ["tftpd-hpa", "dnsmasq-base"] if not installed(p)]
+    if need:
+        sh("apt-get", "update", "-q")
+        sh("apt-get", "install", "-y", "-q", "--no-install-recommends", *need, env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+    return {"in.tftpd": "/usr/sbin/in.tftpd", "dnsmasq": "/usr/sbin/dnsmasq", "atftpd": unpacked_atftpd(work)}
 
 
 def make_files(root: Path):
