@@ -17,7 +17,7 @@
 //! address to the neighbour table (`SIOCSARP`, needs `CAP_NET_ADMIN`; the
 //! broadcast is the fallback). IPv6 router solicitations on the same
 //! interfaces are answered by [`super::ndp`]. Each DHCP socket has its own
-//! plain thread for both engines (see [`serve`] for why not an async task);
+//! plain thread for both engines (`serve` says why not an async task);
 //! per exchange, the cost is the kernel's wake-ups, UDP path and disk
 //! syncs, which batching reduces and io_uring would not.
 

@@ -5,7 +5,7 @@
 //! the embedded SQLite file ([`sqlite::SqliteStore`]) is the default, and a
 //! PostgreSQL store shared by several boot servers can be added behind the
 //! same trait. The data plane never reads the store: every change is turned
-//! into a fresh [`Snapshot`](crate::inventory::Snapshot) by
+//! into a fresh [`Snapshot`] by
 //! [`snapshot_from_store`] and swapped into the router atomically.
 
 pub mod sqlite;

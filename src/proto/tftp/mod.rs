@@ -6,7 +6,7 @@
 //!   (blksize), RFC 2349 (timeout, tsize), RFC 7440 (windowsize).
 //! * [`transfer`] — one read transfer as a state machine (RFC 1350 §4
 //!   lock-step, RFC 7440 windows, retransmission with back-off).
-//! * [`write`] — one write transfer (upload), lock-step, committed by the
+//! * [`write`](mod@write) — one write transfer (upload), lock-step, committed by the
 //!   driver before the final ACK.
 //! * [`Transfer`] — either of them, as the engines drive it.
 //! * [`netascii`] — the RFC 1350 / RFC 764 netascii transform.
