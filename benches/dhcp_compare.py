@@ -205,8 +205,8 @@ def main():
     results = []
     rmem_default = RMEM_SYSCTL.read_text().strip()
     RMEM_SYSCTL.write_text(str(max(RMEM_DEFAULT, int(rmem_default))))
-    lab_up()
     try:
+        lab_up()
         for server in servers(Path(tempfile.mkdtemp(prefix="bootfleet-dhcp-bench-", dir="/var/tmp"))):
             if args.only and server.name not in args.only.split(","):
                 continue
