@@ -223,15 +223,25 @@ impl Session {
         ));
     }
 
+    /// Counts `member`'s end and keeps its outcome for the boot events.
+    fn member_left(&mut self, member: &Member, completed: bool) {
+        if completed {
+            self.stats.members_completed += 1;
+        } else {
+            self.stats.members_dropped += 1;
+        }
+        self.outcomes.push_back(MemberOutcome {
+            addr: member.addr,
+            completed,
+            joined: member.joined,
+        });
+    }
+
     /// The master is gone (`completed` or dropped): the longest-waiting
     /// listener takes its place.
     fn next_master(&mut self, completed: bool, now: Instant) {
-        if let Some((master, member)) = self.master.take() {
-            self.outcomes.push_back(MemberOutcome {
-                addr: master.addr,
-                completed,
-                joined: member.joined,
-            });
+        if let Some((_, member)) = self.master.take() {
+            self.member_left(&member, completed);
         }
         if let Some(member) = self.listeners.pop_front() {
             self.stats.master_changes += 1;
@@ -251,12 +261,7 @@ impl Session {
             if block == (self.last_block & 0xFFFF) as u16 {
                 if let Some(index) = self.listeners.iter().position(|m| m.addr == from) {
                     if let Some(member) = self.listeners.remove(index) {
-                        self.stats.members_completed += 1;
-                        self.outcomes.push_back(MemberOutcome {
-                            addr: member.addr,
-                            completed: true,
-                            joined: member.joined,
-                        });
+                        self.member_left(&member, true);
                     }
                 }
             }
@@ -279,7 +284,6 @@ impl Session {
         }
         .min(self.last_block);
         if held >= self.last_block {
-            self.stats.members_completed += 1;
             self.next_master(true, now);
             return;
         }
@@ -311,16 +315,10 @@ impl Session {
     /// An ERROR from `from`: a member leaves.
     pub fn handle_error(&mut self, from: SocketAddr, now: Instant) {
         if self.master.as_ref().is_some_and(|(m, _)| m.addr == from) {
-            self.stats.members_dropped += 1;
             self.next_master(false, now);
         } else if let Some(index) = self.listeners.iter().position(|m| m.addr == from) {
-            self.stats.members_dropped += 1;
             if let Some(member) = self.listeners.remove(index) {
-                self.outcomes.push_back(MemberOutcome {
-                    addr: member.addr,
-                    completed: false,
-                    joined: member.joined,
-                });
+                self.member_left(&member, false);
             }
         }
     }
@@ -342,7 +340,6 @@ impl Session {
                 &mut error,
             );
             self.queue.push_back(Transmit::To(master.addr, error));
-            self.stats.members_dropped += 1;
             self.next_master(false, now);
             return;
         }
