@@ -231,6 +231,8 @@ def main():
     parser.add_argument("--dhcp-machines", type=int, default=10000)
     parser.add_argument("--time-limit", type=int, default=300)
     parser.add_argument("--only", default="boot,script,dhcp")
+    parser.add_argument("--stacks", default="bootfleet,reference",
+                        help="which stacks to run (a trial run of one side; the ratio needs both)")
     parser.add_argument("--out", default=str(REPO / "docs/benchmarks.md"))
     args = parser.parse_args()
     if os.geteuid() != 0:
@@ -243,6 +245,7 @@ def main():
     sh("cargo", "build", "--release", "--workspace", cwd=REPO)
     work = Path(tempfile.mkdtemp(prefix="bootfleet-storm-bench-", dir="/var/tmp"))
     workloads = [w for w in ["boot", "script", "dhcp"] if w in args.only.split(",")]
+    stacks = args.stacks.split(",")
     counts = {"boot": args.machines, "script": args.script_machines, "dhcp": args.dhcp_machines}
     most = max(counts[w] for w in workloads)
     root = make_root(work, most, args.kernel_mb, args.initrd_mb)
@@ -254,10 +257,13 @@ def main():
             subprocess.run(["rm", "-rf", str(work / "bootfleet-state"), str(work / "dnsmasq.leases")])
             stack = start_bootfleet(work, root)
             try:
-                results.append(storm(stack, work, root, workload, counts[workload], args.time_limit))
-                web = render_scripts(work, root, counts[workload]) if workload != "dhcp" else work / "web"
+                if "bootfleet" in stacks:
+                    results.append(storm(stack, work, root, workload, counts[workload], args.time_limit))
+                web = render_scripts(work, root, counts[workload]) if workload != "dhcp" and "reference" in stacks else work / "web"
             finally:
                 stack.stop()
+            if "reference" not in stacks:
+                continue
             (work / "web").mkdir(exist_ok=True)
             stack = start_reference(work, root, web)
             try:

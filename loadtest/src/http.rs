@@ -26,6 +26,8 @@ pub struct Fetched {
 
 /// Largest response head accepted.
 const MAX_HEAD: usize = 16 << 10;
+/// Read buffer for large bodies.
+const BODY_BUFFER: usize = 64 << 10;
 
 /// Waits for `step`, for at most `idle` and never past `deadline`: the
 /// server must make progress, as iPXE needs it to, however long a large
@@ -83,7 +85,9 @@ pub async fn get(
     );
     step(stream.write_all(request.as_bytes()), "send", idle, deadline).await?;
 
-    let mut buf = vec![0u8; 64 << 10];
+    // Room for a response head; grown for a large body only, so that a
+    // script fetch does not allocate (and zero) a large buffer.
+    let mut buf = vec![0u8; 4 << 10];
     let mut filled = 0usize;
     let (status, length, head_len) = loop {
         let n = step(stream.read(&mut buf[filled..]), "receive", idle, deadline).await?;
@@ -110,7 +114,12 @@ pub async fn get(
                     .ok_or_else(|| format!("HTTP {status} without Content-Length"))?;
                 break (status, length, head_len);
             }
-            Ok(httparse::Status::Partial) if filled < MAX_HEAD.min(buf.len()) => continue,
+            Ok(httparse::Status::Partial) if filled < MAX_HEAD => {
+                if filled == buf.len() {
+                    buf.resize(MAX_HEAD, 0);
+                }
+                continue;
+            }
             Ok(httparse::Status::Partial) => return Err("response head too large".into()),
             Err(e) => return Err(format!("bad response head: {e}")),
         }
@@ -123,6 +132,9 @@ pub async fn get(
     };
     let first = &buf[head_len..filled];
     sink.take(&first[..first.len().min(length as usize)]);
+    if length - sink.received > buf.len() as u64 {
+        buf.resize(BODY_BUFFER.min((length - sink.received) as usize), 0);
+    }
     while sink.received < length {
         let want = (length - sink.received).min(buf.len() as u64) as usize;
         let n = step(

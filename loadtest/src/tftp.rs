@@ -2,7 +2,9 @@
 //! transfer, the request retried every `retry` until the server answers,
 //! RFC 7440 windowed receive, and one ACK per burst of repeats or gaps.
 //! Every block is compared with the expected bytes as it arrives: a fast
-//! wrong answer is a failure.
+//! wrong answer is a failure. Once the server's transfer port is known the
+//! socket is connected to it, so that the kernel routes each ACK once per
+//! transfer instead of once per datagram and drops strays from other ports.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -141,10 +143,10 @@ async fn receive(
                         result.rrq_sent += 1;
                         socket.send_to(&rrq, request.server).await
                     }
-                    Some(tid) => {
+                    Some(_) => {
                         ack.clear();
                         packet::encode_ack(((next - 1) & 0xFFFF) as u16, &mut ack);
-                        socket.send_to(&ack, tid).await
+                        socket.send(&ack).await
                     }
                 };
                 if let Err(e) = sent {
@@ -161,6 +163,9 @@ async fn receive(
         match Packet::parse(&buf[..len]) {
             Ok(Packet::Oack { options }) if tid.is_none() => {
                 tid = Some(from);
+                if let Err(e) = socket.connect(from).await {
+                    return Ending::Failed(format!("connect to the transfer port: {e}"));
+                }
                 for (name, value) in options {
                     if name.eq_ignore_ascii_case("blksize") {
                         blksize = value.parse().unwrap_or(512);
@@ -180,7 +185,7 @@ async fn receive(
                 }
                 ack.clear();
                 packet::encode_ack(0, &mut ack);
-                if let Err(e) = socket.send_to(&ack, from).await {
+                if let Err(e) = socket.send(&ack).await {
                     return Ending::Failed(format!("send ACK 0: {e}"));
                 }
                 last_progress = Instant::now();
@@ -191,8 +196,10 @@ async fn receive(
                         continue;
                     }
                     tid = Some(from);
+                    if let Err(e) = socket.connect(from).await {
+                        return Ending::Failed(format!("connect to the transfer port: {e}"));
+                    }
                 }
-                let tid = tid.expect("set above");
                 if block == (next & 0xFFFF) as u16 {
                     let start = ((next - 1) as usize) * blksize;
                     let end = start + payload.len();
@@ -209,7 +216,7 @@ async fn receive(
                         in_window = 0;
                         ack.clear();
                         packet::encode_ack(block, &mut ack);
-                        if let Err(e) = socket.send_to(&ack, tid).await {
+                        if let Err(e) = socket.send(&ack).await {
                             return Ending::Failed(format!("send ACK: {e}"));
                         }
                     }
@@ -228,7 +235,7 @@ async fn receive(
                     in_window = 0;
                     ack.clear();
                     packet::encode_ack(((next - 1) & 0xFFFF) as u16, &mut ack);
-                    if let Err(e) = socket.send_to(&ack, tid).await {
+                    if let Err(e) = socket.send(&ack).await {
                         return Ending::Failed(format!("send ACK: {e}"));
                     }
                 }

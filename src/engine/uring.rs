@@ -50,6 +50,15 @@ const KIND_RECV: u64 = 2;
 const KIND_SEND: u64 = 3;
 const KIND_CANCEL: u64 = 4;
 
+/// Transfers in flight from which the worker gathers completions.
+const GATHER_FROM: usize = 8;
+/// The share of in-flight transfers whose answers the worker waits for.
+const GATHER_SHARE: usize = 4;
+/// At most this many completions are waited for.
+const GATHER_MAX: usize = 256;
+/// The longest a gathering worker waits for its share.
+const GATHER_WAIT: Duration = Duration::from_micros(500);
+
 fn user_data(kind: u64, slot: usize, generation: u32) -> u64 {
     (kind << 56) | (u64::from(generation & 0xFF_FFFF) << 32) | slot as u64
 }
@@ -337,9 +346,20 @@ impl Worker {
                     at.saturating_duration_since(Instant::now())
                 })
                 .min(IDLE_POLL);
+            // While many transfers are in flight, wait until a share of
+            // them has answered (or GATHER_WAIT has passed) instead of
+            // waking for every ACK. With DEFER_TASKRUN the kernel then wakes
+            // this thread once per batch, and on a VM a wake-up costs more
+            // than handling the datagram that caused it.
+            let in_flight = self.slots.len() - self.free.len();
+            let (want, wait) = if in_flight >= GATHER_FROM {
+                ((in_flight / GATHER_SHARE).min(GATHER_MAX), wait.min(GATHER_WAIT))
+            } else {
+                (1, wait)
+            };
             let ts = types::Timespec::from(wait.max(Duration::from_micros(50)));
             let args = types::SubmitArgs::new().timespec(&ts);
-            match self.ring.submitter().submit_with_args(1, &args) {
+            match self.ring.submitter().submit_with_args(want, &args) {
                 Ok(_) => {}
                 Err(e)
                     if matches!(
