@@ -10,6 +10,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use bootfleet::proto::tftp::packet::{self, Mode, Packet};
+use tokio::io::Interest;
 use tokio::net::UdpSocket;
 
 /// What to ask for, and how patiently.
@@ -121,6 +122,13 @@ async fn receive(
         return Ending::Failed(format!("send RRQ: {e}"));
     }
     result.rrq_sent = 1;
+    // One retransmission timer for the whole transfer, moved only when it
+    // fires early: resetting a timer for every block costs the simulator
+    // more than the block itself at thousands of transfers.
+    let mut quiet_since = Instant::now();
+    let retry_at = |quiet_since: Instant| (quiet_since + request.retry).min(deadline);
+    let retry = tokio::time::sleep_until(retry_at(quiet_since).into());
+    tokio::pin!(retry);
     loop {
         let now = Instant::now();
         if now >= deadline {
@@ -133,30 +141,44 @@ async fn receive(
                 format!("stalled at block {next} ({} bytes)", result.bytes)
             });
         }
-        let wait = request.retry.min(deadline - now);
-        let received = tokio::time::timeout(wait, socket.recv_from(&mut buf)).await;
-        let (len, from) = match received {
-            Err(_) => {
-                // Our timeout: repeat the last thing we said.
-                let sent = match tid {
-                    None => {
-                        result.rrq_sent += 1;
-                        socket.send_to(&rrq, request.server).await
-                    }
-                    Some(_) => {
-                        ack.clear();
-                        packet::encode_ack(((next - 1) & 0xFFFF) as u16, &mut ack);
-                        socket.send(&ack).await
-                    }
-                };
-                if let Err(e) = sent {
-                    return Ending::Failed(format!("send: {e}"));
+        tokio::select! {
+            biased;
+            ready = socket.readable() => {
+                if let Err(e) = ready {
+                    return Ending::Failed(format!("receive: {e}"));
                 }
+            }
+            () = &mut retry => {
+                let due = retry_at(quiet_since);
+                if Instant::now() >= due {
+                    // Silence for a whole retry interval: repeat the last
+                    // thing we said.
+                    let sent = match tid {
+                        None => {
+                            result.rrq_sent += 1;
+                            socket.send_to(&rrq, request.server).await
+                        }
+                        Some(_) => {
+                            ack.clear();
+                            packet::encode_ack(((next - 1) & 0xFFFF) as u16, &mut ack);
+                            socket.send(&ack).await
+                        }
+                    };
+                    if let Err(e) = sent {
+                        return Ending::Failed(format!("send: {e}"));
+                    }
+                    quiet_since = Instant::now();
+                }
+                retry.as_mut().reset(retry_at(quiet_since).into());
                 continue;
             }
-            Ok(Err(e)) => return Ending::Failed(format!("receive: {e}")),
-            Ok(Ok(received)) => received,
+        }
+        let (len, from) = match socket.try_recv_from(&mut buf) {
+            Ok(received) => received,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Ending::Failed(format!("receive: {e}")),
         };
+        quiet_since = Instant::now();
         if from.ip() != request.server.ip() || tid.is_some_and(|t| t != from) {
             continue; // not our transfer
         }
@@ -214,6 +236,16 @@ async fn receive(
                     let last = payload.len() < blksize;
                     if last || in_window == windowsize {
                         in_window = 0;
+                        if !last {
+                            // Nothing more comes before this ACK: forget the
+                            // readiness now rather than learn it from a
+                            // receive that finds the queue empty, which
+                            // saves a system call per window. A datagram
+                            // that does arrive raises readiness again.
+                            let _ = socket.try_io(Interest::READABLE, || {
+                                Err::<(), _>(std::io::ErrorKind::WouldBlock.into())
+                            });
+                        }
                         ack.clear();
                         packet::encode_ack(block, &mut ack);
                         if let Err(e) = socket.send(&ack).await {

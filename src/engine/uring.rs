@@ -53,11 +53,11 @@ const KIND_CANCEL: u64 = 4;
 /// Transfers in flight from which the worker gathers completions.
 const GATHER_FROM: usize = 8;
 /// The share of in-flight transfers whose answers the worker waits for.
-const GATHER_SHARE: usize = 4;
+const GATHER_SHARE: usize = 2;
 /// At most this many completions are waited for.
 const GATHER_MAX: usize = 256;
 /// The longest a gathering worker waits for its share.
-const GATHER_WAIT: Duration = Duration::from_micros(500);
+const GATHER_WAIT: Duration = Duration::from_micros(1000);
 
 fn user_data(kind: u64, slot: usize, generation: u32) -> u64 {
     (kind << 56) | (u64::from(generation & 0xFF_FFFF) << 32) | slot as u64
@@ -353,7 +353,10 @@ impl Worker {
             // than handling the datagram that caused it.
             let in_flight = self.slots.len() - self.free.len();
             let (want, wait) = if in_flight >= GATHER_FROM {
-                ((in_flight / GATHER_SHARE).min(GATHER_MAX), wait.min(GATHER_WAIT))
+                (
+                    (in_flight / GATHER_SHARE).min(GATHER_MAX),
+                    wait.min(GATHER_WAIT),
+                )
             } else {
                 (1, wait)
             };
