@@ -502,6 +502,8 @@ async fn walk(
     tracker: &mut Tracker<'_>,
 ) -> Result<(), String> {
     let xid = 0x5000_0000u32.wrapping_add((index as u32).wrapping_mul(2));
+    // The machine's HTTP connection, kept alive across its requests.
+    let mut pool = http::Pool::default();
     tracker.enter(0);
     let lease = dhcp::obtain(&ctx.dhcp, client, xid, Stage::Firmware, ctx.deadline).await?;
     if ctx.args.stop_after == StopAfter::Dhcp {
@@ -521,7 +523,7 @@ async fn walk(
         lease.next_server
     };
     if lease.boot_file.starts_with("http://") {
-        fetch_url(ctx, &lease.boot_file, local, tracker).await?;
+        fetch_url(ctx, &mut pool, &lease.boot_file, local, tracker).await?;
     } else {
         let (blksize, windowsize) = match firmware {
             Firmware::Uefi => (1468, Some(4)),
@@ -577,7 +579,7 @@ async fn walk(
     }
     let mut url = parse_url(&lease.boot_file, None)?;
     let (kernel, initrds) = loop {
-        let fetched = http_get(ctx, &url, local, true).await?;
+        let fetched = http_get(ctx, &mut pool, &url, local, true).await?;
         tracker.record.bytes += fetched.bytes;
         let body =
             String::from_utf8_lossy(fetched.body.as_deref().unwrap_or_default()).into_owned();
@@ -603,10 +605,10 @@ async fn walk(
     }
     let base = url;
     tracker.enter(3);
-    fetch_url(ctx, &resolve(&kernel, &base)?, local, tracker).await?;
+    fetch_url(ctx, &mut pool, &resolve(&kernel, &base)?, local, tracker).await?;
     tracker.enter(4);
     for initrd in &initrds {
-        fetch_url(ctx, &resolve(initrd, &base)?, local, tracker).await?;
+        fetch_url(ctx, &mut pool, &resolve(initrd, &base)?, local, tracker).await?;
     }
     Ok(())
 }
@@ -659,6 +661,7 @@ fn url_path(url: &url::Url) -> String {
 
 async fn http_get(
     ctx: &Shared,
+    pool: &mut http::Pool,
     url: &url::Url,
     local: IpAddr,
     keep_body: bool,
@@ -667,7 +670,7 @@ async fn http_get(
         return Err(format!("{url}: only http:// and tftp:// are simulated"));
     }
     let idle = Duration::from_secs_f64(ctx.args.http_timeout);
-    let fetched = http::get(url, local, keep_body, idle, ctx.deadline)
+    let fetched = http::get(pool, url, local, keep_body, idle, ctx.deadline)
         .await
         .map_err(|e| format!("{url}: {e}"))?;
     if fetched.status != 200 {
@@ -679,6 +682,7 @@ async fn http_get(
 /// Fetches a loader, kernel or initrd by URL and checks it.
 async fn fetch_url(
     ctx: &Shared,
+    pool: &mut http::Pool,
     text: &str,
     local: IpAddr,
     tracker: &mut Tracker<'_>,
@@ -704,7 +708,7 @@ async fn fetch_url(
         }
         _ => {
             let expected = ctx.expected(&url_path(&url))?;
-            let fetched = http_get(ctx, &url, local, false).await?;
+            let fetched = http_get(ctx, pool, &url, local, false).await?;
             tracker.record.bytes += fetched.bytes;
             if fetched.bytes != expected.bytes.len() as u64 || fetched.sha256 != expected.sha256 {
                 return Err(format!(
