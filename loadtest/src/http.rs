@@ -273,6 +273,12 @@ async fn exchange(
             )));
         }
         sink.take(&buf[..n]);
+        // Hashing a chunk costs tens of microseconds, and tokio lets a task
+        // whose reads are always ready run for up to 128 of them. Yielding
+        // after each chunk keeps one machine's download from holding back
+        // the TFTP blocks and DHCP answers of the machines behind it, which
+        // on real hardware would not share a CPU with it.
+        tokio::task::yield_now().await;
     }
     let fetched = Fetched {
         status,
