@@ -389,13 +389,7 @@ impl Worker {
                     .completion()
                     .map(|c| (c.user_data(), c.result(), c.flags())),
             );
-            self.received_last_round = self
-                .completions
-                .iter()
-                .filter(|&&(data, result, _)| {
-                    result > 0 && matches!(split_user_data(data).0, KIND_RECV | KIND_LISTEN)
-                })
-                .count();
+            self.received_last_round = 0;
             let now = Instant::now();
             for i in 0..self.completions.len() {
                 let (data, result, flags) = self.completions[i];
@@ -441,6 +435,9 @@ impl Worker {
         now: Instant,
     ) -> io::Result<()> {
         let (kind, slot, generation) = split_user_data(data);
+        if result > 0 && matches!(kind, KIND_RECV | KIND_LISTEN) {
+            self.received_last_round += 1;
+        }
         match kind {
             KIND_LISTEN => {
                 if result >= 0 {
