@@ -79,7 +79,7 @@ impl Mac {
 
     /// `52-54-00-12-34-56`.
     pub fn hyphenated(&self) -> String {
-        self.join('-')
+        String::from_utf8_lossy(&self.spelled(b'-')).into_owned()
     }
 
     /// `01-52-54-00-12-34-56`, pxelinux's per-machine file name.
@@ -87,15 +87,17 @@ impl Mac {
         format!("01-{}", self.hyphenated())
     }
 
-    fn join(&self, separator: char) -> String {
-        let mut out = String::with_capacity(17);
+    /// The six bytes in lower-case hex with `separator` between them, on
+    /// the stack: a MAC is written on every script request, so this is
+    /// kept free of `format!`.
+    fn spelled(&self, separator: u8) -> [u8; 17] {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let mut text = [separator; 17];
         for (i, byte) in self.0.iter().enumerate() {
-            if i > 0 {
-                out.push(separator);
-            }
-            out.push_str(&format!("{byte:02x}"));
+            text[3 * i] = HEX[usize::from(byte >> 4)];
+            text[3 * i + 1] = HEX[usize::from(byte & 0x0f)];
         }
-        out
+        text
     }
 }
 
@@ -111,7 +113,8 @@ fn percent_decode_separators(input: &str) -> String {
 
 impl fmt::Display for Mac {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.join(':'))
+        let text = self.spelled(b':');
+        f.write_str(std::str::from_utf8(&text).map_err(|_| fmt::Error)?)
     }
 }
 

@@ -52,8 +52,9 @@ struct Loaded {
     snapshot: Snapshot,
     templates: Templates,
     /// Scripts of assigned machines rendered with the built-in template,
-    /// by MAC and base URL (they depend on nothing else in this snapshot).
-    rendered: Mutex<HashMap<(Mac, String), Vec<u8>>>,
+    /// by MAC, each with the base URL it was rendered for (they depend on
+    /// nothing else in this snapshot).
+    rendered: Mutex<HashMap<Mac, (String, Vec<u8>)>>,
     /// Modification time and length of the file it came from.
     source: Option<(SystemTime, u64)>,
 }
@@ -288,22 +289,40 @@ impl Router {
             listed.is_none() && static_script.is_none(),
         );
 
-        let mut context = ScriptContext {
-            mac: mac.to_string(),
-            server: base_url.trim_end_matches('/').to_string(),
-            facts,
-            poll_seconds: snapshot.poll_seconds,
-            menu_timeout_ms: MENU_TIMEOUT_MS,
-            query: facts_query(query),
-            ..ScriptContext::default()
-        };
-
         if let Some(found) = static_script {
             return Script {
                 body: found.body,
                 decision: Decision::Static(found.path),
             };
         }
+        let server = base_url.trim_end_matches('/');
+        // Checked before any context is built: this is the path of every
+        // assigned machine's boot, thousands of times a second in a storm.
+        let assigned = listed
+            .filter(|machine| machine.netboot)
+            .and_then(|_| snapshot.assigned_image(mac));
+        if let Some((machine, image)) = assigned {
+            let spent = machine.one_shot && self.one_shot.used(mac, machine.rearm);
+            if !spent && image.template == inventory::DEFAULT_TEMPLATE {
+                let rendered = loaded.rendered.lock().unwrap_or_else(|p| p.into_inner());
+                if let Some((_, body)) = rendered.get(&mac).filter(|(at, _)| at == server) {
+                    return Script {
+                        body: body.clone(),
+                        decision: Decision::Assigned(image.name.clone()),
+                    };
+                }
+            }
+        }
+
+        let mut context = ScriptContext {
+            mac: mac.to_string(),
+            server: server.to_string(),
+            facts,
+            poll_seconds: snapshot.poll_seconds,
+            menu_timeout_ms: MENU_TIMEOUT_MS,
+            query: facts_query(query),
+            ..ScriptContext::default()
+        };
         let local = |why: &'static str, context: &mut ScriptContext| {
             context.reason = why.to_string();
             self.render(&loaded, "builtin:local", context, Decision::Local(why))
@@ -314,7 +333,7 @@ impl Router {
             if !machine.netboot {
                 return local("marked do-not-netboot in the inventory", &mut context);
             }
-            if let Some((machine, image)) = snapshot.assigned_image(mac) {
+            if let Some((machine, image)) = assigned {
                 if machine.one_shot && self.one_shot.used(mac, machine.rearm) {
                     return local(
                         "one-shot assignment already used (raise rearm to boot it again)",
@@ -322,25 +341,15 @@ impl Router {
                     );
                 }
                 let decision = Decision::Assigned(image.name.clone());
-                let cacheable = image.template == inventory::DEFAULT_TEMPLATE;
-                let key = (mac, context.server.clone());
-                if cacheable {
-                    let rendered = loaded.rendered.lock().unwrap_or_else(|p| p.into_inner());
-                    if let Some(body) = rendered.get(&key) {
-                        return Script {
-                            body: body.clone(),
-                            decision,
-                        };
-                    }
-                }
                 fill_image(&mut context, image, Some(machine), base_url);
                 let script = self.render(&loaded, &image.template, &context, decision);
+                let cacheable = image.template == inventory::DEFAULT_TEMPLATE;
                 if cacheable && matches!(script.decision, Decision::Assigned(_)) {
                     let mut rendered = loaded.rendered.lock().unwrap_or_else(|p| p.into_inner());
                     if rendered.len() >= MAX_SEEN {
                         rendered.clear();
                     }
-                    rendered.insert(key, script.body.clone());
+                    rendered.insert(mac, (context.server.clone(), script.body.clone()));
                 }
                 return script;
             }

@@ -97,10 +97,11 @@ pub fn find_static_script(dir: &Path, mac: Mac) -> Option<StaticScript> {
 }
 
 /// [`find_static_script`] for a directory that is asked about thousands of
-/// times a second: it keeps the names of the directory's `.ipxe`/`.gpxe`
-/// files and lists the directory again only when its modification time
-/// changes, so a machine without a script of its own costs one `stat`
-/// instead of six failed `open`s.
+/// times a second: it keeps the MAC addresses that the directory's
+/// `.ipxe`/`.gpxe` files are named after, and lists the directory again
+/// only when its modification time changes, so a machine without a script
+/// of its own costs one `stat` and a set lookup instead of six failed
+/// `open`s.
 ///
 /// A listing made within a second of the directory's last change is not
 /// trusted (a file created in the same timestamp tick would not change the
@@ -114,7 +115,10 @@ pub struct StaticScripts {
 struct Listing {
     mtime: Option<std::time::SystemTime>,
     trusted: bool,
-    names: std::collections::HashSet<String>,
+    /// The MACs the directory's `.ipxe`/`.gpxe` names spell, in any
+    /// spelling [`Mac::parse`] reads: a superset of what
+    /// [`find_static_script`] opens, so a hit is then confirmed on disk.
+    macs: std::collections::HashSet<Mac>,
 }
 
 impl StaticScripts {
@@ -132,13 +136,17 @@ impl StaticScripts {
             let mut listing = self.listing.lock().unwrap_or_else(|p| p.into_inner());
             if !listing.trusted || listing.mtime != mtime {
                 let now = std::time::SystemTime::now();
-                listing.names = std::fs::read_dir(&self.dir)
+                listing.macs = std::fs::read_dir(&self.dir)
                     .map(|entries| {
                         entries
                             .flatten()
                             .filter_map(|e| e.file_name().into_string().ok())
-                            .filter(|n| n.ends_with(".ipxe") || n.ends_with(".gpxe"))
-                            .map(|n| n.to_ascii_lowercase())
+                            .filter_map(|name| {
+                                let stem = name
+                                    .strip_suffix(".ipxe")
+                                    .or_else(|| name.strip_suffix(".gpxe"))?;
+                                Mac::parse(stem).ok()
+                            })
                             .collect()
                     })
                     .unwrap_or_default();
@@ -148,12 +156,7 @@ impl StaticScripts {
                         .is_ok_and(|age| age > std::time::Duration::from_secs(1))
                 });
             }
-            let colon = mac.to_string();
-            let hyphen = mac.hyphenated();
-            ["ipxe", "gpxe"].iter().any(|ext| {
-                listing.names.contains(&format!("{colon}.{ext}"))
-                    || listing.names.contains(&format!("{hyphen}.{ext}"))
-            })
+            listing.macs.contains(&mac)
         };
         if any_candidate {
             find_static_script(&self.dir, mac)
