@@ -206,10 +206,8 @@ async fn read_more(
     let read = tokio::time::timeout_at(deadline.into(), async {
         loop {
             stream.readable().await?;
-            match stream.try_read_buf(buf) {
-                Ok(n) => return Ok::<usize, std::io::Error>(n),
-                Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => continue,
-                Err(error) => return Err(error),
+            if let Some(result) = read_once(stream, buf) {
+                return result;
             }
         }
     })
@@ -219,6 +217,51 @@ async fn read_more(
         Ok(Ok(0)) | Ok(Err(_)) => Err(ReadEnd::Closed),
         Ok(Ok(_)) => Ok(()),
     }
+}
+
+/// One `recv` into the spare capacity of `buf`; `None` when nothing was
+/// waiting after all.
+///
+/// A read that leaves room in the buffer has drained the socket, so it also
+/// drops the socket's readiness (by answering `WouldBlock` to `try_io`);
+/// otherwise the next request would begin with a `recv` that can only say
+/// `EAGAIN` — one wasted system call per request on a kept-alive connection.
+/// Data that arrives after the `recv` raises a new readiness event, so
+/// nothing is missed.
+fn read_once(stream: &TcpStream, buf: &mut Vec<u8>) -> Option<std::io::Result<usize>> {
+    let mut outcome = None;
+    let _ = stream.try_io(Interest::READABLE, || {
+        let spare = buf.spare_capacity_mut();
+        // SAFETY: receives into the vector's spare capacity, whose length is
+        // passed; `set_len` below covers only the bytes the kernel wrote.
+        let n = unsafe {
+            libc::recv(
+                stream.as_raw_fd(),
+                spare.as_mut_ptr().cast(),
+                spare.len(),
+                libc::MSG_DONTWAIT,
+            )
+        };
+        if n < 0 {
+            let error = std::io::Error::last_os_error();
+            if error.kind() == std::io::ErrorKind::WouldBlock {
+                return Err(error);
+            }
+            outcome = Some(Err(error));
+            return Ok(());
+        }
+        let n = n as usize;
+        let drained = n > 0 && n < spare.len();
+        // SAFETY: the kernel initialised `n` bytes of the spare capacity.
+        unsafe { buf.set_len(buf.len() + n) };
+        outcome = Some(Ok(n));
+        if drained {
+            Err(std::io::ErrorKind::WouldBlock.into())
+        } else {
+            Ok(())
+        }
+    });
+    outcome
 }
 
 async fn write_response(
