@@ -62,16 +62,24 @@ request = function()
 end
 """
 
+# The requests are built once per wrk thread in init(): formatting a request
+# in Lua for every request cost wrk more CPU than the server spent answering
+# it, so wrk, not the server, set the pace (about 55,000 requests/s).
 SCRIPTS_LUA = r"""
 local prefix = os.getenv("BF_PREFIX")
 local suffix = os.getenv("BF_SUFFIX")
 local machines = tonumber(os.getenv("BF_MACHINES"))
+local requests = {}
 local counter = 0
+init = function(args)
+  for n = 0, machines - 1 do
+    local mac = string.format("52:54:00:00:%02x:%02x", math.floor(n / 256), n % 256)
+    requests[n + 1] = wrk.format("GET", prefix .. mac .. suffix)
+  end
+end
 request = function()
   counter = counter + 1
-  local n = counter % machines
-  local mac = string.format("52:54:00:00:%02x:%02x", math.floor(n / 256), n % 256)
-  return wrk.format("GET", prefix .. mac .. suffix)
+  return requests[counter % machines + 1]
 end
 """
 
