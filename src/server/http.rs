@@ -20,6 +20,7 @@
 //!   (single, multiple, suffix), `If-Range`, `ETag`/`Last-Modified` and
 //!   conditional requests (304), under the same path-safety rules as TFTP.
 
+use std::io::Write as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -307,15 +308,18 @@ impl HttpService {
 
     fn head_start(&self, status: u16, keep_alive: bool) -> Vec<u8> {
         let mut head = Vec::with_capacity(320);
-        head.extend_from_slice(
-            format!(
-                "HTTP/1.1 {status} {}\r\nServer: {SERVER}\r\nDate: {}\r\nConnection: {}\r\n",
-                reason(status),
-                http_date_now(),
-                if keep_alive { "keep-alive" } else { "close" }
-            )
-            .as_bytes(),
+        // Written in place: this runs for every response.
+        let _ = write!(
+            head,
+            "HTTP/1.1 {status} {}\r\nServer: {SERVER}\r\nDate: ",
+            reason(status)
         );
+        with_http_date_now(|date| head.extend_from_slice(date.as_bytes()));
+        head.extend_from_slice(if keep_alive {
+            b"\r\nConnection: keep-alive\r\n"
+        } else {
+            b"\r\nConnection: close\r\n"
+        });
         head
     }
 
@@ -488,8 +492,9 @@ impl HttpService {
     }
 }
 
-/// The `Date` header's value, formatted once a second per thread.
-fn http_date_now() -> String {
+/// Calls `use_date` with the `Date` header's value, formatted once a second
+/// per thread.
+fn with_http_date_now<R>(use_date: impl FnOnce(&str) -> R) -> R {
     thread_local! {
         static CACHED: std::cell::RefCell<(u64, String)> = const { std::cell::RefCell::new((u64::MAX, String::new())) };
     }
@@ -500,7 +505,7 @@ fn http_date_now() -> String {
         if cached.0 != second {
             *cached = (second, httpdate::fmt_http_date(now));
         }
-        cached.1.clone()
+        use_date(&cached.1)
     })
 }
 
