@@ -16,8 +16,13 @@ Workloads, each at 1, 64 and 512 connections for S seconds:
 Before measuring, each server's answers are checked with curl (whole file and
 a range compared byte for byte, a script for its kernel line).
 
+All servers run at once; each point is measured for every server in turn,
+for R rounds, and the table shows each figure's median: this VM's speed
+drifts by up to 2x over minutes, which would otherwise fall on whichever
+server happened to be measured then.
+
 Usage (as root, from the repository):
-    benches/http_compare.py [--seconds S] [--out docs/benchmarks.md] [--only NAMES]
+    benches/http_compare.py [--seconds S] [--rounds R] [--out docs/benchmarks.md] [--only NAMES]
 """
 
 import argparse
@@ -27,6 +32,7 @@ import os
 import re
 import resource
 import subprocess
+import statistics
 import sys
 import tempfile
 import time
@@ -112,17 +118,20 @@ def make_root(root: Path):
 
 def servers(root: Path, work: Path):
     out = []
-    for body in ["sendfile", "mmap"]:
+    # All servers run at once (each idle while another is measured), so
+    # each needs its own ports and state directory.
+    for offset, body in enumerate(["sendfile", "mmap"]):
+        port = BOOTFLEET_PORT + offset
         config = work / f"bootfleet-{body}.toml"
         config.write_text(
             f'root = "{root}"\nworkers = 1\n'
-            '[tftp]\nlisten = "127.0.0.1:6904"\n'
-            f'[http]\nlisten = "127.0.0.1:{BOOTFLEET_PORT}"\nbody = "{body}"\n'
-            f'[inventory]\nstate_dir = "{work}/state"\n'
+            f'[tftp]\nlisten = "127.0.0.1:{6904 + offset}"\n'
+            f'[http]\nlisten = "127.0.0.1:{port}"\nbody = "{body}"\n'
+            f'[inventory]\nstate_dir = "{work}/state-{body}"\n'
             '[log]\nlevel = "warn"\n'
         )
         out.append(Server(f"bootfleet-{body}", [str(REPO / "target/release/bootfleet"), "serve", "--panel-listen", "off", "--config", str(config)],
-                          f"127.0.0.1:{BOOTFLEET_PORT}", f"bfbench_http_{body}"))
+                          f"127.0.0.1:{port}", f"bfbench_http_{body}"))
     nginx_conf = work / "nginx.conf"
     nginx_conf.write_text(
         f"""user root;
@@ -206,6 +215,19 @@ def run_point(server: Server, workload: str, connections: int, seconds: float, w
     return report
 
 
+def median_report(reports: list) -> dict:
+    """One row from the rounds of a point: the median of each figure, and
+    the sum of errors (an error in any round shows)."""
+    row = dict(reports[0])
+    for key in ["gb_per_s", "requests_per_s", "p99_us", "cpu_s_per_gb", "cpu_us_per_request"]:
+        values = [r[key] for r in reports if r[key] is not None]
+        row[key] = statistics.median(values) if values else None
+    for key in ["socket_errors", "status_errors"]:
+        row[key] = sum(r[key] for r in reports)
+    row["rounds"] = len(reports)
+    return row
+
+
 def markdown(results, command) -> str:
     lines = [
         "<!-- http-compare:begin -->",
@@ -214,7 +236,9 @@ def markdown(results, command) -> str:
         f"Command: `{command}` (generated; do not edit by hand).",
         "",
         "Server on core 0 (one worker; CPU from its cpuacct cgroup), wrk on core 1, loopback. "
-        "`bootfleet-sendfile` and `bootfleet-mmap` differ only in `http.body`. GB/s counts every byte wrk read.",
+        "`bootfleet-sendfile` and `bootfleet-mmap` differ only in `http.body`. GB/s counts every byte wrk read. "
+        "All servers run at once; every point is run once per round for each server in turn, and each figure "
+        "is the median over the rounds (errors are summed).",
         "",
         "| workload | conns | server | GB/s | req/s | p99 ms | server CPU-s/GB | CPU µs/req | errors |",
         "|---|---:|---|---:|---:|---:|---:|---:|---:|",
@@ -237,6 +261,7 @@ def main():
     parser.add_argument("--only", default="", help="comma-separated server names")
     parser.add_argument("--workloads", default="", help="comma-separated subset, e.g. 'scripts,full 10m.bin'")
     parser.add_argument("--connections", default="", help="comma-separated subset of 1,64,512")
+    parser.add_argument("--rounds", type=int, default=3, help="runs of every point; the table shows medians")
     args = parser.parse_args()
     if os.geteuid() != 0:
         sys.exit("run as root: the benchmark pins processes and makes cpuacct cgroups")
@@ -259,19 +284,28 @@ def main():
     chosen = servers(root, work)
     if args.only:
         chosen = [s for s in chosen if s.name in args.only.split(",")]
-    results = []
-    for server in chosen:
-        server.start()
-        try:
+    # Point by point, the servers one after another (in a rotated order each
+    # round), so that the VM's drift over minutes falls on every server
+    # alike; each figure is the median of its rounds.
+    runs = {}
+    try:
+        for server in chosen:
+            server.start()
             check(server, root, work)
+        for round_index in range(args.rounds):
+            order = chosen[round_index % len(chosen):] + chosen[:round_index % len(chosen)]
             for workload in workloads:
                 for conns in connections:
-                    results.append(run_point(server, workload, conns, args.seconds, work))
-        finally:
+                    for server in order:
+                        report = run_point(server, workload, conns, args.seconds, work)
+                        runs.setdefault((workload, conns, server.name), []).append(report)
+    finally:
+        for server in chosen:
             server.stop()
+    results = [median_report(reports) for reports in runs.values()]
     results.sort(key=lambda r: (workloads.index(r["workload"]), r["connections"], r["server"]))
     (work / "results.json").write_text(json.dumps(results, indent=1))
-    command = f"sudo benches/http_compare.py --seconds {args.seconds:g}"
+    command = f"sudo benches/http_compare.py --seconds {args.seconds:g} --rounds {args.rounds}"
     write_section(Path(args.out), markdown(results, command), "http-compare")
     print(f"results: {work / 'results.json'}; table written into {args.out}")
 
