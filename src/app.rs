@@ -97,7 +97,11 @@ pub fn start(
         workers,
         shutdown.clone(),
     )?;
-    threads.extend(engine::http::spawn(
+    let spawn_http = match backend {
+        engine::Backend::IoUring => engine::http_uring::spawn,
+        engine::Backend::Epoll => engine::http::spawn,
+    };
+    threads.extend(spawn_http(
         http,
         Arc::clone(&http_service),
         config.http.clone(),

@@ -362,7 +362,7 @@ fn serve(args: ServeArgs) -> Result<()> {
             warn!(engine = %backend, workers, reason = %why, "io_uring unavailable, using the epoll fallback")
         }
         None => {
-            info!(engine = %backend, workers, "data-plane engine chosen (TFTP on it; HTTP on tokio with sendfile)")
+            info!(engine = %backend, workers, http_body = ?config.http.body, "data-plane engine chosen (TFTP and HTTP run on it)")
         }
     }
 

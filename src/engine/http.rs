@@ -1,11 +1,10 @@
-//! The HTTP engine: accepting connections, reading request heads,
-//! keep-alive and pipelining, timeouts, and writing responses whose file
-//! bodies go to the socket by `sendfile(2)` or from the mapping.
+//! The HTTP engine of the epoll backend: accepting connections, reading
+//! request heads, keep-alive and pipelining, timeouts, and writing
+//! responses whose file bodies go to the socket by `sendfile(2)` or from
+//! the mapping. [`super::http_uring`] is the same on io_uring.
 //!
-//! It runs on tokio (epoll), one single-threaded runtime per worker, for
-//! both backends; see
-//! `docs/benchmarks.md` for why (with sendfile the kernel does the work,
-//! and this path met nginx's CPU per GB). Each connection is one task:
+//! It runs on tokio, one single-threaded runtime per worker. Each
+//! connection is one task:
 //! it parses every complete head in its buffer in order, so pipelined
 //! requests are answered in order, and writes each response before it
 //! reads the next one, so a client that does not read its responses only

@@ -1,11 +1,15 @@
 //! The data-plane engine: the only place with socket syscalls.
 //!
-//! Two backends run the same [`TftpService`]:
+//! Two backends run the same [`TftpService`] and the same
+//! [`HttpService`](crate::server::http::HttpService):
 //!
-//! * [`uring`] — one thread per core, each driving its own io_uring
-//!   (multishot receive into a provided buffer ring, batched submissions,
-//!   UDP GSO for windowed bursts).
-//! * [`epoll`] — a tokio runtime; always available.
+//! * io_uring — one thread per core for each protocol, each driving its
+//!   own ring: [`uring`] for TFTP (multishot receive into a provided buffer
+//!   ring, batched submissions, UDP GSO for windowed bursts) and
+//!   [`http_uring`] for HTTP (multishot accept, one receive or send per
+//!   connection in the kernel, `sendfile` for file bodies).
+//! * epoll — tokio runtimes: [`epoll`] for TFTP and [`http`] for HTTP;
+//!   always available.
 //!
 //! [`choose`] probes the kernel at start-up: `auto` takes io_uring when the
 //! kernel offers everything the worker needs (a ring, multishot receive,
@@ -24,6 +28,7 @@ use crate::server::tftp::TftpService;
 pub mod dhcp;
 pub mod epoll;
 pub mod http;
+pub mod http_uring;
 pub mod ndp;
 pub mod uring;
 

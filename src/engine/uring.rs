@@ -67,11 +67,20 @@ const GATHER_MAX: usize = 256;
 /// The longest a gathering worker waits for its share.
 const GATHER_WAIT: Duration = Duration::from_micros(1000);
 
-fn user_data(kind: u64, slot: usize, generation: u32) -> u64 {
+/// A wait that ended without completions: its timeout passed, a signal
+/// came, or the completion queue was full.
+pub(super) fn waiting_ended(error: &io::Error) -> bool {
+    matches!(
+        error.raw_os_error(),
+        Some(libc::ETIME) | Some(libc::EINTR) | Some(libc::EBUSY)
+    )
+}
+
+pub(super) fn user_data(kind: u64, slot: usize, generation: u32) -> u64 {
     (kind << 56) | (u64::from(generation & 0xFF_FFFF) << 32) | slot as u64
 }
 
-fn split_user_data(data: u64) -> (u64, usize, u32) {
+pub(super) fn split_user_data(data: u64) -> (u64, usize, u32) {
     (
         data >> 56,
         (data & 0xFFFF_FFFF) as usize,
@@ -116,7 +125,38 @@ pub fn probe() -> Result<(), String> {
     Err("multishot receive did not complete".into())
 }
 
-fn new_ring(entries: u32) -> io::Result<IoUring> {
+/// Puts `item` in a free place of `slots` (or a new one); returns its index.
+pub(super) fn insert_slot<T>(slots: &mut Vec<Option<T>>, free: &mut Vec<usize>, item: T) -> usize {
+    match free.pop() {
+        Some(index) => {
+            slots[index] = Some(item);
+            index
+        }
+        None => {
+            slots.push(Some(item));
+            slots.len() - 1
+        }
+    }
+}
+
+/// Cancels every operation of `ring` still in the kernel and reaps the
+/// completions, so that the memory and sockets they use may be released.
+pub(super) fn cancel_in_flight(ring: &mut IoUring) {
+    let _ = ring.submit();
+    let timeout = types::Timespec::new().nsec(200_000_000);
+    if let Err(e) = ring
+        .submitter()
+        .register_sync_cancel(Some(timeout), types::CancelBuilder::any())
+    {
+        debug!(error = %e, "synchronous cancel failed");
+    }
+    let ts = types::Timespec::new().nsec(10_000_000);
+    let args = types::SubmitArgs::new().timespec(&ts);
+    let _ = ring.submitter().submit_with_args(1, &args);
+    ring.completion().for_each(drop);
+}
+
+pub(super) fn new_ring(entries: u32) -> io::Result<IoUring> {
     // Completion work runs only when the worker asks for it: fewer
     // interrupts and better batching. Older kernels lack these flags.
     IoUring::builder()
@@ -376,11 +416,7 @@ impl Worker {
             let args = types::SubmitArgs::new().timespec(&ts);
             match self.ring.submitter().submit_with_args(want, &args) {
                 Ok(_) => {}
-                Err(e)
-                    if matches!(
-                        e.raw_os_error(),
-                        Some(libc::ETIME) | Some(libc::EINTR) | Some(libc::EBUSY)
-                    ) => {}
+                Err(e) if waiting_ended(&e) => {}
                 Err(e) => return Err(e),
             }
             self.completions.clear();
@@ -405,18 +441,7 @@ impl Worker {
     /// ends (a ring torn down lazily would keep the port bound for a while
     /// and a restarted server could not bind it).
     fn cancel_everything(&mut self) {
-        let _ = self.ring.submit();
-        let timeout = types::Timespec::new().nsec(200_000_000);
-        if let Err(e) = self
-            .ring
-            .submitter()
-            .register_sync_cancel(Some(timeout), types::CancelBuilder::any())
-        {
-            debug!(error = %e, "synchronous cancel failed");
-        }
-        let ts = types::Timespec::new().nsec(10_000_000);
-        let args = types::SubmitArgs::new().timespec(&ts);
-        let _ = self.ring.submitter().submit_with_args(1, &args);
+        cancel_in_flight(&mut self.ring);
         let now = Instant::now();
         for slot in self.slots.iter_mut().flatten() {
             if !slot.finished {
@@ -424,7 +449,6 @@ impl Worker {
                 self.service.finish(&slot.started, now);
             }
         }
-        self.ring.completion().for_each(drop);
     }
 
     fn handle_completion(
@@ -515,16 +539,7 @@ impl Worker {
             finished: false,
             scheduled: None,
         };
-        let index = match self.free.pop() {
-            Some(index) => {
-                self.slots[index] = Some(slot);
-                index
-            }
-            None => {
-                self.slots.push(Some(slot));
-                self.slots.len() - 1
-            }
-        };
+        let index = insert_slot(&mut self.slots, &mut self.free, slot);
         self.arm_transfer_recv(index)?;
         self.pump(index, now)
     }

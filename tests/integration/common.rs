@@ -219,11 +219,16 @@ pub struct FullServer {
 
 impl FullServer {
     pub fn start(root: &Path, tweak: impl FnOnce(&mut Config)) -> Self {
+        Self::start_on(Backend::IoUring, root, tweak)
+    }
+
+    /// On the given data-plane backend (TFTP and HTTP engines).
+    pub fn start_on(backend: Backend, root: &Path, tweak: impl FnOnce(&mut Config)) -> Self {
         let state = tempfile::Builder::new()
             .prefix("bootfleet-state-")
             .tempdir()
             .unwrap();
-        Self::start_in(root, state, false, tweak)
+        Self::start_in(backend, root, state, false, tweak)
     }
 
     /// With the control panel on a loopback port, its database in `state`
@@ -233,10 +238,11 @@ impl FullServer {
         state: tempfile::TempDir,
         tweak: impl FnOnce(&mut Config),
     ) -> Self {
-        Self::start_in(root, state, true, tweak)
+        Self::start_in(Backend::IoUring, root, state, true, tweak)
     }
 
     fn start_in(
+        backend: Backend,
         root: &Path,
         state: tempfile::TempDir,
         with_panel: bool,
@@ -257,7 +263,7 @@ impl FullServer {
         let (tftp_addr, http_addr) = (tftp.local_addr().unwrap(), http.local_addr().unwrap());
         let panel = with_panel.then(|| std::net::TcpListener::bind("127.0.0.1:0").unwrap());
         let panel_addr = panel.as_ref().map(|p| p.local_addr().unwrap());
-        let running = bootfleet::app::start(&config, Backend::IoUring, tftp, http, panel).unwrap();
+        let running = bootfleet::app::start(&config, backend, tftp, http, panel).unwrap();
         Self {
             http: http_addr,
             tftp: tftp_addr,

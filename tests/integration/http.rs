@@ -21,154 +21,157 @@ fn whole_files_ranges_and_conditionals_with_curl() {
     if !have_tool("curl") {
         return;
     }
-    for body in [BodyMode::Sendfile, BodyMode::Mmap] {
-        let server = FullServer::start(boot_dir(), |c| c.http.body = body);
-        let url = server.url("/1m.bin");
-        let file = want("1m.bin");
-        let context = format!("{body:?}");
+    for backend in BACKENDS {
+        eprintln!("backend {backend}");
+        for body in [BodyMode::Sendfile, BodyMode::Mmap] {
+            let server = FullServer::start_on(backend, boot_dir(), |c| c.http.body = body);
+            let url = server.url("/1m.bin");
+            let file = want("1m.bin");
+            let context = format!("{body:?}");
 
-        let full = curl(&url, &[]);
-        assert_eq!(full.status, 200, "{context}");
-        assert!(full.body == file, "{context}: whole file differs");
-        assert_eq!(full.header("content-length").as_deref(), Some("1000000"));
-        assert_eq!(full.header("accept-ranges").as_deref(), Some("bytes"));
-        assert_eq!(
-            full.header("content-type").as_deref(),
-            Some("application/octet-stream")
-        );
-        let etag = full.header("etag").expect("ETag");
-        let last_modified = full.header("last-modified").expect("Last-Modified");
-
-        let head = curl(&url, &["-I"]);
-        assert_eq!(head.status, 200);
-        assert_eq!(head.header("content-length").as_deref(), Some("1000000"));
-        // No body after a HEAD: the next response on the connection follows at once.
-        let mut stream = TcpStream::connect(server.http).unwrap();
-        stream
-            .set_read_timeout(Some(Duration::from_secs(10)))
-            .unwrap();
-        stream
-            .write_all(b"HEAD /1m.bin HTTP/1.1\r\nHost: h\r\n\r\nGET /text.txt HTTP/1.1\r\nHost: h\r\n\r\n")
-            .unwrap();
-        let mut received = vec![0u8; 4096];
-        let mut got = 0;
-        while !String::from_utf8_lossy(&received[..got]).contains("line one") {
-            let n = stream.read(&mut received[got..]).unwrap();
-            assert!(n > 0, "connection closed");
-            got += n;
-        }
-        let text = String::from_utf8_lossy(&received[..got]).into_owned();
-        let second = text.find("HTTP/1.1 200").and_then(|first| {
-            text[first + 1..]
-                .find("HTTP/1.1 200")
-                .map(|i| i + first + 1)
-        });
-        let second = second.unwrap_or_else(|| panic!("{text}"));
-        assert!(
-            text[..second].ends_with("\r\n\r\n"),
-            "HEAD sent a body: {text}"
-        );
-
-        // Single, suffix and open-ended ranges.
-        for (range, first, last) in [
-            ("100-199", 100usize, 199usize),
-            ("-500", 999_500, 999_999),
-            ("999000-", 999_000, 999_999),
-            ("0-0", 0, 0),
-            ("999999-5000000", 999_999, 999_999),
-        ] {
-            let part = curl(&url, &["-r", range]);
-            assert_eq!(part.status, 206, "{context} {range}");
+            let full = curl(&url, &[]);
+            assert_eq!(full.status, 200, "{context}");
+            assert!(full.body == file, "{context}: whole file differs");
+            assert_eq!(full.header("content-length").as_deref(), Some("1000000"));
+            assert_eq!(full.header("accept-ranges").as_deref(), Some("bytes"));
             assert_eq!(
-                part.header("content-range"),
-                Some(format!("bytes {first}-{last}/1000000")),
-                "{context} {range}"
+                full.header("content-type").as_deref(),
+                Some("application/octet-stream")
             );
+            let etag = full.header("etag").expect("ETag");
+            let last_modified = full.header("last-modified").expect("Last-Modified");
+
+            let head = curl(&url, &["-I"]);
+            assert_eq!(head.status, 200);
+            assert_eq!(head.header("content-length").as_deref(), Some("1000000"));
+            // No body after a HEAD: the next response on the connection follows at once.
+            let mut stream = TcpStream::connect(server.http).unwrap();
+            stream
+                .set_read_timeout(Some(Duration::from_secs(10)))
+                .unwrap();
+            stream
+                .write_all(b"HEAD /1m.bin HTTP/1.1\r\nHost: h\r\n\r\nGET /text.txt HTTP/1.1\r\nHost: h\r\n\r\n")
+                .unwrap();
+            let mut received = vec![0u8; 4096];
+            let mut got = 0;
+            while !String::from_utf8_lossy(&received[..got]).contains("line one") {
+                let n = stream.read(&mut received[got..]).unwrap();
+                assert!(n > 0, "connection closed");
+                got += n;
+            }
+            let text = String::from_utf8_lossy(&received[..got]).into_owned();
+            let second = text.find("HTTP/1.1 200").and_then(|first| {
+                text[first + 1..]
+                    .find("HTTP/1.1 200")
+                    .map(|i| i + first + 1)
+            });
+            let second = second.unwrap_or_else(|| panic!("{text}"));
             assert!(
-                part.body == file[first..=last],
-                "{context} {range}: bytes differ"
+                text[..second].ends_with("\r\n\r\n"),
+                "HEAD sent a body: {text}"
             );
-        }
 
-        // Several ranges: multipart/byteranges.
-        let multi = curl(&url, &["-r", "0-9,500-509,-5"]);
-        assert_eq!(multi.status, 206);
-        let content_type = multi.header("content-type").unwrap();
-        let boundary = content_type
-            .strip_prefix("multipart/byteranges; boundary=")
-            .unwrap_or_else(|| panic!("{content_type}"));
-        assert_eq!(
-            multi.header("content-length").unwrap(),
-            multi.body.len().to_string()
-        );
-        let mut expected = Vec::new();
-        for (first, last) in [(0usize, 9usize), (500, 509), (999_995, 999_999)] {
-            expected.extend_from_slice(
-                format!(
-                    "\r\n--{boundary}\r\nContent-Type: application/octet-stream\r\nContent-Range: bytes {first}-{last}/1000000\r\n\r\n"
+            // Single, suffix and open-ended ranges.
+            for (range, first, last) in [
+                ("100-199", 100usize, 199usize),
+                ("-500", 999_500, 999_999),
+                ("999000-", 999_000, 999_999),
+                ("0-0", 0, 0),
+                ("999999-5000000", 999_999, 999_999),
+            ] {
+                let part = curl(&url, &["-r", range]);
+                assert_eq!(part.status, 206, "{context} {range}");
+                assert_eq!(
+                    part.header("content-range"),
+                    Some(format!("bytes {first}-{last}/1000000")),
+                    "{context} {range}"
+                );
+                assert!(
+                    part.body == file[first..=last],
+                    "{context} {range}: bytes differ"
+                );
+            }
+
+            // Several ranges: multipart/byteranges.
+            let multi = curl(&url, &["-r", "0-9,500-509,-5"]);
+            assert_eq!(multi.status, 206);
+            let content_type = multi.header("content-type").unwrap();
+            let boundary = content_type
+                .strip_prefix("multipart/byteranges; boundary=")
+                .unwrap_or_else(|| panic!("{content_type}"));
+            assert_eq!(
+                multi.header("content-length").unwrap(),
+                multi.body.len().to_string()
+            );
+            let mut expected = Vec::new();
+            for (first, last) in [(0usize, 9usize), (500, 509), (999_995, 999_999)] {
+                expected.extend_from_slice(
+                    format!(
+                        "\r\n--{boundary}\r\nContent-Type: application/octet-stream\r\nContent-Range: bytes {first}-{last}/1000000\r\n\r\n"
+                    )
+                    .as_bytes(),
+                );
+                expected.extend_from_slice(&file[first..=last]);
+            }
+            expected.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
+            assert!(multi.body == expected, "{context}: multipart body differs");
+
+            // If-Range: a matching validator applies the range, another one does not.
+            let matching = curl(&url, &["-r", "10-19", "-H", &format!("If-Range: {etag}")]);
+            assert_eq!(matching.status, 206);
+            let by_date = curl(
+                &url,
+                &["-r", "10-19", "-H", &format!("If-Range: {last_modified}")],
+            );
+            assert_eq!(by_date.status, 206);
+            let stale = curl(&url, &["-r", "10-19", "-H", "If-Range: \"other\""]);
+            assert_eq!(stale.status, 200);
+            assert_eq!(stale.body.len(), 1_000_000);
+
+            // Unsatisfiable.
+            let beyond = curl(&url, &["-r", "2000000-"]);
+            assert_eq!(beyond.status, 416);
+            assert_eq!(
+                beyond.header("content-range").as_deref(),
+                Some("bytes */1000000")
+            );
+
+            // Conditional GETs.
+            let cached = curl(&url, &["-H", &format!("If-None-Match: {etag}")]);
+            assert_eq!(cached.status, 304);
+            assert!(cached.body.is_empty());
+            assert_eq!(cached.header("etag"), Some(etag.clone()));
+            assert_eq!(curl(&url, &["-H", "If-None-Match: \"x\", *"]).status, 304);
+            assert_eq!(curl(&url, &["-H", "If-None-Match: \"x\""]).status, 200);
+            assert_eq!(
+                curl(
+                    &url,
+                    &["-H", &format!("If-Modified-Since: {last_modified}")]
                 )
-                .as_bytes(),
+                .status,
+                304
             );
-            expected.extend_from_slice(&file[first..=last]);
+            assert_eq!(
+                curl(
+                    &url,
+                    &["-H", "If-Modified-Since: Sun, 06 Nov 1994 08:49:37 GMT"]
+                )
+                .status,
+                200
+            );
+
+            // Empty file, text file, missing file.
+            let empty = curl(&server.url("/empty.bin"), &[]);
+            assert_eq!((empty.status, empty.body.len()), (200, 0));
+            assert_eq!(empty.header("content-length").as_deref(), Some("0"));
+            let text = curl(&server.url("/text.txt"), &[]);
+            assert_eq!(
+                text.header("content-type").as_deref(),
+                Some("text/plain; charset=utf-8")
+            );
+            assert!(text.body == want("text.txt"));
+            assert_eq!(curl(&server.url("/no-such-file"), &[]).status, 404);
         }
-        expected.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
-        assert!(multi.body == expected, "{context}: multipart body differs");
-
-        // If-Range: a matching validator applies the range, another one does not.
-        let matching = curl(&url, &["-r", "10-19", "-H", &format!("If-Range: {etag}")]);
-        assert_eq!(matching.status, 206);
-        let by_date = curl(
-            &url,
-            &["-r", "10-19", "-H", &format!("If-Range: {last_modified}")],
-        );
-        assert_eq!(by_date.status, 206);
-        let stale = curl(&url, &["-r", "10-19", "-H", "If-Range: \"other\""]);
-        assert_eq!(stale.status, 200);
-        assert_eq!(stale.body.len(), 1_000_000);
-
-        // Unsatisfiable.
-        let beyond = curl(&url, &["-r", "2000000-"]);
-        assert_eq!(beyond.status, 416);
-        assert_eq!(
-            beyond.header("content-range").as_deref(),
-            Some("bytes */1000000")
-        );
-
-        // Conditional GETs.
-        let cached = curl(&url, &["-H", &format!("If-None-Match: {etag}")]);
-        assert_eq!(cached.status, 304);
-        assert!(cached.body.is_empty());
-        assert_eq!(cached.header("etag"), Some(etag.clone()));
-        assert_eq!(curl(&url, &["-H", "If-None-Match: \"x\", *"]).status, 304);
-        assert_eq!(curl(&url, &["-H", "If-None-Match: \"x\""]).status, 200);
-        assert_eq!(
-            curl(
-                &url,
-                &["-H", &format!("If-Modified-Since: {last_modified}")]
-            )
-            .status,
-            304
-        );
-        assert_eq!(
-            curl(
-                &url,
-                &["-H", "If-Modified-Since: Sun, 06 Nov 1994 08:49:37 GMT"]
-            )
-            .status,
-            200
-        );
-
-        // Empty file, text file, missing file.
-        let empty = curl(&server.url("/empty.bin"), &[]);
-        assert_eq!((empty.status, empty.body.len()), (200, 0));
-        assert_eq!(empty.header("content-length").as_deref(), Some("0"));
-        let text = curl(&server.url("/text.txt"), &[]);
-        assert_eq!(
-            text.header("content-type").as_deref(),
-            Some("text/plain; charset=utf-8")
-        );
-        assert!(text.body == want("text.txt"));
-        assert_eq!(curl(&server.url("/no-such-file"), &[]).status, 404);
     }
 }
 
@@ -177,70 +180,76 @@ fn curl_reuses_the_connection_and_gets_every_file() {
     if !have_tool("curl") {
         return;
     }
-    let server = FullServer::start(boot_dir(), |_| {});
-    let out = scratch();
-    let output = Command::new("curl")
-        .args(["-s", "-v", "--max-time", "30"])
-        .args([
-            "-o",
-            out.path().join("a").to_str().unwrap(),
-            &server.url("/10m.bin"),
-        ])
-        .args([
-            "-o",
-            out.path().join("b").to_str().unwrap(),
-            &server.url("/70k.bin"),
-        ])
-        .args([
-            "-o",
-            out.path().join("c").to_str().unwrap(),
-            &server.url("/one-block.bin"),
-        ])
-        .output()
-        .unwrap();
-    assert!(output.status.success());
-    let log = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        log.matches("Re-using existing connection").count()
-            + log.matches("Reusing existing").count()
-            >= 2,
-        "curl did not keep the connection alive:\n{log}"
-    );
-    assert_same_file("10m.bin", &out.path().join("a"), "keep-alive 1");
-    assert_same_file("70k.bin", &out.path().join("b"), "keep-alive 2");
-    assert_same_file("one-block.bin", &out.path().join("c"), "keep-alive 3");
+    for backend in BACKENDS {
+        eprintln!("backend {backend}");
+        let server = FullServer::start_on(backend, boot_dir(), |_| {});
+        let out = scratch();
+        let output = Command::new("curl")
+            .args(["-s", "-v", "--max-time", "30"])
+            .args([
+                "-o",
+                out.path().join("a").to_str().unwrap(),
+                &server.url("/10m.bin"),
+            ])
+            .args([
+                "-o",
+                out.path().join("b").to_str().unwrap(),
+                &server.url("/70k.bin"),
+            ])
+            .args([
+                "-o",
+                out.path().join("c").to_str().unwrap(),
+                &server.url("/one-block.bin"),
+            ])
+            .output()
+            .unwrap();
+        assert!(output.status.success());
+        let log = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            log.matches("Re-using existing connection").count()
+                + log.matches("Reusing existing").count()
+                >= 2,
+            "curl did not keep the connection alive:\n{log}"
+        );
+        assert_same_file("10m.bin", &out.path().join("a"), "keep-alive 1");
+        assert_same_file("70k.bin", &out.path().join("b"), "keep-alive 2");
+        assert_same_file("one-block.bin", &out.path().join("c"), "keep-alive 3");
+    }
 }
 
 #[test]
 fn pipelined_requests_are_answered_in_order() {
-    let server = FullServer::start(boot_dir(), |_| {});
-    let mut stream = TcpStream::connect(server.http).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    stream
-        .write_all(
-            b"GET /text.txt HTTP/1.1\r\nHost: t\r\n\r\n\
-              GET /1m.bin HTTP/1.1\r\nHost: t\r\nRange: bytes=5-9\r\n\r\n\
-              GET /missing HTTP/1.1\r\nHost: t\r\n\r\n\
-              GET /70k.bin HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
-        )
-        .unwrap();
-    let first = read_response(&mut stream).unwrap();
-    assert_eq!(first.status, 200);
-    assert!(first.body == want("text.txt"));
-    let second = read_response(&mut stream).unwrap();
-    assert_eq!(second.status, 206);
-    assert!(second.body == want("1m.bin")[5..10]);
-    let third = read_response(&mut stream).unwrap();
-    assert_eq!(third.status, 404);
-    let fourth = read_response(&mut stream).unwrap();
-    assert_eq!(fourth.status, 200);
-    assert!(fourth.body == want("70k.bin"));
-    assert_eq!(fourth.header("connection").as_deref(), Some("close"));
-    let mut rest = Vec::new();
-    stream.read_to_end(&mut rest).unwrap();
-    assert!(rest.is_empty(), "bytes after Connection: close");
+    for backend in BACKENDS {
+        eprintln!("backend {backend}");
+        let server = FullServer::start_on(backend, boot_dir(), |_| {});
+        let mut stream = TcpStream::connect(server.http).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        stream
+            .write_all(
+                b"GET /text.txt HTTP/1.1\r\nHost: t\r\n\r\n\
+                  GET /1m.bin HTTP/1.1\r\nHost: t\r\nRange: bytes=5-9\r\n\r\n\
+                  GET /missing HTTP/1.1\r\nHost: t\r\n\r\n\
+                  GET /70k.bin HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+            )
+            .unwrap();
+        let first = read_response(&mut stream).unwrap();
+        assert_eq!(first.status, 200);
+        assert!(first.body == want("text.txt"));
+        let second = read_response(&mut stream).unwrap();
+        assert_eq!(second.status, 206);
+        assert!(second.body == want("1m.bin")[5..10]);
+        let third = read_response(&mut stream).unwrap();
+        assert_eq!(third.status, 404);
+        let fourth = read_response(&mut stream).unwrap();
+        assert_eq!(fourth.status, 200);
+        assert!(fourth.body == want("70k.bin"));
+        assert_eq!(fourth.header("connection").as_deref(), Some("close"));
+        let mut rest = Vec::new();
+        stream.read_to_end(&mut rest).unwrap();
+        assert!(rest.is_empty(), "bytes after Connection: close");
+    }
 }
 
 /// Sends raw bytes on a fresh connection; returns the first response.
@@ -256,98 +265,101 @@ fn raw(server: &FullServer, bytes: &[u8]) -> Fetched {
 
 #[test]
 fn hostile_paths_and_malformed_heads_get_clear_errors() {
-    let root = tempfile::tempdir().unwrap();
-    std::fs::write(root.path().join("ok.txt"), b"fine").unwrap();
-    std::fs::create_dir(root.path().join("dir")).unwrap();
-    std::os::unix::fs::symlink("/etc", root.path().join("etc-link")).unwrap();
-    std::os::unix::fs::symlink("/etc/hostname", root.path().join("host-link")).unwrap();
-    let server = FullServer::start(root.path(), |c| c.http.max_header_bytes = 4096);
+    for backend in BACKENDS {
+        eprintln!("backend {backend}");
+        let root = tempfile::tempdir().unwrap();
+        std::fs::write(root.path().join("ok.txt"), b"fine").unwrap();
+        std::fs::create_dir(root.path().join("dir")).unwrap();
+        std::os::unix::fs::symlink("/etc", root.path().join("etc-link")).unwrap();
+        std::os::unix::fs::symlink("/etc/hostname", root.path().join("host-link")).unwrap();
+        let server = FullServer::start_on(backend, root.path(), |c| c.http.max_header_bytes = 4096);
 
-    let get = |path: &str| {
-        raw(
-            &server,
-            format!("GET {path} HTTP/1.1\r\nHost: h\r\n\r\n").as_bytes(),
-        )
-    };
-    for (path, status) in [
-        ("/../etc/passwd", 400),
-        ("/%2e%2e/etc/passwd", 400),
-        ("/dir/..%2f..%2fetc/passwd", 400),
-        ("/a%5cb", 400),
-        ("/%00", 400),
-        ("/%0a", 400),
-        ("/%ff%fe", 400),
-        ("/etc-link/passwd", 403),
-        ("/host-link", 403),
-        ("/dir", 404),
-        ("/", 404),
-        ("//ok.txt", 200),
-        ("/./ok.txt", 200),
-    ] {
-        let response = get(path);
-        assert_eq!(response.status, status, "{path}: {}", response.head);
-    }
+        let get = |path: &str| {
+            raw(
+                &server,
+                format!("GET {path} HTTP/1.1\r\nHost: h\r\n\r\n").as_bytes(),
+            )
+        };
+        for (path, status) in [
+            ("/../etc/passwd", 400),
+            ("/%2e%2e/etc/passwd", 400),
+            ("/dir/..%2f..%2fetc/passwd", 400),
+            ("/a%5cb", 400),
+            ("/%00", 400),
+            ("/%0a", 400),
+            ("/%ff%fe", 400),
+            ("/etc-link/passwd", 403),
+            ("/host-link", 403),
+            ("/dir", 404),
+            ("/", 404),
+            ("//ok.txt", 200),
+            ("/./ok.txt", 200),
+        ] {
+            let response = get(path);
+            assert_eq!(response.status, status, "{path}: {}", response.head);
+        }
 
-    let cases: &[(&[u8], u16)] = &[
-        (b"GARBAGE\r\n\r\n", 400),
-        (b"GET /ok.txt HTTP/2.0\r\nHost: h\r\n\r\n", 505),
-        (b"GET /ok.txt HTTP/1.1\r\n\r\n", 400),
-        (
-            b"POST /ok.txt HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\n\r\nabc",
-            413,
-        ),
-        (b"PUT /ok.txt HTTP/1.1\r\nHost: h\r\n\r\n", 405),
-        (
-            b"GET /ok.txt HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
-            411,
-        ),
-        (
-            b"GET /ok.txt HTTP/1.1\r\nHost: h\r\nBad Header\r\n\r\n",
-            400,
-        ),
-    ];
-    for (bytes, status) in cases {
-        let response = raw(&server, bytes);
+        let cases: &[(&[u8], u16)] = &[
+            (b"GARBAGE\r\n\r\n", 400),
+            (b"GET /ok.txt HTTP/2.0\r\nHost: h\r\n\r\n", 505),
+            (b"GET /ok.txt HTTP/1.1\r\n\r\n", 400),
+            (
+                b"POST /ok.txt HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\n\r\nabc",
+                413,
+            ),
+            (b"PUT /ok.txt HTTP/1.1\r\nHost: h\r\n\r\n", 405),
+            (
+                b"GET /ok.txt HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+                411,
+            ),
+            (
+                b"GET /ok.txt HTTP/1.1\r\nHost: h\r\nBad Header\r\n\r\n",
+                400,
+            ),
+        ];
+        for (bytes, status) in cases {
+            let response = raw(&server, bytes);
+            assert_eq!(
+                response.status,
+                *status,
+                "{:?}: {}",
+                String::from_utf8_lossy(bytes),
+                response.head
+            );
+        }
+        let put = raw(&server, b"PUT /ok.txt HTTP/1.1\r\nHost: h\r\n\r\n");
+        assert_eq!(put.header("allow").as_deref(), Some("GET, HEAD"));
+        let big = format!(
+            "GET /ok.txt HTTP/1.1\r\nHost: h\r\nX-Pad: {}\r\n\r\n",
+            "a".repeat(5000)
+        );
+        assert_eq!(raw(&server, big.as_bytes()).status, 431);
+        let endless = format!(
+            "GET /ok.txt HTTP/1.1\r\nHost: h\r\nX-Pad: {}",
+            "a".repeat(8000)
+        );
+        assert_eq!(raw(&server, endless.as_bytes()).status, 431);
+
+        // A client that connects and vanishes, or resets mid-response.
+        for _ in 0..20 {
+            drop(TcpStream::connect(server.http).unwrap());
+            let mut s = TcpStream::connect(server.http).unwrap();
+            let _ = s.write_all(b"GET /ok.txt HTTP/1.1\r\nHo");
+        }
+        // The server still answers everyone else.
+        let fine = get("/ok.txt");
+        assert_eq!((fine.status, fine.body.as_slice()), (200, &b"fine"[..]));
         assert_eq!(
-            response.status,
-            *status,
-            "{:?}: {}",
-            String::from_utf8_lossy(bytes),
-            response.head
+            server
+                .running
+                .http
+                .stats
+                .client_errors
+                .load(std::sync::atomic::Ordering::Relaxed)
+                > 0,
+            true
         );
     }
-    let put = raw(&server, b"PUT /ok.txt HTTP/1.1\r\nHost: h\r\n\r\n");
-    assert_eq!(put.header("allow").as_deref(), Some("GET, HEAD"));
-    let big = format!(
-        "GET /ok.txt HTTP/1.1\r\nHost: h\r\nX-Pad: {}\r\n\r\n",
-        "a".repeat(5000)
-    );
-    assert_eq!(raw(&server, big.as_bytes()).status, 431);
-    let endless = format!(
-        "GET /ok.txt HTTP/1.1\r\nHost: h\r\nX-Pad: {}",
-        "a".repeat(8000)
-    );
-    assert_eq!(raw(&server, endless.as_bytes()).status, 431);
-
-    // A client that connects and vanishes, or resets mid-response.
-    for _ in 0..20 {
-        drop(TcpStream::connect(server.http).unwrap());
-        let mut s = TcpStream::connect(server.http).unwrap();
-        let _ = s.write_all(b"GET /ok.txt HTTP/1.1\r\nHo");
-    }
-    // The server still answers everyone else.
-    let fine = get("/ok.txt");
-    assert_eq!((fine.status, fine.body.as_slice()), (200, &b"fine"[..]));
-    assert_eq!(
-        server
-            .running
-            .http
-            .stats
-            .client_errors
-            .load(std::sync::atomic::Ordering::Relaxed)
-            > 0,
-        true
-    );
 }
 
 #[test]
@@ -355,85 +367,92 @@ fn slow_and_idle_clients_time_out_without_blocking_others() {
     if !have_tool("curl") {
         return;
     }
-    let server = FullServer::start(boot_dir(), |c| {
-        c.http.header_timeout = Duration::from_millis(800);
-        c.http.idle_timeout = Duration::from_millis(1500);
-    });
-    // 200 slowloris connections, each one byte at a time.
-    let mut slow: Vec<TcpStream> = (0..200)
-        .map(|_| {
-            let mut s = TcpStream::connect(server.http).unwrap();
-            s.write_all(b"GET /1m.bin HTTP/1.1\r\nHo").unwrap();
-            s
-        })
-        .collect();
-    let started = Instant::now();
-    let fast = curl(&server.url("/10m.bin"), &[]);
-    assert_eq!(fast.status, 200);
-    assert!(fast.body == want("10m.bin"));
-    assert!(
-        started.elapsed() < Duration::from_millis(800),
-        "a normal client waited behind slow ones"
-    );
-    // Dribbling bytes does not extend the deadline for a head.
-    for s in slow.iter_mut().take(10) {
-        let _ = s.write_all(b"s");
-    }
-    for mut s in slow {
-        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        let response = read_response(&mut s).expect("a 408 before the connection closes");
-        assert_eq!(response.status, 408);
-    }
+    for backend in BACKENDS {
+        eprintln!("backend {backend}");
+        let server = FullServer::start_on(backend, boot_dir(), |c| {
+            c.http.header_timeout = Duration::from_millis(800);
+            c.http.idle_timeout = Duration::from_millis(1500);
+        });
+        // 200 slowloris connections, each one byte at a time.
+        let mut slow: Vec<TcpStream> = (0..200)
+            .map(|_| {
+                let mut s = TcpStream::connect(server.http).unwrap();
+                s.write_all(b"GET /1m.bin HTTP/1.1\r\nHo").unwrap();
+                s
+            })
+            .collect();
+        let started = Instant::now();
+        let fast = curl(&server.url("/10m.bin"), &[]);
+        assert_eq!(fast.status, 200);
+        assert!(fast.body == want("10m.bin"));
+        assert!(
+            started.elapsed() < Duration::from_millis(800),
+            "a normal client waited behind slow ones"
+        );
+        // Dribbling bytes does not extend the deadline for a head.
+        for s in slow.iter_mut().take(10) {
+            let _ = s.write_all(b"s");
+        }
+        for mut s in slow {
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let response = read_response(&mut s).expect("a 408 before the connection closes");
+            assert_eq!(response.status, 408);
+        }
 
-    // A keep-alive connection left idle is closed without a response.
-    let mut idle = TcpStream::connect(server.http).unwrap();
-    idle.write_all(b"GET /text.txt HTTP/1.1\r\nHost: h\r\n\r\n")
-        .unwrap();
-    idle.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    assert_eq!(read_response(&mut idle).unwrap().status, 200);
-    let idle_since = Instant::now();
-    let mut rest = Vec::new();
-    idle.read_to_end(&mut rest).unwrap();
-    assert!(rest.is_empty());
-    let waited = idle_since.elapsed();
-    assert!(
-        waited >= Duration::from_millis(1200) && waited < Duration::from_secs(4),
-        "{waited:?}"
-    );
+        // A keep-alive connection left idle is closed without a response.
+        let mut idle = TcpStream::connect(server.http).unwrap();
+        idle.write_all(b"GET /text.txt HTTP/1.1\r\nHost: h\r\n\r\n")
+            .unwrap();
+        idle.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        assert_eq!(read_response(&mut idle).unwrap().status, 200);
+        let idle_since = Instant::now();
+        let mut rest = Vec::new();
+        idle.read_to_end(&mut rest).unwrap();
+        assert!(rest.is_empty());
+        let waited = idle_since.elapsed();
+        assert!(
+            waited >= Duration::from_millis(1200) && waited < Duration::from_secs(4),
+            "{waited:?}"
+        );
+    }
 }
 
 #[test]
 fn a_client_that_stops_reading_is_dropped_after_the_send_timeout() {
-    let server = FullServer::start(boot_dir(), |c| {
-        c.http.send_timeout = Duration::from_millis(700)
-    });
-    // A small receive buffer, set before connecting so the window stays small.
-    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    socket.connect(&server.http.into()).unwrap();
-    let mut stalled: TcpStream = socket.into();
-    stalled
-        .write_all(b"GET /100m.bin HTTP/1.1\r\nHost: h\r\n\r\n")
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(1500));
-    // Reading now ends well before 100 MB: the server gave up.
-    stalled
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .unwrap();
-    let mut total = 0usize;
-    let mut buf = vec![0u8; 1 << 16];
-    loop {
-        match stalled.read(&mut buf) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => total += n,
+    for backend in BACKENDS {
+        eprintln!("backend {backend}");
+        let server = FullServer::start_on(backend, boot_dir(), |c| {
+            c.http.send_timeout = Duration::from_millis(700)
+        });
+        // A small receive buffer, set before connecting so the window stays small.
+        let socket =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        socket.connect(&server.http.into()).unwrap();
+        let mut stalled: TcpStream = socket.into();
+        stalled
+            .write_all(b"GET /100m.bin HTTP/1.1\r\nHost: h\r\n\r\n")
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(1500));
+        // Reading now ends well before 100 MB: the server gave up.
+        stalled
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let mut total = 0usize;
+        let mut buf = vec![0u8; 1 << 16];
+        loop {
+            match stalled.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => total += n,
+            }
         }
+        assert!(
+            total < 100_000_000,
+            "all {total} bytes arrived; the stalled client was not dropped"
+        );
+        let ok = raw(&server, b"GET /text.txt HTTP/1.1\r\nHost: h\r\n\r\n");
+        assert_eq!(ok.status, 200);
     }
-    assert!(
-        total < 100_000_000,
-        "all {total} bytes arrived; the stalled client was not dropped"
-    );
-    let ok = raw(&server, b"GET /text.txt HTTP/1.1\r\nHost: h\r\n\r\n");
-    assert_eq!(ok.status, 200);
 }
 
 #[test]
@@ -441,53 +460,118 @@ fn files_over_4_gib_with_ranges_near_the_end() {
     if !have_tool("curl") {
         return;
     }
-    let root = tempfile::tempdir().unwrap();
-    let path = root.path().join("huge.img");
-    let size: u64 = 5 << 30;
-    {
-        use std::os::unix::fs::FileExt;
-        let file = std::fs::File::create(&path).unwrap();
-        file.set_len(size).unwrap();
-        file.write_all_at(b"FOUR-GIB", 4 << 30).unwrap();
-        file.write_all_at(b"THE-END!", size - 8).unwrap();
-    }
-    for body in [BodyMode::Sendfile, BodyMode::Mmap] {
-        let server = FullServer::start(root.path(), |c| c.http.body = body);
-        let url = server.url("/huge.img");
-        let head = curl(&url, &["-I"]);
-        assert_eq!(head.header("content-length"), Some(size.to_string()));
-        let end = curl(&url, &["-r", "-8"]);
-        assert_eq!(end.status, 206);
-        assert_eq!(
-            end.header("content-range"),
-            Some(format!("bytes {}-{}/{size}", size - 8, size - 1))
-        );
-        assert_eq!(end.body, b"THE-END!");
-        let across = curl(
-            &url,
-            &["-r", &format!("{}-{}", (4u64 << 30) - 4, (4u64 << 30) + 7)],
-        );
-        assert_eq!(across.body, b"\0\0\0\0FOUR-GIB", "{body:?}");
-        let multi = curl(&url, &["-r", &format!("0-1,{}-{}", size - 2, size - 1)]);
-        assert_eq!(multi.status, 206);
-        assert!(multi.body.windows(2).any(|w| w == b"D!"));
-        let beyond = curl(&url, &["-r", &format!("{size}-")]);
-        assert_eq!(beyond.status, 416);
-        assert_eq!(
-            beyond.header("content-range"),
-            Some(format!("bytes */{size}"))
-        );
+    for backend in BACKENDS {
+        eprintln!("backend {backend}");
+        let root = tempfile::tempdir().unwrap();
+        let path = root.path().join("huge.img");
+        let size: u64 = 5 << 30;
+        {
+            use std::os::unix::fs::FileExt;
+            let file = std::fs::File::create(&path).unwrap();
+            file.set_len(size).unwrap();
+            file.write_all_at(b"FOUR-GIB", 4 << 30).unwrap();
+            file.write_all_at(b"THE-END!", size - 8).unwrap();
+        }
+        for body in [BodyMode::Sendfile, BodyMode::Mmap] {
+            let server = FullServer::start_on(backend, root.path(), |c| c.http.body = body);
+            let url = server.url("/huge.img");
+            let head = curl(&url, &["-I"]);
+            assert_eq!(head.header("content-length"), Some(size.to_string()));
+            let end = curl(&url, &["-r", "-8"]);
+            assert_eq!(end.status, 206);
+            assert_eq!(
+                end.header("content-range"),
+                Some(format!("bytes {}-{}/{size}", size - 8, size - 1))
+            );
+            assert_eq!(end.body, b"THE-END!");
+            let across = curl(
+                &url,
+                &["-r", &format!("{}-{}", (4u64 << 30) - 4, (4u64 << 30) + 7)],
+            );
+            assert_eq!(across.body, b"\0\0\0\0FOUR-GIB", "{body:?}");
+            let multi = curl(&url, &["-r", &format!("0-1,{}-{}", size - 2, size - 1)]);
+            assert_eq!(multi.status, 206);
+            assert!(multi.body.windows(2).any(|w| w == b"D!"));
+            let beyond = curl(&url, &["-r", &format!("{size}-")]);
+            assert_eq!(beyond.status, 416);
+            assert_eq!(
+                beyond.header("content-range"),
+                Some(format!("bytes */{size}"))
+            );
+        }
     }
 }
 
 #[test]
 fn symlink_into_the_root_is_served() {
-    let root = tempfile::tempdir().unwrap();
-    std::fs::create_dir(root.path().join("images")).unwrap();
-    std::fs::write(root.path().join("images/k-1.0"), b"kernel").unwrap();
-    std::os::unix::fs::symlink("images/k-1.0", root.path().join("vmlinuz")).unwrap();
-    let server = FullServer::start(root.path(), |_| {});
-    let got = raw(&server, b"GET /vmlinuz HTTP/1.1\r\nHost: h\r\n\r\n");
-    assert_eq!((got.status, got.body.as_slice()), (200, &b"kernel"[..]));
-    assert!(Path::new(&root.path().join("vmlinuz")).exists());
+    for backend in BACKENDS {
+        eprintln!("backend {backend}");
+        let root = tempfile::tempdir().unwrap();
+        std::fs::create_dir(root.path().join("images")).unwrap();
+        std::fs::write(root.path().join("images/k-1.0"), b"kernel").unwrap();
+        std::os::unix::fs::symlink("images/k-1.0", root.path().join("vmlinuz")).unwrap();
+        let server = FullServer::start_on(backend, root.path(), |_| {});
+        let got = raw(&server, b"GET /vmlinuz HTTP/1.1\r\nHost: h\r\n\r\n");
+        assert_eq!((got.status, got.body.as_slice()), (200, &b"kernel"[..]));
+        assert!(Path::new(&root.path().join("vmlinuz")).exists());
+    }
+}
+
+/// Connections beyond `max_connections` are answered 503 with `Retry-After`
+/// at once and closed; those within the limit go on being served, and a
+/// closed one makes room for the next.
+#[test]
+fn connections_beyond_the_limit_get_503_and_the_others_are_served() {
+    for backend in BACKENDS {
+        eprintln!("backend {backend}");
+        let server = FullServer::start_on(backend, boot_dir(), |c| c.http.max_connections = 2);
+        let request = b"GET /text.txt HTTP/1.1\r\nHost: t\r\n\r\n";
+        let mut held: Vec<TcpStream> = (0..2)
+            .map(|_| TcpStream::connect(server.http).unwrap())
+            .collect();
+        for stream in &mut held {
+            stream
+                .set_read_timeout(Some(Duration::from_secs(10)))
+                .unwrap();
+            stream.write_all(request).unwrap();
+            assert_eq!(read_response(stream).unwrap().status, 200);
+        }
+        // The third is told to come back, without having to ask.
+        let mut third = TcpStream::connect(server.http).unwrap();
+        third
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let busy = read_response(&mut third).expect("an answer, not silence");
+        assert_eq!(busy.status, 503);
+        assert_eq!(busy.header("retry-after").as_deref(), Some("1"));
+        let mut rest = Vec::new();
+        let _ = third.read_to_end(&mut rest);
+        assert!(rest.is_empty(), "the refused connection is closed");
+        // The held connections are still served.
+        for stream in &mut held {
+            stream.write_all(request).unwrap();
+            assert_eq!(read_response(stream).unwrap().status, 200);
+        }
+        // Closing one makes room (once the server has seen the close).
+        drop(held.pop());
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let mut stream = TcpStream::connect(server.http).unwrap();
+            stream
+                .set_read_timeout(Some(Duration::from_secs(10)))
+                .unwrap();
+            let _ = stream.write_all(request);
+            match read_response(&mut stream) {
+                Some(fetched) if fetched.status == 200 => break,
+                other => {
+                    let status = other.map(|f| f.status);
+                    assert!(
+                        Instant::now() < deadline,
+                        "no room after a connection closed: {status:?}"
+                    );
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+        }
+    }
 }

@@ -1,0 +1,642 @@
+//! The HTTP engine on io_uring: the same connections, timeouts and limits
+//! as the tokio engine in [`super::http`], driven by one ring per worker.
+//!
+//! Each worker keeps one multishot `accept` armed on its copy of the
+//! listening socket. A connection has at most one operation in the kernel
+//! at a time, which makes it a small state machine:
+//!
+//! * **reading** — a `recv` into the spare room of the connection's buffer;
+//!   every complete head in the buffer is answered in order (pipelining)
+//!   before the next `recv` is asked for;
+//! * **writing** — the response's head and segments in turn: bytes (and
+//!   file slices when `http.body = "mmap"`) by `send`; file slices by
+//!   `sendfile(2)` from this thread, which never blocks (the socket is
+//!   non-blocking) and, when the socket is full, waits for a `POLLOUT`
+//!   completion before going on.
+//!
+//! Completions of every connection are handled in one batch per wake-up,
+//! and the sends and receives they lead to go to the kernel in one
+//! `io_uring_enter`: under hundreds of kept-alive connections that is where
+//! this engine saves system calls over epoll.
+//!
+//! Timeouts are the tokio engine's: a request head must be complete within
+//! `header_timeout` of its first byte (then 408), a kept-alive connection
+//! idle for `idle_timeout` is closed, and a client that takes no bytes for
+//! `send_timeout` is dropped. They are checked by a sweep over the
+//! connections ten times a second, which cancels the connection's operation;
+//! the connection is closed (or answered 408) when the cancelled operation
+//! completes, so no memory the kernel may still write is ever freed early.
+//! Connections beyond `max_connections` (counted over all workers) get a
+//! 503 with `Retry-After` and are closed at once.
+
+use std::io;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use io_uring::{cqueue, opcode, squeue, types, IoUring};
+use tracing::{debug, error, warn};
+
+use super::uring::{
+    cancel_in_flight, insert_slot, new_ring, split_user_data, user_data, waiting_ended,
+};
+use super::Shutdown;
+use crate::config::{BodyMode, HttpConfig};
+use crate::proto::http::request::{parse, Parsed};
+use crate::server::http::{HttpService, Response, Segment};
+
+const KIND_ACCEPT: u64 = 1;
+const KIND_RECV: u64 = 2;
+const KIND_SEND: u64 = 3;
+const KIND_POLL_OUT: u64 = 4;
+const KIND_CANCEL: u64 = 5;
+
+/// Submission queue entries per worker; a full queue is flushed and reused.
+const RING_ENTRIES: u32 = 1024;
+/// How often connections are checked against their timeouts.
+const SWEEP_EVERY: Duration = Duration::from_millis(100);
+/// Room asked for before each `recv`.
+const READ_CHUNK: usize = 2048;
+const BUSY: &[u8] =
+    b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
+
+/// Starts serving HTTP on `listener` with `workers` threads, each with its
+/// own ring.
+pub fn spawn(
+    listener: TcpListener,
+    service: Arc<HttpService>,
+    config: HttpConfig,
+    workers: usize,
+    shutdown: Shutdown,
+) -> io::Result<Vec<JoinHandle<()>>> {
+    listener.set_nonblocking(true)?;
+    let config = Arc::new(config);
+    let open = Arc::new(AtomicUsize::new(0));
+    let mut threads = Vec::new();
+    for index in 0..workers.max(1) {
+        let listener = listener.try_clone()?;
+        let (service, config, open) =
+            (Arc::clone(&service), Arc::clone(&config), Arc::clone(&open));
+        let shutdown = shutdown.clone();
+        // The ring is made on the thread that uses it: with
+        // SINGLE_ISSUER only its creator may submit.
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        threads.push(
+            std::thread::Builder::new()
+                .name(format!("bootfleet-http-{index}"))
+                .spawn(move || {
+                    let ring = match new_ring(RING_ENTRIES) {
+                        Ok(ring) => {
+                            let _ = ready_tx.send(Ok(()));
+                            ring
+                        }
+                        Err(error) => {
+                            let _ = ready_tx.send(Err(error));
+                            return;
+                        }
+                    };
+                    let mut worker = Worker {
+                        ring,
+                        listener,
+                        service,
+                        config,
+                        open,
+                        connections: Vec::new(),
+                        free: Vec::new(),
+                        next_generation: 1,
+                        warned_fds: false,
+                    };
+                    if let Err(error) = worker.run(&shutdown) {
+                        error!(%error, "HTTP worker stopped");
+                    }
+                })?,
+        );
+        ready_rx
+            .recv()
+            .map_err(|_| io::Error::other("HTTP worker ended before its ring was made"))??;
+    }
+    Ok(threads)
+}
+
+/// Why a connection's operation was cancelled.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Cancelled {
+    /// Close once the operation has completed.
+    Close,
+    /// The request head did not arrive in time: answer 408, then close.
+    HeadTimeout,
+}
+
+struct Connection {
+    socket: TcpStream,
+    local: SocketAddr,
+    peer: SocketAddr,
+    generation: u32,
+    /// Received bytes not yet parsed.
+    buf: Vec<u8>,
+    /// When the first byte of the head now being read arrived.
+    head_started: Option<Instant>,
+    /// When the connection last finished a response (or was accepted).
+    idle_since: Instant,
+    writing: Option<Writing>,
+    /// An operation of this connection is in the kernel; its buffers must
+    /// stay untouched until it completes.
+    in_flight: bool,
+    cancelled: Option<Cancelled>,
+}
+
+struct Writing {
+    response: Response,
+    /// 0 is the head, `n` is segment `n - 1`.
+    piece: usize,
+    /// Bytes of the current piece already sent.
+    done: u64,
+    sent_body: u64,
+    started: Instant,
+    last_progress: Instant,
+    /// Close after this response whatever it says (a bad request).
+    close_after: bool,
+    /// The connection waits for `POLLOUT` to go on with `sendfile`.
+    waiting_writable: bool,
+}
+
+/// What to do after a step of a connection's state machine.
+enum Next {
+    /// An operation is in the kernel; wait for its completion.
+    Wait,
+    Close,
+}
+
+struct Worker {
+    ring: IoUring,
+    listener: TcpListener,
+    service: Arc<HttpService>,
+    config: Arc<HttpConfig>,
+    /// Open connections over all workers, against `max_connections`.
+    open: Arc<AtomicUsize>,
+    connections: Vec<Option<Connection>>,
+    free: Vec<usize>,
+    next_generation: u32,
+    warned_fds: bool,
+}
+
+impl Worker {
+    fn run(&mut self, shutdown: &Shutdown) -> io::Result<()> {
+        self.arm_accept()?;
+        let mut next_sweep = Instant::now() + SWEEP_EVERY;
+        let mut completions: Vec<(u64, i32, u32)> = Vec::new();
+        while !shutdown.is_triggered() {
+            let now = Instant::now();
+            if now >= next_sweep {
+                self.sweep(now)?;
+                next_sweep = now + SWEEP_EVERY;
+            }
+            let ts = types::Timespec::from(next_sweep.saturating_duration_since(now));
+            let args = types::SubmitArgs::new().timespec(&ts);
+            match self.ring.submitter().submit_with_args(1, &args) {
+                Ok(_) => {}
+                Err(e) if waiting_ended(&e) => {}
+                Err(e) => return Err(e),
+            }
+            completions.clear();
+            completions.extend(
+                self.ring
+                    .completion()
+                    .map(|c| (c.user_data(), c.result(), c.flags())),
+            );
+            let now = Instant::now();
+            for &(data, result, flags) in &completions {
+                self.handle_completion(data, result, flags, now)?;
+            }
+        }
+        self.cancel_everything();
+        Ok(())
+    }
+
+    fn push(&mut self, entry: squeue::Entry) -> io::Result<()> {
+        // SAFETY (for every caller): each entry refers to a socket and to
+        // memory owned by a connection (its buffer or its response) that
+        // is neither touched nor dropped until the entry's completion.
+        if unsafe { self.ring.submission().push(&entry) }.is_err() {
+            self.ring.submit()?;
+            unsafe { self.ring.submission().push(&entry) }
+                .map_err(|_| io::Error::other("io_uring submission queue full"))?;
+        }
+        Ok(())
+    }
+
+    fn arm_accept(&mut self) -> io::Result<()> {
+        let entry = opcode::AcceptMulti::new(types::Fd(self.listener.as_raw_fd()))
+            .build()
+            .user_data(user_data(KIND_ACCEPT, 0, 0));
+        self.push(entry)
+    }
+
+    fn handle_completion(
+        &mut self,
+        data: u64,
+        result: i32,
+        flags: u32,
+        now: Instant,
+    ) -> io::Result<()> {
+        let (kind, index, generation) = split_user_data(data);
+        match kind {
+            KIND_ACCEPT => {
+                if result >= 0 {
+                    // SAFETY: a successful accept hands us a new descriptor
+                    // that nothing else owns.
+                    let socket = unsafe { TcpStream::from_raw_fd(result) };
+                    self.accepted(socket, now)?;
+                } else {
+                    self.accept_failed(io::Error::from_raw_os_error(-result));
+                }
+                if !cqueue::more(flags) {
+                    self.arm_accept()?;
+                }
+            }
+            KIND_RECV | KIND_SEND | KIND_POLL_OUT => {
+                let Some(connection) = self
+                    .connections
+                    .get_mut(index)
+                    .and_then(Option::as_mut)
+                    .filter(|c| c.generation == generation)
+                else {
+                    return Ok(()); // a completion of a connection closed since
+                };
+                connection.in_flight = false;
+                let next = match connection.cancelled {
+                    Some(Cancelled::Close) => Next::Close,
+                    Some(Cancelled::HeadTimeout) => {
+                        connection.cancelled = None;
+                        debug!(peer = %connection.peer, "request head not complete in time; 408");
+                        let response = self
+                            .service
+                            .invalid(408, "request head not received in time");
+                        connection.writing = Some(Writing::new(response, true, now));
+                        self.advance(index, now)?
+                    }
+                    None => self.completed(index, kind, result, now)?,
+                };
+                if let Next::Close = next {
+                    self.close(index);
+                }
+            }
+            _ => {} // cancellations report nothing we act on
+        }
+        Ok(())
+    }
+
+    fn accept_failed(&mut self, error: io::Error) {
+        if matches!(
+            error.raw_os_error(),
+            Some(libc::EMFILE) | Some(libc::ENFILE)
+        ) {
+            if !self.warned_fds {
+                warn!(%error, "out of file descriptors accepting HTTP connections; raise LimitNOFILE");
+                self.warned_fds = true;
+            }
+        } else {
+            debug!(%error, "accept failed");
+        }
+    }
+
+    fn accepted(&mut self, socket: TcpStream, now: Instant) -> io::Result<()> {
+        let (Ok(peer), Ok(local)) = (socket.peer_addr(), socket.local_addr()) else {
+            return Ok(()); // gone already
+        };
+        if self.open.fetch_add(1, Ordering::Relaxed) >= self.config.max_connections {
+            self.open.fetch_sub(1, Ordering::Relaxed);
+            debug!(%peer, "HTTP connection limit reached; answering 503");
+            // SAFETY: a send from a static slice on a socket we own.
+            let _ = unsafe {
+                libc::send(
+                    socket.as_raw_fd(),
+                    BUSY.as_ptr().cast(),
+                    BUSY.len(),
+                    libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
+                )
+            };
+            return Ok(());
+        }
+        let _ = socket.set_nodelay(true);
+        let _ = socket.set_nonblocking(true);
+        let generation = self.next_generation;
+        self.next_generation = (self.next_generation + 1) & 0x00ff_ffff;
+        let connection = Connection {
+            socket,
+            local,
+            peer,
+            generation,
+            buf: Vec::with_capacity(READ_CHUNK),
+            head_started: None,
+            idle_since: now,
+            writing: None,
+            in_flight: false,
+            cancelled: None,
+        };
+        let index = insert_slot(&mut self.connections, &mut self.free, connection);
+        if let Next::Close = self.advance(index, now)? {
+            self.close(index);
+        }
+        Ok(())
+    }
+
+    /// The connection's operation of `kind` completed with `result`.
+    fn completed(
+        &mut self,
+        index: usize,
+        kind: u64,
+        result: i32,
+        now: Instant,
+    ) -> io::Result<Next> {
+        let Some(connection) = self.connections[index].as_mut() else {
+            return Ok(Next::Close);
+        };
+        match kind {
+            KIND_RECV => {
+                if result <= 0 {
+                    return Ok(Next::Close); // closed by the client, or reset
+                }
+                // SAFETY: the kernel wrote `result` bytes into the spare
+                // room the `recv` was given.
+                unsafe {
+                    connection
+                        .buf
+                        .set_len(connection.buf.len() + result as usize)
+                };
+                connection.head_started.get_or_insert(now);
+            }
+            KIND_SEND => {
+                if result < 0 {
+                    return Ok(Next::Close);
+                }
+                let writing = connection
+                    .writing
+                    .as_mut()
+                    .expect("a send belongs to a response");
+                writing.progress(result as u64, now);
+            }
+            _ => {} // POLLOUT: the socket has room again
+        }
+        self.advance(index, now)
+    }
+
+    /// Hands `entry`, an operation of connection `index`, to the kernel.
+    fn start(&mut self, index: usize, kind: u64, entry: squeue::Entry) -> io::Result<Next> {
+        let connection = self.connections[index].as_mut().expect("live connection");
+        connection.in_flight = true;
+        let entry = entry.user_data(user_data(kind, index, connection.generation));
+        self.push(entry)?;
+        Ok(Next::Wait)
+    }
+
+    /// Runs the connection's state machine until it needs the kernel.
+    fn advance(&mut self, index: usize, now: Instant) -> io::Result<Next> {
+        loop {
+            let connection = self.connections[index].as_mut().expect("live connection");
+            if let Some(writing) = connection.writing.as_mut() {
+                match step_writing(connection.socket.as_raw_fd(), writing, self.config.body)? {
+                    Step::Done => {
+                        let writing = connection.writing.take().expect("writing");
+                        writing.report(&self.service, connection.peer);
+                        if writing.close_after || !writing.response.keep_alive {
+                            return Ok(Next::Close);
+                        }
+                        connection.idle_since = now;
+                        continue;
+                    }
+                    Step::Send(entry) => return self.start(index, KIND_SEND, entry),
+                    Step::WaitWritable => {
+                        let socket = types::Fd(connection.socket.as_raw_fd());
+                        let entry = opcode::PollAdd::new(socket, libc::POLLOUT as u32).build();
+                        return self.start(index, KIND_POLL_OUT, entry);
+                    }
+                    Step::Failed(error) => {
+                        debug!(peer = %connection.peer, %error, "HTTP response not sent");
+                        let writing = connection.writing.take().expect("writing");
+                        writing.report(&self.service, connection.peer);
+                        return Ok(Next::Close);
+                    }
+                }
+            }
+            match parse(&connection.buf, self.config.max_header_bytes) {
+                Parsed::Complete(request, used) => {
+                    connection.buf.drain(..used);
+                    connection.head_started = (!connection.buf.is_empty()).then_some(now);
+                    let response =
+                        self.service
+                            .respond(&request, connection.local, connection.peer);
+                    connection.writing = Some(Writing::new(response, false, now));
+                }
+                Parsed::Invalid(status, why) => {
+                    debug!(peer = %connection.peer, status, why, "bad request");
+                    let response = self.service.invalid(status, why);
+                    connection.writing = Some(Writing::new(response, true, now));
+                }
+                Parsed::Partial => {
+                    if connection.buf.capacity() - connection.buf.len() < READ_CHUNK / 2 {
+                        connection.buf.reserve(READ_CHUNK);
+                    }
+                    let spare = connection.buf.spare_capacity_mut();
+                    let entry = opcode::Recv::new(
+                        types::Fd(connection.socket.as_raw_fd()),
+                        spare.as_mut_ptr().cast(),
+                        spare.len() as u32,
+                    )
+                    .build();
+                    return self.start(index, KIND_RECV, entry);
+                }
+            }
+        }
+    }
+
+    /// Cancels the operations of connections past their timeouts.
+    fn sweep(&mut self, now: Instant) -> io::Result<()> {
+        let config = Arc::clone(&self.config);
+        for index in 0..self.connections.len() {
+            let Some(connection) = self.connections[index].as_mut() else {
+                continue;
+            };
+            if !connection.in_flight || connection.cancelled.is_some() {
+                continue;
+            }
+            let why = match (&connection.writing, connection.head_started) {
+                (Some(writing), _) => (now.duration_since(writing.last_progress)
+                    > config.send_timeout)
+                    .then_some(Cancelled::Close),
+                (None, Some(started)) => (now.duration_since(started) > config.header_timeout)
+                    .then_some(Cancelled::HeadTimeout),
+                (None, None) => (now.duration_since(connection.idle_since) > config.idle_timeout)
+                    .then_some(Cancelled::Close),
+            };
+            let Some(why) = why else { continue };
+            if why == Cancelled::Close && connection.writing.is_some() {
+                debug!(peer = %connection.peer, "client took no bytes within send_timeout; dropped");
+            }
+            connection.cancelled = Some(why);
+            let kind = match connection.writing.as_ref() {
+                Some(w) if w.waiting_writable => KIND_POLL_OUT,
+                Some(_) => KIND_SEND,
+                None => KIND_RECV,
+            };
+            let target = user_data(kind, index, connection.generation);
+            let entry = opcode::AsyncCancel::new(target)
+                .build()
+                .user_data(user_data(KIND_CANCEL, index, 0));
+            self.push(entry)?;
+        }
+        Ok(())
+    }
+
+    /// Closes the connection (it has nothing in the kernel).
+    fn close(&mut self, index: usize) {
+        if let Some(connection) = self.connections[index].take() {
+            debug_assert!(!connection.in_flight);
+            if let Some(writing) = connection.writing {
+                // A response cut short still counts as served (status 499).
+                writing.report(&self.service, connection.peer);
+            }
+            self.open.fetch_sub(1, Ordering::Relaxed);
+            self.free.push(index);
+        }
+    }
+
+    /// Cancels everything still in the kernel and waits for it, so no
+    /// connection's memory is freed under an operation.
+    fn cancel_everything(&mut self) {
+        cancel_in_flight(&mut self.ring);
+        let open = self.connections.iter().flatten().count();
+        self.open.fetch_sub(open, Ordering::Relaxed);
+    }
+}
+
+impl Writing {
+    fn new(response: Response, close_after: bool, now: Instant) -> Self {
+        Self {
+            response,
+            piece: 0,
+            done: 0,
+            sent_body: 0,
+            started: now,
+            last_progress: now,
+            close_after,
+            waiting_writable: false,
+        }
+    }
+
+    /// Tells the service the response has ended, sent in full or not.
+    fn report(&self, service: &HttpService, peer: SocketAddr) {
+        service.finished(&self.response, peer, self.sent_body, self.started.elapsed());
+    }
+
+    fn progress(&mut self, bytes: u64, now: Instant) {
+        self.done += bytes;
+        if self.piece > 0 {
+            self.sent_body += bytes;
+        }
+        self.last_progress = now;
+    }
+}
+
+/// The next thing a response needs.
+enum Step {
+    Done,
+    /// Submit this `send` (its user data is set by the caller).
+    Send(squeue::Entry),
+    /// The socket is full; wait for `POLLOUT`, then go on.
+    WaitWritable,
+    Failed(io::Error),
+}
+
+/// Moves a response on: skips finished pieces, sends file slices by
+/// `sendfile` until the socket is full, and returns the `send` for a piece
+/// of bytes. The entry points into `writing.response`, which stays in place
+/// until the completion.
+fn step_writing(socket: libc::c_int, writing: &mut Writing, body: BodyMode) -> io::Result<Step> {
+    writing.waiting_writable = false;
+    loop {
+        let pieces = writing.response.segments.len() + 1;
+        if writing.piece >= pieces {
+            return Ok(Step::Done);
+        }
+        let more = writing.piece + 1 < pieces;
+        let flags = libc::MSG_NOSIGNAL | if more { libc::MSG_MORE } else { 0 };
+        let bytes: &[u8] = match writing.piece {
+            0 => &writing.response.head,
+            n => match &writing.response.segments[n - 1] {
+                Segment::Bytes(bytes) => bytes,
+                Segment::File { offset, len } => {
+                    let data = writing
+                        .response
+                        .file
+                        .as_ref()
+                        .expect("file segments come with their file");
+                    match (body, data.raw_fd()) {
+                        (BodyMode::Sendfile, Some(file_fd)) => {
+                            match send_file(socket, file_fd, *offset, *len, writing) {
+                                Ok(true) => {
+                                    writing.piece += 1;
+                                    writing.done = 0;
+                                    continue;
+                                }
+                                Ok(false) => {
+                                    writing.waiting_writable = true;
+                                    return Ok(Step::WaitWritable);
+                                }
+                                Err(error) => return Ok(Step::Failed(error)),
+                            }
+                        }
+                        _ => &data[*offset as usize..(*offset + *len) as usize],
+                    }
+                }
+            },
+        };
+        let rest = &bytes[writing.done as usize..];
+        if rest.is_empty() {
+            writing.piece += 1;
+            writing.done = 0;
+            continue;
+        }
+        let len = rest.len().min(u32::MAX as usize) as u32;
+        let entry = opcode::Send::new(types::Fd(socket), rest.as_ptr(), len)
+            .flags(flags)
+            .build();
+        return Ok(Step::Send(entry));
+    }
+}
+
+/// `sendfile(2)` of the rest of a file slice until it is all sent (true) or
+/// the socket is full (false).
+fn send_file(
+    socket: libc::c_int,
+    file_fd: libc::c_int,
+    offset: u64,
+    len: u64,
+    writing: &mut Writing,
+) -> io::Result<bool> {
+    while writing.done < len {
+        let mut position = (offset + writing.done) as libc::off_t;
+        let chunk = ((len - writing.done) as usize).min(1 << 30);
+        // SAFETY: both descriptors are open; the kernel advances `position`.
+        let n = unsafe { libc::sendfile(socket, file_fd, &mut position, chunk) };
+        if n < 0 {
+            let error = io::Error::last_os_error();
+            if error.kind() == io::ErrorKind::WouldBlock {
+                return Ok(false);
+            }
+            return Err(error);
+        }
+        if n == 0 {
+            // The file shrank under us: the promised length cannot be met.
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "file shrank while being sent",
+            ));
+        }
+        writing.progress(n as u64, Instant::now());
+    }
+    Ok(true)
+}
