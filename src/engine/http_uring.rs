@@ -108,6 +108,7 @@ pub fn spawn(
                         free: Vec::new(),
                         next_generation: 1,
                         warned_fds: false,
+                        accept_paused: false,
                     };
                     if let Err(error) = worker.run(&shutdown) {
                         error!(%error, "HTTP worker stopped");
@@ -181,6 +182,9 @@ struct Worker {
     free: Vec<usize>,
     next_generation: u32,
     warned_fds: bool,
+    /// Accepting stopped for want of file descriptors; the next sweep
+    /// starts it again.
+    accept_paused: bool,
 }
 
 impl Worker {
@@ -254,7 +258,13 @@ impl Worker {
                     self.accept_failed(io::Error::from_raw_os_error(-result));
                 }
                 if !cqueue::more(flags) {
-                    self.arm_accept()?;
+                    if matches!(-result, libc::EMFILE | libc::ENFILE) {
+                        // Re-armed now it would fail again at once, in a
+                        // busy loop: the next sweep re-arms it instead.
+                        self.accept_paused = true;
+                    } else {
+                        self.arm_accept()?;
+                    }
                 }
             }
             KIND_RECV | KIND_SEND | KIND_POLL_OUT => {
@@ -455,6 +465,9 @@ impl Worker {
 
     /// Cancels the operations of connections past their timeouts.
     fn sweep(&mut self, now: Instant) -> io::Result<()> {
+        if std::mem::take(&mut self.accept_paused) {
+            self.arm_accept()?;
+        }
         let config = Arc::clone(&self.config);
         for index in 0..self.connections.len() {
             let Some(connection) = self.connections[index].as_mut() else {

@@ -575,3 +575,84 @@ fn connections_beyond_the_limit_get_503_and_the_others_are_served() {
         }
     }
 }
+
+/// Out of file descriptors (a storm against a low `ulimit -n`): the
+/// connections already open are still answered (the file, or a 503 that
+/// says to retry), and once descriptors are free new connections are
+/// accepted again.
+#[test]
+fn running_out_of_file_descriptors_is_answered_and_recovered_from() {
+    for engine in ["io-uring", "epoll"] {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = probe.local_addr().unwrap().port();
+        drop(probe);
+        let mut server = Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "ulimit -n 40 && exec {:?} serve --root {:?} --tftp-listen 127.0.0.1:0 --http-listen 127.0.0.1:{port} --panel-listen off --engine {engine} --workers 1",
+                env!("CARGO_BIN_EXE_bootfleet"),
+                boot_dir()
+            ))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut first = loop {
+            match TcpStream::connect(addr) {
+                Ok(stream) => break stream,
+                Err(_) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(50))
+                }
+                Err(e) => panic!("{engine}: the server did not start: {e}"),
+            }
+        };
+        // More connections than the server has descriptors for.
+        let crowd: Vec<TcpStream> = (0..60)
+            .filter_map(|_| TcpStream::connect(addr).ok())
+            .collect();
+        std::thread::sleep(Duration::from_millis(300));
+        first
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        first
+            .write_all(b"GET /70k.bin HTTP/1.1\r\nHost: t\r\n\r\n")
+            .unwrap();
+        let answer = read_response(&mut first)
+            .unwrap_or_else(|| panic!("{engine}: an open connection got no answer"));
+        match answer.status {
+            200 => assert!(answer.body == want("70k.bin"), "{engine}"),
+            503 => assert_eq!(
+                answer.header("retry-after").as_deref(),
+                Some("1"),
+                "{engine}"
+            ),
+            other => panic!("{engine}: status {other}"),
+        }
+        drop(crowd);
+        drop(first);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let fetched = TcpStream::connect(addr).ok().and_then(|mut stream| {
+                stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+                stream
+                    .write_all(b"GET /70k.bin HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+                    .ok()?;
+                read_response(&mut stream)
+            });
+            if fetched.as_ref().is_some_and(|f| f.status == 200) {
+                assert!(fetched.unwrap().body == want("70k.bin"), "{engine}");
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{engine}: no new connection served after descriptors were freed: {:?}",
+                fetched.map(|f| f.status)
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = server.kill();
+        let _ = server.wait();
+    }
+}
