@@ -189,6 +189,14 @@ struct Worker {
 
 impl Worker {
     fn run(&mut self, shutdown: &Shutdown) -> io::Result<()> {
+        let served = self.serve(shutdown);
+        // Also after an error: no connection's memory may be freed while
+        // the kernel can still write into it.
+        self.cancel_everything();
+        served
+    }
+
+    fn serve(&mut self, shutdown: &Shutdown) -> io::Result<()> {
         self.arm_accept()?;
         let mut next_sweep = Instant::now() + SWEEP_EVERY;
         let mut completions: Vec<(u64, i32, u32)> = Vec::new();
@@ -216,7 +224,6 @@ impl Worker {
                 self.handle_completion(data, result, flags, now)?;
             }
         }
-        self.cancel_everything();
         Ok(())
     }
 
