@@ -656,3 +656,42 @@ fn running_out_of_file_descriptors_is_answered_and_recovered_from() {
         let _ = server.wait();
     }
 }
+
+/// A burst of pipelined requests far larger than one read (heads padded to
+/// 500 bytes, 21 of them): every one is answered, in order, with its file.
+#[test]
+fn a_pipelined_burst_larger_than_a_read_is_answered_in_full() {
+    for backend in BACKENDS {
+        eprintln!("backend {backend}");
+        let server = FullServer::start_on(backend, boot_dir(), |_| {});
+        let mut stream = TcpStream::connect(server.http).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let pad = "p".repeat(500);
+        let mut burst = String::new();
+        for i in 0..20 {
+            let name = if i % 2 == 0 { "70k.bin" } else { "text.txt" };
+            burst.push_str(&format!(
+                "GET /{name} HTTP/1.1\r\nHost: t\r\nX-Pad-{i}: {pad}\r\n\r\n"
+            ));
+        }
+        burst.push_str("GET /one-block.bin HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n");
+        stream.write_all(burst.as_bytes()).unwrap();
+        for i in 0..20 {
+            let name = if i % 2 == 0 { "70k.bin" } else { "text.txt" };
+            let fetched = read_response(&mut stream)
+                .unwrap_or_else(|| panic!("{backend}: response {i} missing"));
+            assert_eq!(fetched.status, 200, "{backend}: response {i}");
+            assert!(
+                fetched.body == want(name),
+                "{backend}: response {i} is not {name}"
+            );
+        }
+        let last = read_response(&mut stream).expect("the last response");
+        assert!(last.body == want("one-block.bin"), "{backend}");
+        let mut rest = Vec::new();
+        stream.read_to_end(&mut rest).unwrap();
+        assert!(rest.is_empty(), "{backend}: bytes after Connection: close");
+    }
+}
