@@ -240,7 +240,10 @@ impl Worker {
     }
 
     fn arm_accept(&mut self) -> io::Result<()> {
+        // Accepted sockets come non-blocking (sendfile must never block
+        // this thread) and close-on-exec, without a system call each.
         let entry = opcode::AcceptMulti::new(types::Fd(self.listener.as_raw_fd()))
+            .flags(libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC)
             .build()
             .user_data(user_data(KIND_ACCEPT, 0, 0));
         self.push(entry)
@@ -339,7 +342,6 @@ impl Worker {
             return Ok(());
         }
         let _ = socket.set_nodelay(true);
-        let _ = socket.set_nonblocking(true);
         let generation = self.next_generation;
         self.next_generation = (self.next_generation + 1) & 0x00ff_ffff;
         let connection = Connection {

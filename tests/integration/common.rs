@@ -129,6 +129,22 @@ impl Drop for TestServer {
     }
 }
 
+/// Starts `bootfleet serve ARGS` under `ulimit -n LIMIT`, its output
+/// discarded: a server short of file descriptors, as in a storm against a
+/// low `LimitNOFILE`.
+pub fn serve_with_fd_limit(limit: u32, args: &str) -> std::process::Child {
+    std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "ulimit -n {limit} && exec {:?} serve {args}",
+            env!("CARGO_BIN_EXE_bootfleet")
+        ))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
 /// Whether `tool` is installed. Missing tools are reported loudly, and in CI
 /// (`CI` set) a missing tool fails the test: CI installs every tool.
 pub fn have_tool(tool: &str) -> bool {

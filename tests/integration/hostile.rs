@@ -450,17 +450,13 @@ fn running_out_of_file_descriptors_is_answered_not_silent() {
         let probe = UdpSocket::bind("127.0.0.1:0").unwrap();
         let port = probe.local_addr().unwrap().port();
         drop(probe);
-        let mut server = std::process::Command::new("sh")
-            .arg("-c")
-            .arg(format!(
-                "ulimit -n 32 && exec {:?} serve --root {:?} --tftp-listen 127.0.0.1:{port} --engine {engine} --workers 1",
-                env!("CARGO_BIN_EXE_bootfleet"),
+        let mut server = serve_with_fd_limit(
+            32,
+            &format!(
+                "--root {:?} --tftp-listen 127.0.0.1:{port} --engine {engine} --workers 1",
                 boot_dir()
-            ))
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
+            ),
+        );
         std::thread::sleep(Duration::from_millis(500));
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
         let clients: Vec<UdpSocket> = (0..60).map(|_| client()).collect();

@@ -45,10 +45,7 @@ fn whole_files_ranges_and_conditionals_with_curl() {
             assert_eq!(head.status, 200);
             assert_eq!(head.header("content-length").as_deref(), Some("1000000"));
             // No body after a HEAD: the next response on the connection follows at once.
-            let mut stream = TcpStream::connect(server.http).unwrap();
-            stream
-                .set_read_timeout(Some(Duration::from_secs(10)))
-                .unwrap();
+            let mut stream = connect(&server);
             stream
                 .write_all(b"HEAD /1m.bin HTTP/1.1\r\nHost: h\r\n\r\nGET /text.txt HTTP/1.1\r\nHost: h\r\n\r\n")
                 .unwrap();
@@ -222,10 +219,7 @@ fn pipelined_requests_are_answered_in_order() {
     for backend in BACKENDS {
         eprintln!("backend {backend}");
         let server = FullServer::start_on(backend, boot_dir(), |_| {});
-        let mut stream = TcpStream::connect(server.http).unwrap();
-        stream
-            .set_read_timeout(Some(Duration::from_secs(10)))
-            .unwrap();
+        let mut stream = connect(&server);
         stream
             .write_all(
                 b"GET /text.txt HTTP/1.1\r\nHost: t\r\n\r\n\
@@ -252,12 +246,18 @@ fn pipelined_requests_are_answered_in_order() {
     }
 }
 
-/// Sends raw bytes on a fresh connection; returns the first response.
-fn raw(server: &FullServer, bytes: &[u8]) -> Fetched {
-    let mut stream = TcpStream::connect(server.http).unwrap();
+/// A fresh connection to the server, reads bounded to 10 s.
+fn connect(server: &FullServer) -> TcpStream {
+    let stream = TcpStream::connect(server.http).unwrap();
     stream
         .set_read_timeout(Some(Duration::from_secs(10)))
         .unwrap();
+    stream
+}
+
+/// Sends raw bytes on a fresh connection; returns the first response.
+fn raw(server: &FullServer, bytes: &[u8]) -> Fetched {
+    let mut stream = connect(server);
     stream.write_all(bytes).unwrap();
     read_response(&mut stream)
         .unwrap_or_else(|| panic!("no response to {:?}", String::from_utf8_lossy(bytes)))
@@ -537,10 +537,7 @@ fn connections_beyond_the_limit_get_503_and_the_others_are_served() {
             assert_eq!(read_response(stream).unwrap().status, 200);
         }
         // The third is told to come back, without having to ask.
-        let mut third = TcpStream::connect(server.http).unwrap();
-        third
-            .set_read_timeout(Some(Duration::from_secs(10)))
-            .unwrap();
+        let mut third = connect(&server);
         let busy = read_response(&mut third).expect("an answer, not silence");
         assert_eq!(busy.status, 503);
         assert_eq!(busy.header("retry-after").as_deref(), Some("1"));
@@ -556,10 +553,7 @@ fn connections_beyond_the_limit_get_503_and_the_others_are_served() {
         drop(held.pop());
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
-            let mut stream = TcpStream::connect(server.http).unwrap();
-            stream
-                .set_read_timeout(Some(Duration::from_secs(10)))
-                .unwrap();
+            let mut stream = connect(&server);
             let _ = stream.write_all(request);
             match read_response(&mut stream) {
                 Some(fetched) if fetched.status == 200 => break,
@@ -586,17 +580,13 @@ fn running_out_of_file_descriptors_is_answered_and_recovered_from() {
         let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = probe.local_addr().unwrap().port();
         drop(probe);
-        let mut server = Command::new("sh")
-            .arg("-c")
-            .arg(format!(
-                "ulimit -n 40 && exec {:?} serve --root {:?} --tftp-listen 127.0.0.1:0 --http-listen 127.0.0.1:{port} --panel-listen off --engine {engine} --workers 1",
-                env!("CARGO_BIN_EXE_bootfleet"),
+        let mut server = serve_with_fd_limit(
+            40,
+            &format!(
+                "--root {:?} --tftp-listen 127.0.0.1:0 --http-listen 127.0.0.1:{port} --panel-listen off --engine {engine} --workers 1",
                 boot_dir()
-            ))
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
+            ),
+        );
         let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
         let deadline = Instant::now() + Duration::from_secs(10);
         let mut first = loop {
@@ -664,10 +654,7 @@ fn a_pipelined_burst_larger_than_a_read_is_answered_in_full() {
     for backend in BACKENDS {
         eprintln!("backend {backend}");
         let server = FullServer::start_on(backend, boot_dir(), |_| {});
-        let mut stream = TcpStream::connect(server.http).unwrap();
-        stream
-            .set_read_timeout(Some(Duration::from_secs(10)))
-            .unwrap();
+        let mut stream = connect(&server);
         let pad = "p".repeat(500);
         let mut burst = String::new();
         for i in 0..20 {
