@@ -96,18 +96,27 @@ fn machines_boot_end_to_end_through_bootfleet_alone() {
     .collect();
 
     // The unknown machine shows up as discovered; then it is assigned,
-    // with no restart of bootfleet.
+    // with no restart of bootfleet. It is listed from its chain-script
+    // fetch on, and its facts arrive with its own script request a moment
+    // later: wait for that request before reading them.
     let deadline = Instant::now() + Duration::from_secs(300);
-    while !lan.api("/api/v1/discovered").contains(stranger) {
+    let discovered: serde_json::Value = loop {
+        let listed: serde_json::Value =
+            serde_json::from_str(&lan.api("/api/v1/discovered")).unwrap();
+        let asked_for_script =
+            listed.as_array().unwrap().iter().any(|m| {
+                m["mac"] == stranger && m["facts"].as_object().is_some_and(|f| !f.is_empty())
+            });
+        if asked_for_script {
+            break listed;
+        }
         assert!(
             Instant::now() < deadline,
-            "unknown machine never discovered\n{}",
+            "unknown machine never discovered with its facts: {listed}\n{}",
             tail(&lan.log())
         );
         std::thread::sleep(Duration::from_millis(500));
-    }
-    let discovered: serde_json::Value =
-        serde_json::from_str(&lan.api("/api/v1/discovered")).unwrap();
+    };
     let facts = &discovered
         .as_array()
         .unwrap()
