@@ -186,7 +186,9 @@ def run_point(server: Server, workload: str, connections: int, seconds: float, w
         env.update(BF_PREFIX=prefix, BF_SUFFIX=".ipxe", BF_MACHINES=str(MACHINES))
     script = work / "wrk.lua"
     script.write_text(lua)
-    threads = 1 if connections == 1 else 2
+    # One wrk thread: wrk is pinned to one core, where a second thread only
+    # time-slices with the first and adds its waits to every latency.
+    threads = 1
     cpu_before = server.cpu_ns()
     started = time.monotonic()
     out = subprocess.run(
