@@ -449,7 +449,7 @@ fn identity(args: &StormArgs, index: usize) -> (ClientIdentity, Firmware) {
     let number = args.first.wrapping_add(index as u32);
     let n = number.to_be_bytes();
     let firmware = match args.firmware {
-        Firmware::Mixed if index % 2 == 0 => Firmware::Bios,
+        Firmware::Mixed if index.is_multiple_of(2) => Firmware::Bios,
         Firmware::Mixed => Firmware::Uefi,
         other => other,
     };
@@ -861,8 +861,10 @@ fn report(ctx: &Shared, records: &[MachineRecord]) -> Report {
             let series = in_phase
                 .get_mut(PHASES[phase])
                 .expect("every phase has a series");
-            for tick in (from / TICK).ceil() as usize..=((to / TICK) as usize).min(ticks - 1) {
-                series[tick] += 1;
+            let first = (from / TICK).ceil() as usize;
+            let last = ((to / TICK) as usize).min(ticks - 1);
+            for count in series.iter_mut().take(last + 1).skip(first) {
+                *count += 1;
             }
         }
         if record.outcome == "booted" {

@@ -241,7 +241,7 @@ fn a_few_hundred_machines_boot_with_every_byte_verified() {
     }
     // Every byte: loaders, kernels and initrds of every machine.
     let per_machine = |i: usize| {
-        let loader = if i % 2 == 0 { 70_000 } else { 90_000 };
+        let loader = if i.is_multiple_of(2) { 70_000 } else { 90_000 };
         let initrds = if i % 10 == 9 {
             (2 << 20) + 300_000
         } else {

@@ -463,7 +463,7 @@ impl Router {
             })
             .filter(|m| !discovered_only || m.discovered)
             .collect();
-        out.sort_by(|a, b| b.last_seen_ms.cmp(&a.last_seen_ms));
+        out.sort_by_key(|m| std::cmp::Reverse(m.last_seen_ms));
         out
     }
 

@@ -120,7 +120,8 @@ pub struct SqliteStore {
 
 /// A committed change to apply to the in-memory machines.
 enum CacheChange {
-    Put(MachineRecord),
+    /// Boxed: a record is far larger than the other changes.
+    Put(Box<MachineRecord>),
     Remove(Mac),
     Phase {
         mac: Mac,
@@ -216,7 +217,7 @@ impl SqliteStore {
                 for change in changes {
                     match change {
                         CacheChange::Put(machine) => {
-                            machines.insert(machine.mac, machine);
+                            machines.insert(machine.mac, *machine);
                         }
                         CacheChange::Remove(mac) => {
                             machines.remove(&mac);
@@ -556,7 +557,7 @@ impl InventoryStore for SqliteStore {
         self.write_machines(|tx, changes| {
             let (machine, summary) = apply_patch(tx, mac, patch)?;
             audit(tx, actor, "machine.put", &mac.to_string(), &summary)?;
-            changes.push(CacheChange::Put(machine.clone()));
+            changes.push(CacheChange::Put(Box::new(machine.clone())));
             Ok(machine)
         })
     }
@@ -566,7 +567,7 @@ impl InventoryStore for SqliteStore {
             for &mac in macs {
                 let (machine, summary) = apply_patch(tx, mac, patch)?;
                 audit(tx, actor, "machine.put", &mac.to_string(), &summary)?;
-                changes.push(CacheChange::Put(machine));
+                changes.push(CacheChange::Put(Box::new(machine)));
             }
             Ok(macs.len())
         })
@@ -819,7 +820,7 @@ impl InventoryStore for SqliteStore {
         self.write_machines(|tx, changes| {
             for &mac in &members {
                 let (machine, summary) = apply_patch(tx, mac, &patch)?;
-                changes.push(CacheChange::Put(machine));
+                changes.push(CacheChange::Put(Box::new(machine)));
                 audit(
                     tx,
                     actor,
@@ -1129,7 +1130,7 @@ fn seen(
     .execute(params![mac.to_string(), at_ms as i64, facts_json])?;
     machine.first_seen_ms = machine.first_seen_ms.or(Some(at_ms));
     machine.last_seen_ms = Some(at_ms);
-    changes.push(CacheChange::Put(machine));
+    changes.push(CacheChange::Put(Box::new(machine)));
     Ok(new)
 }
 

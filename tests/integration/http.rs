@@ -349,16 +349,13 @@ fn hostile_paths_and_malformed_heads_get_clear_errors() {
         // The server still answers everyone else.
         let fine = get("/ok.txt");
         assert_eq!((fine.status, fine.body.as_slice()), (200, &b"fine"[..]));
-        assert_eq!(
-            server
-                .running
-                .http
-                .stats
-                .client_errors
-                .load(std::sync::atomic::Ordering::Relaxed)
-                > 0,
-            true
-        );
+        let client_errors = server
+            .running
+            .http
+            .stats
+            .client_errors
+            .load(std::sync::atomic::Ordering::Relaxed);
+        assert!(client_errors > 0, "bad requests are counted");
     }
 }
 

@@ -173,9 +173,13 @@ pub fn uefi_http_discover() -> Vec<u8> {
     )
 }
 
+/// A name, a DISCOVER, and what it must be read as: the architecture, and
+/// whether it is PXE firmware, iPXE, a UEFI HTTP client.
+type FirmwareCase = (&'static str, Vec<u8>, Arch, bool, bool, bool);
+
 #[test]
 fn firmware_requests_are_classified() {
-    let cases: Vec<(&str, Vec<u8>, Arch, bool, bool, bool)> = vec![
+    let cases: Vec<FirmwareCase> = vec![
         ("bios", bios_pxe_discover(), Arch::Bios, true, false, false),
         (
             "uefi x64",

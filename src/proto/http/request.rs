@@ -162,9 +162,12 @@ pub fn parse(buf: &[u8], max_head_bytes: usize) -> Parsed {
     Parsed::Complete(Box::new(parsed), used)
 }
 
+/// A target's query, decoded, in order: `(name, value)`.
+type QueryPairs = Vec<(String, String)>;
+
 /// Splits an origin-form (or absolute-form) target into its decoded path
 /// and query pairs.
-fn split_target(target: &str) -> Result<(String, Vec<(String, String)>), &'static str> {
+fn split_target(target: &str) -> Result<(String, QueryPairs), &'static str> {
     let target = match target.find("://") {
         // absolute-form (RFC 9112 §3.2.2): keep only the path.
         Some(scheme_end) if !target.starts_with('/') => {
@@ -236,7 +239,7 @@ mod tests {
         assert_eq!(second.path, "/b");
         assert!(!second.keep_alive);
         assert_eq!(
-            parse(text[used + used2..].as_bytes(), 8192),
+            parse(&text.as_bytes()[used + used2..], 8192),
             Parsed::Partial
         );
     }

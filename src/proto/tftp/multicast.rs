@@ -452,7 +452,7 @@ mod tests {
 
         fn delivered(&mut self) -> bool {
             self.deliveries += 1;
-            self.loss_every == 0 || self.deliveries % self.loss_every != 0
+            self.loss_every == 0 || !self.deliveries.is_multiple_of(self.loss_every)
         }
     }
 
