@@ -255,11 +255,14 @@ impl Router {
     }
 
     /// Checks the file for changes and logs (rather than returns) a
-    /// failure: what the watcher thread and SIGHUP call.
+    /// failure, and checks that the per-MAC script directory watched is
+    /// still the one under the boot directory's path: what the watcher
+    /// thread and SIGHUP call.
     pub fn refresh(&self, force: bool) {
         if let Err(error) = self.reload_if_changed(force) {
             warn!(%error, "inventory not reloaded; still serving the last good one");
         }
+        self.static_scripts.check_watched_directory();
     }
 
     /// The script for the machine `mac` (as requested, any spelling),
