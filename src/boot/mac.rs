@@ -38,41 +38,52 @@ impl Mac {
             input: input.chars().take(64).collect(),
             why,
         };
-        let decoded = percent_decode_separators(input.trim());
-        let text = decoded.as_str();
-        let digits: String = match text.len() {
+        let trimmed = input.trim();
+        // Every script request is parsed here: no allocation unless the
+        // MAC arrives percent-encoded.
+        let decoded = if trimmed.contains('%') {
+            std::borrow::Cow::Owned(percent_decode_separators(trimmed))
+        } else {
+            std::borrow::Cow::Borrowed(trimmed)
+        };
+        let text = decoded.as_bytes();
+        // Which positions hold a separator, and which one.
+        let (separator, is_separator): (u8, fn(usize) -> bool) = match text.len() {
             // 52:54:00:12:34:56 or 52-54-00-12-34-56
             17 => {
-                let separator = text.as_bytes()[2];
-                if separator != b':' && separator != b'-' {
+                if text[2] != b':' && text[2] != b'-' {
                     return Err(error("unknown separator"));
                 }
-                let groups: Vec<&str> = text.split(separator as char).collect();
-                if groups.len() != 6 || groups.iter().any(|g| g.len() != 2) {
-                    return Err(error("expected six groups of two hex digits"));
-                }
-                groups.concat()
+                (text[2], |i| i % 3 == 2)
             }
             // 5254.0012.3456
-            14 => {
-                let groups: Vec<&str> = text.split('.').collect();
-                if groups.len() != 3 || groups.iter().any(|g| g.len() != 4) {
-                    return Err(error("expected three groups of four hex digits"));
-                }
-                groups.concat()
-            }
-            12 => text.to_string(),
+            14 => (b'.', |i| i == 4 || i == 9),
+            12 => (0, |_| false),
             _ => return Err(error("wrong length")),
         };
+        let mut digits = [0u8; 12];
+        let mut count = 0;
+        for (i, &byte) in text.iter().enumerate() {
+            if text.len() != 12 && is_separator(i) != (byte == separator) {
+                return Err(error(if text.len() == 14 {
+                    "expected three groups of four hex digits"
+                } else {
+                    "expected six groups of two hex digits"
+                }));
+            }
+            if !is_separator(i) {
+                digits[count] = match byte {
+                    b'0'..=b'9' => byte - b'0',
+                    b'a'..=b'f' => byte - b'a' + 10,
+                    b'A'..=b'F' => byte - b'A' + 10,
+                    _ => return Err(error("not hex")),
+                };
+                count += 1;
+            }
+        }
         let mut bytes = [0u8; 6];
         for (i, byte) in bytes.iter_mut().enumerate() {
-            let pair = digits
-                .get(2 * i..2 * i + 2)
-                .ok_or_else(|| error("not hex"))?;
-            *byte = u8::from_str_radix(pair, 16).map_err(|_| error("not hex"))?;
-            if !pair.bytes().all(|b| b.is_ascii_hexdigit()) {
-                return Err(error("not hex"));
-            }
+            *byte = digits[2 * i] << 4 | digits[2 * i + 1];
         }
         Ok(Mac(bytes))
     }
@@ -206,6 +217,10 @@ mod tests {
             "525400abcde",
             "52%2054%2000%20ab%20cd%20ef",
             "ab:cd:ef:01:02:0é",
+            "52:5:400:ab:cd:ef",
+            "52::4:00:ab:cd:ef",
+            "5254.00ab-cdef",
+            "525400ab\0cde",
         ] {
             let error = Mac::parse(bad).unwrap_err().to_string();
             assert!(error.contains("52:54:00:12:34:56"), "{bad:?}: {error}");
