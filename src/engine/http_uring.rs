@@ -22,7 +22,10 @@
 //! `recv` the moment the answer is out, and the worker handles one
 //! completion per request instead of two. Under a storm of script requests
 //! that halves the completions and spares every request a wait for the
-//! worker's next batch.
+//! worker's next batch. If that send fails, its completion is the last of
+//! the connection: the kernel cancels the `recv` behind it without a
+//! completion (a failed request that skips its success completion takes
+//! the completions of the rest of its link with it).
 //!
 //! Completions of every connection are handled in one batch per wake-up,
 //! and the sends and receives they lead to go to the kernel together, one
@@ -174,7 +177,8 @@ struct Connection {
     in_flight: bool,
     cancelled: Option<Cancelled>,
     /// The answer whose linked `send` may still be in the kernel ahead of
-    /// the `recv` in flight; freed when that `recv` completes.
+    /// the `recv` in flight; freed when that `recv` completes, or when the
+    /// send fails (then the `recv` never starts, and never completes).
     linked_answer: Option<Vec<u8>>,
 }
 
@@ -313,16 +317,23 @@ impl Worker {
                 }
             }
             KIND_LINKED_SEND => {
-                // Only a failed linked send completes; its `recv` then ends
-                // with ECANCELED, and that completion closes the connection.
+                // Only a failed linked send completes (the client reset the
+                // connection, or a timeout cancelled the send). The `recv`
+                // linked behind it is then cancelled before it starts and,
+                // because the send asked to skip its completion on success,
+                // without a completion of its own: the kernel drops the
+                // completions of the rest of the link with it. So nothing of
+                // this connection is left in the kernel; close it now.
                 if let Some(connection) = self
                     .connections
                     .get_mut(index)
                     .and_then(Option::as_mut)
                     .filter(|c| c.generation == generation)
                 {
-                    debug!(peer = %connection.peer, result, "HTTP answer not sent");
-                    connection.cancelled = Some(Cancelled::Close);
+                    debug!(peer = %connection.peer, result, "HTTP answer not sent; connection closed");
+                    connection.in_flight = false;
+                    connection.linked_answer = None;
+                    self.close(index);
                 }
             }
             KIND_RECV | KIND_SEND | KIND_POLL_OUT => {

@@ -9,6 +9,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use bootfleet::config::BodyMode;
+use bootfleet::engine::Backend;
 
 use crate::common::*;
 
@@ -255,6 +256,15 @@ fn connect(server: &FullServer) -> TcpStream {
     stream
 }
 
+/// A connection whose receive buffer is 4 KiB, set before connecting so
+/// the window the server sees stays small: a client that reads slowly.
+fn connect_with_a_small_window(server: &FullServer) -> TcpStream {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    socket.connect(&server.http.into()).unwrap();
+    socket.into()
+}
+
 /// Sends raw bytes on a fresh connection; returns the first response.
 fn raw(server: &FullServer, bytes: &[u8]) -> Fetched {
     let mut stream = connect(server);
@@ -427,12 +437,7 @@ fn a_client_that_stops_reading_is_dropped_after_the_send_timeout() {
         let server = FullServer::start_on(backend, boot_dir(), |c| {
             c.http.send_timeout = Duration::from_millis(700)
         });
-        // A small receive buffer, set before connecting so the window stays small.
-        let socket =
-            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-        socket.set_recv_buffer_size(4096).unwrap();
-        socket.connect(&server.http.into()).unwrap();
-        let mut stalled: TcpStream = socket.into();
+        let mut stalled = connect_with_a_small_window(&server);
         stalled
             .write_all(b"GET /100m.bin HTTP/1.1\r\nHost: h\r\n\r\n")
             .unwrap();
@@ -683,5 +688,152 @@ fn a_pipelined_burst_larger_than_a_read_is_answered_in_full() {
         let mut rest = Vec::new();
         stream.read_to_end(&mut rest).unwrap();
         assert!(rest.is_empty(), "{backend}: bytes after Connection: close");
+    }
+}
+
+/// Clients that reset their connection right after asking free their
+/// connection on the server, whether the reset comes before the answer is
+/// sent or makes it fail (on the io_uring engine an answer made in memory
+/// is a send linked to the next receive, and a failed send must close the
+/// connection once the receive behind it is cancelled): with a limit of 4
+/// connections, after 300 such clients, 4 connections at once are served.
+#[test]
+fn clients_that_reset_after_asking_free_their_connection() {
+    for backend in BACKENDS {
+        eprintln!("backend {backend}");
+        let server = FullServer::start_on(backend, boot_dir(), |c| c.http.max_connections = 4);
+        for n in 0..300 {
+            let socket = socket2::Socket::from(TcpStream::connect(server.http).unwrap());
+            // A 404 and a script: both answers are made in memory.
+            let path = if n % 2 == 0 {
+                format!("/no-such-file-{n}")
+            } else {
+                "/boot/52:54:00:00:00:01.ipxe".to_string()
+            };
+            let _ = socket.send(format!("GET {path} HTTP/1.1\r\nHost: h\r\n\r\n").as_bytes());
+            if n % 3 == 0 {
+                // Some wait for the answer first, so the reset meets the
+                // receive armed behind it.
+                let mut stream = TcpStream::from(socket.try_clone().unwrap());
+                stream
+                    .set_read_timeout(Some(Duration::from_secs(5)))
+                    .unwrap();
+                assert!(
+                    read_response(&mut stream).is_some(),
+                    "{backend}: no answer to {path}"
+                );
+            }
+            socket.set_linger(Some(Duration::ZERO)).unwrap();
+            drop(socket); // closed with a reset
+        }
+        let request = b"GET /text.txt HTTP/1.1\r\nHost: h\r\n\r\n";
+        let deadline = Instant::now() + Duration::from_secs(6);
+        loop {
+            let mut held: Vec<TcpStream> = (0..4).map(|_| connect(&server)).collect();
+            let statuses: Vec<Option<u16>> = held
+                .iter_mut()
+                .map(|stream| {
+                    let _ = stream.write_all(request);
+                    read_response(stream).map(|f| f.status)
+                })
+                .collect();
+            if statuses.iter().all(|s| *s == Some(200)) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{backend}: connections not freed after resets: {statuses:?}"
+            );
+            drop(held);
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+/// A client that keeps asking and reads none of the answers, which are made
+/// in memory, is closed once the server's buffers for it are full and its
+/// timeouts pass, and its connection is freed (on the io_uring engine the
+/// stuck answer is a send linked to the next receive, which the sweep
+/// cancels).
+#[test]
+fn a_client_that_asks_without_reading_is_closed_and_freed() {
+    for backend in BACKENDS {
+        eprintln!("backend {backend}");
+        let server = FullServer::start_on(backend, boot_dir(), |c| {
+            c.http.max_connections = 1;
+            c.http.idle_timeout = Duration::from_millis(1000);
+            c.http.send_timeout = Duration::from_millis(700);
+        });
+        // 1,000 boot events, so that the events list is a large answer
+        // (about 250 KB), made whole in memory.
+        let mut filler = connect(&server);
+        for _ in 0..1000 {
+            filler
+                .write_all(b"GET /boot.ipxe HTTP/1.1\r\nHost: h\r\n\r\n")
+                .unwrap();
+            assert_eq!(read_response(&mut filler).unwrap().status, 200);
+        }
+        drop(filler);
+        let request = b"GET /api/v1/events?limit=1000 HTTP/1.1\r\nHost: h\r\n\r\n";
+        // Connected once the server has seen the filler close (until then
+        // it answers 503); only the first answer's status line is read.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut stalled = loop {
+            let mut stream = connect_with_a_small_window(&server);
+            stream
+                .set_read_timeout(Some(Duration::from_secs(5)))
+                .unwrap();
+            stream.write_all(request).unwrap();
+            let mut status_line = [0u8; 12];
+            stream.read_exact(&mut status_line).unwrap();
+            if &status_line == b"HTTP/1.1 200" {
+                break stream;
+            }
+            assert!(Instant::now() < deadline, "{backend}: no free connection");
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        stalled
+            .set_write_timeout(Some(Duration::from_secs(1)))
+            .unwrap();
+        // One request at a time, so none is pipelined behind another: 40
+        // answers, 10 MB, more than the socket buffers on both sides hold.
+        let mut asked = 1;
+        while asked < 40 {
+            if stalled.write_all(request).is_err() {
+                break; // closed by the server already
+            }
+            asked += 1;
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // The one connection allowed is free again within the timeouts.
+        wait_for_a_free_slot(&server, backend);
+        // And it was closed before all its answers went out.
+        let mut answers = b"HTTP/1.1 200".to_vec();
+        let _ = stalled.read_to_end(&mut answers);
+        let answered = answers.windows(9).filter(|w| w == b"HTTP/1.1 ").count();
+        assert!(
+            answered < asked,
+            "{backend}: all {asked} answers arrived; the server never gave up"
+        );
+    }
+}
+
+/// Waits until a new connection is served (200), not refused (503): the
+/// server has closed the connections it held.
+fn wait_for_a_free_slot(server: &FullServer, backend: Backend) {
+    let deadline = Instant::now() + Duration::from_secs(6);
+    loop {
+        let mut stream = connect(server);
+        let _ = stream.write_all(b"GET /text.txt HTTP/1.1\r\nHost: h\r\n\r\n");
+        match read_response(&mut stream).map(|f| f.status) {
+            Some(200) => return,
+            status => {
+                assert!(
+                    Instant::now() < deadline,
+                    "{backend}: connections are still held: {status:?}"
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
     }
 }
