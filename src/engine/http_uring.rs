@@ -121,9 +121,11 @@ pub fn spawn(
                             return;
                         }
                     };
-                    // MSG_WAITALL sends (all or a failure, never short) came
-                    // with 5.19; SINGLE_ISSUER (6.0) is only set when the
-                    // ring was built on a kernel that new.
+                    // Sends retried until all is sent, or else failed (and
+                    // so safe to link: io_uring_prep_send(3)), came with
+                    // MSG_WAITALL support in 5.19 (Linux commit
+                    // 4c3c09439c08); SINGLE_ISSUER (6.0) is only set when
+                    // the ring was built on a kernel that new.
                     let link_send_to_recv = ring.params().is_setup_single_issuer()
                         && ring.params().is_feature_skip_cqe_on_success();
                     let mut worker = Worker {
@@ -318,7 +320,8 @@ impl Worker {
             }
             KIND_LINKED_SEND => {
                 // Only a failed linked send completes (the client reset the
-                // connection, or a timeout cancelled the send). The `recv`
+                // connection, a timeout cancelled the send, or it was cut
+                // short, which MSG_WAITALL makes a failure). The `recv`
                 // linked behind it is then cancelled before it starts and,
                 // because the send asked to skip its completion on success,
                 // without a completion of its own: the kernel drops the
@@ -479,7 +482,6 @@ impl Worker {
     fn answer_and_receive(&mut self, index: usize, now: Instant) -> io::Result<Next> {
         let connection = self.connections[index].as_mut().expect("live connection");
         let writing = connection.writing.take().expect("an answer to send");
-        let answer_len = writing.response.head.len() as u64;
         writing.report(&self.service, connection.peer);
         let answer = writing.response.head;
         let fd = types::Fd(connection.socket.as_raw_fd());
@@ -494,7 +496,6 @@ impl Worker {
         connection.buf.reserve(READ_CHUNK);
         let spare = connection.buf.spare_capacity_mut();
         let recv = opcode::Recv::new(fd, spare.as_mut_ptr().cast(), spare.len() as u32).build();
-        debug_assert!(answer_len > 0);
         // Both entries must land in the same submission, in order: make
         // room for the pair first.
         let room = {
