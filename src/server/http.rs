@@ -259,7 +259,7 @@ impl HttpService {
     }
 
     fn script(&self, body: Vec<u8>, request: &Request, head_only: bool) -> Response {
-        let mut head = self.head_start(200, request.keep_alive);
+        let mut head = self.head_start(200, request.keep_alive, body.len());
         head.extend_from_slice(
             b"Content-Type: text/plain; charset=utf-8\r\nCache-Control: no-store\r\n",
         );
@@ -274,7 +274,7 @@ impl HttpService {
         if status >= 400 {
             self.stats.client_errors.fetch_add(1, Ordering::Relaxed);
         }
-        let mut head = self.head_start(status, request.keep_alive);
+        let mut head = self.head_start(status, request.keep_alive, body.len());
         head.extend_from_slice(b"Content-Type: text/plain; charset=utf-8\r\n");
         finish_head(&mut head, body.len() as u64);
         if !head_only {
@@ -286,7 +286,7 @@ impl HttpService {
     fn json(&self, value: &impl serde::Serialize, request: &Request, head_only: bool) -> Response {
         let body = serde_json::to_vec_pretty(value)
             .unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}").into_bytes());
-        let mut head = self.head_start(200, request.keep_alive);
+        let mut head = self.head_start(200, request.keep_alive, body.len());
         head.extend_from_slice(b"Content-Type: application/json\r\nCache-Control: no-store\r\n");
         finish_head(&mut head, body.len() as u64);
         if !head_only {
@@ -306,8 +306,11 @@ impl HttpService {
         }
     }
 
-    fn head_start(&self, status: u16, keep_alive: bool) -> Vec<u8> {
-        let mut head = Vec::with_capacity(320);
+    /// The status line and the headers every response has, in a buffer
+    /// with room for `body_room` more bytes (a body written into the head),
+    /// so that appending it does not move the buffer.
+    fn head_start(&self, status: u16, keep_alive: bool, body_room: usize) -> Vec<u8> {
+        let mut head = Vec::with_capacity(320 + body_room);
         // Written in place: this runs for every response.
         let _ = write!(
             head,
@@ -403,7 +406,7 @@ impl HttpService {
             format!("ETag: {etag}\r\nLast-Modified: {last_modified}\r\nAccept-Ranges: bytes\r\n");
 
         if not_modified(request, &etag, mtime) {
-            let mut head = self.head_start(304, request.keep_alive);
+            let mut head = self.head_start(304, request.keep_alive, 0);
             head.extend_from_slice(validators.as_bytes());
             head.extend_from_slice(b"\r\n");
             return self.plain(304, head, request.keep_alive);
@@ -453,7 +456,7 @@ impl HttpService {
                 )
             }
             BodyPlan::Unsatisfiable => {
-                let mut head = self.head_start(416, request.keep_alive);
+                let mut head = self.head_start(416, request.keep_alive, 0);
                 head.extend_from_slice(
                     format!("Content-Range: {}\r\n", range::unsatisfied_range(len)).as_bytes(),
                 );
@@ -464,7 +467,7 @@ impl HttpService {
         };
         let segments: Vec<Segment> = segments.into_iter().filter(|s| !s.is_empty()).collect();
         let body_len: u64 = segments.iter().map(Segment::len).sum();
-        let mut head = self.head_start(status, request.keep_alive);
+        let mut head = self.head_start(status, request.keep_alive, 0);
         head.extend_from_slice(extra.as_bytes());
         head.extend_from_slice(validators.as_bytes());
         finish_head(&mut head, body_len);
@@ -531,7 +534,8 @@ fn not_modified(request: &Request, etag: &str, mtime: SystemTime) -> bool {
 }
 
 fn finish_head(head: &mut Vec<u8>, content_length: u64) {
-    head.extend_from_slice(format!("Content-Length: {content_length}\r\n\r\n").as_bytes());
+    // Written in place: this runs for every response.
+    let _ = write!(head, "Content-Length: {content_length}\r\n\r\n");
 }
 
 /// Adds a header line to a head that already ends with its blank line.
