@@ -328,24 +328,15 @@ impl Worker {
                 // without a completion of its own: the kernel drops the
                 // completions of the rest of the link with it. So nothing of
                 // this connection is left in the kernel; close it now.
-                if let Some(connection) = self
-                    .connections
-                    .get_mut(index)
-                    .and_then(Option::as_mut)
-                    .filter(|c| c.generation == generation)
+                if let Some(connection) = live_connection(&mut self.connections, index, generation)
                 {
                     debug!(peer = %connection.peer, result, "HTTP answer not sent; connection closed");
                     connection.in_flight = false;
-                    connection.linked_answer = None;
                     self.close(index);
                 }
             }
             KIND_RECV | KIND_SEND | KIND_POLL_OUT => {
-                let Some(connection) = self
-                    .connections
-                    .get_mut(index)
-                    .and_then(Option::as_mut)
-                    .filter(|c| c.generation == generation)
+                let Some(connection) = live_connection(&mut self.connections, index, generation)
                 else {
                     return Ok(()); // a completion of a connection closed since
                 };
@@ -608,13 +599,14 @@ impl Worker {
                 Some(_) => KIND_SEND,
                 None => KIND_RECV,
             };
-            let mut targets = vec![user_data(kind, index, connection.generation)];
-            if connection.linked_answer.is_some() {
-                // A client that has not taken the answer yet: the recv
-                // behind it is not armed until the send is cancelled.
-                targets.push(user_data(KIND_LINKED_SEND, index, connection.generation));
-            }
-            for target in targets {
+            // A client that has not taken a linked answer yet: the recv
+            // behind it is not armed until the send is cancelled.
+            let linked_send = connection
+                .linked_answer
+                .is_some()
+                .then(|| user_data(KIND_LINKED_SEND, index, connection.generation));
+            let own = user_data(kind, index, connection.generation);
+            for target in std::iter::once(own).chain(linked_send) {
                 let entry = opcode::AsyncCancel::new(target)
                     .build()
                     .user_data(user_data(KIND_CANCEL, index, 0));
@@ -695,6 +687,19 @@ enum Step {
     /// The socket is full; wait for `POLLOUT`, then go on.
     WaitWritable,
     Failed(io::Error),
+}
+
+/// The connection in slot `index`, if it is still the one of `generation`
+/// (a completion may outlive its connection).
+fn live_connection(
+    connections: &mut [Option<Connection>],
+    index: usize,
+    generation: u32,
+) -> Option<&mut Connection> {
+    connections
+        .get_mut(index)
+        .and_then(Option::as_mut)
+        .filter(|c| c.generation == generation)
 }
 
 /// Moves a response on: skips finished pieces, sends file slices by

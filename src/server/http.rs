@@ -259,40 +259,43 @@ impl HttpService {
     }
 
     fn script(&self, body: Vec<u8>, request: &Request, head_only: bool) -> Response {
-        let mut head = self.head_start(200, request.keep_alive, body.len());
-        head.extend_from_slice(
-            b"Content-Type: text/plain; charset=utf-8\r\nCache-Control: no-store\r\n",
-        );
-        finish_head(&mut head, body.len() as u64);
-        if !head_only {
-            head.extend_from_slice(&body);
-        }
-        self.plain(200, head, request.keep_alive)
+        let headers = b"Content-Type: text/plain; charset=utf-8\r\nCache-Control: no-store\r\n";
+        self.whole(200, headers, &body, request, head_only)
     }
 
     fn text(&self, status: u16, body: &str, request: &Request, head_only: bool) -> Response {
         if status >= 400 {
             self.stats.client_errors.fetch_add(1, Ordering::Relaxed);
         }
-        let mut head = self.head_start(status, request.keep_alive, body.len());
-        head.extend_from_slice(b"Content-Type: text/plain; charset=utf-8\r\n");
-        finish_head(&mut head, body.len() as u64);
-        if !head_only {
-            head.extend_from_slice(body.as_bytes());
-        }
-        self.plain(status, head, request.keep_alive)
+        let headers = b"Content-Type: text/plain; charset=utf-8\r\n";
+        self.whole(status, headers, body.as_bytes(), request, head_only)
     }
 
     fn json(&self, value: &impl serde::Serialize, request: &Request, head_only: bool) -> Response {
         let body = serde_json::to_vec_pretty(value)
             .unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}").into_bytes());
-        let mut head = self.head_start(200, request.keep_alive, body.len());
-        head.extend_from_slice(b"Content-Type: application/json\r\nCache-Control: no-store\r\n");
+        let headers = b"Content-Type: application/json\r\nCache-Control: no-store\r\n";
+        self.whole(200, headers, &body, request, head_only)
+    }
+
+    /// A response made whole in memory: the body is written into the head
+    /// (left out for HEAD), so it goes out in one piece.
+    fn whole(
+        &self,
+        status: u16,
+        headers: &[u8],
+        body: &[u8],
+        request: &Request,
+        head_only: bool,
+    ) -> Response {
+        let room = if head_only { 0 } else { body.len() };
+        let mut head = self.head_start(status, request.keep_alive, room);
+        head.extend_from_slice(headers);
         finish_head(&mut head, body.len() as u64);
         if !head_only {
-            head.extend_from_slice(&body);
+            head.extend_from_slice(body);
         }
-        self.plain(200, head, request.keep_alive)
+        self.plain(status, head, request.keep_alive)
     }
 
     fn plain(&self, status: u16, head: Vec<u8>, keep_alive: bool) -> Response {
