@@ -82,6 +82,17 @@ pub enum Decision {
     Local(&'static str),
 }
 
+impl Decision {
+    /// [`Display`](std::fmt::Display)'s text, built without the formatting
+    /// machinery for the decision of every assigned machine's script.
+    pub fn describe(&self) -> String {
+        match self {
+            Decision::Assigned(image) => ["image ", image].concat(),
+            other => other.to_string(),
+        }
+    }
+}
+
 impl std::fmt::Display for Decision {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
@@ -988,6 +999,23 @@ netboot = false
         assert_eq!(
             again.machine_script(mac, &[], "http://h", peer).decision,
             Decision::Assigned("tiny".into())
+        );
+    }
+
+    #[test]
+    fn a_decision_is_described_as_it_displays() {
+        for decision in [
+            Decision::Static(PathBuf::from("/srv/boot/52:54:00:12:34:56.ipxe")),
+            Decision::Assigned("debian-12".into()),
+            Decision::MenuChoice("debian-12".into()),
+            Decision::Unknown(UnknownPolicy::Wait),
+            Decision::Local("marked do-not-netboot in the inventory"),
+        ] {
+            assert_eq!(decision.describe(), decision.to_string());
+        }
+        assert_eq!(
+            Decision::Assigned("debian-12".into()).describe(),
+            "image debian-12"
         );
     }
 

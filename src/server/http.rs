@@ -20,7 +20,6 @@
 //!   (single, multiple, suffix), `If-Range`, `ETag`/`Last-Modified` and
 //!   conditional requests (304), under the same path-safety rules as TFTP.
 
-use std::io::Write as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -175,7 +174,7 @@ impl HttpService {
                 peer.ip(),
                 Phase::Script,
                 "http",
-                script.decision.to_string(),
+                script.decision.describe(),
                 script.body.len() as u64,
                 Duration::ZERO,
                 200,
@@ -253,7 +252,8 @@ impl HttpService {
                     .all(|b| b.is_ascii_alphanumeric() || b".-:[]".contains(&b))
         };
         match request.host.as_deref() {
-            Some(host) if sane(host) => format!("http://{host}"),
+            // Built by hand, not by `format!`: this runs for every script.
+            Some(host) if sane(host) => ["http://", host].concat(),
             _ => format!("http://{local}"),
         }
     }
@@ -314,12 +314,15 @@ impl HttpService {
     /// so that appending it does not move the buffer.
     fn head_start(&self, status: u16, keep_alive: bool, body_room: usize) -> Vec<u8> {
         let mut head = Vec::with_capacity(320 + body_room);
-        // Written in place: this runs for every response.
-        let _ = write!(
-            head,
-            "HTTP/1.1 {status} {}\r\nServer: {SERVER}\r\nDate: ",
-            reason(status)
-        );
+        // Written in place, without the formatting machinery: this runs for
+        // every response.
+        head.extend_from_slice(b"HTTP/1.1 ");
+        head.extend_from_slice(itoa::Buffer::new().format(status).as_bytes());
+        head.push(b' ');
+        head.extend_from_slice(reason(status).as_bytes());
+        head.extend_from_slice(b"\r\nServer: ");
+        head.extend_from_slice(SERVER.as_bytes());
+        head.extend_from_slice(b"\r\nDate: ");
         with_http_date_now(|date| head.extend_from_slice(date.as_bytes()));
         head.extend_from_slice(if keep_alive {
             b"\r\nConnection: keep-alive\r\n"
@@ -538,7 +541,9 @@ fn not_modified(request: &Request, etag: &str, mtime: SystemTime) -> bool {
 
 fn finish_head(head: &mut Vec<u8>, content_length: u64) {
     // Written in place: this runs for every response.
-    let _ = write!(head, "Content-Length: {content_length}\r\n\r\n");
+    head.extend_from_slice(b"Content-Length: ");
+    head.extend_from_slice(itoa::Buffer::new().format(content_length).as_bytes());
+    head.extend_from_slice(b"\r\n\r\n");
 }
 
 /// Adds a header line to a head that already ends with its blank line.
