@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Side-by-side HTTP benchmark: bootfleet (sendfile and mmap bodies) and nginx.
+"""Side-by-side HTTP benchmark: bootfleet (auto, sendfile and mmap bodies) and nginx.
 
 Same run, same files, on loopback. Each server is pinned to core 0 in its own
 cpuacct cgroup (CPU counted over all its processes and threads); the client,
@@ -120,7 +120,7 @@ def servers(root: Path, work: Path):
     out = []
     # All servers run at once (each idle while another is measured), so
     # each needs its own ports and state directory.
-    for offset, body in enumerate(["sendfile", "mmap"]):
+    for offset, body in enumerate(["auto", "sendfile", "mmap"]):
         port = BOOTFLEET_PORT + offset
         config = work / f"bootfleet-{body}.toml"
         config.write_text(
@@ -238,7 +238,7 @@ def markdown(results, command) -> str:
         f"Command: `{command}` (generated; do not edit by hand).",
         "",
         "Server on core 0 (one worker; CPU from its cpuacct cgroup), wrk on core 1, loopback. "
-        "`bootfleet-sendfile` and `bootfleet-mmap` differ only in `http.body`. GB/s counts every byte wrk read. "
+        "`bootfleet-auto` (the default), `bootfleet-sendfile` and `bootfleet-mmap` differ only in `http.body`. GB/s counts every byte wrk read. "
         "All servers run at once; every point is run once per round for each server in turn, and each figure "
         "is the median over the rounds (errors are summed).",
         "",

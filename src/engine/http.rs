@@ -28,7 +28,7 @@ use tokio::sync::Semaphore;
 use tracing::{debug, warn};
 
 use super::Shutdown;
-use crate::config::{BodyMode, HttpConfig};
+use crate::config::HttpConfig;
 use crate::proto::http::request::{parse, Parsed};
 use crate::server::http::{HttpService, Response, Segment};
 
@@ -126,10 +126,11 @@ async fn accept_loop(
         let service = Arc::clone(&service);
         let config = Arc::clone(&config);
         let shutdown = shutdown.clone();
+        let connection_slots = Arc::clone(&slots);
         tokio::spawn(async move {
             tokio::select! {
                 _ = shutdown.wait() => {}
-                result = connection(&stream, local, peer, &service, &config) => {
+                result = connection(&stream, local, peer, &service, &config, &connection_slots) => {
                     if let Err(error) = result {
                         debug!(%peer, %error, "HTTP connection ended");
                     }
@@ -152,7 +153,16 @@ async fn connection(
     peer: SocketAddr,
     service: &HttpService,
     config: &HttpConfig,
+    slots: &Semaphore,
 ) -> std::io::Result<()> {
+    // Whether a file body that starts now goes by `sendfile`, as
+    // `http.body` decides for the connections open now.
+    let by_sendfile = || {
+        let open = config
+            .max_connections
+            .saturating_sub(slots.available_permits());
+        config.body.uses_sendfile(open)
+    };
     let mut buf: Vec<u8> = Vec::with_capacity(2048);
     // When the first byte of the request head now being read arrived.
     let mut head_started: Option<Instant> = None;
@@ -162,7 +172,7 @@ async fn connection(
                 buf.drain(..used);
                 head_started = (!buf.is_empty()).then(Instant::now);
                 let response = service.respond(&request, local, peer);
-                write_response(stream, &response, peer, service, config).await?;
+                write_response(stream, &response, peer, service, config, by_sendfile()).await?;
                 if !response.keep_alive {
                     return Ok(());
                 }
@@ -171,7 +181,8 @@ async fn connection(
             Parsed::Invalid(status, why) => {
                 debug!(%peer, status, why, "bad request");
                 let response = service.invalid(status, why);
-                return write_response(stream, &response, peer, service, config).await;
+                return write_response(stream, &response, peer, service, config, by_sendfile())
+                    .await;
             }
             Parsed::Partial => {}
         }
@@ -188,7 +199,8 @@ async fn connection(
                 if head_started.is_some() {
                     debug!(%peer, "request head not complete in time; 408");
                     let response = service.invalid(408, "request head not received in time");
-                    let _ = write_response(stream, &response, peer, service, config).await;
+                    let _ = write_response(stream, &response, peer, service, config, by_sendfile())
+                        .await;
                 }
                 return Ok(());
             }
@@ -269,7 +281,9 @@ async fn write_response(
     peer: SocketAddr,
     service: &HttpService,
     config: &HttpConfig,
+    by_sendfile: bool,
 ) -> std::io::Result<()> {
+    service.stats.response_started(response, by_sendfile);
     let started = Instant::now();
     let mut sent_body = 0u64;
     let result = async {
@@ -288,8 +302,8 @@ async fn write_response(
                         .file
                         .as_ref()
                         .expect("file segments come with their file");
-                    match (config.body, data.raw_fd()) {
-                        (BodyMode::Sendfile, Some(fd)) => {
+                    match (by_sendfile, data.raw_fd()) {
+                        (true, Some(fd)) => {
                             send_file(
                                 stream,
                                 fd,

@@ -9,10 +9,10 @@
 //!   every complete head in the buffer is answered in order (pipelining)
 //!   before the next `recv` is asked for;
 //! * **writing** — the response's head and segments in turn: bytes (and
-//!   file slices when `http.body = "mmap"`) by `send`; file slices by
-//!   `sendfile(2)` from this thread, which never blocks (the socket is
-//!   non-blocking) and, when the socket is full, waits for a `POLLOUT`
-//!   completion before going on.
+//!   file slices copied from the mapping, where `http.body` chose that when
+//!   the response began) by `send`; other file slices by `sendfile(2)` from
+//!   this thread, which never blocks (the socket is non-blocking) and, when
+//!   the socket is full, waits for a `POLLOUT` completion before going on.
 //!
 //! The common answer on a kept-alive connection — a whole response in
 //! memory (a script, a redirect, an error, a `304`), nothing pipelined
@@ -58,7 +58,7 @@ use super::uring::{
     cancel_in_flight, insert_slot, new_ring, split_user_data, user_data, waiting_ended,
 };
 use super::Shutdown;
-use crate::config::{BodyMode, HttpConfig};
+use crate::config::HttpConfig;
 use crate::proto::http::request::{parse, Parsed};
 use crate::server::http::{HttpService, Response, Segment};
 
@@ -198,6 +198,9 @@ struct Writing {
     close_after: bool,
     /// The connection waits for `POLLOUT` to go on with `sendfile`.
     waiting_writable: bool,
+    /// File bodies go by `sendfile` (otherwise by `send` from the mapping),
+    /// as `http.body` chose when the response began.
+    by_sendfile: bool,
 }
 
 /// What to do after a step of a connection's state machine.
@@ -336,6 +339,7 @@ impl Worker {
                 }
             }
             KIND_RECV | KIND_SEND | KIND_POLL_OUT => {
+                let by_sendfile = self.body_by_sendfile();
                 let Some(connection) = live_connection(&mut self.connections, index, generation)
                 else {
                     return Ok(()); // a completion of a connection closed since
@@ -351,7 +355,7 @@ impl Worker {
                         let response = self
                             .service
                             .invalid(408, "request head not received in time");
-                        connection.writing = Some(Writing::new(response, true, now));
+                        connection.writing = Some(Writing::new(response, true, now, by_sendfile));
                         self.advance(index, now)?
                     }
                     None => self.completed(index, kind, result, now)?,
@@ -502,7 +506,16 @@ impl Worker {
     }
 
     /// Runs the connection's state machine until it needs the kernel.
+    /// Whether a file body that starts now goes by `sendfile`, as
+    /// `http.body` decides for the connections open now.
+    fn body_by_sendfile(&self) -> bool {
+        self.config
+            .body
+            .uses_sendfile(self.open.load(Ordering::Relaxed))
+    }
+
     fn advance(&mut self, index: usize, now: Instant) -> io::Result<Next> {
+        let by_sendfile = self.body_by_sendfile();
         loop {
             let connection = self.connections[index].as_mut().expect("live connection");
             if let Some(writing) = connection.writing.as_mut() {
@@ -512,7 +525,7 @@ impl Worker {
                 {
                     return self.answer_and_receive(index, now);
                 }
-                match step_writing(connection.socket.as_raw_fd(), writing, self.config.body)? {
+                match step_writing(connection.socket.as_raw_fd(), writing)? {
                     Step::Done => {
                         let writing = connection.writing.take().expect("writing");
                         writing.report(&self.service, connection.peer);
@@ -543,12 +556,13 @@ impl Worker {
                     let response =
                         self.service
                             .respond(&request, connection.local, connection.peer);
-                    connection.writing = Some(Writing::new(response, false, now));
+                    self.service.stats.response_started(&response, by_sendfile);
+                    connection.writing = Some(Writing::new(response, false, now, by_sendfile));
                 }
                 Parsed::Invalid(status, why) => {
                     debug!(peer = %connection.peer, status, why, "bad request");
                     let response = self.service.invalid(status, why);
-                    connection.writing = Some(Writing::new(response, true, now));
+                    connection.writing = Some(Writing::new(response, true, now, by_sendfile));
                 }
                 Parsed::Partial => {
                     if connection.buf.capacity() - connection.buf.len() < READ_CHUNK / 2 {
@@ -652,8 +666,9 @@ impl Writing {
             && self.response.served_path.is_none()
     }
 
-    fn new(response: Response, close_after: bool, now: Instant) -> Self {
+    fn new(response: Response, close_after: bool, now: Instant, by_sendfile: bool) -> Self {
         Self {
+            by_sendfile,
             response,
             piece: 0,
             done: 0,
@@ -706,7 +721,7 @@ fn live_connection(
 /// `sendfile` until the socket is full, and returns the `send` for a piece
 /// of bytes. The entry points into `writing.response`, which stays in place
 /// until the completion.
-fn step_writing(socket: libc::c_int, writing: &mut Writing, body: BodyMode) -> io::Result<Step> {
+fn step_writing(socket: libc::c_int, writing: &mut Writing) -> io::Result<Step> {
     writing.waiting_writable = false;
     loop {
         let pieces = writing.response.segments.len() + 1;
@@ -725,8 +740,8 @@ fn step_writing(socket: libc::c_int, writing: &mut Writing, body: BodyMode) -> i
                         .file
                         .as_ref()
                         .expect("file segments come with their file");
-                    match (body, data.raw_fd()) {
-                        (BodyMode::Sendfile, Some(file_fd)) => {
+                    match (writing.by_sendfile, data.raw_fd()) {
+                        (true, Some(file_fd)) => {
                             match send_file(socket, file_fd, *offset, *len, writing) {
                                 Ok(true) => {
                                     writing.piece += 1;

@@ -95,6 +95,24 @@ pub struct HttpStats {
     pub requests: AtomicU64,
     pub body_bytes: AtomicU64,
     pub client_errors: AtomicU64,
+    /// Responses with a file body sent by `sendfile`, and copied from the
+    /// mapping (see `http.body`).
+    pub file_bodies_by_sendfile: AtomicU64,
+    pub file_bodies_copied: AtomicU64,
+}
+
+impl HttpStats {
+    /// Counts a response that begins, by how its file body (if any) goes.
+    pub fn response_started(&self, response: &Response, by_sendfile: bool) {
+        if response.file.is_some() && !response.segments.is_empty() {
+            let counter = if by_sendfile {
+                &self.file_bodies_by_sendfile
+            } else {
+                &self.file_bodies_copied
+            };
+            counter.fetch_add(1, Ordering::Relaxed);
+        }
+    }
 }
 
 /// The shared HTTP service.

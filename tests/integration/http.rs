@@ -6,6 +6,7 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::Path;
 use std::process::Command;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use bootfleet::config::BodyMode;
@@ -507,6 +508,64 @@ fn files_over_4_gib_with_ranges_near_the_end() {
                 Some(format!("bytes */{size}"))
             );
         }
+    }
+}
+
+/// `http.body = "auto"` (the default) copies file bodies from the mapping
+/// while few connections are open and uses `sendfile` once more than
+/// `AUTO_COPIES_UP_TO_CONNECTIONS` are; the bytes are the file's either way.
+#[test]
+fn auto_body_copies_for_a_few_clients_and_uses_sendfile_for_many() {
+    if !have_tool("curl") {
+        return;
+    }
+    for backend in BACKENDS {
+        eprintln!("backend {backend}");
+        let server = FullServer::start_on(backend, boot_dir(), |_| {});
+        let stats = &server.running.http.stats;
+        let count = |counter: &std::sync::atomic::AtomicU64| counter.load(Ordering::Relaxed);
+        let url = server.url("/1m.bin");
+        let file = want("1m.bin");
+
+        let alone = curl(&url, &[]);
+        assert!(alone.body == file, "copied body differs from the file");
+        assert_eq!(count(&stats.file_bodies_copied), 1);
+        assert_eq!(count(&stats.file_bodies_by_sendfile), 0);
+
+        // Connections that are surely open on the server: each has been
+        // answered a script (not a file) and is kept alive.
+        let held: Vec<TcpStream> = (0..BodyMode::AUTO_COPIES_UP_TO_CONNECTIONS)
+            .map(|_| {
+                let mut stream = connect(&server);
+                stream
+                    .write_all(b"GET /boot.ipxe HTTP/1.1\r\nHost: h\r\n\r\n")
+                    .unwrap();
+                let mut received = Vec::new();
+                let mut chunk = [0u8; 4096];
+                while !String::from_utf8_lossy(&received).contains("chain ") {
+                    let n = stream.read(&mut chunk).unwrap();
+                    assert!(n > 0, "connection closed");
+                    received.extend_from_slice(&chunk[..n]);
+                }
+                stream
+            })
+            .collect();
+        let crowded = curl(&url, &[]);
+        assert!(crowded.body == file, "sendfile body differs from the file");
+        let range = curl(&url, &["-r", "999990-"]);
+        assert_eq!(range.body, &file[999_990..]);
+        assert_eq!(count(&stats.file_bodies_by_sendfile), 2);
+        assert_eq!(count(&stats.file_bodies_copied), 1);
+
+        // Once they close, bodies are copied again (the server learns of
+        // each close when it reads the end of its connection).
+        drop(held);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while count(&stats.file_bodies_copied) == 1 && Instant::now() < deadline {
+            assert!(curl(&url, &["-r", "0-9"]).body == file[..10]);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(count(&stats.file_bodies_copied), 2);
     }
 }
 
