@@ -286,7 +286,7 @@ impl Router {
         base_url: &str,
         client: IpAddr,
     ) -> Script {
-        let loaded = self.current.load_full();
+        let loaded = self.current.load();
         let snapshot = &loaded.snapshot;
         let facts: BTreeMap<String, String> = query
             .iter()
@@ -314,7 +314,7 @@ impl Router {
         // assigned machine's boot, thousands of times a second in a storm.
         let assigned = listed
             .filter(|machine| machine.netboot)
-            .and_then(|_| snapshot.assigned_image(mac));
+            .and_then(|machine| Some((machine, snapshot.image_of(machine)?)));
         if let Some((machine, image)) = assigned {
             let spent = machine.one_shot && self.one_shot.used(mac, machine.rearm);
             if !spent && image.template == inventory::DEFAULT_TEMPLATE {

@@ -473,8 +473,12 @@ impl Snapshot {
     /// The image assigned to `mac`, if any.
     pub fn assigned_image(&self, mac: Mac) -> Option<(&Machine, &Arc<Image>)> {
         let machine = self.machines.get(&mac)?;
-        let image = self.images.get(machine.image.as_deref()?)?;
-        Some((machine, image))
+        Some((machine, self.image_of(machine)?))
+    }
+
+    /// The image assigned to `machine` (one of this snapshot's), if any.
+    pub fn image_of(&self, machine: &Machine) -> Option<&Arc<Image>> {
+        self.images.get(machine.image.as_deref()?)
     }
 }
 
