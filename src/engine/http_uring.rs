@@ -505,7 +505,6 @@ impl Worker {
         self.start(index, KIND_RECV, recv)
     }
 
-    /// Runs the connection's state machine until it needs the kernel.
     /// Whether a file body that starts now goes by `sendfile`, as
     /// `http.body` decides for the connections open now.
     fn body_by_sendfile(&self) -> bool {
@@ -514,6 +513,7 @@ impl Worker {
             .uses_sendfile(self.open.load(Ordering::Relaxed))
     }
 
+    /// Runs the connection's state machine until it needs the kernel.
     fn advance(&mut self, index: usize, now: Instant) -> io::Result<Next> {
         let by_sendfile = self.body_by_sendfile();
         loop {

@@ -102,10 +102,15 @@ pub struct HttpStats {
 }
 
 impl HttpStats {
-    /// Counts a response that begins, by how its file body (if any) goes.
+    /// Counts a response that begins, by how its file body (if any) goes:
+    /// by `sendfile` if the engine chose it and the file has a descriptor
+    /// (an empty file has none and is always copied).
     pub fn response_started(&self, response: &Response, by_sendfile: bool) {
-        if response.file.is_some() && !response.segments.is_empty() {
-            let counter = if by_sendfile {
+        let Some(file) = &response.file else {
+            return;
+        };
+        if !response.segments.is_empty() {
+            let counter = if by_sendfile && file.raw_fd().is_some() {
                 &self.file_bodies_by_sendfile
             } else {
                 &self.file_bodies_copied
