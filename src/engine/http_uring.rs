@@ -339,7 +339,6 @@ impl Worker {
                 }
             }
             KIND_RECV | KIND_SEND | KIND_POLL_OUT => {
-                let by_sendfile = self.body_by_sendfile();
                 let Some(connection) = live_connection(&mut self.connections, index, generation)
                 else {
                     return Ok(()); // a completion of a connection closed since
@@ -355,6 +354,7 @@ impl Worker {
                         let response = self
                             .service
                             .invalid(408, "request head not received in time");
+                        let by_sendfile = body_by_sendfile(&self.config, &self.open);
                         connection.writing = Some(Writing::new(response, true, now, by_sendfile));
                         self.advance(index, now)?
                     }
@@ -505,17 +505,8 @@ impl Worker {
         self.start(index, KIND_RECV, recv)
     }
 
-    /// Whether a file body that starts now goes by `sendfile`, as
-    /// `http.body` decides for the connections open now.
-    fn body_by_sendfile(&self) -> bool {
-        self.config
-            .body
-            .uses_sendfile(self.open.load(Ordering::Relaxed))
-    }
-
     /// Runs the connection's state machine until it needs the kernel.
     fn advance(&mut self, index: usize, now: Instant) -> io::Result<Next> {
-        let by_sendfile = self.body_by_sendfile();
         loop {
             let connection = self.connections[index].as_mut().expect("live connection");
             if let Some(writing) = connection.writing.as_mut() {
@@ -556,12 +547,14 @@ impl Worker {
                     let response =
                         self.service
                             .respond(&request, connection.local, connection.peer);
+                    let by_sendfile = body_by_sendfile(&self.config, &self.open);
                     self.service.stats.response_started(&response, by_sendfile);
                     connection.writing = Some(Writing::new(response, false, now, by_sendfile));
                 }
                 Parsed::Invalid(status, why) => {
                     debug!(peer = %connection.peer, status, why, "bad request");
                     let response = self.service.invalid(status, why);
+                    let by_sendfile = body_by_sendfile(&self.config, &self.open);
                     connection.writing = Some(Writing::new(response, true, now, by_sendfile));
                 }
                 Parsed::Partial => {
@@ -702,6 +695,12 @@ enum Step {
     /// The socket is full; wait for `POLLOUT`, then go on.
     WaitWritable,
     Failed(io::Error),
+}
+
+/// Whether a file body that starts now goes by `sendfile`, as `http.body`
+/// decides for the connections `open` now (asked once per response).
+fn body_by_sendfile(config: &HttpConfig, open: &AtomicUsize) -> bool {
+    config.body.uses_sendfile(open.load(Ordering::Relaxed))
 }
 
 /// The connection in slot `index`, if it is still the one of `generation`
