@@ -27,7 +27,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tracing::{debug, warn};
 
-use super::Shutdown;
+use super::{set_cork, Shutdown, CORK_FILE_SLICES_FROM};
 use crate::config::HttpConfig;
 use crate::proto::http::request::{parse, Parsed};
 use crate::server::http::{HttpService, Response, Segment};
@@ -286,6 +286,7 @@ async fn write_response(
     service.stats.response_started(response, by_sendfile);
     let started = Instant::now();
     let mut sent_body = 0u64;
+    let mut corked = false;
     let result = async {
         let has_body = !response.segments.is_empty();
         send_bytes(stream, &response.head, has_body, config.send_timeout).await?;
@@ -304,6 +305,10 @@ async fn write_response(
                         .expect("file segments come with their file");
                     match (by_sendfile, data.raw_fd()) {
                         (true, Some(fd)) => {
+                            if !corked && *len >= CORK_FILE_SLICES_FROM {
+                                set_cork(stream.as_raw_fd(), true)?;
+                                corked = true;
+                            }
                             send_file(
                                 stream,
                                 fd,
@@ -322,6 +327,10 @@ async fn write_response(
                     }
                 }
             }
+        }
+        if corked {
+            // Pushes the last short segment out.
+            set_cork(stream.as_raw_fd(), false)?;
         }
         Ok::<(), std::io::Error>(())
     }

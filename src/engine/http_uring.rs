@@ -57,7 +57,7 @@ use tracing::{debug, error, warn};
 use super::uring::{
     cancel_in_flight, insert_slot, new_ring, split_user_data, user_data, waiting_ended,
 };
-use super::Shutdown;
+use super::{set_cork, Shutdown, CORK_FILE_SLICES_FROM};
 use crate::config::HttpConfig;
 use crate::proto::http::request::{parse, Parsed};
 use crate::server::http::{HttpService, Response, Segment};
@@ -201,6 +201,9 @@ struct Writing {
     /// File bodies go by `sendfile` (otherwise by `send` from the mapping),
     /// as `http.body` chose when the response began.
     by_sendfile: bool,
+    /// `TCP_CORK` is on for a large `sendfile` slice of this response;
+    /// it comes off when the response ends.
+    corked: bool,
 }
 
 /// What to do after a step of a connection's state machine.
@@ -670,6 +673,7 @@ impl Writing {
             last_progress: now,
             close_after,
             waiting_writable: false,
+            corked: false,
         }
     }
 
@@ -725,6 +729,10 @@ fn step_writing(socket: libc::c_int, writing: &mut Writing) -> io::Result<Step> 
     loop {
         let pieces = writing.response.segments.len() + 1;
         if writing.piece >= pieces {
+            if writing.corked {
+                writing.corked = false;
+                set_cork(socket, false)?;
+            }
             return Ok(Step::Done);
         }
         let more = writing.piece + 1 < pieces;
@@ -741,6 +749,10 @@ fn step_writing(socket: libc::c_int, writing: &mut Writing) -> io::Result<Step> 
                         .expect("file segments come with their file");
                     match (writing.by_sendfile, data.raw_fd()) {
                         (true, Some(file_fd)) => {
+                            if !writing.corked && *len >= CORK_FILE_SLICES_FROM {
+                                set_cork(socket, true)?;
+                                writing.corked = true;
+                            }
                             match send_file(socket, file_fd, *offset, *len, writing) {
                                 Ok(true) => {
                                     writing.piece += 1;

@@ -569,6 +569,74 @@ fn auto_body_copies_for_a_few_clients_and_uses_sendfile_for_many() {
     }
 }
 
+/// The server's end of `client`'s connection (the server runs in this
+/// process), found among this process's descriptors by its addresses.
+fn server_side_corked(server: &FullServer, client: &TcpStream) -> Option<bool> {
+    use std::os::fd::BorrowedFd;
+    let client_addr = client.local_addr().unwrap();
+    for entry in std::fs::read_dir("/proc/self/fd").unwrap().flatten() {
+        let Ok(fd) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        // SAFETY: only getsockopt/getsockname/getpeername on it; a descriptor
+        // closed or reused meanwhile makes them fail, which is skipped.
+        let fd = unsafe { BorrowedFd::borrow_raw(fd) };
+        let socket = socket2::SockRef::from(&fd);
+        let addresses = (socket.local_addr(), socket.peer_addr());
+        if let (Ok(local), Ok(peer)) = addresses {
+            if local.as_socket() == Some(server.http) && peer.as_socket() == Some(client_addr) {
+                return socket.cork().ok();
+            }
+        }
+    }
+    None
+}
+
+/// A file slice of `CORK_FILE_SLICES_FROM` or more sent by `sendfile` goes
+/// out with `TCP_CORK` on, and the cork comes off when the response ends:
+/// the body arrives whole, and the next answer on the connection is not
+/// held back.
+#[test]
+fn a_large_sendfile_body_goes_out_corked_and_the_cork_comes_off_after_it() {
+    let root = tempfile::tempdir().unwrap();
+    let size = bootfleet::engine::CORK_FILE_SLICES_FROM as usize + 12_345;
+    let big: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
+    std::fs::write(root.path().join("big.img"), &big).unwrap();
+    std::fs::write(root.path().join("small.txt"), b"small").unwrap();
+    for backend in BACKENDS {
+        eprintln!("backend {backend}");
+        let server =
+            FullServer::start_on(backend, root.path(), |c| c.http.body = BodyMode::Sendfile);
+        let mut client = connect(&server);
+        client
+            .write_all(b"GET /big.img HTTP/1.1\r\nHost: h\r\n\r\n")
+            .unwrap();
+        // While the client reads nothing the socket fills, mid-body.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while server_side_corked(&server, &client) != Some(true) {
+            assert!(Instant::now() < deadline, "the body never went out corked");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let got = read_response(&mut client).expect("the big file");
+        assert_eq!(got.status, 200);
+        assert!(got.body == big, "corked body differs from the file");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while server_side_corked(&server, &client) != Some(false) {
+            assert!(
+                Instant::now() < deadline,
+                "the cork stayed on after the body"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        client
+            .write_all(b"GET /small.txt HTTP/1.1\r\nHost: h\r\n\r\n")
+            .unwrap();
+        let small = read_response(&mut client).expect("the next answer");
+        assert_eq!((small.status, small.body.as_slice()), (200, &b"small"[..]));
+        assert_eq!(server_side_corked(&server, &client), Some(false));
+    }
+}
+
 #[test]
 fn symlink_into_the_root_is_served() {
     for backend in BACKENDS {
