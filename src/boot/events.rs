@@ -69,9 +69,14 @@ pub struct EventLog {
 
 impl EventLog {
     pub fn new(capacity: usize) -> Self {
+        let capacity = capacity.max(1);
         Self {
-            ring: Mutex::new(VecDeque::with_capacity(capacity.min(4096))),
-            capacity: capacity.max(1),
+            // Reserved whole: until events fill it this is address space,
+            // not memory, while growing it later would copy megabytes
+            // (100,000 events are about 10 MB) with every worker waiting
+            // on the lock, in the first storm after a start.
+            ring: Mutex::new(VecDeque::with_capacity(capacity)),
+            capacity,
             sink: std::sync::OnceLock::new(),
         }
     }
