@@ -1,7 +1,8 @@
 //! The HTTP engine of the epoll backend: accepting connections, reading
 //! request heads, keep-alive and pipelining, timeouts, and writing
-//! responses whose file bodies go to the socket by `sendfile(2)` or from
-//! the mapping. [`super::http_uring`] is the same on io_uring.
+//! responses whose file bodies go to the socket by `sendfile(2)` (corked
+//! for large slices, see [`super::CORK_FILE_SLICES_FROM`]) or from the
+//! mapping. [`super::http_uring`] is the same on io_uring.
 //!
 //! It runs on tokio, one single-threaded runtime per worker. Each
 //! connection is one task:

@@ -13,6 +13,8 @@
 //!   the response began) by `send`; other file slices by `sendfile(2)` from
 //!   this thread, which never blocks (the socket is non-blocking) and, when
 //!   the socket is full, waits for a `POLLOUT` completion before going on.
+//!   A slice of [`super::CORK_FILE_SLICES_FROM`] or more goes with
+//!   `TCP_CORK` on, taken off when the response ends.
 //!
 //! The common answer on a kept-alive connection — a whole response in
 //! memory (a script, a redirect, an error, a `304`), nothing pipelined
