@@ -54,9 +54,11 @@ target/release/bootfleet check-config systemd/bootfleet.toml > /dev/null
 
 # cargo-fuzz needs nightly-only flags; RUSTC_BOOTSTRAP lets the stable
 # toolchain accept them.
-for target in tftp_packet boot_names_and_ranges; do
+for target in tftp_packet boot_names_and_ranges http_request; do
     echo "== fuzz: $target, ${FUZZ_SECONDS:-20} s"
-    RUSTC_BOOTSTRAP=1 cargo fuzz run "$target" -- -max_total_time="${FUZZ_SECONDS:-20}" -rss_limit_mb=2048 2>&1 | tail -n 3
+    dict=()
+    if [ -f "fuzz/$target.dict" ]; then dict=(-dict="$PWD/fuzz/$target.dict"); fi
+    RUSTC_BOOTSTRAP=1 cargo fuzz run "$target" -- -max_total_time="${FUZZ_SECONDS:-20}" -rss_limit_mb=2048 "${dict[@]}" 2>&1 | tail -n 3
 done
 
 echo "== tests (unit, integration with real clients, both engines)"
