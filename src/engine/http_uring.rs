@@ -521,7 +521,7 @@ impl Worker {
                 {
                     return self.answer_and_receive(index, now);
                 }
-                match step_writing(connection.socket.as_raw_fd(), writing)? {
+                match step_writing(connection.socket.as_raw_fd(), writing) {
                     Step::Done => {
                         let writing = connection.writing.take().expect("writing");
                         writing.report(&self.service, connection.peer);
@@ -725,17 +725,20 @@ fn live_connection(
 /// Moves a response on: skips finished pieces, sends file slices by
 /// `sendfile` until the socket is full, and returns the `send` for a piece
 /// of bytes. The entry points into `writing.response`, which stays in place
-/// until the completion.
-fn step_writing(socket: libc::c_int, writing: &mut Writing) -> io::Result<Step> {
+/// until the completion. Every error is the connection's own
+/// ([`Step::Failed`]): none ends the worker.
+fn step_writing(socket: libc::c_int, writing: &mut Writing) -> Step {
     writing.waiting_writable = false;
     loop {
         let pieces = writing.response.segments.len() + 1;
         if writing.piece >= pieces {
             if writing.corked {
                 writing.corked = false;
-                set_cork(socket, false)?;
+                if let Err(error) = set_cork(socket, false) {
+                    return Step::Failed(error);
+                }
             }
-            return Ok(Step::Done);
+            return Step::Done;
         }
         let more = writing.piece + 1 < pieces;
         let flags = libc::MSG_NOSIGNAL | if more { libc::MSG_MORE } else { 0 };
@@ -752,7 +755,11 @@ fn step_writing(socket: libc::c_int, writing: &mut Writing) -> io::Result<Step> 
                     match (writing.by_sendfile, data.raw_fd()) {
                         (true, Some(file_fd)) => {
                             if !writing.corked && *len >= CORK_FILE_SLICES_FROM {
-                                set_cork(socket, true)?;
+                                // A socket error ends this connection only,
+                                // like every other error of its response.
+                                if let Err(error) = set_cork(socket, true) {
+                                    return Step::Failed(error);
+                                }
                                 writing.corked = true;
                             }
                             match send_file(socket, file_fd, *offset, *len, writing) {
@@ -763,9 +770,9 @@ fn step_writing(socket: libc::c_int, writing: &mut Writing) -> io::Result<Step> 
                                 }
                                 Ok(false) => {
                                     writing.waiting_writable = true;
-                                    return Ok(Step::WaitWritable);
+                                    return Step::WaitWritable;
                                 }
-                                Err(error) => return Ok(Step::Failed(error)),
+                                Err(error) => return Step::Failed(error),
                             }
                         }
                         _ => &data[*offset as usize..(*offset + *len) as usize],
@@ -783,7 +790,7 @@ fn step_writing(socket: libc::c_int, writing: &mut Writing) -> io::Result<Step> 
         let entry = opcode::Send::new(types::Fd(socket), rest.as_ptr(), len)
             .flags(flags)
             .build();
-        return Ok(Step::Send(entry));
+        return Step::Send(entry);
     }
 }
 
