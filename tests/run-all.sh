@@ -58,7 +58,17 @@ for target in tftp_packet boot_names_and_ranges http_request; do
     echo "== fuzz: $target, ${FUZZ_SECONDS:-20} s"
     dict=()
     if [ -f "fuzz/$target.dict" ]; then dict=(-dict="$PWD/fuzz/$target.dict"); fi
-    RUSTC_BOOTSTRAP=1 cargo fuzz run "$target" -- -max_total_time="${FUZZ_SECONDS:-20}" -rss_limit_mb=2048 "${dict[@]}" 2>&1 | tail -n 3
+    log="$(mktemp)"
+    if ! RUSTC_BOOTSTRAP=1 cargo fuzz run "$target" -- -max_total_time="${FUZZ_SECONDS:-20}" -rss_limit_mb=2048 "${dict[@]}" > "$log" 2>&1; then
+        # The finding itself, and where its input was written, not just
+        # the end of the backtrace.
+        grep -E -A 3 "panicked at|ERROR: libFuzzer|Test unit written" "$log" | head -n 30
+        echo "fuzz target $target failed; reproduce with: RUSTC_BOOTSTRAP=1 cargo fuzz run $target <the input above>"
+        rm -f "$log"
+        exit 1
+    fi
+    tail -n 3 "$log"
+    rm -f "$log"
 done
 
 echo "== tests (unit, integration with real clients, both engines)"
