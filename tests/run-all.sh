@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs everything the test suite needs on a fresh Debian machine and runs
-# all of it: the fuzz target (briefly), the systemd unit check, then every
+# all of it: the fuzz targets (briefly), the systemd unit check, then every
 # unit and integration test over both engine backends. Run as root (the
 # network-namespace tests need CAP_NET_ADMIN): `sudo tests/run-all.sh`.
 # CI (.ci/run) calls exactly this.
