@@ -28,7 +28,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tracing::{debug, warn};
 
-use super::{set_cork, Shutdown, CORK_FILE_SLICES_FROM};
+use super::{cork_before_sendfile, set_cork, Shutdown};
 use crate::config::HttpConfig;
 use crate::proto::http::request::{parse, Parsed};
 use crate::server::http::{HttpService, Response, Segment};
@@ -306,10 +306,7 @@ async fn write_response(
                         .expect("file segments come with their file");
                     match (by_sendfile, data.raw_fd()) {
                         (true, Some(fd)) => {
-                            if !corked && *len >= CORK_FILE_SLICES_FROM {
-                                set_cork(stream.as_raw_fd(), true)?;
-                                corked = true;
-                            }
+                            cork_before_sendfile(stream.as_raw_fd(), *len, &mut corked)?;
                             send_file(
                                 stream,
                                 fd,

@@ -59,7 +59,7 @@ use tracing::{debug, error, warn};
 use super::uring::{
     cancel_in_flight, insert_slot, new_ring, split_user_data, user_data, waiting_ended,
 };
-use super::{set_cork, Shutdown, CORK_FILE_SLICES_FROM};
+use super::{cork_before_sendfile, set_cork, Shutdown};
 use crate::config::HttpConfig;
 use crate::proto::http::request::{parse, Parsed};
 use crate::server::http::{HttpService, Response, Segment};
@@ -754,13 +754,12 @@ fn step_writing(socket: libc::c_int, writing: &mut Writing) -> Step {
                         .expect("file segments come with their file");
                     match (writing.by_sendfile, data.raw_fd()) {
                         (true, Some(file_fd)) => {
-                            if !writing.corked && *len >= CORK_FILE_SLICES_FROM {
-                                // A socket error ends this connection only,
-                                // like every other error of its response.
-                                if let Err(error) = set_cork(socket, true) {
-                                    return Step::Failed(error);
-                                }
-                                writing.corked = true;
+                            // A socket error ends this connection only,
+                            // like every other error of its response.
+                            if let Err(error) =
+                                cork_before_sendfile(socket, *len, &mut writing.corked)
+                            {
+                                return Step::Failed(error);
                             }
                             match send_file(socket, file_fd, *offset, *len, writing) {
                                 Ok(true) => {

@@ -198,6 +198,22 @@ fn force_recv_buffer(listener: &UdpSocket, bytes: usize) -> std::io::Result<()> 
 /// better corked. So only bodies that need many calls are corked.
 pub const CORK_FILE_SLICES_FROM: u64 = 32 << 20;
 
+/// Before a `sendfile` slice of `len` bytes: puts the cork on if the
+/// slice is large enough and the response is not corked yet (`corked`
+/// says so, and is set). The response takes it off with [`set_cork`] when
+/// it ends.
+pub fn cork_before_sendfile(
+    socket: std::os::fd::RawFd,
+    len: u64,
+    corked: &mut bool,
+) -> std::io::Result<()> {
+    if !*corked && len >= CORK_FILE_SLICES_FROM {
+        set_cork(socket, true)?;
+        *corked = true;
+    }
+    Ok(())
+}
+
 /// Sets or clears `TCP_CORK` on a connection's socket (see
 /// [`CORK_FILE_SLICES_FROM`]).
 pub fn set_cork(socket: std::os::fd::RawFd, cork: bool) -> std::io::Result<()> {
