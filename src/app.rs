@@ -57,7 +57,16 @@ pub fn start(
     router.set_loader_files(config.dhcp.loader_files());
     let router = Arc::new(router);
     let cache = FileCache::new(config.cache_max_bytes);
+    // What the data plane never serves, even when the operator keeps it
+    // under the boot directory; and no interrupted upload is left there.
+    let private = crate::server::paths::private_paths([
+        inventory_path.as_path(),
+        config.state_dir.as_path(),
+        database_path(config).as_path(),
+    ]);
+    crate::server::paths::remove_upload_leftovers(&root);
     let mut tftp_service = TftpService::new(&root, &config.tftp, cache.clone())?;
+    tftp_service.set_private_paths(private.clone());
     tftp_service.add_generator(router.clone());
     tftp_service.add_observer(router.clone());
     let shutdown = Shutdown::new();
@@ -86,6 +95,7 @@ pub fn start(
         HttpServiceConfig {
             public_url: config.http.public_url.clone(),
             serve_api: panel.is_none(),
+            private,
         },
     ));
 

@@ -59,6 +59,7 @@ fn service() -> &'static HttpService {
             FileCache::new(64 << 20),
             Arc::new(router),
             HttpServiceConfig {
+                private: Vec::new(),
                 public_url: None,
                 serve_api: true,
             },

@@ -806,8 +806,14 @@ impl OneShotLedger {
         let tmp = path.with_extension("json.tmp");
         let result = serde_json::to_vec_pretty(&as_text)
             .map_err(std::io::Error::other)
-            .and_then(|bytes| std::fs::write(&tmp, bytes))
-            .and_then(|()| std::fs::rename(&tmp, path));
+            .and_then(|bytes| {
+                use std::io::Write;
+                let mut file = std::fs::File::create(&tmp)?;
+                file.write_all(&bytes)?;
+                file.sync_all()
+            })
+            .and_then(|()| std::fs::rename(&tmp, path))
+            .and_then(|()| crate::server::paths::sync_parent_dir(path));
         if let Err(error) = result {
             warn!(file = %path.display(), %error, "cannot save one-shot state; it holds until restart");
         }

@@ -766,14 +766,35 @@ async fn upload_file(
             format!("{relative:?} cannot be uploaded"),
         ));
     }
-    let target = state.root.join(&relative);
-    if let Some(dir) = target.parent() {
-        tokio::fs::create_dir_all(dir).await.map_err(|e| {
-            ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                format!("{}: {e}", dir.display()),
-            )
-        })?;
+    if crate::server::paths::is_private_name(&relative) {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!("{relative:?} cannot be uploaded: names starting with '.' are never served"),
+        ));
+    }
+    // Directories are made one by one under the canonical root, never
+    // through a symbolic link that leads outside it.
+    let (root, parent) = (
+        state.root.clone(),
+        relative.rsplit_once('/').map(|(dir, _)| dir.to_string()),
+    );
+    let dir = blocking(move || {
+        crate::server::paths::create_dirs_inside(&root, parent.as_deref().unwrap_or("")).map_err(
+            |e| {
+                ApiError::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    format!("cannot store {path}: {e}"),
+                )
+            },
+        )
+    })
+    .await?;
+    let target = dir.join(relative.rsplit('/').next().unwrap_or(&relative));
+    if std::fs::symlink_metadata(&target).is_ok_and(|m| m.file_type().is_symlink()) {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!("{relative:?} is a symbolic link; remove it on the server first"),
+        ));
     }
     let temp = target.with_file_name(format!(
         ".{}.upload-{}",
@@ -847,6 +868,9 @@ async fn upload_file(
             format!("cannot store {relative}: {e}"),
         )
         .await);
+    }
+    if let Err(e) = crate::server::paths::sync_parent_dir(&target) {
+        tracing::warn!(file = %relative, error = %e, "cannot sync the boot directory after an upload");
     }
     let detail = format!("{written} bytes");
     state

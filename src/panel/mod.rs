@@ -187,7 +187,14 @@ pub fn check_files(root: &Path, image: &ImageRecord) -> Result<Vec<FileCheck>, S
         if crate::inventory::is_url(path) {
             continue;
         }
-        let full = root.join(path);
+        // The same resolution as the data plane's: a symbolic link out of
+        // the boot directory is refused, not followed and checksummed.
+        let full = crate::server::paths::resolve_inside(root, path).map_err(|e| match e {
+            crate::server::paths::ResolveError::Outside => format!(
+                "boot file {path:?} is a symbolic link that leads outside the boot directory"
+            ),
+            _ => format!("boot file {path:?}: not found (upload it first, or give a path inside the boot directory)"),
+        })?;
         let mut file = std::fs::File::open(&full).map_err(|e| {
             format!("boot file {path:?}: {e} (upload it first, or give a path inside the boot directory)")
         })?;

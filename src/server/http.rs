@@ -33,7 +33,7 @@ use crate::boot::{chain_script, FileServed, Mac, Router};
 use crate::cache::{CachedFile, FileCache, FileData};
 use crate::proto::http::range::{self, BodyPlan, Multipart, Validators};
 use crate::proto::http::request::{Method, Request};
-use crate::server::paths::{resolve_inside, safe_relative_name, ResolveError};
+use crate::server::paths::{resolve_served, safe_relative_name, ResolveError};
 
 /// HTTP settings the service needs (the engine has its own timeouts).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -43,6 +43,10 @@ pub struct HttpServiceConfig {
     pub public_url: Option<String>,
     /// Serve the read-only `/api/v1/` endpoints (only without the panel).
     pub serve_api: bool,
+    /// Canonical paths under the root that are never served (the inventory
+    /// file, the state directory, the database); see
+    /// [`crate::server::paths::resolve_served`].
+    pub private: Vec<std::path::PathBuf>,
 }
 
 /// What to send for one request.
@@ -384,10 +388,14 @@ impl HttpService {
                 return self.text(400, &format!("refused path: {why}\n"), request, head_only);
             }
         };
-        let path = match resolve_inside(&self.root, &name) {
+        let path = match resolve_served(&self.root, &self.config.private, &name) {
             Ok(path) => path,
             Err(ResolveError::NotFound) => {
                 return self.text(404, "not found\n", request, head_only)
+            }
+            Err(ResolveError::Private) => {
+                tracing::info!(%peer, file = %name, "refused: the inventory, a dotfile, an upload in progress or server state is never served");
+                return self.text(404, "not found\n", request, head_only);
             }
             Err(ResolveError::PermissionDenied) | Err(ResolveError::Outside) => {
                 return self.text(403, "forbidden\n", request, head_only)

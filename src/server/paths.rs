@@ -6,6 +6,13 @@
 //! a file outside it; `..` components, backslashes, NUL and control bytes
 //! are refused outright, and symbolic links whose target lies outside the
 //! root are refused when the name is resolved.
+//!
+//! Some files inside the root are never served, whatever their spelling
+//! ([`is_private_name`], [`resolve_served`]): the inventory file (every MAC,
+//! reserved address and variable), dotfiles and dot-directories (among them
+//! the temporary files of uploads in progress, `.NAME.upload-*`), and the
+//! state directory, database and lease journal when an operator put them
+//! under the boot directory.
 
 use std::path::{Component, Path, PathBuf};
 
@@ -41,6 +48,131 @@ pub enum ResolveError {
     PermissionDenied,
     /// A symbolic link leads outside the root.
     Outside,
+    /// The inventory, a dotfile, an upload in progress or server state.
+    Private,
+}
+
+/// Whether `name` (relative, from [`safe_relative_name`]) is never served:
+/// a component starting with `.` (dotfiles, upload temporaries) or the
+/// inventory file.
+pub fn is_private_name(name: &str) -> bool {
+    name == crate::inventory::FILE_NAME || name.split('/').any(|part| part.starts_with('.'))
+}
+
+/// Resolves `name` for the data plane: [`resolve_inside`], after refusing
+/// private names, and refusing any path at or under one of `private`
+/// (canonical paths: the inventory file, the state directory, the
+/// database), so no spelling or symbolic link inside the root reaches them.
+pub fn resolve_served(
+    root: &Path,
+    private: &[PathBuf],
+    name: &str,
+) -> Result<PathBuf, ResolveError> {
+    if is_private_name(name) {
+        return Err(ResolveError::Private);
+    }
+    let canonical = resolve_inside(root, name)?;
+    if private.iter().any(|p| canonical.starts_with(p))
+        || canonical
+            .strip_prefix(root)
+            .is_ok_and(|inside| is_private_name(&inside.to_string_lossy()))
+    {
+        return Err(ResolveError::Private);
+    }
+    Ok(canonical)
+}
+
+/// The canonical forms of `paths` that exist (a path that does not exist
+/// yet is taken as it is, made absolute), for [`resolve_served`].
+pub fn private_paths<'a>(paths: impl IntoIterator<Item = &'a Path>) -> Vec<PathBuf> {
+    paths
+        .into_iter()
+        .map(|p| {
+            p.canonicalize()
+                .unwrap_or_else(|_| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf()))
+        })
+        .collect()
+}
+
+/// Creates the directories of `relative` (a safe name's parent) under the
+/// canonical `root` one by one, refusing to pass through a symbolic link
+/// that leads outside it, and returns the canonical directory. Used by
+/// uploads, which must never write outside the boot directory.
+pub fn create_dirs_inside(root: &Path, relative: &str) -> Result<PathBuf, String> {
+    let mut dir = root.to_path_buf();
+    for part in relative.split('/').filter(|p| !p.is_empty()) {
+        dir.push(part);
+        match std::fs::create_dir(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(format!("{}: {e}", dir.display())),
+        }
+        dir = dir
+            .canonicalize()
+            .map_err(|e| format!("{}: {e}", dir.display()))?;
+        if !dir.starts_with(root) {
+            return Err(format!(
+                "{relative:?} leads outside the boot directory through a symbolic link"
+            ));
+        }
+        if !dir.is_dir() {
+            return Err(format!("{} is not a directory", dir.display()));
+        }
+    }
+    Ok(dir)
+}
+
+/// Whether `file_name` is an upload's temporary file (`.NAME.upload-*`).
+pub fn is_upload_temporary(file_name: &str) -> bool {
+    file_name.starts_with('.') && file_name.contains(".upload-")
+}
+
+/// Removes uploads' temporary files that a crash (kill -9, power loss) left
+/// in the boot directory; returns how many. Walks at most 16 levels and
+/// 100,000 entries, so a huge tree cannot hold up the start.
+pub fn remove_upload_leftovers(root: &Path) -> usize {
+    let mut removed = 0;
+    let mut budget = 100_000usize;
+    let mut stack = vec![(root.to_path_buf(), 0)];
+    while let Some((dir, depth)) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            budget = budget.saturating_sub(1);
+            if budget == 0 {
+                return removed;
+            }
+            let Ok(kind) = entry.file_type() else {
+                continue;
+            };
+            let name = entry.file_name();
+            if kind.is_dir() && depth < 16 {
+                stack.push((entry.path(), depth + 1));
+            } else if kind.is_file() && is_upload_temporary(&name.to_string_lossy()) {
+                match std::fs::remove_file(entry.path()) {
+                    Ok(()) => {
+                        tracing::info!(file = %entry.path().display(), "removed an interrupted upload's temporary file");
+                        removed += 1;
+                    }
+                    Err(e) => {
+                        tracing::warn!(file = %entry.path().display(), error = %e, "cannot remove an interrupted upload's temporary file")
+                    }
+                }
+            }
+        }
+    }
+    removed
+}
+
+/// Makes a rename or a new file durable: `fsync` on the directory that
+/// holds it (without this, a power loss can forget the rename).
+pub fn sync_parent_dir(path: &Path) -> std::io::Result<()> {
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::File::open(dir)?.sync_all()
 }
 
 /// The canonical path of `name` (already checked by [`safe_relative_name`])
@@ -56,4 +188,52 @@ pub fn resolve_inside(root: &Path, name: &str) -> Result<PathBuf, ResolveError> 
         return Err(ResolveError::Outside);
     }
     Ok(canonical)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn private_files_are_never_served_in_any_spelling() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().canonicalize().unwrap();
+        std::fs::write(root.join("inventory.toml"), "x").unwrap();
+        std::fs::write(root.join(".secret"), "x").unwrap();
+        std::fs::create_dir_all(root.join("state")).unwrap();
+        std::fs::write(root.join("state/bootfleet.db"), "x").unwrap();
+        std::fs::write(root.join("ok"), "x").unwrap();
+        std::os::unix::fs::symlink("state/bootfleet.db", root.join("db-link")).unwrap();
+        std::os::unix::fs::symlink("inventory.toml", root.join("inv-link")).unwrap();
+        let private = private_paths([root.join("state").as_path()]);
+        for name in [
+            "inventory.toml",
+            ".secret",
+            "sub/.x.upload-abc",
+            "state/bootfleet.db",
+            "db-link",
+            "inv-link",
+        ] {
+            let relative = safe_relative_name(name.as_bytes()).unwrap();
+            assert_eq!(
+                resolve_served(&root, &private, &relative),
+                Err(ResolveError::Private),
+                "{name}"
+            );
+        }
+        assert!(resolve_served(&root, &private, "ok").is_ok());
+    }
+
+    #[test]
+    fn upload_directories_never_pass_a_link_outside_the_root() {
+        let outside = tempfile::tempdir().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().canonicalize().unwrap();
+        std::os::unix::fs::symlink(outside.path(), root.join("evil")).unwrap();
+        assert!(create_dirs_inside(&root, "evil/new").is_err());
+        assert!(!outside.path().join("new").exists());
+        assert_eq!(create_dirs_inside(&root, "a/b").unwrap(), root.join("a/b"));
+        std::fs::write(root.join("a/.k.upload-1"), "x").unwrap();
+        assert_eq!(remove_upload_leftovers(&root), 1);
+    }
 }

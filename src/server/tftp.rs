@@ -40,7 +40,7 @@ use crate::proto::tftp::{
 };
 use crate::server::multicast::{Join, MulticastHub};
 pub use crate::server::paths::safe_relative_name;
-use crate::server::paths::{resolve_inside, ResolveError};
+use crate::server::paths::{resolve_served, ResolveError};
 
 /// Answers some file names from memory instead of the disk: the seam through
 /// which the MAC router serves `pxelinux.cfg/01-<mac>` and GRUB configs.
@@ -134,6 +134,9 @@ pub struct TftpStatsSnapshot {
 /// The shared TFTP service; one per server, used by every worker.
 pub struct TftpService {
     root: PathBuf,
+    /// Canonical paths under the root that are never served (see
+    /// [`crate::server::paths::resolve_served`]).
+    private: Vec<PathBuf>,
     cache: FileCache,
     generators: Vec<Arc<dyn FileGenerator>>,
     observers: Vec<Arc<dyn TransferObserver>>,
@@ -170,7 +173,8 @@ fn store_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         let mut file = std::fs::File::create_new(&tmp)?;
         file.write_all(bytes)?;
         file.sync_all()?;
-        std::fs::rename(&tmp, path)
+        std::fs::rename(&tmp, path)?;
+        crate::server::paths::sync_parent_dir(path)
     })();
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
@@ -208,6 +212,7 @@ impl TftpService {
         }
         Ok(Self {
             root,
+            private: Vec::new(),
             cache,
             generators: Vec::new(),
             observers: Vec::new(),
@@ -231,6 +236,12 @@ impl TftpService {
             max_upload_bytes: config.max_upload_bytes,
             multicast: None,
         })
+    }
+
+    /// Never serves anything at or under these canonical paths (the
+    /// inventory file, the state directory, the database).
+    pub fn set_private_paths(&mut self, private: Vec<PathBuf>) {
+        self.private = private;
     }
 
     /// Serves read requests that ask for `multicast` through `hub`.
@@ -655,8 +666,12 @@ impl TftpService {
 
     /// The file's canonical path, which must lie inside the root.
     fn resolve_on_disk(&self, name: &str) -> Result<PathBuf, (ErrorCode, &'static str)> {
-        resolve_inside(&self.root, name).map_err(|e| match e {
+        resolve_served(&self.root, &self.private, name).map_err(|e| match e {
             ResolveError::NotFound => (ErrorCode::FileNotFound, "file not found"),
+            ResolveError::Private => {
+                info!(file = %name, "refused: the inventory, a dotfile, an upload in progress or server state is never served");
+                (ErrorCode::FileNotFound, "file not found")
+            }
             ResolveError::PermissionDenied => (ErrorCode::AccessViolation, "permission denied"),
             ResolveError::Outside => (
                 ErrorCode::AccessViolation,

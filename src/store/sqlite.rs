@@ -154,6 +154,20 @@ impl SqliteStore {
                 StoreError::Database(format!("cannot create {}: {e}", dir.display()))
             })?;
         }
+        // Created readable by its owner only (it holds password hashes and
+        // every machine); SQLite gives its -wal and -shm files the same mode.
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .mode(0o600)
+                .open(path)
+                .map_err(|e| {
+                    StoreError::Database(format!("cannot create {}: {e}", path.display()))
+                })?;
+        }
         let connection = Connection::open(path)
             .map_err(|e| StoreError::Database(format!("cannot open {}: {e}", path.display())))?;
         connection.pragma_update(None, "journal_mode", "WAL")?;

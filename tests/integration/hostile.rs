@@ -516,3 +516,70 @@ fn serves_over_ipv6() {
         assert_eq!(got, pattern(70_000, 3), "{backend}");
     }
 }
+
+/// Security review finding 6 (and 13): `inventory.toml` (every MAC,
+/// reserved address and variable) was served over HTTP and TFTP. What each
+/// protocol refuses, on both engines: the inventory file, dotfiles and
+/// dot-directories, an upload's temporary file left by a crash, and the
+/// state directory and database kept under the boot directory, also by a
+/// symbolic link inside it. The ordinary file next to them is still served.
+#[test]
+fn the_inventory_state_and_hidden_files_are_never_served() {
+    use bootfleet::engine::Backend;
+    for backend in [Backend::IoUring, Backend::Epoll] {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path();
+        std::fs::write(
+            dir.join("inventory.toml"),
+            "[machines.\"52:54:00:00:00:01\"]\nhostname = \"secret-node\"\n",
+        )
+        .unwrap();
+        std::fs::write(dir.join(".htpasswd"), b"secret").unwrap();
+        std::fs::create_dir_all(dir.join(".git")).unwrap();
+        std::fs::write(dir.join(".git/config"), b"secret").unwrap();
+        std::fs::create_dir_all(dir.join("debian")).unwrap();
+        std::fs::write(dir.join("debian/.vmlinuz.upload-1a2b3c"), b"partial").unwrap();
+        std::fs::write(dir.join("debian/vmlinuz"), b"kernel").unwrap();
+        std::fs::create_dir_all(dir.join("state")).unwrap();
+        std::os::unix::fs::symlink("state/bootfleet.db", dir.join("db")).unwrap();
+        let state = dir.join("state");
+        let server = FullServer::start_on(backend, dir, |c| {
+            c.state_dir = state.clone();
+            c.panel.database = "bootfleet.db".into();
+        });
+        std::fs::write(state.join("bootfleet.db"), b"secret").unwrap();
+        // Restarted servers remove what a crash left; this one started
+        // after the file was made, so it is gone already.
+        assert!(
+            !dir.join("debian/.vmlinuz.upload-1a2b3c").exists(),
+            "{backend:?}: an interrupted upload's temporary file is removed at start"
+        );
+        std::fs::write(dir.join("debian/.vmlinuz.upload-1a2b3c"), b"partial").unwrap();
+        for name in [
+            "inventory.toml",
+            "/inventory.toml",
+            "./inventory.toml",
+            ".htpasswd",
+            ".git/config",
+            "debian/.vmlinuz.upload-1a2b3c",
+            "state/bootfleet.db",
+            "db",
+        ] {
+            let fetched = curl(
+                &server.url(&format!("/{}", name.trim_start_matches('/'))),
+                &[],
+            );
+            assert_eq!(fetched.status, 404, "{backend:?}: HTTP served {name}");
+            let socket = client();
+            let (reply, _) =
+                exchange(&socket, server.tftp, &rrq(name.as_bytes(), &[])).expect("an answer");
+            assert_eq!(
+                error_code(&reply),
+                Some(1),
+                "{backend:?}: TFTP served {name}"
+            );
+        }
+        assert_eq!(curl(&server.url("/debian/vmlinuz"), &[]).body, b"kernel");
+        assert_eq!(fetch(server.tftp, "debian/vmlinuz"), b"kernel");
+    }
+}

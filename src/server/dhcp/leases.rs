@@ -14,7 +14,7 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::{BufRead, Write};
+use std::io::Write;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -259,6 +259,32 @@ pub struct Journal {
     pub sync: bool,
 }
 
+/// How long the address of an unreadable journal record stays out of the
+/// pool: a day, longer than any usual lease, so the machine that may hold it
+/// has renewed or gone by then.
+pub const DAMAGED_QUARANTINE_SECS: u64 = 24 * 3600;
+
+/// Creates (truncating) a file only its owner can read: leases name every
+/// machine of the fleet.
+fn private_file(path: &Path) -> std::io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+}
+
+/// The `"ip":"a.b.c.d"` of a damaged journal line, if it can still be read.
+fn address_in_damaged_record(line: &[u8]) -> Option<Ipv4Addr> {
+    const KEY: &[u8] = b"\"ip\":\"";
+    let start = line.windows(KEY.len()).position(|w| w == KEY)? + KEY.len();
+    let rest = &line[start..];
+    let end = rest.iter().position(|&b| b == b'"')?;
+    std::str::from_utf8(&rest[..end]).ok()?.parse().ok()
+}
+
 impl Journal {
     /// Opens (creating) the journal in `state_dir`, replays it into
     /// `table`, and rewrites it compactly. Returns how many leases it held.
@@ -270,22 +296,54 @@ impl Journal {
         std::fs::create_dir_all(state_dir)?;
         let path = state_dir.join("dhcp-leases.jsonl");
         let mut latest: HashMap<Ipv4Addr, Lease> = HashMap::new();
-        if let Ok(file) = File::open(&path) {
-            for (number, line) in std::io::BufReader::new(file).lines().enumerate() {
-                let line = line?;
-                if line.trim().is_empty() {
-                    continue;
+        // Read as bytes: one line that is not UTF-8 (a torn write, a bad
+        // disk block) must not keep the server from starting.
+        let bytes = match std::fs::read(&path) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => return Err(e),
+        };
+        let (mut unreadable, mut quarantined) = (0usize, 0usize);
+        for (number, line) in bytes.split(|&b| b == b'\n').enumerate() {
+            if line.iter().all(u8::is_ascii_whitespace) {
+                continue;
+            }
+            match std::str::from_utf8(line)
+                .map_err(|e| e.to_string())
+                .and_then(|text| serde_json::from_str::<Lease>(text).map_err(|e| e.to_string()))
+            {
+                Ok(lease) => {
+                    latest.insert(lease.ip, lease);
                 }
-                match serde_json::from_str::<Lease>(&line) {
-                    Ok(lease) => {
-                        latest.insert(lease.ip, lease);
-                    }
-                    // A torn last line after a crash: the ACK for it was never sent.
-                    Err(error) => {
-                        tracing::warn!(file = %path.display(), line = number + 1, %error, "skipping unreadable lease line")
+                // The address of a record that cannot be read is kept out
+                // of the pool (as if declined) until the quarantine ends:
+                // it may be bound to a machine, and a second MAC must not
+                // get it.
+                Err(error) => {
+                    unreadable += 1;
+                    let ip = address_in_damaged_record(line);
+                    tracing::warn!(file = %path.display(), line = number + 1, %error,
+                        quarantined = ?ip, "skipping an unreadable lease record");
+                    if let Some(ip) = ip {
+                        quarantined += 1;
+                        latest.insert(
+                            ip,
+                            Lease {
+                                ip,
+                                mac: Mac([0; 6]),
+                                state: State::Declined,
+                                expires: epoch(now) + DAMAGED_QUARANTINE_SECS,
+                                relay: Ipv4Addr::UNSPECIFIED,
+                            },
+                        );
                     }
                 }
             }
+        }
+        if unreadable > 0 {
+            tracing::warn!(file = %path.display(), unreadable, quarantined,
+                hours = DAMAGED_QUARANTINE_SECS / 3600,
+                "the lease journal had unreadable records; their addresses are kept out of the pool");
         }
         let keep: Vec<Lease> = latest
             .into_values()
@@ -293,7 +351,7 @@ impl Journal {
             .collect();
         let tmp = path.with_extension("jsonl.tmp");
         {
-            let mut out = std::io::BufWriter::new(File::create(&tmp)?);
+            let mut out = std::io::BufWriter::new(private_file(&tmp)?);
             for lease in &keep {
                 serde_json::to_writer(&mut out, lease)?;
                 out.write_all(b"\n")?;
@@ -301,6 +359,7 @@ impl Journal {
             out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
         }
         std::fs::rename(&tmp, &path)?;
+        crate::server::paths::sync_parent_dir(&path)?;
         for lease in &keep {
             table.apply(*lease);
         }
@@ -509,7 +568,8 @@ mod tests {
 
         let mut again = LeaseTable::new(vec![pool()], 1.0);
         let (_, count) = Journal::open(dir.path(), &mut again, now).unwrap();
-        assert_eq!(count, 1);
+        // Machine 1's lease, and the torn record's address in quarantine.
+        assert_eq!(count, 2);
         assert_eq!(again.of_mac(mac(1)).map(|l| l.ip), Some(a.ip));
         assert!(again.of_mac(mac(2)).is_none());
         // Machine 1's lease survived, so its address is not handed out again.
@@ -523,5 +583,55 @@ mod tests {
             )
             .unwrap();
         assert_ne!(third, a.ip);
+    }
+
+    /// Security review finding 9: one non-UTF-8 byte kept the server from
+    /// starting, and a corrupt line silently freed its address for a second
+    /// MAC. Now bad records are skipped and reported, their addresses kept
+    /// out of the pool, and the journal is private to its owner.
+    #[test]
+    fn damaged_journal_records_are_skipped_and_their_addresses_quarantined() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let now = SystemTime::now();
+        let good = Lease {
+            ip: Ipv4Addr::new(10, 0, 0, 10),
+            mac: mac(1),
+            state: State::Bound,
+            expires: epoch(now) + 3600,
+            relay: Ipv4Addr::UNSPECIFIED,
+        };
+        let mut text = serde_json::to_vec(&good).unwrap();
+        text.extend_from_slice(
+            b"\n{\"ip\":\"10.0.0.11\",\"mac\":\"02:00:00:00:00:02\",\"state\":\"bo\xffund\"}\n",
+        );
+        text.extend_from_slice(
+            b"{\"ip\":\"10.0.0.12\",\"mac\":\"zz\",\"state\":\"bound\",\"expires\":1}\n",
+        );
+        text.extend_from_slice(b"\xfe\xfe garbage without an address\n");
+        std::fs::write(dir.path().join("dhcp-leases.jsonl"), &text).unwrap();
+
+        let mut table = LeaseTable::new(vec![pool()], 1.0);
+        let (journal, count) = Journal::open(dir.path(), &mut table, now).expect("starts anyway");
+        assert_eq!(count, 3, "one lease, two quarantined addresses");
+        assert_eq!(table.of_mac(mac(1)).map(|l| l.ip), Some(good.ip));
+        let hint = Ipv4Addr::new(10, 0, 0, 1);
+        let free = table.choose(mac(3), hint, None, Ipv4Addr::UNSPECIFIED, now);
+        assert_eq!(
+            free,
+            Ok(Ipv4Addr::new(10, 0, 0, 13)),
+            "the only address not held or quarantined"
+        );
+        bind(&mut table, Ipv4Addr::new(10, 0, 0, 13), mac(3), now);
+        for asked in [11, 12] {
+            let ip = Ipv4Addr::new(10, 0, 0, asked);
+            let got = table.choose(mac(4), hint, Some(ip), Ipv4Addr::UNSPECIFIED, now);
+            assert_eq!(got, Err(NoAddress::PoolExhausted), "{ip} is quarantined");
+        }
+        let mode = std::fs::metadata(journal.path())
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "the journal is private: {mode:o}");
     }
 }
