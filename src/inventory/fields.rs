@@ -115,6 +115,26 @@ pub fn check_boot_path(field: &str, raw: &str) -> Result<String, String> {
     Ok(relative)
 }
 
+/// A machine's reserved address must be a unicast host address: not
+/// 0.0.0.0, the broadcast, a multicast, loopback or link-local address.
+/// (Which addresses are the network, broadcast and own address of a subnet
+/// only the DHCP server knows: it refuses to hand those out, see
+/// `server::dhcp`.)
+pub fn check_host_address(ip: std::net::Ipv4Addr) -> Result<(), String> {
+    if ip.is_unspecified()
+        || ip.is_broadcast()
+        || ip.is_multicast()
+        || ip.is_loopback()
+        || ip.is_link_local()
+    {
+        return Err(format!(
+            "{ip} cannot be reserved for a machine: it is not a host address \
+             (not 0.0.0.0, the broadcast, a multicast, loopback or link-local address)"
+        ));
+    }
+    Ok(())
+}
+
 /// A hostname is DNS letters, digits, hyphens and dots.
 pub fn check_hostname(hostname: &str) -> Result<(), String> {
     let valid = !hostname.is_empty()

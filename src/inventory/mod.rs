@@ -412,7 +412,8 @@ impl Snapshot {
                 .and_then(|()| {
                     fields::check_script_lines(&field("script_append"), &machine.script_append)
                 })
-                .and_then(|()| fields::check_vars(&machine.vars));
+                .and_then(|()| fields::check_vars(&machine.vars))
+                .and_then(|()| machine.ip.map_or(Ok(()), fields::check_host_address));
             checked.map_err(|e| invalid(key.span(), e))?;
             if let Some(ip) = machine.ip {
                 if let Some(other) = snapshot.by_ip.insert(ip, mac) {

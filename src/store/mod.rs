@@ -408,6 +408,10 @@ pub fn validate_patch(patch: &MachinePatch) -> StoreResult<()> {
             Some(Some(image)) => fields::check_name("image", image),
             _ => Ok(()),
         })
+        .and_then(|()| match patch.ip {
+            Some(Some(ip)) => fields::check_host_address(ip),
+            _ => Ok(()),
+        })
         .and_then(|()| {
             patch.cmdline_append.as_deref().map_or(Ok(()), |append| {
                 fields::check_words("cmdline_append", append, fields::MAX_COMMAND_LINE)

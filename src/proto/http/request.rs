@@ -114,12 +114,25 @@ pub fn parse(buf: &[u8], max_head_bytes: usize) -> Parsed {
         keep_alive: minor_version >= 1,
     };
     for header in request.headers.iter() {
+        let name = header.name;
+        // Framing headers are never skipped, whatever their bytes (RFC 9112
+        // §6.3): a request that announces a body in any spelling is refused
+        // rather than having its body read as the next request.
+        if name.eq_ignore_ascii_case("transfer-encoding") {
+            return Parsed::Invalid(411, "request bodies are not accepted");
+        }
         let Ok(value) = std::str::from_utf8(header.value) else {
-            continue; // opaque bytes in a header we may not even use
+            if name.eq_ignore_ascii_case("content-length") || name.eq_ignore_ascii_case("host") {
+                return Parsed::Invalid(400, "a Content-Length or Host header is not text");
+            }
+            continue; // opaque bytes in a header we do not use
         };
         let value = value.trim();
-        let name = header.name;
         if name.eq_ignore_ascii_case("host") {
+            // RFC 9112 §3.2: more than one Host is answered with 400.
+            if parsed.host.is_some() {
+                return Parsed::Invalid(400, "more than one Host header");
+            }
             parsed.host = Some(value.to_string());
         } else if name.eq_ignore_ascii_case("range") {
             parsed.range = Some(value.to_string());
@@ -137,13 +150,14 @@ pub fn parse(buf: &[u8], max_head_bytes: usize) -> Parsed {
                     parsed.keep_alive = true;
                 }
             }
-        } else if name.eq_ignore_ascii_case("transfer-encoding") {
-            return Parsed::Invalid(411, "request bodies are not accepted");
         } else if name.eq_ignore_ascii_case("content-length") {
-            match value.parse::<u64>() {
-                Ok(0) => {}
-                Ok(_) => return Parsed::Invalid(413, "request bodies are not accepted"),
-                Err(_) => return Parsed::Invalid(400, "invalid Content-Length"),
+            // Content-Length = 1*DIGIT (RFC 9110 §8.6): no sign, no spaces
+            // inside; Rust's parse would take "+0".
+            if value.is_empty() || !value.bytes().all(|b| b.is_ascii_digit()) {
+                return Parsed::Invalid(400, "invalid Content-Length");
+            }
+            if value.bytes().any(|b| b != b'0') {
+                return Parsed::Invalid(413, "request bodies are not accepted");
             }
         }
     }
@@ -294,6 +308,20 @@ mod tests {
                 400,
             ),
             ("G\0T / HTTP/1.1\r\n\r\n", 400),
+            // Security review finding 10: lenient framing (RFC 9112 §6.3).
+            (
+                "GET / HTTP/1.1\r\nHost: x\r\nContent-Length: +0\r\n\r\n",
+                400,
+            ),
+            (
+                "GET / HTTP/1.1\r\nHost: x\r\nContent-Length: -0\r\n\r\n",
+                400,
+            ),
+            (
+                "GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 0 0\r\n\r\n",
+                400,
+            ),
+            ("GET / HTTP/1.1\r\nHost: x\r\nHost: y\r\n\r\n", 400),
         ];
         for (text, status) in cases {
             match parse(text.as_bytes(), 8192) {
@@ -301,6 +329,25 @@ mod tests {
                 other => panic!("{text:?}: {other:?}"),
             }
         }
+        // Framing headers with bytes that are not UTF-8 are not skipped.
+        for head in [
+            &b"GET / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\xff\r\n\r\n"[..],
+            b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\xff\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: x\xff\r\n\r\n",
+        ] {
+            assert!(
+                matches!(parse(head, 8192), Parsed::Invalid(400 | 411, _)),
+                "{:?}",
+                String::from_utf8_lossy(head)
+            );
+        }
+        assert!(matches!(
+            parse(
+                b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 00\r\n\r\n",
+                8192
+            ),
+            Parsed::Complete(..)
+        ));
         let many: String = (0..100).map(|i| format!("X-{i}: y\r\n")).collect();
         let text = format!("GET / HTTP/1.1\r\nHost: x\r\n{many}\r\n");
         assert!(matches!(

@@ -39,6 +39,17 @@ impl Pool {
         (u32::from(self.first)..=u32::from(self.last)).contains(&u32::from(ip))
     }
 
+    /// Whether `ip` may be given to a host on this pool's subnet: not the
+    /// subnet's network or broadcast address (prefixes up to /30).
+    pub fn is_host_address(&self, ip: Ipv4Addr) -> bool {
+        if self.prefix_len >= 31 {
+            return true;
+        }
+        let host_mask = u32::MAX >> self.prefix_len;
+        let host = u32::from(ip) & host_mask;
+        host != 0 && host != host_mask
+    }
+
     pub fn size(&self) -> u32 {
         u32::from(self.last) - u32::from(self.first) + 1
     }

@@ -242,6 +242,20 @@ fn decide_full(
                 .pools
                 .iter()
                 .any(|p| p.same_subnet(*ip) && p.same_subnet(subnet_hint))
+        })
+        .filter(|&ip| {
+            // A reservation of this server's own address, or of the
+            // subnet's network or broadcast address, is never handed out.
+            let usable = ip != ctx.iface.addr
+                && leases
+                    .pools
+                    .iter()
+                    .filter(|p| p.same_subnet(ip))
+                    .all(|p| p.is_host_address(ip));
+            if !usable {
+                tracing::warn!(mac = %info.mac, %ip, "ignoring a reservation of this server's own, the network or the broadcast address; fix the machine's ip in the inventory");
+            }
+            usable
         });
     let lease_secs = ctx.config.lease_time.as_secs();
     let prefix = leases
@@ -324,6 +338,32 @@ fn decide_full(
             if !leases.available_for(ip, info.mac, now) {
                 return nak(request, info, ctx, "address belongs to another machine");
             }
+            // Only an address this server offered or leased to this MAC, or
+            // its reservation, is bound: a REQUEST out of the blue must not
+            // take free addresses (one host could bind the whole pool under
+            // made-up MACs). RFC 2131 §4.3.2: a client in SELECTING names
+            // our offer and gets a NAK when there is none; in INIT-REBOOT,
+            // RENEWING or REBINDING, with no record of the client, the
+            // server remains silent.
+            let known = reservation == Some(ip)
+                || leases.get(ip).is_some_and(|lease| lease.mac == info.mac);
+            if !known {
+                if info.server_id.is_some() {
+                    return nak(
+                        request,
+                        info,
+                        ctx,
+                        "no offer of this address to this machine",
+                    );
+                }
+                return Outcome {
+                    summary: Some(format!(
+                        "silent: REQUEST for {ip} from {} without a record of it (RFC 2131 4.3.2)",
+                        info.mac
+                    )),
+                    ..Outcome::default()
+                };
+            }
             if let Some(reserved) = reservation {
                 if reserved != ip {
                     return nak(request, info, ctx, "machine has another reserved address");
@@ -374,7 +414,10 @@ fn decide_full(
                 return Outcome::default();
             };
             match leases.get(ip).copied() {
-                Some(lease) if lease.mac == info.mac => {
+                // Only a bound address can be declined (RFC 2131 §4.4.1:
+                // the client checks it after the ACK); declining offers
+                // would let made-up MACs take the pool out of service.
+                Some(lease) if lease.mac == info.mac && lease.state == State::Bound => {
                     let declined = Lease {
                         state: State::Declined,
                         expires: epoch(now) + lease_secs,

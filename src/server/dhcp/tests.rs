@@ -415,3 +415,104 @@ fn the_rate_limiter_holds_one_source_and_not_another() {
     assert!(limiter.allow(Ipv4Addr::new(10, 0, 0, 67), now));
     assert!(limiter.allow(spray, now + std::time::Duration::from_millis(200)));
 }
+
+/// Security review finding 3: a REQUEST without a DISCOVER (INIT-REBOOT)
+/// bound any free address to any MAC, so one host could take the pool
+/// under made-up MACs. Now an address is bound only after this server
+/// offered or leased it to that MAC (or it is its reservation); otherwise
+/// INIT-REBOOT gets silence and SELECTING a NAK (RFC 2131 §4.3.2). And an
+/// offer cannot be declined into quarantine, only a bound address.
+#[test]
+fn a_request_out_of_the_blue_binds_nothing() {
+    let mut run = Run::new(DhcpMode::Full);
+    for n in 0..50u8 {
+        let mac = [0x02, 0, 0, 0, 0x99, n];
+        let wanted = Ipv4Addr::new(10, 0, 0, 100 + n);
+        let init_reboot = raw_request(
+            mac,
+            0,
+            [0; 4],
+            [0; 4],
+            &[(53, &[3]), (50, &wanted.octets())],
+        );
+        let (outcome, reply) = run.ask(&init_reboot);
+        assert!(
+            reply.is_none(),
+            "INIT-REBOOT without a record is answered silently"
+        );
+        assert!(outcome.change.is_none());
+        let selecting = raw_request(
+            mac,
+            0,
+            [0; 4],
+            [0; 4],
+            &[
+                (53, &[3]),
+                (50, &wanted.octets()),
+                (54, &IFACE_ADDR.octets()),
+            ],
+        );
+        let (outcome, reply) = run.ask(&selecting);
+        assert_eq!(reply.unwrap().opts().msg_type(), Some(MessageType::Nak));
+        assert!(outcome.change.is_none());
+        let renewing = raw_request(mac, 0, wanted.octets(), [0; 4], &[(53, &[3])]);
+        assert!(run.ask(&renewing).1.is_none());
+        assert!(run
+            .leases
+            .get(wanted)
+            .is_none_or(|l| l.state != State::Bound));
+    }
+    // An offered address declined before it is bound stays in the pool.
+    let (_, offer) = run.ask(&bios_pxe_discover());
+    let offered = offer.unwrap().yiaddr();
+    let decline = raw_request(
+        [0x52, 0x54, 0x00, 0x12, 0x34, 0x56],
+        0,
+        [0; 4],
+        [0; 4],
+        &[
+            (53, &[4]),
+            (50, &offered.octets()),
+            (54, &IFACE_ADDR.octets()),
+        ],
+    );
+    assert!(run.ask(&decline).0.change.is_none());
+    // The usual DORA still binds, and the client may come back to it.
+    let (_, ack) = run.ask(&bios_pxe_request(offered, IFACE_ADDR));
+    assert_eq!(ack.unwrap().opts().msg_type(), Some(MessageType::Ack));
+    let again = raw_request(
+        [0x52, 0x54, 0x00, 0x12, 0x34, 0x56],
+        0,
+        [0; 4],
+        [0; 4],
+        &[(53, &[3]), (50, &offered.octets())],
+    );
+    assert_eq!(
+        run.ask(&again).1.unwrap().opts().msg_type(),
+        Some(MessageType::Ack)
+    );
+}
+
+/// Security review finding 15: a machine reserved this server's own
+/// address, or the subnet's network or broadcast address, was given it.
+#[test]
+fn a_reservation_of_the_servers_own_network_or_broadcast_address_is_not_handed_out() {
+    for reserved in ["10.0.0.1", "10.0.0.0", "10.0.0.255"] {
+        let mut run = Run::new(DhcpMode::Full);
+        run.snapshot = snapshot(&format!(
+            "[machines.\"52:54:00:12:34:56\"]\nip = \"{reserved}\"\n"
+        ));
+        let (_, offer) = run.ask(&bios_pxe_discover());
+        let ip = offer.unwrap().yiaddr();
+        assert_ne!(ip.to_string(), reserved);
+        assert!(
+            (100..=199).contains(&ip.octets()[3]),
+            "{ip} comes from the pool"
+        );
+    }
+    for never in ["0.0.0.0", "255.255.255.255", "224.0.0.1", "127.0.0.1"] {
+        let text = format!("[machines.\"52:54:00:12:34:56\"]\nip = \"{never}\"\n");
+        let error = Snapshot::parse(&text, Path::new("i.toml"), Path::new("/x"), 1).unwrap_err();
+        assert!(error.to_string().contains("cannot be reserved"), "{error}");
+    }
+}
