@@ -47,7 +47,9 @@
 //! dns = ["10.0.0.1"]           # option 6 (full mode)
 //! domain = "cluster.local"     # option 15 (full mode)
 //! relay_pool_share = 0.75      # most of a pool one relay may hold
-//! max_requests_per_second_per_source = 20000
+//! max_requests_per_second_per_source = 20000  # per sending address (never 0.0.0.0)
+//! max_requests_per_second_per_client = 20      # per MAC (and relay, when relayed)
+//! relays = ["10.1.0.1"]        # relay agents trusted besides each packet's own giaddr
 //! sync_leases = true           # fdatasync leases before ACKs (false: write only)
 //! gather_ms = 5                # while busy, let requests gather this long per batch (0: none)
 //! answer_router_solicitations = true  # end iPXE's ~15 s IPv6 wait (default: full mode only)
@@ -218,6 +220,8 @@ pub struct FileDhcp {
     pub domain: Option<String>,
     pub relay_pool_share: Option<Spanned<f64>>,
     pub max_requests_per_second_per_source: Option<Spanned<u64>>,
+    pub max_requests_per_second_per_client: Option<Spanned<u64>>,
+    pub relays: Option<Vec<Ipv4Addr>>,
     pub sync_leases: Option<bool>,
     pub gather_ms: Option<Spanned<u64>>,
     pub answer_router_solicitations: Option<bool>,
@@ -281,7 +285,17 @@ pub struct DhcpConfig {
     pub dns: Vec<Ipv4Addr>,
     pub domain: Option<String>,
     pub relay_pool_share: f64,
+    /// Requests per second one sending address may make (unconfigured
+    /// clients all send from 0.0.0.0, so they are not limited by this).
     pub max_requests_per_second_per_source: u32,
+    /// Requests per second one client may make: keyed on its MAC (chaddr),
+    /// and on the relay's giaddr when relayed, so one noisy machine never
+    /// slows the others.
+    pub max_requests_per_second_per_client: u32,
+    /// Relay agents whose relayed packets are accepted besides those sent
+    /// from the giaddr they carry; any other relayed packet is dropped
+    /// (it would make the server unicast to whatever giaddr it names).
+    pub relays: Vec<Ipv4Addr>,
     /// `fdatasync` the lease journal before ACKs (power-loss safe) or only
     /// write it (restart safe).
     pub sync_leases: bool,
@@ -562,6 +576,8 @@ impl Default for Config {
                 domain: None,
                 relay_pool_share: 0.75,
                 max_requests_per_second_per_source: 20_000,
+                max_requests_per_second_per_client: 20,
+                relays: Vec::new(),
                 sync_leases: true,
                 gather: Duration::from_millis(5),
                 answer_router_solicitations: None,
@@ -695,6 +711,15 @@ impl Validator<'_> {
             1..=10_000_000,
             u64::from(c.max_requests_per_second_per_source),
         )? as u32;
+        c.max_requests_per_second_per_client = self.ranged(
+            &d.max_requests_per_second_per_client,
+            "dhcp.max_requests_per_second_per_client",
+            1..=1_000_000,
+            u64::from(c.max_requests_per_second_per_client),
+        )? as u32;
+        if let Some(relays) = &d.relays {
+            c.relays = relays.clone();
+        }
         if let Some(sync) = d.sync_leases {
             c.sync_leases = sync;
         }

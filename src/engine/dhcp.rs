@@ -36,7 +36,9 @@ use crate::boot::{Mac, Router};
 use crate::config::{DhcpConfig, DhcpMode};
 use crate::proto::dhcp::{parse_request, Destination, CLIENT_PORT, PXE_PORT, SERVER_PORT};
 use crate::server::dhcp::leases::{Journal, LeaseTable, Pool, State as LeaseState};
-use crate::server::dhcp::{decide, Context, Interface, Port, RateLimiter};
+use crate::server::dhcp::{
+    decide, relay_trusted, ClientKey, Context, Interface, Port, RateLimiter,
+};
 
 /// Most datagrams decided (and journalled) together.
 pub const BATCH: usize = 256;
@@ -50,11 +52,14 @@ pub struct DhcpService {
     pub stats: DhcpStats,
 }
 
-/// Leases, their journal and the rate limiter.
+/// Leases, their journal and the rate limiters.
 pub struct DhcpState {
     pub leases: LeaseTable,
     journal: Option<Journal>,
+    /// Per sending address (not 0.0.0.0).
     limiter: RateLimiter,
+    /// Per client: chaddr, and giaddr when relayed.
+    client_limiter: RateLimiter<ClientKey>,
 }
 
 /// Counters.
@@ -141,6 +146,7 @@ impl DhcpService {
             None
         };
         let limiter = RateLimiter::new(config.max_requests_per_second_per_source);
+        let client_limiter = RateLimiter::new(config.max_requests_per_second_per_client);
         Ok(Self {
             config,
             router,
@@ -149,6 +155,7 @@ impl DhcpService {
                 leases,
                 journal,
                 limiter,
+                client_limiter,
             }),
             stats: DhcpStats::default(),
         })
@@ -359,9 +366,22 @@ pub fn decide_batch(
             SocketAddr::V4(v4) => *v4.ip(),
             SocketAddr::V6(_) => continue,
         };
-        if !state.limiter.allow(source, now) {
+        if !relay_trusted(source, info.giaddr, &service.config.relays) {
+            service.stats.dropped.fetch_add(1, Relaxed);
+            debug!(%source, giaddr = %info.giaddr, mac = %info.mac,
+                "relayed DHCP request not from its relay nor a listed one (dhcp.relays); dropped");
+            continue;
+        }
+        // All unconfigured clients send from 0.0.0.0: they are told apart
+        // by their MAC (and relay), never put in one bucket.
+        if !source.is_unspecified() && !state.limiter.allow(source, now) {
             service.stats.dropped.fetch_add(1, Relaxed);
             debug!(%source, mac = %info.mac, "DHCP request over the per-source rate; dropped");
+            continue;
+        }
+        if !state.client_limiter.allow((info.giaddr, info.mac), now) {
+            service.stats.dropped.fetch_add(1, Relaxed);
+            debug!(%source, mac = %info.mac, "DHCP request over the per-client rate; dropped");
             continue;
         }
         let ctx = Context {
@@ -567,5 +587,74 @@ mod tests {
                 "{lines}"
             );
         }
+    }
+
+    fn iface() -> Interface {
+        Interface {
+            name: "veth0".into(),
+            addr: Ipv4Addr::new(10, 0, 0, 1),
+            prefix_len: 24,
+        }
+    }
+
+    /// Security review finding 4: the rate limit keyed on the source
+    /// address, and every unconfigured client sends from 0.0.0.0, so one
+    /// noisy MAC put every booting machine over the limit. Now each client
+    /// (chaddr, and giaddr when relayed) has its own budget.
+    #[test]
+    fn one_noisy_mac_does_not_slow_the_others() {
+        use crate::proto::dhcp::tests::raw_request;
+        let root = tempfile::tempdir().unwrap();
+        let state = tempfile::tempdir().unwrap();
+        let service = service(false, state.path(), root.path());
+        let peer = SocketAddr::from((Ipv4Addr::UNSPECIFIED, CLIENT_PORT));
+        let noisy: Vec<_> = (0..1000).map(|_| (bios_pxe_discover(), peer)).collect();
+        let answered = decide_batch(&noisy, &iface(), Port::Dhcp, &service).len();
+        let budget = service.config.max_requests_per_second_per_client as usize;
+        assert!(
+            answered <= budget + 1,
+            "the noisy MAC got {answered} answers"
+        );
+        let others: Vec<_> = (0..200u8)
+            .map(|n| {
+                let discover =
+                    raw_request([2, 0, 0, 0, 7, n], 0x8000, [0; 4], [0; 4], &[(53, &[1])]);
+                (discover, peer)
+            })
+            .collect();
+        let answered = decide_batch(&others, &iface(), Port::Dhcp, &service).len();
+        assert_eq!(answered, 200, "every other machine is answered");
+    }
+
+    /// Security review finding 14: a relayed packet from 0.0.0.0 with a
+    /// forged giaddr made the server unicast a reply to any address, and
+    /// rotating giaddr dodged `relay_pool_share`. Relayed packets are now
+    /// answered only from the relay they name or one listed in
+    /// `dhcp.relays`.
+    #[test]
+    fn relayed_packets_are_answered_only_from_their_relay() {
+        use crate::proto::dhcp::tests::raw_request;
+        let root = tempfile::tempdir().unwrap();
+        let state = tempfile::tempdir().unwrap();
+        let mut service = service(false, state.path(), root.path());
+        service.config.relays = vec![Ipv4Addr::new(10, 0, 0, 250)];
+        let relayed = |n: u8, giaddr: [u8; 4]| {
+            raw_request([2, 0, 0, 0, 8, n], 0, [0; 4], giaddr, &[(53, &[1])])
+        };
+        let from =
+            |ip: [u8; 4]| SocketAddr::from((Ipv4Addr::from(ip), crate::proto::dhcp::SERVER_PORT));
+        let forged: Vec<_> = (0..50u8)
+            .map(|n| (relayed(n, [10, 0, 0, 100 + n]), from([0, 0, 0, 0])))
+            .chain((0..50u8).map(|n| (relayed(100 + n, [10, 0, 0, 9]), from([10, 0, 0, 7]))))
+            .collect();
+        assert!(decide_batch(&forged, &iface(), Port::Dhcp, &service).is_empty());
+        let genuine = [
+            (relayed(200, [10, 0, 0, 9]), from([10, 0, 0, 9])),
+            (relayed(201, [10, 0, 0, 9]), from([10, 0, 0, 250])),
+        ];
+        assert_eq!(
+            decide_batch(&genuine, &iface(), Port::Dhcp, &service).len(),
+            2
+        );
     }
 }

@@ -574,12 +574,25 @@ fn encode(message: &Message) -> Vec<u8> {
 /// A per-source token bucket: one sender spraying requests (random MACs to
 /// starve the pool) is slowed down without affecting anyone else.
 #[derive(Debug)]
-pub struct RateLimiter {
+pub struct RateLimiter<K = Ipv4Addr> {
     per_second: f64,
-    buckets: std::collections::HashMap<Ipv4Addr, (f64, SystemTime)>,
+    buckets: std::collections::HashMap<K, (f64, SystemTime)>,
 }
 
-impl RateLimiter {
+/// Whom a DHCP request counts against: its client hardware address, and
+/// the relay it came through (0.0.0.0 when not relayed).
+pub type ClientKey = (Ipv4Addr, crate::boot::Mac);
+
+/// Whether a relayed request (non-zero giaddr) may be answered: it must
+/// come from the relay it names, or from one the operator listed. A packet
+/// from anywhere else (0.0.0.0 with a forged giaddr) would make the server
+/// unicast to any address on port 67, and rotating giaddr would dodge the
+/// per-relay share of the pool.
+pub fn relay_trusted(source: Ipv4Addr, giaddr: Ipv4Addr, relays: &[Ipv4Addr]) -> bool {
+    giaddr.is_unspecified() || source == giaddr || relays.contains(&source)
+}
+
+impl<K: std::hash::Hash + Eq> RateLimiter<K> {
     pub fn new(per_second: u32) -> Self {
         Self {
             per_second: f64::from(per_second),
@@ -587,8 +600,8 @@ impl RateLimiter {
         }
     }
 
-    /// Whether a request from `source` may be answered now.
-    pub fn allow(&mut self, source: Ipv4Addr, now: SystemTime) -> bool {
+    /// Whether a request counted against `source` may be answered now.
+    pub fn allow(&mut self, source: K, now: SystemTime) -> bool {
         if self.buckets.len() > 100_000 {
             self.buckets.clear();
         }
