@@ -32,6 +32,7 @@
 //! listen = "0.0.0.0:80"
 //! public_url = "http://10.0.0.1"  # how scripts name this server (default: the Host header)
 //! max_connections = 10000
+//! max_connections_per_client = 2048  # one host cannot hold them all
 //! max_header_bytes = 16384     # larger request heads get 431
 //! header_timeout_ms = 10000    # a request head must arrive within this (slowloris)
 //! idle_timeout_ms = 60000      # keep-alive connections idle longer are closed
@@ -201,6 +202,7 @@ pub struct FileHttp {
     pub listen: Option<SocketAddr>,
     pub public_url: Option<Spanned<String>>,
     pub max_connections: Option<Spanned<u64>>,
+    pub max_connections_per_client: Option<Spanned<u64>>,
     pub max_header_bytes: Option<Spanned<u64>>,
     pub header_timeout_ms: Option<Spanned<u64>>,
     pub idle_timeout_ms: Option<Spanned<u64>>,
@@ -441,6 +443,9 @@ pub struct HttpConfig {
     pub listen: SocketAddr,
     pub public_url: Option<String>,
     pub max_connections: usize,
+    /// Open connections one client address may hold, so that one host
+    /// holding idle sockets cannot get everyone else a 503.
+    pub max_connections_per_client: usize,
     pub max_header_bytes: usize,
     pub header_timeout: Duration,
     pub idle_timeout: Duration,
@@ -560,6 +565,7 @@ impl Default for Config {
                 listen: "0.0.0.0:80".parse().expect("literal address"),
                 public_url: None,
                 max_connections: 10_000,
+                max_connections_per_client: 2048,
                 max_header_bytes: 16 << 10,
                 header_timeout: Duration::from_secs(10),
                 idle_timeout: Duration::from_secs(60),
@@ -894,6 +900,12 @@ impl Validator<'_> {
                 "http.max_connections",
                 1..=1_000_000,
                 dh.max_connections as u64,
+            )? as usize,
+            max_connections_per_client: self.ranged(
+                &h.max_connections_per_client,
+                "http.max_connections_per_client",
+                1..=1_000_000,
+                dh.max_connections_per_client as u64,
             )? as usize,
             max_header_bytes: self.ranged(
                 &h.max_header_bytes,

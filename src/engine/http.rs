@@ -28,7 +28,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tracing::{debug, warn};
 
-use super::{cork_before_sendfile, set_cork, Shutdown};
+use super::{cork_before_sendfile, set_cork, ClientConnections, Shutdown};
 use crate::config::HttpConfig;
 use crate::proto::http::request::{parse, Parsed};
 use crate::server::http::{HttpService, Response, Segment};
@@ -48,16 +48,18 @@ pub fn spawn(
     // latency low at hundreds of connections per core.
     let config = Arc::new(config);
     let slots = Arc::new(Semaphore::new(config.max_connections));
+    let clients = ClientConnections::new(config.max_connections_per_client);
     let mut threads = Vec::new();
     for index in 0..workers.max(1) {
         let listener = listener.try_clone()?;
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
-        let (service, config, slots, shutdown) = (
+        let (service, config, slots, clients, shutdown) = (
             Arc::clone(&service),
             Arc::clone(&config),
             Arc::clone(&slots),
+            Arc::clone(&clients),
             shutdown.clone(),
         );
         threads.push(
@@ -72,7 +74,7 @@ pub fn spawn(
                                 return;
                             }
                         };
-                        accept_loop(listener, service, config, slots, shutdown).await;
+                        accept_loop(listener, service, config, slots, clients, shutdown).await;
                     });
                     runtime.shutdown_timeout(Duration::from_secs(1));
                 })?,
@@ -86,6 +88,7 @@ async fn accept_loop(
     service: Arc<HttpService>,
     config: Arc<HttpConfig>,
     slots: Arc<Semaphore>,
+    clients: Arc<ClientConnections>,
     shutdown: Shutdown,
 ) {
     let mut warned_fds = false;
@@ -114,9 +117,14 @@ async fn accept_loop(
                 continue;
             }
         };
+        let busy = b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
+        let Some(client_slot) = clients.admit(peer.ip()) else {
+            debug!(%peer, "HTTP connection limit per client reached (http.max_connections_per_client); answering 503");
+            let _ = stream.try_write(busy);
+            continue;
+        };
         let Ok(permit) = Arc::clone(&slots).try_acquire_owned() else {
             debug!(%peer, "HTTP connection limit reached; answering 503");
-            let busy = b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
             let _ = stream.try_write(busy);
             continue;
         };
@@ -138,6 +146,7 @@ async fn accept_loop(
                 }
             }
             drop(permit);
+            drop(client_slot);
         });
     }
 }

@@ -59,7 +59,7 @@ use tracing::{debug, error, warn};
 use super::uring::{
     cancel_in_flight, insert_slot, new_ring, split_user_data, user_data, waiting_ended,
 };
-use super::{cork_before_sendfile, set_cork, Shutdown};
+use super::{cork_before_sendfile, set_cork, ClientConnections, ClientSlot, Shutdown};
 use crate::config::HttpConfig;
 use crate::proto::http::request::{parse, Parsed};
 use crate::server::http::{HttpService, Response, Segment};
@@ -101,11 +101,16 @@ pub fn spawn(
     listener.set_nonblocking(true)?;
     let config = Arc::new(config);
     let open = Arc::new(AtomicUsize::new(0));
+    let clients = ClientConnections::new(config.max_connections_per_client);
     let mut threads = Vec::new();
     for index in 0..workers.max(1) {
         let listener = listener.try_clone()?;
-        let (service, config, open) =
-            (Arc::clone(&service), Arc::clone(&config), Arc::clone(&open));
+        let (service, config, open, clients) = (
+            Arc::clone(&service),
+            Arc::clone(&config),
+            Arc::clone(&open),
+            Arc::clone(&clients),
+        );
         let shutdown = shutdown.clone();
         // The ring is made on the thread that uses it: with
         // SINGLE_ISSUER only its creator may submit.
@@ -138,6 +143,7 @@ pub fn spawn(
                         service,
                         config,
                         open,
+                        clients,
                         connections: Vec::new(),
                         free: Vec::new(),
                         next_generation: 1,
@@ -185,6 +191,9 @@ struct Connection {
     /// the `recv` in flight; freed when that `recv` completes, or when the
     /// send fails (then the `recv` never starts, and never completes).
     linked_answer: Option<Vec<u8>>,
+    /// This connection's place in the per-client count; given back when
+    /// the connection is dropped.
+    _client_slot: ClientSlot,
 }
 
 struct Writing {
@@ -225,6 +234,8 @@ struct Worker {
     config: Arc<HttpConfig>,
     /// Open connections over all workers, against `max_connections`.
     open: Arc<AtomicUsize>,
+    /// Open connections per client address, over all workers.
+    clients: Arc<ClientConnections>,
     connections: Vec<Option<Connection>>,
     free: Vec<usize>,
     next_generation: u32,
@@ -392,20 +403,28 @@ impl Worker {
         let (Ok(peer), Ok(local)) = (socket.peer_addr(), socket.local_addr()) else {
             return Ok(()); // gone already
         };
-        if self.open.fetch_add(1, Ordering::Relaxed) >= self.config.max_connections {
-            self.open.fetch_sub(1, Ordering::Relaxed);
-            debug!(%peer, "HTTP connection limit reached; answering 503");
-            // SAFETY: a send from a static slice on a socket we own.
-            let _ = unsafe {
-                libc::send(
-                    socket.as_raw_fd(),
-                    BUSY.as_ptr().cast(),
-                    BUSY.len(),
-                    libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
-                )
-            };
-            return Ok(());
-        }
+        let over_total = self.open.fetch_add(1, Ordering::Relaxed) >= self.config.max_connections;
+        let client_slot = match self.clients.admit(peer.ip()) {
+            Some(slot) if !over_total => slot,
+            admitted => {
+                self.open.fetch_sub(1, Ordering::Relaxed);
+                if admitted.is_some() {
+                    debug!(%peer, "HTTP connection limit reached; answering 503");
+                } else {
+                    debug!(%peer, "HTTP connection limit per client reached (http.max_connections_per_client); answering 503");
+                }
+                // SAFETY: a send from a static slice on a socket we own.
+                let _ = unsafe {
+                    libc::send(
+                        socket.as_raw_fd(),
+                        BUSY.as_ptr().cast(),
+                        BUSY.len(),
+                        libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
+                    )
+                };
+                return Ok(());
+            }
+        };
         let _ = socket.set_nodelay(true);
         let generation = self.next_generation;
         self.next_generation = (self.next_generation + 1) & 0x00ff_ffff;
@@ -421,6 +440,7 @@ impl Worker {
             in_flight: false,
             cancelled: None,
             linked_answer: None,
+            _client_slot: client_slot,
         };
         let index = insert_slot(&mut self.connections, &mut self.free, connection);
         if let Next::Close = self.advance(index, now)? {

@@ -125,6 +125,58 @@ impl ServerHandle {
     }
 }
 
+/// Open HTTP connections per client address, over all workers, against
+/// `http.max_connections_per_client`. A slot is taken when a connection is
+/// accepted and given back when its [`ClientSlot`] drops.
+#[derive(Debug)]
+pub struct ClientConnections {
+    max_per_client: usize,
+    open: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>,
+}
+
+/// One admitted connection's place in [`ClientConnections`].
+#[derive(Debug)]
+pub struct ClientSlot {
+    table: Arc<ClientConnections>,
+    client: std::net::IpAddr,
+}
+
+impl ClientConnections {
+    pub fn new(max_per_client: usize) -> Arc<Self> {
+        Arc::new(Self {
+            max_per_client: max_per_client.max(1),
+            open: std::sync::Mutex::new(std::collections::HashMap::new()),
+        })
+    }
+
+    /// A slot for a new connection from `client`, or `None` when it holds
+    /// its share already.
+    pub fn admit(self: &Arc<Self>, client: std::net::IpAddr) -> Option<ClientSlot> {
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        let count = open.entry(client).or_insert(0);
+        if *count >= self.max_per_client {
+            return None;
+        }
+        *count += 1;
+        Some(ClientSlot {
+            table: Arc::clone(self),
+            client,
+        })
+    }
+}
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        let mut open = self.table.open.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(count) = open.get_mut(&self.client) {
+            *count -= 1;
+            if *count == 0 {
+                open.remove(&self.client);
+            }
+        }
+    }
+}
+
 /// Number of workers for a configured value (0: one per core).
 pub fn worker_count(configured: usize) -> usize {
     if configured > 0 {

@@ -306,10 +306,11 @@ async fn login(
     .await?;
     let Some(user) = verified else {
         state.limiter.failed(peer.ip(), &body.user);
-        info!(user = %body.user, client = %peer, "panel login failed");
+        let name = auth::login_name_for_records(&body.user);
+        info!(user = %name, client = %peer, "panel login failed");
         let _ = state
             .store
-            .record_audit(&body.user, "login.failed", &peer.ip().to_string(), "");
+            .record_audit(&name, "login.failed", &peer.ip().to_string(), "");
         return Err(ApiError::unauthorized("wrong user name or password"));
     };
     state.limiter.succeeded(peer.ip(), &user.name);

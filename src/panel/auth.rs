@@ -27,7 +27,8 @@ use crate::store::{InventoryStore, Scope};
 pub const SESSION_COOKIE: &str = "bf_session";
 /// How long a session lasts.
 pub const SESSION_LIFETIME: Duration = Duration::from_secs(12 * 3600);
-/// Failed logins allowed per address or user within [`FAILURE_WINDOW`].
+/// Failed logins allowed per address, and per address and user name
+/// together, within [`FAILURE_WINDOW`].
 const MAX_FAILURES: usize = 5;
 const FAILURE_WINDOW: Duration = Duration::from_secs(60);
 
@@ -158,7 +159,25 @@ pub fn authorize(
     Ok(caller)
 }
 
-/// Failed logins by client address and by user name.
+/// A submitted login name as logs, the audit log and the limiter keep it:
+/// at most 64 characters, control characters escaped (a failed login once
+/// stored 1.5 MB of name verbatim).
+pub fn login_name_for_records(name: &str) -> String {
+    const MAX: usize = 64;
+    let mut kept: String = name
+        .chars()
+        .take(MAX)
+        .flat_map(char::escape_default)
+        .collect();
+    if name.chars().count() > MAX {
+        kept.push('…');
+    }
+    kept
+}
+
+/// Failed logins by client address, and by address and user name together.
+/// Never by the name alone: then anyone could keep `admin` locked out from
+/// everywhere by failing to log in as it.
 #[derive(Default)]
 pub struct LoginLimiter {
     failures: Mutex<HashMap<String, Vec<Instant>>>,
@@ -166,7 +185,10 @@ pub struct LoginLimiter {
 
 impl LoginLimiter {
     fn keys(client: IpAddr, user: &str) -> [String; 2] {
-        [format!("ip:{client}"), format!("user:{user}")]
+        [
+            format!("ip:{client}"),
+            format!("ip:{client} user:{}", login_name_for_records(user)),
+        ]
     }
 
     /// Seconds to wait before another attempt, if any.
@@ -216,6 +238,14 @@ mod tests {
     }
 
     #[test]
+    fn stored_login_names_are_short_and_printable() {
+        assert_eq!(login_name_for_records("alice"), "alice");
+        assert_eq!(login_name_for_records("a\nb"), "a\\nb");
+        let long = "x".repeat(1_500_000);
+        assert_eq!(login_name_for_records(&long).chars().count(), 65);
+    }
+
+    #[test]
     fn the_limiter_blocks_after_five_failures() {
         let limiter = LoginLimiter::default();
         let ip: IpAddr = "10.0.0.1".parse().unwrap();
@@ -224,11 +254,14 @@ mod tests {
             limiter.failed(ip, "alice");
         }
         assert!(limiter.retry_after(ip, "alice").is_some());
-        // The user is blocked from another address too, and the address for another user.
-        assert!(limiter
-            .retry_after("10.0.0.2".parse().unwrap(), "alice")
-            .is_some());
+        // The address is blocked for every name; the user is not blocked
+        // from another address (security review finding 12: failures from
+        // one host kept `admin` locked out everywhere).
         assert!(limiter.retry_after(ip, "bob").is_some());
+        assert_eq!(
+            limiter.retry_after("10.0.0.2".parse().unwrap(), "alice"),
+            None
+        );
         assert_eq!(
             limiter.retry_after("10.0.0.2".parse().unwrap(), "bob"),
             None

@@ -705,6 +705,65 @@ fn connections_beyond_the_limit_get_503_and_the_others_are_served() {
     }
 }
 
+/// Security review finding 11: one host holding `max_connections` idle
+/// sockets got everyone else a 503. Now a client address holds at most
+/// `max_connections_per_client`; another address is still served.
+#[test]
+fn one_client_cannot_hold_every_connection() {
+    for backend in BACKENDS {
+        eprintln!("backend {backend}");
+        let server = FullServer::start_on(backend, boot_dir(), |c| {
+            c.http.max_connections = 100;
+            c.http.max_connections_per_client = 2;
+        });
+        let request = b"GET /text.txt HTTP/1.1\r\nHost: t\r\n\r\n";
+        let from = |source: &str| {
+            let socket =
+                socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+            let source: std::net::SocketAddr = format!("{source}:0").parse().unwrap();
+            socket.bind(&source.into()).unwrap();
+            socket.connect(&server.http.into()).unwrap();
+            let stream: TcpStream = socket.into();
+            stream
+                .set_read_timeout(Some(Duration::from_secs(10)))
+                .unwrap();
+            stream
+        };
+        let mut held: Vec<TcpStream> = (0..2).map(|_| from("127.0.0.1")).collect();
+        for stream in &mut held {
+            stream.write_all(request).unwrap();
+            assert_eq!(read_response(stream).unwrap().status, 200);
+        }
+        let mut third = from("127.0.0.1");
+        let busy = read_response(&mut third).expect("an answer, not silence");
+        assert_eq!(busy.status, 503, "{backend}: over the per-client limit");
+        let mut other = from("127.0.0.2");
+        other.write_all(request).unwrap();
+        assert_eq!(
+            read_response(&mut other).unwrap().status,
+            200,
+            "{backend}: another client"
+        );
+        // A closed connection gives its place back.
+        drop(held.pop());
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let mut stream = from("127.0.0.1");
+            let _ = stream.write_all(request);
+            match read_response(&mut stream).map(|f| f.status) {
+                Some(200) => break,
+                status => {
+                    assert!(
+                        Instant::now() < deadline,
+                        "{backend}: no place given back: {status:?}"
+                    );
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+        }
+    }
+}
+
 /// Out of file descriptors (a storm against a low `ulimit -n`): the
 /// connections already open are still answered (the file, or a 503 that
 /// says to retry), and once descriptors are free new connections are
