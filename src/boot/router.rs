@@ -112,6 +112,16 @@ pub struct Script {
     pub decision: Decision,
 }
 
+/// How the router knows that an address is a machine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Binding {
+    /// This server's DHCP leased the address to the machine.
+    Leased,
+    /// A request from the address named the machine (its script's URL):
+    /// anyone on the boot LAN can say this.
+    Claimed,
+}
+
 /// The router; one per server, shared by HTTP and TFTP.
 pub struct Router {
     root: PathBuf,
@@ -120,7 +130,12 @@ pub struct Router {
     current: ArcSwap<Loaded>,
     one_shot: OneShotLedger,
     seen: Mutex<HashMap<Mac, SeenMachine>>,
-    client_machines: Mutex<HashMap<IpAddr, Mac>>,
+    /// Which machine each client address is, and how the router knows.
+    client_machines: Mutex<HashMap<IpAddr, (Mac, Binding)>>,
+    /// For each one-shot machine whose assignment is armed, the address
+    /// that first asked for its script: only a kernel fetch from there uses
+    /// the assignment up when no lease vouches for the address.
+    one_shot_claimants: Mutex<HashMap<Mac, IpAddr>>,
     /// First-stage loaders the DHCP answers name: their fetches are the
     /// loader phase of a boot.
     loader_files: HashSet<String>,
@@ -154,6 +169,7 @@ impl Router {
             one_shot: OneShotLedger::open(state_dir),
             seen: Mutex::new(HashMap::new()),
             client_machines: Mutex::new(HashMap::new()),
+            one_shot_claimants: Mutex::new(HashMap::new()),
             loader_files: HashSet::new(),
             failed_source: Mutex::new(None),
             external_source: std::sync::atomic::AtomicBool::new(false),
@@ -296,12 +312,18 @@ impl Router {
         let listed = snapshot.machines.get(&mac);
         let static_script = self.static_scripts.find(mac);
         // A machine with the operator's own script is known, not discovered.
-        self.remember(
-            mac,
-            client,
-            &facts,
-            listed.is_none() && static_script.is_none(),
-        );
+        // An address that this server leased to another machine cannot
+        // speak for this one: it still gets the script (scripts are public
+        // boot files), but it neither claims the MAC nor writes to its
+        // record.
+        if self.may_speak_for(client, mac) {
+            self.remember(
+                mac,
+                client,
+                &facts,
+                listed.is_none() && static_script.is_none(),
+            );
+        }
 
         if let Some(found) = static_script {
             return Script {
@@ -317,6 +339,16 @@ impl Router {
             .and_then(|machine| Some((machine, snapshot.image_of(machine)?)));
         if let Some((machine, image)) = assigned {
             let spent = machine.one_shot && self.one_shot.used(mac, machine.rearm);
+            if machine.one_shot && !spent && self.may_speak_for(client, mac) {
+                let mut claimants = self
+                    .one_shot_claimants
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner());
+                if claimants.len() >= MAX_SEEN {
+                    claimants.clear();
+                }
+                claimants.entry(mac).or_insert(client);
+            }
             if !spent && image.template == inventory::DEFAULT_TEMPLATE {
                 let rendered = loaded.rendered.lock().unwrap_or_else(|p| p.into_inner());
                 if let Some((_, body)) = rendered.get(&mac).filter(|(at, _)| at == server) {
@@ -487,10 +519,22 @@ impl Router {
         seen.get(&mac).cloned()
     }
 
-    /// Records that `client` is `mac` (it asked for a script, or DHCP gave
-    /// or confirmed that address), so that file fetches, which carry no
-    /// MAC address, can be put on that machine's timeline.
+    /// Records that `client` says it is `mac` (it asked for that MAC's
+    /// script, or named an address in a ProxyDHCP exchange), so that file
+    /// fetches, which carry no MAC address, can be put on that machine's
+    /// timeline. A claim never replaces an address this server leased to
+    /// another machine ([`Self::note_lease`]).
     pub fn note_client(&self, client: IpAddr, mac: Mac) {
+        self.bind_client(client, mac, Binding::Claimed);
+    }
+
+    /// Records that this server's DHCP leased (or confirmed) `client` to
+    /// `mac`: what the lease says wins over any claim.
+    pub fn note_lease(&self, client: IpAddr, mac: Mac) {
+        self.bind_client(client, mac, Binding::Leased);
+    }
+
+    fn bind_client(&self, client: IpAddr, mac: Mac, binding: Binding) {
         let mut clients = self
             .client_machines
             .lock()
@@ -498,7 +542,32 @@ impl Router {
         if clients.len() >= MAX_SEEN && !clients.contains_key(&client) {
             clients.clear();
         }
-        clients.insert(client, mac);
+        match clients.get(&client) {
+            Some(&(leased, Binding::Leased)) if binding == Binding::Claimed && leased != mac => {
+                tracing::debug!(%client, claimed = %mac, %leased, "address leased to another machine; claim ignored");
+            }
+            _ => {
+                clients.insert(client, (mac, binding));
+            }
+        }
+    }
+
+    fn is_leased_to(&self, client: IpAddr, mac: Mac) -> bool {
+        let clients = self
+            .client_machines
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        clients.get(&client) == Some(&(mac, Binding::Leased))
+    }
+
+    /// Whether `client` may act for `mac`: true unless this server leased
+    /// the address to another machine.
+    pub fn may_speak_for(&self, client: IpAddr, mac: Mac) -> bool {
+        let clients = self
+            .client_machines
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        !matches!(clients.get(&client), Some(&(leased, Binding::Leased)) if leased != mac)
     }
 
     /// Names the first-stage loaders (paths relative to the boot
@@ -513,7 +582,7 @@ impl Router {
             .client_machines
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        clients.get(&client).copied()
+        clients.get(&client).map(|&(mac, _)| mac)
     }
 
     /// Tells the router that a file was served: loaders, kernels and
@@ -551,6 +620,20 @@ impl Router {
         let Some(mac) = mac else { return };
         if let Some((machine, image)) = loaded.snapshot.assigned_image(mac) {
             if machine.one_shot && image.kernel == path && !self.one_shot.used(mac, machine.rearm) {
+                // Without a lease that vouches for the address (ProxyDHCP,
+                // another DHCP server), only the address that first asked
+                // for the script uses the assignment up.
+                let mut claimants = self
+                    .one_shot_claimants
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner());
+                if !self.is_leased_to(client, mac) && claimants.get(&mac) != Some(&client) {
+                    info!(%mac, %client, first = ?claimants.get(&mac),
+                        "kernel fetched by an address that did not first ask for this one-shot machine's script; assignment kept");
+                    return;
+                }
+                claimants.remove(&mac);
+                drop(claimants);
                 info!(%mac, image = %image.name, "one-shot assignment used: local boot from now on");
                 self.one_shot.mark_used(mac, machine.rearm);
             }
@@ -1006,6 +1089,60 @@ netboot = false
             again.machine_script(mac, &[], "http://h", peer).decision,
             Decision::Assigned("tiny".into())
         );
+    }
+
+    /// Security review finding 7: any boot-LAN host could use up another
+    /// machine's one-shot assignment and write into its timeline, because
+    /// the address-to-MAC mapping trusted the MAC in the script's URL.
+    #[test]
+    fn a_host_cannot_act_for_another_machine() {
+        let s = setup(INVENTORY);
+        let victim = Mac::parse("52:54:00:00:00:02").unwrap();
+        let attacker_mac = Mac::parse("02:00:00:00:00:99").unwrap();
+        let attacker: IpAddr = "10.0.0.66".parse().unwrap();
+        let victim_ip: IpAddr = "10.0.0.50".parse().unwrap();
+
+        // With a lease: the address is the attacker's, whatever its URL says.
+        s.router.note_lease(attacker, attacker_mac);
+        let stolen = s.router.machine_script(victim, &[], "http://h", attacker);
+        assert_eq!(
+            stolen.decision,
+            Decision::Assigned("tiny".into()),
+            "scripts are public"
+        );
+        assert!(!s.router.may_speak_for(attacker, victim));
+        assert_eq!(s.router.machine_at(attacker), Some(attacker_mac));
+        s.router
+            .file_served(&served("tiny/k", attacker, 100, 200, true));
+        assert!(
+            s.router.events.recent(Some(victim), 10).is_empty(),
+            "no event on its timeline"
+        );
+
+        // Without a lease (ProxyDHCP): the address that first asked for the
+        // script is the one whose kernel fetch uses the assignment up.
+        let _ = s.router.machine_script(victim, &[], "http://h", victim_ip);
+        let proxy_attacker: IpAddr = "10.0.0.67".parse().unwrap();
+        let _ = s
+            .router
+            .machine_script(victim, &[], "http://h", proxy_attacker);
+        s.router
+            .file_served(&served("tiny/k", proxy_attacker, 100, 200, true));
+        assert_eq!(
+            s.router
+                .machine_script(victim, &[], "http://h", victim_ip)
+                .decision,
+            Decision::Assigned("tiny".into()),
+            "still armed after another address fetched the kernel"
+        );
+        s.router
+            .file_served(&served("tiny/k", victim_ip, 100, 200, true));
+        assert!(matches!(
+            s.router
+                .machine_script(victim, &[], "http://h", victim_ip)
+                .decision,
+            Decision::Local(_)
+        ));
     }
 
     #[test]

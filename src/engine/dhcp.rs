@@ -402,15 +402,15 @@ pub fn decide_batch(
             .as_ref()
             .filter(|lease| lease.mac == info.mac && lease.state == LeaseState::Bound);
         if let Some(lease) = bound {
-            known_clients.push((lease.ip, info.mac));
+            known_clients.push((lease.ip, info.mac, true));
         } else if !info.giaddr.is_unspecified() {
             // Relayed: the source is the relay.
         } else if !source.is_unspecified() {
-            known_clients.push((source, info.mac));
+            known_clients.push((source, info.mac, false));
         } else if let (DhcpMode::Proxy, MessageType::Request, Some(ip)) =
             (service.config.mode, info.message_type, info.requested_ip)
         {
-            known_clients.push((ip, info.mac));
+            known_clients.push((ip, info.mac, false));
         }
         // Offers are promises, not leases (RFC 2131 §4.3.1): the lease
         // table holds them in memory, and the journal, which a restart
@@ -439,8 +439,13 @@ pub fn decide_batch(
         }
     }
     drop(state);
-    for (ip, mac) in known_clients {
-        service.router.note_client(std::net::IpAddr::V4(ip), mac);
+    for (ip, mac, leased) in known_clients {
+        let client = std::net::IpAddr::V4(ip);
+        if leased {
+            service.router.note_lease(client, mac);
+        } else {
+            service.router.note_client(client, mac);
+        }
     }
     for (mac, source, detail) in events {
         service.router.events.record(

@@ -196,8 +196,11 @@ impl HttpService {
                 &self.base_url(request, local),
                 peer.ip(),
             );
+            // A host this server leased an address to cannot write into
+            // another machine's timeline by asking for its script.
+            let speaks_for = self.router.may_speak_for(peer.ip(), mac);
             self.router.events.record(
-                Some(mac),
+                speaks_for.then_some(mac),
                 peer.ip(),
                 Phase::Script,
                 "http",
