@@ -29,7 +29,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
 use serde::Serialize;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::events::{EventLog, Phase};
 use super::render::{ImageView, InitrdView, ScriptContext, Templates};
@@ -46,6 +46,12 @@ pub const MENU_TIMEOUT_MS: u32 = 30_000;
 /// Most machines remembered as seen (a spray of random MACs cannot grow
 /// memory without bound).
 const MAX_SEEN: usize = 100_000;
+
+/// New unknown MACs one client address may introduce at once, and then per
+/// second: a booting machine asks for one MAC (its own); 145,000 made-up
+/// MACs in 20 s from one host once filled the inventory.
+const NEW_MACS_BURST: f64 = 16.0;
+const NEW_MACS_PER_SECOND: f64 = 1.0;
 
 /// A snapshot with its compiled templates.
 struct Loaded {
@@ -136,6 +142,10 @@ pub struct Router {
     /// that first asked for its script: only a kernel fetch from there uses
     /// the assignment up when no lease vouches for the address.
     one_shot_claimants: Mutex<HashMap<Mac, IpAddr>>,
+    /// New unknown MACs each client address may still introduce (a token
+    /// bucket): a machine brings one, a host making them up is held to
+    /// [`NEW_MACS_PER_SECOND`].
+    discovery_budget: Mutex<HashMap<IpAddr, (f64, std::time::Instant)>>,
     /// First-stage loaders the DHCP answers name: their fetches are the
     /// loader phase of a boot.
     loader_files: HashSet<String>,
@@ -170,6 +180,7 @@ impl Router {
             seen: Mutex::new(HashMap::new()),
             client_machines: Mutex::new(HashMap::new()),
             one_shot_claimants: Mutex::new(HashMap::new()),
+            discovery_budget: Mutex::new(HashMap::new()),
             loader_files: HashSet::new(),
             failed_source: Mutex::new(None),
             external_source: std::sync::atomic::AtomicBool::new(false),
@@ -470,8 +481,14 @@ impl Router {
         let now = now_ms();
         self.note_client(client, mac);
         let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
-        if seen.len() >= MAX_SEEN && !seen.contains_key(&mac) {
-            return;
+        if !seen.contains_key(&mac) {
+            if seen.len() >= MAX_SEEN {
+                return;
+            }
+            if discovered && !self.may_discover(client) {
+                debug!(%mac, %client, "new unknown MACs from this address faster than machines boot; not remembered");
+                return;
+            }
         }
         let entry = seen.entry(mac).or_insert_with(|| {
             if discovered {
@@ -493,6 +510,28 @@ impl Router {
             if !value.is_empty() {
                 entry.facts.insert(name.clone(), value.clone());
             }
+        }
+    }
+
+    /// Whether `client` may introduce one more unknown MAC now.
+    fn may_discover(&self, client: IpAddr) -> bool {
+        let now = std::time::Instant::now();
+        let mut budget = self
+            .discovery_budget
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if budget.len() >= MAX_SEEN && !budget.contains_key(&client) {
+            budget.clear();
+        }
+        let (tokens, last) = budget.entry(client).or_insert((NEW_MACS_BURST, now));
+        let refill = now.duration_since(*last).as_secs_f64() * NEW_MACS_PER_SECOND;
+        *tokens = (*tokens + refill).min(NEW_MACS_BURST);
+        *last = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            true
+        } else {
+            false
         }
     }
 
@@ -544,7 +583,7 @@ impl Router {
         }
         match clients.get(&client) {
             Some(&(leased, Binding::Leased)) if binding == Binding::Claimed && leased != mac => {
-                tracing::debug!(%client, claimed = %mac, %leased, "address leased to another machine; claim ignored");
+                debug!(%client, claimed = %mac, %leased, "address leased to another machine; claim ignored");
             }
             _ => {
                 clients.insert(client, (mac, binding));
@@ -1143,6 +1182,32 @@ netboot = false
                 .decision,
             Decision::Local(_)
         ));
+    }
+
+    /// Security review finding 5: script requests for made-up MACs added
+    /// one discovered machine each, without limit. One address introduces
+    /// at most a burst of new unknown MACs, then one a second; another
+    /// address, or a listed machine, is not held back.
+    #[test]
+    fn one_address_cannot_make_up_machines_without_limit() {
+        let s = setup(INVENTORY);
+        let flooder: IpAddr = "10.0.0.90".parse().unwrap();
+        for n in 0..500u32 {
+            let mac = Mac([2, 0, 0, (n >> 16) as u8, (n >> 8) as u8, n as u8]);
+            let _ = s.router.machine_script(mac, &[], "http://h", flooder);
+        }
+        let remembered = s.router.seen_machines(true).len();
+        assert_eq!(remembered, NEW_MACS_BURST as usize, "the burst, not 500");
+        let other: IpAddr = "10.0.0.91".parse().unwrap();
+        let _ = s
+            .router
+            .machine_script(Mac([2, 9, 9, 9, 9, 9]), &[], "http://h", other);
+        assert!(s.router.seen_machine(Mac([2, 9, 9, 9, 9, 9])).is_some());
+        let _ = s.router.machine_script(MAC, &[], "http://h", flooder);
+        assert!(
+            s.router.seen_machine(MAC).is_some(),
+            "listed machines are not limited"
+        );
     }
 
     #[test]

@@ -145,6 +145,7 @@ pub struct FilePanel {
     pub event_retention_hours: Option<Spanned<u64>>,
     pub stuck_after_seconds: Option<Spanned<u64>>,
     pub max_upload_mib: Option<Spanned<u64>>,
+    pub max_discovered: Option<Spanned<u64>>,
 }
 
 /// The control panel and its inventory database.
@@ -164,6 +165,10 @@ pub struct PanelConfig {
     pub stuck_after: Duration,
     /// Largest file the panel accepts as an upload.
     pub max_upload_bytes: u64,
+    /// Most discovered (not adopted) machines kept; the least recently
+    /// seen go first. Unauthenticated script requests for made-up MACs
+    /// can then never grow the inventory without bound.
+    pub max_discovered: usize,
 }
 
 /// Parses the panel's listen setting: an address, or `off`.
@@ -610,6 +615,7 @@ impl Default for Config {
                 event_retention: Duration::from_secs(7 * 24 * 3600),
                 stuck_after: Duration::from_secs(120),
                 max_upload_bytes: 16 << 30,
+                max_discovered: 10_000,
             },
         }
     }
@@ -989,6 +995,12 @@ impl Validator<'_> {
             1..=1 << 20,
             16 << 10,
         )? << 20;
+        config.panel.max_discovered = self.ranged(
+            &p.max_discovered,
+            "panel.max_discovered",
+            1..=10_000_000,
+            10_000,
+        )? as usize;
         if let Some(level) = file.log.level {
             config.log_level = level;
         }

@@ -379,6 +379,11 @@ async fn session(Auth(who): Reader) -> ApiResult {
 
 // ---- machines ----
 
+/// Machines in one answer when the caller names no `limit`, and the most it
+/// may name: a list of every discovered machine could be megabytes.
+const DEFAULT_PAGE: usize = 1000;
+const MAX_PAGE: usize = 10_000;
+
 #[derive(Deserialize, Default)]
 struct MachineFilter {
     /// Text found in the MAC, hostname, IP, image, labels, notes or facts.
@@ -462,7 +467,7 @@ async fn list_machines(
         let page = matching
             .into_iter()
             .skip(filter.offset.unwrap_or(0))
-            .take(filter.limit.unwrap_or(usize::MAX))
+            .take(filter.limit.unwrap_or(DEFAULT_PAGE).min(MAX_PAGE))
             .collect::<Vec<_>>();
         Ok((total, page))
     })

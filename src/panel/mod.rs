@@ -371,18 +371,24 @@ async fn write_events(state: Arc<PanelState>) {
         }
         let state = Arc::clone(&state);
         let written = tokio::task::spawn_blocking(move || {
+            // Only machines the router remembers: it refuses new MACs from
+            // an address that makes them up faster than machines boot.
             let seen: Vec<crate::store::SeenNote> = seen
                 .into_iter()
-                .map(|(mac, at_ms)| {
-                    let facts = state
-                        .router
-                        .seen_machine(mac)
-                        .map(|seen| seen.facts)
-                        .unwrap_or_default();
-                    (mac, facts, at_ms)
+                .filter_map(|(mac, at_ms)| {
+                    let facts = state.router.seen_machine(mac)?.facts;
+                    Some((mac, facts, at_ms))
                 })
                 .collect();
-            state.store.note_events(&batch, &seen)
+            state.store.note_events(&batch, &seen)?;
+            if !seen.is_empty() {
+                let forgotten = state.store.prune_discovered(state.config.max_discovered)?;
+                if forgotten > 0 {
+                    info!(forgotten, keep = state.config.max_discovered,
+                        "discovered machines over panel.max_discovered; the least recently seen were forgotten");
+                }
+            }
+            Ok::<(), crate::store::StoreError>(())
         })
         .await;
         match written {

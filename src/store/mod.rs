@@ -334,6 +334,9 @@ pub trait InventoryStore: Send + Sync {
     ) -> StoreResult<Vec<StoredEvent>>;
     /// Deletes events older than `before_ms`; returns how many.
     fn prune_events(&self, before_ms: u64) -> StoreResult<usize>;
+    /// Keeps at most `keep` discovered (not adopted) machines, forgetting
+    /// the least recently seen; returns how many were forgotten.
+    fn prune_discovered(&self, keep: usize) -> StoreResult<usize>;
 
     fn images(&self) -> StoreResult<Vec<ImageRecord>>;
     fn image(&self, name: &str) -> StoreResult<Option<ImageRecord>>;

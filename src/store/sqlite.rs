@@ -641,6 +641,35 @@ impl InventoryStore for SqliteStore {
         Ok(events)
     }
 
+    fn prune_discovered(&self, keep: usize) -> StoreResult<usize> {
+        self.write_machines(|tx, changes| {
+            let discovered: i64 =
+                tx.query_row("SELECT COUNT(*) FROM machines WHERE adopted = 0", [], |r| {
+                    r.get(0)
+                })?;
+            let excess = (discovered as usize).saturating_sub(keep);
+            if excess == 0 {
+                return Ok(0);
+            }
+            let oldest: Vec<String> = tx
+                .prepare(
+                    "SELECT mac FROM machines WHERE adopted = 0 \
+                     ORDER BY COALESCE(last_seen_ms, 0), mac LIMIT ?1",
+                )?
+                .query_map(params![excess as i64], |r| r.get(0))?
+                .collect::<Result<_, _>>()?;
+            let mut delete =
+                tx.prepare_cached("DELETE FROM machines WHERE mac = ?1 AND adopted = 0")?;
+            for mac in &oldest {
+                delete.execute(params![mac])?;
+                if let Ok(mac) = Mac::parse(mac) {
+                    changes.push(CacheChange::Remove(mac));
+                }
+            }
+            Ok(oldest.len())
+        })
+    }
+
     fn prune_events(&self, before_ms: u64) -> StoreResult<usize> {
         self.write(|tx| Ok(tx.execute("DELETE FROM events WHERE at_ms < ?1", [before_ms as i64])?))
     }
@@ -1340,5 +1369,36 @@ mod tests {
             ..Default::default()
         };
         assert!(store.put_machine(Mac([4; 6]), &patch, "t").is_err());
+    }
+
+    #[test]
+    fn discovered_machines_are_capped_least_recently_seen_first() {
+        let (_dir, store) = store();
+        for n in 0..10u8 {
+            store
+                .note_seen(
+                    Mac([2, 0, 0, 0, 0, n]),
+                    &BTreeMap::new(),
+                    100 + u64::from(n),
+                )
+                .unwrap();
+        }
+        store
+            .put_machine(Mac([2, 0, 0, 0, 0, 0]), &MachinePatch::default(), "t")
+            .unwrap();
+        assert_eq!(store.prune_discovered(4).unwrap(), 5);
+        let left: Vec<Mac> = store.machines().unwrap().iter().map(|m| m.mac).collect();
+        assert_eq!(
+            left.len(),
+            5,
+            "the adopted machine and the 4 seen last: {left:?}"
+        );
+        assert!(
+            left.contains(&Mac([2, 0, 0, 0, 0, 0])),
+            "adopted machines stay"
+        );
+        assert!(left.contains(&Mac([2, 0, 0, 0, 0, 9])));
+        assert!(!left.contains(&Mac([2, 0, 0, 0, 0, 5])));
+        assert_eq!(store.prune_discovered(4).unwrap(), 0);
     }
 }

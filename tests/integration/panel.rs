@@ -496,6 +496,47 @@ fn no_token_can_add_a_command_to_a_boot_script() {
     );
 }
 
+/// Security review finding 5: unauthenticated script requests for random
+/// MACs added a discovered row each (145,000 in 20 s). Now one address
+/// introduces new MACs only at a machine's pace, the database keeps at
+/// most `panel.max_discovered` (least recently seen dropped), and the list
+/// is paged.
+#[test]
+fn made_up_machines_cannot_grow_the_inventory() {
+    let root = boot_dir();
+    let server = FullServer::start_with_panel(root.path(), state_dir(), |c| {
+        c.panel.max_discovered = 5;
+    });
+    let panel = server.panel.unwrap();
+    let api = Api::with_token(panel, &add_token(server.state.path(), "ops", "read"));
+    for n in 0..400u32 {
+        let mac = format!(
+            "02:00:00:{:02x}:{:02x}:{:02x}",
+            n >> 16,
+            (n >> 8) & 0xff,
+            n & 0xff
+        );
+        let _ = script(&server, &mac, "");
+    }
+    let count = |query: &str| {
+        api.ok("GET", &format!("/api/v1/machines{query}"), None)
+            .as_array()
+            .unwrap()
+            .len()
+    };
+    // The event writer batches for 100 ms; give it a few rounds.
+    std::thread::sleep(Duration::from_millis(600));
+    let kept = eventually("the cap", || {
+        let n = count("?state=discovered");
+        (n <= 5).then_some(n)
+    });
+    assert!(kept > 0, "some machines are discovered");
+    let list = api.call("GET", "/api/v1/machines?limit=1000000", None);
+    assert_eq!(list.status, 200);
+    let total: usize = list.total_count.as_deref().unwrap().parse().unwrap();
+    assert!(total <= 5, "{list:?}");
+}
+
 #[test]
 fn discovered_machines_are_adopted_and_assignments_reach_the_data_plane() {
     let root = boot_dir();
