@@ -153,12 +153,27 @@ pub fn start(
     let panel = match panel {
         Some(listener) => {
             let database = database_path(config);
-            let store = crate::store::sqlite::SqliteStore::open(&database)
-                .with_context(|| format!("inventory database {}", database.display()))?;
-            info!(database = %database.display(), "inventory database opened");
+            // A database that cannot be opened (corrupt, unreadable) takes
+            // the panel down, not the boot LAN: DHCP, TFTP and HTTP go on
+            // with the inventory they have, and the panel says why.
+            let store: Arc<dyn crate::store::InventoryStore> =
+                match crate::store::sqlite::SqliteStore::open(&database) {
+                    Ok(store) => {
+                        info!(database = %database.display(), "inventory database opened");
+                        Arc::new(store)
+                    }
+                    Err(error) => {
+                        let reason = format!(
+                            "inventory database {} cannot be used: {error}; the data plane serves the inventory file's machines until it is repaired or restored from a backup and bootfleet restarted",
+                            database.display()
+                        );
+                        tracing::error!("{reason}");
+                        Arc::new(crate::store::unavailable::UnavailableStore::new(reason))
+                    }
+                };
             let (panel, thread) = crate::panel::start(
                 &config.panel,
-                Arc::new(store),
+                store,
                 Arc::clone(&router),
                 &root,
                 listener,

@@ -24,7 +24,7 @@ use anyhow::{Context, Result};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::boot::events::{BootEvent, Phase};
 use crate::boot::Router;
@@ -249,7 +249,15 @@ pub fn start(
     listener: TcpListener,
     shutdown: crate::engine::Shutdown,
 ) -> Result<(Panel, std::thread::JoinHandle<()>)> {
-    let empty = store.images()?.is_empty() && store.machines()?.is_empty();
+    // A database that fails here is reported, not fatal: the data plane
+    // keeps the snapshot it has, and every API call says what is wrong.
+    let empty = match (store.images(), store.machines()) {
+        (Ok(images), Ok(machines)) => images.is_empty() && machines.is_empty(),
+        (Err(error), _) | (_, Err(error)) => {
+            error!(%error, "cannot read the inventory database; the data plane keeps serving the inventory it has");
+            false
+        }
+    };
     let file_snapshot = router.snapshot();
     if empty && (!file_snapshot.images.is_empty() || !file_snapshot.machines.is_empty()) {
         let (images, machines) =
@@ -271,11 +279,15 @@ pub fn start(
         generation: AtomicU64::new(1_000_000),
         tls: tls.is_some(),
     });
-    state
-        .publish()
-        .map_err(|e| anyhow::anyhow!("inventory database: {}", e.message))?;
-    if state.store.users()?.is_empty() {
-        warn!("the panel has no users yet; create the first administrator with `bootfleet users add NAME` (password on standard input)");
+    if let Err(error) = state.publish() {
+        error!(error = %error.message, "inventory database: no snapshot from it; the data plane keeps serving the inventory it has");
+    }
+    match state.store.users() {
+        Ok(users) if users.is_empty() => {
+            warn!("the panel has no users yet; create the first administrator with `bootfleet users add NAME` (password on standard input)");
+        }
+        Ok(_) => {}
+        Err(error) => warn!(%error, "cannot read the panel's users"),
     }
     listener.set_nonblocking(true)?;
     let address = listener.local_addr()?;

@@ -9,6 +9,7 @@
 //! [`snapshot_from_store`] and swapped into the router atomically.
 
 pub mod sqlite;
+pub mod unavailable;
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;

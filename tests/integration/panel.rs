@@ -868,6 +868,41 @@ fn hostile_input_gets_a_clear_error_and_changes_nothing() {
     assert_eq!(leftovers, ["disk.img"]);
 }
 
+/// Security review finding 16: a corrupt inventory database stopped DHCP,
+/// TFTP and HTTP along with the panel. Now the data plane serves the
+/// inventory it has, and the panel answers every call with the reason.
+#[test]
+fn a_corrupt_database_takes_down_the_panel_not_the_boots() {
+    let root = boot_dir();
+    std::fs::write(
+        root.path().join("inventory.toml"),
+        "[images.debian12]\nkernel = \"debian12/vmlinuz\"\n\n[machines.\"52:54:00:cc:00:02\"]\nimage = \"debian12\"\n",
+    )
+    .unwrap();
+    let state = state_dir();
+    std::fs::write(state.path().join("bootfleet.db"), vec![0xa5u8; 64 << 10]).unwrap();
+    let server = FullServer::start_with_panel(root.path(), state, |_| {});
+    let body = script(&server, "52:54:00:cc:00:02", "");
+    assert!(
+        body.contains("debian12/vmlinuz"),
+        "the data plane boots machines: {body}"
+    );
+    assert_eq!(
+        curl(&server.url("/debian12/vmlinuz"), &[]).body,
+        b"debian kernel"
+    );
+    let api = Api::with_token(server.panel.unwrap(), "bft_0000");
+    let reply = api.call("GET", "/api/v1/machines", None);
+    assert_eq!(reply.status, 500, "{reply:?}");
+    assert!(
+        reply.body["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("cannot be used"),
+        "the panel says why: {reply:?}"
+    );
+}
+
 #[test]
 fn the_inventory_file_is_imported_once_and_the_database_survives_restarts() {
     let root = boot_dir();
