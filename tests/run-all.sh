@@ -54,12 +54,15 @@ target/release/bootfleet check-config systemd/bootfleet.toml > /dev/null
 
 # cargo-fuzz needs nightly-only flags; RUSTC_BOOTSTRAP lets the stable
 # toolchain accept them.
-for target in tftp_packet boot_names_and_ranges http_request; do
+# Each target starts from its committed seeds (fuzz/seeds/<target>, written
+# by fuzz/make_seeds.py) and keeps what it finds in fuzz/corpus/<target>.
+for target in tftp_packet boot_names_and_ranges http_request dhcp_decide tftp_write_netascii multicast_session; do
     echo "== fuzz: $target, ${FUZZ_SECONDS:-20} s"
     dict=()
     if [ -f "fuzz/$target.dict" ]; then dict=(-dict="$PWD/fuzz/$target.dict"); fi
     log="$(mktemp)"
-    if ! RUSTC_BOOTSTRAP=1 cargo fuzz run "$target" -- -max_total_time="${FUZZ_SECONDS:-20}" -rss_limit_mb=2048 "${dict[@]}" > "$log" 2>&1; then
+    mkdir -p "fuzz/corpus/$target"
+    if ! RUSTC_BOOTSTRAP=1 cargo fuzz run "$target" "fuzz/corpus/$target" "fuzz/seeds/$target" -- -max_total_time="${FUZZ_SECONDS:-20}" -rss_limit_mb=2048 "${dict[@]}" > "$log" 2>&1; then
         # The finding itself, and where its input was written, not just
         # the end of the backtrace.
         grep -E -A 3 "panicked at|ERROR: libFuzzer|Test unit written" "$log" | head -n 30

@@ -1401,4 +1401,16 @@ mod tests {
         assert!(!left.contains(&Mac([2, 0, 0, 0, 0, 5])));
         assert_eq!(store.prune_discovered(4).unwrap(), 0);
     }
+
+    /// Security review finding 17: the database (argon2 hashes, every
+    /// machine) was created 0644 outside systemd.
+    #[test]
+    fn the_database_is_created_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let (dir, _store) = store();
+        for entry in std::fs::read_dir(dir.path()).unwrap().flatten() {
+            let mode = entry.metadata().unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600, "{}: {mode:o}", entry.path().display());
+        }
+    }
 }

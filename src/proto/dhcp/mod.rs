@@ -112,10 +112,51 @@ pub fn parse_request(bytes: &[u8]) -> Result<(Message, ClientInfo), RequestError
     if bytes.len() < 240 || bytes[236..240] != [99, 130, 83, 99] {
         return Err(RequestError::Malformed("no DHCP magic cookie".into()));
     }
+    check_fixed_lengths(&bytes[240..])?;
     let message = Message::decode(&mut Decoder::new(bytes))
         .map_err(|e| RequestError::Malformed(e.to_string()))?;
     let info = classify(&message)?;
     Ok((message, info))
+}
+
+/// Options whose length `dhcproto` takes on trust (it asserts it in debug
+/// builds and reads past a shorter option otherwise): code, the lengths
+/// allowed, and the RFC. Found by the `dhcp_decide` fuzz target.
+const FIXED_LENGTHS: [(u8, std::ops::RangeInclusive<u8>, &str); 7] = [
+    (80, 0..=0, "RFC 4039"),
+    (81, 3..=255, "RFC 4702"),
+    (94, 3..=3, "RFC 4578"),
+    (152, 4..=4, "RFC 6926"),
+    (153, 4..=4, "RFC 6926"),
+    (154, 4..=4, "RFC 6926"),
+    (155, 4..=4, "RFC 6926"),
+];
+
+/// Refuses a request carrying one of [`FIXED_LENGTHS`] at another length.
+fn check_fixed_lengths(options: &[u8]) -> Result<(), RequestError> {
+    let mut at = 0;
+    while let Some(&code) = options.get(at) {
+        match code {
+            0 => at += 1,
+            255 => break,
+            _ => {
+                let Some(&len) = options.get(at + 1) else {
+                    break;
+                };
+                if let Some((_, allowed, rfc)) =
+                    FIXED_LENGTHS.iter().find(|(fixed, ..)| *fixed == code)
+                {
+                    if !allowed.contains(&len) {
+                        return Err(RequestError::Malformed(format!(
+                            "option {code} is {len} bytes; {rfc} allows {allowed:?}"
+                        )));
+                    }
+                }
+                at += 2 + usize::from(len);
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Reads a decoded request.

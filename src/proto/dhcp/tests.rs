@@ -264,6 +264,32 @@ fn bad_datagrams_are_refused_not_panicked_on() {
     wrong_magic[236] = 0;
     assert!(parse_request(&wrong_magic).is_err());
     assert!(parse_request(&vec![0u8; 4000]).is_err());
+    // Option 94 of the wrong length: dhcproto asserts on it in debug
+    // builds (the dhcp_decide fuzz target's first finding).
+    for (code, len) in [
+        (94u8, 0u8),
+        (94, 2),
+        (94, 4),
+        (80, 1),
+        (81, 2),
+        (152, 3),
+        (155, 5),
+    ] {
+        let value = vec![1u8; usize::from(len)];
+        let wrong = raw_request(MAC, 0, [0; 4], [0; 4], &[(53, &[1]), (code, &value)]);
+        assert!(
+            matches!(parse_request(&wrong), Err(RequestError::Malformed(ref why)) if why.contains(&format!("option {code}"))),
+            "option {code}, length {len}"
+        );
+    }
+    assert!(parse_request(&raw_request(
+        MAC,
+        0,
+        [0; 4],
+        [0; 4],
+        &[(53, &[1]), (94, &[1, 2, 1])]
+    ))
+    .is_ok());
     // An option whose length runs past the end.
     let mut overrun = good.clone();
     overrun.truncate(overrun.len() - 1);
