@@ -116,8 +116,21 @@ def make_root(root: Path):
     (root / "inventory.toml").write_text("\n".join(inventory))
 
 
-def servers(root: Path, work: Path):
+def servers(root: Path, work: Path, baseline: str = ""):
     out = []
+    # --baseline BINARY: an earlier build measured beside this one (auto
+    # bodies), in the same rounds, to show a change made nothing slower.
+    if baseline:
+        config = work / "bootfleet-baseline.toml"
+        config.write_text(
+            f'root = "{root}"\nworkers = 1\n'
+            f'[tftp]\nlisten = "127.0.0.1:6909"\n'
+            f'[http]\nlisten = "127.0.0.1:{BOOTFLEET_PORT + 9}"\nbody = "auto"\n'
+            f'[inventory]\nstate_dir = "{work}/state-baseline"\n'
+            '[log]\nlevel = "warn"\n'
+        )
+        out.append(Server("bootfleet-baseline", [baseline, "serve", "--panel-listen", "off", "--config", str(config)],
+                          f"127.0.0.1:{BOOTFLEET_PORT + 9}", "bfbench_http_baseline"))
     # All servers run at once (each idle while another is measured), so
     # each needs its own ports and state directory.
     for offset, body in enumerate(["auto", "sendfile", "mmap"]):
@@ -264,6 +277,7 @@ def main():
     parser.add_argument("--workloads", default="", help="comma-separated subset, e.g. 'scripts,full 10m.bin'")
     parser.add_argument("--connections", default="", help="comma-separated subset of 1,64,512")
     parser.add_argument("--rounds", type=int, default=3, help="runs of every point; the table shows medians")
+    parser.add_argument("--baseline", default="", help="an earlier bootfleet binary, measured beside this one as bootfleet-baseline")
     args = parser.parse_args()
     if os.geteuid() != 0:
         sys.exit("run as root: the benchmark pins processes and makes cpuacct cgroups")
@@ -283,7 +297,7 @@ def main():
     if args.workloads:
         workloads = [w for w in workloads if w in args.workloads.split(",")]
     connections = [int(c) for c in args.connections.split(",")] if args.connections else CONNECTIONS
-    chosen = servers(root, work)
+    chosen = servers(root, work, args.baseline)
     if args.only:
         chosen = [s for s in chosen if s.name in args.only.split(",")]
     # Point by point, the servers one after another (in a rotated order each

@@ -125,15 +125,22 @@ class Server:
             pass
 
 
-def servers(peers, root: Path, work: Path):
-    config = work / "bootfleet.toml"
-    config.write_text(
-        f'root = "{root}"\nworkers = 1\nengine = "io-uring"\n'
-        "[tftp]\nlisten = \"127.0.0.1:6903\"\nmax_transfers = 100000\nmax_transfers_per_client = 100000\n"
-        "[log]\nlevel = \"warn\"\n"
-    )
-    return [
-        Server("bootfleet", [str(REPO / "target/release/bootfleet"), "serve", "--panel-listen", "off", "--config", str(config)], "127.0.0.1:6903", "bfbench_bootfleet"),
+def servers(peers, root: Path, work: Path, baseline: str = ""):
+    def bootfleet(name, binary, port):
+        config = work / f"{name}.toml"
+        config.write_text(
+            f'root = "{root}"\nworkers = 1\nengine = "io-uring"\n'
+            f"[tftp]\nlisten = \"127.0.0.1:{port}\"\nmax_transfers = 100000\nmax_transfers_per_client = 100000\n"
+            f'[inventory]\nstate_dir = "{work}/state-{name}"\n'
+            "[log]\nlevel = \"warn\"\n"
+        )
+        return Server(name, [binary, "serve", "--panel-listen", "off", "--config", str(config)], f"127.0.0.1:{port}", f"bfbench_{name.replace('-', '_')}")
+
+    # --baseline BINARY: an earlier build of bootfleet measured beside this
+    # one, point by point, to show a change made nothing slower.
+    extra = [bootfleet("bootfleet-baseline", baseline, 6905)] if baseline else []
+    return extra + [
+        bootfleet("bootfleet", str(REPO / "target/release/bootfleet"), 6903),
         Server("tftp-hpa", [peers["in.tftpd"], "-L", "-a", "127.0.0.1:6901", "-s", "-u", "root", "-B", "65464", str(root)], "127.0.0.1:6901", "bfbench_tftphpa"),
         # dnsmasq's TFTP port is fixed at 69, so it gets an address of its own.
         Server("dnsmasq", [peers["dnsmasq"], "-k", "--conf-file=/dev/null", "--port=0", "--enable-tftp", f"--tftp-root={root}",
@@ -197,6 +204,7 @@ def main():
     parser.add_argument("--out", default=str(REPO / "docs/benchmarks.md"))
     parser.add_argument("--only", default="", help="comma-separated server names")
     parser.add_argument("--from-json", help="rewrite the tables from a results.json of an earlier run")
+    parser.add_argument("--baseline", default="", help="an earlier bootfleet binary, measured beside this one as bootfleet-baseline")
     args = parser.parse_args()
     if args.from_json:
         results = json.loads(Path(args.from_json).read_text())
@@ -219,7 +227,7 @@ def main():
     files = FILES[:2] if args.quick else FILES
     clients_list = [1, 128, 512] if args.quick else CLIENTS
     results = []
-    chosen = servers(peers, root, work)
+    chosen = servers(peers, root, work, args.baseline)
     if args.only:
         chosen = [s for s in chosen if s.name in args.only.split(",")]
     for server in chosen:

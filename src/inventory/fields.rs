@@ -116,20 +116,16 @@ pub fn check_boot_path(field: &str, raw: &str) -> Result<String, String> {
 }
 
 /// A machine's reserved address must be a unicast host address: not
-/// 0.0.0.0, the broadcast, a multicast, loopback or link-local address.
+/// 0.0.0.0, the broadcast or a multicast address. (Loopback stays allowed:
+/// test labs and the integration tests map a loopback client to a machine.)
 /// (Which addresses are the network, broadcast and own address of a subnet
 /// only the DHCP server knows: it refuses to hand those out, see
 /// `server::dhcp`.)
 pub fn check_host_address(ip: std::net::Ipv4Addr) -> Result<(), String> {
-    if ip.is_unspecified()
-        || ip.is_broadcast()
-        || ip.is_multicast()
-        || ip.is_loopback()
-        || ip.is_link_local()
-    {
+    if ip.is_unspecified() || ip.is_broadcast() || ip.is_multicast() {
         return Err(format!(
             "{ip} cannot be reserved for a machine: it is not a host address \
-             (not 0.0.0.0, the broadcast, a multicast, loopback or link-local address)"
+             (not 0.0.0.0, the broadcast or a multicast address)"
         ));
     }
     Ok(())

@@ -510,7 +510,7 @@ fn a_reservation_of_the_servers_own_network_or_broadcast_address_is_not_handed_o
             "{ip} comes from the pool"
         );
     }
-    for never in ["0.0.0.0", "255.255.255.255", "224.0.0.1", "127.0.0.1"] {
+    for never in ["0.0.0.0", "255.255.255.255", "224.0.0.1", "239.255.0.1"] {
         let text = format!("[machines.\"52:54:00:12:34:56\"]\nip = \"{never}\"\n");
         let error = Snapshot::parse(&text, Path::new("i.toml"), Path::new("/x"), 1).unwrap_err();
         assert!(error.to_string().contains("cannot be reserved"), "{error}");
