@@ -326,13 +326,17 @@ impl TftpService {
         // (never the whole file here, on the receive path); its converted
         // length is unknown until the end, so it acknowledges no tsize.
         let netascii = request.mode == Mode::Netascii;
-        let options: Vec<(&str, &str)> = request
-            .options
-            .iter()
-            .copied()
-            .filter(|(name, _)| !(netascii && name.eq_ignore_ascii_case("tsize")))
-            .collect();
-        let negotiated = negotiate(&options, data.len() as u64, self.negotiation);
+        let negotiated = if netascii {
+            let options: Vec<(&str, &str)> = request
+                .options
+                .iter()
+                .copied()
+                .filter(|(name, _)| !name.eq_ignore_ascii_case("tsize"))
+                .collect();
+            negotiate(&options, data.len() as u64, self.negotiation)
+        } else {
+            negotiate(&request.options, data.len() as u64, self.negotiation)
+        };
         if let (Some(hub), Mode::Octet, Some(_)) =
             (&self.multicast, request.mode, request.option("multicast"))
         {
