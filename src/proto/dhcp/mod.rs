@@ -133,7 +133,11 @@ const FIXED_LENGTHS: [(u8, std::ops::RangeInclusive<u8>, &str); 7] = [
 ];
 
 /// Refuses a request carrying one of [`FIXED_LENGTHS`] at another length.
+/// An option sent more than once counts with the length of all its parts,
+/// as the codec joins them (RFC 3396).
 fn check_fixed_lengths(options: &[u8]) -> Result<(), RequestError> {
+    // Total length of each fixed option seen, `None` while absent.
+    let mut totals: [Option<usize>; FIXED_LENGTHS.len()] = [None; FIXED_LENGTHS.len()];
     let mut at = 0;
     while let Some(&code) = options.get(at) {
         match code {
@@ -143,17 +147,19 @@ fn check_fixed_lengths(options: &[u8]) -> Result<(), RequestError> {
                 let Some(&len) = options.get(at + 1) else {
                     break;
                 };
-                if let Some((_, allowed, rfc)) =
-                    FIXED_LENGTHS.iter().find(|(fixed, ..)| *fixed == code)
-                {
-                    if !allowed.contains(&len) {
-                        return Err(RequestError::Malformed(format!(
-                            "option {code} is {len} bytes; {rfc} allows {allowed:?}"
-                        )));
-                    }
+                if let Some(index) = FIXED_LENGTHS.iter().position(|(fixed, ..)| *fixed == code) {
+                    *totals[index].get_or_insert(0) += usize::from(len);
                 }
                 at += 2 + usize::from(len);
             }
+        }
+    }
+    for ((code, allowed, rfc), total) in FIXED_LENGTHS.iter().zip(totals) {
+        let Some(total) = total else { continue };
+        if !(usize::from(*allowed.start())..=usize::from(*allowed.end())).contains(&total) {
+            return Err(RequestError::Malformed(format!(
+                "option {code} is {total} bytes in all; {rfc} allows {allowed:?}"
+            )));
         }
     }
     Ok(())
