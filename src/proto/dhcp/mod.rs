@@ -133,8 +133,9 @@ const FIXED_LENGTHS: [(u8, std::ops::RangeInclusive<u8>, &str); 7] = [
 ];
 
 /// Refuses a request carrying one of [`FIXED_LENGTHS`] at another length.
-/// An option sent more than once counts with the length of all its parts,
-/// as the codec joins them (RFC 3396).
+/// Every part of an option sent more than once must have an allowed length,
+/// and so must all its parts together, as the codec joins adjacent parts
+/// (RFC 3396).
 fn check_fixed_lengths(options: &[u8]) -> Result<(), RequestError> {
     // Total length of each fixed option seen, `None` while absent.
     let mut totals: [Option<usize>; FIXED_LENGTHS.len()] = [None; FIXED_LENGTHS.len()];
@@ -148,6 +149,14 @@ fn check_fixed_lengths(options: &[u8]) -> Result<(), RequestError> {
                     break;
                 };
                 if let Some(index) = FIXED_LENGTHS.iter().position(|(fixed, ..)| *fixed == code) {
+                    // Each part on its own (the codec decodes parts that
+                    // are not adjacent one by one) and all parts together.
+                    let (_, allowed, rfc) = &FIXED_LENGTHS[index];
+                    if !allowed.contains(&len) {
+                        return Err(RequestError::Malformed(format!(
+                            "option {code} is {len} bytes; {rfc} allows {allowed:?}"
+                        )));
+                    }
                     *totals[index].get_or_insert(0) += usize::from(len);
                 }
                 at += 2 + usize::from(len);
