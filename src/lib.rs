@@ -10,6 +10,7 @@
 //!   snapshot (today from `inventory.toml`).
 //! * [`config`] — the TOML file format and the validated runtime configuration.
 //! * [`cache`] — the mmapped file cache every transfer reads from.
+//! * [`limit`] — token buckets per key (DHCP clients, new MACs per address).
 //! * [`server`] — protocol drivers that are independent of the I/O backend:
 //!   TFTP admission and limits, the HTTP file and script service, path safety.
 //! * [`store`] — the inventory database (SQLite) behind the control panel.
@@ -23,6 +24,7 @@ pub mod cache;
 pub mod config;
 pub mod engine;
 pub mod inventory;
+pub mod limit;
 pub mod panel;
 pub mod proto;
 pub mod server;

@@ -38,6 +38,7 @@ use super::{Mac, PxelinuxConfig};
 use crate::inventory::{
     self, FileRole, Image, InventoryError, Machine, Snapshot, Transport, UnknownPolicy,
 };
+use crate::limit::RateLimiter;
 use crate::server::tftp::{FileGenerator, FinishedRead, TransferObserver};
 
 /// How long the unknown-machine menu waits before booting locally.
@@ -145,7 +146,7 @@ pub struct Router {
     /// New unknown MACs each client address may still introduce (a token
     /// bucket): a machine brings one, a host making them up is held to
     /// [`NEW_MACS_PER_SECOND`].
-    discovery_budget: Mutex<HashMap<IpAddr, (f64, std::time::Instant)>>,
+    discovery_budget: Mutex<RateLimiter<IpAddr>>,
     /// First-stage loaders the DHCP answers name: their fetches are the
     /// loader phase of a boot.
     loader_files: HashSet<String>,
@@ -180,7 +181,10 @@ impl Router {
             seen: Mutex::new(HashMap::new()),
             client_machines: Mutex::new(HashMap::new()),
             one_shot_claimants: Mutex::new(HashMap::new()),
-            discovery_budget: Mutex::new(HashMap::new()),
+            discovery_budget: Mutex::new(RateLimiter::with_burst(
+                NEW_MACS_BURST,
+                NEW_MACS_PER_SECOND,
+            )),
             loader_files: HashSet::new(),
             failed_source: Mutex::new(None),
             external_source: std::sync::atomic::AtomicBool::new(false),
@@ -485,7 +489,13 @@ impl Router {
             if seen.len() >= MAX_SEEN {
                 return;
             }
-            if discovered && !self.may_discover(client) {
+            let may_discover = || {
+                self.discovery_budget
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .allow(client, SystemTime::now())
+            };
+            if discovered && !may_discover() {
                 debug!(%mac, %client, "new unknown MACs from this address faster than machines boot; not remembered");
                 return;
             }
@@ -510,28 +520,6 @@ impl Router {
             if !value.is_empty() {
                 entry.facts.insert(name.clone(), value.clone());
             }
-        }
-    }
-
-    /// Whether `client` may introduce one more unknown MAC now.
-    fn may_discover(&self, client: IpAddr) -> bool {
-        let now = std::time::Instant::now();
-        let mut budget = self
-            .discovery_budget
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        if budget.len() >= MAX_SEEN && !budget.contains_key(&client) {
-            budget.clear();
-        }
-        let (tokens, last) = budget.entry(client).or_insert((NEW_MACS_BURST, now));
-        let refill = now.duration_since(*last).as_secs_f64() * NEW_MACS_PER_SECOND;
-        *tokens = (*tokens + refill).min(NEW_MACS_BURST);
-        *last = now;
-        if *tokens >= 1.0 {
-            *tokens -= 1.0;
-            true
-        } else {
-            false
         }
     }
 
@@ -573,11 +561,14 @@ impl Router {
         self.bind_client(client, mac, Binding::Leased);
     }
 
-    fn bind_client(&self, client: IpAddr, mac: Mac, binding: Binding) {
-        let mut clients = self
-            .client_machines
+    fn client_machines(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, (Mac, Binding)>> {
+        self.client_machines
             .lock()
-            .unwrap_or_else(|p| p.into_inner());
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn bind_client(&self, client: IpAddr, mac: Mac, binding: Binding) {
+        let mut clients = self.client_machines();
         if clients.len() >= MAX_SEEN && !clients.contains_key(&client) {
             clients.clear();
         }
@@ -592,20 +583,14 @@ impl Router {
     }
 
     fn is_leased_to(&self, client: IpAddr, mac: Mac) -> bool {
-        let clients = self
-            .client_machines
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let clients = self.client_machines();
         clients.get(&client) == Some(&(mac, Binding::Leased))
     }
 
     /// Whether `client` may act for `mac`: true unless this server leased
     /// the address to another machine.
     pub fn may_speak_for(&self, client: IpAddr, mac: Mac) -> bool {
-        let clients = self
-            .client_machines
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let clients = self.client_machines();
         !matches!(clients.get(&client), Some(&(leased, Binding::Leased)) if leased != mac)
     }
 
@@ -617,10 +602,7 @@ impl Router {
 
     /// The machine that last asked for a script from `client`.
     pub fn machine_at(&self, client: IpAddr) -> Option<Mac> {
-        let clients = self
-            .client_machines
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let clients = self.client_machines();
         clients.get(&client).map(|&(mac, _)| mac)
     }
 

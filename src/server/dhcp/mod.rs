@@ -20,8 +20,10 @@
 
 pub mod leases;
 
+pub use crate::limit::RateLimiter;
+
 use std::net::{Ipv4Addr, SocketAddr};
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use dhcproto::v4::{DhcpOption, Flags, Message, MessageType, Opcode, OptionCode};
 use dhcproto::{Encodable, Encoder};
@@ -571,14 +573,6 @@ fn encode(message: &Message) -> Vec<u8> {
     out
 }
 
-/// A per-source token bucket: one sender spraying requests (random MACs to
-/// starve the pool) is slowed down without affecting anyone else.
-#[derive(Debug)]
-pub struct RateLimiter<K = Ipv4Addr> {
-    per_second: f64,
-    buckets: std::collections::HashMap<K, (f64, SystemTime)>,
-}
-
 /// Whom a DHCP request counts against: its client hardware address, and
 /// the relay it came through (0.0.0.0 when not relayed).
 pub type ClientKey = (Ipv4Addr, crate::boot::Mac);
@@ -590,35 +584,6 @@ pub type ClientKey = (Ipv4Addr, crate::boot::Mac);
 /// per-relay share of the pool.
 pub fn relay_trusted(source: Ipv4Addr, giaddr: Ipv4Addr, relays: &[Ipv4Addr]) -> bool {
     giaddr.is_unspecified() || source == giaddr || relays.contains(&source)
-}
-
-impl<K: std::hash::Hash + Eq> RateLimiter<K> {
-    pub fn new(per_second: u32) -> Self {
-        Self {
-            per_second: f64::from(per_second),
-            buckets: std::collections::HashMap::new(),
-        }
-    }
-
-    /// Whether a request counted against `source` may be answered now.
-    pub fn allow(&mut self, source: K, now: SystemTime) -> bool {
-        if self.buckets.len() > 100_000 {
-            self.buckets.clear();
-        }
-        let (tokens, last) = self.buckets.entry(source).or_insert((self.per_second, now));
-        let elapsed = now
-            .duration_since(*last)
-            .unwrap_or(Duration::ZERO)
-            .as_secs_f64();
-        *tokens = (*tokens + elapsed * self.per_second).min(self.per_second);
-        *last = now;
-        if *tokens >= 1.0 {
-            *tokens -= 1.0;
-            true
-        } else {
-            false
-        }
-    }
 }
 
 #[cfg(test)]
