@@ -2,7 +2,7 @@
 //! addresses in any spelling, pxelinux file names, and Range/If-Range planning.
 #![no_main]
 
-use bootfleet::boot::{Mac, PxelinuxConfig};
+use bootfleet::proto::{Mac, PxelinuxConfig};
 use bootfleet::proto::http::range::{plan, BodyPlan, Validators};
 use libfuzzer_sys::fuzz_target;
 

@@ -12,7 +12,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 
-use super::Mac;
+use crate::proto::Mac;
 
 /// A step of the boot chain.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

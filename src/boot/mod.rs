@@ -1,7 +1,6 @@
-//! Everything that decides what a machine boots.
+//! Everything that decides what a machine boots. (The MAC address itself,
+//! in every spelling, is wire data: [`crate::proto::mac`].)
 //!
-//! * [`mac`] — the MAC address in every spelling firmware and operators use,
-//!   and pxelinux's configuration-name rules;
 //! * [`script`] — the `/boot.ipxe` chain script and the operators' static
 //!   per-MAC scripts (the classic `xx:xx:xx:xx:xx:xx.gpxe` layout);
 //! * [`render`] — the minijinja templates scripts and loader configs are
@@ -9,14 +8,15 @@
 //! * [`router`] — the MAC router: inventory snapshot → each machine's
 //!   script, unknown-machine policy, one-shot assignments, pxelinux/GRUB
 //!   configs over TFTP;
-//! * [`events`] — the boot events every script, kernel and initrd makes.
+//! * [`events`] — the boot events every script, kernel and initrd makes;
+//! * [`hooks`] — the traits through which the file services ask for
+//!   generated files and report finished transfers.
 
 pub mod events;
-pub mod mac;
+pub mod hooks;
 pub mod render;
 pub mod router;
 pub mod script;
 
-pub use mac::{Mac, MacError, PxelinuxConfig};
 pub use router::{FileServed, Router};
 pub use script::{chain_script, find_static_script, StaticScript};

@@ -293,17 +293,6 @@ impl Templates {
     }
 }
 
-/// Compiles an operator's template, for a clear error when it is loaded.
-pub fn check_template(name: &str, source: &str) -> Result<(), String> {
-    let mut env = environment();
-    env.add_template(name, source).map_err(|e| {
-        let line = e
-            .line()
-            .map_or(String::new(), |l| format!(" (template line {l})"));
-        format!("{}{line}", e.detail().unwrap_or("syntax error"))
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -426,8 +415,6 @@ mod tests {
             templates.render("mine.j2", &ctx).unwrap(),
             "#!ipxe\necho r7 S1\n"
         );
-        let error = check_template("bad.j2", "#!ipxe\n{% for x in %}\n").unwrap_err();
-        assert!(error.contains("line 2"), "{error}");
     }
 
     /// Every field a template writes, set to every hostile value, in every

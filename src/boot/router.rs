@@ -32,14 +32,14 @@ use serde::Serialize;
 use tracing::{debug, info, warn};
 
 use super::events::{EventLog, Phase};
+use super::hooks::{FileGenerator, FinishedRead, TransferObserver};
 use super::render::{ImageView, InitrdView, ScriptContext, Templates};
 use super::script::StaticScripts;
-use super::{Mac, PxelinuxConfig};
 use crate::inventory::{
     self, FileRole, Image, InventoryError, Machine, Snapshot, Transport, UnknownPolicy,
 };
 use crate::limit::RateLimiter;
-use crate::server::tftp::{FileGenerator, FinishedRead, TransferObserver};
+use crate::proto::{Mac, PxelinuxConfig};
 
 /// How long the unknown-machine menu waits before booting locally.
 pub const MENU_TIMEOUT_MS: u32 = 30_000;
@@ -917,7 +917,7 @@ impl OneShotLedger {
                 file.sync_all()
             })
             .and_then(|()| std::fs::rename(&tmp, path))
-            .and_then(|()| crate::server::paths::sync_parent_dir(path));
+            .and_then(|()| crate::durable::sync_parent_dir(path));
         if let Err(error) = result {
             warn!(file = %path.display(), %error, "cannot save one-shot state; it holds until restart");
         }

@@ -17,7 +17,7 @@ use std::sync::Arc;
 
 use nix::sys::inotify::{InitFlags, Inotify, WatchDescriptor};
 
-use super::mac::Mac;
+use crate::proto::Mac;
 
 /// The facts the chain script passes on: (query parameter, iPXE setting).
 pub const FACTS: [(&str, &str); 7] = [

@@ -32,9 +32,10 @@ use tracing::{debug, info, warn};
 
 use super::Shutdown;
 use crate::boot::events::Phase;
-use crate::boot::{Mac, Router};
+use crate::boot::Router;
 use crate::config::{DhcpConfig, DhcpMode};
 use crate::proto::dhcp::{parse_request, Destination, CLIENT_PORT, PXE_PORT, SERVER_PORT};
+use crate::proto::Mac;
 use crate::server::dhcp::leases::{Journal, LeaseTable, Pool, State as LeaseState};
 use crate::server::dhcp::{
     decide, relay_trusted, ClientKey, Context, Interface, Port, RateLimiter,

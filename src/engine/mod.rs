@@ -18,12 +18,12 @@
 //! port 0 and a service manager can hand sockets in.
 
 use std::net::UdpSocket;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use crate::config::EngineChoice;
 use crate::server::tftp::TftpService;
+pub use crate::shutdown::Shutdown;
 
 pub mod dhcp;
 pub mod epoll;
@@ -68,45 +68,6 @@ pub fn choose(choice: EngineChoice) -> Result<(Backend, Option<String>), EngineE
             Ok(()) => Ok((Backend::IoUring, None)),
             Err(why) => Ok((Backend::Epoll, Some(why))),
         },
-    }
-}
-
-/// Asks a running server to stop; cheap to clone.
-#[derive(Clone, Default)]
-pub struct Shutdown {
-    inner: Arc<ShutdownInner>,
-}
-
-#[derive(Default)]
-struct ShutdownInner {
-    requested: AtomicBool,
-    notify: tokio::sync::Notify,
-}
-
-impl Shutdown {
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// Requests shutdown; workers stop within [`crate::server::tftp::IDLE_POLL`].
-    pub fn trigger(&self) {
-        self.inner.requested.store(true, Ordering::SeqCst);
-        self.inner.notify.notify_waiters();
-    }
-
-    pub fn is_triggered(&self) -> bool {
-        self.inner.requested.load(Ordering::SeqCst)
-    }
-
-    /// Resolves once shutdown was requested.
-    pub async fn wait(&self) {
-        loop {
-            let notified = self.inner.notify.notified();
-            if self.is_triggered() {
-                return;
-            }
-            notified.await;
-        }
     }
 }
 

@@ -20,7 +20,7 @@
 //! Every check returns a sentence naming the field and saying what is
 //! allowed, for the API's 422 and the inventory file's line-numbered error.
 
-use crate::server::paths::safe_relative_name;
+use crate::proto::path::safe_relative_name;
 
 /// The longest command line a field may hold (Linux's own limit is 2048 on
 /// x86 and 4096 elsewhere; iPXE's line buffer is smaller still).
@@ -210,6 +210,21 @@ pub fn check_script_lines(field: &str, value: &str) -> Result<(), String> {
 
 /// Values that would add a command to a rendered script in at least one
 /// format, one per way of doing it.
+/// Compiles an operator's template, for a clear error (with its line) when
+/// it is loaded. Only the syntax is checked here, so minijinja's default
+/// delimiters are all it needs; the environment that renders it (with its
+/// per-format quoting) is `boot::render`'s.
+pub fn check_template(name: &str, source: &str) -> Result<(), String> {
+    minijinja::Environment::new()
+        .add_template(name, source)
+        .map_err(|e| {
+            let line = e
+                .line()
+                .map_or(String::new(), |l| format!(" (template line {l})"));
+            format!("{}{line}", e.detail().unwrap_or("syntax error"))
+        })
+}
+
 #[cfg(test)]
 pub(crate) const HOSTILE: [&str; 9] = [
     "quiet\nchain http://elsewhere/x.ipxe",
@@ -289,5 +304,12 @@ mod tests {
         assert!(check_script_lines("script_append", "echo a\r\nchain").is_err());
         check_hostname("node01.rack1").unwrap();
         assert!(check_hostname("node01\nchain").is_err());
+    }
+
+    #[test]
+    fn a_template_syntax_error_names_its_line() {
+        let error = check_template("bad.j2", "#!ipxe\n{% for x in %}\n").unwrap_err();
+        assert!(error.contains("line 2"), "{error}");
+        assert!(check_template("ok.j2", "#!ipxe\necho {{ mac }}\n").is_ok());
     }
 }

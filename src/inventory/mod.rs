@@ -36,8 +36,8 @@ use std::sync::Arc;
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::boot::Mac;
-use crate::server::paths::safe_relative_name;
+use crate::proto::path::safe_relative_name;
+use crate::proto::Mac;
 
 pub mod fields;
 
@@ -346,7 +346,7 @@ impl Snapshot {
                                     format!("image {name}: cannot read template {relative}: {e}"),
                                 )
                             })?;
-                        crate::boot::render::check_template(&relative, &source).map_err(|e| {
+                        fields::check_template(&relative, &source).map_err(|e| {
                             invalid(
                                 template.span(),
                                 format!("image {name}: template {relative}: {e}"),

@@ -23,8 +23,8 @@ use tracing::info;
 use super::auth::{self, authorize, Caller};
 use super::tls::PeerAddr;
 use super::{check_files, machine_view, now_ms, ApiError, MachineView, PanelState};
-use crate::boot::Mac;
-use crate::server::paths::safe_relative_name;
+use crate::proto::path::safe_relative_name;
+use crate::proto::Mac;
 use crate::store::{ImageRecord, MachinePatch, PoolRecord, Scope, SessionRecord, StoredEvent};
 
 type Shared = State<Arc<PanelState>>;
@@ -875,7 +875,7 @@ async fn upload_file(
         )
         .await);
     }
-    if let Err(e) = crate::server::paths::sync_parent_dir(&target) {
+    if let Err(e) = crate::durable::sync_parent_dir(&target) {
         tracing::warn!(file = %relative, error = %e, "cannot sync the boot directory after an upload");
     }
     let detail = format!("{written} bytes");

@@ -247,7 +247,7 @@ pub fn start(
     router: Arc<Router>,
     root: &Path,
     listener: TcpListener,
-    shutdown: crate::engine::Shutdown,
+    shutdown: crate::shutdown::Shutdown,
 ) -> Result<(Panel, std::thread::JoinHandle<()>)> {
     // A database that fails here is reported, not fatal: the data plane
     // keeps the snapshot it has, and every API call says what is wrong.
@@ -375,7 +375,7 @@ async fn write_events(state: Arc<PanelState>) {
         }
         // Machines that asked for a script (latest per machine), with the
         // facts the router remembers.
-        let mut seen: std::collections::HashMap<crate::boot::Mac, u64> = Default::default();
+        let mut seen: std::collections::HashMap<crate::proto::Mac, u64> = Default::default();
         for event in &batch {
             if let (Phase::Script | Phase::Chain, Some(mac)) = (event.phase, event.mac) {
                 seen.insert(mac, event.at_ms);

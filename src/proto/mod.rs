@@ -9,5 +9,9 @@
 
 pub mod dhcp;
 pub mod http;
+pub mod mac;
 pub mod ndp;
+pub mod path;
 pub mod tftp;
+
+pub use mac::{Mac, MacError, PxelinuxConfig};

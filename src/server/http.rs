@@ -29,11 +29,13 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tracing::{debug, trace, warn};
 
 use crate::boot::events::Phase;
-use crate::boot::{chain_script, FileServed, Mac, Router};
+use crate::boot::{chain_script, FileServed, Router};
 use crate::cache::{CachedFile, FileCache, FileData};
 use crate::proto::http::range::{self, BodyPlan, Multipart, Validators};
 use crate::proto::http::request::{Method, Request};
-use crate::server::paths::{resolve_served, safe_relative_name, ResolveError};
+use crate::proto::path::safe_relative_name;
+use crate::proto::Mac;
+use crate::server::paths::{resolve_served, ResolveError};
 
 /// HTTP settings the service needs (the engine has its own timeouts).
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -20,12 +20,12 @@ use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
+use crate::boot::hooks::{FinishedRead, TransferObserver};
 use crate::cache::FileData;
 use crate::config::MulticastConfig;
-use crate::engine::Shutdown;
 use crate::proto::tftp::multicast::{Session, SessionConfig, Transmit};
 use crate::proto::tftp::packet::{self, Packet};
-use crate::server::tftp::{FinishedRead, TransferObserver};
+use crate::shutdown::Shutdown;
 
 /// A read request that asked for multicast.
 #[derive(Debug)]

@@ -14,32 +14,7 @@
 //! state directory, database and lease journal when an operator put them
 //! under the boot directory.
 
-use std::path::{Component, Path, PathBuf};
-
-/// Checks a requested name and returns it relative to the root.
-pub fn safe_relative_name(raw: &[u8]) -> Result<String, &'static str> {
-    let name = std::str::from_utf8(raw).map_err(|_| "file name is not UTF-8")?;
-    if name.bytes().any(|b| b == 0 || b.is_ascii_control()) {
-        return Err("control character in file name");
-    }
-    if name.contains('\\') {
-        return Err("backslash in file name");
-    }
-    let trimmed = name.trim_start_matches('/');
-    let mut parts = Vec::new();
-    for component in Path::new(trimmed).components() {
-        match component {
-            Component::Normal(part) => parts.push(part.to_str().ok_or("file name is not UTF-8")?),
-            Component::CurDir => {}
-            Component::ParentDir => return Err("`..` in file name"),
-            Component::RootDir | Component::Prefix(_) => return Err("absolute file name"),
-        }
-    }
-    if parts.is_empty() {
-        return Err("empty file name");
-    }
-    Ok(parts.join("/"))
-}
+use std::path::{Path, PathBuf};
 
 /// Why a safe name could not be served from the disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -165,16 +140,6 @@ pub fn remove_upload_leftovers(root: &Path) -> usize {
     removed
 }
 
-/// Makes a rename or a new file durable: `fsync` on the directory that
-/// holds it (without this, a power loss can forget the rename).
-pub fn sync_parent_dir(path: &Path) -> std::io::Result<()> {
-    let dir = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    std::fs::File::open(dir)?.sync_all()
-}
-
 /// The canonical path of `name` (already checked by [`safe_relative_name`])
 /// inside the canonical `root`.
 pub fn resolve_inside(root: &Path, name: &str) -> Result<PathBuf, ResolveError> {
@@ -193,6 +158,7 @@ pub fn resolve_inside(root: &Path, name: &str) -> Result<PathBuf, ResolveError> 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::proto::path::safe_relative_name;
 
     #[test]
     fn private_files_are_never_served_in_any_spelling() {

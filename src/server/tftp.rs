@@ -31,50 +31,17 @@ use std::time::{Duration, Instant};
 
 use tracing::{debug, info, warn};
 
+use crate::boot::hooks::{FileGenerator, FinishedRead, TransferObserver};
 use crate::cache::{FileCache, FileData};
 use crate::config::TftpConfig;
+use crate::proto::path::safe_relative_name;
 use crate::proto::tftp::packet::{self, ErrorCode, Mode, Packet};
 use crate::proto::tftp::{
     negotiate, netascii, CommitError, NegotiationLimits, Outcome, ReadTransfer, Transfer,
     TransferConfig, WriteTransfer,
 };
 use crate::server::multicast::{Join, MulticastHub};
-pub use crate::server::paths::safe_relative_name;
 use crate::server::paths::{resolve_served, ResolveError};
-
-/// Answers some file names from memory instead of the disk: the seam through
-/// which the MAC router serves `pxelinux.cfg/01-<mac>` and GRUB configs.
-pub trait FileGenerator: Send + Sync {
-    /// Contents for `name` (a safe path relative to the root, without a
-    /// leading `/`) requested by `client`, or `None` to fall through to the
-    /// next generator and finally the disk.
-    fn generate(&self, name: &str, client: SocketAddr) -> Option<Vec<u8>>;
-}
-
-/// A read transfer that ended, as [`TransferObserver`]s are told of it.
-#[derive(Debug)]
-pub struct FinishedRead<'a> {
-    /// The file, relative to the root.
-    pub name: &'a str,
-    pub peer: SocketAddr,
-    /// Bytes sent: the whole file when `complete`, otherwise 0.
-    pub bytes: u64,
-    pub elapsed: Duration,
-    /// The client acknowledged the last block.
-    pub complete: bool,
-    /// Negotiated block and window size (RFC 2348, RFC 7440): how the
-    /// client asked for the file, which is where firmware differs.
-    pub blksize: u16,
-    pub windowsize: u16,
-    /// The group it was sent to, for a multicast (RFC 2090) member.
-    pub multicast: Option<SocketAddr>,
-}
-
-/// Told about every read transfer that ends (size queries aside): how
-/// loaders, kernels and initrds fetched over TFTP become boot events.
-pub trait TransferObserver: Send + Sync {
-    fn read_finished(&self, read: &FinishedRead<'_>);
-}
 
 /// What to do with a datagram that arrived on the listening port.
 pub enum Admission {
@@ -174,7 +141,7 @@ fn store_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         file.write_all(bytes)?;
         file.sync_all()?;
         std::fs::rename(&tmp, path)?;
-        crate::server::paths::sync_parent_dir(path)
+        crate::durable::sync_parent_dir(path)
     })();
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);

@@ -17,8 +17,8 @@ use std::net::Ipv4Addr;
 use serde::{Deserialize, Serialize};
 
 use crate::boot::events::BootEvent;
-use crate::boot::Mac;
 use crate::inventory::{self, fields, Snapshot, Transport, UnknownPolicy};
+use crate::proto::Mac;
 
 /// What a user or API token may do; each scope includes the ones before it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]

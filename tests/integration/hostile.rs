@@ -6,8 +6,8 @@ use std::net::{SocketAddr, UdpSocket};
 use std::sync::Arc;
 use std::time::Duration;
 
+use bootfleet::boot::hooks::FileGenerator;
 use bootfleet::proto::tftp::packet::{self, Packet};
-use bootfleet::server::tftp::FileGenerator;
 
 use crate::common::*;
 

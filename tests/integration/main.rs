@@ -2,6 +2,7 @@
 //! server on loopback, a lossy link and DHCP clients inside network
 //! namespaces, and QEMU machines booting end to end on a bridge.
 
+mod architecture;
 mod common;
 mod dhcp_namespace;
 mod hostile;

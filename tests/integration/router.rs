@@ -445,7 +445,7 @@ fn pxelinux_and_grub_configs_over_tftp() {
     // A kernel fetched over TFTP is a boot event of the machine whose
     // script was last asked for from that address.
     server.running.router.machine_script(
-        bootfleet::boot::Mac::parse("52:54:00:00:00:02").unwrap(),
+        bootfleet::proto::Mac::parse("52:54:00:00:00:02").unwrap(),
         &[],
         "http://127.0.0.1",
         "127.0.0.1".parse().unwrap(),
@@ -468,7 +468,7 @@ fn pxelinux_and_grub_configs_over_tftp() {
         std::fs::read(root.path().join("images/beta/vmlinuz")).unwrap()
     );
     let events = server.running.router.events.recent(
-        Some(bootfleet::boot::Mac::parse("52:54:00:00:00:02").unwrap()),
+        Some(bootfleet::proto::Mac::parse("52:54:00:00:00:02").unwrap()),
         10,
     );
     assert!(

@@ -7,7 +7,7 @@ use std::net::Ipv4Addr;
 
 use dhcproto::v4::{DhcpOption, Message, MessageType, OptionCode};
 
-use crate::boot::Mac;
+use crate::proto::Mac;
 
 /// The DHCP server port and the client port.
 pub const SERVER_PORT: u16 = 67;

@@ -21,7 +21,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
-use crate::boot::Mac;
+use crate::proto::Mac;
 
 /// How long an offered address is held for the client that was offered it.
 pub const OFFER_HOLD: Duration = Duration::from_secs(30);
@@ -370,7 +370,7 @@ impl Journal {
             out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
         }
         std::fs::rename(&tmp, &path)?;
-        crate::server::paths::sync_parent_dir(&path)?;
+        crate::durable::sync_parent_dir(&path)?;
         for lease in &keep {
             table.apply(*lease);
         }

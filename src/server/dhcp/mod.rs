@@ -575,7 +575,7 @@ fn encode(message: &Message) -> Vec<u8> {
 
 /// Whom a DHCP request counts against: its client hardware address, and
 /// the relay it came through (0.0.0.0 when not relayed).
-pub type ClientKey = (Ipv4Addr, crate::boot::Mac);
+pub type ClientKey = (Ipv4Addr, crate::proto::Mac);
 
 /// Whether a relayed request (non-zero giaddr) may be answered: it must
 /// come from the relay it names, or from one the operator listed. A packet

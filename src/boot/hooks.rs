@@ -1,0 +1,45 @@
+//! The seams between the file services and boot policy.
+//!
+//! The TFTP service (and the multicast sessions) ask a [`FileGenerator`] for
+//! names that are answered from memory (pxelinux and GRUB configs rendered
+//! per MAC) and tell every [`TransferObserver`] about each read that ended,
+//! which is how loaders, kernels and initrds fetched over TFTP become boot
+//! events. The traits live here, with the policy that implements them, so
+//! that `server/` depends on `boot/` and never the other way round.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// Answers some file names from memory instead of the disk: the seam through
+/// which the MAC router serves `pxelinux.cfg/01-<mac>` and GRUB configs.
+pub trait FileGenerator: Send + Sync {
+    /// Contents for `name` (a safe path relative to the root, without a
+    /// leading `/`) requested by `client`, or `None` to fall through to the
+    /// next generator and finally the disk.
+    fn generate(&self, name: &str, client: SocketAddr) -> Option<Vec<u8>>;
+}
+
+/// A read transfer that ended, as [`TransferObserver`]s are told of it.
+#[derive(Debug)]
+pub struct FinishedRead<'a> {
+    /// The file, relative to the root.
+    pub name: &'a str,
+    pub peer: SocketAddr,
+    /// Bytes sent: the whole file when `complete`, otherwise 0.
+    pub bytes: u64,
+    pub elapsed: Duration,
+    /// The client acknowledged the last block.
+    pub complete: bool,
+    /// Negotiated block and window size (RFC 2348, RFC 7440): how the
+    /// client asked for the file, which is where firmware differs.
+    pub blksize: u16,
+    pub windowsize: u16,
+    /// The group it was sent to, for a multicast (RFC 2090) member.
+    pub multicast: Option<SocketAddr>,
+}
+
+/// Told about every read transfer that ends (size queries aside): how
+/// loaders, kernels and initrds fetched over TFTP become boot events.
+pub trait TransferObserver: Send + Sync {
+    fn read_finished(&self, read: &FinishedRead<'_>);
+}
