@@ -119,84 +119,18 @@ pub fn start(
         shutdown.clone(),
     )?);
 
-    let dhcp = if config.dhcp.mode == crate::config::DhcpMode::Off {
-        None
-    } else {
-        if config.dhcp.interfaces.is_empty() {
-            anyhow::bail!("DHCP mode {:?} needs at least one interface (dhcp.interfaces or --dhcp-interface IFACE)", config.dhcp.mode);
-        }
-        let interfaces = config
-            .dhcp
-            .interfaces
-            .iter()
-            .map(|name| engine::dhcp::interface(name))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(anyhow::Error::msg)?;
-        let service = Arc::new(
-            engine::dhcp::DhcpService::new(
-                config.dhcp.clone(),
-                &interfaces,
-                Arc::clone(&router),
-                config.http.listen.port(),
-                &config.state_dir,
-            )
-            .map_err(anyhow::Error::msg)?,
-        );
-        threads.push(engine::dhcp::spawn(
-            Arc::clone(&service),
-            interfaces,
-            shutdown.clone(),
-        )?);
-        Some(service)
-    };
+    let dhcp = start_dhcp(config, &router, &shutdown, &mut threads)?;
 
     let panel = match panel {
         Some(listener) => {
-            let database = database_path(config);
-            // A database that cannot be opened (corrupt, unreadable) takes
-            // the panel down, not the boot LAN: DHCP, TFTP and HTTP go on
-            // with the inventory they have, and the panel says why.
-            let store: Arc<dyn crate::store::InventoryStore> =
-                match crate::store::sqlite::SqliteStore::open(&database) {
-                    Ok(store) => {
-                        info!(database = %database.display(), "inventory database opened");
-                        Arc::new(store)
-                    }
-                    Err(error) => {
-                        let reason = format!(
-                            "inventory database {} cannot be used: {error}; the data plane serves the inventory file's machines until it is repaired or restored from a backup and bootfleet restarted",
-                            database.display()
-                        );
-                        tracing::error!("{reason}");
-                        Arc::new(crate::store::unavailable::UnavailableStore::new(reason))
-                    }
-                };
-            let (panel, thread) = crate::panel::start(
-                &config.panel,
-                store,
-                Arc::clone(&router),
-                &root,
-                listener,
-                shutdown.clone(),
-            )?;
+            let (panel, thread) = start_panel(config, listener, &router, &root, &shutdown)?;
             threads.push(thread);
             Some(panel)
         }
         None => None,
     };
 
-    let watcher_router = Arc::clone(&router);
-    let watcher_shutdown = shutdown.clone();
-    threads.push(
-        std::thread::Builder::new()
-            .name("bootfleet-inventory".into())
-            .spawn(move || {
-                while !watcher_shutdown.is_triggered() {
-                    std::thread::sleep(INVENTORY_POLL / 4);
-                    watcher_router.refresh(false);
-                }
-            })?,
-    );
+    threads.push(watch_inventory(Arc::clone(&router), shutdown.clone())?);
     if panel.is_none() {
         info!(inventory = %inventory_path.display(), "inventory watched for changes (or send SIGHUP)");
     }
@@ -212,6 +146,94 @@ pub fn start(
         tftp_handle: Some(tftp_handle),
         threads,
     })
+}
+
+/// Starts the DHCP service and its engine thread, unless DHCP is off.
+fn start_dhcp(
+    config: &Config,
+    router: &Arc<Router>,
+    shutdown: &Shutdown,
+    threads: &mut Vec<JoinHandle<()>>,
+) -> Result<Option<Arc<engine::dhcp::DhcpService>>> {
+    if config.dhcp.mode == crate::config::DhcpMode::Off {
+        return Ok(None);
+    }
+    if config.dhcp.interfaces.is_empty() {
+        anyhow::bail!("DHCP mode {:?} needs at least one interface (dhcp.interfaces or --dhcp-interface IFACE)", config.dhcp.mode);
+    }
+    let interfaces = config
+        .dhcp
+        .interfaces
+        .iter()
+        .map(|name| engine::dhcp::interface(name))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(anyhow::Error::msg)?;
+    let service = Arc::new(
+        engine::dhcp::DhcpService::new(
+            config.dhcp.clone(),
+            &interfaces,
+            Arc::clone(router),
+            config.http.listen.port(),
+            &config.state_dir,
+        )
+        .map_err(anyhow::Error::msg)?,
+    );
+    threads.push(engine::dhcp::spawn(
+        Arc::clone(&service),
+        interfaces,
+        shutdown.clone(),
+    )?);
+    Ok(Some(service))
+}
+
+/// Opens the inventory database and starts the control panel on `listener`.
+fn start_panel(
+    config: &Config,
+    listener: TcpListener,
+    router: &Arc<Router>,
+    root: &std::path::Path,
+    shutdown: &Shutdown,
+) -> Result<(crate::panel::Panel, JoinHandle<()>)> {
+    let database = database_path(config);
+    // A database that cannot be opened (corrupt, unreadable) takes
+    // the panel down, not the boot LAN: DHCP, TFTP and HTTP go on
+    // with the inventory they have, and the panel says why.
+    let store: Arc<dyn crate::store::InventoryStore> = match crate::store::sqlite::SqliteStore::open(
+        &database,
+    ) {
+        Ok(store) => {
+            info!(database = %database.display(), "inventory database opened");
+            Arc::new(store)
+        }
+        Err(error) => {
+            let reason = format!(
+                    "inventory database {} cannot be used: {error}; the data plane serves the inventory file's machines until it is repaired or restored from a backup and bootfleet restarted",
+                    database.display()
+                );
+            tracing::error!("{reason}");
+            Arc::new(crate::store::unavailable::UnavailableStore::new(reason))
+        }
+    };
+    crate::panel::start(
+        &config.panel,
+        store,
+        Arc::clone(router),
+        root,
+        listener,
+        shutdown.clone(),
+    )
+}
+
+/// Looks at the inventory for changes until `shutdown`.
+fn watch_inventory(router: Arc<Router>, shutdown: Shutdown) -> std::io::Result<JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name("bootfleet-inventory".into())
+        .spawn(move || {
+            while !shutdown.is_triggered() {
+                std::thread::sleep(INVENTORY_POLL / 4);
+                router.refresh(false);
+            }
+        })
 }
 
 impl Running {

@@ -353,25 +353,8 @@ impl Router {
             .filter(|machine| machine.netboot)
             .and_then(|machine| Some((machine, snapshot.image_of(machine)?)));
         if let Some((machine, image)) = assigned {
-            let spent = machine.one_shot && self.one_shot.used(mac, machine.rearm);
-            if machine.one_shot && !spent && self.may_speak_for(client, mac) {
-                let mut claimants = self
-                    .one_shot_claimants
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner());
-                if claimants.len() >= MAX_SEEN {
-                    claimants.clear();
-                }
-                claimants.entry(mac).or_insert(client);
-            }
-            if !spent && image.template == inventory::DEFAULT_TEMPLATE {
-                let rendered = loaded.rendered.lock().unwrap_or_else(|p| p.into_inner());
-                if let Some((_, body)) = rendered.get(&mac).filter(|(at, _)| at == server) {
-                    return Script {
-                        body: body.clone(),
-                        decision: Decision::Assigned(image.name.clone()),
-                    };
-                }
+            if let Some(script) = self.cached_script(&loaded, mac, client, server, machine, image) {
+                return script;
             }
         }
 
@@ -416,6 +399,55 @@ impl Router {
             }
         }
 
+        self.unassigned_script(&loaded, query, listed, base_url, context)
+    }
+
+    /// The script of an assigned machine on the built-in template, as last
+    /// rendered for this server address, when it is still current; also
+    /// notes which client first asked for a one-shot assignment.
+    fn cached_script(
+        &self,
+        loaded: &Loaded,
+        mac: Mac,
+        client: IpAddr,
+        server: &str,
+        machine: &Machine,
+        image: &Image,
+    ) -> Option<Script> {
+        let spent = machine.one_shot && self.one_shot.used(mac, machine.rearm);
+        if machine.one_shot && !spent && self.may_speak_for(client, mac) {
+            let mut claimants = self
+                .one_shot_claimants
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            if claimants.len() >= MAX_SEEN {
+                claimants.clear();
+            }
+            claimants.entry(mac).or_insert(client);
+        }
+        if spent || image.template != inventory::DEFAULT_TEMPLATE {
+            return None;
+        }
+        let rendered = loaded.rendered.lock().unwrap_or_else(|p| p.into_inner());
+        let (_, body) = rendered.get(&mac).filter(|(at, _)| at == server)?;
+        Some(Script {
+            body: body.clone(),
+            decision: Decision::Assigned(image.name.clone()),
+        })
+    }
+
+    /// The script of a machine with no image to boot: the image it picked
+    /// from the menu, or the unknown-machine policy's menu, wait or local
+    /// boot.
+    fn unassigned_script(
+        &self,
+        loaded: &Loaded,
+        query: &[(String, String)],
+        listed: Option<&Machine>,
+        base_url: &str,
+        mut context: ScriptContext,
+    ) -> Script {
+        let snapshot = &loaded.snapshot;
         let policy = snapshot.unknown_policy;
         if policy == UnknownPolicy::Menu {
             if let Some(image) = query
@@ -425,7 +457,7 @@ impl Router {
             {
                 fill_image(&mut context, image, listed, base_url);
                 return self.render(
-                    &loaded,
+                    loaded,
                     &image.template,
                     &context,
                     Decision::MenuChoice(image.name.clone()),
@@ -443,7 +475,7 @@ impl Router {
                 "builtin:local"
             }
         };
-        self.render(&loaded, template, &context, Decision::Unknown(policy))
+        self.render(loaded, template, &context, Decision::Unknown(policy))
     }
 
     fn render(

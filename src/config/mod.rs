@@ -765,8 +765,7 @@ impl Validator<'_> {
     }
 
     fn apply(&self, file: FileConfig) -> Result<Config, ConfigError> {
-        let defaults = Config::default();
-        let mut config = defaults.clone();
+        let mut config = Config::default();
         if let Some(root) = &file.root {
             let root = root.get_ref();
             config.root = if root.is_relative() {
@@ -780,7 +779,30 @@ impl Validator<'_> {
             config.engine = engine;
         }
         config.workers = self.ranged(&file.workers, "workers", 0..=1024, 0)? as usize;
-        let t = &file.tftp;
+        self.apply_tftp(&file.tftp, &mut config)?;
+        self.apply_http(&file.http, &mut config)?;
+        self.apply_dhcp(&file.dhcp, &mut config)?;
+        if let Some(file) = &file.inventory.file {
+            config.inventory_file = file.clone();
+        }
+        if let Some(dir) = &file.inventory.state_dir {
+            config.state_dir = if dir.is_relative() {
+                self.path.parent().unwrap_or(Path::new(".")).join(dir)
+            } else {
+                dir.clone()
+            };
+        }
+        config.cache_max_bytes =
+            self.ranged(&file.cache.max_mib, "cache.max_mib", 1..=1 << 30, 1024)? << 20;
+        self.apply_panel(&file.panel, &mut config)?;
+        if let Some(level) = file.log.level {
+            config.log_level = level;
+        }
+        Ok(config)
+    }
+
+    fn apply_tftp(&self, t: &FileTftp, config: &mut Config) -> Result<(), ConfigError> {
+        let defaults = Config::default();
         let d = &defaults.tftp;
         config.tftp = TftpConfig {
             listen: t.listen.unwrap_or(d.listen),
@@ -852,47 +874,56 @@ impl Validator<'_> {
         config.tftp.upload_dirs = upload_dirs;
         config.tftp.max_upload_bytes =
             self.ranged(&t.max_upload_mib, "tftp.max_upload_mib", 1..=4096, 64)? << 20;
-        if let Some(groups) = &t.multicast_groups {
-            let invalid = |message: String| ConfigError::Invalid {
-                origin: format!("{} line {}", self.path.display(), self.line_of(groups)),
-                key: "tftp.multicast_groups",
-                message,
-            };
-            let (first, last) = groups
-                .get_ref()
-                .split_once('-')
-                .and_then(|(a, b)| {
-                    Some((
-                        a.trim().parse::<Ipv4Addr>().ok()?,
-                        b.trim().parse::<Ipv4Addr>().ok()?,
-                    ))
-                })
-                .ok_or_else(|| {
-                    invalid(format!(
-                        "{:?} is not FIRST-LAST, e.g. 239.255.66.1-239.255.66.254",
-                        groups.get_ref()
-                    ))
-                })?;
-            if !first.is_multicast() || !last.is_multicast() || first > last {
-                return Err(invalid(format!(
-                    "{first}-{last} must be multicast addresses (224.0.0.0/4), first not above last"
-                )));
-            }
-            config.tftp.multicast = Some(MulticastConfig {
-                groups: (first, last),
-                port: self.ranged(&t.multicast_port, "tftp.multicast_port", 1..=65535, 1758)?
-                    as u16,
-                ttl: self.ranged(&t.multicast_ttl, "tftp.multicast_ttl", 1..=255, 1)? as u32,
-                interface: t.multicast_interface,
-                gather: Duration::from_millis(self.ranged(
-                    &t.multicast_gather_ms,
-                    "tftp.multicast_gather_ms",
-                    0..=60_000,
-                    500,
-                )?),
-            });
+        config.tftp.multicast = self.multicast(t)?;
+        Ok(())
+    }
+
+    /// `tftp.multicast_*`: RFC 2090 multicast, on when a group range is set.
+    fn multicast(&self, t: &FileTftp) -> Result<Option<MulticastConfig>, ConfigError> {
+        let Some(groups) = &t.multicast_groups else {
+            return Ok(None);
+        };
+        let invalid = |message: String| ConfigError::Invalid {
+            origin: format!("{} line {}", self.path.display(), self.line_of(groups)),
+            key: "tftp.multicast_groups",
+            message,
+        };
+        let (first, last) = groups
+            .get_ref()
+            .split_once('-')
+            .and_then(|(a, b)| {
+                Some((
+                    a.trim().parse::<Ipv4Addr>().ok()?,
+                    b.trim().parse::<Ipv4Addr>().ok()?,
+                ))
+            })
+            .ok_or_else(|| {
+                invalid(format!(
+                    "{:?} is not FIRST-LAST, e.g. 239.255.66.1-239.255.66.254",
+                    groups.get_ref()
+                ))
+            })?;
+        if !first.is_multicast() || !last.is_multicast() || first > last {
+            return Err(invalid(format!(
+                "{first}-{last} must be multicast addresses (224.0.0.0/4), first not above last"
+            )));
         }
-        let h = &file.http;
+        Ok(Some(MulticastConfig {
+            groups: (first, last),
+            port: self.ranged(&t.multicast_port, "tftp.multicast_port", 1..=65535, 1758)? as u16,
+            ttl: self.ranged(&t.multicast_ttl, "tftp.multicast_ttl", 1..=255, 1)? as u32,
+            interface: t.multicast_interface,
+            gather: Duration::from_millis(self.ranged(
+                &t.multicast_gather_ms,
+                "tftp.multicast_gather_ms",
+                0..=60_000,
+                500,
+            )?),
+        }))
+    }
+
+    fn apply_http(&self, h: &FileHttp, config: &mut Config) -> Result<(), ConfigError> {
+        let defaults = Config::default();
         let dh = &defaults.http;
         let millis = |value: &Option<Spanned<u64>>, key: &'static str, default: Duration| {
             self.ranged(value, key, 100..=3_600_000, default.as_millis() as u64)
@@ -941,20 +972,10 @@ impl Validator<'_> {
             }
             config.http.public_url = Some(text.to_string());
         }
-        self.apply_dhcp(&file.dhcp, &mut config)?;
-        if let Some(file) = &file.inventory.file {
-            config.inventory_file = file.clone();
-        }
-        if let Some(dir) = &file.inventory.state_dir {
-            config.state_dir = if dir.is_relative() {
-                self.path.parent().unwrap_or(Path::new(".")).join(dir)
-            } else {
-                dir.clone()
-            };
-        }
-        config.cache_max_bytes =
-            self.ranged(&file.cache.max_mib, "cache.max_mib", 1..=1 << 30, 1024)? << 20;
-        let p = &file.panel;
+        Ok(())
+    }
+
+    fn apply_panel(&self, p: &FilePanel, config: &mut Config) -> Result<(), ConfigError> {
         if let Some(listen) = &p.listen {
             config.panel.listen =
                 parse_panel_listen(listen.get_ref()).map_err(|message| ConfigError::Invalid {
@@ -1001,10 +1022,7 @@ impl Validator<'_> {
             1..=10_000_000,
             10_000,
         )? as usize;
-        if let Some(level) = file.log.level {
-            config.log_level = level;
-        }
-        Ok(config)
+        Ok(())
     }
 }
 

@@ -260,6 +260,178 @@ fn yes() -> bool {
 /// The built-in template name used when an image names none.
 pub const DEFAULT_TEMPLATE: &str = "builtin:ipxe";
 
+/// An inventory file's text, to say on which line a checked value is.
+struct SourceText<'a> {
+    text: &'a str,
+    path: &'a Path,
+}
+
+impl SourceText<'_> {
+    fn invalid(&self, span: std::ops::Range<usize>, message: String) -> InventoryError {
+        InventoryError::Invalid {
+            path: self.path.to_path_buf(),
+            line: self.text[..span.start.min(self.text.len())]
+                .matches('\n')
+                .count()
+                + 1,
+            message,
+        }
+    }
+}
+
+/// Checks one `[images.NAME]` table and adds it, with its boot files and
+/// its template (read from `root`), to `snapshot`.
+fn add_image(
+    snapshot: &mut Snapshot,
+    source: &SourceText<'_>,
+    root: &Path,
+    name: Spanned<String>,
+    image: ImageFile,
+) -> Result<(), InventoryError> {
+    let span = name.span();
+    let name = name.into_inner();
+    fields::check_name("image", &name).map_err(|e| source.invalid(span.clone(), e))?;
+    fields::check_words(
+        &format!("image {name}: cmdline"),
+        &image.cmdline,
+        fields::MAX_COMMAND_LINE,
+    )
+    .map_err(|e| source.invalid(span.clone(), e))?;
+    fields::check_words(
+        &format!("image {name}: description"),
+        &image.description,
+        fields::MAX_TEXT,
+    )
+    .map_err(|e| source.invalid(span.clone(), e))?;
+    let mut check_path = |value: &Spanned<String>, role: FileRole| {
+        let raw = value.get_ref();
+        let path = fields::check_boot_path(&format!("image {name}: boot file"), raw)
+            .map_err(|e| source.invalid(value.span(), e))?;
+        if !is_url(&path) {
+            snapshot.boot_files.insert(path.clone(), role);
+        }
+        Ok(path)
+    };
+    let kernel = check_path(&image.kernel, FileRole::Kernel)?;
+    let initrds = image
+        .initrds
+        .iter()
+        .map(|initrd| check_path(initrd, FileRole::Initrd))
+        .collect::<Result<Vec<_>, _>>()?;
+    let template = match &image.template {
+        None => DEFAULT_TEMPLATE.to_string(),
+        Some(template) => {
+            let relative = safe_relative_name(template.get_ref().as_bytes()).map_err(|why| {
+                source.invalid(template.span(), format!("image {name}: template: {why}"))
+            })?;
+            if !snapshot.templates.contains_key(&relative) {
+                let template_text = std::fs::read_to_string(root.join(&relative)).map_err(|e| {
+                    source.invalid(
+                        template.span(),
+                        format!("image {name}: cannot read template {relative}: {e}"),
+                    )
+                })?;
+                fields::check_template(&relative, &template_text).map_err(|e| {
+                    source.invalid(
+                        template.span(),
+                        format!("image {name}: template {relative}: {e}"),
+                    )
+                })?;
+                snapshot.templates.insert(relative.clone(), template_text);
+            }
+            relative
+        }
+    };
+    snapshot.images.insert(
+        name.clone(),
+        Arc::new(Image {
+            name,
+            kernel,
+            initrds,
+            cmdline: image.cmdline,
+            transport: image.transport,
+            description: image.description,
+            template,
+        }),
+    );
+    Ok(())
+}
+
+/// Checks one `[machines."MAC"]` table against the images already added
+/// and the addresses already reserved, and adds it to `snapshot`.
+fn add_machine(
+    snapshot: &mut Snapshot,
+    source: &SourceText<'_>,
+    key: Spanned<String>,
+    machine: MachineFile,
+) -> Result<(), InventoryError> {
+    let mac = Mac::parse(key.get_ref())
+        .map_err(|e| source.invalid(key.span(), format!("machine {:?}: {e}", key.get_ref())))?;
+    if snapshot.machines.contains_key(&mac) {
+        return Err(source.invalid(
+            key.span(),
+            format!("machine {mac} is listed twice (under different spellings)"),
+        ));
+    }
+    if let Some(image) = &machine.image {
+        if !snapshot.images.contains_key(image.get_ref()) {
+            let known: Vec<&str> = snapshot.images.keys().map(String::as_str).collect();
+            return Err(source.invalid(
+                image.span(),
+                format!(
+                    "machine {mac}: no image named {:?} (images: {})",
+                    image.get_ref(),
+                    if known.is_empty() {
+                        "none".to_string()
+                    } else {
+                        known.join(", ")
+                    }
+                ),
+            ));
+        }
+    }
+    let field = |name: &str| format!("machine {mac}: {name}");
+    let checked = machine
+        .hostname
+        .as_deref()
+        .map_or(Ok(()), fields::check_hostname)
+        .and_then(|()| {
+            fields::check_words(
+                &field("cmdline_append"),
+                &machine.cmdline_append,
+                fields::MAX_COMMAND_LINE,
+            )
+        })
+        .and_then(|()| fields::check_script_lines(&field("script_append"), &machine.script_append))
+        .and_then(|()| fields::check_vars(&machine.vars))
+        .and_then(|()| machine.ip.map_or(Ok(()), fields::check_host_address));
+    checked.map_err(|e| source.invalid(key.span(), e))?;
+    if let Some(ip) = machine.ip {
+        if let Some(other) = snapshot.by_ip.insert(ip, mac) {
+            return Err(source.invalid(
+                key.span(),
+                format!("machines {other} and {mac} both reserve {ip}"),
+            ));
+        }
+    }
+    snapshot.machines.insert(
+        mac,
+        Machine {
+            mac,
+            hostname: machine.hostname,
+            image: machine.image.map(Spanned::into_inner),
+            ip: machine.ip,
+            cmdline_append: machine.cmdline_append,
+            script_append: machine.script_append,
+            one_shot: machine.one_shot,
+            rearm: machine.rearm,
+            netboot: machine.netboot,
+            vars: machine.vars,
+        },
+    );
+    Ok(())
+}
+
 impl Snapshot {
     /// Reads and checks `path` (templates resolve inside `root`).
     pub fn load(path: &Path, root: &Path, generation: u64) -> Result<Self, InventoryError> {
@@ -281,11 +453,7 @@ impl Snapshot {
             path: path.to_path_buf(),
             message: e.to_string().trim_end().replace('\n', " | "),
         })?;
-        let invalid = |span: std::ops::Range<usize>, message: String| InventoryError::Invalid {
-            path: path.to_path_buf(),
-            line: text[..span.start.min(text.len())].matches('\n').count() + 1,
-            message,
-        };
+        let source = SourceText { text, path };
 
         let mut snapshot = Snapshot {
             generation,
@@ -294,150 +462,17 @@ impl Snapshot {
             ..Snapshot::default()
         };
         if !(1..=3600).contains(&snapshot.poll_seconds) {
-            return Err(invalid(
+            return Err(source.invalid(
                 file.unknown.poll_seconds.span(),
                 "unknown.poll_seconds must be between 1 and 3600".into(),
             ));
         }
 
         for (name, image) in file.images {
-            let span = name.span();
-            let name = name.into_inner();
-            fields::check_name("image", &name).map_err(|e| invalid(span.clone(), e))?;
-            fields::check_words(
-                &format!("image {name}: cmdline"),
-                &image.cmdline,
-                fields::MAX_COMMAND_LINE,
-            )
-            .map_err(|e| invalid(span.clone(), e))?;
-            fields::check_words(
-                &format!("image {name}: description"),
-                &image.description,
-                fields::MAX_TEXT,
-            )
-            .map_err(|e| invalid(span.clone(), e))?;
-            let mut check_path = |value: &Spanned<String>, role: FileRole| {
-                let raw = value.get_ref();
-                let path = fields::check_boot_path(&format!("image {name}: boot file"), raw)
-                    .map_err(|e| invalid(value.span(), e))?;
-                if !is_url(&path) {
-                    snapshot.boot_files.insert(path.clone(), role);
-                }
-                Ok(path)
-            };
-            let kernel = check_path(&image.kernel, FileRole::Kernel)?;
-            let initrds = image
-                .initrds
-                .iter()
-                .map(|initrd| check_path(initrd, FileRole::Initrd))
-                .collect::<Result<Vec<_>, _>>()?;
-            let template = match &image.template {
-                None => DEFAULT_TEMPLATE.to_string(),
-                Some(template) => {
-                    let relative =
-                        safe_relative_name(template.get_ref().as_bytes()).map_err(|why| {
-                            invalid(template.span(), format!("image {name}: template: {why}"))
-                        })?;
-                    if !snapshot.templates.contains_key(&relative) {
-                        let source =
-                            std::fs::read_to_string(root.join(&relative)).map_err(|e| {
-                                invalid(
-                                    template.span(),
-                                    format!("image {name}: cannot read template {relative}: {e}"),
-                                )
-                            })?;
-                        fields::check_template(&relative, &source).map_err(|e| {
-                            invalid(
-                                template.span(),
-                                format!("image {name}: template {relative}: {e}"),
-                            )
-                        })?;
-                        snapshot.templates.insert(relative.clone(), source);
-                    }
-                    relative
-                }
-            };
-            snapshot.images.insert(
-                name.clone(),
-                Arc::new(Image {
-                    name,
-                    kernel,
-                    initrds,
-                    cmdline: image.cmdline,
-                    transport: image.transport,
-                    description: image.description,
-                    template,
-                }),
-            );
+            add_image(&mut snapshot, &source, root, name, image)?;
         }
-
         for (key, machine) in file.machines {
-            let mac = Mac::parse(key.get_ref())
-                .map_err(|e| invalid(key.span(), format!("machine {:?}: {e}", key.get_ref())))?;
-            if snapshot.machines.contains_key(&mac) {
-                return Err(invalid(
-                    key.span(),
-                    format!("machine {mac} is listed twice (under different spellings)"),
-                ));
-            }
-            if let Some(image) = &machine.image {
-                if !snapshot.images.contains_key(image.get_ref()) {
-                    let known: Vec<&str> = snapshot.images.keys().map(String::as_str).collect();
-                    return Err(invalid(
-                        image.span(),
-                        format!(
-                            "machine {mac}: no image named {:?} (images: {})",
-                            image.get_ref(),
-                            if known.is_empty() {
-                                "none".to_string()
-                            } else {
-                                known.join(", ")
-                            }
-                        ),
-                    ));
-                }
-            }
-            let field = |name: &str| format!("machine {mac}: {name}");
-            let checked = machine
-                .hostname
-                .as_deref()
-                .map_or(Ok(()), fields::check_hostname)
-                .and_then(|()| {
-                    fields::check_words(
-                        &field("cmdline_append"),
-                        &machine.cmdline_append,
-                        fields::MAX_COMMAND_LINE,
-                    )
-                })
-                .and_then(|()| {
-                    fields::check_script_lines(&field("script_append"), &machine.script_append)
-                })
-                .and_then(|()| fields::check_vars(&machine.vars))
-                .and_then(|()| machine.ip.map_or(Ok(()), fields::check_host_address));
-            checked.map_err(|e| invalid(key.span(), e))?;
-            if let Some(ip) = machine.ip {
-                if let Some(other) = snapshot.by_ip.insert(ip, mac) {
-                    return Err(invalid(
-                        key.span(),
-                        format!("machines {other} and {mac} both reserve {ip}"),
-                    ));
-                }
-            }
-            snapshot.machines.insert(
-                mac,
-                Machine {
-                    mac,
-                    hostname: machine.hostname,
-                    image: machine.image.map(Spanned::into_inner),
-                    ip: machine.ip,
-                    cmdline_append: machine.cmdline_append,
-                    script_append: machine.script_append,
-                    one_shot: machine.one_shot,
-                    rearm: machine.rearm,
-                    netboot: machine.netboot,
-                    vars: machine.vars,
-                },
-            );
+            add_machine(&mut snapshot, &source, key, machine)?;
         }
         Ok(snapshot)
     }

@@ -759,7 +759,48 @@ async fn upload_file(
     Path(path): Path<String>,
     body: Body,
 ) -> ApiResult {
-    use tokio::io::AsyncWriteExt;
+    let relative = upload_name(&path)?;
+    let target = upload_target(&state, &relative).await?;
+    let temp = target.with_file_name(format!(
+        ".{}.upload-{}",
+        target
+            .file_name()
+            .map(|n| n.to_string_lossy())
+            .unwrap_or_default(),
+        auth::random_hex(6)
+    ));
+    let written = match write_upload(&temp, body, state.config.max_upload_bytes, &relative).await {
+        Ok(written) => written,
+        Err(e) => {
+            let _ = tokio::fs::remove_file(&temp).await;
+            return Err(e);
+        }
+    };
+    if let Err(e) = tokio::fs::rename(&temp, &target).await {
+        let _ = tokio::fs::remove_file(&temp).await;
+        return Err(ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("cannot store {relative}: {e}"),
+        ));
+    }
+    if let Err(e) = crate::durable::sync_parent_dir(&target) {
+        tracing::warn!(file = %relative, error = %e, "cannot sync the boot directory after an upload");
+    }
+    let detail = format!("{written} bytes");
+    state
+        .store
+        .record_audit(&who.actor, "file.upload", &relative, &detail)?;
+    info!(file = %relative, bytes = written, by = %who.actor, "file uploaded through the panel");
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({ "path": relative, "size": written })),
+    )
+        .into_response())
+}
+
+/// The boot-directory name an upload to `path` is stored under, or why it
+/// cannot be uploaded at all.
+fn upload_name(path: &str) -> Result<String, ApiError> {
     let relative = safe_relative_name(path.as_bytes()).map_err(|why| {
         ApiError::new(
             StatusCode::UNPROCESSABLE_ENTITY,
@@ -778,46 +819,53 @@ async fn upload_file(
             format!("{relative:?} cannot be uploaded: names starting with '.' are never served"),
         ));
     }
-    // Directories are made one by one under the canonical root, never
-    // through a symbolic link that leads outside it.
-    let (root, parent) = (
+    Ok(relative)
+}
+
+/// Where an upload of `relative` lands: its directories made one by one
+/// under the canonical root, never through a symbolic link that leads
+/// outside it, and never onto a symbolic link.
+async fn upload_target(state: &PanelState, relative: &str) -> Result<std::path::PathBuf, ApiError> {
+    let (root, parent, name) = (
         state.root.clone(),
         relative.rsplit_once('/').map(|(dir, _)| dir.to_string()),
+        relative.to_string(),
     );
     let dir = blocking(move || {
         crate::server::paths::create_dirs_inside(&root, parent.as_deref().unwrap_or("")).map_err(
             |e| {
                 ApiError::new(
                     StatusCode::UNPROCESSABLE_ENTITY,
-                    format!("cannot store {path}: {e}"),
+                    format!("cannot store {name}: {e}"),
                 )
             },
         )
     })
     .await?;
-    let target = dir.join(relative.rsplit('/').next().unwrap_or(&relative));
+    let target = dir.join(relative.rsplit('/').next().unwrap_or(relative));
     if std::fs::symlink_metadata(&target).is_ok_and(|m| m.file_type().is_symlink()) {
         return Err(ApiError::new(
             StatusCode::UNPROCESSABLE_ENTITY,
             format!("{relative:?} is a symbolic link; remove it on the server first"),
         ));
     }
-    let temp = target.with_file_name(format!(
-        ".{}.upload-{}",
-        target
-            .file_name()
-            .map(|n| n.to_string_lossy())
-            .unwrap_or_default(),
-        auth::random_hex(6)
-    ));
-    let failed = |status: StatusCode, message: String| {
-        let temp = temp.clone();
-        async move {
-            let _ = tokio::fs::remove_file(&temp).await;
-            ApiError::new(status, message)
-        }
+    Ok(target)
+}
+
+/// Streams an upload's body into `temp` and syncs it, refusing more than
+/// `limit` bytes; returns how many bytes were written. The caller removes
+/// `temp` when this fails.
+async fn write_upload(
+    temp: &std::path::Path,
+    body: Body,
+    limit: u64,
+    relative: &str,
+) -> Result<u64, ApiError> {
+    use tokio::io::AsyncWriteExt;
+    let cannot_store = |status: StatusCode, e: std::io::Error| {
+        ApiError::new(status, format!("cannot store {relative}: {e}"))
     };
-    let mut file = tokio::fs::File::create(&temp).await.map_err(|e| {
+    let mut file = tokio::fs::File::create(temp).await.map_err(|e| {
         let hint = match e.raw_os_error() {
             Some(libc::EROFS | libc::EACCES | libc::EPERM) => {
                 "; the boot directory is not writable by bootfleet (under systemd, list it in ReadWritePaths=)"
@@ -832,62 +880,32 @@ async fn upload_file(
     let mut stream = body.into_data_stream();
     let mut written: u64 = 0;
     while let Some(chunk) = stream.next().await {
-        let chunk = match chunk {
-            Ok(chunk) => chunk,
-            Err(e) => {
-                return Err(
-                    failed(StatusCode::BAD_REQUEST, format!("upload interrupted: {e}")).await,
-                )
-            }
-        };
+        let chunk = chunk.map_err(|e| {
+            ApiError::new(StatusCode::BAD_REQUEST, format!("upload interrupted: {e}"))
+        })?;
         written += chunk.len() as u64;
-        if written > state.config.max_upload_bytes {
-            return Err(failed(
+        if written > limit {
+            return Err(ApiError::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 format!(
                     "the file is larger than panel.max_upload_mib ({} MiB)",
-                    state.config.max_upload_bytes >> 20
+                    limit >> 20
                 ),
-            )
-            .await);
+            ));
         }
-        if let Err(e) = file.write_all(&chunk).await {
+        file.write_all(&chunk).await.map_err(|e| {
             let status = if e.raw_os_error() == Some(libc::ENOSPC) {
                 StatusCode::INSUFFICIENT_STORAGE
             } else {
                 StatusCode::INTERNAL_SERVER_ERROR
             };
-            return Err(failed(status, format!("cannot store {relative}: {e}")).await);
-        }
+            cannot_store(status, e)
+        })?;
     }
-    if let Err(e) = file.sync_all().await {
-        return Err(failed(
-            StatusCode::INSUFFICIENT_STORAGE,
-            format!("cannot store {relative}: {e}"),
-        )
-        .await);
-    }
-    drop(file);
-    if let Err(e) = tokio::fs::rename(&temp, &target).await {
-        return Err(failed(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!("cannot store {relative}: {e}"),
-        )
-        .await);
-    }
-    if let Err(e) = crate::durable::sync_parent_dir(&target) {
-        tracing::warn!(file = %relative, error = %e, "cannot sync the boot directory after an upload");
-    }
-    let detail = format!("{written} bytes");
-    state
-        .store
-        .record_audit(&who.actor, "file.upload", &relative, &detail)?;
-    info!(file = %relative, bytes = written, by = %who.actor, "file uploaded through the panel");
-    Ok((
-        StatusCode::CREATED,
-        Json(json!({ "path": relative, "size": written })),
-    )
-        .into_response())
+    file.sync_all()
+        .await
+        .map_err(|e| cannot_store(StatusCode::INSUFFICIENT_STORAGE, e))?;
+    Ok(written)
 }
 
 // ---- pools ----

@@ -128,6 +128,82 @@ pub struct MachinePatch {
     pub notes: Option<String>,
 }
 
+impl MachinePatch {
+    /// Applies this patch to `machine` (adopting it) and says what changed,
+    /// one phrase per field, for the audit log. Every store backend merges
+    /// a patch through this, so they record changes alike.
+    pub fn apply_to(&self, machine: &mut MachineRecord) -> Vec<String> {
+        let mut changes = Vec::new();
+        if !machine.adopted {
+            changes.push("adopted".to_string());
+        }
+        machine.adopted = true;
+        if let Some(image) = &self.image {
+            if *image != machine.image {
+                changes.push(format!(
+                    "image {} -> {}",
+                    machine.image.as_deref().unwrap_or("none"),
+                    image.as_deref().unwrap_or("none")
+                ));
+            }
+            machine.image = image.clone();
+        }
+        if let Some(hostname) = &self.hostname {
+            if *hostname != machine.hostname {
+                changes.push(format!(
+                    "hostname {}",
+                    hostname.as_deref().unwrap_or("none")
+                ));
+            }
+            machine.hostname = hostname.clone();
+        }
+        if let Some(ip) = self.ip {
+            if ip != machine.ip {
+                changes.push(format!(
+                    "ip {}",
+                    ip.map_or("none".into(), |ip| ip.to_string())
+                ));
+            }
+            machine.ip = ip;
+        }
+        if let Some(labels) = &self.labels {
+            if *labels != machine.labels {
+                changes.push(format!("labels [{}]", labels.join(", ")));
+            }
+            machine.labels = labels.clone();
+        }
+        if let Some(one_shot) = self.one_shot {
+            if one_shot != machine.one_shot {
+                changes.push(format!("one_shot {one_shot}"));
+            }
+            machine.one_shot = one_shot;
+        }
+        if self.rearm {
+            machine.rearm += 1;
+            changes.push(format!("re-armed (generation {})", machine.rearm));
+        }
+        if let Some(netboot) = self.netboot {
+            if netboot != machine.netboot {
+                changes.push(format!("netboot {netboot}"));
+            }
+            machine.netboot = netboot;
+        }
+        if let Some(append) = &self.cmdline_append {
+            if *append != machine.cmdline_append {
+                changes.push(format!("cmdline_append {append:?}"));
+            }
+            machine.cmdline_append = append.clone();
+        }
+        if let Some(notes) = &self.notes {
+            if *notes != machine.notes {
+                changes.push("notes".to_string());
+            }
+            machine.notes = notes.clone();
+        }
+        changes
+    }
+}
+
 fn double_option<'de, T: Deserialize<'de>, D: serde::Deserializer<'de>>(
     deserializer: D,
 ) -> Result<Option<Option<T>>, D::Error> {

@@ -371,73 +371,7 @@ fn apply_patch(
     validate_patch(patch)?;
     let existing = get_machine(tx, mac)?;
     let mut machine = existing.clone().unwrap_or_else(|| MachineRecord::new(mac));
-    let mut changes = Vec::new();
-    if !machine.adopted {
-        changes.push("adopted".to_string());
-    }
-    machine.adopted = true;
-    if let Some(image) = &patch.image {
-        if *image != machine.image {
-            changes.push(format!(
-                "image {} -> {}",
-                machine.image.as_deref().unwrap_or("none"),
-                image.as_deref().unwrap_or("none")
-            ));
-        }
-        machine.image = image.clone();
-    }
-    if let Some(hostname) = &patch.hostname {
-        if *hostname != machine.hostname {
-            changes.push(format!(
-                "hostname {}",
-                hostname.as_deref().unwrap_or("none")
-            ));
-        }
-        machine.hostname = hostname.clone();
-    }
-    if let Some(ip) = patch.ip {
-        if ip != machine.ip {
-            changes.push(format!(
-                "ip {}",
-                ip.map_or("none".into(), |ip| ip.to_string())
-            ));
-        }
-        machine.ip = ip;
-    }
-    if let Some(labels) = &patch.labels {
-        if *labels != machine.labels {
-            changes.push(format!("labels [{}]", labels.join(", ")));
-        }
-        machine.labels = labels.clone();
-    }
-    if let Some(one_shot) = patch.one_shot {
-        if one_shot != machine.one_shot {
-            changes.push(format!("one_shot {one_shot}"));
-        }
-        machine.one_shot = one_shot;
-    }
-    if patch.rearm {
-        machine.rearm += 1;
-        changes.push(format!("re-armed (generation {})", machine.rearm));
-    }
-    if let Some(netboot) = patch.netboot {
-        if netboot != machine.netboot {
-            changes.push(format!("netboot {netboot}"));
-        }
-        machine.netboot = netboot;
-    }
-    if let Some(append) = &patch.cmdline_append {
-        if *append != machine.cmdline_append {
-            changes.push(format!("cmdline_append {append:?}"));
-        }
-        machine.cmdline_append = append.clone();
-    }
-    if let Some(notes) = &patch.notes {
-        if *notes != machine.notes {
-            changes.push("notes".to_string());
-        }
-        machine.notes = notes.clone();
-    }
+    let changes = patch.apply_to(&mut machine);
     if let Some(ip) = machine.ip {
         let holder: Option<String> = tx
             .query_row(

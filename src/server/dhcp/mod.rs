@@ -227,228 +227,316 @@ fn decide_full(
     ctx: &Context<'_>,
     leases: &mut LeaseTable,
 ) -> Outcome {
-    let now = ctx.now;
-    let relay = info.giaddr;
-    let subnet_hint = if relay.is_unspecified() {
-        ctx.iface.addr
-    } else {
-        relay
-    };
-    let reservation = ctx
-        .snapshot
-        .machines
-        .get(&info.mac)
-        .and_then(|m| m.ip)
-        .filter(|ip| {
-            leases
-                .pools
-                .iter()
-                .any(|p| p.same_subnet(*ip) && p.same_subnet(subnet_hint))
-        })
-        .filter(|&ip| {
-            // A reservation of this server's own address, or of the
-            // subnet's network or broadcast address, is never handed out.
-            let usable = ip != ctx.iface.addr
-                && leases
+    let scope = FullScope::new(request, info, ctx, leases);
+    match info.message_type {
+        MessageType::Discover => full_discover(&scope, leases),
+        MessageType::Request => full_request(&scope, leases),
+        MessageType::Release => full_release(&scope, leases),
+        MessageType::Decline => full_decline(&scope, leases),
+        MessageType::Inform => full_inform(&scope),
+        _ => Outcome::default(),
+    }
+}
+
+/// What every full-mode answer to one message shares: the request, where it
+/// came from (directly or through a relay), the machine's usable
+/// reservation, and the lease terms of the subnet it is on.
+struct FullScope<'a> {
+    request: &'a Message,
+    info: &'a ClientInfo,
+    ctx: &'a Context<'a>,
+    now: SystemTime,
+    /// The relay agent's address, or unspecified when the client is on our
+    /// own link.
+    relay: Ipv4Addr,
+    /// An address on the client's subnet: the relay's, or our interface's.
+    subnet_hint: Ipv4Addr,
+    /// The machine's reserved address, when it is on the client's subnet
+    /// and usable as a host address.
+    reservation: Option<Ipv4Addr>,
+    lease_secs: u64,
+    prefix: u8,
+}
+
+impl<'a> FullScope<'a> {
+    fn new(
+        request: &'a Message,
+        info: &'a ClientInfo,
+        ctx: &'a Context<'a>,
+        leases: &LeaseTable,
+    ) -> Self {
+        let now = ctx.now;
+        let relay = info.giaddr;
+        let subnet_hint = if relay.is_unspecified() {
+            ctx.iface.addr
+        } else {
+            relay
+        };
+        let reservation = ctx
+            .snapshot
+            .machines
+            .get(&info.mac)
+            .and_then(|m| m.ip)
+            .filter(|ip| {
+                leases
                     .pools
                     .iter()
-                    .filter(|p| p.same_subnet(ip))
-                    .all(|p| p.is_host_address(ip));
-            if !usable {
-                tracing::warn!(mac = %info.mac, %ip, "ignoring a reservation of this server's own, the network or the broadcast address; fix the machine's ip in the inventory");
+                    .any(|p| p.same_subnet(*ip) && p.same_subnet(subnet_hint))
+            })
+            .filter(|&ip| {
+                // A reservation of this server's own address, or of the
+                // subnet's network or broadcast address, is never handed out.
+                let usable = ip != ctx.iface.addr
+                    && leases
+                        .pools
+                        .iter()
+                        .filter(|p| p.same_subnet(ip))
+                        .all(|p| p.is_host_address(ip));
+                if !usable {
+                    tracing::warn!(mac = %info.mac, %ip, "ignoring a reservation of this server's own, the network or the broadcast address; fix the machine's ip in the inventory");
+                }
+                usable
+            });
+        let lease_secs = ctx.config.lease_time.as_secs();
+        let prefix = leases
+            .pools
+            .iter()
+            .find(|p| p.same_subnet(subnet_hint))
+            .map_or(ctx.iface.prefix_len, |p| p.prefix_len);
+        FullScope {
+            request,
+            info,
+            ctx,
+            now,
+            relay,
+            subnet_hint,
+            reservation,
+            lease_secs,
+            prefix,
+        }
+    }
+}
+
+impl FullScope<'_> {
+    fn nak(&self, why: &str) -> Outcome {
+        nak(self.request, self.info, self.ctx, why)
+    }
+
+    /// An OFFER or ACK of `ip` with the lease and boot options; `change`
+    /// is the lease to journal before it is sent.
+    fn lease_answer(
+        &self,
+        message_type: MessageType,
+        ip: Ipv4Addr,
+        change: Option<Lease>,
+    ) -> Outcome {
+        let mut reply = base_reply(self.request, message_type, self.ctx);
+        reply.set_yiaddr(ip);
+        add_lease_options(
+            &mut reply,
+            self.info,
+            self.ctx,
+            self.prefix,
+            self.lease_secs,
+            true,
+        );
+        let boot = boot_answer(self.info, self.ctx);
+        if let Some(boot) = &boot {
+            add_boot(&mut reply, self.info, boot, self.ctx);
+        }
+        let what = if message_type == MessageType::Offer {
+            "offer"
+        } else {
+            "ack"
+        };
+        Outcome {
+            summary: Some(lease_summary(what, ip, boot.as_ref())),
+            reply: Some((encode(&reply), reply_destination(self.info, ip, false))),
+            change,
+        }
+    }
+}
+
+/// DISCOVER: hold an address for the client (its reservation, its last
+/// lease, the one it asks for, or a free one) and offer it.
+fn full_discover(scope: &FullScope<'_>, leases: &mut LeaseTable) -> Outcome {
+    let chosen = match scope.reservation {
+        Some(ip) if leases.available_for(ip, scope.info.mac, scope.now) => Ok(ip),
+        Some(_) => Err(NoAddress::PoolExhausted),
+        None => leases.choose(
+            scope.info.mac,
+            scope.subnet_hint,
+            scope.info.requested_ip,
+            scope.relay,
+            scope.now,
+        ),
+    };
+    let ip = match chosen {
+        Ok(ip) => ip,
+        Err(why) => {
+            return Outcome {
+                summary: Some(format!("no offer for {}: {why:?}", scope.info.mac)),
+                ..Outcome::default()
             }
-            usable
+        }
+    };
+    // Hold it for this client while it decides; not journalled.
+    if leases
+        .get(ip)
+        .is_none_or(|l| l.state != State::Bound || l.mac != scope.info.mac)
+    {
+        leases.apply(Lease {
+            ip,
+            mac: scope.info.mac,
+            state: State::Offered,
+            expires: epoch(scope.now + OFFER_HOLD),
+            relay: scope.relay,
         });
-    let lease_secs = ctx.config.lease_time.as_secs();
-    let prefix = leases
-        .pools
-        .iter()
-        .find(|p| p.same_subnet(subnet_hint))
-        .map_or(ctx.iface.prefix_len, |p| p.prefix_len);
-    match info.message_type {
-        MessageType::Discover => {
-            let chosen = match reservation {
-                Some(ip) if leases.available_for(ip, info.mac, now) => Ok(ip),
-                Some(_) => Err(NoAddress::PoolExhausted),
-                None => leases.choose(info.mac, subnet_hint, info.requested_ip, relay, now),
-            };
-            let ip = match chosen {
-                Ok(ip) => ip,
-                Err(why) => {
-                    return Outcome {
-                        summary: Some(format!("no offer for {}: {why:?}", info.mac)),
-                        ..Outcome::default()
-                    }
-                }
-            };
-            // Hold it for this client while it decides; not journalled.
-            if leases
-                .get(ip)
-                .is_none_or(|l| l.state != State::Bound || l.mac != info.mac)
-            {
-                leases.apply(Lease {
-                    ip,
-                    mac: info.mac,
-                    state: State::Offered,
-                    expires: epoch(now + OFFER_HOLD),
-                    relay,
-                });
-            }
-            let mut reply = base_reply(request, MessageType::Offer, ctx);
-            reply.set_yiaddr(ip);
-            add_lease_options(&mut reply, info, ctx, prefix, lease_secs, true);
-            let boot = boot_answer(info, ctx);
-            if let Some(boot) = &boot {
-                add_boot(&mut reply, info, boot, ctx);
-            }
-            Outcome {
-                summary: Some(lease_summary("offer", ip, boot.as_ref())),
-                reply: Some((encode(&reply), reply_destination(info, ip, false))),
-                change: None,
-            }
-        }
-        MessageType::Request => {
-            if let Some(server) = info.server_id {
-                if server != ctx.iface.addr {
-                    // The client took another server's offer: free ours.
-                    if let Some(lease) = leases.of_mac(info.mac).copied() {
-                        if lease.state == State::Offered {
-                            leases.apply(Lease {
-                                state: State::Released,
-                                expires: 0,
-                                ..lease
-                            });
-                        }
-                    }
-                    return Outcome::default();
-                }
-            }
-            let wanted = info
-                .requested_ip
-                .or((!info.ciaddr.is_unspecified()).then_some(info.ciaddr));
-            let Some(ip) = wanted else {
-                return nak(request, info, ctx, "REQUEST without an address");
-            };
-            let on_subnet = leases
-                .pools
-                .iter()
-                .any(|p| p.same_subnet(subnet_hint) && p.contains(ip))
-                || reservation == Some(ip);
-            if !on_subnet {
-                return nak(request, info, ctx, "address not on this subnet");
-            }
-            if !leases.available_for(ip, info.mac, now) {
-                return nak(request, info, ctx, "address belongs to another machine");
-            }
-            // Only an address this server offered or leased to this MAC, or
-            // its reservation, is bound: a REQUEST out of the blue must not
-            // take free addresses (one host could bind the whole pool under
-            // made-up MACs). RFC 2131 §4.3.2: a client in SELECTING names
-            // our offer and gets a NAK when there is none; in INIT-REBOOT,
-            // RENEWING or REBINDING, with no record of the client, the
-            // server remains silent.
-            let known = reservation == Some(ip)
-                || leases.get(ip).is_some_and(|lease| lease.mac == info.mac);
-            if !known {
-                if info.server_id.is_some() {
-                    return nak(
-                        request,
-                        info,
-                        ctx,
-                        "no offer of this address to this machine",
-                    );
-                }
-                return Outcome {
-                    summary: Some(format!(
-                        "silent: REQUEST for {ip} from {} without a record of it (RFC 2131 4.3.2)",
-                        info.mac
-                    )),
-                    ..Outcome::default()
-                };
-            }
-            if let Some(reserved) = reservation {
-                if reserved != ip {
-                    return nak(request, info, ctx, "machine has another reserved address");
-                }
-            }
-            let lease = Lease {
-                ip,
-                mac: info.mac,
-                state: State::Bound,
-                expires: epoch(now) + lease_secs,
-                relay,
-            };
-            leases.apply(lease);
-            let mut reply = base_reply(request, MessageType::Ack, ctx);
-            reply.set_yiaddr(ip);
-            add_lease_options(&mut reply, info, ctx, prefix, lease_secs, true);
-            let boot = boot_answer(info, ctx);
-            if let Some(boot) = &boot {
-                add_boot(&mut reply, info, boot, ctx);
-            }
-            Outcome {
-                summary: Some(lease_summary("ack", ip, boot.as_ref())),
-                reply: Some((encode(&reply), reply_destination(info, ip, false))),
-                change: Some(lease),
-            }
-        }
-        MessageType::Release => {
-            let ip = info.ciaddr;
-            match leases.get(ip).copied() {
-                Some(lease) if lease.mac == info.mac => {
-                    let released = Lease {
+    }
+    scope.lease_answer(MessageType::Offer, ip, None)
+}
+
+/// REQUEST: bind what this server offered or leased to the client, or its
+/// reservation; NAK or stay silent otherwise, as RFC 2131 §4.3.2 says.
+fn full_request(scope: &FullScope<'_>, leases: &mut LeaseTable) -> Outcome {
+    if let Some(server) = scope.info.server_id {
+        if server != scope.ctx.iface.addr {
+            // The client took another server's offer: free ours.
+            if let Some(lease) = leases.of_mac(scope.info.mac).copied() {
+                if lease.state == State::Offered {
+                    leases.apply(Lease {
                         state: State::Released,
                         expires: 0,
                         ..lease
-                    };
-                    leases.apply(released);
-                    Outcome {
-                        summary: Some(format!("release {ip}")),
-                        change: Some(released),
-                        reply: None,
-                    }
+                    });
                 }
-                _ => Outcome::default(),
             }
+            return Outcome::default();
         }
-        MessageType::Decline => {
-            let Some(ip) = info.requested_ip else {
-                return Outcome::default();
+    }
+    let wanted = scope
+        .info
+        .requested_ip
+        .or((!scope.info.ciaddr.is_unspecified()).then_some(scope.info.ciaddr));
+    let Some(ip) = wanted else {
+        return scope.nak("REQUEST without an address");
+    };
+    let on_subnet = leases
+        .pools
+        .iter()
+        .any(|p| p.same_subnet(scope.subnet_hint) && p.contains(ip))
+        || scope.reservation == Some(ip);
+    if !on_subnet {
+        return scope.nak("address not on this subnet");
+    }
+    if !leases.available_for(ip, scope.info.mac, scope.now) {
+        return scope.nak("address belongs to another machine");
+    }
+    // Only an address this server offered or leased to this MAC, or
+    // its scope.reservation, is bound: a REQUEST out of the blue must not
+    // take free addresses (one host could bind the whole pool under
+    // made-up MACs). RFC 2131 §4.3.2: a client in SELECTING names
+    // our offer and gets a NAK when there is none; in INIT-REBOOT,
+    // RENEWING or REBINDING, with no record of the client, the
+    // server remains silent.
+    let known = scope.reservation == Some(ip)
+        || leases
+            .get(ip)
+            .is_some_and(|lease| lease.mac == scope.info.mac);
+    if !known {
+        if scope.info.server_id.is_some() {
+            return scope.nak("no offer of this address to this machine");
+        }
+        return Outcome {
+            summary: Some(format!(
+                "silent: REQUEST for {ip} from {} without a record of it (RFC 2131 4.3.2)",
+                scope.info.mac
+            )),
+            ..Outcome::default()
+        };
+    }
+    if let Some(reserved) = scope.reservation {
+        if reserved != ip {
+            return scope.nak("machine has another reserved address");
+        }
+    }
+    let lease = Lease {
+        ip,
+        mac: scope.info.mac,
+        state: State::Bound,
+        expires: epoch(scope.now) + scope.lease_secs,
+        relay: scope.relay,
+    };
+    leases.apply(lease);
+    scope.lease_answer(MessageType::Ack, ip, Some(lease))
+}
+
+/// RELEASE: free the client's own lease; anything else is ignored.
+fn full_release(scope: &FullScope<'_>, leases: &mut LeaseTable) -> Outcome {
+    let ip = scope.info.ciaddr;
+    match leases.get(ip).copied() {
+        Some(lease) if lease.mac == scope.info.mac => {
+            let released = Lease {
+                state: State::Released,
+                expires: 0,
+                ..lease
             };
-            match leases.get(ip).copied() {
-                // Only a bound address can be declined (RFC 2131 §4.4.1:
-                // the client checks it after the ACK); declining offers
-                // would let made-up MACs take the pool out of service.
-                Some(lease) if lease.mac == info.mac && lease.state == State::Bound => {
-                    let declined = Lease {
-                        state: State::Declined,
-                        expires: epoch(now) + lease_secs,
-                        ..lease
-                    };
-                    leases.apply(declined);
-                    Outcome {
-                        summary: Some(format!("decline {ip}: in use by another host")),
-                        change: Some(declined),
-                        reply: None,
-                    }
-                }
-                _ => Outcome::default(),
-            }
-        }
-        MessageType::Inform => {
-            let mut reply = base_reply(request, MessageType::Ack, ctx);
-            add_lease_options(&mut reply, info, ctx, prefix, lease_secs, false);
-            if let Some(boot) = boot_answer(info, ctx) {
-                add_boot(&mut reply, info, &boot, ctx);
-            }
-            let destination = reply_destination(info, Ipv4Addr::UNSPECIFIED, false);
+            leases.apply(released);
             Outcome {
-                summary: Some("inform".into()),
-                reply: Some((encode(&reply), destination)),
-                change: None,
+                summary: Some(format!("release {ip}")),
+                change: Some(released),
+                reply: None,
             }
         }
         _ => Outcome::default(),
+    }
+}
+
+/// DECLINE: take a bound address the client found in use out of service.
+fn full_decline(scope: &FullScope<'_>, leases: &mut LeaseTable) -> Outcome {
+    let Some(ip) = scope.info.requested_ip else {
+        return Outcome::default();
+    };
+    match leases.get(ip).copied() {
+        // Only a bound address can be declined (RFC 2131 §4.4.1:
+        // the client checks it after the ACK); declining offers
+        // would let made-up MACs take the pool out of service.
+        Some(lease) if lease.mac == scope.info.mac && lease.state == State::Bound => {
+            let declined = Lease {
+                state: State::Declined,
+                expires: epoch(scope.now) + scope.lease_secs,
+                ..lease
+            };
+            leases.apply(declined);
+            Outcome {
+                summary: Some(format!("decline {ip}: in use by another host")),
+                change: Some(declined),
+                reply: None,
+            }
+        }
+        _ => Outcome::default(),
+    }
+}
+
+/// INFORM: configuration and boot options, no address.
+fn full_inform(scope: &FullScope<'_>) -> Outcome {
+    let mut reply = base_reply(scope.request, MessageType::Ack, scope.ctx);
+    add_lease_options(
+        &mut reply,
+        scope.info,
+        scope.ctx,
+        scope.prefix,
+        scope.lease_secs,
+        false,
+    );
+    if let Some(boot) = boot_answer(scope.info, scope.ctx) {
+        add_boot(&mut reply, scope.info, &boot, scope.ctx);
+    }
+    let destination = reply_destination(scope.info, Ipv4Addr::UNSPECIFIED, false);
+    Outcome {
+        summary: Some("inform".into()),
+        reply: Some((encode(&reply), destination)),
+        change: None,
     }
 }
 
