@@ -11,11 +11,13 @@
 //! reads the next one, so a client that does not read its responses only
 //! holds its own connection.
 //!
-//! Timeouts, all per connection: a request head must be complete within
-//! `header_timeout` of its first byte (slowloris), a keep-alive connection
-//! idle for `idle_timeout` is closed, and a client that accepts no bytes
-//! for `send_timeout` is dropped. Connections beyond `max_connections` get
-//! a 503 with `Retry-After` and are closed at once.
+//! What to do with the bytes — parsing, pipelining, the header, idle and
+//! send timeouts (and the 408), how each piece of a response goes out — is
+//! decided by the sans-I/O [`crate::proto::http::connection::Connection`]
+//! that the io_uring engine drives too; this engine only reads, writes and
+//! waits, with a timer at the connection's next deadline. Connections
+//! beyond `max_connections` get a 503 with `Retry-After` and are closed at
+//! once.
 
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
@@ -30,8 +32,10 @@ use tracing::{debug, warn};
 
 use super::{cork_before_sendfile, set_cork, ClientConnections, Shutdown};
 use crate::config::HttpConfig;
-use crate::proto::http::request::{parse, Parsed};
-use crate::server::http::{HttpService, Response, Segment};
+use crate::proto::http::connection::{
+    AfterResponse, Connection, Expiry, Limits, Polled, Transmit, BUSY_RESPONSE,
+};
+use crate::server::http::{HttpService, Response};
 
 /// Starts serving HTTP on `listener` with `workers` runtime threads.
 pub fn spawn(
@@ -117,7 +121,7 @@ async fn accept_loop(
                 continue;
             }
         };
-        let busy = b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
+        let busy = BUSY_RESPONSE;
         let Some(client_slot) = clients.admit(peer.ip()) else {
             debug!(%peer, "HTTP connection limit per client reached (http.max_connections_per_client); answering 503");
             let _ = stream.try_write(busy);
@@ -157,6 +161,18 @@ enum ReadEnd {
     TimedOut,
 }
 
+/// The connection's limits, from `[http]`.
+pub(super) fn limits(config: &HttpConfig) -> Limits {
+    Limits {
+        max_header_bytes: config.max_header_bytes,
+        header_timeout: config.header_timeout,
+        idle_timeout: config.idle_timeout,
+        send_timeout: config.send_timeout,
+    }
+}
+
+/// Serves one connection: the state machine of
+/// [`crate::proto::http::connection`] decides, this task reads and writes.
 async fn connection(
     stream: &TcpStream,
     local: SocketAddr,
@@ -173,47 +189,53 @@ async fn connection(
             .saturating_sub(slots.available_permits());
         config.body.uses_sendfile(open)
     };
-    let mut buf: Vec<u8> = Vec::with_capacity(2048);
-    // When the first byte of the request head now being read arrived.
-    let mut head_started: Option<Instant> = None;
+    let mut state = Connection::new(limits(config), Instant::now());
     loop {
-        match parse(&buf, config.max_header_bytes) {
-            Parsed::Complete(request, used) => {
-                buf.drain(..used);
-                head_started = (!buf.is_empty()).then(Instant::now);
-                let response = service.respond(&request, local, peer);
-                write_response(stream, &response, peer, service, config, by_sendfile()).await?;
-                if !response.keep_alive {
-                    return Ok(());
+        let (response, close_after) = match state.poll_request(Instant::now()) {
+            Polled::Request(request) => (service.respond(&request, local, peer), false),
+            Polled::Invalid(status, why) => {
+                debug!(%peer, status, why, "bad request");
+                (service.invalid(status, why), true)
+            }
+            Polled::NeedMore => {
+                let (deadline, expiry) = state.deadline();
+                match read_more(stream, state.input(), deadline).await {
+                    Ok(()) => state.received(Instant::now()),
+                    Err(ReadEnd::Closed) => return Ok(()),
+                    Err(ReadEnd::TimedOut) => {
+                        if expiry == Expiry::HeadTimeout {
+                            debug!(%peer, "request head not complete in time; 408");
+                            let response =
+                                service.invalid(408, "request head not received in time");
+                            let _ = write_response(
+                                stream,
+                                &mut state,
+                                &response,
+                                true,
+                                peer,
+                                service,
+                                by_sendfile(),
+                            )
+                            .await;
+                        }
+                        return Ok(());
+                    }
                 }
                 continue;
             }
-            Parsed::Invalid(status, why) => {
-                debug!(%peer, status, why, "bad request");
-                let response = service.invalid(status, why);
-                return write_response(stream, &response, peer, service, config, by_sendfile())
-                    .await;
-            }
-            Parsed::Partial => {}
-        }
-        let deadline = match head_started {
-            Some(started) => started + config.header_timeout,
-            None => Instant::now() + config.idle_timeout,
         };
-        match read_more(stream, &mut buf, deadline).await {
-            Ok(()) => {
-                head_started.get_or_insert_with(Instant::now);
-            }
-            Err(ReadEnd::Closed) => return Ok(()),
-            Err(ReadEnd::TimedOut) => {
-                if head_started.is_some() {
-                    debug!(%peer, "request head not complete in time; 408");
-                    let response = service.invalid(408, "request head not received in time");
-                    let _ = write_response(stream, &response, peer, service, config, by_sendfile())
-                        .await;
-                }
-                return Ok(());
-            }
+        write_response(
+            stream,
+            &mut state,
+            &response,
+            close_after,
+            peer,
+            service,
+            by_sendfile(),
+        )
+        .await?;
+        if state.finish_response(Instant::now()) == AfterResponse::Close {
+            return Ok(());
         }
     }
 }
@@ -285,55 +307,38 @@ fn read_once(stream: &TcpStream, buf: &mut Vec<u8>) -> Option<std::io::Result<us
     outcome
 }
 
+/// Writes `response` as the connection's state machine directs, within
+/// its send timeout, and reports it to the service however it ended.
 async fn write_response(
     stream: &TcpStream,
+    state: &mut Connection,
     response: &Response,
+    close_after: bool,
     peer: SocketAddr,
     service: &HttpService,
-    config: &HttpConfig,
     by_sendfile: bool,
 ) -> std::io::Result<()> {
     service.stats.response_started(response, by_sendfile);
-    let started = Instant::now();
-    let mut sent_body = 0u64;
+    response.start_on(state, by_sendfile, close_after, Instant::now());
     let mut corked = false;
     let result = async {
-        let has_body = !response.segments.is_empty();
-        send_bytes(stream, &response.head, has_body, config.send_timeout).await?;
-        let count = response.segments.len();
-        for (index, segment) in response.segments.iter().enumerate() {
-            let more = index + 1 < count;
-            match segment {
-                Segment::Bytes(bytes) => {
-                    send_bytes(stream, bytes, more, config.send_timeout).await?;
-                    sent_body += bytes.len() as u64;
+        loop {
+            let deadline = state.deadline().0;
+            let sent = match state.poll_transmit() {
+                Transmit::Done => break,
+                Transmit::Send { piece, from, more } => {
+                    let bytes = &response.piece_bytes(piece)[from as usize..];
+                    send_some(stream, bytes, more, deadline).await?
                 }
-                Segment::File { offset, len } => {
-                    let data = response
-                        .file
-                        .as_ref()
-                        .expect("file segments come with their file");
-                    match (by_sendfile, data.raw_fd()) {
-                        (true, Some(fd)) => {
-                            cork_before_sendfile(stream.as_raw_fd(), *len, &mut corked)?;
-                            send_file(
-                                stream,
-                                fd,
-                                *offset,
-                                *len,
-                                config.send_timeout,
-                                &mut sent_body,
-                            )
-                            .await?
-                        }
-                        _ => {
-                            let slice = &data[*offset as usize..(*offset + *len) as usize];
-                            send_bytes(stream, slice, more, config.send_timeout).await?;
-                            sent_body += len;
-                        }
-                    }
+                Transmit::SendFile { piece, from } => {
+                    let (file_fd, offset, len) = response
+                        .file_piece(piece)
+                        .expect("sendfile is only chosen for an open file's slice");
+                    cork_before_sendfile(stream.as_raw_fd(), len, &mut corked)?;
+                    send_file(stream, file_fd, offset + from, len - from, deadline).await?
                 }
-            }
+            };
+            state.sent(sent, Instant::now());
         }
         if corked {
             // Pushes the last short segment out.
@@ -342,6 +347,9 @@ async fn write_response(
         Ok::<(), std::io::Error>(())
     }
     .await;
+    let (sent_body, started) = state
+        .response_progress()
+        .expect("the response was started above");
     service.finished(response, peer, sent_body, started.elapsed());
     result
 }
@@ -353,78 +361,69 @@ fn timed_out() -> std::io::Error {
     )
 }
 
-/// Writes all of `bytes`; `more` tells the kernel more follows at once
-/// (MSG_MORE), so a head and a small body share segments.
-async fn send_bytes(
+/// One `send` of (part of) `bytes` once the socket has room, by
+/// `deadline`; `more` tells the kernel more follows at once (MSG_MORE), so
+/// a head and a small body share segments.
+async fn send_some(
     stream: &TcpStream,
-    mut bytes: &[u8],
+    bytes: &[u8],
     more: bool,
-    send_timeout: Duration,
-) -> std::io::Result<()> {
+    deadline: Instant,
+) -> std::io::Result<u64> {
     let flags = libc::MSG_NOSIGNAL | if more { libc::MSG_MORE } else { 0 };
-    while !bytes.is_empty() {
-        let n = tokio::time::timeout(
-            send_timeout,
-            stream.async_io(Interest::WRITABLE, || {
-                // SAFETY: sends from a valid slice on a valid socket.
-                let n = unsafe {
-                    libc::send(
-                        stream.as_raw_fd(),
-                        bytes.as_ptr().cast(),
-                        bytes.len(),
-                        flags,
-                    )
-                };
-                if n < 0 {
-                    Err(std::io::Error::last_os_error())
-                } else {
-                    Ok(n as usize)
-                }
-            }),
+    // SAFETY: sends from a valid slice on a valid socket.
+    write_when_ready(stream, deadline, || unsafe {
+        libc::send(
+            stream.as_raw_fd(),
+            bytes.as_ptr().cast(),
+            bytes.len(),
+            flags,
         )
-        .await
-        .map_err(|_| timed_out())??;
-        bytes = &bytes[n..];
-    }
-    Ok(())
+    })
+    .await
 }
 
-/// `sendfile(2)` of `len` bytes at `offset` of `file_fd`.
+/// One `sendfile(2)` of up to `len` bytes at `offset` of `file_fd` once
+/// the socket has room, by `deadline`.
 async fn send_file(
     stream: &TcpStream,
     file_fd: std::os::fd::RawFd,
     offset: u64,
     len: u64,
-    send_timeout: Duration,
-    sent: &mut u64,
-) -> std::io::Result<()> {
+    deadline: Instant,
+) -> std::io::Result<u64> {
     let mut position = offset as libc::off_t;
-    let end = offset + len;
-    while (position as u64) < end {
-        let chunk = ((end - position as u64) as usize).min(1 << 30);
-        let n = tokio::time::timeout(
-            send_timeout,
-            stream.async_io(Interest::WRITABLE, || {
-                // SAFETY: both descriptors are open; the kernel advances `position`.
-                let n =
-                    unsafe { libc::sendfile(stream.as_raw_fd(), file_fd, &mut position, chunk) };
-                if n < 0 {
-                    Err(std::io::Error::last_os_error())
-                } else {
-                    Ok(n as usize)
-                }
-            }),
-        )
-        .await
-        .map_err(|_| timed_out())??;
-        if n == 0 {
-            // The file shrank under us: the promised length cannot be met.
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::UnexpectedEof,
-                "file shrank while being sent",
-            ));
-        }
-        *sent += n as u64;
+    let chunk = (len as usize).min(1 << 30);
+    // SAFETY: both descriptors are open; the kernel advances `position`.
+    let n = write_when_ready(stream, deadline, || unsafe {
+        libc::sendfile(stream.as_raw_fd(), file_fd, &mut position, chunk)
+    })
+    .await?;
+    if n == 0 {
+        // The file shrank under us: the promised length cannot be met.
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "file shrank while being sent",
+        ));
     }
-    Ok(())
+    Ok(n)
+}
+
+/// Runs `write` (a `send` or `sendfile` returning bytes written or -1) each
+/// time the socket has room until it does not fail with `EAGAIN`, by
+/// `deadline`.
+async fn write_when_ready(
+    stream: &TcpStream,
+    deadline: Instant,
+    mut write: impl FnMut() -> isize,
+) -> std::io::Result<u64> {
+    tokio::time::timeout_at(
+        deadline.into(),
+        stream.async_io(Interest::WRITABLE, || match write() {
+            n if n < 0 => Err(std::io::Error::last_os_error()),
+            n => Ok(n as u64),
+        }),
+    )
+    .await
+    .map_err(|_| timed_out())?
 }

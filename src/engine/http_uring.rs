@@ -35,13 +35,13 @@
 //! kept-alive connections that is where this engine saves system calls
 //! over epoll.
 //!
-//! Timeouts are the tokio engine's: a request head must be complete within
-//! `header_timeout` of its first byte (then 408), a kept-alive connection
-//! idle for `idle_timeout` is closed, and a client that takes no bytes for
-//! `send_timeout` is dropped. They are checked by a sweep over the
-//! connections ten times a second, which cancels the connection's operation;
-//! the connection is closed (or answered 408) when the cancelled operation
-//! completes, so no memory the kernel may still write is ever freed early.
+//! The timeouts (header, idle, send) and every other decision about the
+//! bytes are the sans-I/O [`crate::proto::http::connection::Connection`]'s,
+//! which the tokio engine drives too. Here they are checked by a sweep over
+//! the connections ten times a second, which cancels the connection's
+//! operation; the connection is closed (or answered 408) when the cancelled
+//! operation completes, so no memory the kernel may still write is ever
+//! freed early.
 //! Connections beyond `max_connections` (counted over all workers) get a
 //! 503 with `Retry-After` and are closed at once.
 
@@ -61,8 +61,10 @@ use super::uring::{
 };
 use super::{cork_before_sendfile, set_cork, ClientConnections, ClientSlot, Shutdown};
 use crate::config::HttpConfig;
-use crate::proto::http::request::{parse, Parsed};
-use crate::server::http::{HttpService, Response, Segment};
+use crate::proto::http::connection::{
+    AfterResponse, Connection as HttpConnection, Expiry, Polled, Transmit, BUSY_RESPONSE,
+};
+use crate::server::http::{HttpService, Response};
 
 const KIND_ACCEPT: u64 = 1;
 const KIND_RECV: u64 = 2;
@@ -86,8 +88,6 @@ const SUBMIT_EVERY: usize = 64;
 const SWEEP_EVERY: Duration = Duration::from_millis(100);
 /// Room asked for before each `recv`.
 const READ_CHUNK: usize = 2048;
-const BUSY: &[u8] =
-    b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
 
 /// Starts serving HTTP on `listener` with `workers` threads, each with its
 /// own ring.
@@ -176,12 +176,9 @@ struct Connection {
     local: SocketAddr,
     peer: SocketAddr,
     generation: u32,
-    /// Received bytes not yet parsed.
-    buf: Vec<u8>,
-    /// When the first byte of the head now being read arrived.
-    head_started: Option<Instant>,
-    /// When the connection last finished a response (or was accepted).
-    idle_since: Instant,
+    /// What the connection has received, what it is sending, and its
+    /// timeouts: the state machine both HTTP engines drive.
+    state: HttpConnection,
     writing: Option<Writing>,
     /// An operation of this connection is in the kernel; its buffers must
     /// stay untouched until it completes.
@@ -196,22 +193,13 @@ struct Connection {
     _client_slot: ClientSlot,
 }
 
+/// The response being written; its progress is in the connection's state.
 struct Writing {
     response: Response,
-    /// 0 is the head, `n` is segment `n - 1`.
-    piece: usize,
-    /// Bytes of the current piece already sent.
-    done: u64,
-    sent_body: u64,
-    started: Instant,
-    last_progress: Instant,
     /// Close after this response whatever it says (a bad request).
     close_after: bool,
     /// The connection waits for `POLLOUT` to go on with `sendfile`.
     waiting_writable: bool,
-    /// File bodies go by `sendfile` (otherwise by `send` from the mapping),
-    /// as `http.body` chose when the response began.
-    by_sendfile: bool,
     /// `TCP_CORK` is on for a large `sendfile` slice of this response;
     /// it comes off when the response ends.
     corked: bool,
@@ -371,7 +359,7 @@ impl Worker {
                             .service
                             .invalid(408, "request head not received in time");
                         let by_sendfile = body_by_sendfile(&self.config, &self.open);
-                        connection.writing = Some(Writing::new(response, true, now, by_sendfile));
+                        connection.begin(response, true, by_sendfile, now);
                         self.advance(index, now)?
                     }
                     None => self.completed(index, kind, result, now)?,
@@ -417,8 +405,8 @@ impl Worker {
                 let _ = unsafe {
                     libc::send(
                         socket.as_raw_fd(),
-                        BUSY.as_ptr().cast(),
-                        BUSY.len(),
+                        BUSY_RESPONSE.as_ptr().cast(),
+                        BUSY_RESPONSE.len(),
                         libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
                     )
                 };
@@ -433,9 +421,7 @@ impl Worker {
             local,
             peer,
             generation,
-            buf: Vec::with_capacity(READ_CHUNK),
-            head_started: None,
-            idle_since: now,
+            state: HttpConnection::new(super::http::limits(&self.config), now),
             writing: None,
             in_flight: false,
             cancelled: None,
@@ -467,22 +453,15 @@ impl Worker {
                 }
                 // SAFETY: the kernel wrote `result` bytes into the spare
                 // room the `recv` was given.
-                unsafe {
-                    connection
-                        .buf
-                        .set_len(connection.buf.len() + result as usize)
-                };
-                connection.head_started.get_or_insert(now);
+                let input = connection.state.input();
+                unsafe { input.set_len(input.len() + result as usize) };
+                connection.state.received(now);
             }
             KIND_SEND => {
                 if result < 0 {
                     return Ok(Next::Close);
                 }
-                let writing = connection
-                    .writing
-                    .as_mut()
-                    .expect("a send belongs to a response");
-                writing.progress(result as u64, now);
+                connection.state.sent(result as u64, now);
             }
             _ => {} // POLLOUT: the socket has room again
         }
@@ -503,7 +482,13 @@ impl Worker {
     fn answer_and_receive(&mut self, index: usize, now: Instant) -> io::Result<Next> {
         let connection = self.connections[index].as_mut().expect("live connection");
         let writing = connection.writing.take().expect("an answer to send");
-        writing.report(&self.service, connection.peer);
+        report(
+            &self.service,
+            connection.peer,
+            &writing.response,
+            &connection.state,
+        );
+        connection.state.finish_response(now);
         let answer = writing.response.head;
         let fd = types::Fd(connection.socket.as_raw_fd());
         let send = opcode::Send::new(fd, answer.as_ptr(), answer.len() as u32)
@@ -513,9 +498,9 @@ impl Worker {
             .user_data(user_data(KIND_LINKED_SEND, index, connection.generation));
         // The answer's heap buffer stays put while the Vec is moved.
         connection.linked_answer = Some(answer);
-        connection.idle_since = now;
-        connection.buf.reserve(READ_CHUNK);
-        let spare = connection.buf.spare_capacity_mut();
+        let input = connection.state.input();
+        input.reserve(READ_CHUNK);
+        let spare = input.spare_capacity_mut();
         let recv = opcode::Recv::new(fd, spare.as_mut_ptr().cast(), spare.len() as u32).build();
         // Both entries must land in the same submission, in order: make
         // room for the pair first.
@@ -536,19 +521,28 @@ impl Worker {
             let connection = self.connections[index].as_mut().expect("live connection");
             if let Some(writing) = connection.writing.as_mut() {
                 if self.link_send_to_recv
-                    && connection.buf.is_empty()
+                    && !connection.state.has_input()
+                    && connection.state.response_untouched()
                     && writing.is_whole_answer_in_memory()
                 {
                     return self.answer_and_receive(index, now);
                 }
-                match step_writing(connection.socket.as_raw_fd(), writing) {
+                match step_writing(
+                    connection.socket.as_raw_fd(),
+                    writing,
+                    &mut connection.state,
+                ) {
                     Step::Done => {
                         let writing = connection.writing.take().expect("writing");
-                        writing.report(&self.service, connection.peer);
-                        if writing.close_after || !writing.response.keep_alive {
+                        report(
+                            &self.service,
+                            connection.peer,
+                            &writing.response,
+                            &connection.state,
+                        );
+                        if connection.state.finish_response(now) == AfterResponse::Close {
                             return Ok(Next::Close);
                         }
-                        connection.idle_since = now;
                         continue;
                     }
                     Step::Send(entry) => return self.start(index, KIND_SEND, entry),
@@ -560,33 +554,37 @@ impl Worker {
                     Step::Failed(error) => {
                         debug!(peer = %connection.peer, %error, "HTTP response not sent");
                         let writing = connection.writing.take().expect("writing");
-                        writing.report(&self.service, connection.peer);
+                        report(
+                            &self.service,
+                            connection.peer,
+                            &writing.response,
+                            &connection.state,
+                        );
                         return Ok(Next::Close);
                     }
                 }
             }
-            match parse(&connection.buf, self.config.max_header_bytes) {
-                Parsed::Complete(request, used) => {
-                    connection.buf.drain(..used);
-                    connection.head_started = (!connection.buf.is_empty()).then_some(now);
+            match connection.state.poll_request(now) {
+                Polled::Request(request) => {
                     let response =
                         self.service
                             .respond(&request, connection.local, connection.peer);
                     let by_sendfile = body_by_sendfile(&self.config, &self.open);
                     self.service.stats.response_started(&response, by_sendfile);
-                    connection.writing = Some(Writing::new(response, false, now, by_sendfile));
+                    connection.begin(response, false, by_sendfile, now);
                 }
-                Parsed::Invalid(status, why) => {
+                Polled::Invalid(status, why) => {
                     debug!(peer = %connection.peer, status, why, "bad request");
                     let response = self.service.invalid(status, why);
                     let by_sendfile = body_by_sendfile(&self.config, &self.open);
-                    connection.writing = Some(Writing::new(response, true, now, by_sendfile));
+                    connection.begin(response, true, by_sendfile, now);
                 }
-                Parsed::Partial => {
-                    if connection.buf.capacity() - connection.buf.len() < READ_CHUNK / 2 {
-                        connection.buf.reserve(READ_CHUNK);
+                Polled::NeedMore => {
+                    let input = connection.state.input();
+                    if input.capacity() - input.len() < READ_CHUNK / 2 {
+                        input.reserve(READ_CHUNK);
                     }
-                    let spare = connection.buf.spare_capacity_mut();
+                    let spare = input.spare_capacity_mut();
                     let entry = opcode::Recv::new(
                         types::Fd(connection.socket.as_raw_fd()),
                         spare.as_mut_ptr().cast(),
@@ -604,7 +602,6 @@ impl Worker {
         if std::mem::take(&mut self.accept_paused) {
             self.arm_accept()?;
         }
-        let config = Arc::clone(&self.config);
         for index in 0..self.connections.len() {
             let Some(connection) = self.connections[index].as_mut() else {
                 continue;
@@ -612,19 +609,15 @@ impl Worker {
             if !connection.in_flight || connection.cancelled.is_some() {
                 continue;
             }
-            let why = match (&connection.writing, connection.head_started) {
-                (Some(writing), _) => (now.duration_since(writing.last_progress)
-                    > config.send_timeout)
-                    .then_some(Cancelled::Close),
-                (None, Some(started)) => (now.duration_since(started) > config.header_timeout)
-                    .then_some(Cancelled::HeadTimeout),
-                (None, None) => (now.duration_since(connection.idle_since) > config.idle_timeout)
-                    .then_some(Cancelled::Close),
+            let why = match connection.state.expired(now) {
+                None => continue,
+                Some(Expiry::HeadTimeout) => Cancelled::HeadTimeout,
+                Some(Expiry::Idle) => Cancelled::Close,
+                Some(Expiry::SendTimeout) => {
+                    debug!(peer = %connection.peer, "client took no bytes within send_timeout; dropped");
+                    Cancelled::Close
+                }
             };
-            let Some(why) = why else { continue };
-            if why == Cancelled::Close && connection.writing.is_some() {
-                debug!(peer = %connection.peer, "client took no bytes within send_timeout; dropped");
-            }
             connection.cancelled = Some(why);
             let kind = match connection.writing.as_ref() {
                 Some(w) if w.waiting_writable => KIND_POLL_OUT,
@@ -654,7 +647,12 @@ impl Worker {
             debug_assert!(!connection.in_flight);
             if let Some(writing) = connection.writing {
                 // A response cut short still counts as served (status 499).
-                writing.report(&self.service, connection.peer);
+                report(
+                    &self.service,
+                    connection.peer,
+                    &writing.response,
+                    &connection.state,
+                );
             }
             self.open.fetch_sub(1, Ordering::Relaxed);
             self.free.push(index);
@@ -670,47 +668,36 @@ impl Worker {
     }
 }
 
+impl Connection {
+    /// Begins writing `response` at `now`; see [`Response::start_on`].
+    fn begin(&mut self, response: Response, close_after: bool, by_sendfile: bool, now: Instant) {
+        response.start_on(&mut self.state, by_sendfile, close_after, now);
+        self.writing = Some(Writing {
+            response,
+            close_after,
+            waiting_writable: false,
+            corked: false,
+        });
+    }
+}
+
 impl Writing {
     /// A response that is nothing but its head (a script or any small
     /// body is written into the head), on a connection that stays open,
-    /// not yet begun, and not a served file (whose boot event must say
-    /// how many bytes really went out).
+    /// and not a served file (whose boot event must say how many bytes
+    /// really went out).
     fn is_whole_answer_in_memory(&self) -> bool {
-        self.piece == 0
-            && self.done == 0
-            && self.response.segments.is_empty()
+        self.response.segments.is_empty()
             && self.response.keep_alive
             && !self.close_after
             && self.response.served_path.is_none()
     }
+}
 
-    fn new(response: Response, close_after: bool, now: Instant, by_sendfile: bool) -> Self {
-        Self {
-            by_sendfile,
-            response,
-            piece: 0,
-            done: 0,
-            sent_body: 0,
-            started: now,
-            last_progress: now,
-            close_after,
-            waiting_writable: false,
-            corked: false,
-        }
-    }
-
-    /// Tells the service the response has ended, sent in full or not.
-    fn report(&self, service: &HttpService, peer: SocketAddr) {
-        service.finished(&self.response, peer, self.sent_body, self.started.elapsed());
-    }
-
-    fn progress(&mut self, bytes: u64, now: Instant) {
-        self.done += bytes;
-        if self.piece > 0 {
-            self.sent_body += bytes;
-        }
-        self.last_progress = now;
-    }
+/// Tells the service a response has ended, sent in full or not.
+fn report(service: &HttpService, peer: SocketAddr, response: &Response, state: &HttpConnection) {
+    let (sent_body, started) = state.response_progress().unwrap_or((0, Instant::now()));
+    service.finished(response, peer, sent_body, started.elapsed());
 }
 
 /// The next thing a response needs.
@@ -742,89 +729,69 @@ fn live_connection(
         .filter(|c| c.generation == generation)
 }
 
-/// Moves a response on: skips finished pieces, sends file slices by
-/// `sendfile` until the socket is full, and returns the `send` for a piece
-/// of bytes. The entry points into `writing.response`, which stays in place
-/// until the completion. Every error is the connection's own
-/// ([`Step::Failed`]): none ends the worker.
-fn step_writing(socket: libc::c_int, writing: &mut Writing) -> Step {
+/// Moves a response on, as the connection's state machine directs: sends
+/// file slices by `sendfile` until the socket is full, and returns the
+/// `send` for a piece of bytes. The entry points into `writing.response`,
+/// which stays in place until the completion. Every error is the
+/// connection's own ([`Step::Failed`]): none ends the worker.
+fn step_writing(socket: libc::c_int, writing: &mut Writing, state: &mut HttpConnection) -> Step {
     writing.waiting_writable = false;
     loop {
-        let pieces = writing.response.segments.len() + 1;
-        if writing.piece >= pieces {
-            if writing.corked {
-                writing.corked = false;
-                if let Err(error) = set_cork(socket, false) {
-                    return Step::Failed(error);
-                }
-            }
-            return Step::Done;
-        }
-        let more = writing.piece + 1 < pieces;
-        let flags = libc::MSG_NOSIGNAL | if more { libc::MSG_MORE } else { 0 };
-        let bytes: &[u8] = match writing.piece {
-            0 => &writing.response.head,
-            n => match &writing.response.segments[n - 1] {
-                Segment::Bytes(bytes) => bytes,
-                Segment::File { offset, len } => {
-                    let data = writing
-                        .response
-                        .file
-                        .as_ref()
-                        .expect("file segments come with their file");
-                    match (writing.by_sendfile, data.raw_fd()) {
-                        (true, Some(file_fd)) => {
-                            // A socket error ends this connection only,
-                            // like every other error of its response.
-                            if let Err(error) =
-                                cork_before_sendfile(socket, *len, &mut writing.corked)
-                            {
-                                return Step::Failed(error);
-                            }
-                            match send_file(socket, file_fd, *offset, *len, writing) {
-                                Ok(true) => {
-                                    writing.piece += 1;
-                                    writing.done = 0;
-                                    continue;
-                                }
-                                Ok(false) => {
-                                    writing.waiting_writable = true;
-                                    return Step::WaitWritable;
-                                }
-                                Err(error) => return Step::Failed(error),
-                            }
-                        }
-                        _ => &data[*offset as usize..(*offset + *len) as usize],
+        match state.poll_transmit() {
+            Transmit::Done => {
+                if writing.corked {
+                    writing.corked = false;
+                    if let Err(error) = set_cork(socket, false) {
+                        return Step::Failed(error);
                     }
                 }
-            },
-        };
-        let rest = &bytes[writing.done as usize..];
-        if rest.is_empty() {
-            writing.piece += 1;
-            writing.done = 0;
-            continue;
+                return Step::Done;
+            }
+            Transmit::SendFile { piece, from } => {
+                let (file_fd, offset, len) = writing
+                    .response
+                    .file_piece(piece)
+                    .expect("sendfile is only chosen for an open file's slice");
+                // A socket error ends this connection only, like every
+                // other error of its response.
+                if let Err(error) = cork_before_sendfile(socket, len, &mut writing.corked) {
+                    return Step::Failed(error);
+                }
+                match send_file(socket, file_fd, offset + from, len - from, state) {
+                    Ok(true) => continue,
+                    Ok(false) => {
+                        writing.waiting_writable = true;
+                        return Step::WaitWritable;
+                    }
+                    Err(error) => return Step::Failed(error),
+                }
+            }
+            Transmit::Send { piece, from, more } => {
+                let flags = libc::MSG_NOSIGNAL | if more { libc::MSG_MORE } else { 0 };
+                let rest = &writing.response.piece_bytes(piece)[from as usize..];
+                let len = rest.len().min(u32::MAX as usize) as u32;
+                let entry = opcode::Send::new(types::Fd(socket), rest.as_ptr(), len)
+                    .flags(flags)
+                    .build();
+                return Step::Send(entry);
+            }
         }
-        let len = rest.len().min(u32::MAX as usize) as u32;
-        let entry = opcode::Send::new(types::Fd(socket), rest.as_ptr(), len)
-            .flags(flags)
-            .build();
-        return Step::Send(entry);
     }
 }
 
-/// `sendfile(2)` of the rest of a file slice until it is all sent (true) or
-/// the socket is full (false).
+/// `sendfile(2)` of `len` bytes at `offset` until they are all sent (true)
+/// or the socket is full (false), each step reported to `state`.
 fn send_file(
     socket: libc::c_int,
     file_fd: libc::c_int,
     offset: u64,
     len: u64,
-    writing: &mut Writing,
+    state: &mut HttpConnection,
 ) -> io::Result<bool> {
-    while writing.done < len {
-        let mut position = (offset + writing.done) as libc::off_t;
-        let chunk = ((len - writing.done) as usize).min(1 << 30);
+    let mut done = 0;
+    while done < len {
+        let mut position = (offset + done) as libc::off_t;
+        let chunk = ((len - done) as usize).min(1 << 30);
         // SAFETY: both descriptors are open; the kernel advances `position`.
         let n = unsafe { libc::sendfile(socket, file_fd, &mut position, chunk) };
         if n < 0 {
@@ -841,7 +808,8 @@ fn send_file(
                 "file shrank while being sent",
             ));
         }
-        writing.progress(n as u64, Instant::now());
+        done += n as u64;
+        state.sent(n as u64, Instant::now());
     }
     Ok(true)
 }

@@ -24,13 +24,14 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tracing::{debug, trace, warn};
 
 use crate::boot::events::Phase;
 use crate::boot::{chain_script, FileServed, Router};
 use crate::cache::{CachedFile, FileCache, FileData};
+use crate::proto::http::connection::{Connection, Piece};
 use crate::proto::http::range::{self, BodyPlan, Multipart, Validators};
 use crate::proto::http::request::{Method, Request};
 use crate::proto::path::safe_relative_name;
@@ -70,6 +71,62 @@ impl Response {
     /// Total bytes of the segments.
     pub fn body_len(&self) -> u64 {
         self.segments.iter().map(Segment::len).sum()
+    }
+
+    /// Begins writing this response on `connection` at `now`: file bodies
+    /// by `sendfile` when `by_sendfile` (and the file is open), and the
+    /// connection closed afterwards when the response says so or
+    /// `close_after` (an answer to a bad request or a timeout).
+    pub fn start_on(
+        &self,
+        connection: &mut Connection,
+        by_sendfile: bool,
+        close_after: bool,
+        now: Instant,
+    ) {
+        let has_descriptor = self.file.as_ref().is_some_and(|f| f.raw_fd().is_some());
+        let pieces = self.segments.iter().map(|segment| match segment {
+            Segment::Bytes(bytes) => Piece::Bytes(bytes.len() as u64),
+            Segment::File { len, .. } => Piece::File {
+                len: *len,
+                has_descriptor,
+            },
+        });
+        connection.start_response(
+            self.head.len(),
+            pieces,
+            by_sendfile,
+            self.keep_alive && !close_after,
+            now,
+        );
+    }
+
+    /// The bytes of piece `piece` as [`Connection::poll_transmit`] numbers
+    /// them: 0 is the head, `n` is segment `n - 1` (a file slice from the
+    /// mapping).
+    pub fn piece_bytes(&self, piece: usize) -> &[u8] {
+        match piece {
+            0 => &self.head,
+            n => match &self.segments[n - 1] {
+                Segment::Bytes(bytes) => bytes,
+                Segment::File { offset, len } => {
+                    let data = self
+                        .file
+                        .as_ref()
+                        .expect("file segments come with their file");
+                    &data[*offset as usize..(*offset + *len) as usize]
+                }
+            },
+        }
+    }
+
+    /// The open file, offset and length of file piece `piece`, for
+    /// `sendfile`; `None` for a piece that is not an open file's slice.
+    pub fn file_piece(&self, piece: usize) -> Option<(std::os::fd::RawFd, u64, u64)> {
+        match self.segments.get(piece.checked_sub(1)?)? {
+            Segment::File { offset, len } => Some((self.file.as_ref()?.raw_fd()?, *offset, *len)),
+            Segment::Bytes(_) => None,
+        }
     }
 }
 
