@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use bootfleet::boot::Router;
 use bootfleet::config::{Config, DhcpMode};
-use bootfleet::engine::dhcp::{decide_batch, DhcpService};
+use bootfleet::server::dhcp::service::{decide_batch, DhcpService};
 use bootfleet::server::dhcp::{Interface, Port};
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use dhcproto::v4::{DhcpOption, Message, MessageType, Opcode, OptionCode};

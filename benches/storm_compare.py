@@ -23,6 +23,7 @@ Usage (as root, from the repository):
     benches/storm_compare.py [--machines 1000] [--kernel-mb 10] [--initrd-mb 50]
                              [--script-machines 5000] [--dhcp-machines 10000]
                              [--time-limit 300] [--only boot,script,dhcp]
+                             [--stacks bootfleet,reference] [--baseline EARLIER_BINARY]
 """
 
 import argparse
@@ -126,15 +127,15 @@ def make_root(work: Path, machines: int, kernel_mb: int, initrd_mb: int) -> Path
     return root
 
 
-def start_bootfleet(work: Path, root: Path) -> Stack:
+def start_bootfleet(work: Path, root: Path, binary: Path = BOOTFLEET, name: str = "bootfleet") -> Stack:
     config = work / "bootfleet.toml"
     # One relay carries every simulated machine, as a real relay carries a
     # rack: the per-source limit guards against one host, not one relay.
     config.write_text("[dhcp]\nmax_requests_per_second_per_source = 10000000\n[log]\nlevel = \"warn\"\n")
-    stack = Stack("bootfleet")
-    stack.spawn([BOOTFLEET, "serve", "--panel-listen", "off", "--config", config, "--root", root, "--state-dir", work / "bootfleet-state",
+    stack = Stack(name)
+    stack.spawn([binary, "serve", "--panel-listen", "off", "--config", config, "--root", root, "--state-dir", work / "bootfleet-state",
                  "--tftp-listen", "127.0.0.1:69", "--http-listen", "127.0.0.1:80",
-                 "--dhcp-mode", "full", "--dhcp-interface", "lo", "--dhcp-range", RELAY_RANGE], work / "bootfleet.log")
+                 "--dhcp-mode", "full", "--dhcp-interface", "lo", "--dhcp-range", RELAY_RANGE], work / f"{name}.log")
     wait_http("http://127.0.0.1/boot.ipxe")
     return stack
 
@@ -233,6 +234,8 @@ def main():
     parser.add_argument("--only", default="boot,script,dhcp")
     parser.add_argument("--stacks", default="bootfleet,reference",
                         help="which stacks to run (a trial run of one side; the ratio needs both)")
+    parser.add_argument("--baseline", default="",
+                        help="an earlier bootfleet binary, stormed beside this one as bootfleet-baseline")
     parser.add_argument("--out", default=str(REPO / "docs/benchmarks.md"))
     args = parser.parse_args()
     if os.geteuid() != 0:
@@ -262,6 +265,15 @@ def main():
                 web = render_scripts(work, root, counts[workload]) if workload != "dhcp" and "reference" in stacks else work / "web"
             finally:
                 stack.stop()
+            if args.baseline:
+                # The same storm on a fresh lease database, against the
+                # earlier build.
+                subprocess.run(["rm", "-rf", str(work / "bootfleet-state")])
+                stack = start_bootfleet(work, root, Path(args.baseline), "bootfleet-baseline")
+                try:
+                    results.append(storm(stack, work, root, workload, counts[workload], args.time_limit))
+                finally:
+                    stack.stop()
             if "reference" not in stacks:
                 continue
             (work / "web").mkdir(exist_ok=True)

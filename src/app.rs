@@ -29,7 +29,7 @@ pub struct Running {
     pub tftp: Arc<TftpService>,
     pub http: Arc<HttpService>,
     /// The DHCP service, unless DHCP is off.
-    pub dhcp: Option<Arc<engine::dhcp::DhcpService>>,
+    pub dhcp: Option<Arc<crate::server::dhcp::service::DhcpService>>,
     /// The control panel, when it was given a listener.
     pub panel: Option<crate::panel::Panel>,
     shutdown: Shutdown,
@@ -154,7 +154,7 @@ fn start_dhcp(
     router: &Arc<Router>,
     shutdown: &Shutdown,
     threads: &mut Vec<JoinHandle<()>>,
-) -> Result<Option<Arc<engine::dhcp::DhcpService>>> {
+) -> Result<Option<Arc<crate::server::dhcp::service::DhcpService>>> {
     if config.dhcp.mode == crate::config::DhcpMode::Off {
         return Ok(None);
     }
@@ -169,7 +169,7 @@ fn start_dhcp(
         .collect::<Result<Vec<_>, _>>()
         .map_err(anyhow::Error::msg)?;
     let service = Arc::new(
-        engine::dhcp::DhcpService::new(
+        crate::server::dhcp::service::DhcpService::new(
             config.dhcp.clone(),
             &interfaces,
             Arc::clone(router),

@@ -4,11 +4,12 @@
 //! plus port 4011 in proxy mode.
 //!
 //! Each socket's thread reads every datagram that is waiting (up to
-//! [`BATCH`]), decides them all under one lock, writes the batch's lease
-//! changes to the journal with one `fdatasync`, and only then sends the
-//! replies: a power-on storm costs one disk sync per batch, not per lease,
-//! and no ACK ever leaves for a lease that a crash could forget. Offers are
-//! not journalled at all (a restart forgets promises, not leases). While
+//! [`BATCH`]) and hands them to the service's
+//! [`decide_batch`](crate::server::dhcp::service::decide_batch), which
+//! decides them all under one lock and journals the batch's lease changes
+//! with one `fdatasync`; only then are the replies sent. A power-on storm
+//! costs one disk sync per batch, not per lease, and no ACK ever leaves
+//! for a lease that a crash could forget. While
 //! requests keep coming, the thread sleeps `dhcp.gather_ms` between batches
 //! so that each wake-up (and each disk sync) serves many requests.
 //!
@@ -23,53 +24,20 @@
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
 use std::os::fd::AsRawFd;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::SystemTime;
 
-use dhcproto::v4::MessageType;
 use tracing::{debug, info, warn};
 
 use super::Shutdown;
-use crate::boot::events::Phase;
-use crate::boot::Router;
-use crate::config::{DhcpConfig, DhcpMode};
-use crate::proto::dhcp::{parse_request, Destination, CLIENT_PORT, PXE_PORT, SERVER_PORT};
+use crate::config::DhcpMode;
+use crate::proto::dhcp::{Destination, CLIENT_PORT, PXE_PORT, SERVER_PORT};
 use crate::proto::Mac;
-use crate::server::dhcp::leases::{Journal, LeaseTable, Pool, State as LeaseState};
-use crate::server::dhcp::{
-    decide, relay_trusted, ClientKey, Context, Interface, Port, RateLimiter,
-};
+use crate::server::dhcp::service::{decide_batch, DhcpService};
+use crate::server::dhcp::{Interface, Port};
 
 /// Most datagrams decided (and journalled) together.
 pub const BATCH: usize = 256;
-
-/// State shared by every DHCP socket.
-pub struct DhcpService {
-    pub config: DhcpConfig,
-    pub router: Arc<Router>,
-    pub http_port: u16,
-    pub state: Mutex<DhcpState>,
-    pub stats: DhcpStats,
-}
-
-/// Leases, their journal and the rate limiters.
-pub struct DhcpState {
-    pub leases: LeaseTable,
-    journal: Option<Journal>,
-    /// Per sending address (not 0.0.0.0).
-    limiter: RateLimiter,
-    /// Per client: chaddr, and giaddr when relayed.
-    client_limiter: RateLimiter<ClientKey>,
-}
-
-/// Counters.
-#[derive(Debug, Default)]
-pub struct DhcpStats {
-    pub received: std::sync::atomic::AtomicU64,
-    pub replied: std::sync::atomic::AtomicU64,
-    pub dropped: std::sync::atomic::AtomicU64,
-}
 
 /// The IPv4 address and prefix length of interface `name`.
 pub fn interface(name: &str) -> Result<Interface, String> {
@@ -96,71 +64,6 @@ pub fn interface(name: &str) -> Result<Interface, String> {
     Err(format!(
         "interface {name} does not exist or has no IPv4 address"
     ))
-}
-
-impl DhcpService {
-    /// The service for `config`, with pools placed on the interfaces'
-    /// subnets and the lease journal replayed from `state_dir`.
-    pub fn new(
-        config: DhcpConfig,
-        interfaces: &[Interface],
-        router: Arc<Router>,
-        http_port: u16,
-        state_dir: &std::path::Path,
-    ) -> Result<Self, String> {
-        let mut pools = Vec::new();
-        for &(first, last, prefix) in &config.ranges {
-            let prefix_len = match prefix {
-                Some(prefix) => prefix,
-                None => interfaces
-                    .iter()
-                    .find(|i| Pool { first: i.addr, last: i.addr, prefix_len: i.prefix_len }.same_subnet(first))
-                    .map(|i| i.prefix_len)
-                    .ok_or_else(|| {
-                        format!(
-                            "dhcp range {first}-{last} is on no interface's subnet; for a relayed subnet write it as {first}-{last}/PREFIX"
-                        )
-                    })?,
-            };
-            pools.push(Pool {
-                first,
-                last,
-                prefix_len,
-            });
-        }
-        if config.mode == DhcpMode::Full && pools.is_empty() {
-            return Err("full DHCP mode needs at least one address range (dhcp.ranges or --dhcp-range FIRST-LAST)".into());
-        }
-        let mut leases = LeaseTable::new(pools, config.relay_pool_share);
-        let journal = if config.mode == DhcpMode::Full {
-            let (mut journal, count) = Journal::open(state_dir, &mut leases, SystemTime::now())
-                .map_err(|e| {
-                    format!(
-                        "cannot open the lease journal in {}: {e}",
-                        state_dir.display()
-                    )
-                })?;
-            journal.sync = config.sync_leases;
-            info!(journal = %journal.path().display(), leases = count, synced = journal.sync, "DHCP leases restored");
-            Some(journal)
-        } else {
-            None
-        };
-        let limiter = RateLimiter::new(config.max_requests_per_second_per_source);
-        let client_limiter = RateLimiter::new(config.max_requests_per_second_per_client);
-        Ok(Self {
-            config,
-            router,
-            http_port,
-            state: Mutex::new(DhcpState {
-                leases,
-                journal,
-                limiter,
-                client_limiter,
-            }),
-            stats: DhcpStats::default(),
-        })
-    }
 }
 
 /// A UDP socket on `port` bound to interface `name`.
@@ -338,131 +241,6 @@ fn wait_readable(socket: &UdpSocket, timeout: std::time::Duration) -> bool {
     matches!(poll(&mut fds, timeout), Ok(ready) if ready > 0)
 }
 
-/// Decides a batch, journals its changes, and returns the replies to send.
-/// Public for `benches/dhcp_decide.rs`.
-pub fn decide_batch(
-    batch: &[(Vec<u8>, SocketAddr)],
-    iface: &Interface,
-    port: Port,
-    service: &DhcpService,
-) -> Vec<(Mac, Vec<u8>, Destination)> {
-    use std::sync::atomic::Ordering::Relaxed;
-    let now = SystemTime::now();
-    let snapshot = service.router.snapshot();
-    let mut replies = Vec::with_capacity(batch.len());
-    let mut changes = Vec::new();
-    let mut events = Vec::new();
-    let mut known_clients = Vec::new();
-    let mut state = service.state.lock().unwrap_or_else(|p| p.into_inner());
-    for (bytes, peer) in batch {
-        let (request, info) = match parse_request(bytes) {
-            Ok(parsed) => parsed,
-            Err(error) => {
-                service.stats.dropped.fetch_add(1, Relaxed);
-                debug!(%peer, %error, "DHCP datagram dropped");
-                continue;
-            }
-        };
-        let source = match peer {
-            SocketAddr::V4(v4) => *v4.ip(),
-            SocketAddr::V6(_) => continue,
-        };
-        if !relay_trusted(source, info.giaddr, &service.config.relays) {
-            service.stats.dropped.fetch_add(1, Relaxed);
-            debug!(%source, giaddr = %info.giaddr, mac = %info.mac,
-                "relayed DHCP request not from its relay nor a listed one (dhcp.relays); dropped");
-            continue;
-        }
-        // All unconfigured clients send from 0.0.0.0: they are told apart
-        // by their MAC (and relay), never put in one bucket.
-        if !source.is_unspecified() && !state.limiter.allow(source, now) {
-            service.stats.dropped.fetch_add(1, Relaxed);
-            debug!(%source, mac = %info.mac, "DHCP request over the per-source rate; dropped");
-            continue;
-        }
-        if !state.client_limiter.allow((info.giaddr, info.mac), now) {
-            service.stats.dropped.fetch_add(1, Relaxed);
-            debug!(%source, mac = %info.mac, "DHCP request over the per-client rate; dropped");
-            continue;
-        }
-        let ctx = Context {
-            config: &service.config,
-            iface,
-            snapshot: &snapshot,
-            port,
-            peer: *peer,
-            http_port: service.http_port,
-            now,
-        };
-        let outcome = decide(&request, &info, &ctx, &mut state.leases);
-        // The address this machine will fetch its loader from: the lease
-        // it was given, its own (ProxyDHCP on port 4011, INFORM), or, beside
-        // another DHCP server, the one it asks that server for.
-        let bound = outcome
-            .change
-            .as_ref()
-            .filter(|lease| lease.mac == info.mac && lease.state == LeaseState::Bound);
-        if let Some(lease) = bound {
-            known_clients.push((lease.ip, info.mac, true));
-        } else if !info.giaddr.is_unspecified() {
-            // Relayed: the source is the relay.
-        } else if !source.is_unspecified() {
-            known_clients.push((source, info.mac, false));
-        } else if let (DhcpMode::Proxy, MessageType::Request, Some(ip)) =
-            (service.config.mode, info.message_type, info.requested_ip)
-        {
-            known_clients.push((ip, info.mac, false));
-        }
-        // Offers are promises, not leases (RFC 2131 §4.3.1): the lease
-        // table holds them in memory, and the journal, which a restart
-        // replays for bound and declined addresses only, never needs them.
-        // A batch of DISCOVERs therefore costs no disk write at all.
-        if let Some(change) = outcome.change.filter(|c| c.state != LeaseState::Offered) {
-            changes.push(change);
-        }
-        if let Some(summary) = outcome.summary {
-            events.push((
-                info.mac,
-                source,
-                format!("{:?}: {summary}", info.message_type),
-            ));
-        }
-        if let Some((bytes, destination)) = outcome.reply {
-            replies.push((info.mac, bytes, destination));
-        }
-    }
-    if let Some(journal) = state.journal.as_mut() {
-        if let Err(error) = journal.commit(&changes) {
-            // Without the journal a restart could hand these addresses out
-            // twice: answer nobody in this batch; clients retry.
-            warn!(%error, leases = changes.len(), "cannot write the lease journal; this batch is not answered");
-            return Vec::new();
-        }
-    }
-    drop(state);
-    for (ip, mac, leased) in known_clients {
-        let client = std::net::IpAddr::V4(ip);
-        if leased {
-            service.router.note_lease(client, mac);
-        } else {
-            service.router.note_client(client, mac);
-        }
-    }
-    for (mac, source, detail) in events {
-        service.router.events.record(
-            Some(mac),
-            std::net::IpAddr::V4(source),
-            Phase::Dhcp,
-            "dhcp",
-            detail,
-            0,
-            std::time::Duration::ZERO,
-            200,
-        );
-    }
-    replies
-}
-
 fn send(
     socket: &UdpSocket,
     iface: &Interface,
@@ -521,146 +299,5 @@ fn add_neighbour(
         Ok(())
     } else {
         Err(std::io::Error::last_os_error())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::config::Config;
-    use crate::proto::dhcp::tests::{bios_pxe_discover, bios_pxe_request};
-    use dhcproto::Decodable;
-
-    fn service(sync_leases: bool, state: &std::path::Path, root: &std::path::Path) -> DhcpService {
-        let mut config = Config::default().dhcp;
-        config.mode = DhcpMode::Full;
-        config.sync_leases = sync_leases;
-        config.ranges = vec![(
-            Ipv4Addr::new(10, 0, 0, 100),
-            Ipv4Addr::new(10, 0, 0, 199),
-            Some(24),
-        )];
-        let inventory = root.join(crate::inventory::FILE_NAME);
-        std::fs::write(&inventory, "").unwrap();
-        let router = Arc::new(Router::new(root, &inventory, state).unwrap());
-        DhcpService::new(config, &[], router, 80, state).unwrap()
-    }
-
-    #[test]
-    fn offers_cost_no_journal_line_and_sync_leases_is_obeyed() {
-        let root = tempfile::tempdir().unwrap();
-        for sync in [true, false] {
-            let state = tempfile::tempdir().unwrap();
-            let service = service(sync, state.path(), root.path());
-            let journal = state.path().join("dhcp-leases.jsonl");
-            let iface = Interface {
-                name: "veth0".into(),
-                addr: Ipv4Addr::new(10, 0, 0, 1),
-                prefix_len: 24,
-            };
-            let peer = SocketAddr::from((Ipv4Addr::UNSPECIFIED, CLIENT_PORT));
-            assert_eq!(
-                service.state.lock().unwrap().journal.as_ref().unwrap().sync,
-                sync
-            );
-
-            let offers = decide_batch(&[(bios_pxe_discover(), peer)], &iface, Port::Dhcp, &service);
-            assert_eq!(offers.len(), 1, "one OFFER");
-            assert_eq!(
-                std::fs::read_to_string(&journal).unwrap(),
-                "",
-                "an offer is not journalled"
-            );
-
-            let offered = dhcproto::v4::Message::decode(&mut dhcproto::Decoder::new(&offers[0].1))
-                .unwrap()
-                .yiaddr();
-            let acks = decide_batch(
-                &[(bios_pxe_request(offered, iface.addr), peer)],
-                &iface,
-                Port::Dhcp,
-                &service,
-            );
-            assert_eq!(acks.len(), 1, "one ACK");
-            let lines = std::fs::read_to_string(&journal).unwrap();
-            assert_eq!(
-                lines.lines().count(),
-                1,
-                "the bound lease is journalled: {lines}"
-            );
-            assert!(
-                lines.contains(&offered.to_string()) && lines.contains("\"bound\""),
-                "{lines}"
-            );
-        }
-    }
-
-    fn iface() -> Interface {
-        Interface {
-            name: "veth0".into(),
-            addr: Ipv4Addr::new(10, 0, 0, 1),
-            prefix_len: 24,
-        }
-    }
-
-    /// Security review finding 4: the rate limit keyed on the source
-    /// address, and every unconfigured client sends from 0.0.0.0, so one
-    /// noisy MAC put every booting machine over the limit. Now each client
-    /// (chaddr, and giaddr when relayed) has its own budget.
-    #[test]
-    fn one_noisy_mac_does_not_slow_the_others() {
-        use crate::proto::dhcp::tests::raw_request;
-        let root = tempfile::tempdir().unwrap();
-        let state = tempfile::tempdir().unwrap();
-        let service = service(false, state.path(), root.path());
-        let peer = SocketAddr::from((Ipv4Addr::UNSPECIFIED, CLIENT_PORT));
-        let noisy: Vec<_> = (0..1000).map(|_| (bios_pxe_discover(), peer)).collect();
-        let answered = decide_batch(&noisy, &iface(), Port::Dhcp, &service).len();
-        let budget = service.config.max_requests_per_second_per_client as usize;
-        assert!(
-            answered <= budget + 1,
-            "the noisy MAC got {answered} answers"
-        );
-        let others: Vec<_> = (0..200u8)
-            .map(|n| {
-                let discover =
-                    raw_request([2, 0, 0, 0, 7, n], 0x8000, [0; 4], [0; 4], &[(53, &[1])]);
-                (discover, peer)
-            })
-            .collect();
-        let answered = decide_batch(&others, &iface(), Port::Dhcp, &service).len();
-        assert_eq!(answered, 200, "every other machine is answered");
-    }
-
-    /// Security review finding 14: a relayed packet from 0.0.0.0 with a
-    /// forged giaddr made the server unicast a reply to any address, and
-    /// rotating giaddr dodged `relay_pool_share`. Relayed packets are now
-    /// answered only from the relay they name or one listed in
-    /// `dhcp.relays`.
-    #[test]
-    fn relayed_packets_are_answered_only_from_their_relay() {
-        use crate::proto::dhcp::tests::raw_request;
-        let root = tempfile::tempdir().unwrap();
-        let state = tempfile::tempdir().unwrap();
-        let mut service = service(false, state.path(), root.path());
-        service.config.relays = vec![Ipv4Addr::new(10, 0, 0, 250)];
-        let relayed = |n: u8, giaddr: [u8; 4]| {
-            raw_request([2, 0, 0, 0, 8, n], 0, [0; 4], giaddr, &[(53, &[1])])
-        };
-        let from =
-            |ip: [u8; 4]| SocketAddr::from((Ipv4Addr::from(ip), crate::proto::dhcp::SERVER_PORT));
-        let forged: Vec<_> = (0..50u8)
-            .map(|n| (relayed(n, [10, 0, 0, 100 + n]), from([0, 0, 0, 0])))
-            .chain((0..50u8).map(|n| (relayed(100 + n, [10, 0, 0, 9]), from([10, 0, 0, 7]))))
-            .collect();
-        assert!(decide_batch(&forged, &iface(), Port::Dhcp, &service).is_empty());
-        let genuine = [
-            (relayed(200, [10, 0, 0, 9]), from([10, 0, 0, 9])),
-            (relayed(201, [10, 0, 0, 9]), from([10, 0, 0, 250])),
-        ];
-        assert_eq!(
-            decide_batch(&genuine, &iface(), Port::Dhcp, &service).len(),
-            2
-        );
     }
 }

@@ -19,6 +19,7 @@
 //!   echoed; [`reply_destination`] is RFC 2131 §4.1.
 
 pub mod leases;
+pub mod service;
 
 pub use crate::limit::RateLimiter;
 
