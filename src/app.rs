@@ -8,7 +8,6 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
 use tracing::info;
 
 use crate::boot::Router;
@@ -21,6 +20,34 @@ use crate::server::tftp::TftpService;
 
 /// How often the inventory file is looked at for changes.
 pub const INVENTORY_POLL: Duration = Duration::from_secs(1);
+
+/// Why a server cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("boot directory {}", path.display())]
+    Root {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the inventory must load at start-up; fix it or move it aside")]
+    Inventory(#[source] crate::inventory::InventoryError),
+    #[error(
+        "DHCP mode {0:?} needs at least one interface (dhcp.interfaces or --dhcp-interface IFACE)"
+    )]
+    NoDhcpInterface(crate::config::DhcpMode),
+    #[error(transparent)]
+    DhcpInterface(#[from] engine::dhcp::InterfaceError),
+    #[error(transparent)]
+    Dhcp(#[from] crate::server::dhcp::service::DhcpSetupError),
+    #[error("the control panel cannot start")]
+    Panel(#[from] crate::panel::PanelStartError),
+    #[error(transparent)]
+    Engine(#[from] engine::EngineError),
+    /// A socket, ring or thread of the data plane.
+    #[error("cannot start serving")]
+    Io(#[from] std::io::Error),
+}
 
 /// A running server.
 pub struct Running {
@@ -46,14 +73,17 @@ pub fn start(
     tftp: UdpSocket,
     http: TcpListener,
     panel: Option<TcpListener>,
-) -> Result<Running> {
+) -> Result<Running, StartError> {
     let root = config
         .root
         .canonicalize()
-        .with_context(|| format!("boot directory {}", config.root.display()))?;
+        .map_err(|source| StartError::Root {
+            path: config.root.clone(),
+            source,
+        })?;
     let inventory_path = root.join(&config.inventory_file);
-    let mut router = Router::new(&root, &inventory_path, &config.state_dir)
-        .context("the inventory must load at start-up; fix it or move it aside")?;
+    let mut router =
+        Router::new(&root, &inventory_path, &config.state_dir).map_err(StartError::Inventory)?;
     router.set_loader_files(config.dhcp.loader_files());
     let router = Arc::new(router);
     let cache = FileCache::new(config.cache_max_bytes);
@@ -154,30 +184,26 @@ fn start_dhcp(
     router: &Arc<Router>,
     shutdown: &Shutdown,
     threads: &mut Vec<JoinHandle<()>>,
-) -> Result<Option<Arc<crate::server::dhcp::service::DhcpService>>> {
+) -> Result<Option<Arc<crate::server::dhcp::service::DhcpService>>, StartError> {
     if config.dhcp.mode == crate::config::DhcpMode::Off {
         return Ok(None);
     }
     if config.dhcp.interfaces.is_empty() {
-        anyhow::bail!("DHCP mode {:?} needs at least one interface (dhcp.interfaces or --dhcp-interface IFACE)", config.dhcp.mode);
+        return Err(StartError::NoDhcpInterface(config.dhcp.mode));
     }
     let interfaces = config
         .dhcp
         .interfaces
         .iter()
         .map(|name| engine::dhcp::interface(name))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(anyhow::Error::msg)?;
-    let service = Arc::new(
-        crate::server::dhcp::service::DhcpService::new(
-            config.dhcp.clone(),
-            &interfaces,
-            Arc::clone(router),
-            config.http.listen.port(),
-            &config.state_dir,
-        )
-        .map_err(anyhow::Error::msg)?,
-    );
+        .collect::<Result<Vec<_>, _>>()?;
+    let service = Arc::new(crate::server::dhcp::service::DhcpService::new(
+        config.dhcp.clone(),
+        &interfaces,
+        Arc::clone(router),
+        config.http.listen.port(),
+        &config.state_dir,
+    )?);
     threads.push(engine::dhcp::spawn(
         Arc::clone(&service),
         interfaces,
@@ -193,7 +219,7 @@ fn start_panel(
     router: &Arc<Router>,
     root: &std::path::Path,
     shutdown: &Shutdown,
-) -> Result<(crate::panel::Panel, JoinHandle<()>)> {
+) -> Result<(crate::panel::Panel, JoinHandle<()>), crate::panel::PanelStartError> {
     let database = database_path(config);
     // A database that cannot be opened (corrupt, unreadable) takes
     // the panel down, not the boot LAN: DHCP, TFTP and HTTP go on

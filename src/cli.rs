@@ -51,7 +51,8 @@ pub fn users(command: UsersCommand) -> Result<()> {
                 .context("reading the password from standard input")?;
             let password = password.trim_end_matches(['\n', '\r']);
             auth::check_password_strength(password).map_err(anyhow::Error::msg)?;
-            let hash = auth::hash_password(password).map_err(anyhow::Error::msg)?;
+            let hash = auth::hash_password(password)
+                .map_err(|e| anyhow::anyhow!("cannot hash the password: {e}"))?;
             let store = open(&database)?;
             store.add_user(&name, &hash, wanted, "cli")?;
             println!("user {name} ({}) saved", wanted.as_str());

@@ -39,9 +39,18 @@ use crate::server::dhcp::{Interface, Port};
 /// Most datagrams decided (and journalled) together.
 pub const BATCH: usize = 256;
 
+/// Why a DHCP interface cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum InterfaceError {
+    #[error("cannot list interfaces: {0}")]
+    List(nix::Error),
+    #[error("interface {0} does not exist or has no IPv4 address")]
+    NoAddress(String),
+}
+
 /// The IPv4 address and prefix length of interface `name`.
-pub fn interface(name: &str) -> Result<Interface, String> {
-    let addrs = nix::ifaddrs::getifaddrs().map_err(|e| format!("cannot list interfaces: {e}"))?;
+pub fn interface(name: &str) -> Result<Interface, InterfaceError> {
+    let addrs = nix::ifaddrs::getifaddrs().map_err(InterfaceError::List)?;
     for addr in addrs.filter(|a| a.interface_name == name) {
         let (Some(ip), Some(mask)) = (
             addr.address
@@ -61,9 +70,7 @@ pub fn interface(name: &str) -> Result<Interface, String> {
             prefix_len: u32::from(mask).count_ones() as u8,
         });
     }
-    Err(format!(
-        "interface {name} does not exist or has no IPv4 address"
-    ))
+    Err(InterfaceError::NoAddress(name.to_string()))
 }
 
 /// A UDP socket on `port` bound to interface `name`.

@@ -20,7 +20,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
@@ -238,6 +237,17 @@ pub struct Panel {
     pub address: SocketAddr,
 }
 
+/// Why the panel cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum PanelStartError {
+    #[error("cannot import the inventory file into the empty inventory database")]
+    Import(#[from] crate::store::StoreError),
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    #[error("cannot start the panel's listener or runtime")]
+    Io(#[from] std::io::Error),
+}
+
 /// Opens the store, imports `inventory.toml` into an empty database,
 /// installs the database's snapshot in `router`, and serves the panel on
 /// `listener` until `shutdown`. Returns the thread running it.
@@ -248,7 +258,7 @@ pub fn start(
     root: &Path,
     listener: TcpListener,
     shutdown: crate::shutdown::Shutdown,
-) -> Result<(Panel, std::thread::JoinHandle<()>)> {
+) -> Result<(Panel, std::thread::JoinHandle<()>), PanelStartError> {
     // A database that fails here is reported, not fatal: the data plane
     // keeps the snapshot it has, and every API call says what is wrong.
     let empty = match (store.images(), store.machines()) {
@@ -297,8 +307,7 @@ pub fn start(
         .worker_threads(2)
         .thread_name("bootfleet-panel")
         .enable_all()
-        .build()
-        .context("panel runtime")?;
+        .build()?;
     let thread_state = Arc::clone(&state);
     let thread = std::thread::Builder::new()
         .name("bootfleet-panel".into())

@@ -6,32 +6,51 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 
-use anyhow::{Context, Result};
 use axum::extract::connect_info::Connected;
 use axum::serve::{IncomingStream, Listener};
 use tokio::net::{TcpListener, TcpStream};
-use tokio_rustls::rustls::pki_types::pem::PemObject;
+use tokio_rustls::rustls::pki_types::pem::{self, PemObject};
 use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 
+/// Why the panel's TLS certificate or key cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("panel.tls_cert {}: not a readable PEM certificate chain", path.display())]
+    Certificate {
+        path: std::path::PathBuf,
+        #[source]
+        source: pem::Error,
+    },
+    #[error("panel.tls_key {}: not a readable PEM private key", path.display())]
+    Key {
+        path: std::path::PathBuf,
+        #[source]
+        source: pem::Error,
+    },
+    #[error("panel TLS certificate and key do not fit together")]
+    Mismatch(#[source] tokio_rustls::rustls::Error),
+}
+
 /// Builds a TLS acceptor from PEM files.
-pub fn acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor> {
+pub fn acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, TlsError> {
+    let certificate_error = |source| TlsError::Certificate {
+        path: cert.to_path_buf(),
+        source,
+    };
     let chain = CertificateDer::pem_file_iter(cert)
-        .with_context(|| format!("panel.tls_cert {}", cert.display()))?
+        .map_err(certificate_error)?
         .collect::<Result<Vec<_>, _>>()
-        .with_context(|| {
-            format!(
-                "panel.tls_cert {}: not a PEM certificate chain",
-                cert.display()
-            )
-        })?;
-    let key = PrivateKeyDer::from_pem_file(key)
-        .with_context(|| format!("panel.tls_key {}: not a PEM private key", key.display()))?;
+        .map_err(certificate_error)?;
+    let key = PrivateKeyDer::from_pem_file(key).map_err(|source| TlsError::Key {
+        path: key.to_path_buf(),
+        source,
+    })?;
     let config = tokio_rustls::rustls::ServerConfig::builder()
         .with_no_client_auth()
         .with_single_cert(chain, key)
-        .context("panel TLS certificate and key do not fit together")?;
+        .map_err(TlsError::Mismatch)?;
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
 

@@ -34,7 +34,7 @@ use crate::cache::{CachedFile, FileCache, FileData};
 use crate::proto::http::connection::{Connection, Piece};
 use crate::proto::http::range::{self, BodyPlan, Multipart, Validators};
 use crate::proto::http::request::{Method, Request};
-use crate::proto::path::safe_relative_name;
+use crate::proto::path::{safe_relative_name, NameError};
 use crate::proto::Mac;
 use crate::server::paths::{resolve_served, ResolveError};
 
@@ -444,9 +444,9 @@ impl HttpService {
     fn file(&self, request: &Request, peer: SocketAddr, head_only: bool) -> Response {
         let name = match safe_relative_name(request.path.as_bytes()) {
             Ok(name) => name,
-            Err("empty file name") => return self.text(404, "not found\n", request, head_only),
+            Err(NameError::Empty) => return self.text(404, "not found\n", request, head_only),
             Err(why) => {
-                warn!(%peer, path = %request.path.escape_debug(), why, "refused request path");
+                warn!(%peer, path = %request.path.escape_debug(), %why, "refused request path");
                 return self.text(400, &format!("refused path: {why}\n"), request, head_only);
             }
         };

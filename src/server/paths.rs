@@ -73,28 +73,41 @@ pub fn private_paths<'a>(paths: impl IntoIterator<Item = &'a Path>) -> Vec<PathB
 /// canonical `root` one by one, refusing to pass through a symbolic link
 /// that leads outside it, and returns the canonical directory. Used by
 /// uploads, which must never write outside the boot directory.
-pub fn create_dirs_inside(root: &Path, relative: &str) -> Result<PathBuf, String> {
+pub fn create_dirs_inside(root: &Path, relative: &str) -> Result<PathBuf, CreateDirsError> {
     let mut dir = root.to_path_buf();
     for part in relative.split('/').filter(|p| !p.is_empty()) {
         dir.push(part);
         match std::fs::create_dir(&dir) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-            Err(e) => return Err(format!("{}: {e}", dir.display())),
+            Err(source) => return Err(CreateDirsError::Io { dir, source }),
         }
-        dir = dir
-            .canonicalize()
-            .map_err(|e| format!("{}: {e}", dir.display()))?;
+        dir = match dir.canonicalize() {
+            Ok(canonical) => canonical,
+            Err(source) => return Err(CreateDirsError::Io { dir, source }),
+        };
         if !dir.starts_with(root) {
-            return Err(format!(
-                "{relative:?} leads outside the boot directory through a symbolic link"
-            ));
+            return Err(CreateDirsError::Outside(relative.to_string()));
         }
         if !dir.is_dir() {
-            return Err(format!("{} is not a directory", dir.display()));
+            return Err(CreateDirsError::NotADirectory(dir));
         }
     }
     Ok(dir)
+}
+
+/// Why [`create_dirs_inside`] made no directory.
+#[derive(Debug, thiserror::Error)]
+pub enum CreateDirsError {
+    #[error("{}: {source}", dir.display())]
+    Io {
+        dir: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{0:?} leads outside the boot directory through a symbolic link")]
+    Outside(String),
+    #[error("{} is not a directory", .0.display())]
+    NotADirectory(PathBuf),
 }
 
 /// Whether `file_name` is an upload's temporary file (`.NAME.upload-*`).

@@ -272,8 +272,8 @@ impl TftpService {
         let name = match safe_relative_name(request.filename) {
             Ok(name) => name,
             Err(why) => {
-                warn!(%peer, file = %String::from_utf8_lossy(request.filename).escape_debug(), why, "refused file name");
-                return self.refuse(ErrorCode::AccessViolation, why);
+                warn!(%peer, file = %String::from_utf8_lossy(request.filename).escape_debug(), %why, "refused file name");
+                return self.refuse(ErrorCode::AccessViolation, &why.to_string());
             }
         };
 
@@ -361,8 +361,8 @@ impl TftpService {
         let name = match safe_relative_name(request.filename) {
             Ok(name) => name,
             Err(why) => {
-                warn!(%peer, file = %raw.escape_debug(), why, "refused upload file name");
-                return self.refuse(ErrorCode::AccessViolation, why);
+                warn!(%peer, file = %raw.escape_debug(), %why, "refused upload file name");
+                return self.refuse(ErrorCode::AccessViolation, &why.to_string());
             }
         };
         let relative = Path::new(&name);

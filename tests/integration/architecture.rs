@@ -38,6 +38,22 @@ const LAYERS: &[(&str, u8)] = &[
 /// helper that must be long goes here with the reason.
 const LONG_FUNCTIONS_ALLOWED: &[&str] = &[];
 
+/// Library functions that may still return `Result<_, String>`: each
+/// error is one sentence for the operator that no caller takes apart — a
+/// field's validation message (shown by the API as a 422, by the
+/// inventory loader with its line), a `FromStr` for clap and serde, why a
+/// value cannot be quoted into a boot command, why io_uring is not used.
+const STRING_ERRORS_ALLOWED: &[&str] = &[
+    "inventory::fields:",
+    "inventory: ",
+    "config: ",
+    "store: ",
+    "boot::render: pub fn quote",
+    "panel::auth: pub fn check_password_strength",
+    "panel: pub fn check_files",
+    "engine::uring: pub fn probe",
+];
+
 /// The longest function body, in lines, the library may have.
 const MAX_FUNCTION_LINES: usize = 120;
 
@@ -305,5 +321,34 @@ fn no_library_function_is_longer_than_the_limit() {
         long.is_empty(),
         "functions longer than {MAX_FUNCTION_LINES} lines (split them by what they decide):\n{}",
         long.join("\n")
+    );
+}
+
+#[test]
+fn the_library_has_typed_errors_and_anyhow_stays_in_the_binary() {
+    // The library's callers (the binary, the tests, a future second binary)
+    // match on what went wrong; `anyhow` is for the binary that prints it.
+    let mut offenders = Vec::new();
+    for (module, source) in library_files() {
+        let code = code_lines(&source);
+        if code.iter().any(|line| line.contains("anyhow")) {
+            offenders.push(format!("{}: uses anyhow", module.join("::")));
+        }
+        for line in &code {
+            let returns = line.split("-> ").nth(1).unwrap_or("");
+            if line.contains("fn ")
+                && returns.starts_with("Result<")
+                && returns.trim_end_matches(['{', ' ']).ends_with(", String>")
+            {
+                offenders.push(format!("{}: {}", module.join("::"), line.trim()));
+            }
+        }
+    }
+    let allowed = STRING_ERRORS_ALLOWED;
+    offenders.retain(|o| !allowed.iter().any(|a| o.starts_with(a)));
+    assert!(
+        offenders.is_empty(),
+        "library code without typed errors (use a thiserror enum):\n{}",
+        offenders.join("\n")
     );
 }

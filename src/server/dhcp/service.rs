@@ -6,7 +6,7 @@
 //! so no ACK ever leaves for a lease that a crash could forget; offers are
 //! not journalled at all (a restart forgets promises, not leases).
 
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
@@ -48,6 +48,22 @@ pub struct DhcpStats {
     pub dropped: std::sync::atomic::AtomicU64,
 }
 
+/// Why the DHCP service cannot start with its configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum DhcpSetupError {
+    #[error("dhcp range {first}-{last} is on no interface's subnet; for a relayed subnet write it as {first}-{last}/PREFIX")]
+    RangeOffSubnet { first: Ipv4Addr, last: Ipv4Addr },
+    #[error(
+        "full DHCP mode needs at least one address range (dhcp.ranges or --dhcp-range FIRST-LAST)"
+    )]
+    NoRange,
+    #[error("cannot open the lease journal in {dir}: {source}")]
+    Journal {
+        dir: std::path::PathBuf,
+        source: std::io::Error,
+    },
+}
+
 impl DhcpService {
     /// The service for `config`, with pools placed on the interfaces'
     /// subnets and the lease journal replayed from `state_dir`.
@@ -57,20 +73,23 @@ impl DhcpService {
         router: Arc<Router>,
         http_port: u16,
         state_dir: &std::path::Path,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, DhcpSetupError> {
         let mut pools = Vec::new();
         for &(first, last, prefix) in &config.ranges {
             let prefix_len = match prefix {
                 Some(prefix) => prefix,
                 None => interfaces
                     .iter()
-                    .find(|i| Pool { first: i.addr, last: i.addr, prefix_len: i.prefix_len }.same_subnet(first))
+                    .find(|i| {
+                        Pool {
+                            first: i.addr,
+                            last: i.addr,
+                            prefix_len: i.prefix_len,
+                        }
+                        .same_subnet(first)
+                    })
                     .map(|i| i.prefix_len)
-                    .ok_or_else(|| {
-                        format!(
-                            "dhcp range {first}-{last} is on no interface's subnet; for a relayed subnet write it as {first}-{last}/PREFIX"
-                        )
-                    })?,
+                    .ok_or(DhcpSetupError::RangeOffSubnet { first, last })?,
             };
             pools.push(Pool {
                 first,
@@ -79,16 +98,14 @@ impl DhcpService {
             });
         }
         if config.mode == DhcpMode::Full && pools.is_empty() {
-            return Err("full DHCP mode needs at least one address range (dhcp.ranges or --dhcp-range FIRST-LAST)".into());
+            return Err(DhcpSetupError::NoRange);
         }
         let mut leases = LeaseTable::new(pools, config.relay_pool_share);
         let journal = if config.mode == DhcpMode::Full {
             let (mut journal, count) = Journal::open(state_dir, &mut leases, SystemTime::now())
-                .map_err(|e| {
-                    format!(
-                        "cannot open the lease journal in {}: {e}",
-                        state_dir.display()
-                    )
+                .map_err(|source| DhcpSetupError::Journal {
+                    dir: state_dir.to_path_buf(),
+                    source,
                 })?;
             journal.sync = config.sync_leases;
             info!(journal = %journal.path().display(), leases = count, synced = journal.sync, "DHCP leases restored");
