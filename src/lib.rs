@@ -1,22 +1,30 @@
 //! bootfleet — a network-boot server for fleets of diskless machines.
 //!
-//! Crate map (see `DESIGN.md` in the shared design notes for the reasons):
+//! Crate map, lowest layer first; a module imports only from its own
+//! layer and those below it (`tests/integration/architecture.rs` checks
+//! this, and `docs/architecture.md` draws it with one boot's path):
 //!
-//! * [`proto`] — sans-I/O protocol cores: TFTP, HTTP request heads and
-//!   range planning (DHCP comes with its issue).
-//! * [`boot`] — what a machine boots: MAC addresses, the MAC router,
-//!   script templates, boot events.
+//! * [`proto`] — sans-I/O protocol cores: MAC addresses, safe file names,
+//!   TFTP (read, write, RFC 2090 multicast), DHCPv4 request parsing and
+//!   reply addressing, IPv6 router advertisements, HTTP request heads,
+//!   range planning and the connection state machine. Also at the bottom:
+//!   [`limit`] (token buckets), [`shutdown`] (the stop signal), [`durable`]
+//!   (directory syncs) and [`cache`] (the mmapped file cache).
 //! * [`inventory`] — images, machines and assignments as an immutable
-//!   snapshot (today from `inventory.toml`).
-//! * [`config`] — the TOML file format and the validated runtime configuration.
-//! * [`cache`] — the mmapped file cache every transfer reads from.
-//! * [`limit`] — token buckets per key (DHCP clients, new MACs per address).
-//! * [`server`] — protocol drivers that are independent of the I/O backend:
-//!   TFTP admission and limits, the HTTP file and script service, path safety.
-//! * [`store`] — the inventory database (SQLite) behind the control panel.
+//!   snapshot, and the checks every field passes wherever it comes from.
+//! * [`boot`] — what a machine boots: the MAC router, script templates,
+//!   boot events, and the hooks ([`boot::hooks`]) the file services call.
+//!   [`config`] — the TOML file format and the validated runtime
+//!   configuration — sits beside it.
+//! * [`server`] — protocol services independent of the I/O backend: DHCP
+//!   decisions, leases and their journal; TFTP admission and transfers;
+//!   the HTTP file and script service; path safety. [`store`] — the
+//!   inventory database (SQLite) — sits beside it.
+//! * [`engine`] — the only place with socket system calls: io_uring
+//!   workers and the epoll (tokio) fallback, chosen at start-up, and the
+//!   DHCP and router-advertisement sockets.
 //! * [`panel`] — the REST API and web panel, on their own listener.
-//! * [`engine`] — the only place with socket syscalls: io_uring workers and
-//!   the epoll (tokio) fallback, chosen at start-up.
+//! * [`app`] — a running server assembled from a configuration.
 
 pub mod app;
 pub mod boot;

@@ -1,13 +1,14 @@
-//! Boot events: each machine's timeline (chain script, its own script,
-//! loader configs, kernel, initrds), kept in a bounded in-memory ring and
-//! logged as one line each.
-//!
-//! The control-panel issue persists them; until then the ring is what
-//! `GET /api/v1/events` returns.
+//! Boot events: each machine's timeline (DHCP, loader, chain script, its own
+//! script, loader configs, kernel, initrds), kept in a bounded in-memory
+//! ring, logged as one line each, and fed to subscribers (the panel stores
+//! them in the inventory database and streams them to browsers) over a
+//! bounded channel that never blocks the data plane: a subscriber that
+//! falls behind loses events, and [`EventLog::dropped`] counts them.
 
 use std::collections::VecDeque;
 use std::net::IpAddr;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
@@ -58,13 +59,91 @@ impl Serialize for Mac {
     }
 }
 
-/// A bounded ring of the most recent events.
+impl BootEvent {
+    /// An event of `phase` happening now: 0 bytes, no duration, status 200
+    /// until the builder methods say otherwise.
+    pub fn new(
+        mac: Option<Mac>,
+        client: IpAddr,
+        phase: Phase,
+        transport: &'static str,
+        detail: String,
+    ) -> Self {
+        Self {
+            at_ms: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
+            mac,
+            client,
+            phase,
+            transport,
+            detail,
+            bytes: 0,
+            duration_ms: 0,
+            status: 200,
+        }
+    }
+
+    /// How many bytes were sent.
+    pub fn bytes(self, bytes: u64) -> Self {
+        Self { bytes, ..self }
+    }
+
+    /// How long it took.
+    pub fn took(self, duration: Duration) -> Self {
+        Self {
+            duration_ms: duration.as_millis() as u64,
+            ..self
+        }
+    }
+
+    /// The HTTP status (TFTP: 200 complete, 500 failed).
+    pub fn status(self, status: u16) -> Self {
+        Self { status, ..self }
+    }
+}
+
+/// How many events the live feed holds for a subscriber that falls behind.
+const FEED_CAPACITY: usize = 65_536;
+
+/// A bounded ring of the most recent events, and the live feed.
 pub struct EventLog {
     ring: Mutex<VecDeque<BootEvent>>,
     capacity: usize,
     /// Where events also go (the inventory database and the panel's live
-    /// views). Sending never blocks; a subscriber that lags loses events.
+    /// views): a bounded channel of [`FEED_CAPACITY`]. Sending never
+    /// blocks; a subscriber that lags loses the oldest events.
     sink: std::sync::OnceLock<tokio::sync::broadcast::Sender<BootEvent>>,
+    /// Events subscribers lost by lagging, over all subscribers.
+    dropped: Arc<AtomicU64>,
+}
+
+/// One subscriber's live feed of events; see [`EventLog::subscribe`].
+pub struct EventFeed {
+    receiver: tokio::sync::broadcast::Receiver<BootEvent>,
+    dropped: Arc<AtomicU64>,
+}
+
+impl EventFeed {
+    /// The next event, or `None` once the log is gone. Events lost because
+    /// this subscriber fell behind are counted in [`EventLog::dropped`] and
+    /// logged once per gap.
+    pub async fn recv(&mut self) -> Option<BootEvent> {
+        use tokio::sync::broadcast::error::RecvError;
+        loop {
+            match self.receiver.recv().await {
+                Ok(event) => return Some(event),
+                Err(RecvError::Lagged(lost)) => {
+                    self.dropped.fetch_add(lost, Ordering::Relaxed);
+                    tracing::warn!(
+                        lost,
+                        "boot events arrived faster than a subscriber took them (the inventory database or a live view); those are not stored or shown"
+                    );
+                }
+                Err(RecvError::Closed) => return None,
+            }
+        }
+    }
 }
 
 impl EventLog {
@@ -78,51 +157,37 @@ impl EventLog {
             ring: Mutex::new(VecDeque::with_capacity(capacity)),
             capacity,
             sink: std::sync::OnceLock::new(),
+            dropped: Arc::new(AtomicU64::new(0)),
         }
     }
 
+    /// Events that subscribers lost by falling behind, since start-up.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+
     /// A live feed of every event recorded from now on.
-    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<BootEvent> {
-        self.sink
-            .get_or_init(|| tokio::sync::broadcast::channel(65_536).0)
-            .subscribe()
+    pub fn subscribe(&self) -> EventFeed {
+        EventFeed {
+            receiver: self
+                .sink
+                .get_or_init(|| tokio::sync::broadcast::channel(FEED_CAPACITY).0)
+                .subscribe(),
+            dropped: Arc::clone(&self.dropped),
+        }
     }
 
     /// Records an event (and logs it).
-    #[allow(clippy::too_many_arguments)]
-    pub fn record(
-        &self,
-        mac: Option<Mac>,
-        client: IpAddr,
-        phase: Phase,
-        transport: &'static str,
-        detail: String,
-        bytes: u64,
-        duration: Duration,
-        status: u16,
-    ) {
-        let event = BootEvent {
-            at_ms: SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis() as u64),
-            mac,
-            client,
-            phase,
-            transport,
-            detail,
-            bytes,
-            duration_ms: duration.as_millis() as u64,
-            status,
-        };
+    pub fn record(&self, event: BootEvent) {
         tracing::info!(
             mac = %event.mac.map_or_else(|| "-".to_string(), |m| m.to_string()),
             client = %event.client,
             phase = ?event.phase,
-            transport,
+            transport = event.transport,
             detail = %event.detail,
-            bytes,
+            bytes = event.bytes,
             ms = event.duration_ms,
-            status,
+            status = event.status,
             "boot event"
         );
         if let Some(sink) = self.sink.get() {
@@ -162,14 +227,7 @@ mod tests {
         for i in 0..5u64 {
             let mac = if i % 2 == 0 { Some(a) } else { None };
             log.record(
-                mac,
-                client,
-                Phase::Kernel,
-                "http",
-                format!("k{i}"),
-                i,
-                Duration::ZERO,
-                200,
+                BootEvent::new(mac, client, Phase::Kernel, "http", format!("k{i}")).bytes(i),
             );
         }
         let all: Vec<String> = log.recent(None, 10).into_iter().map(|e| e.detail).collect();

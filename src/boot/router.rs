@@ -31,7 +31,7 @@ use arc_swap::ArcSwap;
 use serde::Serialize;
 use tracing::{debug, info, warn};
 
-use super::events::{EventLog, Phase};
+use super::events::{BootEvent, EventLog, Phase};
 use super::hooks::{FileGenerator, FinishedRead, TransferObserver};
 use super::render::{ImageView, InitrdView, ScriptContext, Templates};
 use super::script::StaticScripts;
@@ -654,18 +654,15 @@ impl Router {
             }
         };
         let mac = self.machine_at(client);
+        let detail = match &served.how {
+            Some(how) => format!("{path} ({how})"),
+            None => path.to_string(),
+        };
         self.events.record(
-            mac,
-            client,
-            phase,
-            served.transport,
-            match &served.how {
-                Some(how) => format!("{path} ({how})"),
-                None => path.to_string(),
-            },
-            served.bytes,
-            served.duration,
-            served.status,
+            BootEvent::new(mac, client, phase, served.transport, detail)
+                .bytes(served.bytes)
+                .took(served.duration)
+                .status(served.status),
         );
         if phase != Phase::Kernel || !served.complete {
             return;
@@ -753,14 +750,14 @@ impl FileGenerator for Router {
     fn generate(&self, name: &str, client: SocketAddr) -> Option<Vec<u8>> {
         let (mac, body) = self.loader_config(name)?;
         self.events.record(
-            Some(mac),
-            client.ip(),
-            Phase::LoaderConfig,
-            "tftp",
-            name.to_string(),
-            body.len() as u64,
-            Duration::ZERO,
-            200,
+            BootEvent::new(
+                Some(mac),
+                client.ip(),
+                Phase::LoaderConfig,
+                "tftp",
+                name.to_string(),
+            )
+            .bytes(body.len() as u64),
         );
         Some(body)
     }

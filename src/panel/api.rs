@@ -1024,7 +1024,7 @@ async fn event_stream(
     let stream = futures_util::stream::unfold(feed, move |mut feed| async move {
         loop {
             match feed.recv().await {
-                Ok(event) if mac.is_none() || event.mac == mac => {
+                Some(event) if mac.is_none() || event.mac == mac => {
                     let data = serde_json::to_string(&event).expect("plain data");
                     return Some((
                         Ok::<_, std::convert::Infallible>(
@@ -1033,8 +1033,8 @@ async fn event_stream(
                         feed,
                     ));
                 }
-                Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
-                Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+                Some(_) => continue,
+                None => return None,
             }
         }
     });
@@ -1072,6 +1072,8 @@ fn fleet_summary(state: &PanelState) -> ApiResult<Value> {
         "states": counts,
         "stuck": stuck,
         "stuck_after_seconds": state.config.stuck_after.as_secs(),
+        // Boot events the database or a live view lost by falling behind.
+        "events_dropped": state.router.events.dropped(),
     }))
 }
 

@@ -361,24 +361,14 @@ async fn write_events(state: Arc<PanelState>) {
     loop {
         let mut batch: Vec<BootEvent> = Vec::new();
         match feed.recv().await {
-            Ok(event) => batch.push(event),
-            Err(tokio::sync::broadcast::error::RecvError::Lagged(lost)) => {
-                warn!(
-                    lost,
-                    "boot events arrived faster than the database took them; some are not stored"
-                );
-                continue;
-            }
-            Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            Some(event) => batch.push(event),
+            None => return,
         }
         // Gather what else arrives within 100 ms into one transaction.
         let deadline = tokio::time::Instant::now() + Duration::from_millis(100);
         while batch.len() < 2000 {
             match tokio::time::timeout_at(deadline, feed.recv()).await {
-                Ok(Ok(event)) => batch.push(event),
-                Ok(Err(tokio::sync::broadcast::error::RecvError::Lagged(lost))) => {
-                    warn!(lost, "boot events arrived faster than the database took them; some are not stored");
-                }
+                Ok(Some(event)) => batch.push(event),
                 _ => break,
             }
         }

@@ -28,7 +28,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tracing::{debug, trace, warn};
 
-use crate::boot::events::Phase;
+use crate::boot::events::{BootEvent, Phase};
 use crate::boot::{chain_script, FileServed, Router};
 use crate::cache::{CachedFile, FileCache, FileData};
 use crate::proto::http::connection::{Connection, Piece};
@@ -233,14 +233,14 @@ impl HttpService {
         if path == "/boot.ipxe" {
             let body = chain_script(&self.base_url(request, local));
             self.router.events.record(
-                self.router.machine_at(peer.ip()),
-                peer.ip(),
-                Phase::Chain,
-                "http",
-                "chain script".into(),
-                body.len() as u64,
-                Duration::ZERO,
-                200,
+                BootEvent::new(
+                    self.router.machine_at(peer.ip()),
+                    peer.ip(),
+                    Phase::Chain,
+                    "http",
+                    "chain script".into(),
+                )
+                .bytes(body.len() as u64),
             );
             return self.script(body.into_bytes(), request, head_only);
         }
@@ -259,14 +259,14 @@ impl HttpService {
             // another machine's timeline by asking for its script.
             let speaks_for = self.router.may_speak_for(peer.ip(), mac);
             self.router.events.record(
-                speaks_for.then_some(mac),
-                peer.ip(),
-                Phase::Script,
-                "http",
-                script.decision.describe(),
-                script.body.len() as u64,
-                Duration::ZERO,
-                200,
+                BootEvent::new(
+                    speaks_for.then_some(mac),
+                    peer.ip(),
+                    Phase::Script,
+                    "http",
+                    script.decision.describe(),
+                )
+                .bytes(script.body.len() as u64),
             );
             return self.script(script.body, request, head_only);
         }

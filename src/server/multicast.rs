@@ -183,14 +183,20 @@ impl MulticastHub {
                 let sent = match transmit {
                     Transmit::To(to, bytes) => socket.send_to(&bytes, to).await.map(|_| ()),
                     Transmit::Group { first, count } => {
+                        // As the unicast engines do before each send
+                        // (`TftpService::check_source`): a file rewritten
+                        // in place ends the session, never mixing versions.
+                        if data.changed(Instant::now()) {
+                            info!(file = %key.name, "file changed on disk during the multicast session; ending it");
+                            session.abort("file changed on disk during the transfer; retry");
+                            continue;
+                        }
                         let mut result = Ok(());
                         for block in first..first + u64::from(count) {
-                            let start = ((block - 1) as usize * blksize).min(data.len());
-                            let end = (start + blksize).min(data.len());
                             datagram.clear();
                             packet::encode_data(
                                 (block & 0xFFFF) as u16,
-                                &data[start..end],
+                                &data[session.block_range(block)],
                                 &mut datagram,
                             );
                             result = socket.send_to(&datagram, group).await.map(|_| ());

@@ -352,3 +352,38 @@ fn the_library_has_typed_errors_and_anyhow_stays_in_the_binary() {
         offenders.join("\n")
     );
 }
+
+#[test]
+fn the_protocol_cores_do_no_io_and_read_no_clock() {
+    // What a separate `bootfleet-proto` crate would make the compiler say:
+    // the cores take bytes and `now` in and give bytes and deadlines out.
+    const IO: &[&str] = &[
+        "std::fs",
+        "std::net::UdpSocket",
+        "TcpStream",
+        "TcpListener",
+        "std::thread",
+        "libc::",
+        "nix::",
+        "tokio",
+        "io_uring",
+        "Instant::now",
+        "SystemTime::now",
+    ];
+    let mut offenders = Vec::new();
+    for (module, source) in library_files() {
+        if module.first().map(String::as_str) != Some("proto") {
+            continue;
+        }
+        for line in code_lines(&source) {
+            if let Some(word) = IO.iter().find(|word| line.contains(*word)) {
+                offenders.push(format!("{}: {word}: {}", module.join("::"), line.trim()));
+            }
+        }
+    }
+    assert!(
+        offenders.is_empty(),
+        "I/O or the clock in a sans-I/O core (take it as an argument instead):\n{}",
+        offenders.join("\n")
+    );
+}

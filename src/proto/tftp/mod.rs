@@ -1,4 +1,4 @@
-//! TFTP, read side, as a sans-I/O core.
+//! TFTP as a sans-I/O core: reads, writes (uploads) and RFC 2090 multicast.
 //!
 //! * [`packet`] — the wire codec (RFC 1350 §5, RFC 2347 OACK), borrowing on
 //!   decode and appending on encode.
@@ -12,8 +12,8 @@
 //! * [`netascii`] — the RFC 1350 / RFC 764 netascii transform.
 //!
 //! * [`multicast`] — RFC 2090: one session that many clients join, the
-//!   master client pacing it, the others listening (the core only; the
-//!   engines do not drive it yet).
+//!   master client pacing it, the others listening; driven by
+//!   [`crate::server::multicast`] when `tftp.multicast_groups` is set.
 
 pub mod multicast;
 pub mod netascii;

@@ -103,6 +103,7 @@ struct Master {
 #[derive(Debug)]
 pub struct Session {
     config: SessionConfig,
+    file_len: u64,
     last_block: u64,
     /// Members waiting to be master, longest-waiting first.
     listeners: VecDeque<Member>,
@@ -122,6 +123,7 @@ impl Session {
     pub fn new(file_len: u64, config: SessionConfig) -> Self {
         let blksize = u64::from(config.blksize.max(8));
         Self {
+            file_len,
             last_block: file_len / blksize + 1,
             config,
             listeners: VecDeque::new(),
@@ -141,6 +143,31 @@ impl Session {
 
     pub fn stats(&self) -> &SessionStats {
         &self.stats
+    }
+
+    /// Byte range of the file carried by block `index` (1-based), as
+    /// [`crate::proto::tftp::ReadTransfer::block_range`] says for unicast.
+    pub fn block_range(&self, index: u64) -> std::ops::Range<usize> {
+        let blksize = u64::from(self.config.blksize.max(8));
+        let start = (index.saturating_sub(1) * blksize).min(self.file_len);
+        let end = (start + blksize).min(self.file_len);
+        start as usize..end as usize
+    }
+
+    /// Ends the session for every member with an ERROR saying `why` (the
+    /// file changed on disk: no member may get a mix of two versions, and
+    /// their retries get the new one). Nothing else is sent.
+    pub fn abort(&mut self, why: &str) {
+        let mut error = Vec::new();
+        packet::encode_error(ErrorCode::NotDefined, why, &mut error);
+        self.queue.clear();
+        let master = self.master.take().map(|(_, member)| member);
+        let members: Vec<Member> = master.into_iter().chain(self.listeners.drain(..)).collect();
+        for member in &members {
+            self.queue
+                .push_back(Transmit::To(member.addr, error.clone()));
+            self.member_left(member, false);
+        }
     }
 
     /// Members in the session, the master included.
@@ -809,5 +836,42 @@ mod tests {
         assert_eq!(unwrap_block(4464, 70_000), 70_000);
         assert_eq!(unwrap_block(3, 65_534), 65_539);
         assert_eq!(unwrap_block(65_535, 65_537), 65_535);
+    }
+
+    #[test]
+    fn an_aborted_session_tells_every_member_and_sends_no_more_data() {
+        let now = Instant::now();
+        let mut session = Session::new(10_000, config(4));
+        let (a, b) = (addr(1), addr(2));
+        session.join(a, Vec::new(), now);
+        session.join(b, Vec::new(), now);
+        while session.poll_transmit().is_some() {}
+        session.abort("file changed on disk during the transfer; retry");
+        let mut told = Vec::new();
+        while let Some(transmit) = session.poll_transmit() {
+            match transmit {
+                Transmit::To(to, bytes) => {
+                    assert_eq!(&bytes[..2], &[0, 5], "an ERROR packet");
+                    told.push(to);
+                }
+                Transmit::Group { .. } => panic!("data after the abort"),
+            }
+        }
+        told.sort();
+        assert_eq!(told, [a, b]);
+        assert!(session.is_done());
+        let outcomes: Vec<_> = std::iter::from_fn(|| session.poll_outcome()).collect();
+        assert_eq!(outcomes.len(), 2);
+        assert!(outcomes.iter().all(|o| !o.completed));
+        session.handle_timeout(now + Duration::from_secs(60));
+        assert!(session.poll_transmit().is_none());
+    }
+
+    #[test]
+    fn block_ranges_cover_the_file_once() {
+        let session = Session::new(1000, config(1));
+        assert_eq!(session.block_range(1), 0..512);
+        assert_eq!(session.block_range(2), 512..1000);
+        assert_eq!(session.block_range(3), 1000..1000);
     }
 }

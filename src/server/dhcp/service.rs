@@ -15,7 +15,7 @@ use tracing::{debug, info, warn};
 
 use super::leases::{Journal, LeaseTable, Pool, State as LeaseState};
 use super::{decide, relay_trusted, ClientKey, Context, Interface, Port, RateLimiter};
-use crate::boot::events::Phase;
+use crate::boot::events::{BootEvent, Phase};
 use crate::boot::Router;
 use crate::config::{DhcpConfig, DhcpMode};
 use crate::proto::dhcp::{parse_request, Destination};
@@ -241,16 +241,13 @@ pub fn decide_batch(
         }
     }
     for (mac, source, detail) in events {
-        service.router.events.record(
+        service.router.events.record(BootEvent::new(
             Some(mac),
             std::net::IpAddr::V4(source),
             Phase::Dhcp,
             "dhcp",
             detail,
-            0,
-            std::time::Duration::ZERO,
-            200,
-        );
+        ));
     }
     replies
 }
