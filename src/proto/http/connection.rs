@@ -102,10 +102,11 @@ pub enum AfterResponse {
 /// The progress of the response being written.
 #[derive(Debug)]
 struct Sending {
-    /// Length of each piece: the head first, then the response's pieces.
-    lengths: Vec<u64>,
-    /// Whether piece `n` goes by `sendfile`.
-    by_sendfile: Vec<bool>,
+    head_len: u64,
+    /// Length of each piece after the head, and whether it goes by
+    /// `sendfile`. Empty (no allocation) for a response all in its head,
+    /// the common case of scripts and errors.
+    body: Vec<(u64, bool)>,
     piece: usize,
     /// Bytes of the current piece already sent.
     done: u64,
@@ -113,6 +114,21 @@ struct Sending {
     started: Instant,
     last_progress: Instant,
     keep_alive: bool,
+}
+
+impl Sending {
+    /// Pieces in all, the head included.
+    fn pieces(&self) -> usize {
+        self.body.len() + 1
+    }
+
+    /// Length of piece `piece` (0 is the head).
+    fn len(&self, piece: usize) -> u64 {
+        match piece {
+            0 => self.head_len,
+            n => self.body[n - 1].0,
+        }
+    }
 }
 
 /// The state of one connection; see the module docs.
@@ -186,22 +202,19 @@ impl Connection {
         keep_alive: bool,
         now: Instant,
     ) {
-        let mut lengths = vec![head_len as u64];
-        let mut sendfile = vec![false];
-        for piece in pieces {
-            let (len, file) = match piece {
+        let body = pieces
+            .into_iter()
+            .map(|piece| match piece {
                 Piece::Bytes(len) => (len, false),
                 Piece::File {
                     len,
                     has_descriptor,
                 } => (len, by_sendfile && has_descriptor),
-            };
-            lengths.push(len);
-            sendfile.push(file);
-        }
+            })
+            .collect();
         self.sending = Some(Sending {
-            lengths,
-            by_sendfile: sendfile,
+            head_len: head_len as u64,
+            body,
             piece: 0,
             done: 0,
             body_sent: 0,
@@ -229,17 +242,15 @@ impl Connection {
             return Transmit::Done;
         };
         // Empty pieces are skipped: there is nothing to send of them.
-        while sending.piece < sending.lengths.len()
-            && sending.done >= sending.lengths[sending.piece]
-        {
+        while sending.piece < sending.pieces() && sending.done >= sending.len(sending.piece) {
             sending.piece += 1;
             sending.done = 0;
         }
         let piece = sending.piece;
-        if piece >= sending.lengths.len() {
+        if piece >= sending.pieces() {
             return Transmit::Done;
         }
-        if sending.by_sendfile[piece] {
+        if piece > 0 && sending.body[piece - 1].1 {
             Transmit::SendFile {
                 piece,
                 from: sending.done,
@@ -248,7 +259,7 @@ impl Connection {
             Transmit::Send {
                 piece,
                 from: sending.done,
-                more: piece + 1 < sending.lengths.len(),
+                more: piece + 1 < sending.pieces(),
             }
         }
     }
@@ -263,14 +274,14 @@ impl Connection {
         }
         // Bytes past the end of a piece belong to the pieces after it.
         let mut left = bytes;
-        while left > 0 && sending.piece < sending.lengths.len() {
-            let taken = left.min(sending.lengths[sending.piece] - sending.done);
+        while left > 0 && sending.piece < sending.pieces() {
+            let taken = left.min(sending.len(sending.piece) - sending.done);
             sending.done += taken;
             left -= taken;
             if sending.piece > 0 {
                 sending.body_sent += taken;
             }
-            if sending.done == sending.lengths[sending.piece] {
+            if sending.done == sending.len(sending.piece) {
                 sending.piece += 1;
                 sending.done = 0;
             }
