@@ -276,6 +276,7 @@ impl Running {
         for thread in self.threads.drain(..) {
             let _ = thread.join();
         }
+        self.router.sync_state();
     }
 }
 
