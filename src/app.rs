@@ -13,9 +13,9 @@ use tracing::info;
 use crate::boot::Router;
 use crate::cache::FileCache;
 use crate::config::Config;
+use crate::engine::multicast::MulticastHub;
 use crate::engine::{self, Backend, ServerHandle, Shutdown};
 use crate::server::http::{HttpService, HttpServiceConfig};
-use crate::server::multicast::MulticastHub;
 use crate::server::tftp::TftpService;
 
 /// How often the inventory file is looked at for changes.

@@ -11,6 +11,10 @@
 //! * epoll — tokio runtimes: [`epoll`] for TFTP and [`http`] for HTTP;
 //!   always available.
 //!
+//! Beside them, for both backends: [`dhcp`] (one socket and thread per
+//! interface), [`ndp`] (router advertisements) and [`multicast`] (RFC 2090
+//! TFTP sessions, one tokio thread).
+//!
 //! [`choose`] probes the kernel at start-up: `auto` takes io_uring when the
 //! kernel offers everything the worker needs (a ring, multishot receive,
 //! provided buffer rings) and otherwise falls back to epoll, saying why.
@@ -29,6 +33,7 @@ pub mod dhcp;
 pub mod epoll;
 pub mod http;
 pub mod http_uring;
+pub mod multicast;
 pub mod ndp;
 pub mod uring;
 

@@ -40,7 +40,7 @@ use crate::proto::tftp::{
     negotiate, netascii, CommitError, NegotiationLimits, Outcome, ReadTransfer, Transfer,
     TransferConfig, WriteTransfer,
 };
-use crate::server::multicast::{Join, MulticastHub};
+use crate::server::multicast::{Join, MulticastSessions};
 use crate::server::paths::{resolve_served, ResolveError};
 
 /// What to do with a datagram that arrived on the listening port.
@@ -115,7 +115,7 @@ pub struct TftpService {
     upload_dirs: Vec<PathBuf>,
     max_upload_bytes: u64,
     /// RFC 2090 sessions, when multicast is configured.
-    multicast: Option<Arc<MulticastHub>>,
+    multicast: Option<Arc<dyn MulticastSessions>>,
 }
 
 /// Largest block size granted to uploads: DATA must fit the engines'
@@ -212,7 +212,7 @@ impl TftpService {
     }
 
     /// Serves read requests that ask for `multicast` through `hub`.
-    pub fn set_multicast(&mut self, hub: Arc<MulticastHub>) {
+    pub fn set_multicast(&mut self, hub: Arc<dyn MulticastSessions>) {
         self.multicast = Some(hub);
     }
 

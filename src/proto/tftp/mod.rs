@@ -13,7 +13,7 @@
 //!
 //! * [`multicast`] — RFC 2090: one session that many clients join, the
 //!   master client pacing it, the others listening; driven by
-//!   [`crate::server::multicast`] when `tftp.multicast_groups` is set.
+//!   [`crate::engine::multicast`] when `tftp.multicast_groups` is set.
 
 pub mod multicast;
 pub mod netascii;
