@@ -8,15 +8,23 @@
 //! * [`router`] — the MAC router: inventory snapshot → each machine's
 //!   script, unknown-machine policy, one-shot assignments, pxelinux/GRUB
 //!   configs over TFTP;
+//!   [`clients`] (which machine each client address is) and [`ledger`]
+//!   (used one-shot assignments, written off the data plane) are its parts;
 //! * [`events`] — the boot events every script, kernel and initrd makes;
 //! * [`hooks`] — the traits through which the file services ask for
 //!   generated files and report finished transfers.
 
+pub mod clients;
 pub mod events;
 pub mod hooks;
+pub mod ledger;
 pub mod render;
 pub mod router;
 pub mod script;
 
 pub use router::{FileServed, Router};
+
+/// Most machines (and client addresses) remembered as seen: a spray of
+/// random MACs cannot grow memory without bound.
+const MAX_SEEN: usize = 100_000;
 pub use script::{chain_script, find_static_script, StaticScript};

@@ -31,10 +31,13 @@ use arc_swap::ArcSwap;
 use serde::Serialize;
 use tracing::{debug, info, warn};
 
+use super::clients::{Binding, ClientBindings};
 use super::events::{BootEvent, EventLog, Phase};
 use super::hooks::{FileGenerator, FinishedRead, TransferObserver};
+use super::ledger::OneShotLedger;
 use super::render::{ImageView, InitrdView, ScriptContext, Templates};
 use super::script::StaticScripts;
+use super::MAX_SEEN;
 use crate::inventory::{
     self, FileRole, Image, InventoryError, Machine, Snapshot, Transport, UnknownPolicy,
 };
@@ -43,10 +46,6 @@ use crate::proto::{Mac, PxelinuxConfig};
 
 /// How long the unknown-machine menu waits before booting locally.
 pub const MENU_TIMEOUT_MS: u32 = 30_000;
-
-/// Most machines remembered as seen (a spray of random MACs cannot grow
-/// memory without bound).
-const MAX_SEEN: usize = 100_000;
 
 /// New unknown MACs one client address may introduce at once, and then per
 /// second: a booting machine asks for one MAC (its own); 145,000 made-up
@@ -119,16 +118,6 @@ pub struct Script {
     pub decision: Decision,
 }
 
-/// How the router knows that an address is a machine.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Binding {
-    /// This server's DHCP leased the address to the machine.
-    Leased,
-    /// A request from the address named the machine (its script's URL):
-    /// anyone on the boot LAN can say this.
-    Claimed,
-}
-
 /// The router; one per server, shared by HTTP and TFTP.
 pub struct Router {
     root: PathBuf,
@@ -138,7 +127,7 @@ pub struct Router {
     one_shot: OneShotLedger,
     seen: Mutex<HashMap<Mac, SeenMachine>>,
     /// Which machine each client address is, and how the router knows.
-    client_machines: Mutex<HashMap<IpAddr, (Mac, Binding)>>,
+    clients: ClientBindings,
     /// For each one-shot machine whose assignment is armed, the address
     /// that first asked for its script: only a kernel fetch from there uses
     /// the assignment up when no lease vouches for the address.
@@ -185,7 +174,7 @@ impl Router {
             }),
             one_shot: OneShotLedger::open(state_dir),
             seen: Mutex::new(HashMap::new()),
-            client_machines: Mutex::new(HashMap::new()),
+            clients: ClientBindings::default(),
             one_shot_claimants: Mutex::new(HashMap::new()),
             discovery_budget: Mutex::new(RateLimiter::with_burst(
                 NEW_MACS_BURST,
@@ -590,46 +579,23 @@ impl Router {
     /// timeline. A claim never replaces an address this server leased to
     /// another machine ([`Self::note_lease`]).
     pub fn note_client(&self, client: IpAddr, mac: Mac) {
-        self.bind_client(client, mac, Binding::Claimed);
+        self.clients.bind(client, mac, Binding::Claimed);
     }
 
     /// Records that this server's DHCP leased (or confirmed) `client` to
     /// `mac`: what the lease says wins over any claim.
     pub fn note_lease(&self, client: IpAddr, mac: Mac) {
-        self.bind_client(client, mac, Binding::Leased);
-    }
-
-    fn client_machines(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, (Mac, Binding)>> {
-        self.client_machines
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn bind_client(&self, client: IpAddr, mac: Mac, binding: Binding) {
-        let mut clients = self.client_machines();
-        if clients.len() >= MAX_SEEN && !clients.contains_key(&client) {
-            clients.clear();
-        }
-        match clients.get(&client) {
-            Some(&(leased, Binding::Leased)) if binding == Binding::Claimed && leased != mac => {
-                debug!(%client, claimed = %mac, %leased, "address leased to another machine; claim ignored");
-            }
-            _ => {
-                clients.insert(client, (mac, binding));
-            }
-        }
+        self.clients.bind(client, mac, Binding::Leased);
     }
 
     fn is_leased_to(&self, client: IpAddr, mac: Mac) -> bool {
-        let clients = self.client_machines();
-        clients.get(&client) == Some(&(mac, Binding::Leased))
+        self.clients.is_leased_to(client, mac)
     }
 
     /// Whether `client` may act for `mac`: true unless this server leased
     /// the address to another machine.
     pub fn may_speak_for(&self, client: IpAddr, mac: Mac) -> bool {
-        let clients = self.client_machines();
-        !matches!(clients.get(&client), Some(&(leased, Binding::Leased)) if leased != mac)
+        self.clients.may_speak_for(client, mac)
     }
 
     /// Names the first-stage loaders (paths relative to the boot
@@ -640,8 +606,7 @@ impl Router {
 
     /// The machine that last asked for a script from `client`.
     pub fn machine_at(&self, client: IpAddr) -> Option<Mac> {
-        let clients = self.client_machines();
-        clients.get(&client).map(|&(mac, _)| mac)
+        self.clients.machine_at(client)
     }
 
     /// Tells the router that a file was served: loaders, kernels and
@@ -902,190 +867,11 @@ fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// Which machines have used their one-shot assignment (MAC → the `rearm`
-/// generation used), kept in memory and in `one-shot.json` in the state
-/// directory.
-///
-/// The data plane only updates the map: the file is written (to a
-/// temporary file, synced, renamed, the directory synced) by a thread of
-/// its own, so a storm of one-shot installs never waits on a disk sync on
-/// an engine worker. Marks that arrive while a write is under way are
-/// written together next. Dropping the ledger writes what is pending.
-struct OneShotLedger {
-    used: Arc<Mutex<BTreeMap<Mac, u64>>>,
-    writer: Option<LedgerWriter>,
-}
-
-/// The ledger's writer thread and what it has written.
-struct LedgerWriter {
-    progress: Arc<(Mutex<LedgerProgress>, std::sync::Condvar)>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-#[derive(Default)]
-struct LedgerProgress {
-    /// Marks made so far, and how many of them are on disk.
-    marked: u64,
-    written: u64,
-    stop: bool,
-}
-
-impl OneShotLedger {
-    fn open(state_dir: &Path) -> Self {
-        let path = state_dir.join("one-shot.json");
-        let used = std::fs::read(&path)
-            .ok()
-            .and_then(|bytes| serde_json::from_slice::<BTreeMap<String, u64>>(&bytes).ok())
-            .unwrap_or_default()
-            .into_iter()
-            .filter_map(|(mac, rearm)| Some((Mac::parse(&mac).ok()?, rearm)))
-            .collect();
-        let used = Arc::new(Mutex::new(used));
-        let writable = std::fs::create_dir_all(state_dir).is_ok();
-        if !writable {
-            warn!(dir = %state_dir.display(), "state directory cannot be created; one-shot assignments will not survive a restart");
-        }
-        let writer = writable
-            .then(|| LedgerWriter::start(path, Arc::clone(&used)))
-            .transpose()
-            .unwrap_or_else(|error| {
-                warn!(%error, "cannot start the one-shot ledger's writer; one-shot assignments will not survive a restart");
-                None
-            });
-        Self { used, writer }
-    }
-
-    fn used(&self, mac: Mac, rearm: u64) -> bool {
-        let used = self.used.lock().unwrap_or_else(|p| p.into_inner());
-        used.get(&mac)
-            .is_some_and(|&generation| generation >= rearm)
-    }
-
-    fn mark_used(&self, mac: Mac, rearm: u64) {
-        self.used
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(mac, rearm);
-        if let Some(writer) = &self.writer {
-            writer.marked();
-        }
-    }
-
-    /// Waits until every mark made so far is on disk (or failed to be).
-    fn sync(&self) {
-        if let Some(writer) = &self.writer {
-            writer.sync();
-        }
-    }
-}
-
-impl LedgerWriter {
-    fn start(path: PathBuf, used: Arc<Mutex<BTreeMap<Mac, u64>>>) -> std::io::Result<Self> {
-        let progress = Arc::new((
-            Mutex::new(LedgerProgress::default()),
-            std::sync::Condvar::new(),
-        ));
-        let shared = Arc::clone(&progress);
-        let thread = std::thread::Builder::new()
-            .name("bootfleet-ledger".into())
-            .spawn(move || {
-                let (state, changed) = &*shared;
-                loop {
-                    let target = {
-                        let mut progress = state.lock().unwrap_or_else(|p| p.into_inner());
-                        while progress.marked == progress.written && !progress.stop {
-                            progress = changed.wait(progress).unwrap_or_else(|p| p.into_inner());
-                        }
-                        if progress.marked == progress.written {
-                            return; // stopping, nothing pending
-                        }
-                        progress.marked
-                    };
-                    write_ledger(&path, &used);
-                    let mut progress = state.lock().unwrap_or_else(|p| p.into_inner());
-                    progress.written = target;
-                    changed.notify_all();
-                }
-            })?;
-        Ok(Self {
-            progress,
-            thread: Some(thread),
-        })
-    }
-
-    fn marked(&self) {
-        let (state, changed) = &*self.progress;
-        state.lock().unwrap_or_else(|p| p.into_inner()).marked += 1;
-        changed.notify_all();
-    }
-
-    fn sync(&self) {
-        let (state, changed) = &*self.progress;
-        let mut progress = state.lock().unwrap_or_else(|p| p.into_inner());
-        let target = progress.marked;
-        while progress.written < target {
-            progress = changed.wait(progress).unwrap_or_else(|p| p.into_inner());
-        }
-    }
-}
-
-impl Drop for LedgerWriter {
-    fn drop(&mut self) {
-        let (state, changed) = &*self.progress;
-        state.lock().unwrap_or_else(|p| p.into_inner()).stop = true;
-        changed.notify_all();
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
-}
-
-/// Writes the ledger to `path` durably: a temporary file, synced, renamed
-/// over the old one, and the directory synced.
-fn write_ledger(path: &Path, used: &Mutex<BTreeMap<Mac, u64>>) {
-    let as_text: BTreeMap<String, u64> = used
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .iter()
-        .map(|(m, r)| (m.to_string(), *r))
-        .collect();
-    let tmp = path.with_extension("json.tmp");
-    let result = serde_json::to_vec_pretty(&as_text)
-        .map_err(std::io::Error::other)
-        .and_then(|bytes| {
-            use std::io::Write;
-            let mut file = std::fs::File::create(&tmp)?;
-            file.write_all(&bytes)?;
-            file.sync_all()
-        })
-        .and_then(|()| std::fs::rename(&tmp, path))
-        .and_then(|()| crate::durable::sync_parent_dir(path));
-    if let Err(error) = result {
-        warn!(file = %path.display(), %error, "cannot save one-shot state; it holds until restart");
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     const MAC: Mac = Mac([0x52, 0x54, 0x00, 0x12, 0x34, 0x56]);
-
-    #[test]
-    fn the_one_shot_ledger_writes_on_its_own_thread_and_on_drop() {
-        let dir = tempfile::tempdir().unwrap();
-        let ledger = OneShotLedger::open(dir.path());
-        ledger.mark_used(MAC, 3);
-        ledger.sync();
-        let written = std::fs::read_to_string(dir.path().join("one-shot.json")).unwrap();
-        assert!(written.contains(&MAC.to_string()), "{written}");
-        // A mark not yet synced is written when the ledger is dropped.
-        ledger.mark_used(MAC, 4);
-        drop(ledger);
-        let again = OneShotLedger::open(dir.path());
-        assert!(again.used(MAC, 4));
-        assert!(!again.used(MAC, 5));
-    }
 
     struct Setup {
         root: tempfile::TempDir,

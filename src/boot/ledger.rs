@@ -1,0 +1,197 @@
+//! The one-shot ledger: which machines have used their one-shot
+//! assignment, kept in memory for the data plane and in `one-shot.json`
+//! in the state directory, written by a thread of its own.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use tracing::warn;
+
+use crate::proto::Mac;
+
+/// Which machines have used their one-shot assignment (MAC → the `rearm`
+/// generation used), kept in memory and in `one-shot.json` in the state
+/// directory.
+///
+/// The data plane only updates the map: the file is written (to a
+/// temporary file, synced, renamed, the directory synced) by a thread of
+/// its own, so a storm of one-shot installs never waits on a disk sync on
+/// an engine worker. Marks that arrive while a write is under way are
+/// written together next. Dropping the ledger writes what is pending.
+pub(super) struct OneShotLedger {
+    used: Arc<Mutex<BTreeMap<Mac, u64>>>,
+    writer: Option<LedgerWriter>,
+}
+
+/// The ledger's writer thread and what it has written.
+struct LedgerWriter {
+    progress: Arc<(Mutex<LedgerProgress>, std::sync::Condvar)>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+#[derive(Default)]
+struct LedgerProgress {
+    /// Marks made so far, and how many of them are on disk.
+    marked: u64,
+    written: u64,
+    stop: bool,
+}
+
+impl OneShotLedger {
+    pub(super) fn open(state_dir: &Path) -> Self {
+        let path = state_dir.join("one-shot.json");
+        let used = std::fs::read(&path)
+            .ok()
+            .and_then(|bytes| serde_json::from_slice::<BTreeMap<String, u64>>(&bytes).ok())
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|(mac, rearm)| Some((Mac::parse(&mac).ok()?, rearm)))
+            .collect();
+        let used = Arc::new(Mutex::new(used));
+        let writable = std::fs::create_dir_all(state_dir).is_ok();
+        if !writable {
+            warn!(dir = %state_dir.display(), "state directory cannot be created; one-shot assignments will not survive a restart");
+        }
+        let writer = writable
+            .then(|| LedgerWriter::start(path, Arc::clone(&used)))
+            .transpose()
+            .unwrap_or_else(|error| {
+                warn!(%error, "cannot start the one-shot ledger's writer; one-shot assignments will not survive a restart");
+                None
+            });
+        Self { used, writer }
+    }
+
+    pub(super) fn used(&self, mac: Mac, rearm: u64) -> bool {
+        let used = self.used.lock().unwrap_or_else(|p| p.into_inner());
+        used.get(&mac)
+            .is_some_and(|&generation| generation >= rearm)
+    }
+
+    pub(super) fn mark_used(&self, mac: Mac, rearm: u64) {
+        self.used
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(mac, rearm);
+        if let Some(writer) = &self.writer {
+            writer.marked();
+        }
+    }
+
+    /// Waits until every mark made so far is on disk (or failed to be).
+    pub(super) fn sync(&self) {
+        if let Some(writer) = &self.writer {
+            writer.sync();
+        }
+    }
+}
+
+impl LedgerWriter {
+    fn start(path: PathBuf, used: Arc<Mutex<BTreeMap<Mac, u64>>>) -> std::io::Result<Self> {
+        let progress = Arc::new((
+            Mutex::new(LedgerProgress::default()),
+            std::sync::Condvar::new(),
+        ));
+        let shared = Arc::clone(&progress);
+        let thread = std::thread::Builder::new()
+            .name("bootfleet-ledger".into())
+            .spawn(move || {
+                let (state, changed) = &*shared;
+                loop {
+                    let target = {
+                        let mut progress = state.lock().unwrap_or_else(|p| p.into_inner());
+                        while progress.marked == progress.written && !progress.stop {
+                            progress = changed.wait(progress).unwrap_or_else(|p| p.into_inner());
+                        }
+                        if progress.marked == progress.written {
+                            return; // stopping, nothing pending
+                        }
+                        progress.marked
+                    };
+                    write_ledger(&path, &used);
+                    let mut progress = state.lock().unwrap_or_else(|p| p.into_inner());
+                    progress.written = target;
+                    changed.notify_all();
+                }
+            })?;
+        Ok(Self {
+            progress,
+            thread: Some(thread),
+        })
+    }
+
+    fn marked(&self) {
+        let (state, changed) = &*self.progress;
+        state.lock().unwrap_or_else(|p| p.into_inner()).marked += 1;
+        changed.notify_all();
+    }
+
+    fn sync(&self) {
+        let (state, changed) = &*self.progress;
+        let mut progress = state.lock().unwrap_or_else(|p| p.into_inner());
+        let target = progress.marked;
+        while progress.written < target {
+            progress = changed.wait(progress).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+}
+
+impl Drop for LedgerWriter {
+    fn drop(&mut self) {
+        let (state, changed) = &*self.progress;
+        state.lock().unwrap_or_else(|p| p.into_inner()).stop = true;
+        changed.notify_all();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Writes the ledger to `path` durably: a temporary file, synced, renamed
+/// over the old one, and the directory synced.
+fn write_ledger(path: &Path, used: &Mutex<BTreeMap<Mac, u64>>) {
+    let as_text: BTreeMap<String, u64> = used
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+        .map(|(m, r)| (m.to_string(), *r))
+        .collect();
+    let tmp = path.with_extension("json.tmp");
+    let result = serde_json::to_vec_pretty(&as_text)
+        .map_err(std::io::Error::other)
+        .and_then(|bytes| {
+            use std::io::Write;
+            let mut file = std::fs::File::create(&tmp)?;
+            file.write_all(&bytes)?;
+            file.sync_all()
+        })
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .and_then(|()| crate::durable::sync_parent_dir(path));
+    if let Err(error) = result {
+        warn!(file = %path.display(), %error, "cannot save one-shot state; it holds until restart");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MAC: Mac = Mac([0x52, 0x54, 0x00, 0x12, 0x34, 0x56]);
+
+    #[test]
+    fn the_one_shot_ledger_writes_on_its_own_thread_and_on_drop() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = OneShotLedger::open(dir.path());
+        ledger.mark_used(MAC, 3);
+        ledger.sync();
+        let written = std::fs::read_to_string(dir.path().join("one-shot.json")).unwrap();
+        assert!(written.contains(&MAC.to_string()), "{written}");
+        // A mark not yet synced is written when the ledger is dropped.
+        ledger.mark_used(MAC, 4);
+        drop(ledger);
+        let again = OneShotLedger::open(dir.path());
+        assert!(again.used(MAC, 4));
+        assert!(!again.used(MAC, 5));
+    }
+}
