@@ -5,7 +5,7 @@
 //!
 //! Each socket's thread reads every datagram that is waiting (up to
 //! [`BATCH`]) and hands them to the service's
-//! [`decide_batch`](crate::server::dhcp::service::decide_batch), which
+//! [`crate::server::dhcp::service::decide_batch`], which
 //! decides them all under one lock and journals the batch's lease changes
 //! with one `fdatasync`; only then are the replies sent. A power-on storm
 //! costs one disk sync per batch, not per lease, and no ACK ever leaves

@@ -27,7 +27,7 @@ pub enum ResolveError {
     Private,
 }
 
-/// Whether `name` (relative, from [`safe_relative_name`]) is never served:
+/// Whether `name` (relative, from [`crate::proto::path::safe_relative_name`]) is never served:
 /// a component starting with `.` (dotfiles, upload temporaries) or the
 /// inventory file.
 pub fn is_private_name(name: &str) -> bool {
@@ -153,7 +153,8 @@ pub fn remove_upload_leftovers(root: &Path) -> usize {
     removed
 }
 
-/// The canonical path of `name` (already checked by [`safe_relative_name`])
+/// The canonical path of `name` (already checked by
+/// [`crate::proto::path::safe_relative_name`])
 /// inside the canonical `root`.
 pub fn resolve_inside(root: &Path, name: &str) -> Result<PathBuf, ResolveError> {
     let canonical = root.join(name).canonicalize().map_err(|e| match e.kind() {
