@@ -25,7 +25,10 @@ fn ip(args: &[&str]) {
 
 impl Lab {
     fn new() -> Lab {
-        let id = std::process::id() % 100_000;
+        // Unique per lab: the tests of this file run at once.
+        static LABS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let lab_index = LABS.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 10;
+        let id = format!("{lab_index}{}", std::process::id() % 100_000);
         let lab = Lab {
             server_ns: format!("bfmcs{id}"),
             client_ns: (0..CLIENTS).map(|i| format!("bfmc{i}c{id}")).collect(),
@@ -68,6 +71,73 @@ impl Lab {
         }
         lab
     }
+
+    /// Starts bootfleet in the server namespace over `root` with the
+    /// configuration `config`; returns its log and its error output once it
+    /// listens.
+    fn start_server(
+        &mut self,
+        root: &std::path::Path,
+        config: &str,
+    ) -> (std::path::PathBuf, std::path::PathBuf) {
+        let config_path = self.dir.path().join("bootfleet.toml");
+        std::fs::write(&config_path, config).unwrap();
+        let log = self.dir.path().join("server.log");
+        let errors = self.dir.path().join("server.err");
+        self.server = Some(
+            Command::new("ip")
+                .args([
+                    "netns",
+                    "exec",
+                    &self.server_ns,
+                    env!("CARGO_BIN_EXE_bootfleet"),
+                    "serve",
+                    "--panel-listen",
+                    "off",
+                    "--config",
+                ])
+                .arg(&config_path)
+                .arg("--root")
+                .arg(root)
+                .arg("--state-dir")
+                .arg(self.dir.path().join("state"))
+                .args([
+                    "--tftp-listen",
+                    "10.95.0.1:69",
+                    "--http-listen",
+                    "10.95.0.1:80",
+                ])
+                .stdout(Stdio::from(std::fs::File::create(&log).unwrap()))
+                .stderr(Stdio::from(std::fs::File::create(&errors).unwrap()))
+                .spawn()
+                .unwrap(),
+        );
+        wait_for_log(&log, &["TFTP listening"], &errors);
+        (log, errors)
+    }
+
+    /// Client `i` fetches `name` by multicast into `out` (atftp, at most
+    /// 60 s).
+    fn fetch(&self, i: usize, name: &str, out: &std::path::Path) -> std::process::Child {
+        Command::new("timeout")
+            .args(["60", "ip", "netns", "exec", &self.client_ns[i], "atftp"])
+            .args([
+                "--option",
+                "multicast",
+                "--option",
+                "blksize 1428",
+                "-g",
+                "-r",
+                name,
+                "-l",
+            ])
+            .arg(out)
+            .arg("10.95.0.1")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    }
 }
 
 impl Drop for Lab {
@@ -104,67 +174,15 @@ fn atftp_clients_share_one_multicast_stream() {
         "[images.mc]\nkernel = \"image.bin\"\ntransport = \"multicast\"\n",
     )
     .unwrap();
-    let config = lab.dir.path().join("bootfleet.toml");
-    std::fs::write(
-        &config,
+    let (log, errors) = lab.start_server(
+        &root,
         "[tftp]\nmulticast_groups = \"239.255.66.1-239.255.66.8\"\n",
-    )
-    .unwrap();
-    let log = lab.dir.path().join("server.log");
-    lab.server = Some(
-        Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &lab.server_ns,
-                env!("CARGO_BIN_EXE_bootfleet"),
-                "serve",
-                "--panel-listen",
-                "off",
-                "--config",
-            ])
-            .arg(&config)
-            .arg("--root")
-            .arg(&root)
-            .arg("--state-dir")
-            .arg(lab.dir.path().join("state"))
-            .args([
-                "--tftp-listen",
-                "10.95.0.1:69",
-                "--http-listen",
-                "10.95.0.1:80",
-            ])
-            .stdout(Stdio::from(std::fs::File::create(&log).unwrap()))
-            .stderr(Stdio::from(
-                std::fs::File::create(lab.dir.path().join("server.err")).unwrap(),
-            ))
-            .spawn()
-            .unwrap(),
     );
-    let errors = lab.dir.path().join("server.err");
-    wait_for_log(&log, &["TFTP listening"], &errors);
 
     let clients: Vec<_> = (0..CLIENTS)
         .map(|i| {
             let out = lab.dir.path().join(format!("out{i}.bin"));
-            let child = Command::new("timeout")
-                .args(["60", "ip", "netns", "exec", &lab.client_ns[i], "atftp"])
-                .args([
-                    "--option",
-                    "multicast",
-                    "--option",
-                    "blksize 1428",
-                    "-g",
-                    "-r",
-                    "image.bin",
-                    "-l",
-                ])
-                .arg(&out)
-                .arg("10.95.0.1")
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .unwrap();
+            let child = lab.fetch(i, "image.bin", &out);
             (out, child)
         })
         .collect();
@@ -232,4 +250,62 @@ fn atftp_clients_share_one_multicast_stream() {
             "no multicast kernel event for {client}: {events:?}"
         );
     }
+}
+
+#[test]
+fn a_file_rewritten_during_a_multicast_session_ends_it_and_a_retry_gets_the_new_file() {
+    if !can_make_namespaces() || !have_tool("atftp") {
+        return;
+    }
+    let mut lab = Lab::new();
+    let root = lab.dir.path().join("boot");
+    std::fs::create_dir_all(&root).unwrap();
+    let old: Vec<u8> = (0..1_000_000u32).map(|i| (i % 251) as u8).collect();
+    let new: Vec<u8> = (0..1_000_000u32).map(|i| (i % 241) as u8).collect();
+    std::fs::write(root.join("image.bin"), &old).unwrap();
+    // The session waits 3 s for members before its first block: time to
+    // rewrite the file under it.
+    let (log, errors) = lab.start_server(
+        &root,
+        "[tftp]\nmulticast_groups = \"239.255.66.1-239.255.66.8\"\nmulticast_gather_ms = 3000\n",
+    );
+    let first_out = lab.dir.path().join("first.bin");
+    let first = lab.fetch(0, "image.bin", &first_out);
+    wait_for_log(&log, &["multicast session started"], &errors);
+    {
+        // In place, as `cp` over an existing file does: same inode.
+        use std::io::Write;
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(root.join("image.bin"))
+            .unwrap();
+        file.write_all(&new).unwrap();
+        file.sync_all().unwrap();
+    }
+    wait_for_log(
+        &log,
+        &["file changed on disk during the multicast session"],
+        &errors,
+    );
+    let first = first.wait_with_output().unwrap();
+    let got = std::fs::read(&first_out).unwrap_or_default();
+    assert!(
+        got != old && got != new,
+        "the client of the ended session must not get a whole file ({} bytes, {}): {}",
+        got.len(),
+        first.status,
+        String::from_utf8_lossy(&first.stderr)
+    );
+    let retry_out = lab.dir.path().join("retry.bin");
+    let retry = lab
+        .fetch(1, "image.bin", &retry_out)
+        .wait_with_output()
+        .unwrap();
+    assert!(
+        std::fs::read(&retry_out).unwrap_or_default() == new,
+        "the retry gets the new file ({}): {}\nserver:\n{}",
+        retry.status,
+        String::from_utf8_lossy(&retry.stderr),
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
 }
