@@ -121,15 +121,14 @@ async fn accept_loop(
                 continue;
             }
         };
-        let busy = BUSY_RESPONSE;
         let Some(client_slot) = clients.admit(peer.ip()) else {
             debug!(%peer, "HTTP connection limit per client reached (http.max_connections_per_client); answering 503");
-            let _ = stream.try_write(busy);
+            let _ = stream.try_write(BUSY_RESPONSE);
             continue;
         };
         let Ok(permit) = Arc::clone(&slots).try_acquire_owned() else {
             debug!(%peer, "HTTP connection limit reached; answering 503");
-            let _ = stream.try_write(busy);
+            let _ = stream.try_write(BUSY_RESPONSE);
             continue;
         };
         let _ = stream.set_nodelay(true);
