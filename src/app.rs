@@ -151,9 +151,22 @@ pub fn start(
 
     let dhcp = start_dhcp(config, &router, &shutdown, &mut threads)?;
 
+    let data_plane = Arc::new(crate::panel::metrics::DataPlane {
+        tftp: Some(Arc::clone(&tftp_service)),
+        http: Some(Arc::clone(&http_service)),
+        dhcp: dhcp.clone(),
+        started: Default::default(),
+    });
     let panel = match panel {
         Some(listener) => {
-            let (panel, thread) = start_panel(config, listener, &router, &root, &shutdown)?;
+            let (panel, thread) = start_panel(
+                config,
+                listener,
+                &router,
+                &root,
+                Arc::clone(&data_plane),
+                &shutdown,
+            )?;
             threads.push(thread);
             Some(panel)
         }
@@ -164,6 +177,9 @@ pub fn start(
     if panel.is_none() {
         info!(inventory = %inventory_path.display(), "inventory watched for changes (or send SIGHUP)");
     }
+    data_plane
+        .started
+        .store(true, std::sync::atomic::Ordering::Release);
 
     Ok(Running {
         backend,
@@ -218,6 +234,7 @@ fn start_panel(
     listener: TcpListener,
     router: &Arc<Router>,
     root: &std::path::Path,
+    data_plane: Arc<crate::panel::metrics::DataPlane>,
     shutdown: &Shutdown,
 ) -> Result<(crate::panel::Panel, JoinHandle<()>), crate::panel::PanelStartError> {
     let database = database_path(config);
@@ -246,6 +263,7 @@ fn start_panel(
         Arc::clone(router),
         root,
         listener,
+        data_plane,
         shutdown.clone(),
     )
 }

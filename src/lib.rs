@@ -9,7 +9,8 @@
 //!   reply addressing, IPv6 router advertisements, HTTP request heads,
 //!   range planning and the connection state machine. Also at the bottom:
 //!   [`limit`] (token buckets), [`shutdown`] (the stop signal), [`durable`]
-//!   (directory syncs) and [`cache`] (the mmapped file cache).
+//!   (directory syncs), [`cache`] (the mmapped file cache) and [`metrics`]
+//!   (sharded counters the data plane bumps and a scrape sums).
 //! * [`inventory`] — images, machines and assignments as an immutable
 //!   snapshot, and the checks every field passes wherever it comes from.
 //! * [`boot`] — what a machine boots: the MAC router, script templates,
@@ -34,6 +35,7 @@ pub mod durable;
 pub mod engine;
 pub mod inventory;
 pub mod limit;
+pub mod metrics;
 pub mod panel;
 pub mod proto;
 pub mod server;

@@ -34,6 +34,115 @@ pub enum Phase {
     Initrd,
 }
 
+impl Phase {
+    /// Every phase, in boot order (the index is [`Phase::index`]).
+    pub const ALL: [Phase; 7] = [
+        Phase::Dhcp,
+        Phase::Loader,
+        Phase::Chain,
+        Phase::Script,
+        Phase::LoaderConfig,
+        Phase::Kernel,
+        Phase::Initrd,
+    ];
+
+    /// The names used in the API, the panel and metric labels, by index.
+    pub const NAMES: [&'static str; 7] = [
+        "dhcp",
+        "loader",
+        "chain",
+        "script",
+        "loader-config",
+        "kernel",
+        "initrd",
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        Self::NAMES[self.index()]
+    }
+
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// Failure statuses counted apart in the metrics (HTTP statuses; TFTP
+/// failures are mapped onto them, see [`failure_cause`]); the last is
+/// every other status.
+pub const FAILURE_STATUSES: &[&str] = &[
+    "400", "403", "404", "408", "416", "499", "500", "503", "other",
+];
+
+/// What a failed fetch's status means, in the words the panel and the
+/// troubleshooting guide use. TFTP outcomes are given HTTP statuses when
+/// they are recorded: a file not found 404, access refused 403, the
+/// client's silence 408, an ERROR from the client 499, a protocol
+/// violation 400, a transfer the server ended (its file changed) 500, a
+/// full server 503.
+pub fn failure_cause(status: u16) -> &'static str {
+    match status {
+        400 => "bad request or protocol violation",
+        403 => "forbidden (permissions, or a link out of the boot directory)",
+        404 => "file not found",
+        405 => "method not allowed",
+        408 => "timed out (the client went silent)",
+        416 => "range not satisfiable",
+        499 => "client gone (it closed or aborted the transfer)",
+        500 => "aborted by the server (the file changed during the transfer)",
+        503 => "server busy (limits reached), retry later",
+        _ => "failed",
+    }
+}
+
+fn failure_status_index(status: u16) -> usize {
+    let status = status.to_string();
+    FAILURE_STATUSES
+        .iter()
+        .position(|s| *s == status)
+        .unwrap_or(FAILURE_STATUSES.len() - 1)
+}
+
+/// What the events say in numbers, for `/metrics`: events and failures per
+/// phase, and how long each phase's fetches took.
+#[derive(Debug)]
+pub struct BootMetrics {
+    /// Events per phase.
+    pub events: crate::metrics::Labelled,
+    /// Per phase, failures by status ([`FAILURE_STATUSES`]).
+    pub failures: Vec<crate::metrics::Labelled>,
+    /// Per phase, the duration of its fetches (successful ones).
+    pub durations: Vec<crate::metrics::Histogram>,
+}
+
+impl Default for BootMetrics {
+    fn default() -> Self {
+        use crate::metrics::{Histogram, Labelled, PHASE_SECONDS};
+        Self {
+            events: Labelled::new("phase", &Phase::NAMES),
+            failures: Phase::ALL
+                .iter()
+                .map(|_| Labelled::new("status", FAILURE_STATUSES))
+                .collect(),
+            durations: Phase::ALL
+                .iter()
+                .map(|_| Histogram::new(PHASE_SECONDS))
+                .collect(),
+        }
+    }
+}
+
+impl BootMetrics {
+    fn count(&self, event: &BootEvent) {
+        let phase = event.phase.index();
+        self.events.inc(phase);
+        if event.failed() {
+            self.failures[phase].inc(failure_status_index(event.status));
+        } else if event.duration_ms > 0 || event.bytes > 0 {
+            self.durations[phase].observe(Duration::from_millis(event.duration_ms));
+        }
+    }
+}
+
 /// One event.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct BootEvent {
@@ -97,9 +206,14 @@ impl BootEvent {
         }
     }
 
-    /// The HTTP status (TFTP: 200 complete, 500 failed).
+    /// The HTTP status (TFTP: see [`failure_cause`]).
     pub fn status(self, status: u16) -> Self {
         Self { status, ..self }
+    }
+
+    /// A refused or failed fetch.
+    pub fn failed(&self) -> bool {
+        self.status >= 400
     }
 }
 
@@ -116,6 +230,7 @@ pub struct EventLog {
     sink: std::sync::OnceLock<tokio::sync::broadcast::Sender<BootEvent>>,
     /// Events subscribers lost by lagging, over all subscribers.
     dropped: Arc<AtomicU64>,
+    pub metrics: BootMetrics,
 }
 
 /// One subscriber's live feed of events; see [`EventLog::subscribe`].
@@ -158,6 +273,7 @@ impl EventLog {
             capacity,
             sink: std::sync::OnceLock::new(),
             dropped: Arc::new(AtomicU64::new(0)),
+            metrics: BootMetrics::default(),
         }
     }
 
@@ -177,19 +293,34 @@ impl EventLog {
         }
     }
 
-    /// Records an event (and logs it).
+    /// Records an event (and logs it: a failure once at `warn`, with its
+    /// cause).
     pub fn record(&self, event: BootEvent) {
-        tracing::info!(
-            mac = %event.mac.map_or_else(|| "-".to_string(), |m| m.to_string()),
-            client = %event.client,
-            phase = ?event.phase,
-            transport = event.transport,
-            detail = %event.detail,
-            bytes = event.bytes,
-            ms = event.duration_ms,
-            status = event.status,
-            "boot event"
-        );
+        self.metrics.count(&event);
+        if event.failed() {
+            tracing::warn!(
+                mac = %event.mac.map_or_else(|| "-".to_string(), |m| m.to_string()),
+                client = %event.client,
+                phase = event.phase.as_str(),
+                transport = event.transport,
+                detail = %event.detail,
+                status = event.status,
+                cause = failure_cause(event.status),
+                "boot fetch failed"
+            );
+        } else {
+            tracing::info!(
+                mac = %event.mac.map_or_else(|| "-".to_string(), |m| m.to_string()),
+                client = %event.client,
+                phase = ?event.phase,
+                transport = event.transport,
+                detail = %event.detail,
+                bytes = event.bytes,
+                ms = event.duration_ms,
+                status = event.status,
+                "boot event"
+            );
+        }
         if let Some(sink) = self.sink.get() {
             let _ = sink.send(event.clone());
         }

@@ -19,7 +19,8 @@ pub trait FileGenerator: Send + Sync {
     fn generate(&self, name: &str, client: SocketAddr) -> Option<Vec<u8>>;
 }
 
-/// A read transfer that ended, as [`TransferObserver`]s are told of it.
+/// A read transfer that ended, or a read request that was refused, as
+/// [`TransferObserver`]s are told of it.
 #[derive(Debug)]
 pub struct FinishedRead<'a> {
     /// The file, relative to the root.
@@ -30,6 +31,10 @@ pub struct FinishedRead<'a> {
     pub elapsed: Duration,
     /// The client acknowledged the last block.
     pub complete: bool,
+    /// How it ended, as an HTTP status (see
+    /// [`crate::boot::events::failure_cause`]): 200 complete, 404 refused
+    /// because the file is missing, 408 the client went silent...
+    pub status: u16,
     /// Negotiated block and window size (RFC 2348, RFC 7440): how the
     /// client asked for the file, which is where firmware differs.
     pub blksize: u16,
@@ -38,8 +43,9 @@ pub struct FinishedRead<'a> {
     pub multicast: Option<SocketAddr>,
 }
 
-/// Told about every read transfer that ends (size queries aside): how
-/// loaders, kernels and initrds fetched over TFTP become boot events.
+/// Told about every read transfer that ends (size queries aside) and every
+/// read request refused after its name was checked: how loaders, kernels
+/// and initrds fetched over TFTP become boot events, failures included.
 pub trait TransferObserver: Send + Sync {
     fn read_finished(&self, read: &FinishedRead<'_>);
 }

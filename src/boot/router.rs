@@ -749,7 +749,7 @@ impl TransferObserver for Router {
             }),
             bytes: read.bytes,
             duration: read.elapsed,
-            status: if read.complete { 200 } else { 500 },
+            status: read.status,
             complete: read.complete,
         });
     }

@@ -196,7 +196,6 @@ fn serve(
     service: &DhcpService,
     shutdown: &Shutdown,
 ) {
-    use std::sync::atomic::Ordering::Relaxed;
     let mut buf = vec![0u8; 2048];
     let mut batch: Vec<(Vec<u8>, SocketAddr)> = Vec::with_capacity(BATCH);
     let mut busy = false;
@@ -223,15 +222,12 @@ fn serve(
         if batch.is_empty() {
             continue;
         }
-        service
-            .stats
-            .received
-            .fetch_add(batch.len() as u64, Relaxed);
+        service.stats.received.add(batch.len() as u64);
         let replies = decide_batch(&batch, iface, port, service);
         for (mac, bytes, destination) in replies {
             match send(socket, iface, &bytes, destination) {
                 Ok(()) => {
-                    service.stats.replied.fetch_add(1, Relaxed);
+                    service.stats.replied.add(1);
                 }
                 Err(error) => debug!(%mac, ?destination, %error, "DHCP reply not sent"),
             }

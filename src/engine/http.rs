@@ -139,6 +139,7 @@ async fn accept_loop(
         let config = Arc::clone(&config);
         let shutdown = shutdown.clone();
         let connection_slots = Arc::clone(&slots);
+        service.stats.open_connections.inc();
         tokio::spawn(async move {
             tokio::select! {
                 _ = shutdown.wait() => {}
@@ -148,6 +149,7 @@ async fn accept_loop(
                     }
                 }
             }
+            service.stats.open_connections.dec();
             drop(permit);
             drop(client_slot);
         });

@@ -392,10 +392,12 @@ impl Worker {
             return Ok(()); // gone already
         };
         let over_total = self.open.fetch_add(1, Ordering::Relaxed) >= self.config.max_connections;
+        self.service.stats.open_connections.inc();
         let client_slot = match self.clients.admit(peer.ip()) {
             Some(slot) if !over_total => slot,
             admitted => {
                 self.open.fetch_sub(1, Ordering::Relaxed);
+                self.service.stats.open_connections.dec();
                 if admitted.is_some() {
                     debug!(%peer, "HTTP connection limit reached; answering 503");
                 } else {
@@ -655,6 +657,7 @@ impl Worker {
                 );
             }
             self.open.fetch_sub(1, Ordering::Relaxed);
+            self.service.stats.open_connections.dec();
             self.free.push(index);
         }
     }
@@ -665,6 +668,7 @@ impl Worker {
         cancel_in_flight(&mut self.ring);
         let open = self.connections.iter().flatten().count();
         self.open.fetch_sub(open, Ordering::Relaxed);
+        self.service.stats.open_connections.add(-(open as i64));
     }
 }
 

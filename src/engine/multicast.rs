@@ -218,6 +218,8 @@ impl MulticastHub {
                     },
                     elapsed: outcome.joined.elapsed(),
                     complete: outcome.completed,
+                    // A member that left or was dropped for silence.
+                    status: if outcome.completed { 200 } else { 408 },
                     blksize: config_blksize,
                     windowsize: config_windowsize,
                     multicast: Some(group),

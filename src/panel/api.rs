@@ -136,6 +136,9 @@ pub fn routes(state: Arc<PanelState>) -> axum::Router {
             "/assets/app.css",
             get(|| asset(APP_CSS, "text/css; charset=utf-8")),
         )
+        .route("/metrics", get(super::metrics::metrics))
+        .route("/healthz", get(super::metrics::healthz))
+        .route("/readyz", get(super::metrics::readyz))
         .route("/api/v1/login", post(login))
         .route("/api/v1/logout", post(logout))
         .route("/api/v1/session", get(session))
@@ -1053,9 +1056,14 @@ fn fleet_summary(state: &PanelState) -> ApiResult<Value> {
         .map(|m| machine_view(m, now, state.config.stuck_after))
         .collect();
     let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+    let mut failures: BTreeMap<String, usize> = BTreeMap::new();
     let mut stuck = Vec::new();
     for view in &views {
         *counts.entry(view.state).or_default() += 1;
+        if let Some(failure) = &view.failure {
+            let cause = failure.strip_prefix("failed at ").unwrap_or(failure);
+            *failures.entry(cause.to_string()).or_default() += 1;
+        }
         if view.stuck && stuck.len() < 500 {
             stuck.push(json!({
                 "mac": view.machine.mac,
@@ -1070,6 +1078,8 @@ fn fleet_summary(state: &PanelState) -> ApiResult<Value> {
         "at_ms": now_ms(),
         "machines": views.len(),
         "states": counts,
+        // Failed machines by where and why ("kernel: 404 (file not found)").
+        "failures": failures,
         "stuck": stuck,
         "stuck_after_seconds": state.config.stuck_after.as_secs(),
         // Boot events the database or a live view lost by falling behind.

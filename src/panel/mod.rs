@@ -12,6 +12,7 @@
 
 mod api;
 pub mod auth;
+pub mod metrics;
 mod tls;
 
 use std::net::{SocketAddr, TcpListener};
@@ -111,6 +112,10 @@ pub struct PanelState {
     generation: AtomicU64,
     /// Whether cookies get `Secure` (the panel is served over TLS).
     pub tls: bool,
+    /// The services `/metrics` reads and `/readyz` asks after.
+    pub data_plane: Arc<metrics::DataPlane>,
+    /// A snapshot built from the store has been installed in the router.
+    pub snapshot_installed: std::sync::atomic::AtomicBool,
 }
 
 impl PanelState {
@@ -120,7 +125,9 @@ impl PanelState {
         let snapshot = snapshot_from_store(&*self.store, generation)?;
         self.router
             .install(snapshot)
-            .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
+            .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+        self.snapshot_installed.store(true, Ordering::Release);
+        Ok(())
     }
 }
 
@@ -134,17 +141,10 @@ pub struct MachineView {
     pub state: &'static str,
     /// Not booted, and nothing happened for `stuck_after_seconds`.
     pub stuck: bool,
+    /// For a failed machine, where and why: `failed at kernel: 404 (file
+    /// not found)`.
+    pub failure: Option<String>,
 }
-
-const BOOT_PHASES: &[&str] = &[
-    "dhcp",
-    "loader",
-    "chain",
-    "script",
-    "loader-config",
-    "kernel",
-    "initrd",
-];
 
 /// The state of a machine at `now_ms`.
 pub fn machine_view(machine: MachineRecord, now_ms: u64, stuck_after: Duration) -> MachineView {
@@ -159,7 +159,7 @@ pub fn machine_view(machine: MachineRecord, now_ms: u64, stuck_after: Duration) 
             (Some(_), Some(status)) if status >= 400 => ("failed", false),
             (Some("initrd"), _) => ("booted", false),
             (Some(phase), _) => (
-                BOOT_PHASES
+                Phase::NAMES
                     .iter()
                     .find(|p| **p == phase)
                     .copied()
@@ -170,10 +170,18 @@ pub fn machine_view(machine: MachineRecord, now_ms: u64, stuck_after: Duration) 
     };
     let quiet_for = now_ms.saturating_sub(machine.phase_ms.unwrap_or(now_ms));
     let stuck = (in_progress || state == "failed") && quiet_for > stuck_after.as_millis() as u64;
+    let failure = match (state, machine.phase.as_deref(), machine.phase_status) {
+        ("failed", Some(phase), Some(status)) => Some(format!(
+            "failed at {phase}: {status} ({})",
+            crate::boot::events::failure_cause(status)
+        )),
+        _ => None,
+    };
     MachineView {
         machine,
         state,
         stuck,
+        failure,
     }
 }
 
@@ -257,6 +265,7 @@ pub fn start(
     router: Arc<Router>,
     root: &Path,
     listener: TcpListener,
+    data_plane: Arc<metrics::DataPlane>,
     shutdown: crate::shutdown::Shutdown,
 ) -> Result<(Panel, std::thread::JoinHandle<()>), PanelStartError> {
     // A database that fails here is reported, not fatal: the data plane
@@ -288,6 +297,8 @@ pub fn start(
         limiter: auth::LoginLimiter::default(),
         generation: AtomicU64::new(1_000_000),
         tls: tls.is_some(),
+        data_plane,
+        snapshot_installed: std::sync::atomic::AtomicBool::new(false),
     });
     if let Err(error) = state.publish() {
         error!(error = %error.message, "inventory database: no snapshot from it; the data plane keeps serving the inventory it has");

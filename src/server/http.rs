@@ -23,6 +23,8 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::metrics::{Counter, Gauge, Labelled};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -155,19 +157,71 @@ impl Segment {
     }
 }
 
-/// Counters shared by all connections.
-#[derive(Debug, Default)]
+/// Counters shared by all connections (sharded per worker thread).
+#[derive(Debug)]
 pub struct HttpStats {
-    pub requests: AtomicU64,
-    pub body_bytes: AtomicU64,
-    pub client_errors: AtomicU64,
+    pub requests: Counter,
+    pub body_bytes: Counter,
+    pub client_errors: Counter,
     /// Responses with a file body sent by `sendfile`, and copied from the
     /// mapping (see `http.body`).
-    pub file_bodies_by_sendfile: AtomicU64,
-    pub file_bodies_copied: AtomicU64,
+    pub file_bodies_by_sendfile: Counter,
+    pub file_bodies_copied: Counter,
+    /// Responses by status ([`RESPONSE_STATUSES`]).
+    pub by_status: Labelled,
+    /// Connections open now (both engines keep it).
+    pub open_connections: Gauge,
+    /// Per-MAC scripts rendered, by what was decided ([`SCRIPT_DECISIONS`]).
+    pub scripts: Labelled,
+}
+
+/// What a per-MAC script can decide, as counted.
+pub const SCRIPT_DECISIONS: &[&str] = &["image", "menu-choice", "unknown", "local", "static"];
+
+fn decision_index(decision: &crate::boot::router::Decision) -> usize {
+    use crate::boot::router::Decision;
+    match decision {
+        Decision::Assigned(_) => 0,
+        Decision::MenuChoice(_) => 1,
+        Decision::Unknown(_) => 2,
+        Decision::Local(_) => 3,
+        Decision::Static(_) => 4,
+    }
+}
+
+/// Statuses counted apart; the last is every other.
+pub const RESPONSE_STATUSES: &[&str] = &[
+    "200", "206", "304", "400", "403", "404", "405", "408", "413", "416", "431", "500", "503",
+    "other",
+];
+
+impl Default for HttpStats {
+    fn default() -> Self {
+        Self {
+            requests: Counter::default(),
+            body_bytes: Counter::default(),
+            client_errors: Counter::default(),
+            file_bodies_by_sendfile: Counter::default(),
+            file_bodies_copied: Counter::default(),
+            by_status: Labelled::new("status", RESPONSE_STATUSES),
+            open_connections: Gauge::default(),
+            scripts: Labelled::new("decision", SCRIPT_DECISIONS),
+        }
+    }
 }
 
 impl HttpStats {
+    /// Counts a response by its status.
+    fn count_status(&self, status: u16) {
+        let mut digits = itoa::Buffer::new();
+        let status = digits.format(status);
+        let index = RESPONSE_STATUSES
+            .iter()
+            .position(|s| *s == status)
+            .unwrap_or(RESPONSE_STATUSES.len() - 1);
+        self.by_status.inc(index);
+    }
+
     /// Counts a response that begins, by how its file body (if any) goes:
     /// by `sendfile` if the engine chose it and the file has a descriptor
     /// (an empty file has none and is always copied).
@@ -181,7 +235,7 @@ impl HttpStats {
             } else {
                 &self.file_bodies_copied
             };
-            counter.fetch_add(1, Ordering::Relaxed);
+            counter.inc();
         }
     }
 }
@@ -222,7 +276,7 @@ impl HttpService {
 
     /// Answers `request`, which arrived on `local` from `peer`.
     pub fn respond(&self, request: &Request, local: SocketAddr, peer: SocketAddr) -> Response {
-        self.stats.requests.fetch_add(1, Ordering::Relaxed);
+        self.stats.requests.add(1);
         let head_only = request.method == Method::Head;
         trace!(%peer, method = ?request.method, path = %request.path, query = ?request.query, "HTTP request");
         if let Method::Other(method) = &request.method {
@@ -258,6 +312,7 @@ impl HttpService {
                 &self.base_url(request, local),
                 peer.ip(),
             );
+            self.stats.scripts.inc(decision_index(&script.decision));
             // A host this server leased an address to cannot write into
             // another machine's timeline by asking for its script.
             let speaks_for = self.router.may_speak_for(peer.ip(), mac);
@@ -289,7 +344,7 @@ impl HttpService {
 
     /// The response for a request head that could not be used.
     pub fn invalid(&self, status: u16, why: &str) -> Response {
-        self.stats.client_errors.fetch_add(1, Ordering::Relaxed);
+        self.stats.client_errors.add(1);
         let body = format!("{why}\n");
         let head = format!(
             "HTTP/1.1 {status} {}\r\nServer: {SERVER}\r\nDate: {}\r\nContent-Type: text/plain; charset=utf-8\r\n\
@@ -311,14 +366,17 @@ impl HttpService {
     /// Called by the engine when a response has been written (`sent` body
     /// bytes of `response.body_len()`), or given up on.
     pub fn finished(&self, response: &Response, peer: SocketAddr, sent: u64, elapsed: Duration) {
-        self.stats.body_bytes.fetch_add(sent, Ordering::Relaxed);
+        self.stats.body_bytes.add(sent);
+        self.stats.count_status(response.status);
         if let Some(path) = &response.served_path {
             let complete = response.status == 200 && sent == response.body_len();
-            let status = if sent == response.body_len() {
+            let status = if sent == response.body_len() || response.status >= 400 {
                 response.status
             } else {
                 499
             };
+            // A refusal's text is not the file.
+            let sent = if response.status >= 400 { 0 } else { sent };
             self.router.file_served(&FileServed {
                 path,
                 client: peer.ip(),
@@ -357,7 +415,7 @@ impl HttpService {
 
     fn text(&self, status: u16, body: &str, request: &Request, head_only: bool) -> Response {
         if status >= 400 {
-            self.stats.client_errors.fetch_add(1, Ordering::Relaxed);
+            self.stats.client_errors.add(1);
         }
         let headers = b"Content-Type: text/plain; charset=utf-8\r\n";
         self.whole(status, headers, body.as_bytes(), request, head_only)
@@ -444,7 +502,19 @@ impl HttpService {
         }
     }
 
+    /// A file from the boot directory. A refusal (404, 403, 416...) names
+    /// the file it refused, so that [`Self::finished`] tells the router,
+    /// which records it as a failed boot event when it is a loader, a
+    /// kernel or an initrd.
     fn file(&self, request: &Request, peer: SocketAddr, head_only: bool) -> Response {
+        let mut response = self.file_or_refusal(request, peer, head_only);
+        if response.status >= 400 && response.served_path.is_none() && !head_only {
+            response.served_path = safe_relative_name(request.path.as_bytes()).ok();
+        }
+        response
+    }
+
+    fn file_or_refusal(&self, request: &Request, peer: SocketAddr, head_only: bool) -> Response {
         let name = match safe_relative_name(request.path.as_bytes()) {
             Ok(name) => name,
             Err(NameError::Empty) => return self.text(404, "not found\n", request, head_only),

@@ -75,15 +75,15 @@ impl Started {
     }
 }
 
-/// Counters shared by all workers.
+/// Counters shared by all workers (sharded per worker thread).
 #[derive(Debug, Default)]
 pub struct TftpStats {
-    pub started: AtomicU64,
-    pub completed: AtomicU64,
-    pub failed: AtomicU64,
-    pub refused: AtomicU64,
-    pub bytes_completed: AtomicU64,
-    pub retransmitted_blocks: AtomicU64,
+    pub started: crate::metrics::Counter,
+    pub completed: crate::metrics::Counter,
+    pub failed: crate::metrics::Counter,
+    pub refused: crate::metrics::Counter,
+    pub bytes_completed: crate::metrics::Counter,
+    pub retransmitted_blocks: crate::metrics::Counter,
 }
 
 /// A point-in-time copy of [`TftpStats`].
@@ -239,12 +239,12 @@ impl TftpService {
     pub fn stats(&self) -> TftpStatsSnapshot {
         let s = &self.stats;
         TftpStatsSnapshot {
-            started: s.started.load(Ordering::Relaxed),
-            completed: s.completed.load(Ordering::Relaxed),
-            failed: s.failed.load(Ordering::Relaxed),
-            refused: s.refused.load(Ordering::Relaxed),
-            bytes_completed: s.bytes_completed.load(Ordering::Relaxed),
-            retransmitted_blocks: s.retransmitted_blocks.load(Ordering::Relaxed),
+            started: s.started.get(),
+            completed: s.completed.get(),
+            failed: s.failed.get(),
+            refused: s.refused.get(),
+            bytes_completed: s.bytes_completed.get(),
+            retransmitted_blocks: s.retransmitted_blocks.get(),
             active: self.limits.active.load(Ordering::Relaxed),
         }
     }
@@ -286,6 +286,7 @@ impl TftpService {
             Ok(data) => data,
             Err((code, why)) => {
                 info!(%peer, file = %name, why, "refused read request");
+                self.tell_refused(&name, peer, refusal_status(code));
                 return self.refuse(code, why);
             }
         };
@@ -327,7 +328,7 @@ impl TftpService {
         } else {
             ReadTransfer::new(&negotiated, data.len() as u64, self.transfer, now)
         });
-        self.stats.started.fetch_add(1, Ordering::Relaxed);
+        self.stats.started.add(1);
         debug!(
             %peer, file = %name, size = data.len(), blksize = negotiated.blksize,
             windowsize = negotiated.windowsize, "transfer started"
@@ -425,7 +426,7 @@ impl TftpService {
             self.transfer,
             now,
         ));
-        self.stats.started.fetch_add(1, Ordering::Relaxed);
+        self.stats.started.add(1);
         debug!(%peer, file = %name, "upload started");
         Admission::Start(Box::new(Started {
             transfer,
@@ -444,7 +445,7 @@ impl TftpService {
     /// silence; the transfer counts as refused.
     pub fn transfer_port_failed(&self, started: Started, error: &std::io::Error) -> Vec<u8> {
         warn!(peer = %started.peer, file = %started.name, %error, "cannot open a transfer port; told the client to retry");
-        self.stats.started.fetch_sub(1, Ordering::Relaxed);
+        self.stats.started.sub(1);
         drop(started);
         self.error_reply(
             ErrorCode::NotDefined,
@@ -515,7 +516,8 @@ impl TftpService {
             started.transfer.outcome(),
             Some(Outcome::OptionsDeclined { .. })
         );
-        if let (Transfer::Read(read), false) = (&started.transfer, size_query) {
+        let superseded = started.transfer.outcome().is_none() && started.superseded();
+        if let (Transfer::Read(read), false, false) = (&started.transfer, size_query, superseded) {
             let complete = matches!(started.transfer.outcome(), Some(Outcome::Complete));
             let finished = FinishedRead {
                 name: &started.name,
@@ -527,6 +529,7 @@ impl TftpService {
                 },
                 elapsed,
                 complete,
+                status: outcome_status(started.transfer.outcome()),
                 blksize: read.blksize(),
                 windowsize: read.windowsize(),
                 multicast: None,
@@ -535,19 +538,15 @@ impl TftpService {
                 observer.read_finished(&finished);
             }
         }
-        self.stats
-            .retransmitted_blocks
-            .fetch_add(retransmitted, Ordering::Relaxed);
+        self.stats.retransmitted_blocks.add(retransmitted);
         match started.transfer.outcome() {
             Some(Outcome::Complete) => {
-                self.stats.completed.fetch_add(1, Ordering::Relaxed);
+                self.stats.completed.add(1);
                 let bytes = match &started.transfer {
                     Transfer::Read(_) => started.data.len() as u64,
                     Transfer::Write(write) => write.received(),
                 };
-                self.stats
-                    .bytes_completed
-                    .fetch_add(bytes, Ordering::Relaxed);
+                self.stats.bytes_completed.add(bytes);
                 debug!(peer = %started.peer, file = %started.name, bytes = started.data.len(),
                     ms = elapsed.as_millis() as u64, retransmitted, "transfer complete");
             }
@@ -560,11 +559,30 @@ impl TftpService {
                     "transfer replaced by a newer request from the same client port");
             }
             outcome => {
-                self.stats.failed.fetch_add(1, Ordering::Relaxed);
+                self.stats.failed.add(1);
                 let outcome = outcome.map_or_else(|| "abandoned".to_string(), |o| format!("{o:?}"));
                 info!(peer = %started.peer, file = %started.name, %outcome,
                     ms = elapsed.as_millis() as u64, "transfer failed");
             }
+        }
+    }
+
+    /// Tells the observers that a read of `name` was refused with `status`
+    /// (a missing kernel becomes a failed boot event).
+    fn tell_refused(&self, name: &str, peer: SocketAddr, status: u16) {
+        let refused = FinishedRead {
+            name,
+            peer,
+            bytes: 0,
+            elapsed: Duration::ZERO,
+            complete: false,
+            status,
+            blksize: 0,
+            windowsize: 0,
+            multicast: None,
+        };
+        for observer in &self.observers {
+            observer.read_finished(&refused);
         }
     }
 
@@ -582,6 +600,7 @@ impl TftpService {
             }
             Err(LimitRefusal::Full(why)) => {
                 info!(%peer, file = %name, why, "refused: transfer limit reached");
+                self.tell_refused(name, peer, 503);
                 Err(self.refuse(ErrorCode::NotDefined, why))
             }
         }
@@ -593,7 +612,7 @@ impl TftpService {
 
     /// An ERROR datagram for a request this server turns down (counted).
     fn error_reply(&self, code: ErrorCode, message: &str) -> Vec<u8> {
-        self.stats.refused.fetch_add(1, Ordering::Relaxed);
+        self.stats.refused.add(1);
         let mut reply = Vec::with_capacity(message.len() + 5);
         packet::encode_error(code, message, &mut reply);
         reply
@@ -649,6 +668,27 @@ impl TftpService {
                 "path leads outside the boot directory",
             ),
         })
+    }
+}
+
+/// The HTTP status a refused read is recorded with.
+fn refusal_status(code: ErrorCode) -> u16 {
+    match code {
+        ErrorCode::FileNotFound => 404,
+        ErrorCode::AccessViolation => 403,
+        _ => 503,
+    }
+}
+
+/// The HTTP status a finished read is recorded with (see
+/// [`crate::boot::events::failure_cause`]).
+fn outcome_status(outcome: Option<&Outcome>) -> u16 {
+    match outcome {
+        Some(Outcome::Complete) | Some(Outcome::OptionsDeclined { .. }) => 200,
+        Some(Outcome::ClientError { .. }) | None => 499,
+        Some(Outcome::TimedOut) => 408,
+        Some(Outcome::ProtocolViolation(_)) => 400,
+        Some(Outcome::Aborted(_)) => 500,
     }
 }
 

@@ -18,6 +18,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("limit", 0),
     ("shutdown", 0),
     ("durable", 0),
+    ("metrics", 0),
     ("cache", 0),
     // The inventory model every layer above reads.
     ("inventory", 1),

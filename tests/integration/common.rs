@@ -168,6 +168,28 @@ pub fn have_tool(tool: &str) -> bool {
 }
 
 /// Whether this process may create network namespaces (root).
+/// `tftp 127.0.0.1 PORT -m binary -c get NAME TARGET` with tftp-hpa's
+/// client; fails the test loudly when the client is missing.
+pub fn tftp_hpa_get(port: u16, name: &str, target: &Path) -> std::process::Output {
+    assert!(
+        have_tool("tftp"),
+        "tftp-hpa's client is missing: install tftp-hpa (tests/run-all.sh does)"
+    );
+    Command::new("tftp")
+        .args([
+            "127.0.0.1",
+            &port.to_string(),
+            "-m",
+            "binary",
+            "-c",
+            "get",
+            name,
+        ])
+        .arg(target)
+        .output()
+        .expect("tftp runs")
+}
+
 pub fn can_make_namespaces() -> bool {
     // SAFETY: geteuid has no preconditions.
     let root = unsafe { libc::geteuid() } == 0;

@@ -6,7 +6,6 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::Path;
 use std::process::Command;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use bootfleet::config::BodyMode;
@@ -360,12 +359,7 @@ fn hostile_paths_and_malformed_heads_get_clear_errors() {
         // The server still answers everyone else.
         let fine = get("/ok.txt");
         assert_eq!((fine.status, fine.body.as_slice()), (200, &b"fine"[..]));
-        let client_errors = server
-            .running
-            .http
-            .stats
-            .client_errors
-            .load(std::sync::atomic::Ordering::Relaxed);
+        let client_errors = server.running.http.stats.client_errors.get();
         assert!(client_errors > 0, "bad requests are counted");
     }
 }
@@ -523,7 +517,7 @@ fn auto_body_copies_for_a_few_clients_and_uses_sendfile_for_many() {
         eprintln!("backend {backend}");
         let server = FullServer::start_on(backend, boot_dir(), |_| {});
         let stats = &server.running.http.stats;
-        let count = |counter: &std::sync::atomic::AtomicU64| counter.load(Ordering::Relaxed);
+        let count = |counter: &bootfleet::metrics::Counter| counter.get();
         let url = server.url("/1m.bin");
         let file = want("1m.bin");
 

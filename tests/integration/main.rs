@@ -9,6 +9,7 @@ mod hostile;
 mod http;
 mod lossy_namespace;
 mod multicast;
+mod operability;
 mod qemu_boot;
 // Shared with benches/boot_compare.rs, which uses the parts the test does not
 // (the reference stack, boot times).

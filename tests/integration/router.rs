@@ -395,19 +395,7 @@ fn pxelinux_and_grub_configs_over_tftp() {
     let get = |name: &str| -> Option<String> {
         let target = out.path().join(name.replace('/', "_"));
         let _ = std::fs::remove_file(&target);
-        let status = Command::new("tftp")
-            .args([
-                "127.0.0.1",
-                &server.tftp.port().to_string(),
-                "-m",
-                "binary",
-                "-c",
-                "get",
-                name,
-            ])
-            .arg(&target)
-            .output()
-            .unwrap();
+        let status = tftp_hpa_get(server.tftp.port(), name, &target);
         let body = std::fs::read_to_string(&target).ok()?;
         (status.status.success() && !body.is_empty()).then_some(body)
     };

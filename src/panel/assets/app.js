@@ -238,7 +238,7 @@ function machineRow(v) {
     h("td", { class: "mono" }, v.ip || ""),
     h("td", {}, v.image || "—"),
     h("td", {}, (v.labels || []).join(", ")),
-    h("td", {}, badge(v.state), v.stuck ? badge("stuck") : null),
+    h("td", { title: v.failure || "" }, badge(v.state), v.stuck ? badge("stuck") : null),
     h("td", {}, when(v.last_seen_ms)));
 }
 
@@ -321,6 +321,7 @@ async function machinePage(mac) {
   };
   return h("div", {},
     h("h1", {}, "Machine ", h("span", { class: "mono" }, m.mac), " ", badge(m.state), m.stuck ? badge("stuck") : null),
+    m.failure ? h("p", { class: "failure" }, m.failure) : null,
     h("form", { id: "machine-form", onsubmit: save },
       h("dl", { class: "grid" },
         h("dt", {}, "Image"), h("dd", {}, image),
@@ -368,6 +369,11 @@ async function fleetPage() {
         bar.style.width = Math.round(100 * counts[s] / total) + "%";
         return h("div", { class: "phase", dataset: { state: s } }, h("div", { class: "n" }, counts[s]), badge(s), h("div", { class: "bar" }, bar));
       })),
+      ...(Object.keys(f.failures || {}).length ? [
+        h("h2", {}, "Failures by cause"),
+        h("table", { id: "failures" },
+          h("thead", {}, h("tr", {}, ["Where and why", "Machines"].map((t) => h("th", {}, t)))),
+          h("tbody", {}, Object.entries(f.failures).map(([cause, n]) => h("tr", {}, h("td", {}, cause), h("td", {}, String(n))))))] : []),
       h("h2", {}, `Stuck (${f.stuck.length})`),
       f.stuck.length ? h("table", { id: "stuck" },
         h("thead", {}, h("tr", {}, ["MAC", "Hostname", "Stopped at", "Since", "Status"].map((t) => h("th", {}, t)))),

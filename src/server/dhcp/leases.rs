@@ -161,6 +161,24 @@ impl LeaseTable {
             .count()
     }
 
+    /// Bound leases that have not expired, per pool: (first, last, count).
+    pub fn bound_per_pool(&self, now: SystemTime) -> Vec<(Ipv4Addr, Ipv4Addr, usize)> {
+        let now = epoch(now);
+        let mut counts = vec![0; self.pools.len()];
+        for lease in self.by_ip.values() {
+            if lease.state == State::Bound && lease.expires > now {
+                if let Some(pool) = self.pools.iter().position(|p| p.contains(lease.ip)) {
+                    counts[pool] += 1;
+                }
+            }
+        }
+        self.pools
+            .iter()
+            .zip(counts)
+            .map(|(pool, count)| (pool.first, pool.last, count))
+            .collect()
+    }
+
     /// Whether `ip` may be given to `mac` now.
     pub fn available_for(&self, ip: Ipv4Addr, mac: Mac, now: SystemTime) -> bool {
         match self.by_ip.get(&ip) {

@@ -18,6 +18,7 @@ use super::{decide, relay_trusted, ClientKey, Context, Interface, Port, RateLimi
 use crate::boot::events::{BootEvent, Phase};
 use crate::boot::Router;
 use crate::config::{DhcpConfig, DhcpMode};
+use crate::metrics::{Counter, Labelled};
 use crate::proto::dhcp::{parse_request, Destination};
 use crate::proto::Mac;
 
@@ -40,12 +41,50 @@ pub struct DhcpState {
     client_limiter: RateLimiter<ClientKey>,
 }
 
-/// Counters.
-#[derive(Debug, Default)]
+/// Counters (sharded per thread).
+#[derive(Debug)]
 pub struct DhcpStats {
-    pub received: std::sync::atomic::AtomicU64,
-    pub replied: std::sync::atomic::AtomicU64,
-    pub dropped: std::sync::atomic::AtomicU64,
+    pub received: Counter,
+    pub replied: Counter,
+    /// Malformed, from an untrusted relay, or over a rate limit.
+    pub dropped: Counter,
+    /// Parsed messages by type ([`MESSAGE_TYPES`]).
+    pub by_type: Labelled,
+}
+
+/// DHCP message types counted apart; the last is every other.
+pub const MESSAGE_TYPES: &[&str] = &[
+    "discover", "request", "decline", "release", "inform", "other",
+];
+
+impl Default for DhcpStats {
+    fn default() -> Self {
+        Self {
+            received: Counter::default(),
+            replied: Counter::default(),
+            dropped: Counter::default(),
+            by_type: Labelled::new("type", MESSAGE_TYPES),
+        }
+    }
+}
+
+fn message_type_index(message_type: MessageType) -> usize {
+    match message_type {
+        MessageType::Discover => 0,
+        MessageType::Request => 1,
+        MessageType::Decline => 2,
+        MessageType::Release => 3,
+        MessageType::Inform => 4,
+        _ => 5,
+    }
+}
+
+impl DhcpService {
+    /// Leases bound now, per pool (first and last address).
+    pub fn bound_per_pool(&self) -> Vec<(Ipv4Addr, Ipv4Addr, usize)> {
+        let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        state.leases.bound_per_pool(SystemTime::now())
+    }
 }
 
 /// Why the DHCP service cannot start with its configuration.
@@ -138,7 +177,6 @@ pub fn decide_batch(
     port: Port,
     service: &DhcpService,
 ) -> Vec<(Mac, Vec<u8>, Destination)> {
-    use std::sync::atomic::Ordering::Relaxed;
     let now = SystemTime::now();
     let snapshot = service.router.snapshot();
     let mut replies = Vec::with_capacity(batch.len());
@@ -148,9 +186,15 @@ pub fn decide_batch(
     let mut state = service.state.lock().unwrap_or_else(|p| p.into_inner());
     for (bytes, peer) in batch {
         let (request, info) = match parse_request(bytes) {
-            Ok(parsed) => parsed,
+            Ok(parsed) => {
+                service
+                    .stats
+                    .by_type
+                    .inc(message_type_index(parsed.1.message_type));
+                parsed
+            }
             Err(error) => {
-                service.stats.dropped.fetch_add(1, Relaxed);
+                service.stats.dropped.add(1);
                 debug!(%peer, %error, "DHCP datagram dropped");
                 continue;
             }
@@ -160,7 +204,7 @@ pub fn decide_batch(
             SocketAddr::V6(_) => continue,
         };
         if !relay_trusted(source, info.giaddr, &service.config.relays) {
-            service.stats.dropped.fetch_add(1, Relaxed);
+            service.stats.dropped.add(1);
             debug!(%source, giaddr = %info.giaddr, mac = %info.mac,
                 "relayed DHCP request not from its relay nor a listed one (dhcp.relays); dropped");
             continue;
@@ -168,12 +212,12 @@ pub fn decide_batch(
         // All unconfigured clients send from 0.0.0.0: they are told apart
         // by their MAC (and relay), never put in one bucket.
         if !source.is_unspecified() && !state.limiter.allow(source, now) {
-            service.stats.dropped.fetch_add(1, Relaxed);
+            service.stats.dropped.add(1);
             debug!(%source, mac = %info.mac, "DHCP request over the per-source rate; dropped");
             continue;
         }
         if !state.client_limiter.allow((info.giaddr, info.mac), now) {
-            service.stats.dropped.fetch_add(1, Relaxed);
+            service.stats.dropped.add(1);
             debug!(%source, mac = %info.mac, "DHCP request over the per-client rate; dropped");
             continue;
         }

@@ -1,0 +1,230 @@
+//! What an operator sees: failed fetches as boot events with their cause
+//! (in the machine's state, the fleet view and the log), Prometheus
+//! metrics that move as machines boot, and the health endpoints.
+
+use std::io::Write;
+
+use serde_json::json;
+
+use crate::common::{curl, read_response, scratch, tftp_hpa_get, FullServer};
+use crate::panel::{add_token, boot_dir, eventually, register, script, state_dir, Api};
+
+/// The value of the sample `series` (name with its labels, exactly as
+/// written) in a Prometheus text scrape.
+fn sample(text: &str, series: &str) -> f64 {
+    find_sample(text, series).unwrap_or_else(|| panic!("no sample {series} in:\n{text}"))
+}
+
+fn find_sample(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|line| {
+        let (name, value) = line.rsplit_once(' ')?;
+        (name == series).then(|| value.parse().unwrap())
+    })
+}
+
+fn scrape(server: &FullServer) -> String {
+    let fetched = curl(&format!("http://{}/metrics", server.panel.unwrap()), &[]);
+    assert_eq!(fetched.status, 200);
+    String::from_utf8(fetched.body).unwrap()
+}
+
+#[test]
+fn a_missing_kernel_or_initrd_shows_where_the_machine_failed_and_why() {
+    let root = boot_dir();
+    let server = FullServer::start_with_panel(root.path(), state_dir(), |_| {});
+    let panel = server.panel.unwrap();
+    let api = Api::with_token(panel, &add_token(server.state.path(), "ops", "admin"));
+    register(&api, "debian12");
+    register(&api, "rocky9");
+    let (over_http, over_tftp) = ("52:54:00:fa:11:01", "52:54:00:fa:11:02");
+    for (mac, image) in [(over_http, "debian12"), (over_tftp, "rocky9")] {
+        api.ok(
+            "POST",
+            "/api/v1/machines/assign",
+            Some(json!({ "macs": [mac], "image": image })),
+        );
+    }
+    let before = scrape(&server);
+
+    // The operator deletes the kernel; the machine's script still names it.
+    std::fs::remove_file(root.path().join("debian12/vmlinuz")).unwrap();
+    assert!(script(&server, over_http, "").contains("debian12/vmlinuz"));
+    assert_eq!(curl(&server.url("/debian12/vmlinuz"), &[]).status, 404);
+    let machine = eventually("the failed kernel fetch", || {
+        let m = api.ok("GET", &format!("/api/v1/machines/{over_http}"), None);
+        (m["state"] == "failed").then_some(m)
+    });
+    assert_eq!(
+        machine["failure"], "failed at kernel: 404 (file not found)",
+        "{machine}"
+    );
+    let last = machine["events"]
+        .as_array()
+        .unwrap()
+        .last()
+        .unwrap()
+        .clone();
+    assert_eq!(
+        (&last["phase"], &last["status"]),
+        (&json!("kernel"), &json!(404))
+    );
+
+    // The same over TFTP, with tftp-hpa's client, for a missing initrd.
+    std::fs::remove_file(root.path().join("rocky9/initrd.img")).unwrap();
+    assert!(script(&server, over_tftp, "").contains("rocky9/vmlinuz"));
+    let out = scratch();
+    let status = tftp_hpa_get(
+        server.tftp.port(),
+        "rocky9/initrd.img",
+        &out.path().join("initrd"),
+    );
+    let said = String::from_utf8_lossy(&status.stdout).to_string()
+        + &String::from_utf8_lossy(&status.stderr);
+    assert!(said.contains("not found"), "tftp said: {said}");
+    let machine = eventually("the refused TFTP read", || {
+        let m = api.ok("GET", &format!("/api/v1/machines/{over_tftp}"), None);
+        (m["state"] == "failed").then_some(m)
+    });
+    assert_eq!(machine["failure"], "failed at initrd: 404 (file not found)");
+
+    // The fleet view counts failures by where and why.
+    let fleet = api.ok("GET", "/api/v1/fleet", None);
+    assert_eq!(fleet["states"]["failed"], 2, "{fleet}");
+    assert_eq!(
+        fleet["failures"]["kernel: 404 (file not found)"], 1,
+        "{fleet}"
+    );
+    assert_eq!(
+        fleet["failures"]["initrd: 404 (file not found)"], 1,
+        "{fleet}"
+    );
+
+    // And /metrics counts them.
+    let after = scrape(&server);
+    for series in [
+        r#"bootfleet_boot_failures_total{phase="kernel",status="404"}"#,
+        r#"bootfleet_boot_failures_total{phase="initrd",status="404"}"#,
+        r#"bootfleet_http_responses_total{status="404"}"#,
+    ] {
+        assert_eq!(
+            sample(&after, series) - sample(&before, series),
+            1.0,
+            "{series}"
+        );
+    }
+    let errors_sent = "bootfleet_tftp_errors_sent_total";
+    assert!(sample(&after, errors_sent) > sample(&before, errors_sent));
+    assert_eq!(sample(&after, r#"bootfleet_machines{state="failed"}"#), 2.0);
+}
+
+#[test]
+fn the_metrics_move_as_machines_boot_and_the_health_endpoints_answer() {
+    let root = boot_dir();
+    let server = FullServer::start_with_panel(root.path(), state_dir(), |_| {});
+    let panel = server.panel.unwrap();
+    let api = Api::with_token(panel, &add_token(server.state.path(), "ops", "admin"));
+    register(&api, "debian12");
+
+    // Health: no authentication, plain answers.
+    let health = curl(&format!("http://{panel}/healthz"), &[]);
+    assert_eq!((health.status, health.body.as_slice()), (200, &b"ok\n"[..]));
+    let ready = curl(&format!("http://{panel}/readyz"), &[]);
+    assert_eq!(
+        ready.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&ready.body)
+    );
+
+    // A small storm: 8 machines on 8 threads, each from its own loopback
+    // address (the router knows a machine by the address that asked for its
+    // script), asking for its script, kernel and initrd 10 times over one
+    // kept-alive connection.
+    let macs: Vec<String> = (0..8).map(|i| format!("52:54:00:fb:00:{i:02x}")).collect();
+    api.ok(
+        "POST",
+        "/api/v1/machines/assign",
+        Some(json!({ "macs": macs, "image": "debian12" })),
+    );
+    let before = scrape(&server);
+    std::thread::scope(|scope| {
+        for (index, mac) in macs.iter().enumerate() {
+            let http = server.http;
+            scope.spawn(move || {
+                let source: std::net::SocketAddr =
+                    format!("127.0.0.{}:0", 10 + index).parse().unwrap();
+                let socket =
+                    socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+                        .unwrap();
+                socket.bind(&source.into()).unwrap();
+                socket.connect(&http.into()).unwrap();
+                let mut stream: std::net::TcpStream = socket.into();
+                for _ in 0..10 {
+                    for path in [
+                        format!("/boot/{mac}.ipxe"),
+                        "/debian12/vmlinuz".to_string(),
+                        "/debian12/initrd.img".to_string(),
+                    ] {
+                        write!(stream, "GET {path} HTTP/1.1\r\nHost: boot\r\n\r\n").unwrap();
+                        let response = read_response(&mut stream).expect("a response");
+                        assert_eq!(response.status, 200, "{path}");
+                    }
+                }
+            });
+        }
+    });
+    // Five TFTP reads of the initrd with tftp-hpa's client.
+    let out = scratch();
+    for _ in 0..5 {
+        let fetched = tftp_hpa_get(
+            server.tftp.port(),
+            "debian12/initrd.img",
+            &out.path().join("initrd"),
+        );
+        assert!(fetched.status.success());
+    }
+    // The machines' states reach the database in batches, and the server
+    // sees the clients' connections close a moment after they do.
+    let after = eventually("every machine booted and every connection closed", || {
+        let after = scrape(&server);
+        (find_sample(&after, r#"bootfleet_machines{state="booted"}"#) == Some(8.0)
+            && sample(&after, "bootfleet_http_open_connections") == 0.0)
+            .then_some(after)
+    });
+    let moved = |series: &str| sample(&after, series) - sample(&before, series);
+    assert_eq!(
+        moved(r#"bootfleet_http_responses_total{status="200"}"#),
+        240.0
+    );
+    assert_eq!(
+        moved(r#"bootfleet_scripts_rendered_total{decision="image"}"#),
+        80.0
+    );
+    assert_eq!(
+        moved(r#"bootfleet_boot_events_total{phase="script"}"#),
+        80.0
+    );
+    assert_eq!(
+        moved(r#"bootfleet_boot_events_total{phase="kernel"}"#),
+        80.0
+    );
+    assert_eq!(
+        moved(r#"bootfleet_boot_events_total{phase="initrd"}"#),
+        85.0
+    );
+    assert_eq!(moved("bootfleet_tftp_transfers_completed_total"), 5.0);
+    assert_eq!(
+        moved("bootfleet_tftp_bytes_total"),
+        5.0 * b"debian kernel".len() as f64
+    );
+    let body_bytes = 80.0 * (b"debian kernel".len() + b"debian initrd".len()) as f64;
+    // File bodies only: a script's text goes out with its head.
+    assert_eq!(moved("bootfleet_http_body_bytes_total"), body_bytes);
+    // Every initrd fetch lands in the phase's histogram (+Inf holds all).
+    assert_eq!(
+        moved(r#"bootfleet_boot_phase_duration_seconds_bucket{le="+Inf",phase="initrd"}"#),
+        85.0
+    );
+    assert_eq!(sample(&after, "bootfleet_tftp_open_transfers"), 0.0);
+    assert_eq!(sample(&after, "bootfleet_events_dropped_total"), 0.0);
+}
