@@ -281,6 +281,16 @@ fn watch_inventory(router: Arc<Router>, shutdown: Shutdown) -> std::io::Result<J
 }
 
 impl Running {
+    /// What a supervisor (the systemd watchdog and status thread) watches.
+    pub fn monitor(&self) -> Monitor {
+        Monitor {
+            router: Arc::clone(&self.router),
+            tftp: Arc::clone(&self.tftp),
+            http: Arc::clone(&self.http),
+            shutdown: self.shutdown.clone(),
+        }
+    }
+
     /// Stops every engine and waits for them.
     pub fn stop(mut self) {
         self.stop_inner();
@@ -295,6 +305,39 @@ impl Running {
             let _ = thread.join();
         }
         self.router.sync_state();
+    }
+}
+
+/// A running server's vital signs, for a supervisor thread.
+pub struct Monitor {
+    router: Arc<Router>,
+    tftp: Arc<TftpService>,
+    http: Arc<HttpService>,
+    shutdown: Shutdown,
+}
+
+impl Monitor {
+    /// Data-plane workers that have not shown a sign of life for longer
+    /// than `allowed` (the systemd watchdog withholds its ping for them).
+    pub fn silent_workers(&self, allowed: Duration) -> Vec<(String, Duration)> {
+        self.shutdown.silent_workers(allowed)
+    }
+
+    /// The server is stopping.
+    pub fn stopping(&self) -> bool {
+        self.shutdown.is_triggered()
+    }
+
+    /// One line for `systemctl status`: machines, transfers, connections.
+    pub fn status_line(&self) -> String {
+        let machines = self.router.snapshot().machines.len();
+        let tftp = self.tftp.stats();
+        format!(
+            "{machines} machines; {} TFTP transfers and {} HTTP connections open; {} TFTP transfers completed",
+            tftp.active,
+            self.http.stats.open_connections.get(),
+            tftp.completed
+        )
     }
 }
 

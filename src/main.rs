@@ -13,6 +13,7 @@ use bootfleet::config::{Config, EngineChoice};
 use bootfleet::engine;
 
 mod cli;
+mod systemd;
 
 /// Every request allocates a little (its parsed head, its response head, a
 /// boot event); under a storm of script requests glibc's allocator was
@@ -288,15 +289,30 @@ fn build_config(args: &ServeArgs) -> Result<Config> {
 }
 
 fn init_logging(level: &str) {
+    use tracing_subscriber::prelude::*;
     let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| level.to_string());
     let filter = tracing_subscriber::EnvFilter::try_new(&filter).unwrap_or_else(|e| {
         eprintln!("invalid log filter {filter:?} ({e}); using info");
         tracing_subscriber::EnvFilter::new("info")
     });
+    // Under systemd, lines go to journald with their priorities (warn is
+    // 4, error 3: `journalctl -p warning -u bootfleet` shows failures).
+    if systemd::logging_to_journal() {
+        match tracing_journald::layer() {
+            Ok(journald) => {
+                tracing_subscriber::registry()
+                    .with(filter)
+                    .with(journald.with_syslog_identifier("bootfleet".into()))
+                    .init();
+                return;
+            }
+            Err(error) => eprintln!("cannot log to journald ({error}); logging to standard error"),
+        }
+    }
     use std::io::IsTerminal;
     tracing_subscriber::fmt()
         .with_env_filter(filter)
-        // Colour only on a terminal: journald and log files get plain text.
+        // Colour only on a terminal: log files get plain text.
         .with_ansi(std::io::stdout().is_terminal())
         .with_target(false)
         .init();
@@ -321,12 +337,12 @@ fn serve(args: ServeArgs) -> Result<()> {
         );
     }
 
-    let (tftp_passed, http_passed) = systemd_sockets();
-    let listener = match tftp_passed {
+    let passed = systemd::passed_sockets(config.panel.listen);
+    let listener = match passed.tftp {
         Some(socket) => socket,
         None => tftp_socket(&config)?,
     };
-    let http = match http_passed {
+    let http = match passed.http {
         Some(socket) => socket,
         None => bind_http(&config)?,
     };
@@ -334,11 +350,12 @@ fn serve(args: ServeArgs) -> Result<()> {
     let workers = engine::worker_count(config.workers);
     let tftp_addr = listener.local_addr()?;
     let http_addr = http.local_addr()?;
-    let panel = match config.panel.listen {
-        Some(addr) => Some(TcpListener::bind(addr).with_context(|| {
+    let panel = match (config.panel.listen, passed.panel) {
+        (Some(_), Some(socket)) => Some(socket),
+        (Some(addr), None) => Some(TcpListener::bind(addr).with_context(|| {
             format!("cannot bind the panel to {addr}; pass --panel-listen ADDR:PORT or --panel-listen off")
         })?),
-        None => None,
+        (None, _) => None,
     };
     let running = app::start(&config, backend, listener, http, panel)?;
     let service = Arc::clone(&running.tftp);
@@ -350,11 +367,12 @@ fn serve(args: ServeArgs) -> Result<()> {
         "bootfleet serving boot files"
     );
     info!(listen = %tftp_addr, "TFTP listening (RFC 1350, 2347-2349, 7440)");
+    let chain = chain_urls(&config, http_addr).join(" ");
     if config.panel.listen.is_some() {
-        info!(listen = %http_addr, chain = %format!("http://{http_addr}/boot.ipxe"),
+        info!(listen = %http_addr, %chain,
             "HTTP listening: files, /boot.ipxe, /boot/{{mac}}.ipxe (the API is on the panel's listener)");
     } else {
-        info!(listen = %http_addr, chain = %format!("http://{http_addr}/boot.ipxe"),
+        info!(listen = %http_addr, %chain,
             "HTTP listening: files, /boot.ipxe, /boot/{{mac}}.ipxe, read-only /api/v1/events and /api/v1/discovered");
     }
     match &fallback_reason {
@@ -365,6 +383,8 @@ fn serve(args: ServeArgs) -> Result<()> {
             info!(engine = %backend, workers, http_body = ?config.http.body, "data-plane engine chosen (TFTP and HTTP run on it)")
         }
     }
+
+    systemd::ready(running.monitor());
 
     let signals = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -386,6 +406,7 @@ fn serve(args: ServeArgs) -> Result<()> {
         anyhow::Ok(())
     })?;
     info!("shutting down");
+    systemd::stopping();
     running.stop();
     let stats = service.stats();
     info!(
@@ -428,42 +449,39 @@ fn bind_http(config: &Config) -> Result<TcpListener> {
     })
 }
 
-/// sd_listen_fds(3): the sockets systemd passed us, told apart by type
-/// (the datagram socket is TFTP, the stream socket HTTP).
-fn systemd_sockets() -> (Option<UdpSocket>, Option<TcpListener>) {
-    use std::os::fd::FromRawFd;
-    let passed = || -> Option<u32> {
-        let pid: u32 = std::env::var("LISTEN_PID").ok()?.parse().ok()?;
-        let fds: u32 = std::env::var("LISTEN_FDS").ok()?.parse().ok()?;
-        (pid == std::process::id()).then_some(fds)
-    };
-    let (mut udp, mut tcp) = (None, None);
-    for fd in (3..).take(passed().unwrap_or(0) as usize) {
-        let mut kind: libc::c_int = 0;
-        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-        // SAFETY: a plain getsockopt on a descriptor systemd passed us.
-        let rc = unsafe {
-            libc::getsockopt(
-                fd,
-                libc::SOL_SOCKET,
-                libc::SO_TYPE,
-                (&mut kind as *mut libc::c_int).cast(),
-                &mut len,
-            )
-        };
-        if rc != 0 {
-            continue;
-        }
-        // SAFETY: systemd guarantees these descriptors are open sockets owned by us.
-        match kind {
-            libc::SOCK_DGRAM if udp.is_none() => udp = Some(unsafe { UdpSocket::from_raw_fd(fd) }),
-            libc::SOCK_STREAM if tcp.is_none() => {
-                tcp = Some(unsafe { TcpListener::from_raw_fd(fd) })
-            }
-            _ => {}
-        }
+/// The chain script's URL as machines will reach it: `public_url`, or the
+/// listener's address, or for a wildcard listener one URL per address of
+/// this host (loopback aside), since `http://0.0.0.0/` reaches nothing.
+fn chain_urls(config: &Config, http: SocketAddr) -> Vec<String> {
+    if let Some(url) = &config.http.public_url {
+        return vec![format!("{url}/boot.ipxe")];
     }
-    (udp, tcp)
+    let port = match http.port() {
+        80 => String::new(),
+        port => format!(":{port}"),
+    };
+    let url = |ip: std::net::IpAddr| match ip {
+        std::net::IpAddr::V6(v6) => format!("http://[{v6}]{port}/boot.ipxe"),
+        v4 => format!("http://{v4}{port}/boot.ipxe"),
+    };
+    if !http.ip().is_unspecified() {
+        return vec![url(http.ip())];
+    }
+    let addresses: Vec<String> = nix::ifaddrs::getifaddrs()
+        .map(|all| {
+            all.filter_map(|interface| {
+                let address = interface.address?;
+                let ip = std::net::IpAddr::V4(address.as_sockaddr_in()?.ip());
+                (!ip.is_loopback()).then(|| url(ip))
+            })
+            .collect()
+        })
+        .unwrap_or_default();
+    if addresses.is_empty() {
+        vec![url(std::net::Ipv4Addr::LOCALHOST.into())]
+    } else {
+        addresses
+    }
 }
 
 fn count_files(root: &std::path::Path) -> usize {

@@ -243,14 +243,22 @@ impl Router {
             }
         };
         *failed = None;
-        info!(
-            inventory = %self.inventory_path.display(),
-            generation,
-            images = snapshot.images.len(),
-            machines = snapshot.machines.len(),
-            unknown_policy = ?snapshot.unknown_policy,
-            "inventory loaded"
-        );
+        if source.is_some() {
+            info!(
+                inventory = %self.inventory_path.display(),
+                generation,
+                images = snapshot.images.len(),
+                machines = snapshot.machines.len(),
+                unknown_policy = ?snapshot.unknown_policy,
+                "inventory loaded"
+            );
+        } else {
+            info!(
+                inventory = %self.inventory_path.display(),
+                unknown_policy = ?snapshot.unknown_policy,
+                "no inventory file: no images or machines yet (write that file, or add them in the panel); every machine is unknown"
+            );
+        }
         self.current.store(Arc::new(Loaded {
             snapshot,
             templates,

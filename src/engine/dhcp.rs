@@ -199,7 +199,9 @@ fn serve(
     let mut buf = vec![0u8; 2048];
     let mut batch: Vec<(Vec<u8>, SocketAddr)> = Vec::with_capacity(BATCH);
     let mut busy = false;
+    let heartbeat = shutdown.heartbeat(super::worker_name());
     while !shutdown.is_triggered() {
+        heartbeat.beat();
         if busy {
             // Requests arrived during the last batch: let more gather.
             std::thread::sleep(service.config.gather);

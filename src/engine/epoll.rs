@@ -36,6 +36,7 @@ pub fn spawn(
         .name("bootfleet-epoll-main".into())
         .spawn(move || {
             runtime.block_on(async move {
+                shutdown.beat_from_runtime("bootfleet-epoll-tftp");
                 match TokioUdp::from_std(listener) {
                     Ok(listener) => serve(listener, service, shutdown).await,
                     Err(e) => error!(error = %e, "cannot register the TFTP socket with epoll"),

@@ -71,6 +71,7 @@ pub fn spawn(
                 .name(format!("bootfleet-http-{index}"))
                 .spawn(move || {
                     runtime.block_on(async move {
+                        shutdown.beat_from_runtime(super::worker_name());
                         let listener = match TcpListener::from_std(listener) {
                             Ok(listener) => listener,
                             Err(error) => {

@@ -246,7 +246,9 @@ impl Worker {
         self.arm_accept()?;
         let mut next_sweep = Instant::now() + SWEEP_EVERY;
         let mut completions: Vec<(u64, i32, u32)> = Vec::new();
+        let heartbeat = shutdown.heartbeat(super::worker_name());
         while !shutdown.is_triggered() {
+            heartbeat.beat();
             let now = Instant::now();
             if now >= next_sweep {
                 self.sweep(now)?;

@@ -144,6 +144,14 @@ impl Drop for ClientSlot {
 }
 
 /// Number of workers for a configured value (0: one per core).
+/// The current thread's name, which names its heartbeat.
+pub(crate) fn worker_name() -> String {
+    std::thread::current()
+        .name()
+        .unwrap_or("bootfleet-worker")
+        .to_string()
+}
+
 pub fn worker_count(configured: usize) -> usize {
     if configured > 0 {
         configured

@@ -139,7 +139,12 @@ impl MulticastHub {
         });
         let thread = std::thread::Builder::new()
             .name("bootfleet-mtftp".into())
-            .spawn(move || runtime.block_on(shutdown.wait()))?;
+            .spawn(move || {
+                runtime.block_on(async {
+                    shutdown.beat_from_runtime("bootfleet-multicast");
+                    shutdown.wait().await
+                })
+            })?;
         info!(groups = ?hub.config.groups, port = hub.config.port, "multicast TFTP (RFC 2090) enabled");
         Ok((hub, thread))
     }

@@ -388,7 +388,9 @@ impl Worker {
 
     fn run(&mut self, shutdown: &Shutdown) -> io::Result<()> {
         self.arm_listener()?;
+        let heartbeat = shutdown.heartbeat(super::worker_name());
         while !shutdown.is_triggered() {
+            heartbeat.beat();
             self.run_timers(Instant::now());
             let wait = self
                 .timers

@@ -62,8 +62,8 @@ fn src_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("src")
 }
 
-/// Every library source file (the binary's `main.rs` and `cli.rs` are not
-/// part of the layering) with its module path, e.g. `["server", "tftp"]`.
+/// Every library source file (the binary's `main.rs`, `cli.rs` and
+/// `systemd.rs` are not part of the layering) with its module path, e.g. `["server", "tftp"]`.
 fn library_files() -> Vec<(Vec<String>, String)> {
     fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
         for entry in std::fs::read_dir(dir).unwrap() {
@@ -87,7 +87,7 @@ fn library_files() -> Vec<(Vec<String>, String)> {
                 .iter()
                 .map(|c| c.to_string_lossy().into_owned())
                 .collect();
-            if matches!(module.as_slice(), [m] if m == "main" || m == "cli" || m == "lib") {
+            if matches!(module.as_slice(), [m] if ["main", "cli", "systemd", "lib"].contains(&m.as_str())) {
                 return None;
             }
             if module.last().is_some_and(|m| m == "mod") {

@@ -19,4 +19,5 @@ mod panel_browser;
 mod qemu_lan;
 mod real_clients;
 mod router;
+mod systemd;
 mod uploads;
