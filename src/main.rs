@@ -54,6 +54,13 @@ enum Command {
     /// Images, through the running server's API.
     #[command(subcommand)]
     Images(ImagesCommand),
+    /// Print a shell completion script, e.g. `bootfleet completions bash >
+    /// /etc/bash_completion.d/bootfleet`.
+    Completions { shell: clap_complete::Shell },
+    /// Write the man pages (bootfleet.1 and one per subcommand) into DIR
+    /// (the Debian package ships them).
+    #[command(hide = true)]
+    Manpages { dir: PathBuf },
 }
 
 /// Where the inventory database is (as `serve` would find it).
@@ -230,7 +237,35 @@ fn main() -> Result<()> {
         Command::Tokens(command) => cli::tokens(command),
         Command::Machines(command) => cli::machines(command),
         Command::Images(command) => cli::images(command),
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "bootfleet",
+                &mut std::io::stdout(),
+            );
+            Ok(())
+        }
+        Command::Manpages { dir } => write_man_pages(&dir),
     }
+}
+
+/// `bootfleet.1`, and `bootfleet-SUB.1` for every subcommand (and theirs).
+fn write_man_pages(dir: &std::path::Path) -> Result<()> {
+    use clap::CommandFactory;
+    fn write(command: clap::Command, name: String, dir: &std::path::Path) -> Result<()> {
+        let path = dir.join(format!("{name}.1"));
+        let mut page = Vec::new();
+        clap_mangen::Man::new(command.clone().name(name.clone())).render(&mut page)?;
+        std::fs::write(&path, page).with_context(|| format!("cannot write {}", path.display()))?;
+        for sub in command.get_subcommands().filter(|c| !c.is_hide_set()) {
+            write(sub.clone(), format!("{name}-{}", sub.get_name()), dir)?;
+        }
+        Ok(())
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    write(Cli::command(), "bootfleet".to_string(), dir)
 }
 
 fn build_config(args: &ServeArgs) -> Result<Config> {

@@ -1,14 +1,27 @@
 #!/usr/bin/env bash
 # Installs everything the test suite needs on a fresh Debian machine and runs
 # all of it: the fuzz targets (briefly), the systemd unit check, then every
-# unit and integration test over both engine backends. Run as root (the
-# network-namespace tests need CAP_NET_ADMIN): `sudo tests/run-all.sh`.
-# CI (.ci/run) calls exactly this.
-set -euo pipefail
+# unit and integration test over both engine backends, the Debian package.
+# It needs root (apt, network namespaces, dpkg --root): run it as root, or
+# as a user with sudo, where it re-runs itself under sudo keeping PATH (for
+# cargo). CI (.ci/run) calls exactly this. The first run on a fresh machine
+# takes about 25 minutes (packages, crates, the fuzz targets' build); later
+# runs about 12.
+set -uo pipefail
 cd "$(dirname "$0")/.."
 
-SUDO=""
-[ "$(id -u)" -eq 0 ] || SUDO="sudo"
+if [ "$(id -u)" -ne 0 ]; then
+    if command -v sudo >/dev/null; then
+        echo "== not root: running again under sudo (keeping PATH for cargo)"
+        exec sudo env "PATH=$PATH" "$0" "$@"
+    fi
+    echo "tests/run-all.sh needs root (apt-get, network namespaces, dpkg --root) and there is no sudo: run it as root" >&2
+    exit 1
+fi
+# Every step up to the test run stops the script on failure; the test run
+# itself is summarised truthfully whatever happens (see the end).
+set -e
+started=$(date +%s)
 
 # Real peers the tests run: tftp-hpa's and atftp's clients, curl; ip and nft
 # for the lossy network-namespace link; busybox (udhcpc; the static build,
@@ -20,24 +33,26 @@ SUDO=""
 # cpio, xz-utils and zstd to build their initramfs). The control panel:
 # headless Chromium driven through chromium-driver (WebDriver), openssl for
 # the TLS test's certificate.
+# The package test: lintian, and dpkg (already there on Debian).
 APT_PACKAGES=(tftp-hpa atftp curl iproute2 nftables systemd g++ pkg-config busybox-static isc-dhcp-client
     dnsmasq-base ndisc6 procps qemu-system-x86 ipxe-qemu ipxe ovmf linux-image-amd64 kmod cpio xz-utils zstd
-    openssl chromium chromium-driver)
+    openssl chromium chromium-driver lintian)
 missing=()
 for package in "${APT_PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")
 done
 if [ ${#missing[@]} -gt 0 ]; then
     echo "== installing: ${missing[*]}"
-    $SUDO apt-get update -q
-    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
+    apt-get update -q
+    env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
 fi
 command -v cargo >/dev/null || {
     echo "cargo is not on PATH: install Rust with rustup, and under sudo keep your PATH:" >&2
     echo "    sudo env \"PATH=\$PATH\" tests/run-all.sh" >&2
     exit 1
 }
-command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
+command -v cargo-fuzz >/dev/null || { echo "== installing cargo-fuzz (a few minutes, once)"; cargo install cargo-fuzz --locked; }
+command -v cargo-deb >/dev/null || { echo "== installing cargo-deb (a few minutes, once)"; cargo install cargo-deb --locked; }
 
 echo "== format check"
 cargo fmt --all -- --check
@@ -49,13 +64,18 @@ echo "== systemd unit: systemd-analyze verify"
 unit_dir=$(mktemp -d)
 trap 'rm -rf "$unit_dir"' EXIT
 sed "s#/usr/local/bin/bootfleet#$PWD/target/release/bootfleet#" systemd/bootfleet.service > "$unit_dir/bootfleet.service"
-systemd-analyze verify "$unit_dir/bootfleet.service"
+cp systemd/bootfleet.socket "$unit_dir/"
+systemd-analyze verify "$unit_dir/bootfleet.service" "$unit_dir/bootfleet.socket"
 target/release/bootfleet check-config systemd/bootfleet.toml > /dev/null
+
+echo "== Debian package: build, lintian, install into a fresh root, run, remove"
+tests/package.sh
 
 # cargo-fuzz needs nightly-only flags; RUSTC_BOOTSTRAP lets the stable
 # toolchain accept them.
 # Each target starts from its committed seeds (fuzz/seeds/<target>, written
 # by fuzz/make_seeds.py) and keeps what it finds in fuzz/corpus/<target>.
+echo "== fuzz targets: building them with libFuzzer's instrumentation (about 10 minutes the first time, silent)"
 for target in tftp_packet boot_names_and_ranges http_request dhcp_decide tftp_write_netascii multicast_session; do
     echo "== fuzz: $target, ${FUZZ_SECONDS:-20} s"
     dict=()
@@ -76,9 +96,31 @@ done
 
 echo "== tests (unit, integration with real clients, both engines)"
 test_log=$(mktemp)
-cargo test --release --workspace 2>&1 | tee "$test_log"
-# One closing line over every test binary (the last binary cargo runs, the
-# doc-tests, has none).
-awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($i ~ /^passed/) p += $(i-1); if ($i ~ /^failed/) f += $(i-1); if ($i ~ /^ignored/) s += $(i-1) } }
-     END { printf "all tests: %d passed, %d failed, %d skipped\n", p, f, s }' "$test_log"
-rm -f "$test_log"
+skipped_log=$(mktemp)
+set +e
+BOOTFLEET_SKIPPED="$skipped_log" cargo test --release --workspace --no-fail-fast 2>&1 | tee "$test_log"
+test_status=${PIPESTATUS[0]}
+set -e
+# One closing summary over every test binary, true whatever happened: the
+# counts from each binary's result line, the failed tests by name, and the
+# tests that skipped their checks for a missing tool, with the reason.
+read -r passed failed ignored < <(awk '/^test result:/ {
+        for (i = 1; i <= NF; i++) { if ($i ~ /^passed/) p += $(i-1); if ($i ~ /^failed/) f += $(i-1); if ($i ~ /^ignored/) g += $(i-1) } }
+    END { printf "%d %d %d\n", p, f, g }' "$test_log")
+skipped=$(sort -u "$skipped_log" | wc -l)
+echo
+echo "== summary after $(( ($(date +%s) - started) / 60 )) min"
+echo "all tests: $((passed - skipped)) passed, $failed failed, $skipped skipped (their checks did not run), $ignored ignored"
+if [ "$failed" -gt 0 ]; then
+    echo "failed:"
+    grep -E "^test .* \.\.\. FAILED$" "$test_log" | sed 's/^test /  /; s/ \.\.\. FAILED$//' | sort -u
+fi
+if [ "$skipped" -gt 0 ]; then
+    echo "skipped (install what they name; CI installs everything and skips nothing):"
+    sort -u "$skipped_log" | sed 's/^/  /'
+fi
+if [ "$test_status" -ne 0 ] && [ "$failed" -eq 0 ]; then
+    echo "cargo test exited with status $test_status before every test ran (a build error or a crashed test binary; see above)"
+fi
+rm -f "$test_log" "$skipped_log"
+exit "$test_status"

@@ -869,11 +869,15 @@ async fn write_upload(
         ApiError::new(status, format!("cannot store {relative}: {e}"))
     };
     let mut file = tokio::fs::File::create(temp).await.map_err(|e| {
+        let directory = temp.parent().unwrap_or(temp).display();
         let hint = match e.raw_os_error() {
-            Some(libc::EROFS | libc::EACCES | libc::EPERM) => {
-                "; the boot directory is not writable by bootfleet (under systemd, list it in ReadWritePaths=)"
-            }
-            _ => "",
+            Some(libc::EROFS) => format!(
+                "; {directory} is read-only to bootfleet: under systemd, list it in ReadWritePaths= of bootfleet.service (`systemctl edit bootfleet`)"
+            ),
+            Some(libc::EACCES | libc::EPERM) => format!(
+                "; the bootfleet user cannot write into {directory}: `chown -R bootfleet:bootfleet {directory}` (the package's tmpfiles.d entry does this for /srv/bootfleet)"
+            ),
+            _ => String::new(),
         };
         ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,

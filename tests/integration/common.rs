@@ -162,12 +162,32 @@ pub fn have_tool(tool: &str) -> bool {
         if std::env::var_os("CI").is_some() {
             panic!("{message}");
         }
-        eprintln!("\n*** SKIPPED: {message} ***\n");
+        note_skipped(&message);
     }
     found
 }
 
-/// Whether this process may create network namespaces (root).
+/// Says loudly that the running test skips its checks, and adds it to the
+/// file named by `BOOTFLEET_SKIPPED` (tests/run-all.sh reads it for its
+/// summary: cargo hides a passing test's output).
+pub fn note_skipped(message: &str) {
+    eprintln!("\n*** SKIPPED: {message} ***\n");
+    let test = std::thread::current()
+        .name()
+        .unwrap_or("a test")
+        .to_string();
+    if let Some(path) = std::env::var_os("BOOTFLEET_SKIPPED") {
+        use std::io::Write;
+        if let Ok(mut file) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+        {
+            let _ = writeln!(file, "{test}: {message}");
+        }
+    }
+}
+
 /// `tftp 127.0.0.1 PORT -m binary -c get NAME TARGET` with tftp-hpa's
 /// client; fails the test loudly when the client is missing.
 pub fn tftp_hpa_get(port: u16, name: &str, target: &Path) -> std::process::Output {
@@ -190,6 +210,7 @@ pub fn tftp_hpa_get(port: u16, name: &str, target: &Path) -> std::process::Outpu
         .expect("tftp runs")
 }
 
+/// Whether this process may create network namespaces (root).
 pub fn can_make_namespaces() -> bool {
     // SAFETY: geteuid has no preconditions.
     let root = unsafe { libc::geteuid() } == 0;
@@ -198,7 +219,7 @@ pub fn can_make_namespaces() -> bool {
         if std::env::var_os("CI").is_some() {
             panic!("{message}");
         }
-        eprintln!("\n*** SKIPPED: {message} ***\n");
+        note_skipped(message);
     }
     root && have_tool("ip") && have_tool("nft")
 }

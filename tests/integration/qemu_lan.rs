@@ -690,7 +690,7 @@ pub fn tools_present() -> bool {
         if std::env::var_os("CI").is_some() {
             panic!("{message}");
         }
-        eprintln!("\n*** SKIPPED: {message} ***\n");
+        note_skipped(&message);
     }
     all && missing.is_empty() && newest_kernel().is_some()
 }
