@@ -95,26 +95,15 @@ pub fn start(
         database_path(config).as_path(),
     ]);
     crate::server::paths::remove_upload_leftovers(&root);
+    let fallbacks = loader_fallbacks(config, &root);
     let mut tftp_service = TftpService::new(&root, &config.tftp, cache.clone())?;
     tftp_service.set_private_paths(private.clone());
+    tftp_service.set_loader_fallbacks(fallbacks.clone());
     tftp_service.add_generator(router.clone());
     tftp_service.add_observer(router.clone());
     let shutdown = Shutdown::new();
     let mut threads = Vec::new();
-    if let Some(multicast) = &config.tftp.multicast {
-        let local = match tftp.local_addr()?.ip() {
-            std::net::IpAddr::V4(ip) => ip,
-            std::net::IpAddr::V6(_) => std::net::Ipv4Addr::UNSPECIFIED,
-        };
-        let (hub, thread) = MulticastHub::start(
-            multicast.clone(),
-            local,
-            config.tftp.timeout,
-            config.tftp.max_retries,
-            vec![router.clone()],
-            shutdown.clone(),
-        )?;
-        tftp_service.set_multicast(hub);
+    if let Some(thread) = start_multicast(config, &tftp, &router, &mut tftp_service, &shutdown)? {
         threads.push(thread);
     }
     let tftp_service = Arc::new(tftp_service);
@@ -126,6 +115,7 @@ pub fn start(
             public_url: config.http.public_url.clone(),
             serve_api: panel.is_none(),
             private,
+            fallbacks,
         },
     ));
 
@@ -159,14 +149,8 @@ pub fn start(
     });
     let panel = match panel {
         Some(listener) => {
-            let (panel, thread) = start_panel(
-                config,
-                listener,
-                &router,
-                &root,
-                Arc::clone(&data_plane),
-                &shutdown,
-            )?;
+            let (panel, thread) =
+                start_panel(config, listener, &router, &root, &data_plane, &shutdown)?;
             threads.push(thread);
             Some(panel)
         }
@@ -192,6 +176,52 @@ pub fn start(
         tftp_handle: Some(tftp_handle),
         threads,
     })
+}
+
+/// Starts the RFC 2090 multicast sessions' thread when groups are
+/// configured, and hands the hub to the TFTP service.
+fn start_multicast(
+    config: &Config,
+    tftp: &UdpSocket,
+    router: &Arc<Router>,
+    tftp_service: &mut TftpService,
+    shutdown: &Shutdown,
+) -> std::io::Result<Option<JoinHandle<()>>> {
+    let Some(multicast) = &config.tftp.multicast else {
+        return Ok(None);
+    };
+    let local = match tftp.local_addr()?.ip() {
+        std::net::IpAddr::V4(ip) => ip,
+        std::net::IpAddr::V6(_) => std::net::Ipv4Addr::UNSPECIFIED,
+    };
+    let (hub, thread) = MulticastHub::start(
+        multicast.clone(),
+        local,
+        config.tftp.timeout,
+        config.tftp.max_retries,
+        vec![router.clone()],
+        shutdown.clone(),
+    )?;
+    tftp_service.set_multicast(hub);
+    Ok(Some(thread))
+}
+
+/// The loaders served from the system (Debian's `ipxe`) because the boot
+/// directory has none of that name; each is said once at start.
+fn loader_fallbacks(
+    config: &Config,
+    root: &std::path::Path,
+) -> crate::server::paths::LoaderFallbacks {
+    let fallbacks = crate::server::paths::LoaderFallbacks::find(
+        root,
+        &config.dhcp.loader_files(),
+        &config.dhcp.boot.loader_dirs,
+    );
+    for (name, path) in fallbacks.iter() {
+        info!(loader = %name, from = %path.display(),
+            "the boot directory has no such loader; serving the system's copy (put a file of that name in the boot directory to override)");
+    }
+    fallbacks
 }
 
 /// Starts the DHCP service and its engine thread, unless DHCP is off.
@@ -234,7 +264,7 @@ fn start_panel(
     listener: TcpListener,
     router: &Arc<Router>,
     root: &std::path::Path,
-    data_plane: Arc<crate::panel::metrics::DataPlane>,
+    data_plane: &Arc<crate::panel::metrics::DataPlane>,
     shutdown: &Shutdown,
 ) -> Result<(crate::panel::Panel, JoinHandle<()>), crate::panel::PanelStartError> {
     let database = database_path(config);
@@ -263,7 +293,7 @@ fn start_panel(
         Arc::clone(router),
         root,
         listener,
-        data_plane,
+        Arc::clone(data_plane),
         shutdown.clone(),
     )
 }

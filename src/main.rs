@@ -37,7 +37,8 @@ struct Cli {
 enum Command {
     /// Serve the boot LAN (the default when no subcommand is given).
     Serve(ServeArgs),
-    /// Validate a config file and print the resulting settings.
+    /// Check a config file for what `serve` would refuse, and print the
+    /// effective configuration (every key, defaults included) as TOML.
     CheckConfig {
         /// The TOML file to check.
         config: PathBuf,
@@ -228,11 +229,7 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command.unwrap_or(Command::Serve(ServeArgs::default())) {
         Command::Serve(args) => serve(args),
-        Command::CheckConfig { config } => {
-            let config = Config::load(&config)?;
-            println!("{config:#?}");
-            Ok(())
-        }
+        Command::CheckConfig { config } => check_config(&config),
         Command::Users(command) => cli::users(command),
         Command::Tokens(command) => cli::tokens(command),
         Command::Machines(command) => cli::machines(command),
@@ -266,6 +263,74 @@ fn write_man_pages(dir: &std::path::Path) -> Result<()> {
     }
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     write(Cli::command(), "bootfleet".to_string(), dir)
+}
+
+/// `bootfleet check-config FILE`: the file must parse, and what `serve`
+/// would fail on at start is reported too; the effective configuration
+/// goes to standard output as TOML, the problems to standard error.
+fn check_config(path: &std::path::Path) -> Result<()> {
+    let config = Config::load(path)?;
+    print!("{}", config.to_toml());
+    let problems = startup_problems(&config);
+    if problems.is_empty() {
+        return Ok(());
+    }
+    for problem in &problems {
+        eprintln!("problem: {problem}");
+    }
+    bail!(
+        "{} problem(s) in {} that `bootfleet serve` would fail on",
+        problems.len(),
+        path.display()
+    )
+}
+
+/// What `serve` would fail on with `config`, beyond the file's syntax.
+fn startup_problems(config: &Config) -> Vec<String> {
+    use bootfleet::config::DhcpMode;
+    let mut problems = Vec::new();
+    if !config.root.is_dir() {
+        problems.push(format!(
+            "the boot directory {} does not exist (create it, or set root)",
+            config.root.display()
+        ));
+    }
+    if config.dhcp.mode != DhcpMode::Off {
+        if config.dhcp.interfaces.is_empty() {
+            let mode = if config.dhcp.mode == DhcpMode::Full {
+                "full"
+            } else {
+                "proxy"
+            };
+            problems.push(format!(
+                "dhcp.mode = \"{mode}\" needs dhcp.interfaces = [\"eth1\"] (the boot LAN's interfaces)"
+            ));
+        }
+        for name in &config.dhcp.interfaces {
+            if let Err(error) = bootfleet::engine::dhcp::interface(name) {
+                problems.push(format!("dhcp.interfaces: {error}"));
+            }
+        }
+    }
+    if config.dhcp.mode == DhcpMode::Full && config.dhcp.ranges.is_empty() {
+        problems.push("dhcp.mode = \"full\" needs dhcp.ranges = [\"FIRST-LAST\"]".to_string());
+    }
+    match (&config.panel.tls_cert, &config.panel.tls_key) {
+        (Some(_), None) | (None, Some(_)) => problems
+            .push("panel.tls_cert and panel.tls_key go together: set both, or neither".to_string()),
+        (Some(cert), Some(key)) => {
+            for (what, file) in [("panel.tls_cert", cert), ("panel.tls_key", key)] {
+                if let Err(error) = std::fs::File::open(file) {
+                    problems.push(format!("{what} {}: {error}", file.display()));
+                }
+            }
+        }
+        (None, None) => {}
+    }
+    if let Err(error) = tracing_subscriber::EnvFilter::try_new(&config.log_level) {
+        problems.push(format!("log.level {:?}: {error}", config.log_level));
+    }
+    problems
 }
 
 fn build_config(args: &ServeArgs) -> Result<Config> {

@@ -32,7 +32,11 @@ dpkg --root="$root" --force-depends --log=/dev/null -i "$deb" >/dev/null
 installed="$root/usr/bin/bootfleet"
 [ -x "$installed" ] || fail "no /usr/bin/bootfleet after installing"
 "$installed" --version | grep -qx "bootfleet $version" || fail "bootfleet --version does not say $version"
-"$installed" check-config "$root/etc/bootfleet/bootfleet.toml" >/dev/null \
+# The installed config, with its boot directory where tmpfiles would have
+# made it on a real system (the fresh root has no systemd-tmpfiles).
+mkdir -p "$root/srv/bootfleet"
+sed "s#\"/srv/bootfleet\"#\"$root/srv/bootfleet\"#" "$root/etc/bootfleet/bootfleet.toml" > "$root/tmp/bootfleet.toml"
+"$installed" check-config "$root/tmp/bootfleet.toml" >/dev/null \
     || fail "check-config refuses the installed default config"
 for file in usr/lib/systemd/system/bootfleet.service usr/lib/systemd/system/bootfleet.socket \
     usr/lib/sysusers.d/bootfleet.conf usr/lib/tmpfiles.d/bootfleet.conf \

@@ -66,7 +66,9 @@ trap 'rm -rf "$unit_dir"' EXIT
 sed "s#/usr/local/bin/bootfleet#$PWD/target/release/bootfleet#" systemd/bootfleet.service > "$unit_dir/bootfleet.service"
 cp systemd/bootfleet.socket "$unit_dir/"
 systemd-analyze verify "$unit_dir/bootfleet.service" "$unit_dir/bootfleet.socket"
-target/release/bootfleet check-config systemd/bootfleet.toml > /dev/null
+mkdir -p "$unit_dir/srv"
+sed "s#\"/srv/bootfleet\"#\"$unit_dir/srv\"#" systemd/bootfleet.toml > "$unit_dir/bootfleet.toml"
+target/release/bootfleet check-config "$unit_dir/bootfleet.toml" > /dev/null
 
 echo "== Debian package: build, lintian, install into a fresh root, run, remove"
 tests/package.sh

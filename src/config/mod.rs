@@ -61,6 +61,7 @@
 //! http_x64 = "ipxe.efi"        # UEFI HTTP boot: served as http://SERVER:PORT/<file>
 //! http_arm64 = "arm64/snponly.efi"
 //! script_url = "http://10.0.0.1/boot.ipxe"   # for iPXE; default: this server's HTTP
+//! loader_dirs = ["/usr/lib/ipxe"]  # loaders missing from root are served from here (Debian's ipxe)
 //! [[dhcp.quirks]]              # matched by MAC prefix and/or vendor-class prefix
 //! mac_prefix = "b8:27:eb"
 //! vendor_class = "PXEClient:Arch:00000"
@@ -85,8 +86,10 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
+mod effective;
+
 /// Which data-plane backend to run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum EngineChoice {
     /// io_uring when the kernel allows it, else epoll.
@@ -239,12 +242,13 @@ pub struct FileDhcp {
     pub http_x64: Option<String>,
     pub http_arm64: Option<String>,
     pub script_url: Option<String>,
+    pub loader_dirs: Option<Vec<PathBuf>>,
     #[serde(default)]
     pub quirks: Vec<Quirk>,
 }
 
 /// Which DHCP service to run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum DhcpMode {
     Off,
@@ -270,12 +274,16 @@ impl std::str::FromStr for DhcpMode {
 
 /// A firmware quirk: requests matching every given prefix get the
 /// architecture and/or boot file named here.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Quirk {
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub mac_prefix: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub vendor_class: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub arch: Option<crate::proto::dhcp::Arch>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub boot_file: Option<String>,
 }
 
@@ -331,6 +339,9 @@ pub struct BootFiles {
     pub http_arm64: String,
     /// Default: `http://<interface address>:<HTTP port>/boot.ipxe`.
     pub script_url: Option<String>,
+    /// Where loaders missing from the boot directory are looked for
+    /// (default: Debian's `ipxe` package, `/usr/lib/ipxe`).
+    pub loader_dirs: Vec<PathBuf>,
 }
 
 impl DhcpConfig {
@@ -406,7 +417,7 @@ pub struct FileInventory {
 }
 
 /// How the HTTP engine moves file bytes to the socket.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum BodyMode {
     /// Chosen per response: copied from the mapping while few connections
@@ -600,6 +611,7 @@ impl Default for Config {
                     http_x64: "ipxe.efi".into(),
                     http_arm64: "arm64/snponly.efi".into(),
                     script_url: None,
+                    loader_dirs: vec![PathBuf::from("/usr/lib/ipxe")],
                 },
                 quirks: Vec::new(),
             },
@@ -759,6 +771,9 @@ impl Validator<'_> {
         }
         if d.script_url.is_some() {
             b.script_url = d.script_url.clone();
+        }
+        if let Some(dirs) = &d.loader_dirs {
+            b.loader_dirs = dirs.clone();
         }
         c.quirks = d.quirks.clone();
         Ok(())
@@ -1029,6 +1044,83 @@ impl Validator<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The keys the file format accepts in `section` ("" for the top
+    /// level), from serde's own "expected one of" list.
+    fn accepted_keys(section: &str) -> Vec<String> {
+        let text = match section {
+            "" => "not_a_key = 1\n".to_string(),
+            "dhcp.quirks" => "[[dhcp.quirks]]\nnot_a_key = 1\n".to_string(),
+            _ => format!("[{section}]\nnot_a_key = 1\n"),
+        };
+        let error = toml::from_str::<FileConfig>(&text).unwrap_err().to_string();
+        let list = error
+            .split("expected one of ")
+            .nth(1)
+            .unwrap_or_else(|| error.split("expected ").nth(1).unwrap_or(""));
+        list.split(',')
+            .filter_map(|k| k.trim().split('`').nth(1).map(str::to_string))
+            .collect()
+    }
+
+    #[test]
+    fn configuration_reference_documents_every_key() {
+        let doc = include_str!("../../docs/configuration.md");
+        let block = doc
+            .split("```toml\n")
+            .nth(1)
+            .and_then(|rest| rest.split("```").next())
+            .expect("docs/configuration.md has the reference block");
+        let mut documented: std::collections::HashMap<String, Vec<String>> = Default::default();
+        let mut section = String::new();
+        for line in block.lines() {
+            let line = line.trim();
+            if let Some(name) = line.strip_prefix("[[").and_then(|l| l.split("]]").next()) {
+                section = name.to_string();
+            } else if let Some(name) = line.strip_prefix('[').and_then(|l| l.split(']').next()) {
+                section = name.to_string();
+            } else if let Some((key, _)) = line.split_once(" =") {
+                documented
+                    .entry(section.clone())
+                    .or_default()
+                    .push(key.trim().to_string());
+            }
+        }
+        let sections = [
+            "",
+            "tftp",
+            "http",
+            "dhcp",
+            "dhcp.quirks",
+            "inventory",
+            "panel",
+            "cache",
+            "log",
+        ];
+        let mut missing = Vec::new();
+        for section in sections {
+            let keys = accepted_keys(section);
+            assert!(!keys.is_empty(), "no keys found for [{section}]");
+            for key in keys {
+                // Sections are documented as sections.
+                let nested = if section.is_empty() {
+                    key.clone()
+                } else {
+                    format!("{section}.{key}")
+                };
+                if sections.contains(&nested.as_str()) {
+                    continue;
+                }
+                if !documented.get(section).is_some_and(|d| d.contains(&key)) {
+                    missing.push(format!("[{section}] {key}"));
+                }
+            }
+        }
+        assert!(
+            missing.is_empty(),
+            "undocumented in docs/configuration.md: {missing:?}"
+        );
+    }
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
         Config::from_toml(text, Path::new("/etc/bootfleet/bootfleet.toml"))

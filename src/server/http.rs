@@ -55,6 +55,8 @@ pub struct HttpServiceConfig {
     /// file, the state directory, the database); see
     /// [`crate::server::paths::resolve_served`].
     pub private: Vec<std::path::PathBuf>,
+    /// Loaders served from outside the root when it has none of that name.
+    pub fallbacks: crate::server::paths::LoaderFallbacks,
 }
 
 /// What to send for one request.
@@ -523,7 +525,9 @@ impl HttpService {
                 return self.text(400, &format!("refused path: {why}\n"), request, head_only);
             }
         };
-        let path = match resolve_served(&self.root, &self.config.private, &name) {
+        let path = match resolve_served(&self.root, &self.config.private, &name)
+            .or_else(|e| self.config.fallbacks.instead_of(e, &name))
+        {
             Ok(path) => path,
             Err(ResolveError::NotFound) => {
                 return self.text(404, "not found\n", request, head_only)

@@ -57,6 +57,50 @@ pub fn resolve_served(
     Ok(canonical)
 }
 
+/// First-stage loaders served from outside the boot directory when it has
+/// no file of that name: Debian's `ipxe` package installs
+/// `/usr/lib/ipxe/undionly.kpxe`, `ipxe.efi` and `snponly.efi`, so a fresh
+/// install boots machines with nothing copied. Looked up once at start, by
+/// the loader's exact relative path in each directory (never by base name:
+/// `arm64/snponly.efi` must not find the x86 `snponly.efi`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LoaderFallbacks(std::collections::BTreeMap<String, PathBuf>);
+
+impl LoaderFallbacks {
+    /// For each of `loaders` missing from `root`, the first of `dirs`
+    /// that has it.
+    pub fn find(root: &Path, loaders: &[String], dirs: &[PathBuf]) -> Self {
+        let mut found = std::collections::BTreeMap::new();
+        for name in loaders {
+            if resolve_inside(root, name).is_ok() || found.contains_key(name) {
+                continue;
+            }
+            let candidate = dirs
+                .iter()
+                .filter_map(|dir| dir.join(name).canonicalize().ok())
+                .find(|path| path.is_file());
+            if let Some(path) = candidate {
+                found.insert(name.clone(), path);
+            }
+        }
+        Self(found)
+    }
+
+    /// Each loader served from elsewhere, and from where.
+    pub fn iter(&self) -> impl Iterator<Item = (&String, &PathBuf)> {
+        self.0.iter()
+    }
+
+    /// `name`'s fallback when the boot directory has no such file;
+    /// otherwise `error` as it was.
+    pub fn instead_of(&self, error: ResolveError, name: &str) -> Result<PathBuf, ResolveError> {
+        match (&error, self.0.get(name)) {
+            (ResolveError::NotFound, Some(path)) => Ok(path.clone()),
+            _ => Err(error),
+        }
+    }
+}
+
 /// The canonical forms of `paths` that exist (a path that does not exist
 /// yet is taken as it is, made absolute), for [`resolve_served`].
 pub fn private_paths<'a>(paths: impl IntoIterator<Item = &'a Path>) -> Vec<PathBuf> {
@@ -202,6 +246,36 @@ mod tests {
             );
         }
         assert!(resolve_served(&root, &private, "ok").is_ok());
+    }
+
+    #[test]
+    fn missing_loaders_are_found_by_their_exact_path_in_the_search_directories() {
+        let root = tempfile::tempdir().unwrap();
+        let system = tempfile::tempdir().unwrap();
+        std::fs::write(root.path().join("ipxe.efi"), "the operator's").unwrap();
+        for name in ["ipxe.efi", "undionly.kpxe", "snponly.efi"] {
+            std::fs::write(system.path().join(name), "debian's").unwrap();
+        }
+        let root = root.path().canonicalize().unwrap();
+        let loaders: Vec<String> = ["ipxe.efi", "undionly.kpxe", "arm64/snponly.efi"]
+            .map(String::from)
+            .into();
+        let fallbacks = LoaderFallbacks::find(&root, &loaders, &[system.path().to_path_buf()]);
+        let found: Vec<&str> = fallbacks.iter().map(|(name, _)| name.as_str()).collect();
+        // The operator's file wins; arm64 never gets the x86 snponly.efi.
+        assert_eq!(found, ["undionly.kpxe"]);
+        assert_eq!(
+            fallbacks.instead_of(ResolveError::NotFound, "undionly.kpxe"),
+            Ok(system.path().canonicalize().unwrap().join("undionly.kpxe"))
+        );
+        assert_eq!(
+            fallbacks.instead_of(ResolveError::Private, "undionly.kpxe"),
+            Err(ResolveError::Private)
+        );
+        assert_eq!(
+            fallbacks.instead_of(ResolveError::NotFound, "ipxe.efi"),
+            Err(ResolveError::NotFound)
+        );
     }
 
     #[test]

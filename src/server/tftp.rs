@@ -41,7 +41,7 @@ use crate::proto::tftp::{
     TransferConfig, WriteTransfer,
 };
 use crate::server::multicast::{Join, MulticastSessions};
-use crate::server::paths::{resolve_served, ResolveError};
+use crate::server::paths::{resolve_served, LoaderFallbacks, ResolveError};
 
 /// What to do with a datagram that arrived on the listening port.
 pub enum Admission {
@@ -104,6 +104,7 @@ pub struct TftpService {
     /// Canonical paths under the root that are never served (see
     /// [`crate::server::paths::resolve_served`]).
     private: Vec<PathBuf>,
+    fallbacks: LoaderFallbacks,
     cache: FileCache,
     generators: Vec<Arc<dyn FileGenerator>>,
     observers: Vec<Arc<dyn TransferObserver>>,
@@ -180,6 +181,7 @@ impl TftpService {
         Ok(Self {
             root,
             private: Vec::new(),
+            fallbacks: LoaderFallbacks::default(),
             cache,
             generators: Vec::new(),
             observers: Vec::new(),
@@ -209,6 +211,11 @@ impl TftpService {
     /// inventory file, the state directory, the database).
     pub fn set_private_paths(&mut self, private: Vec<PathBuf>) {
         self.private = private;
+    }
+
+    /// Loaders served from outside the root when it has none of that name.
+    pub fn set_loader_fallbacks(&mut self, fallbacks: LoaderFallbacks) {
+        self.fallbacks = fallbacks;
     }
 
     /// Serves read requests that ask for `multicast` through `hub`.
@@ -656,7 +663,9 @@ impl TftpService {
 
     /// The file's canonical path, which must lie inside the root.
     fn resolve_on_disk(&self, name: &str) -> Result<PathBuf, (ErrorCode, &'static str)> {
-        resolve_served(&self.root, &self.private, name).map_err(|e| match e {
+        resolve_served(&self.root, &self.private, name)
+            .or_else(|e| self.fallbacks.instead_of(e, name))
+            .map_err(|e| match e {
             ResolveError::NotFound => (ErrorCode::FileNotFound, "file not found"),
             ResolveError::Private => {
                 info!(file = %name, "refused: the inventory, a dotfile, an upload in progress or server state is never served");

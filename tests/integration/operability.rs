@@ -228,3 +228,92 @@ fn the_metrics_move_as_machines_boot_and_the_health_endpoints_answer() {
     assert_eq!(sample(&after, "bootfleet_tftp_open_transfers"), 0.0);
     assert_eq!(sample(&after, "bootfleet_events_dropped_total"), 0.0);
 }
+
+#[test]
+fn a_boot_directory_without_loaders_serves_debians_ipxe_builds() {
+    let debian = std::path::Path::new("/usr/lib/ipxe");
+    assert!(
+        debian.join("undionly.kpxe").is_file() && debian.join("ipxe.efi").is_file(),
+        "Debian's ipxe package is missing: install ipxe (tests/run-all.sh does)"
+    );
+    let root = boot_dir();
+    let server = FullServer::start(root.path(), |_| {});
+    for loader in ["undionly.kpxe", "ipxe.efi"] {
+        let expected = std::fs::read(debian.join(loader)).unwrap();
+        let over_http = curl(&server.url(&format!("/{loader}")), &[]);
+        assert_eq!(over_http.status, 200, "{loader}");
+        assert!(over_http.body == expected, "{loader} over HTTP differs");
+        let out = scratch();
+        let target = out.path().join(loader);
+        let fetched = tftp_hpa_get(server.tftp.port(), loader, &target);
+        assert!(fetched.status.success(), "{loader} over TFTP: {fetched:?}");
+        assert!(
+            std::fs::read(&target).unwrap() == expected,
+            "{loader} over TFTP differs"
+        );
+    }
+    // arm64's loader is looked for by its own path, never as the x86 file.
+    assert_eq!(curl(&server.url("/arm64/snponly.efi"), &[]).status, 404);
+
+    // A loader in the boot directory wins.
+    let mine = boot_dir();
+    std::fs::write(mine.path().join("undionly.kpxe"), b"the operator's build").unwrap();
+    let server = FullServer::start(mine.path(), |_| {});
+    assert_eq!(
+        curl(&server.url("/undionly.kpxe"), &[]).body,
+        b"the operator's build"
+    );
+}
+
+#[test]
+fn check_config_reports_what_serve_would_fail_on_and_prints_the_effective_toml() {
+    let dir = scratch();
+    let check = |text: &str| {
+        let file = dir.path().join("bootfleet.toml");
+        std::fs::write(&file, text).unwrap();
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_bootfleet"))
+            .arg("check-config")
+            .arg(&file)
+            .output()
+            .unwrap();
+        (
+            output.status.success(),
+            String::from_utf8(output.stdout).unwrap(),
+            String::from_utf8(output.stderr).unwrap(),
+        )
+    };
+    let root = dir.path().join("boot");
+    std::fs::create_dir(&root).unwrap();
+    let (ok, toml, _) = check(&format!(
+        "root = {:?}\n[http]\nidle_timeout_ms = 5000\n",
+        root
+    ));
+    assert!(ok);
+    let effective: toml::Table = toml.parse().expect("the effective configuration is TOML");
+    assert_eq!(
+        effective["http"]["idle_timeout_ms"].as_integer(),
+        Some(5000)
+    );
+    assert_eq!(
+        effective["tftp"]["max_retries"].as_integer(),
+        Some(5),
+        "defaults are shown"
+    );
+
+    let (ok, _, problems) = check(
+        "root = \"/nonexistent-boot-dir\"\n[dhcp]\nmode = \"full\"\n\
+         [panel]\ntls_cert = \"/nonexistent.crt\"\ntls_key = \"/nonexistent.key\"\n\
+         [log]\nlevel = \"bootfleet=loud\"\n",
+    );
+    assert!(!ok, "{problems}");
+    for expected in [
+        "boot directory /nonexistent-boot-dir does not exist",
+        "needs dhcp.interfaces",
+        "needs dhcp.ranges",
+        "panel.tls_cert /nonexistent.crt",
+        "panel.tls_key /nonexistent.key",
+        "log.level \"bootfleet=loud\"",
+    ] {
+        assert!(problems.contains(expected), "{expected}: {problems}");
+    }
+}
