@@ -13,10 +13,18 @@ use bootfleet::panel::auth;
 use bootfleet::store::sqlite::SqliteStore;
 use bootfleet::store::{InventoryStore, Scope};
 
-use super::{ApiArgs, DatabaseArgs, ImagesCommand, MachinesCommand, TokensCommand, UsersCommand};
+use super::{
+    ApiArgs, DatabaseArgs, DbCommand, ImagesCommand, MachinesCommand, TokensCommand, UsersCommand,
+};
 
 fn open(args: &DatabaseArgs) -> Result<SqliteStore> {
-    let path = match &args.database {
+    let path = database_path(args)?;
+    SqliteStore::open(&path).with_context(|| format!("inventory database {}", path.display()))
+}
+
+/// Where the inventory database is, as `serve` would find it.
+fn database_path(args: &DatabaseArgs) -> Result<std::path::PathBuf> {
+    Ok(match &args.database {
         Some(path) => path.clone(),
         None => {
             let mut config = match &args.config {
@@ -28,8 +36,72 @@ fn open(args: &DatabaseArgs) -> Result<SqliteStore> {
             }
             bootfleet::app::database_path(&config)
         }
-    };
-    SqliteStore::open(&path).with_context(|| format!("inventory database {}", path.display()))
+    })
+}
+
+pub fn db(command: DbCommand) -> Result<()> {
+    match command {
+        DbCommand::Backup { file, database } => {
+            let path = database_path(&database)?;
+            if !path.is_file() {
+                bail!(
+                    "no inventory database at {} (pass --config, --state-dir or --database)",
+                    path.display()
+                );
+            }
+            let store = open(&database)?;
+            let summary = store
+                .backup_to(&file)
+                .with_context(|| format!("backing up {} to {}", path.display(), file.display()))?;
+            println!(
+                "backed up {} to {}: {summary}",
+                path.display(),
+                file.display()
+            );
+        }
+        DbCommand::Restore { file, database } => {
+            let live = database_path(&database)?;
+            if !file.is_file() {
+                bail!("no backup file {}", file.display());
+            }
+            // The backup is copied, brought to this version's schema and
+            // checked beside the live database, then renamed over it: the
+            // operator's backup file is never changed, and a failure on the
+            // way leaves the live database as it was.
+            let staging = live.with_extension("restore-staging");
+            let checked = live.with_extension("restore-checked");
+            for leftover in [&staging, &checked] {
+                let _ = std::fs::remove_file(leftover);
+            }
+            std::fs::copy(&file, &staging)
+                .with_context(|| format!("copying {} to {}", file.display(), staging.display()))?;
+            let summary = SqliteStore::open(&staging)
+                .and_then(|store| store.backup_to(&checked))
+                .with_context(|| {
+                    format!("{} is not a usable bootfleet database", file.display())
+                })?;
+            for sidecar in ["-wal", "-shm"] {
+                let mut name = live.clone().into_os_string();
+                name.push(sidecar);
+                let _ = std::fs::remove_file(name);
+            }
+            std::fs::rename(&checked, &live)
+                .with_context(|| format!("replacing {}", live.display()))?;
+            bootfleet::durable::sync_parent_dir(&live)
+                .with_context(|| format!("syncing the directory of {}", live.display()))?;
+            for suffix in ["", "-wal", "-shm"] {
+                let mut name = staging.clone().into_os_string();
+                name.push(suffix);
+                let _ = std::fs::remove_file(name);
+            }
+            println!(
+                "restored {} from {}: {summary}",
+                live.display(),
+                file.display()
+            );
+        }
+    }
+    Ok(())
 }
 
 fn scope(text: &str) -> Result<Scope> {

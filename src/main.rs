@@ -55,6 +55,9 @@ enum Command {
     /// Images, through the running server's API.
     #[command(subcommand)]
     Images(ImagesCommand),
+    /// The inventory database: online backup, and restore.
+    #[command(subcommand)]
+    Db(DbCommand),
     /// Print a shell completion script, e.g. `bootfleet completions bash >
     /// /etc/bash_completion.d/bootfleet`.
     Completions { shell: clap_complete::Shell },
@@ -92,6 +95,26 @@ enum UsersCommand {
     },
     /// List users.
     List {
+        #[command(flatten)]
+        database: DatabaseArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum DbCommand {
+    /// Copy the inventory database into FILE while the server runs
+    /// (SQLite's online backup: one consistent state), check the copy and
+    /// print what it holds.
+    Backup {
+        file: PathBuf,
+        #[command(flatten)]
+        database: DatabaseArgs,
+    },
+    /// Replace the inventory database with the backup FILE (checked, and
+    /// brought to this version's schema first). Stop bootfleet before, start
+    /// it after: `systemctl stop bootfleet`.
+    Restore {
+        file: PathBuf,
         #[command(flatten)]
         database: DatabaseArgs,
     },
@@ -234,6 +257,7 @@ fn main() -> Result<()> {
         Command::Tokens(command) => cli::tokens(command),
         Command::Machines(command) => cli::machines(command),
         Command::Images(command) => cli::images(command),
+        Command::Db(command) => cli::db(command),
         Command::Completions { shell } => {
             use clap::CommandFactory;
             clap_complete::generate(

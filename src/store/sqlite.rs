@@ -105,6 +105,25 @@ CREATE TABLE settings (
 );
 "#];
 
+/// What a database copy holds, to compare with the original.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BackupSummary {
+    pub machines: u64,
+    pub images: u64,
+    pub users: u64,
+    pub events: u64,
+}
+
+impl std::fmt::Display for BackupSummary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} machines, {} images, {} users, {} boot events",
+            self.machines, self.images, self.users, self.events
+        )
+    }
+}
+
 /// The SQLite inventory store.
 ///
 /// Machines are also kept in memory, updated after each committed change:
@@ -148,6 +167,42 @@ fn from_json<T: serde::de::DeserializeOwned + Default>(text: &str) -> T {
 impl SqliteStore {
     /// Opens (creating if needed) the database at `path` and brings its
     /// schema up to date.
+    /// Copies the whole database into `target` (created or replaced) while
+    /// the server keeps running: SQLite's online backup API copies it in
+    /// steps, and writers in between are picked up, so the copy is one
+    /// consistent state. Returns what the copy holds.
+    pub fn backup_to(&self, target: &Path) -> StoreResult<BackupSummary> {
+        let connection = self.connection.lock().unwrap_or_else(|p| p.into_inner());
+        let mut copy = Connection::open(target).map_err(|e| {
+            StoreError::Database(format!("cannot create {}: {e}", target.display()))
+        })?;
+        {
+            let backup = rusqlite::backup::Backup::new(&connection, &mut copy)?;
+            backup.run_to_completion(256, std::time::Duration::from_millis(5), None)?;
+        }
+        drop(connection);
+        let integrity: String = copy.query_row("PRAGMA integrity_check", [], |row| row.get(0))?;
+        if integrity != "ok" {
+            return Err(StoreError::Database(format!(
+                "the copy in {} fails SQLite's integrity check: {integrity}",
+                target.display()
+            )));
+        }
+        let count = |table: &str| -> StoreResult<u64> {
+            Ok(
+                copy.query_row(&format!("SELECT count(*) FROM {table}"), [], |row| {
+                    row.get::<_, i64>(0)
+                })? as u64,
+            )
+        };
+        Ok(BackupSummary {
+            machines: count("machines")?,
+            images: count("images")?,
+            users: count("users")?,
+            events: count("events")?,
+        })
+    }
+
     pub fn open(path: &Path) -> StoreResult<Self> {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(|e| {

@@ -317,3 +317,62 @@ fn check_config_reports_what_serve_would_fail_on_and_prints_the_effective_toml()
         assert!(problems.contains(expected), "{expected}: {problems}");
     }
 }
+
+#[test]
+fn the_database_is_backed_up_online_and_restored_after_a_mistake() {
+    use crate::panel::bootfleet_cli;
+    let root = boot_dir();
+    let state = state_dir();
+    let state_path = state.path().to_path_buf();
+    let server = FullServer::start_with_panel(root.path(), state, |_| {});
+    let api = Api::with_token(
+        server.panel.unwrap(),
+        &add_token(&state_path, "ops", "admin"),
+    );
+    register(&api, "debian12");
+    let mac = "52:54:00:bc:00:01";
+    api.ok(
+        "POST",
+        "/api/v1/machines/assign",
+        Some(json!({ "macs": [mac], "image": "debian12" })),
+    );
+
+    // While the server runs and serves.
+    let backups = scratch();
+    let backup = backups.path().join("inventory.backup");
+    let said = bootfleet_cli(
+        &[
+            "db",
+            "backup",
+            backup.to_str().unwrap(),
+            "--state-dir",
+            state_path.to_str().unwrap(),
+        ],
+        "",
+    );
+    assert!(said.contains("1 machines, 1 images"), "{said}");
+
+    // The mistake, then the restore with the server stopped.
+    api.ok("DELETE", &format!("/api/v1/machines/{mac}"), None);
+    let FullServer { running, state, .. } = server;
+    running.stop();
+    let said = bootfleet_cli(
+        &[
+            "db",
+            "restore",
+            backup.to_str().unwrap(),
+            "--state-dir",
+            state_path.to_str().unwrap(),
+        ],
+        "",
+    );
+    assert!(said.contains("1 machines, 1 images"), "{said}");
+    let server = FullServer::start_with_panel(root.path(), state, |_| {});
+    let api = Api::with_token(
+        server.panel.unwrap(),
+        &add_token(&state_path, "ops2", "admin"),
+    );
+    let machine = api.ok("GET", &format!("/api/v1/machines/{mac}"), None);
+    assert_eq!(machine["image"], "debian12", "{machine}");
+    assert!(script(&server, mac, "").contains("debian12/vmlinuz"));
+}
