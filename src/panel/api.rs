@@ -638,8 +638,23 @@ async fn discovered(State(state): Shared, _: Reader) -> ApiResult {
 
 // ---- images and files ----
 
+/// An image as the API shows it: the record, and `problem` when its files
+/// are missing or unreadable now (it cannot boot).
+fn image_view(state: &PanelState, image: ImageRecord) -> Value {
+    let problem = state.image_health.problem(&image.name);
+    let mut value = serde_json::to_value(image).unwrap_or(Value::Null);
+    value["problem"] = problem.map_or(Value::Null, Value::String);
+    value
+}
+
 async fn list_images(State(state): Shared, _: Reader) -> ApiResult {
-    Ok(Json(state.store.images()?).into_response())
+    let images: Vec<Value> = state
+        .store
+        .images()?
+        .into_iter()
+        .map(|image| image_view(&state, image))
+        .collect();
+    Ok(Json(images).into_response())
 }
 
 async fn get_image(State(state): Shared, _: Reader, Path(name): Path<String>) -> ApiResult {
@@ -647,7 +662,7 @@ async fn get_image(State(state): Shared, _: Reader, Path(name): Path<String>) ->
         .store
         .image(&name)?
         .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("no image named {name:?}")))?;
-    Ok(Json(image).into_response())
+    Ok(Json(image_view(&state, image)).into_response())
 }
 
 #[derive(Deserialize)]
@@ -701,6 +716,8 @@ async fn add_image(State(state): Shared, Auth(who): Admin, body: axum::body::Byt
             .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e))?;
         state.store.add_image(&image, &who.actor)?;
         state.publish()?;
+        // Watch its files' directories now, not at the next round.
+        state.image_health.changed.notify_one();
         Ok(image)
     })
     .await?;

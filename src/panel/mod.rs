@@ -12,6 +12,7 @@
 
 mod api;
 pub mod auth;
+mod image_watch;
 pub mod metrics;
 mod tls;
 
@@ -116,6 +117,8 @@ pub struct PanelState {
     pub data_plane: Arc<metrics::DataPlane>,
     /// A snapshot built from the store has been installed in the router.
     pub snapshot_installed: std::sync::atomic::AtomicBool,
+    /// Images whose files are missing, and the watch on their directories.
+    pub image_health: Arc<image_watch::ImageHealth>,
 }
 
 impl PanelState {
@@ -299,6 +302,7 @@ pub fn start(
         tls: tls.is_some(),
         data_plane,
         snapshot_installed: std::sync::atomic::AtomicBool::new(false),
+        image_health: Arc::default(),
     });
     if let Err(error) = state.publish() {
         error!(error = %error.message, "inventory database: no snapshot from it; the data plane keeps serving the inventory it has");
@@ -463,52 +467,21 @@ impl FailureLog {
 async fn housekeeping(state: Arc<PanelState>) {
     let mut tick = tokio::time::interval(Duration::from_secs(10));
     loop {
-        tick.tick().await;
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = state.image_health.changed.notified() => {
+                // A file written in pieces settles first.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
         let state = Arc::clone(&state);
         let _ = tokio::task::spawn_blocking(move || {
             let retention = state.config.event_retention.as_millis() as u64;
             if let Err(error) = state.store.prune_events(now_ms().saturating_sub(retention)) {
                 warn!(%error, "old boot events not pruned");
             }
-            recheck_image_files(&state);
+            image_watch::recheck_image_files(&state);
         })
         .await;
-    }
-}
-
-/// Recomputes the checksums of image files whose size or time changed.
-fn recheck_image_files(state: &PanelState) {
-    let Ok(images) = state.store.images() else {
-        return;
-    };
-    for image in images {
-        let changed = image.files.iter().any(|file| {
-            std::fs::metadata(state.root.join(&file.path))
-                .map(|meta| meta.len() != file.size || mtime_ms(&meta) != file.mtime_ms)
-                .unwrap_or(true)
-        });
-        if !changed {
-            continue;
-        }
-        match check_files(&state.root, &image) {
-            Ok(files) => {
-                info!(image = %image.name, "an image's boot file changed on disk; size and checksum updated");
-                let detail = files
-                    .iter()
-                    .map(|f| format!("{} {} bytes sha256 {}", f.path, f.size, &f.sha256[..16]))
-                    .collect::<Vec<_>>()
-                    .join("; ");
-                let _ = state.store.update_image_files(&image.name, &files);
-                let _ = state.store.record_audit(
-                    "bootfleet",
-                    "image.files-changed",
-                    &image.name,
-                    &detail,
-                );
-            }
-            Err(error) => {
-                warn!(image = %image.name, %error, "an image's boot file is missing or unreadable")
-            }
-        }
     }
 }

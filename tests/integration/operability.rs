@@ -3,6 +3,7 @@
 //! metrics that move as machines boot, and the health endpoints.
 
 use std::io::Write;
+use std::time::Duration;
 
 use serde_json::json;
 
@@ -375,4 +376,44 @@ fn the_database_is_backed_up_online_and_restored_after_a_mistake() {
     let machine = api.ok("GET", &format!("/api/v1/machines/{mac}"), None);
     assert_eq!(machine["image"], "debian12", "{machine}");
     assert!(script(&server, mac, "").contains("debian12/vmlinuz"));
+}
+
+#[test]
+fn an_image_whose_file_vanishes_is_marked_broken_at_once_and_healed_when_it_returns() {
+    let root = boot_dir();
+    let server = FullServer::start_with_panel(root.path(), state_dir(), |_| {});
+    let api = Api::with_token(
+        server.panel.unwrap(),
+        &add_token(server.state.path(), "ops", "admin"),
+    );
+    register(&api, "debian12");
+    let image = || api.ok("GET", "/api/v1/images/debian12", None);
+    assert_eq!(image()["problem"], serde_json::Value::Null);
+    // Let the watch on the image's directory be set.
+    std::thread::sleep(Duration::from_millis(500));
+
+    let kernel = root.path().join("debian12/vmlinuz");
+    std::fs::remove_file(&kernel).unwrap();
+    let started = std::time::Instant::now();
+    let broken = eventually("the image marked broken", || {
+        let image = image();
+        image["problem"].as_str().map(|p| p.to_string())
+    });
+    // Well inside the ten-second round: the watch woke the check.
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert!(broken.contains("debian12/vmlinuz"), "{broken}");
+    let listed = api.ok("GET", "/api/v1/images", None);
+    assert_eq!(listed[0]["problem"], broken.as_str());
+
+    // A new kernel: healed, with its new size and checksum.
+    std::fs::write(&kernel, b"a newer debian kernel").unwrap();
+    let healed = eventually("the image healed", || {
+        let image = image();
+        (image["problem"].is_null() && image["files"][0]["size"] == 21).then_some(image)
+    });
+    assert_eq!(healed["files"][0]["path"], "debian12/vmlinuz");
 }

@@ -396,7 +396,8 @@ async function imagesPage() {
   const table = h("table", { id: "images" },
     h("thead", {}, h("tr", {}, ["Name", "Kernel", "Initrds", "Command line", "Via", "Files (size, SHA-256)", ""].map((t) => h("th", {}, t)))),
     h("tbody", {}, state.images.map((i) => h("tr", { dataset: { image: i.name } },
-      h("td", {}, i.name), h("td", { class: "mono" }, i.kernel), h("td", { class: "mono" }, i.initrds.join(" ")),
+      h("td", {}, i.name, i.problem ? [" ", h("span", { class: "badge failed", title: i.problem }, "broken")] : null,
+        i.problem ? h("div", { class: "failure" }, i.problem) : null), h("td", { class: "mono" }, i.kernel), h("td", { class: "mono" }, i.initrds.join(" ")),
       h("td", { class: "mono" }, i.cmdline), h("td", {}, i.transport),
       h("td", {}, i.files.map((f) => h("div", { class: "mono", title: f.sha256 }, `${f.path}: ${size(f.size)}, ${f.sha256.slice(0, 12)}…`))),
       h("td", {}, h("button", { class: "secondary", onclick: async () => {
