@@ -139,6 +139,9 @@ pub struct Router {
     /// First-stage loaders the DHCP answers name: their fetches are the
     /// loader phase of a boot.
     loader_files: HashSet<String>,
+    /// Kernels and initrds named by the operator's own per-MAC scripts
+    /// served so far ([`super::script::files_fetched_by`]).
+    static_script_files: Mutex<HashMap<String, FileRole>>,
     /// The file version that last failed to load.
     failed_source: Mutex<Option<(SystemTime, u64)>>,
     /// Set once the inventory database is the source: the file is then
@@ -181,6 +184,7 @@ impl Router {
                 NEW_MACS_PER_SECOND,
             )),
             loader_files: HashSet::new(),
+            static_script_files: Mutex::new(HashMap::new()),
             failed_source: Mutex::new(None),
             external_source: std::sync::atomic::AtomicBool::new(false),
             events: EventLog::new(100_000),
@@ -344,6 +348,13 @@ impl Router {
         }
 
         if let Some(found) = static_script {
+            let named = super::script::files_fetched_by(&found.body);
+            if !named.is_empty() {
+                self.static_script_files
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .extend(named);
+            }
             return Script {
                 body: found.body,
                 decision: Decision::Static(found.path),
@@ -626,7 +637,14 @@ impl Router {
         let phase = if self.loader_files.contains(path) {
             Phase::Loader
         } else {
-            match loaded.snapshot.boot_files.get(path) {
+            let role = loaded.snapshot.boot_files.get(path).copied().or_else(|| {
+                self.static_script_files
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get(path)
+                    .copied()
+            });
+            match role {
                 Some(FileRole::Kernel) => Phase::Kernel,
                 Some(FileRole::Initrd) => Phase::Initrd,
                 None => return,

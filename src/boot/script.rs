@@ -100,6 +100,55 @@ pub fn find_static_script(dir: &Path, mac: Mac) -> Option<StaticScript> {
     None
 }
 
+/// The kernels and initrds an operator's own iPXE script fetches, as paths
+/// relative to the boot directory: `kernel`, `chain`, `imgexec` and
+/// `boot` name kernels; `initrd`, `module` and `imgfetch` initrds. A URL's
+/// scheme and host are dropped (`http://${next-server}/vmlinuz` is
+/// `vmlinuz`); options (`--name x`) and arguments after the file are
+/// skipped; a path that still holds a variable cannot be known and is left
+/// out. So the fetches of a machine booted by the classic per-MAC
+/// `.ipxe`/`.gpxe` layout become boot events like any image's.
+pub fn files_fetched_by(script: &[u8]) -> Vec<(String, crate::inventory::FileRole)> {
+    use crate::inventory::FileRole;
+    let text = String::from_utf8_lossy(script);
+    let mut files = Vec::new();
+    for line in text.lines() {
+        let mut words = line.split_whitespace();
+        let role = match words.next() {
+            Some("kernel" | "chain" | "imgexec" | "boot") => FileRole::Kernel,
+            Some("initrd" | "module" | "imgfetch") => FileRole::Initrd,
+            _ => continue,
+        };
+        // iPXE's image options: `--name`/`-n` and `--timeout`/`-t` take a
+        // value (unless written `--name=x`); the others are flags.
+        let mut target = None;
+        while let Some(word) = words.next() {
+            if matches!(word, "--name" | "-n" | "--timeout" | "-t") {
+                words.next();
+            } else if !word.starts_with('-') {
+                target = Some(word);
+                break;
+            }
+        }
+        let Some(target) = target else {
+            continue;
+        };
+        let path = match target.split_once("://") {
+            Some((_, rest)) => rest.split_once('/').map_or("", |(_, path)| path),
+            None => target,
+        };
+        let path = path
+            .split(['?', '#'])
+            .next()
+            .unwrap_or("")
+            .trim_start_matches('/');
+        if !path.is_empty() && !path.contains("${") {
+            files.push((path.to_string(), role));
+        }
+    }
+    files
+}
+
 /// [`find_static_script`] for a directory that is asked about thousands of
 /// times a second: it keeps the MAC addresses that the directory's
 /// `.ipxe`/`.gpxe` files are named after and lists the directory again only
@@ -367,6 +416,26 @@ fn list_script_macs(dir: &Path) -> std::collections::HashSet<Mac> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_operators_script_names_its_kernel_and_initrds() {
+        use crate::inventory::FileRole;
+        let script = b"#!ipxe\n\
+            kernel http://${next-server}/debian/vmlinuz console=ttyS0 initrd=initrd.img\n\
+            initrd --name initrd.img /debian/initrd.img\n\
+            module tftp://10.0.0.1/extra.cpio?x=1\n\
+            initrd http://${next-server}/${hostname}/overlay.img\n\
+            echo kernel is not a command here\n\
+            boot\n";
+        assert_eq!(
+            files_fetched_by(script),
+            [
+                ("debian/vmlinuz".to_string(), FileRole::Kernel),
+                ("debian/initrd.img".to_string(), FileRole::Initrd),
+                ("extra.cpio".to_string(), FileRole::Initrd),
+            ]
+        );
+    }
 
     const MAC: Mac = Mac([0x52, 0x54, 0x00, 0x12, 0x34, 0x56]);
 

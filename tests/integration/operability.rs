@@ -417,3 +417,39 @@ fn an_image_whose_file_vanishes_is_marked_broken_at_once_and_healed_when_it_retu
     });
     assert_eq!(healed["files"][0]["path"], "debian12/vmlinuz");
 }
+
+#[test]
+fn kernels_and_initrds_of_an_operators_own_per_mac_script_are_boot_events() {
+    let root = boot_dir();
+    let mac = "52:54:00:cc:00:01";
+    // The write-up's classic layout: a script per MAC, written by hand.
+    std::fs::write(
+        root.path().join(format!("{mac}.ipxe")),
+        "#!ipxe\nkernel http://${next-server}/rocky9/vmlinuz console=ttyS0\n\
+         initrd --name initrd.img http://${next-server}/rocky9/initrd.img\nboot\n",
+    )
+    .unwrap();
+    let server = FullServer::start(root.path(), |_| {});
+    let fetched = curl(&server.url(&format!("/boot/{mac}.ipxe")), &[]);
+    assert!(String::from_utf8_lossy(&fetched.body).contains("rocky9/vmlinuz"));
+    for path in ["/rocky9/vmlinuz", "/rocky9/initrd.img"] {
+        assert_eq!(curl(&server.url(path), &[]).status, 200);
+    }
+    let machine: bootfleet::proto::Mac = mac.parse().unwrap();
+    let phases: Vec<(String, u16)> = server
+        .running
+        .router
+        .events
+        .recent(Some(machine), 10)
+        .into_iter()
+        .map(|e| (format!("{:?}", e.phase), e.status))
+        .collect();
+    assert_eq!(
+        phases,
+        [
+            ("Script".to_string(), 200),
+            ("Kernel".to_string(), 200),
+            ("Initrd".to_string(), 200)
+        ]
+    );
+}
