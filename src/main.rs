@@ -11,6 +11,7 @@ use tracing::{info, warn};
 use bootfleet::app;
 use bootfleet::config::{Config, EngineChoice};
 use bootfleet::engine;
+use bootfleet::engine::port_owner::Protocol;
 
 mod cli;
 mod systemd;
@@ -476,8 +477,11 @@ fn serve(args: ServeArgs) -> Result<()> {
     let http_addr = http.local_addr()?;
     let panel = match (config.panel.listen, passed.panel) {
         (Some(_), Some(socket)) => Some(socket),
-        (Some(addr), None) => Some(TcpListener::bind(addr).with_context(|| {
-            format!("cannot bind the panel to {addr}; pass --panel-listen ADDR:PORT or --panel-listen off")
+        (Some(addr), None) => Some(TcpListener::bind(addr).map_err(|e| {
+            anyhow::anyhow!(
+                "cannot bind the panel to {addr}: {e}{}; pass --panel-listen ADDR:PORT or --panel-listen off",
+                held_by(&e, addr, Protocol::Tcp)
+            )
         })?),
         (None, _) => None,
     };
@@ -553,9 +557,24 @@ fn tftp_socket(config: &Config) -> Result<UdpSocket> {
                 config.tftp.listen
             )
         } else {
-            anyhow::anyhow!("cannot bind TFTP to {}: {e}", config.tftp.listen)
+            anyhow::anyhow!(
+                "cannot bind TFTP to {}: {e}{}",
+                config.tftp.listen,
+                held_by(&e, config.tftp.listen, Protocol::Udp)
+            )
         }
     })
+}
+
+/// For an address in use, who holds it (another TFTP or DHCP server...).
+fn held_by(error: &std::io::Error, address: SocketAddr, protocol: Protocol) -> String {
+    if error.kind() != std::io::ErrorKind::AddrInUse {
+        return String::new();
+    }
+    match bootfleet::engine::port_owner::port_owner(address, protocol) {
+        Some(owner) => format!(" (held by {owner}: stop it, or give bootfleet another address)"),
+        None => " (by a process this user cannot see; `ss -lntup` as root names it)".to_string(),
+    }
 }
 
 /// The HTTP listener, bound here.
@@ -568,7 +587,11 @@ fn bind_http(config: &Config) -> Result<TcpListener> {
                 config.http.listen
             )
         } else {
-            anyhow::anyhow!("cannot bind HTTP to {}: {e}", config.http.listen)
+            anyhow::anyhow!(
+                "cannot bind HTTP to {}: {e}{}",
+                config.http.listen,
+                held_by(&e, config.http.listen, Protocol::Tcp)
+            )
         }
     })
 }

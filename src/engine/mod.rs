@@ -35,6 +35,7 @@ pub mod http;
 pub mod http_uring;
 pub mod multicast;
 pub mod ndp;
+pub mod port_owner;
 pub mod uring;
 
 /// The backend actually running.
