@@ -112,6 +112,8 @@ struct Panel<'a> {
     stuck_after_seconds: u64,
     max_upload_mib: u64,
     max_discovered: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    metrics_listen: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -213,6 +215,7 @@ impl Config {
                 stuck_after_seconds: p.stuck_after.as_secs(),
                 max_upload_mib: p.max_upload_bytes / MIB,
                 max_discovered: p.max_discovered,
+                metrics_listen: p.metrics_listen.map(|a| a.to_string()),
             },
             cache: Cache {
                 max_mib: self.cache_max_bytes / MIB,
@@ -279,6 +282,7 @@ state_dir = "{}"
 [panel]
 listen = "off"
 stuck_after_seconds = 30
+metrics_listen = "10.0.0.1:9100"
 tls_cert = "/etc/bootfleet/panel.crt"
 tls_key = "/etc/bootfleet/panel.key"
 [cache]

@@ -149,6 +149,8 @@ pub struct FilePanel {
     pub stuck_after_seconds: Option<Spanned<u64>>,
     pub max_upload_mib: Option<Spanned<u64>>,
     pub max_discovered: Option<Spanned<u64>>,
+    /// `ADDR:PORT` for `/metrics`, `/healthz` and `/readyz` alone.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// The control panel and its inventory database.
@@ -172,6 +174,10 @@ pub struct PanelConfig {
     /// seen go first. Unauthenticated script requests for made-up MACs
     /// can then never grow the inventory without bound.
     pub max_discovered: usize,
+    /// A listener of their own for `/metrics`, `/healthz` and `/readyz`
+    /// (they are on the panel's listener too), e.g. on the address a
+    /// Prometheus server scrapes.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// Parses the panel's listen setting: an address, or `off`.
@@ -628,6 +634,7 @@ impl Default for Config {
                 stuck_after: Duration::from_secs(120),
                 max_upload_bytes: 16 << 30,
                 max_discovered: 10_000,
+                metrics_listen: None,
             },
         }
     }
@@ -1037,6 +1044,7 @@ impl Validator<'_> {
             1..=10_000_000,
             10_000,
         )? as usize;
+        config.panel.metrics_listen = p.metrics_listen;
         Ok(())
     }
 }

@@ -46,6 +46,38 @@ impl std::fmt::Debug for DataPlane {
     }
 }
 
+/// `/metrics`, `/healthz` and `/readyz` alone: the router of
+/// `panel.metrics_listen`.
+pub fn routes(state: Arc<PanelState>) -> axum::Router {
+    use axum::routing::get;
+    axum::Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .with_state(state)
+}
+
+/// Serves [`routes`] on `listener` until `stop` resolves.
+pub async fn serve(
+    state: Arc<PanelState>,
+    listener: std::net::TcpListener,
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
+) {
+    let listener = match tokio::net::TcpListener::from_std(listener) {
+        Ok(listener) => listener,
+        Err(error) => {
+            tracing::warn!(%error, "metrics listener unusable");
+            return;
+        }
+    };
+    if let Err(error) = axum::serve(listener, routes(state))
+        .with_graceful_shutdown(stop)
+        .await
+    {
+        tracing::warn!(%error, "metrics listener stopped");
+    }
+}
+
 /// `GET /healthz`: the process answers.
 pub async fn healthz() -> Response {
     (StatusCode::OK, "ok\n").into_response()

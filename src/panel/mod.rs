@@ -315,22 +315,62 @@ pub fn start(
         Err(error) => warn!(%error, "cannot read the panel's users"),
     }
     listener.set_nonblocking(true)?;
+    let metrics_listener = bind_metrics(config)?;
     let address = listener.local_addr()?;
     info!(panel = %format!("{}://{address}/", if tls.is_some() { "https" } else { "http" }),
         "control panel and API listening");
+    let thread = spawn_panel(
+        Arc::clone(&state),
+        listener,
+        metrics_listener,
+        tls,
+        shutdown,
+    )?;
+    Ok((Panel { state, address }, thread))
+}
+
+/// `panel.metrics_listen`, bound now so that a bad address stops the start.
+fn bind_metrics(config: &PanelConfig) -> std::io::Result<Option<TcpListener>> {
+    let Some(address) = config.metrics_listen else {
+        return Ok(None);
+    };
+    let listener = TcpListener::bind(address).map_err(|error| {
+        std::io::Error::new(
+            error.kind(),
+            format!("cannot bind panel.metrics_listen {address}: {error}"),
+        )
+    })?;
+    listener.set_nonblocking(true)?;
+    info!(%address, "/metrics, /healthz and /readyz listening");
+    Ok(Some(listener))
+}
+
+/// The panel's own runtime on its own thread: the API and web panel on
+/// `listener`, the metrics listener, the event writer and housekeeping.
+fn spawn_panel(
+    state: Arc<PanelState>,
+    listener: TcpListener,
+    metrics_listener: Option<TcpListener>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    shutdown: crate::shutdown::Shutdown,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("bootfleet-panel")
         .enable_all()
         .build()?;
-    let thread_state = Arc::clone(&state);
     let thread = std::thread::Builder::new()
         .name("bootfleet-panel".into())
         .spawn(move || {
             runtime.block_on(async move {
-                let state = thread_state;
                 tokio::spawn(write_events(Arc::clone(&state)));
                 tokio::spawn(housekeeping(Arc::clone(&state)));
+                if let Some(listener) = metrics_listener {
+                    let stopping = shutdown.clone();
+                    tokio::spawn(metrics::serve(Arc::clone(&state), listener, async move {
+                        stopping.wait().await
+                    }));
+                }
                 let app = api::routes(Arc::clone(&state));
                 let listener = match tokio::net::TcpListener::from_std(listener) {
                     Ok(listener) => listener,
@@ -363,7 +403,7 @@ pub fn start(
             });
             runtime.shutdown_timeout(Duration::from_secs(1));
         })?;
-    Ok((Panel { state, address }, thread))
+    Ok(thread)
 }
 
 /// Writes the router's boot events to the database in batches, and

@@ -121,20 +121,35 @@ fn a_missing_kernel_or_initrd_shows_where_the_machine_failed_and_why() {
 #[test]
 fn the_metrics_move_as_machines_boot_and_the_health_endpoints_answer() {
     let root = boot_dir();
-    let server = FullServer::start_with_panel(root.path(), state_dir(), |_| {});
+    let metrics_only: std::net::SocketAddr = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        probe.local_addr().unwrap()
+    };
+    let server = FullServer::start_with_panel(root.path(), state_dir(), |c| {
+        c.panel.metrics_listen = Some(metrics_only);
+    });
     let panel = server.panel.unwrap();
     let api = Api::with_token(panel, &add_token(server.state.path(), "ops", "admin"));
     register(&api, "debian12");
 
-    // Health: no authentication, plain answers.
-    let health = curl(&format!("http://{panel}/healthz"), &[]);
-    assert_eq!((health.status, health.body.as_slice()), (200, &b"ok\n"[..]));
-    let ready = curl(&format!("http://{panel}/readyz"), &[]);
+    // Health: no authentication, plain answers, on the panel's listener
+    // and on the metrics listener of its own (which serves nothing else).
+    for listener in [panel, metrics_only] {
+        let health = curl(&format!("http://{listener}/healthz"), &[]);
+        assert_eq!((health.status, health.body.as_slice()), (200, &b"ok\n"[..]));
+        let ready = curl(&format!("http://{listener}/readyz"), &[]);
+        assert_eq!(
+            ready.status,
+            200,
+            "{}",
+            String::from_utf8_lossy(&ready.body)
+        );
+        let scraped = curl(&format!("http://{listener}/metrics"), &[]);
+        assert!(String::from_utf8_lossy(&scraped.body).contains("bootfleet_tftp_bytes_total"));
+    }
     assert_eq!(
-        ready.status,
-        200,
-        "{}",
-        String::from_utf8_lossy(&ready.body)
+        curl(&format!("http://{metrics_only}/api/v1/machines"), &[]).status,
+        404
     );
 
     // A small storm: 8 machines on 8 threads, each from its own loopback
