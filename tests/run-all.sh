@@ -87,7 +87,8 @@ for target in tftp_packet boot_names_and_ranges http_request dhcp_decide tftp_wr
     if ! RUSTC_BOOTSTRAP=1 cargo fuzz run "$target" "fuzz/corpus/$target" "fuzz/seeds/$target" -- -max_total_time="${FUZZ_SECONDS:-20}" -rss_limit_mb=2048 "${dict[@]}" > "$log" 2>&1; then
         # The finding itself, and where its input was written, not just
         # the end of the backtrace.
-        grep -E -A 3 "panicked at|ERROR: libFuzzer|Test unit written" "$log" | head -n 30
+        # (or, when the target did not build, the compiler's errors)
+        grep -E -A 3 "panicked at|ERROR: libFuzzer|Test unit written|^error" "$log" | head -n 30 || true
         echo "fuzz target $target failed; reproduce with: RUSTC_BOOTSTRAP=1 cargo fuzz run $target <the input above>"
         rm -f "$log"
         exit 1

@@ -60,6 +60,7 @@ fn service() -> &'static HttpService {
             Arc::new(router),
             HttpServiceConfig {
                 private: Vec::new(),
+                fallbacks: Default::default(),
                 public_url: None,
                 serve_api: true,
             },

@@ -110,7 +110,8 @@ pub struct BootMetrics {
     pub events: crate::metrics::Labelled,
     /// Per phase, failures by status ([`FAILURE_STATUSES`]).
     pub failures: Vec<crate::metrics::Labelled>,
-    /// Per phase, the duration of its fetches (successful ones).
+    /// Per phase, the duration of its successful fetches (loaders, kernels
+    /// and initrds: the timed ones).
     pub durations: Vec<crate::metrics::Histogram>,
 }
 
@@ -137,7 +138,9 @@ impl BootMetrics {
         self.events.inc(phase);
         if event.failed() {
             self.failures[phase].inc(failure_status_index(event.status));
-        } else if event.duration_ms > 0 || event.bytes > 0 {
+        } else if matches!(event.phase, Phase::Loader | Phase::Kernel | Phase::Initrd) {
+            // The phases whose fetches are timed (scripts and DHCP answers
+            // are events without a duration).
             self.durations[phase].observe(Duration::from_millis(event.duration_ms));
         }
     }

@@ -387,7 +387,7 @@ impl DataPlaneCollector {
         )?;
         let mut durations = encoder.encode_descriptor(
             "bootfleet_boot_phase_duration_seconds",
-            "How long each phase's fetch took",
+            "How long each successful loader, kernel and initrd fetch took, by phase",
             None,
             MetricType::Histogram,
         )?;
