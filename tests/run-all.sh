@@ -66,6 +66,9 @@ trap 'rm -rf "$unit_dir"' EXIT
 sed "s#/usr/local/bin/bootfleet#$PWD/target/release/bootfleet#" systemd/bootfleet.service > "$unit_dir/bootfleet.service"
 cp systemd/bootfleet.socket "$unit_dir/"
 systemd-analyze verify "$unit_dir/bootfleet.service" "$unit_dir/bootfleet.socket"
+# The sandbox must not weaken: exposure at most 1.9 ("OK"), as shipped.
+systemd-analyze security --offline=true --threshold=19 "$unit_dir/bootfleet.service" > /dev/null \
+    || { echo "systemd-analyze security rates bootfleet.service above 1.9; see: systemd-analyze security --offline=true systemd/bootfleet.service"; exit 1; }
 mkdir -p "$unit_dir/srv"
 sed "s#\"/srv/bootfleet\"#\"$unit_dir/srv\"#" systemd/bootfleet.toml > "$unit_dir/bootfleet.toml"
 target/release/bootfleet check-config "$unit_dir/bootfleet.toml" > /dev/null
