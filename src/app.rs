@@ -86,7 +86,8 @@ pub fn start(
         Router::new(&root, &inventory_path, &config.state_dir).map_err(StartError::Inventory)?;
     router.set_loader_files(config.dhcp.loader_files());
     let router = Arc::new(router);
-    let cache = FileCache::new(config.cache_max_bytes);
+    let mut cache = FileCache::new(config.cache_max_bytes);
+    cache.remember_names_under(&root);
     // What the data plane never serves, even when the operator keeps it
     // under the boot directory; and no interrupted upload is left there.
     let private = crate::server::paths::private_paths([

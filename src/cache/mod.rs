@@ -20,6 +20,7 @@
 //! with an error, so that the client's retry gets the new file.
 
 pub mod guard;
+pub mod names;
 
 use std::fs::File;
 use std::io;
@@ -152,10 +153,12 @@ pub struct CachedFile {
     pub data: Arc<FileData>,
 }
 
-/// Size-weighted cache of mapped files.
+/// Size-weighted cache of mapped files, and optionally of the names that
+/// opened them ([`names`]).
 #[derive(Clone)]
 pub struct FileCache {
     entries: Cache<FileKey, Arc<FileData>>,
+    names: Option<Arc<names::NameCache>>,
 }
 
 impl FileCache {
@@ -169,7 +172,45 @@ impl FileCache {
             })
             .max_capacity(max_bytes / 1024 + 1)
             .build();
-        Self { entries }
+        Self {
+            entries,
+            names: None,
+        }
+    }
+
+    /// Remembers which version each name under the canonical `root` opened,
+    /// so that [`FileCache::by_name`] answers repeated requests without a
+    /// system call.
+    pub fn remember_names_under(&mut self, root: &Path) {
+        self.names = Some(Arc::new(names::NameCache::new(root)));
+    }
+
+    /// The version `name` (relative to the root) opened last time, if
+    /// nothing changed on its way since and it is still mapped: no system
+    /// call.
+    pub fn by_name(&self, name: &str) -> Option<CachedFile> {
+        let key = self.names.as_ref()?.get(name)?;
+        let data = self.entries.get(&key)?;
+        Some(CachedFile { key, data })
+    }
+
+    /// Before resolving `name`: watches the directories on its way (see
+    /// [`names::NameCache::prepare`]).
+    pub fn prepare_name(&self, name: &str) -> Option<names::Ticket> {
+        self.names.as_ref()?.prepare(name)
+    }
+
+    /// After `name` resolved to `path` and opened `file`.
+    pub fn remember_name(
+        &self,
+        ticket: Option<names::Ticket>,
+        name: &str,
+        path: &Path,
+        file: &CachedFile,
+    ) {
+        if let Some(names) = &self.names {
+            names.remember(ticket, name, path, &file.key);
+        }
     }
 
     /// Opens `path` (which the caller has already resolved inside the boot

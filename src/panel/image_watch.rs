@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
+use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify, WatchDescriptor};
 use tracing::{debug, info, warn};
 
 use super::{check_files, mtime_ms, PanelState};
@@ -26,6 +26,19 @@ pub struct ImageHealth {
 struct DirWatch {
     inotify: Arc<Inotify>,
     dirs: HashSet<PathBuf>,
+    descriptors: Vec<WatchDescriptor>,
+}
+
+impl Drop for DirWatch {
+    /// Taking the watches off wakes the thread (IN_IGNORED), which then
+    /// finds the health gone and ends, closing the instance. (With no
+    /// watch set the thread never started reading anything that matters,
+    /// and ends at the process's end.)
+    fn drop(&mut self) {
+        for descriptor in self.descriptors.drain(..) {
+            let _ = self.inotify.rm_watch(descriptor);
+        }
+    }
 }
 
 impl ImageHealth {
@@ -48,6 +61,11 @@ impl ImageHealth {
 
     /// Watches `dirs` too (directories already watched are left alone).
     fn watch(self: &Arc<Self>, dirs: impl IntoIterator<Item = PathBuf>) {
+        let dirs: Vec<PathBuf> = dirs.into_iter().collect();
+        if dirs.is_empty() {
+            // No thread without a watch to wake it when it must end.
+            return;
+        }
         let mut watch = self.watch.lock().unwrap_or_else(|p| p.into_inner());
         if watch.is_none() {
             *watch = self.start_watch();
@@ -66,8 +84,9 @@ impl ImageHealth {
                 | AddWatchFlags::IN_ATTRIB
                 | AddWatchFlags::IN_ONLYDIR;
             match watch.inotify.add_watch(&dir, flags) {
-                Ok(_) => {
+                Ok(descriptor) => {
                     watch.dirs.insert(dir);
+                    watch.descriptors.push(descriptor);
                 }
                 Err(error) => {
                     debug!(dir = %dir.display(), %error, "image directory not watched; checked every 10 s")
@@ -105,6 +124,7 @@ impl ImageHealth {
         spawned.ok().map(|_| DirWatch {
             inotify,
             dirs: HashSet::new(),
+            descriptors: Vec::new(),
         })
     }
 }

@@ -528,6 +528,11 @@ impl HttpService {
                 return self.text(400, &format!("refused path: {why}\n"), request, head_only);
             }
         };
+        // A name served before, unchanged since: no system call.
+        if let Some(file) = self.cache.by_name(&name) {
+            return self.file_response(&name, file, request, head_only);
+        }
+        let ticket = self.cache.prepare_name(&name);
         let path = match resolve_served(&self.root, &self.config.private, &name)
             .or_else(|e| self.config.fallbacks.instead_of(e, &name))
         {
@@ -566,6 +571,7 @@ impl HttpService {
                 return response;
             }
         };
+        self.cache.remember_name(ticket, &name, &path, &file);
         self.file_response(&name, file, request, head_only)
     }
 

@@ -635,9 +635,17 @@ impl TftpService {
                 return Ok(Arc::new(FileData::Owned(bytes)));
             }
         }
+        // A name served before, unchanged since: no system call.
+        if let Some(file) = self.cache.by_name(name) {
+            return Ok(file.data);
+        }
+        let ticket = self.cache.prepare_name(name);
         let path = self.resolve_on_disk(name)?;
         match self.cache.open(&path) {
-            Ok(file) => Ok(file.data),
+            Ok(file) => {
+                self.cache.remember_name(ticket, name, &path, &file);
+                Ok(file.data)
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 Err((ErrorCode::FileNotFound, "file not found"))
             }
