@@ -17,7 +17,7 @@ use tracing::{debug, error};
 
 use super::{transfer_socket, Shutdown};
 use crate::proto::tftp::{packet, ReadTransfer, Transmit};
-use crate::server::tftp::{Admission, Started, TftpService, IDLE_POLL};
+use crate::server::tftp::{Admission, Session, TftpService, IDLE_POLL};
 
 /// Starts the runtime on its own thread.
 pub fn spawn(
@@ -91,7 +91,7 @@ async fn serve(listener: TokioUdp, service: Arc<TftpService>, shutdown: Shutdown
 
 async fn run_transfer(
     local: SocketAddr,
-    mut started: Started,
+    mut started: Session,
     service: Arc<TftpService>,
     listener: Arc<TokioUdp>,
     shutdown: Shutdown,
@@ -106,14 +106,13 @@ async fn run_transfer(
                 return;
             }
         };
-    let mut datagram = Vec::with_capacity(usize::from(started.transfer.blksize()) + 4);
+    let mut datagram = Vec::with_capacity(usize::from(started.transfer().blksize()) + 4);
     let mut incoming = vec![0u8; 2048];
     'transfer: loop {
         if started.superseded() {
             break;
         }
-        service.check_source(&mut started, Instant::now());
-        while let Some(transmit) = started.transfer.poll_transmit() {
+        while let Some(transmit) = started.poll_transmit(Instant::now()) {
             match send(&socket, &started, transmit, &mut datagram).await {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
@@ -125,22 +124,21 @@ async fn run_transfer(
                 Err(e) => debug!(peer = %started.peer, error = %e, "send failed"),
             }
         }
-        if started.transfer.outcome().is_some() {
+        if started.is_over() {
             break;
         }
-        let Some(deadline) = started.transfer.poll_timeout() else {
+        let Some(deadline) = started.poll_timeout() else {
             break;
         };
         tokio::select! {
             _ = shutdown.wait() => break,
             _ = tokio::time::sleep_until(deadline.into()) => {
-                started.transfer.handle_timeout(Instant::now());
+                started.handle_timeout(Instant::now());
             }
             received = socket.recv(&mut incoming) => match received {
                 Ok(len) => {
                     let now = Instant::now();
-                    started.transfer.handle_datagram(&incoming[..len], now);
-                    service.after_datagram(&mut started, now);
+                    started.handle_datagram(&incoming[..len], now);
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
                     debug!(peer = %started.peer, "client port closed, abandoning transfer");
@@ -155,7 +153,7 @@ async fn run_transfer(
 
 async fn send(
     socket: &TokioUdp,
-    started: &Started,
+    started: &Session,
     transmit: Transmit,
     datagram: &mut Vec<u8>,
 ) -> std::io::Result<()> {
@@ -166,7 +164,7 @@ async fn send(
         Transmit::Window { first, count } => {
             for index in first..first + u64::from(count) {
                 datagram.clear();
-                let payload = &started.data[started.transfer.block_range(index)];
+                let payload = started.block(index);
                 packet::encode_data(ReadTransfer::wire_block(index), payload, datagram);
                 socket.send(datagram).await?;
             }

@@ -21,11 +21,11 @@ use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
-use crate::boot::hooks::{FinishedRead, TransferObserver};
+use crate::boot::hooks::TransferObserver;
 use crate::config::MulticastConfig;
-use crate::proto::tftp::multicast::{Session, SessionConfig, Transmit};
-use crate::proto::tftp::packet::{self, Packet};
-use crate::server::multicast::{Join, MulticastSessions};
+use crate::proto::tftp::multicast::{SessionConfig, Transmit};
+use crate::proto::tftp::packet;
+use crate::server::multicast::{GroupSession, Join, MulticastSessions};
 use crate::shutdown::Shutdown;
 
 /// Which session a request joins: the same bytes, sent the same way.
@@ -170,34 +170,23 @@ impl MulticastHub {
     ) {
         let group = config.group;
         let blksize = usize::from(config.blksize);
-        let (config_blksize, config_windowsize) = (config.blksize, config.windowsize);
         let Some(first) = joins.recv().await else {
             return;
         };
-        let data = Arc::clone(&first.data);
-        let mut session = Session::new(data.len() as u64, config);
-        session.join(first.peer, first.options, Instant::now());
+        let mut session = GroupSession::new(first, config, Instant::now());
         let mut buf = vec![0u8; 1500];
         let mut datagram = Vec::with_capacity(blksize + 4);
         loop {
-            while let Some(transmit) = session.poll_transmit() {
+            while let Some(transmit) = session.poll_transmit(Instant::now()) {
                 let sent = match transmit {
                     Transmit::To(to, bytes) => socket.send_to(&bytes, to).await.map(|_| ()),
                     Transmit::Group { first, count } => {
-                        // As the unicast engines do before each send
-                        // (`TftpService::check_source`): a file rewritten
-                        // in place ends the session, never mixing versions.
-                        if data.changed(Instant::now()) {
-                            info!(file = %key.name, "file changed on disk during the multicast session; ending it");
-                            session.abort("file changed on disk during the transfer; retry");
-                            continue;
-                        }
                         let mut result = Ok(());
                         for block in first..first + u64::from(count) {
                             datagram.clear();
                             packet::encode_data(
                                 (block & 0xFFFF) as u16,
-                                &data[session.block_range(block)],
+                                session.block(block),
                                 &mut datagram,
                             );
                             result = socket.send_to(&datagram, group).await.map(|_| ());
@@ -212,27 +201,7 @@ impl MulticastHub {
                     debug!(file = %key.name, %error, "multicast send failed");
                 }
             }
-            while let Some(outcome) = session.poll_outcome() {
-                let finished = FinishedRead {
-                    name: &key.name,
-                    peer: outcome.addr,
-                    bytes: if outcome.completed {
-                        data.len() as u64
-                    } else {
-                        0
-                    },
-                    elapsed: outcome.joined.elapsed(),
-                    complete: outcome.completed,
-                    // A member that left or was dropped for silence.
-                    status: if outcome.completed { 200 } else { 408 },
-                    blksize: config_blksize,
-                    windowsize: config_windowsize,
-                    multicast: Some(group),
-                };
-                for observer in &self.observers {
-                    observer.read_finished(&finished);
-                }
-            }
+            session.report_members(&self.observers);
             if session.is_done() {
                 break;
             }
@@ -243,17 +212,13 @@ impl MulticastHub {
                 join = joins.recv() => match join {
                     Some(join) => {
                         debug!(file = %key.name, peer = %join.peer, "joined the multicast session");
-                        session.join(join.peer, join.options, Instant::now());
+                        session.join(join, Instant::now());
                     }
                     None => break,
                 },
                 received = socket.recv_from(&mut buf) => {
                     let Ok((len, from)) = received else { continue };
-                    match Packet::parse(&buf[..len]) {
-                        Ok(Packet::Ack { block }) => session.handle_ack(from, block, Instant::now()),
-                        Ok(Packet::Error { .. }) => session.handle_error(from, Instant::now()),
-                        _ => {}
-                    }
+                    session.handle_datagram(from, &buf[..len], Instant::now());
                 }
                 _ = tokio::time::sleep_until(deadline.into()) => session.handle_timeout(Instant::now()),
             }
@@ -266,11 +231,11 @@ impl MulticastHub {
             joins.close();
             std::iter::from_fn(|| joins.try_recv().ok()).collect()
         };
-        let stats = session.stats();
+        let (stats, file_blocks) = session.summary();
         info!(
             file = %key.name, %group, completed = stats.members_completed, dropped = stats.members_dropped,
             master_changes = stats.master_changes, blocks_sent = stats.blocks_sent,
-            blocks_repaired = stats.blocks_repaired, file_blocks = session.block_count(),
+            blocks_repaired = stats.blocks_repaired, file_blocks,
             "multicast session ended"
         );
         // Requests that raced with the end of the session start the next.

@@ -39,7 +39,7 @@ use tracing::{debug, error, warn};
 
 use super::{transfer_socket, Shutdown};
 use crate::proto::tftp::{packet, ReadTransfer, Transmit};
-use crate::server::tftp::{Admission, Started, TftpService, IDLE_POLL};
+use crate::server::tftp::{Admission, Session, TftpService, IDLE_POLL};
 
 /// Buffers in each worker's provided buffer ring (a power of two).
 const RING_BUFFERS: u16 = 4096;
@@ -276,7 +276,7 @@ struct SendBuffers {
 struct Slot {
     generation: u32,
     socket: socket2::Socket,
-    started: Started,
+    started: Session,
     buffers: Box<SendBuffers>,
     sends_in_flight: u32,
     /// Transmits produced while a send was still in flight.
@@ -509,7 +509,7 @@ impl Worker {
         }
     }
 
-    fn start_transfer(&mut self, started: Started, now: Instant) -> io::Result<()> {
+    fn start_transfer(&mut self, started: Session, now: Instant) -> io::Result<()> {
         let socket = match transfer_socket(self.local, started.peer) {
             Ok(socket) => socket,
             Err(e) => {
@@ -578,8 +578,7 @@ impl Worker {
             if let Some(bid) = bid {
                 let bytes = self.buffers.buffer(bid, result as usize);
                 if let Some(Some(slot)) = self.slots.get_mut(index) {
-                    slot.started.transfer.handle_datagram(bytes, now);
-                    self.service.after_datagram(&mut slot.started, now);
+                    slot.started.handle_datagram(bytes, now);
                 }
                 self.buffers.recycle(bid);
             }
@@ -644,11 +643,10 @@ impl Worker {
             slot.queued.clear();
             return self.close(index, now);
         }
-        self.service.check_source(&mut slot.started, now);
-        while let Some(transmit) = slot.started.transfer.poll_transmit() {
+        while let Some(transmit) = slot.started.poll_transmit(now) {
             slot.queued.push(transmit);
         }
-        if slot.started.transfer.outcome().is_some() {
+        if slot.started.transfer().outcome().is_some() {
             // An ended transfer sends its final ERROR, if any, but no more
             // DATA: windows still queued behind a send in flight are dropped
             // (after an abort for a changed file they would read new bytes).
@@ -672,13 +670,13 @@ impl Worker {
             }
         }
         let slot = self.slots[index].as_mut().expect("slot present");
-        if slot.started.transfer.outcome().is_some() {
+        if slot.started.transfer().outcome().is_some() {
             if slot.sends_in_flight == 0 && slot.queued.is_empty() {
                 return self.close(index, now);
             }
             return Ok(());
         }
-        if let Some(deadline) = slot.started.transfer.poll_timeout() {
+        if let Some(deadline) = slot.started.poll_timeout() {
             if slot.scheduled.is_none_or(|at| deadline < at) {
                 slot.scheduled = Some(deadline);
                 self.timers
@@ -701,7 +699,7 @@ impl Worker {
                 continue;
             }
             slot.scheduled = None;
-            slot.started.transfer.handle_timeout(now);
+            slot.started.handle_timeout(now);
             if let Err(e) = self.pump(index, now) {
                 warn!(error = %e, "cannot submit to io_uring");
             }
@@ -749,8 +747,7 @@ impl Worker {
 fn build_sends(slot: &mut Slot, gso: bool) -> usize {
     let b = &mut *slot.buffers;
     let transmits = std::mem::take(&mut b.transmits);
-    let transfer = &slot.started.transfer;
-    let data: &[u8] = &slot.started.data;
+    let session = &slot.started;
     b.headers.clear();
     b.iovecs.clear();
     b.msgs.clear();
@@ -795,7 +792,7 @@ fn build_sends(slot: &mut Slot, gso: bool) -> usize {
                 b.groups.push((b.iovecs.len() - 1, 1, 0));
             }
             Transmit::Window { first, count } => {
-                let segment = usize::from(transfer.blksize()) + packet::DATA_HEADER_LEN;
+                let segment = usize::from(session.transfer().blksize()) + packet::DATA_HEADER_LEN;
                 let per_group = if gso {
                     (MAX_GSO_BYTES / segment).clamp(1, MAX_GSO_SEGMENTS)
                 } else {
@@ -806,7 +803,7 @@ fn build_sends(slot: &mut Slot, gso: bool) -> usize {
                     b.headers
                         .push(packet::data_header(ReadTransfer::wire_block(block)));
                     let header = b.headers.last().expect("just pushed");
-                    let payload = &data[transfer.block_range(block)];
+                    let payload = session.block(block);
                     if in_group == 0 {
                         b.groups.push((b.iovecs.len(), 0, 0));
                     }

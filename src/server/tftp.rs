@@ -5,7 +5,7 @@
 //! [`TftpService::handle_request`], which parses it, resolves the file name
 //! inside the boot root, applies the concurrency limits, looks the file up
 //! in the generated-file seam and then the file cache, negotiates options
-//! and returns either a ready [`Started`] transfer or an ERROR datagram to
+//! and returns either a ready [`Session`] transfer or an ERROR datagram to
 //! send back. When a transfer ends the engine calls [`TftpService::finish`].
 //!
 //! Path safety: file names are relative to the boot root. A leading `/` is
@@ -38,7 +38,7 @@ use crate::proto::path::safe_relative_name;
 use crate::proto::tftp::packet::{self, ErrorCode, Mode, Packet};
 use crate::proto::tftp::{
     negotiate, netascii, CommitError, NegotiationLimits, Outcome, ReadTransfer, Transfer,
-    TransferConfig, WriteTransfer,
+    TransferConfig, Transmit, WriteTransfer,
 };
 use crate::server::multicast::{Join, MulticastSessions};
 use crate::server::paths::{resolve_served, LoaderFallbacks, ResolveError};
@@ -46,19 +46,29 @@ use crate::server::paths::{resolve_served, LoaderFallbacks, ResolveError};
 /// What to do with a datagram that arrived on the listening port.
 pub enum Admission {
     /// Start this transfer on a new port.
-    Start(Box<Started>),
+    Start(Box<Session>),
     /// Send this ERROR datagram back to the sender from the listening port.
     Reply(Vec<u8>),
     /// Say nothing (e.g. an ERROR packet sent to the listening port).
     Ignore,
 }
 
-/// A transfer ready to run: the state machine, its bytes, and its slot in the
-/// concurrency limits (released when this is dropped).
-pub struct Started {
-    pub transfer: Transfer,
+/// One running transfer, as every engine drives it (the epoll tasks, the
+/// io_uring workers): the state machine, its bytes, and its slot in the
+/// concurrency limits (released when this is dropped). The contract is
+/// quinn's: feed it datagrams ([`Session::handle_datagram`]) and
+/// timeouts ([`Session::handle_timeout`]), send what
+/// [`Session::poll_transmit`] gives (DATA blocks from
+/// [`Session::block`]), wake it at [`Session::poll_timeout`], and hand it
+/// to [`TftpService::finish`] once [`Session::is_over`]. The policy the
+/// engines used to call themselves (a file changed under a read ends it;
+/// a finished upload is stored before its last ACK; the client's first
+/// sign of life is noted) lives in these methods, so an engine moves
+/// bytes and nothing else.
+pub struct Session {
+    transfer: Transfer,
     /// The file being read (empty for uploads).
-    pub data: Arc<FileData>,
+    data: Arc<FileData>,
     /// Where an upload is stored.
     upload_path: Option<PathBuf>,
     pub name: String,
@@ -67,11 +77,95 @@ pub struct Started {
     slot: LimitSlot,
 }
 
-impl Started {
+impl Session {
     /// A newer request from the same client port replaced this transfer:
     /// the engine ends it without sending anything more.
     pub fn superseded(&self) -> bool {
         self.slot.flags.superseded.load(Ordering::Relaxed)
+    }
+
+    /// The transfer has an outcome, or was superseded: nothing more to do
+    /// but send a final ERROR that [`Session::poll_transmit`] gave.
+    pub fn is_over(&self) -> bool {
+        self.transfer.outcome().is_some() || self.superseded()
+    }
+
+    /// The state machine (for what the engines size their buffers by).
+    pub fn transfer(&self) -> &Transfer {
+        &self.transfer
+    }
+
+    /// DATA block `index`'s payload.
+    pub fn block(&self, index: u64) -> &[u8] {
+        &self.data[self.transfer.block_range(index)]
+    }
+
+    /// The next thing to send. A read whose file was rewritten in place
+    /// since it started is ended first (its client retries and gets the new
+    /// file whole): a check that costs an atomic load, and a file status at
+    /// most every [`crate::cache::CHECK_INTERVAL`].
+    pub fn poll_transmit(&mut self, now: Instant) -> Option<Transmit> {
+        if let Transfer::Read(read) = &mut self.transfer {
+            if read.outcome().is_none() && self.data.changed(now) {
+                info!(peer = %self.peer, file = %self.name, "file changed on disk during the transfer; ending it");
+                read.abort("file changed on disk during the transfer; retry");
+            }
+        }
+        self.transfer.poll_transmit()
+    }
+
+    /// When [`Session::handle_timeout`] is due, if ever.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.transfer.poll_timeout()
+    }
+
+    pub fn handle_timeout(&mut self, now: Instant) {
+        self.transfer.handle_timeout(now);
+    }
+
+    /// A datagram from the client's port. Notes the client's first sign of
+    /// life (see [`Session::superseded`]) and stores a finished upload,
+    /// letting it send its final ACK (or ERROR 3 on a full disk); costs two
+    /// loads otherwise.
+    pub fn handle_datagram(&mut self, datagram: &[u8], now: Instant) {
+        self.transfer.handle_datagram(datagram, now);
+        let flags = &self.slot.flags;
+        if !flags.progressed.load(Ordering::Relaxed) && self.transfer.progressed() {
+            flags.progressed.store(true, Ordering::Release);
+        }
+        self.store_finished_upload(now);
+    }
+
+    fn store_finished_upload(&mut self, now: Instant) {
+        let Transfer::Write(write) = &mut self.transfer else {
+            return;
+        };
+        let Some(bytes): Option<Vec<u8>> = write.take_upload() else {
+            return;
+        };
+        let Some(path) = &self.upload_path else {
+            return;
+        };
+        let result = store_atomically(path, &bytes);
+        match &result {
+            Ok(()) => {
+                info!(peer = %self.peer, file = %self.name, bytes = bytes.len(), "upload stored")
+            }
+            Err(e) => {
+                warn!(peer = %self.peer, file = %self.name, error = %e, "cannot store upload")
+            }
+        }
+        write.commit(
+            result.map_err(|e| match e.raw_os_error() {
+                Some(libc::ENOSPC) | Some(libc::EDQUOT) => CommitError::DiskFull,
+                _ if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                    CommitError::AccessViolation
+                }
+                Some(libc::EROFS) => CommitError::AccessViolation,
+                _ => CommitError::Other,
+            }),
+            now,
+        );
     }
 }
 
@@ -340,7 +434,7 @@ impl TftpService {
             %peer, file = %name, size = data.len(), blksize = negotiated.blksize,
             windowsize = negotiated.windowsize, "transfer started"
         );
-        Admission::Start(Box::new(Started {
+        Admission::Start(Box::new(Session {
             transfer,
             data,
             upload_path: None,
@@ -435,7 +529,7 @@ impl TftpService {
         ));
         self.stats.started.add(1);
         debug!(%peer, file = %name, "upload started");
-        Admission::Start(Box::new(Started {
+        Admission::Start(Box::new(Session {
             transfer,
             data: Arc::new(FileData::Owned(Vec::new())),
             upload_path: Some(path),
@@ -450,7 +544,7 @@ impl TftpService {
     /// file descriptors during a power-on storm). Returns the ERROR to send
     /// from the listening port, so the client retries instead of waiting in
     /// silence; the transfer counts as refused.
-    pub fn transfer_port_failed(&self, started: Started, error: &std::io::Error) -> Vec<u8> {
+    pub fn transfer_port_failed(&self, started: Session, error: &std::io::Error) -> Vec<u8> {
         warn!(peer = %started.peer, file = %started.name, %error, "cannot open a transfer port; told the client to retry");
         self.stats.started.sub(1);
         drop(started);
@@ -460,62 +554,9 @@ impl TftpService {
         )
     }
 
-    /// Engines call this before sending what a read transfer asks for: if
-    /// its file was rewritten in place since it was mapped, the transfer
-    /// ends with an error instead of sending a mix of two versions, and the
-    /// client's retry gets the new file. Costs two loads when nothing is due.
-    pub fn check_source(&self, started: &mut Started, now: Instant) {
-        if let Transfer::Read(read) = &mut started.transfer {
-            if read.outcome().is_none() && started.data.changed(now) {
-                info!(peer = %started.peer, file = %started.name, "file changed on disk during the transfer; ending it");
-                read.abort("file changed on disk during the transfer; retry");
-            }
-        }
-    }
-
-    /// Engines call this after feeding a transfer a datagram: it notes the
-    /// client's first sign of life (see [`Started::superseded`]) and stores
-    /// a finished upload, letting it send its final ACK (or ERROR 3 on a
-    /// full disk). Costs two loads otherwise.
-    pub fn after_datagram(&self, started: &mut Started, now: Instant) {
-        let flags = &started.slot.flags;
-        if !flags.progressed.load(Ordering::Relaxed) && started.transfer.progressed() {
-            flags.progressed.store(true, Ordering::Release);
-        }
-        let Transfer::Write(write) = &mut started.transfer else {
-            return;
-        };
-        let Some(bytes): Option<Vec<u8>> = write.take_upload() else {
-            return;
-        };
-        let Some(path) = &started.upload_path else {
-            return;
-        };
-        let result = store_atomically(path, &bytes);
-        match &result {
-            Ok(()) => {
-                info!(peer = %started.peer, file = %started.name, bytes = bytes.len(), "upload stored")
-            }
-            Err(e) => {
-                warn!(peer = %started.peer, file = %started.name, error = %e, "cannot store upload")
-            }
-        }
-        write.commit(
-            result.map_err(|e| match e.raw_os_error() {
-                Some(libc::ENOSPC) | Some(libc::EDQUOT) => CommitError::DiskFull,
-                _ if e.kind() == std::io::ErrorKind::PermissionDenied => {
-                    CommitError::AccessViolation
-                }
-                Some(libc::EROFS) => CommitError::AccessViolation,
-                _ => CommitError::Other,
-            }),
-            now,
-        );
-    }
-
     /// Records how a transfer ended. Its limit slot is released when the
-    /// engine drops the [`Started`], once the kernel holds none of its buffers.
-    pub fn finish(&self, started: &Started, now: Instant) {
+    /// engine drops the [`Session`], once the kernel holds none of its buffers.
+    pub fn finish(&self, started: &Session, now: Instant) {
         started.slot.release();
         let elapsed = now.saturating_duration_since(started.started_at);
         let retransmitted = started.transfer.retransmitted_blocks();
@@ -803,8 +844,8 @@ struct LimitSlot {
 /// What the admission side must know about a running transfer.
 #[derive(Default)]
 struct TransferFlags {
-    /// The client acknowledged or sent something (set by the engine's call
-    /// to [`TftpService::after_datagram`]).
+    /// The client acknowledged or sent something (set by
+    /// [`Session::handle_datagram`]).
     progressed: AtomicBool,
     /// A newer request from the same client port replaced this transfer.
     superseded: AtomicBool,
@@ -1048,7 +1089,7 @@ mod tests {
         let Admission::Start(mut old) = s.handle_request(&rrq("big"), peer, now) else {
             panic!("expected a transfer")
         };
-        old.transfer.poll_transmit();
+        old.poll_transmit(now);
         // Nothing acknowledged yet: the same request again is a retransmission.
         assert!(matches!(
             s.handle_request(&rrq("big"), peer, now),
@@ -1056,8 +1097,7 @@ mod tests {
         ));
         // The client acknowledges block 1, then asks again from the same port:
         // it moved on, so a new transfer starts and the old one goes silent.
-        old.transfer.handle_datagram(b"\x00\x04\x00\x01", now);
-        s.after_datagram(&mut old, now);
+        old.handle_datagram(b"\x00\x04\x00\x01", now);
         let Admission::Start(new) = s.handle_request(&rrq("big"), peer, now) else {
             panic!("a request after progress must start a new transfer")
         };
