@@ -3,7 +3,7 @@
 //! `panel.metrics_listen`, on a listener of their own.
 //!
 //! The data plane only bumps sharded counters ([`crate::metrics`]); a
-//! scrape reads them through [`DataPlaneCollector`], which
+//! scrape reads them through `DataPlaneCollector`, which
 //! `prometheus-client` encodes. Nothing is locked on the data plane's
 //! side; the scrape takes the lease table's lock once (leases per pool)
 //! and reads the machines from the store (machines per state).
