@@ -112,7 +112,7 @@ async fn run_transfer(
         if started.superseded() {
             break;
         }
-        while let Some(transmit) = started.poll_transmit(Instant::now()) {
+        while let Some(transmit) = started.poll_transmit() {
             match send(&socket, &started, transmit, &mut datagram).await {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {

@@ -643,7 +643,7 @@ impl Worker {
             slot.queued.clear();
             return self.close(index, now);
         }
-        while let Some(transmit) = slot.started.poll_transmit(now) {
+        while let Some(transmit) = slot.started.poll_transmit() {
             slot.queued.push(transmit);
         }
         if slot.started.transfer().outcome().is_some() {

@@ -100,18 +100,22 @@ impl Session {
         &self.data[self.transfer.block_range(index)]
     }
 
-    /// The next thing to send. A read whose file was rewritten in place
-    /// since it started is ended first (its client retries and gets the new
-    /// file whole): a check that costs an atomic load, and a file status at
-    /// most every [`crate::cache::CHECK_INTERVAL`].
-    pub fn poll_transmit(&mut self, now: Instant) -> Option<Transmit> {
+    /// The next thing to send.
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.transfer.poll_transmit()
+    }
+
+    /// Ends a read whose file was rewritten in place since it started (its
+    /// client retries and gets the new file whole): an atomic load, and a
+    /// file status at most every [`crate::cache::CHECK_INTERVAL`]. Run once
+    /// per datagram or timeout, before the windows they release are polled.
+    fn end_if_file_changed(&mut self, now: Instant) {
         if let Transfer::Read(read) = &mut self.transfer {
             if read.outcome().is_none() && self.data.changed(now) {
                 info!(peer = %self.peer, file = %self.name, "file changed on disk during the transfer; ending it");
                 read.abort("file changed on disk during the transfer; retry");
             }
         }
-        self.transfer.poll_transmit()
     }
 
     /// When [`Session::handle_timeout`] is due, if ever.
@@ -121,6 +125,7 @@ impl Session {
 
     pub fn handle_timeout(&mut self, now: Instant) {
         self.transfer.handle_timeout(now);
+        self.end_if_file_changed(now);
     }
 
     /// A datagram from the client's port. Notes the client's first sign of
@@ -134,6 +139,7 @@ impl Session {
             flags.progressed.store(true, Ordering::Release);
         }
         self.store_finished_upload(now);
+        self.end_if_file_changed(now);
     }
 
     fn store_finished_upload(&mut self, now: Instant) {
@@ -1089,7 +1095,7 @@ mod tests {
         let Admission::Start(mut old) = s.handle_request(&rrq("big"), peer, now) else {
             panic!("expected a transfer")
         };
-        old.poll_transmit(now);
+        old.poll_transmit();
         // Nothing acknowledged yet: the same request again is a retransmission.
         assert!(matches!(
             s.handle_request(&rrq("big"), peer, now),
