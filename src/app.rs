@@ -97,6 +97,7 @@ pub fn start(
     ]);
     crate::server::paths::remove_upload_leftovers(&root);
     let fallbacks = loader_fallbacks(config, &root);
+    let (cache_for_ahead, private_for_ahead) = (cache.clone(), private.clone());
     let mut tftp_service = TftpService::new(&root, &config.tftp, cache.clone())?;
     tftp_service.set_private_paths(private.clone());
     tftp_service.set_loader_fallbacks(fallbacks.clone());
@@ -158,7 +159,16 @@ pub fn start(
         None => None,
     };
 
-    threads.push(watch_inventory(Arc::clone(&router), shutdown.clone())?);
+    threads.push(watch_inventory(
+        Arc::clone(&router),
+        OpenAhead {
+            root: root.clone(),
+            private: private_for_ahead,
+            cache: cache_for_ahead,
+            loaders: config.dhcp.loader_files(),
+        },
+        shutdown.clone(),
+    )?);
     if panel.is_none() {
         info!(inventory = %inventory_path.display(), "inventory watched for changes (or send SIGHUP)");
     }
@@ -299,12 +309,45 @@ fn start_panel(
     )
 }
 
-/// Looks at the inventory for changes until `shutdown`.
-fn watch_inventory(router: Arc<Router>, shutdown: Shutdown) -> std::io::Result<JoinHandle<()>> {
+/// What the inventory watcher opens ahead of requests.
+struct OpenAhead {
+    root: std::path::PathBuf,
+    private: Vec<std::path::PathBuf>,
+    cache: FileCache,
+    loaders: Vec<String>,
+}
+
+/// Looks at the inventory for changes until `shutdown`; each new snapshot
+/// (from the file or the panel) has its boot files opened ahead of time
+/// ([`crate::server::paths::open_ahead`]).
+fn watch_inventory(
+    router: Arc<Router>,
+    ahead: OpenAhead,
+    shutdown: Shutdown,
+) -> std::io::Result<JoinHandle<()>> {
     std::thread::Builder::new()
         .name("bootfleet-inventory".into())
         .spawn(move || {
+            let mut opened_for = None;
             while !shutdown.is_triggered() {
+                let generation = router.snapshot().generation;
+                if opened_for != Some(generation) {
+                    opened_for = Some(generation);
+                    let names: Vec<String> = router
+                        .snapshot()
+                        .boot_files
+                        .keys()
+                        .chain(&ahead.loaders)
+                        .cloned()
+                        .collect();
+                    let opened = crate::server::paths::open_ahead(
+                        &ahead.root,
+                        &ahead.private,
+                        &ahead.cache,
+                        names,
+                    );
+                    tracing::debug!(opened, generation, "boot files opened ahead of requests");
+                }
                 std::thread::sleep(INVENTORY_POLL / 4);
                 router.refresh(false);
             }

@@ -57,6 +57,32 @@ pub fn resolve_served(
     Ok(canonical)
 }
 
+/// Resolves and opens `names` (boot files: the images' kernels and
+/// initrds, the loaders) ahead of the first request for them, off the data
+/// plane, and remembers each name's version in `cache`, so that even the
+/// first fetch of a storm costs its io_uring worker no file-system call.
+/// Names that are missing or refused are skipped (their requests get the
+/// usual answer). Returns how many were opened.
+pub fn open_ahead(
+    root: &Path,
+    private: &[PathBuf],
+    cache: &crate::cache::FileCache,
+    names: impl IntoIterator<Item = String>,
+) -> usize {
+    let mut opened = 0;
+    for name in names {
+        let ticket = cache.prepare_name(&name);
+        let Ok(path) = resolve_served(root, private, &name) else {
+            continue;
+        };
+        if let Ok(file) = cache.open(&path) {
+            cache.remember_name(ticket, &name, &path, &file);
+            opened += 1;
+        }
+    }
+    opened
+}
+
 /// First-stage loaders served from outside the boot directory when it has
 /// no file of that name: Debian's `ipxe` package installs
 /// `/usr/lib/ipxe/undionly.kpxe`, `ipxe.efi` and `snponly.efi`, so a fresh
@@ -246,6 +272,23 @@ mod tests {
             );
         }
         assert!(resolve_served(&root, &private, "ok").is_ok());
+    }
+
+    #[test]
+    fn boot_files_opened_ahead_are_answered_by_name_and_refused_ones_are_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().canonicalize().unwrap();
+        std::fs::create_dir_all(root.join("debian")).unwrap();
+        std::fs::write(root.join("debian/vmlinuz"), "kernel").unwrap();
+        std::fs::write(root.join(".hidden"), "secret").unwrap();
+        let mut cache = crate::cache::FileCache::new(1 << 20);
+        cache.remember_names_under(&root);
+        let names = ["debian/vmlinuz", "debian/missing", ".hidden"].map(String::from);
+        assert_eq!(open_ahead(&root, &[], &cache, names), 1);
+        let found = cache.by_name("debian/vmlinuz").expect("opened ahead");
+        assert_eq!(&found.data[..], b"kernel");
+        assert!(cache.by_name("debian/missing").is_none());
+        assert!(cache.by_name(".hidden").is_none());
     }
 
     #[test]
