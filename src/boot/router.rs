@@ -140,8 +140,10 @@ pub struct Router {
     /// loader phase of a boot.
     loader_files: HashSet<String>,
     /// Kernels and initrds named by the operator's own per-MAC scripts
-    /// served so far ([`super::script::files_fetched_by`]).
+    /// served so far ([`super::script::files_fetched_by`]); the flag spares
+    /// every other file served the lock while none was ever named.
     static_script_files: Mutex<HashMap<String, FileRole>>,
+    any_static_script_files: std::sync::atomic::AtomicBool,
     /// The file version that last failed to load.
     failed_source: Mutex<Option<(SystemTime, u64)>>,
     /// Set once the inventory database is the source: the file is then
@@ -185,6 +187,7 @@ impl Router {
             )),
             loader_files: HashSet::new(),
             static_script_files: Mutex::new(HashMap::new()),
+            any_static_script_files: std::sync::atomic::AtomicBool::new(false),
             failed_source: Mutex::new(None),
             external_source: std::sync::atomic::AtomicBool::new(false),
             events: EventLog::new(100_000),
@@ -354,6 +357,8 @@ impl Router {
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .extend(named);
+                self.any_static_script_files
+                    .store(true, std::sync::atomic::Ordering::Release);
             }
             return Script {
                 body: found.body,
@@ -638,6 +643,12 @@ impl Router {
             Phase::Loader
         } else {
             let role = loaded.snapshot.boot_files.get(path).copied().or_else(|| {
+                if !self
+                    .any_static_script_files
+                    .load(std::sync::atomic::Ordering::Acquire)
+                {
+                    return None;
+                }
                 self.static_script_files
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())

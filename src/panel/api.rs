@@ -136,9 +136,6 @@ pub fn routes(state: Arc<PanelState>) -> axum::Router {
             "/assets/app.css",
             get(|| asset(APP_CSS, "text/css; charset=utf-8")),
         )
-        .route("/metrics", get(super::metrics::metrics))
-        .route("/healthz", get(super::metrics::healthz))
-        .route("/readyz", get(super::metrics::readyz))
         .route("/api/v1/login", post(login))
         .route("/api/v1/logout", post(logout))
         .route("/api/v1/session", get(session))
@@ -190,6 +187,7 @@ pub fn routes(state: Arc<PanelState>) -> axum::Router {
                 "this endpoint does not take that method; see /api/v1/openapi.json",
             )
         })
+        .merge(super::metrics::routes())
         .layer(axum::middleware::map_response(security_headers))
         .with_state(state)
 }

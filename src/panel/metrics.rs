@@ -46,15 +46,14 @@ impl std::fmt::Debug for DataPlane {
     }
 }
 
-/// `/metrics`, `/healthz` and `/readyz` alone: the router of
-/// `panel.metrics_listen`.
-pub fn routes(state: Arc<PanelState>) -> axum::Router {
+/// `/metrics`, `/healthz` and `/readyz`: merged into the panel's router,
+/// and alone the router of `panel.metrics_listen`.
+pub fn routes() -> axum::Router<Arc<PanelState>> {
     use axum::routing::get;
     axum::Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .with_state(state)
 }
 
 /// Serves [`routes`] on `listener` until `stop` resolves.
@@ -70,7 +69,7 @@ pub async fn serve(
             return;
         }
     };
-    if let Err(error) = axum::serve(listener, routes(state))
+    if let Err(error) = axum::serve(listener, routes().with_state(state))
         .with_graceful_shutdown(stop)
         .await
     {
