@@ -1,14 +1,86 @@
-//! The one-shot ledger: which machines have used their one-shot
-//! assignment, kept in memory for the data plane and in `one-shot.json`
-//! in the state directory, written by a thread of its own.
+//! One-shot assignments: the ledger of which machines have used theirs,
+//! kept in memory for the data plane and in `one-shot.json` in the state
+//! directory, written by a thread of its own; and, for each assignment
+//! still armed, the address that first asked for its script.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use tracing::warn;
+use tracing::{info, warn};
 
+use super::MAX_SEEN;
+use crate::inventory::Machine;
 use crate::proto::Mac;
+
+/// The one-shot state of the fleet: what is used up, and who may use up
+/// what is still armed.
+pub(super) struct OneShots {
+    ledger: OneShotLedger,
+    /// For each one-shot machine whose assignment is armed, the address
+    /// that first asked for its script: only a kernel fetch from there uses
+    /// the assignment up when no lease vouches for the address.
+    claimants: Mutex<HashMap<Mac, IpAddr>>,
+}
+
+impl OneShots {
+    /// The ledger kept in `state_dir`.
+    pub(super) fn open(state_dir: &Path) -> Self {
+        Self {
+            ledger: OneShotLedger::open(state_dir),
+            claimants: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Whether `machine` (a one-shot machine at its current `rearm`) has
+    /// used its assignment; [`super::policy::decide`] asks this.
+    pub(super) fn used(&self, mac: Mac, rearm: u64) -> bool {
+        self.ledger.used(mac, rearm)
+    }
+
+    /// Notes that `client`, which may act for `machine`, asked for its
+    /// script; the first such address of an armed one-shot machine is the
+    /// one whose kernel fetch uses the assignment up.
+    pub(super) fn script_asked(&self, machine: &Machine, client: IpAddr) {
+        if !machine.one_shot || self.used(machine.mac, machine.rearm) {
+            return;
+        }
+        let mut claimants = self.claimants.lock().unwrap_or_else(|p| p.into_inner());
+        if claimants.len() >= MAX_SEEN {
+            claimants.clear();
+        }
+        claimants.entry(machine.mac).or_insert(client);
+    }
+
+    /// `client` fetched the kernel of `machine`'s one-shot image whole:
+    /// the assignment is used up when the address is leased to the machine
+    /// (`leased`) or first asked for its script. Returns whether it was.
+    pub(super) fn kernel_fetched(&self, machine: &Machine, client: IpAddr, leased: bool) -> bool {
+        let mac = machine.mac;
+        if !machine.one_shot || self.used(mac, machine.rearm) {
+            return false;
+        }
+        // Without a lease that vouches for the address (ProxyDHCP,
+        // another DHCP server), only the address that first asked for
+        // the script uses the assignment up.
+        let mut claimants = self.claimants.lock().unwrap_or_else(|p| p.into_inner());
+        if !leased && claimants.get(&mac) != Some(&client) {
+            info!(%mac, %client, first = ?claimants.get(&mac),
+                "kernel fetched by an address that did not first ask for this one-shot machine's script; assignment kept");
+            return false;
+        }
+        claimants.remove(&mac);
+        drop(claimants);
+        self.ledger.mark_used(mac, machine.rearm);
+        true
+    }
+
+    /// Waits until the assignments used so far are on disk.
+    pub(super) fn sync(&self) {
+        self.ledger.sync();
+    }
+}
 
 /// Which machines have used their one-shot assignment (MAC → the `rearm`
 /// generation used), kept in memory and in `one-shot.json` in the state

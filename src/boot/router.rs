@@ -1,81 +1,47 @@
 //! The MAC router: turns a machine's MAC address into the script (or
-//! pxelinux/GRUB config) it boots, from the current inventory snapshot.
+//! pxelinux/GRUB config) it boots, and turns the files machines fetch into
+//! boot events. It is the meeting point of four parts, each with its own
+//! state and lock:
 //!
-//! Decision order for `GET /boot/{mac}.ipxe`:
-//! 1. a per-MAC script the operator placed in the boot directory (the
-//!    classic `xx:xx:xx:xx:xx:xx.gpxe` layout) is served unchanged;
-//! 2. a machine marked `netboot = false` boots its local disk;
-//! 3. a one-shot assignment that has already been used (the machine fetched
-//!    its kernel) boots the local disk until the operator raises `rearm`;
-//! 4. an assigned image is rendered through its template;
-//! 5. anything else gets the inventory's unknown-machine policy (menu,
-//!    local or wait), and a MAC the inventory does not list is recorded as
-//!    *discovered* with the iPXE facts it sent.
+//! * [`super::current`] — the inventory snapshot in use, swapped atomically;
+//! * [`super::policy`] — the pure decision (MAC + menu choice + snapshot →
+//!   what it boots), after an operator's own per-MAC script
+//!   ([`super::script::StaticScripts`]), which always wins;
+//! * [`super::seen`] — the machines that asked, with their facts; a MAC the
+//!   inventory does not list is recorded as *discovered*;
+//! * [`super::ledger`] — one-shot assignments used up, written to disk off
+//!   the data-plane threads;
 //!
-//! The snapshot is swapped atomically ([`arc_swap`]); readers never wait on
-//! a reload. A file that fails to load keeps the last good snapshot.
-//!
-//! Loaders, kernels and initrds carry no MAC address, so the router
-//! remembers which client address is which machine (from the address DHCP
-//! gave it, or the last script it asked for); that is how a kernel fetch
-//! becomes a boot event of the right machine and how a one-shot assignment
-//! learns it has been used.
+//! and [`super::clients`]: loaders, kernels and initrds carry no MAC
+//! address, so the router remembers which client address is which machine
+//! (from the address DHCP gave it, or the last script it asked for); that
+//! is how a kernel fetch becomes a boot event of the right machine and how
+//! a one-shot assignment learns it has been used.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
-use arc_swap::ArcSwap;
-use serde::Serialize;
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
 use super::clients::{Binding, ClientBindings};
+use super::current::{CurrentInventory, Loaded, SnapshotGuard};
 use super::events::{BootEvent, EventLog, Phase};
 use super::hooks::{FileGenerator, FinishedRead, TransferObserver};
-use super::ledger::OneShotLedger;
-use super::render::{ImageView, InitrdView, ScriptContext, Templates};
-use super::script::StaticScripts;
+use super::ledger::OneShots;
+use super::policy::{self, Choice};
+use super::render::{ImageView, InitrdView, ScriptContext};
+use super::script::{FilesNamedByScripts, StaticScripts};
+use super::seen::{SeenMachine, SeenMachines};
 use super::MAX_SEEN;
 use crate::inventory::{
     self, FileRole, Image, InventoryError, Machine, Snapshot, Transport, UnknownPolicy,
 };
-use crate::limit::RateLimiter;
 use crate::proto::{Mac, PxelinuxConfig};
 
 /// How long the unknown-machine menu waits before booting locally.
 pub const MENU_TIMEOUT_MS: u32 = 30_000;
-
-/// New unknown MACs one client address may introduce at once, and then per
-/// second: a booting machine asks for one MAC (its own); 145,000 made-up
-/// MACs in 20 s from one host once filled the inventory.
-const NEW_MACS_BURST: f64 = 16.0;
-const NEW_MACS_PER_SECOND: f64 = 1.0;
-
-/// A snapshot with its compiled templates.
-struct Loaded {
-    snapshot: Snapshot,
-    templates: Templates,
-    /// Scripts of assigned machines rendered with the built-in template,
-    /// by MAC, each with the base URL it was rendered for (they depend on
-    /// nothing else in this snapshot).
-    rendered: Mutex<HashMap<Mac, (String, Vec<u8>)>>,
-    /// Modification time and length of the file it came from.
-    source: Option<(SystemTime, u64)>,
-}
-
-/// A machine that asked for its script.
-#[derive(Debug, Clone, Serialize)]
-pub struct SeenMachine {
-    pub mac: Mac,
-    pub client: IpAddr,
-    pub first_seen_ms: u64,
-    pub last_seen_ms: u64,
-    pub facts: BTreeMap<String, String>,
-    /// Not listed in the inventory.
-    pub discovered: bool,
-}
 
 /// What decided a script.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -120,43 +86,24 @@ pub struct Script {
 
 /// The router; one per server, shared by HTTP and TFTP.
 pub struct Router {
-    root: PathBuf,
+    inventory: CurrentInventory,
     static_scripts: StaticScripts,
-    inventory_path: PathBuf,
-    current: ArcSwap<Loaded>,
-    one_shot: OneShotLedger,
-    seen: Mutex<HashMap<Mac, SeenMachine>>,
+    files_named_by_scripts: FilesNamedByScripts,
+    one_shots: OneShots,
+    seen: SeenMachines,
     /// Which machine each client address is, and how the router knows.
     clients: ClientBindings,
-    /// For each one-shot machine whose assignment is armed, the address
-    /// that first asked for its script: only a kernel fetch from there uses
-    /// the assignment up when no lease vouches for the address.
-    one_shot_claimants: Mutex<HashMap<Mac, IpAddr>>,
-    /// New unknown MACs each client address may still introduce (a token
-    /// bucket): a machine brings one, a host making them up is held to
-    /// [`NEW_MACS_PER_SECOND`].
-    discovery_budget: Mutex<RateLimiter<IpAddr>>,
     /// First-stage loaders the DHCP answers name: their fetches are the
     /// loader phase of a boot.
     loader_files: HashSet<String>,
-    /// Kernels and initrds named by the operator's own per-MAC scripts
-    /// served so far ([`super::script::files_fetched_by`]); the flag spares
-    /// every other file served the lock while none was ever named.
-    static_script_files: Mutex<HashMap<String, FileRole>>,
-    any_static_script_files: std::sync::atomic::AtomicBool,
-    /// The file version that last failed to load.
-    failed_source: Mutex<Option<(SystemTime, u64)>>,
-    /// Set once the inventory database is the source: the file is then
-    /// no longer watched.
-    external_source: std::sync::atomic::AtomicBool,
     pub events: EventLog,
 }
 
 impl Router {
     /// Waits until the one-shot assignments used so far are on disk (they
-    /// are written off the data plane; see `OneShotLedger`).
+    /// are written off the data plane; see [`super::ledger`]).
     pub fn sync_state(&self) {
-        self.one_shot.sync();
+        self.one_shots.sync();
     }
 
     /// A router for the canonical boot `root`, reading `inventory_path`
@@ -168,28 +115,13 @@ impl Router {
         state_dir: &Path,
     ) -> Result<Self, InventoryError> {
         let router = Self {
-            root: root.to_path_buf(),
+            inventory: CurrentInventory::new(root, inventory_path),
             static_scripts: StaticScripts::new(root),
-            inventory_path: inventory_path.to_path_buf(),
-            current: ArcSwap::from_pointee(Loaded {
-                snapshot: Snapshot::default(),
-                templates: Templates::new(&BTreeMap::new()).expect("built-in templates compile"),
-                rendered: Mutex::new(HashMap::new()),
-                source: None,
-            }),
-            one_shot: OneShotLedger::open(state_dir),
-            seen: Mutex::new(HashMap::new()),
+            files_named_by_scripts: FilesNamedByScripts::default(),
+            one_shots: OneShots::open(state_dir),
+            seen: SeenMachines::default(),
             clients: ClientBindings::default(),
-            one_shot_claimants: Mutex::new(HashMap::new()),
-            discovery_budget: Mutex::new(RateLimiter::with_burst(
-                NEW_MACS_BURST,
-                NEW_MACS_PER_SECOND,
-            )),
             loader_files: HashSet::new(),
-            static_script_files: Mutex::new(HashMap::new()),
-            any_static_script_files: std::sync::atomic::AtomicBool::new(false),
-            failed_source: Mutex::new(None),
-            external_source: std::sync::atomic::AtomicBool::new(false),
             events: EventLog::new(100_000),
         };
         router.reload()?;
@@ -198,12 +130,12 @@ impl Router {
 
     /// The inventory file this router reads.
     pub fn inventory_path(&self) -> &Path {
-        &self.inventory_path
+        self.inventory.inventory_path()
     }
 
     /// The snapshot in use.
     pub fn snapshot(&self) -> impl std::ops::Deref<Target = Snapshot> + '_ {
-        SnapshotGuard(self.current.load_full())
+        SnapshotGuard(self.inventory.load_full())
     }
 
     /// Loads the inventory file again if it changed since the last load (or
@@ -211,94 +143,14 @@ impl Router {
     /// the same failed version is not tried again until it changes.
     /// Returns whether a new snapshot was installed.
     pub fn reload_if_changed(&self, force: bool) -> Result<bool, InventoryError> {
-        if self
-            .external_source
-            .load(std::sync::atomic::Ordering::Relaxed)
-        {
-            return Ok(false);
-        }
-        let source = std::fs::metadata(&self.inventory_path)
-            .ok()
-            .map(|m| (m.modified().unwrap_or(UNIX_EPOCH), m.len()));
-        let mut failed = self.failed_source.lock().unwrap_or_else(|p| p.into_inner());
-        if !force
-            && (source == self.current.load().source || (source.is_some() && source == *failed))
-        {
-            return Ok(false);
-        }
-        let generation = self.current.load().snapshot.generation + 1;
-        let built = match source {
-            None => Ok(Snapshot {
-                generation,
-                ..Snapshot::default()
-            }),
-            Some(_) => Snapshot::load(&self.inventory_path, &self.root, generation),
-        }
-        .and_then(|snapshot| {
-            let templates =
-                Templates::new(&snapshot.templates).map_err(|e| InventoryError::Syntax {
-                    path: self.inventory_path.clone(),
-                    message: format!("template: {e}"),
-                })?;
-            Ok((snapshot, templates))
-        });
-        let (snapshot, templates) = match built {
-            Ok(built) => built,
-            Err(error) => {
-                *failed = source;
-                return Err(error);
-            }
-        };
-        *failed = None;
-        if source.is_some() {
-            info!(
-                inventory = %self.inventory_path.display(),
-                generation,
-                images = snapshot.images.len(),
-                machines = snapshot.machines.len(),
-                unknown_policy = ?snapshot.unknown_policy,
-                "inventory loaded"
-            );
-        } else {
-            info!(
-                inventory = %self.inventory_path.display(),
-                unknown_policy = ?snapshot.unknown_policy,
-                "no inventory file: no images or machines yet (write that file, or add them in the panel); every machine is unknown"
-            );
-        }
-        self.current.store(Arc::new(Loaded {
-            snapshot,
-            templates,
-            rendered: Mutex::new(HashMap::new()),
-            source,
-        }));
-        Ok(true)
+        self.inventory.reload_if_changed(force)
     }
 
     /// Installs a snapshot built elsewhere (the inventory database) and
     /// stops watching the inventory file: from now on only further calls
     /// change what is served. Readers switch atomically.
     pub fn install(&self, snapshot: Snapshot) -> Result<(), InventoryError> {
-        self.external_source
-            .store(true, std::sync::atomic::Ordering::Relaxed);
-        let templates =
-            Templates::new(&snapshot.templates).map_err(|e| InventoryError::Syntax {
-                path: PathBuf::from("inventory database"),
-                message: format!("template: {e}"),
-            })?;
-        tracing::debug!(
-            generation = snapshot.generation,
-            images = snapshot.images.len(),
-            machines = snapshot.machines.len(),
-            "inventory snapshot installed"
-        );
-        self.current.store(Arc::new(Loaded {
-            snapshot,
-            templates,
-            rendered: Mutex::new(HashMap::new()),
-            source: None,
-        }));
-        Ok(())
+        self.inventory.install(snapshot)
     }
 
     /// [`Self::reload_if_changed`] with `force`.
@@ -327,57 +179,55 @@ impl Router {
         base_url: &str,
         client: IpAddr,
     ) -> Script {
-        let loaded = self.current.load();
+        let loaded = self.inventory.load();
         let snapshot = &loaded.snapshot;
         let facts: BTreeMap<String, String> = query
             .iter()
             .filter(|(name, _)| super::script::FACTS.iter().any(|(fact, _)| fact == name))
             .map(|(name, value)| (name.clone(), value.clone()))
             .collect();
-        let listed = snapshot.machines.get(&mac);
         let static_script = self.static_scripts.find(mac);
         // A machine with the operator's own script is known, not discovered.
         // An address that this server leased to another machine cannot
         // speak for this one: it still gets the script (scripts are public
         // boot files), but it neither claims the MAC nor writes to its
         // record.
-        if self.may_speak_for(client, mac) {
-            self.remember(
-                mac,
-                client,
-                &facts,
-                listed.is_none() && static_script.is_none(),
-            );
+        let speaks_for = self.may_speak_for(client, mac);
+        if speaks_for {
+            self.note_client(client, mac);
+            let discovered = !snapshot.machines.contains_key(&mac) && static_script.is_none();
+            self.seen.remember(mac, client, &facts, discovered);
         }
-
         if let Some(found) = static_script {
-            let named = super::script::files_fetched_by(&found.body);
-            if !named.is_empty() {
-                self.static_script_files
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .extend(named);
-                self.any_static_script_files
-                    .store(true, std::sync::atomic::Ordering::Release);
-            }
+            self.files_named_by_scripts.note(&found.body);
             return Script {
                 body: found.body,
                 decision: Decision::Static(found.path),
             };
         }
+        let menu_choice = query
+            .iter()
+            .find(|(name, _)| name == "image")
+            .map(|(_, image)| image.as_str());
+        let choice = policy::decide(snapshot, mac, menu_choice, |mac, rearm| {
+            self.one_shots.used(mac, rearm)
+        });
         let server = base_url.trim_end_matches('/');
-        // Checked before any context is built: this is the path of every
-        // assigned machine's boot, thousands of times a second in a storm.
-        let assigned = listed
-            .filter(|machine| machine.netboot)
-            .and_then(|machine| Some((machine, snapshot.image_of(machine)?)));
-        if let Some((machine, image)) = assigned {
-            if let Some(script) = self.cached_script(&loaded, mac, client, server, machine, image) {
-                return script;
+        if let Choice::Assigned { machine, image } = choice {
+            if speaks_for {
+                self.one_shots.script_asked(machine, client);
+            }
+            // Checked before any context is built: this is the path of
+            // every assigned machine's boot, thousands of times a second in
+            // a storm.
+            if let Some(body) = cached_script(&loaded, mac, server, image) {
+                return Script {
+                    body,
+                    decision: Decision::Assigned(image.name.clone()),
+                };
             }
         }
-
-        let mut context = ScriptContext {
+        let context = ScriptContext {
             mac: mac.to_string(),
             server: server.to_string(),
             facts,
@@ -386,190 +236,65 @@ impl Router {
             query: facts_query(query),
             ..ScriptContext::default()
         };
-        let local = |why: &'static str, context: &mut ScriptContext| {
-            context.reason = why.to_string();
-            self.render(&loaded, "builtin:local", context, Decision::Local(why))
-        };
-        if let Some(machine) = listed {
+        self.render_choice(&loaded, choice, context, base_url)
+    }
+
+    /// Renders what the policy chose into `context` (which holds the
+    /// request's part) with the snapshot's templates; an assigned machine's
+    /// script on the built-in template is kept for its next request.
+    fn render_choice(
+        &self,
+        loaded: &Loaded,
+        choice: Choice<'_>,
+        mut context: ScriptContext,
+        base_url: &str,
+    ) -> Script {
+        if let Some(machine) = choice.machine() {
             context.hostname = machine.hostname.clone();
             context.vars = machine.vars.clone();
-            if !machine.netboot {
-                return local("marked do-not-netboot in the inventory", &mut context);
+        }
+        match choice {
+            Choice::Local { why, .. } => {
+                context.reason = why.to_string();
+                render(loaded, "builtin:local", &context, Decision::Local(why))
             }
-            if let Some((machine, image)) = assigned {
-                if machine.one_shot && self.one_shot.used(mac, machine.rearm) {
-                    return local(
-                        "one-shot assignment already used (raise rearm to boot it again)",
-                        &mut context,
-                    );
-                }
-                let decision = Decision::Assigned(image.name.clone());
+            Choice::Assigned { machine, image } => {
                 fill_image(&mut context, image, Some(machine), base_url);
-                let script = self.render(&loaded, &image.template, &context, decision);
+                let decision = Decision::Assigned(image.name.clone());
+                let script = render(loaded, &image.template, &context, decision);
                 let cacheable = image.template == inventory::DEFAULT_TEMPLATE;
                 if cacheable && matches!(script.decision, Decision::Assigned(_)) {
                     let mut rendered = loaded.rendered.lock().unwrap_or_else(|p| p.into_inner());
                     if rendered.len() >= MAX_SEEN {
                         rendered.clear();
                     }
-                    rendered.insert(mac, (context.server.clone(), script.body.clone()));
+                    rendered.insert(machine.mac, (context.server.clone(), script.body.clone()));
                 }
-                return script;
+                script
             }
-        }
-
-        self.unassigned_script(&loaded, query, listed, base_url, context)
-    }
-
-    /// The script of an assigned machine on the built-in template, as last
-    /// rendered for this server address, when it is still current; also
-    /// notes which client first asked for a one-shot assignment.
-    fn cached_script(
-        &self,
-        loaded: &Loaded,
-        mac: Mac,
-        client: IpAddr,
-        server: &str,
-        machine: &Machine,
-        image: &Image,
-    ) -> Option<Script> {
-        let spent = machine.one_shot && self.one_shot.used(mac, machine.rearm);
-        if machine.one_shot && !spent && self.may_speak_for(client, mac) {
-            let mut claimants = self
-                .one_shot_claimants
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
-            if claimants.len() >= MAX_SEEN {
-                claimants.clear();
+            Choice::MenuChoice { machine, image } => {
+                fill_image(&mut context, image, machine, base_url);
+                let decision = Decision::MenuChoice(image.name.clone());
+                render(loaded, &image.template, &context, decision)
             }
-            claimants.entry(mac).or_insert(client);
-        }
-        if spent || image.template != inventory::DEFAULT_TEMPLATE {
-            return None;
-        }
-        let rendered = loaded.rendered.lock().unwrap_or_else(|p| p.into_inner());
-        let (_, body) = rendered.get(&mac).filter(|(at, _)| at == server)?;
-        Some(Script {
-            body: body.clone(),
-            decision: Decision::Assigned(image.name.clone()),
-        })
-    }
-
-    /// The script of a machine with no image to boot: the image it picked
-    /// from the menu, or the unknown-machine policy's menu, wait or local
-    /// boot.
-    fn unassigned_script(
-        &self,
-        loaded: &Loaded,
-        query: &[(String, String)],
-        listed: Option<&Machine>,
-        base_url: &str,
-        mut context: ScriptContext,
-    ) -> Script {
-        let snapshot = &loaded.snapshot;
-        let policy = snapshot.unknown_policy;
-        if policy == UnknownPolicy::Menu {
-            if let Some(image) = query
-                .iter()
-                .find(|(name, _)| name == "image")
-                .and_then(|(_, name)| snapshot.images.get(name))
-            {
-                fill_image(&mut context, image, listed, base_url);
-                return self.render(
-                    loaded,
-                    &image.template,
-                    &context,
-                    Decision::MenuChoice(image.name.clone()),
-                );
-            }
-        }
-        let template = match policy {
-            UnknownPolicy::Menu => {
-                context.images = snapshot.images.values().map(|i| image_view(i)).collect();
-                "builtin:menu"
-            }
-            UnknownPolicy::Wait => "builtin:wait",
-            UnknownPolicy::Local => {
-                context.reason = "not assigned an image".into();
-                "builtin:local"
-            }
-        };
-        self.render(loaded, template, &context, Decision::Unknown(policy))
-    }
-
-    fn render(
-        &self,
-        loaded: &Loaded,
-        template: &str,
-        context: &ScriptContext,
-        decision: Decision,
-    ) -> Script {
-        match loaded.templates.render(template, context) {
-            Ok(body) => Script {
-                body: body.into_bytes(),
-                decision,
-            },
-            Err(error) => {
-                // A template can fail at render time (a filter on a missing
-                // value): say so on the console and in the log, and let the
-                // firmware fall through to the next boot device.
-                warn!(mac = %context.mac, template, %error, "script template failed to render");
-                Script {
-                    body: format!(
-                        "#!ipxe\necho bootfleet: template {template} failed for {}; see the server log\nexit\n",
-                        context.mac
-                    )
-                    .into_bytes(),
-                    decision: Decision::Local("template failed to render"),
-                }
-            }
-        }
-    }
-
-    fn remember(
-        &self,
-        mac: Mac,
-        client: IpAddr,
-        facts: &BTreeMap<String, String>,
-        discovered: bool,
-    ) {
-        let now = now_ms();
-        self.note_client(client, mac);
-        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
-        if !seen.contains_key(&mac) {
-            if seen.len() >= MAX_SEEN {
-                return;
-            }
-            let may_discover = || {
-                self.discovery_budget
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .allow(client, SystemTime::now())
-            };
-            if discovered && !may_discover() {
-                debug!(%mac, %client, "new unknown MACs from this address faster than machines boot; not remembered");
-                return;
-            }
-        }
-        let entry = seen.entry(mac).or_insert_with(|| {
-            if discovered {
-                info!(%mac, %client, ?facts, "discovered a machine the inventory does not list");
-            }
-            SeenMachine {
-                mac,
-                client,
-                first_seen_ms: now,
-                last_seen_ms: now,
-                facts: BTreeMap::new(),
-                discovered,
-            }
-        });
-        entry.client = client;
-        entry.last_seen_ms = now;
-        entry.discovered = discovered;
-        for (name, value) in facts {
-            if !value.is_empty() {
-                entry.facts.insert(name.clone(), value.clone());
+            Choice::Unknown { policy, .. } => {
+                let template = match policy {
+                    UnknownPolicy::Menu => {
+                        context.images = loaded
+                            .snapshot
+                            .images
+                            .values()
+                            .map(|i| image_view(i))
+                            .collect();
+                        "builtin:menu"
+                    }
+                    UnknownPolicy::Wait => "builtin:wait",
+                    UnknownPolicy::Local => {
+                        context.reason = "not assigned an image".into();
+                        "builtin:local"
+                    }
+                };
+                render(loaded, template, &context, Decision::Unknown(policy))
             }
         }
     }
@@ -577,24 +302,13 @@ impl Router {
     /// Machines that asked for a script, most recently seen first;
     /// `discovered_only` keeps those the inventory does not list.
     pub fn seen_machines(&self, discovered_only: bool) -> Vec<SeenMachine> {
-        let snapshot = self.snapshot();
-        let seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
-        let mut out: Vec<SeenMachine> = seen
-            .values()
-            .map(|m| SeenMachine {
-                discovered: m.discovered && !snapshot.machines.contains_key(&m.mac),
-                ..m.clone()
-            })
-            .filter(|m| !discovered_only || m.discovered)
-            .collect();
-        out.sort_by_key(|m| std::cmp::Reverse(m.last_seen_ms));
-        out
+        self.seen
+            .list(&self.inventory.load().snapshot, discovered_only)
     }
 
     /// What the router remembers of one machine that asked for a script.
     pub fn seen_machine(&self, mac: Mac) -> Option<SeenMachine> {
-        let seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
-        seen.get(&mac).cloned()
+        self.seen.get(mac)
     }
 
     /// Records that `client` says it is `mac` (it asked for that MAC's
@@ -610,10 +324,6 @@ impl Router {
     /// `mac`: what the lease says wins over any claim.
     pub fn note_lease(&self, client: IpAddr, mac: Mac) {
         self.clients.bind(client, mac, Binding::Leased);
-    }
-
-    fn is_leased_to(&self, client: IpAddr, mac: Mac) -> bool {
-        self.clients.is_leased_to(client, mac)
     }
 
     /// Whether `client` may act for `mac`: true unless this server leased
@@ -638,24 +348,12 @@ impl Router {
     /// machine uses its assignment up.
     pub fn file_served(&self, served: &FileServed<'_>) {
         let FileServed { path, client, .. } = *served;
-        let loaded = self.current.load();
+        let loaded = self.inventory.load();
         let phase = if self.loader_files.contains(path) {
             Phase::Loader
         } else {
-            let role = loaded.snapshot.boot_files.get(path).copied().or_else(|| {
-                if !self
-                    .any_static_script_files
-                    .load(std::sync::atomic::Ordering::Acquire)
-                {
-                    return None;
-                }
-                self.static_script_files
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .get(path)
-                    .copied()
-            });
-            match role {
+            let role = loaded.snapshot.boot_files.get(path).copied();
+            match role.or_else(|| self.files_named_by_scripts.role(path)) {
                 Some(FileRole::Kernel) => Phase::Kernel,
                 Some(FileRole::Initrd) => Phase::Initrd,
                 None => return,
@@ -677,23 +375,9 @@ impl Router {
         }
         let Some(mac) = mac else { return };
         if let Some((machine, image)) = loaded.snapshot.assigned_image(mac) {
-            if machine.one_shot && image.kernel == path && !self.one_shot.used(mac, machine.rearm) {
-                // Without a lease that vouches for the address (ProxyDHCP,
-                // another DHCP server), only the address that first asked
-                // for the script uses the assignment up.
-                let mut claimants = self
-                    .one_shot_claimants
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner());
-                if !self.is_leased_to(client, mac) && claimants.get(&mac) != Some(&client) {
-                    info!(%mac, %client, first = ?claimants.get(&mac),
-                        "kernel fetched by an address that did not first ask for this one-shot machine's script; assignment kept");
-                    return;
-                }
-                claimants.remove(&mac);
-                drop(claimants);
+            let leased = self.clients.is_leased_to(client, mac);
+            if image.kernel == path && self.one_shots.kernel_fetched(machine, client, leased) {
                 info!(%mac, image = %image.name, "one-shot assignment used: local boot from now on");
-                self.one_shot.mark_used(mac, machine.rearm);
             }
         }
     }
@@ -709,7 +393,7 @@ impl Router {
             let file = name.rsplit('/').next()?;
             ("grub", file.strip_prefix("grub.cfg-")?)
         };
-        let loaded = self.current.load_full();
+        let loaded = self.inventory.load_full();
         let snapshot = &loaded.snapshot;
         let mac = match PxelinuxConfig::parse(key)? {
             PxelinuxConfig::Mac(mac) => mac,
@@ -720,7 +404,7 @@ impl Router {
             _ => return None,
         };
         let machine = snapshot.machines.get(&mac)?;
-        if self.root.join(name).exists() {
+        if self.inventory.root().join(name).exists() {
             return None;
         }
         let mut context = ScriptContext {
@@ -729,26 +413,59 @@ impl Router {
             vars: machine.vars.clone(),
             ..ScriptContext::default()
         };
-        let template = match snapshot.assigned_image(mac) {
-            Some((machine, _)) if machine.one_shot && self.one_shot.used(mac, machine.rearm) => {
-                context.reason = "one-shot assignment already used".into();
+        let choice = policy::decide(snapshot, mac, None, |mac, rearm| {
+            self.one_shots.used(mac, rearm)
+        });
+        let template = match choice {
+            Choice::Local { why, .. } => {
+                context.reason = why.to_string();
                 format!("builtin:{kind}-local")
             }
-            Some((machine, image)) if machine.netboot => {
+            Choice::Assigned { machine, image } => {
                 fill_image(&mut context, image, Some(machine), "");
                 format!("builtin:{kind}")
             }
-            _ if !machine.netboot => {
-                context.reason = "marked do-not-netboot in the inventory".into();
-                format!("builtin:{kind}-local")
-            }
-            _ => return None,
+            Choice::MenuChoice { .. } | Choice::Unknown { .. } => return None,
         };
         match loaded.templates.render(&template, &context) {
             Ok(body) => Some((mac, body.into_bytes())),
             Err(error) => {
                 warn!(%mac, template, %error, "loader config template failed to render");
                 None
+            }
+        }
+    }
+}
+
+/// The script of an assigned machine on the built-in template, as last
+/// rendered for this server address, when it is still current.
+fn cached_script(loaded: &Loaded, mac: Mac, server: &str, image: &Image) -> Option<Vec<u8>> {
+    if image.template != inventory::DEFAULT_TEMPLATE {
+        return None;
+    }
+    let rendered = loaded.rendered.lock().unwrap_or_else(|p| p.into_inner());
+    let (_, body) = rendered.get(&mac).filter(|(at, _)| at == server)?;
+    Some(body.clone())
+}
+
+/// `template` rendered with `context`, or (a template can fail at render
+/// time, a filter on a missing value) a script that says so on the console
+/// and lets the firmware fall through to the next boot device.
+fn render(loaded: &Loaded, template: &str, context: &ScriptContext, decision: Decision) -> Script {
+    match loaded.templates.render(template, context) {
+        Ok(body) => Script {
+            body: body.into_bytes(),
+            decision,
+        },
+        Err(error) => {
+            warn!(mac = %context.mac, template, %error, "script template failed to render");
+            Script {
+                body: format!(
+                    "#!ipxe\necho bootfleet: template {template} failed for {}; see the server log\nexit\n",
+                    context.mac
+                )
+                .into_bytes(),
+                decision: Decision::Local("template failed to render"),
             }
         }
     }
@@ -808,15 +525,6 @@ pub struct FileServed<'a> {
     pub status: u16,
     /// Every byte of a whole-file response was sent.
     pub complete: bool,
-}
-
-struct SnapshotGuard(Arc<Loaded>);
-
-impl std::ops::Deref for SnapshotGuard {
-    type Target = Snapshot;
-    fn deref(&self) -> &Snapshot {
-        &self.0.snapshot
-    }
 }
 
 fn image_view(image: &Image) -> ImageView {
@@ -896,12 +604,6 @@ fn facts_query(query: &[(String, String)]) -> String {
     } else {
         format!("?{}", pairs.join("&"))
     }
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 #[cfg(test)]
@@ -1160,7 +862,7 @@ netboot = false
             let _ = s.router.machine_script(mac, &[], "http://h", flooder);
         }
         let remembered = s.router.seen_machines(true).len();
-        assert_eq!(remembered, NEW_MACS_BURST as usize, "the burst, not 500");
+        assert_eq!(remembered, super::super::seen::NEW_MACS_BURST as usize, "the burst, not 500");
         let other: IpAddr = "10.0.0.91".parse().unwrap();
         let _ = s
             .router

@@ -100,6 +100,41 @@ pub fn find_static_script(dir: &Path, mac: Mac) -> Option<StaticScript> {
     None
 }
 
+/// The kernels and initrds named by the operator's per-MAC scripts served
+/// so far ([`files_fetched_by`]), so that their fetches are boot events
+/// like any image's. A flag spares every other file served the lock while
+/// no script named any.
+#[derive(Default)]
+pub struct FilesNamedByScripts {
+    files: std::sync::Mutex<std::collections::HashMap<String, crate::inventory::FileRole>>,
+    any: std::sync::atomic::AtomicBool,
+}
+
+impl FilesNamedByScripts {
+    /// Notes the files `script` fetches.
+    pub fn note(&self, script: &[u8]) {
+        let named = files_fetched_by(script);
+        if named.is_empty() {
+            return;
+        }
+        self.files
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend(named);
+        self.any.store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    /// What `path` (relative to the boot directory) is to the scripts that
+    /// named it.
+    pub fn role(&self, path: &str) -> Option<crate::inventory::FileRole> {
+        if !self.any.load(std::sync::atomic::Ordering::Acquire) {
+            return None;
+        }
+        let files = self.files.lock().unwrap_or_else(|p| p.into_inner());
+        files.get(path).copied()
+    }
+}
+
 /// The kernels and initrds an operator's own iPXE script fetches, as paths
 /// relative to the boot directory: `kernel`, `chain`, `imgexec` and
 /// `boot` name kernels; `initrd`, `module` and `imgfetch` initrds. A URL's
