@@ -862,7 +862,11 @@ netboot = false
             let _ = s.router.machine_script(mac, &[], "http://h", flooder);
         }
         let remembered = s.router.seen_machines(true).len();
-        assert_eq!(remembered, super::super::seen::NEW_MACS_BURST as usize, "the burst, not 500");
+        assert_eq!(
+            remembered,
+            super::super::seen::NEW_MACS_BURST as usize,
+            "the burst, not 500"
+        );
         let other: IpAddr = "10.0.0.91".parse().unwrap();
         let _ = s
             .router

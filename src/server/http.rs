@@ -36,9 +36,7 @@ use crate::cache::{CachedFile, FileCache, FileData};
 use crate::proto::http::connection::{Connection, Piece};
 use crate::proto::http::range::{self, BodyPlan, Multipart, Validators};
 use crate::proto::http::request::{Method, Request};
-use crate::proto::http::response::{
-    content_type, finish_head, insert_header, not_modified, reason,
-};
+use crate::proto::http::response::{content_type, not_modified, ResponseHead};
 use crate::proto::path::{safe_relative_name, NameError};
 use crate::proto::Mac;
 use crate::server::paths::{resolve_served, ResolveError};
@@ -256,6 +254,7 @@ pub struct HttpService {
 }
 
 const SERVER: &str = concat!("bootfleet/", env!("CARGO_PKG_VERSION"));
+const TEXT: &str = "text/plain; charset=utf-8";
 
 impl HttpService {
     /// A service for the canonical boot `root`.
@@ -286,9 +285,9 @@ impl HttpService {
         trace!(%peer, method = ?request.method, path = %request.path, query = ?request.query, "HTTP request");
         if let Method::Other(method) = &request.method {
             debug!(%peer, %method, path = %request.path, "method not allowed");
-            let mut response = self.text(405, "only GET and HEAD are served\n", request, false);
-            insert_header(&mut response.head, "Allow: GET, HEAD\r\n");
-            return response;
+            let mut head = self.head(405, request);
+            head.allow = Some("GET, HEAD");
+            return self.text_with(head, "only GET and HEAD are served\n", false);
         }
         let path = request.path.as_str();
 
@@ -349,23 +348,10 @@ impl HttpService {
 
     /// The response for a request head that could not be used.
     pub fn invalid(&self, status: u16, why: &str) -> Response {
+        let mut head = ResponseHead::new(status, false, SERVER);
+        head.content_type = Some(TEXT);
         self.stats.client_errors.add(1);
-        let body = format!("{why}\n");
-        let head = format!(
-            "HTTP/1.1 {status} {}\r\nServer: {SERVER}\r\nDate: {}\r\nContent-Type: text/plain; charset=utf-8\r\n\
-             Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-            reason(status),
-            httpdate::fmt_http_date(SystemTime::now()),
-            body.len()
-        );
-        Response {
-            status,
-            head: head.into_bytes(),
-            file: None,
-            segments: Vec::new(),
-            keep_alive: false,
-            served_path: None,
-        }
+        self.whole(head, format!("{why}\n").as_bytes(), false)
     }
 
     /// Called by the engine when a response has been written (`sent` body
@@ -414,77 +400,56 @@ impl HttpService {
     }
 
     fn script(&self, body: Vec<u8>, request: &Request, head_only: bool) -> Response {
-        let headers = b"Content-Type: text/plain; charset=utf-8\r\nCache-Control: no-store\r\n";
-        self.whole(200, headers, &body, request, head_only)
+        let mut head = self.head(200, request);
+        head.content_type = Some(TEXT);
+        head.no_store = true;
+        self.whole(head, &body, head_only)
     }
 
     fn text(&self, status: u16, body: &str, request: &Request, head_only: bool) -> Response {
-        if status >= 400 {
+        self.text_with(self.head(status, request), body, head_only)
+    }
+
+    /// A plain-text response with `head`'s status and headers.
+    fn text_with(&self, mut head: ResponseHead<'_>, body: &str, head_only: bool) -> Response {
+        if head.status >= 400 {
             self.stats.client_errors.add(1);
         }
-        let headers = b"Content-Type: text/plain; charset=utf-8\r\n";
-        self.whole(status, headers, body.as_bytes(), request, head_only)
+        head.content_type = Some(TEXT);
+        self.whole(head, body.as_bytes(), head_only)
     }
 
     fn json(&self, value: &impl serde::Serialize, request: &Request, head_only: bool) -> Response {
         let body = serde_json::to_vec_pretty(value)
             .unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}").into_bytes());
-        let headers = b"Content-Type: application/json\r\nCache-Control: no-store\r\n";
-        self.whole(200, headers, &body, request, head_only)
+        let mut head = self.head(200, request);
+        head.content_type = Some("application/json");
+        head.no_store = true;
+        self.whole(head, &body, head_only)
     }
 
-    /// A response made whole in memory: the body is written into the head
+    /// The head every response to `request` starts from.
+    fn head(&self, status: u16, request: &Request) -> ResponseHead<'static> {
+        ResponseHead::new(status, request.keep_alive, SERVER)
+    }
+
+    /// A response made whole in memory: the body is written after the head
     /// (left out for HEAD), so it goes out in one piece.
-    fn whole(
-        &self,
-        status: u16,
-        headers: &[u8],
-        body: &[u8],
-        request: &Request,
-        head_only: bool,
-    ) -> Response {
-        let room = if head_only { 0 } else { body.len() };
-        let mut head = self.head_start(status, request.keep_alive, room);
-        head.extend_from_slice(headers);
-        finish_head(&mut head, body.len() as u64);
-        if !head_only {
-            head.extend_from_slice(body);
-        }
-        self.plain(status, head, request.keep_alive)
+    fn whole(&self, mut head: ResponseHead<'_>, body: &[u8], head_only: bool) -> Response {
+        head.content_length = Some(body.len() as u64);
+        self.in_memory(head, if head_only { &[] } else { body })
     }
 
-    fn plain(&self, status: u16, head: Vec<u8>, keep_alive: bool) -> Response {
+    /// `head` as it is, then `body`.
+    fn in_memory(&self, head: ResponseHead<'_>, body: &[u8]) -> Response {
         Response {
-            status,
-            head,
+            status: head.status,
+            head: encode(head, body),
             file: None,
             segments: Vec::new(),
-            keep_alive,
+            keep_alive: head.keep_alive,
             served_path: None,
         }
-    }
-
-    /// The status line and the headers every response has, in a buffer
-    /// with room for `body_room` more bytes (a body written into the head),
-    /// so that appending it does not move the buffer.
-    fn head_start(&self, status: u16, keep_alive: bool, body_room: usize) -> Vec<u8> {
-        let mut head = Vec::with_capacity(320 + body_room);
-        // Written in place, without the formatting machinery: this runs for
-        // every response.
-        head.extend_from_slice(b"HTTP/1.1 ");
-        head.extend_from_slice(itoa::Buffer::new().format(status).as_bytes());
-        head.push(b' ');
-        head.extend_from_slice(reason(status).as_bytes());
-        head.extend_from_slice(b"\r\nServer: ");
-        head.extend_from_slice(SERVER.as_bytes());
-        head.extend_from_slice(b"\r\nDate: ");
-        with_http_date_now(|date| head.extend_from_slice(date.as_bytes()));
-        head.extend_from_slice(if keep_alive {
-            b"\r\nConnection: keep-alive\r\n"
-        } else {
-            b"\r\nConnection: close\r\n"
-        });
-        head
     }
 
     fn api(&self, api: &str, request: &Request, head_only: bool) -> Response {
@@ -561,14 +526,9 @@ impl HttpService {
             }
             Err(e) => {
                 warn!(file = %path.display(), error = %e, "cannot open file");
-                let mut response = self.text(
-                    503,
-                    "cannot read file now, retry later\n",
-                    request,
-                    head_only,
-                );
-                insert_header(&mut response.head, "Retry-After: 1\r\n");
-                return response;
+                let mut head = self.head(503, request);
+                head.retry_after_seconds = Some(1);
+                return self.text_with(head, "cannot read file now, retry later\n", head_only);
             }
         };
         self.cache.remember_name(ticket, &name, &path, &file);
@@ -586,45 +546,41 @@ impl HttpService {
         let etag = format!("\"{:x}-{:x}-{:x}\"", file.key.ino, len, file.key.mtime_ns);
         let mtime = UNIX_EPOCH + Duration::from_nanos(file.key.mtime_ns.max(0) as u64);
         let last_modified = httpdate::fmt_http_date(mtime);
-        let content_type = content_type(name);
-        let validators =
-            format!("ETag: {etag}\r\nLast-Modified: {last_modified}\r\nAccept-Ranges: bytes\r\n");
+        let validators = Validators {
+            etag: &etag,
+            last_modified: &last_modified,
+        };
+        let mut head = self.head(200, request);
+        head.validators = Some(validators);
 
         if not_modified(request, &etag, mtime) {
-            let mut head = self.head_start(304, request.keep_alive, 0);
-            head.extend_from_slice(validators.as_bytes());
-            head.extend_from_slice(b"\r\n");
-            return self.plain(304, head, request.keep_alive);
+            head.status = 304;
+            head.content_length = None;
+            return self.in_memory(head, &[]);
         }
 
         let plan = range::plan(
             request.range.as_deref(),
             request.if_range.as_deref(),
             len,
-            Validators {
-                etag: &etag,
-                last_modified: &last_modified,
-            },
+            validators,
         );
-        let (status, extra, segments) = match plan {
-            BodyPlan::Full => (
-                200,
-                format!("Content-Type: {content_type}\r\n"),
-                vec![Segment::File { offset: 0, len }],
-            ),
-            BodyPlan::Single(r) => (
-                206,
-                format!(
-                    "Content-Type: {content_type}\r\nContent-Range: {}\r\n",
-                    range::content_range(&r, len)
-                ),
+        let content_range;
+        let multipart;
+        head.content_type = Some(content_type(name));
+        let segments = match plan {
+            BodyPlan::Full => vec![Segment::File { offset: 0, len }],
+            BodyPlan::Single(r) => {
+                content_range = range::content_range(&r, len);
+                head.status = 206;
+                head.content_range = Some(&content_range);
                 vec![Segment::File {
                     offset: *r.start(),
                     len: r.end() - r.start() + 1,
-                }],
-            ),
+                }]
+            }
             BodyPlan::Multiple(ranges) => {
-                let multipart = Multipart::new(&ranges, len, content_type, &self.boundary());
+                multipart = Multipart::new(&ranges, len, content_type(name), &self.boundary());
                 let mut segments = Vec::with_capacity(multipart.parts.len() * 2 + 1);
                 for (part_head, r) in &multipart.parts {
                     segments.push(Segment::Bytes(part_head.clone().into_bytes()));
@@ -634,31 +590,23 @@ impl HttpService {
                     });
                 }
                 segments.push(Segment::Bytes(multipart.closing.into_bytes()));
-                (
-                    206,
-                    format!("Content-Type: {}\r\n", multipart.content_type),
-                    segments,
-                )
+                head.status = 206;
+                head.content_type = Some(&multipart.content_type);
+                segments
             }
             BodyPlan::Unsatisfiable => {
-                let mut head = self.head_start(416, request.keep_alive, 0);
-                head.extend_from_slice(
-                    format!("Content-Range: {}\r\n", range::unsatisfied_range(len)).as_bytes(),
-                );
-                head.extend_from_slice(validators.as_bytes());
-                finish_head(&mut head, 0);
-                return self.plain(416, head, request.keep_alive);
+                content_range = range::unsatisfied_range(len);
+                head.status = 416;
+                head.content_type = None;
+                head.content_range = Some(&content_range);
+                return self.in_memory(head, &[]);
             }
         };
         let segments: Vec<Segment> = segments.into_iter().filter(|s| !s.is_empty()).collect();
-        let body_len: u64 = segments.iter().map(Segment::len).sum();
-        let mut head = self.head_start(status, request.keep_alive, 0);
-        head.extend_from_slice(extra.as_bytes());
-        head.extend_from_slice(validators.as_bytes());
-        finish_head(&mut head, body_len);
+        head.content_length = Some(segments.iter().map(Segment::len).sum());
         Response {
-            status,
-            head,
+            status: head.status,
+            head: encode(head, &[]),
             file: Some(file.data),
             segments: if head_only { Vec::new() } else { segments },
             keep_alive: request.keep_alive,
@@ -678,6 +626,17 @@ impl HttpService {
         z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
         format!("bootfleet-{:016x}", z ^ (z >> 31))
     }
+}
+
+/// `head` with the `Date` header filled in, and `body` after it, in a
+/// buffer of its own.
+fn encode(head: ResponseHead<'_>, body: &[u8]) -> Vec<u8> {
+    with_http_date_now(|date| {
+        let mut out = Vec::with_capacity(320 + body.len());
+        ResponseHead { date, ..head }.write_to(&mut out);
+        out.extend_from_slice(body);
+        out
+    })
 }
 
 /// Calls `use_date` with the `Date` header's value, formatted once a second

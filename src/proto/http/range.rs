@@ -35,7 +35,7 @@ pub enum BodyPlan {
 }
 
 /// The file's validators, as sent in `ETag` and `Last-Modified`.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Validators<'a> {
     /// A strong entity tag, quotes included: `"ino-size-mtime"`.
     pub etag: &'a str,

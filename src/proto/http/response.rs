@@ -1,11 +1,12 @@
-//! HTTP response framing and conditionals, sans-I/O: the status line's
-//! reason phrase, the content type of a boot file, `Content-Length` and
-//! header insertion on a head being written, and RFC 9110's conditional
-//! requests (`If-None-Match`, `If-Modified-Since`). The service that builds
+//! HTTP response framing and conditionals, sans-I/O: the structured
+//! response head and its encoding, the status line's reason phrase, the
+//! content type of a boot file, and RFC 9110's conditional requests
+//! (`If-None-Match`, `If-Modified-Since`). The service that builds
 //! responses is [`crate::server::http`].
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
+pub use super::range::Validators;
 use super::request::Request;
 
 /// RFC 9110 §13.1.2 and §13.1.3, evaluated as §13.2.2 orders them.
@@ -29,18 +30,99 @@ pub fn not_modified(request: &Request, etag: &str, mtime: SystemTime) -> bool {
     false
 }
 
-/// Ends a head with its `Content-Length` and the blank line.
-pub fn finish_head(head: &mut Vec<u8>, content_length: u64) {
-    // Written in place: this runs for every response.
-    head.extend_from_slice(b"Content-Length: ");
-    head.extend_from_slice(itoa::Buffer::new().format(content_length).as_bytes());
-    head.extend_from_slice(b"\r\n\r\n");
+/// A response's head, structured: the status and every header bootfleet
+/// sends, each a typed field, written out in one place
+/// ([`ResponseHead::write_to`]) in a fixed order. The service fills it in;
+/// nothing else writes header lines.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ResponseHead<'a> {
+    pub status: u16,
+    /// `Connection: keep-alive`, or `close`.
+    pub keep_alive: bool,
+    /// The `Server` header's value.
+    pub server: &'a str,
+    /// The `Date` header's value (the caller's clock: this module reads
+    /// none).
+    pub date: &'a str,
+    pub content_type: Option<&'a str>,
+    /// `Cache-Control: no-store`, for generated responses.
+    pub no_store: bool,
+    /// The `Allow` header of a 405.
+    pub allow: Option<&'a str>,
+    pub content_range: Option<&'a str>,
+    /// A file's `ETag` and `Last-Modified`; with them `Accept-Ranges: bytes`.
+    pub validators: Option<Validators<'a>>,
+    pub retry_after_seconds: Option<u32>,
+    /// `None` for a 304, which has none.
+    pub content_length: Option<u64>,
 }
 
-/// Adds a header line to a head that already ends with its blank line.
-pub fn insert_header(head: &mut Vec<u8>, line: &str) {
-    if let Some(end) = head.windows(4).position(|w| w == b"\r\n\r\n") {
-        head.splice(end + 2..end + 2, line.bytes());
+impl<'a> ResponseHead<'a> {
+    /// A head with only its status line and the headers every response has.
+    pub fn new(status: u16, keep_alive: bool, server: &'a str) -> Self {
+        Self {
+            status,
+            keep_alive,
+            server,
+            date: "",
+            content_type: None,
+            no_store: false,
+            allow: None,
+            content_range: None,
+            validators: None,
+            retry_after_seconds: None,
+            content_length: Some(0),
+        }
+    }
+
+    /// Appends the head, ending with its blank line, to `out`.
+    pub fn write_to(&self, out: &mut Vec<u8>) {
+        // Written in place, without the formatting machinery: this runs for
+        // every response.
+        let mut number = itoa::Buffer::new();
+        out.extend_from_slice(b"HTTP/1.1 ");
+        out.extend_from_slice(number.format(self.status).as_bytes());
+        out.push(b' ');
+        out.extend_from_slice(reason(self.status).as_bytes());
+        out.extend_from_slice(b"\r\n");
+        let mut line = |name: &[u8], value: &[u8]| {
+            out.extend_from_slice(name);
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(value);
+            out.extend_from_slice(b"\r\n");
+        };
+        line(b"Server", self.server.as_bytes());
+        line(b"Date", self.date.as_bytes());
+        let connection: &[u8] = if self.keep_alive {
+            b"keep-alive"
+        } else {
+            b"close"
+        };
+        line(b"Connection", connection);
+        if let Some(allow) = self.allow {
+            line(b"Allow", allow.as_bytes());
+        }
+        if let Some(content_type) = self.content_type {
+            line(b"Content-Type", content_type.as_bytes());
+        }
+        if self.no_store {
+            line(b"Cache-Control", b"no-store");
+        }
+        if let Some(range) = self.content_range {
+            line(b"Content-Range", range.as_bytes());
+        }
+        if let Some(validators) = self.validators {
+            line(b"ETag", validators.etag.as_bytes());
+            line(b"Last-Modified", validators.last_modified.as_bytes());
+            line(b"Accept-Ranges", b"bytes");
+        }
+        if let Some(seconds) = self.retry_after_seconds {
+            line(b"Retry-After", number.format(seconds).as_bytes());
+        }
+        if let Some(length) = self.content_length {
+            line(b"Content-Length", number.format(length).as_bytes());
+        }
+        out.extend_from_slice(b"\r\n");
     }
 }
 
@@ -125,9 +207,62 @@ mod tests {
     }
 
     #[test]
-    fn header_insertion_keeps_the_blank_line_last() {
-        let mut head = b"HTTP/1.1 405 X\r\nA: b\r\n\r\nbody".to_vec();
-        insert_header(&mut head, "Allow: GET\r\n");
-        assert_eq!(head, b"HTTP/1.1 405 X\r\nA: b\r\nAllow: GET\r\n\r\nbody");
+    fn a_head_is_written_as_httparse_reads_it() {
+        let mut head = ResponseHead::new(206, true, "bootfleet/1");
+        head.date = "Mon, 07 Dec 2026 10:00:00 GMT";
+        head.content_type = Some("application/octet-stream");
+        head.content_range = Some("bytes 0-9/100");
+        head.validators = Some(Validators {
+            etag: "\"1-64-2\"",
+            last_modified: "Sun, 06 Dec 2026 10:00:00 GMT",
+        });
+        head.retry_after_seconds = Some(1);
+        head.content_length = Some(10);
+        let mut out = b"leading".to_vec();
+        head.write_to(&mut out);
+        let written = &out[b"leading".len()..];
+        let mut headers = [httparse::EMPTY_HEADER; 16];
+        let mut parsed = httparse::Response::new(&mut headers);
+        let end = match parsed.parse(written).expect("a valid head") {
+            httparse::Status::Complete(end) => end,
+            httparse::Status::Partial => panic!("an incomplete head"),
+        };
+        assert_eq!(end, written.len(), "the blank line ends it");
+        assert_eq!(parsed.code, Some(206));
+        assert_eq!(parsed.reason, Some("Partial Content"));
+        let value = |name: &str| {
+            let found: Vec<&[u8]> = parsed
+                .headers
+                .iter()
+                .filter(|h| h.name == name)
+                .map(|h| h.value)
+                .collect();
+            assert_eq!(found.len(), 1, "{name} once");
+            String::from_utf8(found[0].to_vec()).unwrap()
+        };
+        assert_eq!(value("Connection"), "keep-alive");
+        assert_eq!(value("Content-Range"), "bytes 0-9/100");
+        assert_eq!(value("ETag"), "\"1-64-2\"");
+        assert_eq!(value("Accept-Ranges"), "bytes");
+        assert_eq!(value("Retry-After"), "1");
+        assert_eq!(value("Content-Length"), "10");
+        assert_eq!(parsed.headers.len(), 10);
+
+        // A 304 carries no length; a 405 says what is allowed.
+        let mut not_modified = ResponseHead::new(304, false, "b");
+        not_modified.content_length = None;
+        let mut out = Vec::new();
+        not_modified.write_to(&mut out);
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.starts_with("HTTP/1.1 304 Not Modified\r\n"), "{text}");
+        assert!(text.contains("Connection: close\r\n"));
+        assert!(!text.contains("Content-Length"));
+        let mut refused = ResponseHead::new(405, true, "b");
+        refused.allow = Some("GET, HEAD");
+        let mut out = Vec::new();
+        refused.write_to(&mut out);
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.contains("\r\nAllow: GET, HEAD\r\n"), "{text}");
+        assert!(text.ends_with("Content-Length: 0\r\n\r\n"), "{text}");
     }
 }
