@@ -33,10 +33,11 @@ started=$(date +%s)
 # cpio, xz-utils and zstd to build their initramfs). The control panel:
 # headless Chromium driven through chromium-driver (WebDriver), openssl for
 # the TLS test's certificate.
-# The package test: lintian, and dpkg (already there on Debian).
+# The package test: lintian, and dpkg (already there on Debian). strace: the
+# test that io_uring workers make no file-system call watches them with it.
 APT_PACKAGES=(tftp-hpa atftp curl iproute2 nftables systemd g++ pkg-config busybox-static isc-dhcp-client
     dnsmasq-base ndisc6 procps qemu-system-x86 ipxe-qemu ipxe ovmf linux-image-amd64 kmod cpio xz-utils zstd
-    openssl chromium chromium-driver lintian)
+    openssl chromium chromium-driver lintian strace)
 missing=()
 for package in "${APT_PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")

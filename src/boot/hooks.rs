@@ -17,6 +17,14 @@ pub trait FileGenerator: Send + Sync {
     /// leading `/`) requested by `client`, or `None` to fall through to the
     /// next generator and finally the disk.
     fn generate(&self, name: &str, client: SocketAddr) -> Option<Vec<u8>>;
+
+    /// Whether [`Self::generate`] for `name` may touch the file system: an
+    /// engine thread that must not block hands such a request to one that
+    /// may. By default every name may.
+    fn may_block(&self, name: &str) -> bool {
+        let _ = name;
+        true
+    }
 }
 
 /// A read transfer that ended, or a read request that was refused, as

@@ -3,7 +3,7 @@
 //! boot events. It is the meeting point of four parts, each with its own
 //! state and lock:
 //!
-//! * [`super::current`] — the inventory snapshot in use, swapped atomically;
+//! * `current` — the inventory snapshot in use, swapped atomically;
 //! * [`super::policy`] — the pure decision (MAC + menu choice + snapshot →
 //!   what it boots), after an operator's own per-MAC script
 //!   ([`super::script::StaticScripts`]), which always wins;
@@ -239,6 +239,14 @@ impl Router {
         self.render_choice(&loaded, choice, context, base_url)
     }
 
+    /// Whether [`Self::machine_script`] for `mac` may touch the file
+    /// system (list the per-MAC script directory, read an operator's
+    /// script): an engine thread that must not block hands such a request
+    /// to one that may.
+    pub fn script_may_block(&self, mac: Mac) -> bool {
+        !self.static_scripts.known_absent(mac)
+    }
+
     /// Renders what the policy chose into `context` (which holds the
     /// request's part) with the snapshot's templates; an assigned machine's
     /// script on the built-in template is kept for its next request.
@@ -472,6 +480,16 @@ fn render(loaded: &Loaded, template: &str, context: &ScriptContext, decision: De
 }
 
 impl FileGenerator for Router {
+    /// Only pxelinux and GRUB config names are generated, and only they
+    /// look at the disk (an operator's file of that name wins).
+    fn may_block(&self, name: &str) -> bool {
+        name.contains("pxelinux.cfg/")
+            || name
+                .rsplit('/')
+                .next()
+                .is_some_and(|file| file.starts_with("grub.cfg-"))
+    }
+
     fn generate(&self, name: &str, client: SocketAddr) -> Option<Vec<u8>> {
         let (mac, body) = self.loader_config(name)?;
         self.events.record(

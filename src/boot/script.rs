@@ -410,6 +410,22 @@ impl StaticScripts {
         }
     }
 
+    /// Whether [`Self::find`] is sure to find no script for `mac` without
+    /// a system call: the directory is watched, its listing is current and
+    /// does not name `mac`. When this is false, `find` may list the
+    /// directory or read a script, so a thread that must not block asks a
+    /// thread that may.
+    pub fn known_absent(&self, mac: Mac) -> bool {
+        let listing = self.listing.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(Freshness::Watched(watch)) = &listing.freshness else {
+            return false;
+        };
+        !listing.stale
+            && !watch.news.ended.load(Ordering::Acquire)
+            && watch.news.changes.load(Ordering::Acquire) == watch.listed_at
+            && !listing.macs.contains(&mac)
+    }
+
     /// Notices a directory swapped under the path (a symlink repointed, or
     /// another directory renamed into its place), which the watch on the
     /// old directory cannot see, and watches the new one. Where inotify was

@@ -1,6 +1,6 @@
 //! The machines that asked for a script: when each was first and last
 //! seen, from which address, with the facts its iPXE sent, and whether the
-//! inventory lists it. Memory is bounded: at most [`MAX_SEEN`] machines,
+//! inventory lists it. Memory is bounded: at most `MAX_SEEN` machines,
 //! and one client address may introduce new unknown MACs only as fast as
 //! machines boot.
 

@@ -70,22 +70,57 @@ async fn serve(listener: TokioUdp, service: Arc<TftpService>, shutdown: Shutdown
                 }
             },
         };
-        match service.handle_request(&buf[..len], peer, Instant::now()) {
-            Admission::Start(started) => {
-                let service = Arc::clone(&service);
-                let shutdown = shutdown.clone();
-                let listener = Arc::clone(&listener);
-                tokio::spawn(async move {
-                    run_transfer(local, *started, service, listener, shutdown).await
-                });
-            }
-            Admission::Reply(reply) => {
-                if let Err(e) = listener.send_to(&reply, peer).await {
-                    debug!(%peer, error = %e, "cannot send TFTP error");
+        let admission =
+            match service.handle_request_without_blocking(&buf[..len], peer, Instant::now()) {
+                Ok(admission) => admission,
+                Err(request) => {
+                    // The file system is for the runtime's blocking pool, not
+                    // this task, which receives every request.
+                    let (service, shutdown, listener) = (
+                        Arc::clone(&service),
+                        shutdown.clone(),
+                        Arc::clone(&listener),
+                    );
+                    tokio::spawn(async move {
+                        let decided = tokio::task::spawn_blocking({
+                            let service = Arc::clone(&service);
+                            move || service.handle_blocking_request(request, Instant::now())
+                        });
+                        if let Ok(admission) = decided.await {
+                            admit(admission, peer, local, &service, &listener, &shutdown).await;
+                        }
+                    });
+                    continue;
                 }
-            }
-            Admission::Ignore => {}
+            };
+        admit(admission, peer, local, &service, &listener, &shutdown).await;
+    }
+}
+
+/// Acts on what the service decided about a request from `peer`.
+async fn admit(
+    admission: Admission,
+    peer: SocketAddr,
+    local: SocketAddr,
+    service: &Arc<TftpService>,
+    listener: &Arc<TokioUdp>,
+    shutdown: &Shutdown,
+) {
+    match admission {
+        Admission::Start(started) => {
+            let service = Arc::clone(service);
+            let shutdown = shutdown.clone();
+            let listener = Arc::clone(listener);
+            tokio::spawn(async move {
+                run_transfer(local, *started, service, listener, shutdown).await
+            });
         }
+        Admission::Reply(reply) => {
+            if let Err(e) = listener.send_to(&reply, peer).await {
+                debug!(%peer, error = %e, "cannot send TFTP error");
+            }
+        }
+        Admission::Ignore => {}
     }
 }
 

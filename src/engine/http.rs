@@ -179,7 +179,7 @@ async fn connection(
     stream: &TcpStream,
     local: SocketAddr,
     peer: SocketAddr,
-    service: &HttpService,
+    service: &Arc<HttpService>,
     config: &HttpConfig,
     slots: &Semaphore,
 ) -> std::io::Result<()> {
@@ -194,7 +194,26 @@ async fn connection(
     let mut state = Connection::new(limits(config), Instant::now());
     loop {
         let (response, close_after) = match state.poll_request(Instant::now()) {
-            Polled::Request(request) => (service.respond(&request, local, peer), false),
+            Polled::Request(request) => {
+                match service.respond_without_blocking(&request, local, peer) {
+                    Some(response) => (response, false),
+                    // The file system is for the runtime's blocking pool:
+                    // this thread serves every connection.
+                    None => {
+                        let service = Arc::clone(service);
+                        let answered = tokio::task::spawn_blocking(move || {
+                            service.respond(&request, local, peer)
+                        });
+                        match answered.await {
+                            Ok(response) => (response, false),
+                            Err(error) => {
+                                warn!(%peer, %error, "HTTP answer not made; connection closed");
+                                return Ok(());
+                            }
+                        }
+                    }
+                }
+            }
             Polled::Invalid(status, why) => {
                 debug!(%peer, status, why, "bad request");
                 (service.invalid(status, why), true)

@@ -56,6 +56,7 @@ use std::time::{Duration, Instant};
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 use tracing::{debug, error, warn};
 
+use super::blocking::{BlockingPool, Mailbox};
 use super::uring::{
     cancel_in_flight, insert_slot, new_ring, split_user_data, user_data, waiting_ended,
 };
@@ -64,6 +65,7 @@ use crate::config::HttpConfig;
 use crate::proto::http::connection::{
     AfterResponse, Connection as HttpConnection, Expiry, Polled, Transmit, BUSY_RESPONSE,
 };
+use crate::proto::http::request::Request;
 use crate::server::http::{HttpService, Response};
 
 const KIND_ACCEPT: u64 = 1;
@@ -73,6 +75,11 @@ const KIND_POLL_OUT: u64 = 4;
 const KIND_CANCEL: u64 = 5;
 /// A `send` linked to the `recv` after it; it completes only on failure.
 const KIND_LINKED_SEND: u64 = 6;
+/// The `read` on the worker's mailbox: answers from the blocking pool.
+const KIND_WAKE: u64 = 7;
+
+/// Threads shared by the workers for answers that need the file system.
+const BLOCKING_THREADS: usize = 2;
 
 /// Submission queue entries per worker; a full queue is flushed and reused.
 const RING_ENTRIES: u32 = 1024;
@@ -102,15 +109,18 @@ pub fn spawn(
     let config = Arc::new(config);
     let open = Arc::new(AtomicUsize::new(0));
     let clients = ClientConnections::new(config.max_connections_per_client);
+    let blocking = BlockingPool::new("bootfleet-fs-http", BLOCKING_THREADS)?;
     let mut threads = Vec::new();
     for index in 0..workers.max(1) {
         let listener = listener.try_clone()?;
-        let (service, config, open, clients) = (
+        let (service, config, open, clients, blocking) = (
             Arc::clone(&service),
             Arc::clone(&config),
             Arc::clone(&open),
             Arc::clone(&clients),
+            Arc::clone(&blocking),
         );
+        let answers = Mailbox::new()?;
         let shutdown = shutdown.clone();
         // The ring is made on the thread that uses it: with
         // SINGLE_ISSUER only its creator may submit.
@@ -149,6 +159,9 @@ pub fn spawn(
                         next_generation: 1,
                         warned_fds: false,
                         accept_paused: false,
+                        blocking,
+                        answers,
+                        wake_count: Box::new(0),
                     };
                     if let Err(error) = worker.run(&shutdown) {
                         error!(%error, "HTTP worker stopped");
@@ -231,6 +244,19 @@ struct Worker {
     /// Accepting stopped for want of file descriptors; the next sweep
     /// starts it again.
     accept_paused: bool,
+    /// Where requests that need the file system are answered.
+    blocking: Arc<BlockingPool>,
+    /// Their answers, for this worker.
+    answers: Arc<Mailbox<PoolAnswer>>,
+    /// What the `read` on the mailbox's eventfd writes.
+    wake_count: Box<u64>,
+}
+
+/// A response the blocking pool made for connection `index`.
+struct PoolAnswer {
+    index: usize,
+    generation: u32,
+    response: Response,
 }
 
 impl Worker {
@@ -244,6 +270,7 @@ impl Worker {
 
     fn serve(&mut self, shutdown: &Shutdown) -> io::Result<()> {
         self.arm_accept()?;
+        self.arm_wake()?;
         let mut next_sweep = Instant::now() + SWEEP_EVERY;
         let mut completions: Vec<(u64, i32, u32)> = Vec::new();
         let heartbeat = shutdown.heartbeat(super::worker_name());
@@ -298,6 +325,53 @@ impl Worker {
             .build()
             .user_data(user_data(KIND_ACCEPT, 0, 0));
         self.push(entry)
+    }
+
+    fn arm_wake(&mut self) -> io::Result<()> {
+        let entry = self
+            .answers
+            .wake_read(&mut self.wake_count)
+            .user_data(user_data(KIND_WAKE, 0, 0));
+        self.push(entry)
+    }
+
+    /// Hands `request` of connection `index` to the blocking pool; the
+    /// connection waits, with nothing in the kernel, until the answer
+    /// comes back ([`Self::pool_answered`]).
+    fn answer_in_pool(&mut self, index: usize, request: Box<Request>) {
+        let connection = self.connections[index].as_mut().expect("live connection");
+        let (local, peer, generation) = (connection.local, connection.peer, connection.generation);
+        let service = Arc::clone(&self.service);
+        let answers = Arc::clone(&self.answers);
+        self.blocking.run(move || {
+            let response = service.respond(&request, local, peer);
+            answers.post(PoolAnswer {
+                index,
+                generation,
+                response,
+            });
+        });
+    }
+
+    /// The blocking pool answered: each connection still open goes on
+    /// with its response.
+    fn pool_answered(&mut self, now: Instant) -> io::Result<()> {
+        for answer in self.answers.take() {
+            let index = answer.index;
+            let Some(connection) = live_connection(&mut self.connections, index, answer.generation)
+            else {
+                continue;
+            };
+            let by_sendfile = body_by_sendfile(&self.config, &self.open);
+            self.service
+                .stats
+                .response_started(&answer.response, by_sendfile);
+            connection.begin(answer.response, false, by_sendfile, now);
+            if let Next::Close = self.advance(index, now)? {
+                self.close(index);
+            }
+        }
+        self.arm_wake()
     }
 
     fn handle_completion(
@@ -370,6 +444,7 @@ impl Worker {
                     self.close(index);
                 }
             }
+            KIND_WAKE if result != -libc::ECANCELED => self.pool_answered(now)?,
             _ => {} // cancellations report nothing we act on
         }
         Ok(())
@@ -570,9 +645,14 @@ impl Worker {
             }
             match connection.state.poll_request(now) {
                 Polled::Request(request) => {
-                    let response =
-                        self.service
-                            .respond(&request, connection.local, connection.peer);
+                    let Some(response) = self.service.respond_without_blocking(
+                        &request,
+                        connection.local,
+                        connection.peer,
+                    ) else {
+                        self.answer_in_pool(index, request);
+                        return Ok(Next::Wait);
+                    };
                     let by_sendfile = body_by_sendfile(&self.config, &self.open);
                     self.service.stats.response_started(&response, by_sendfile);
                     connection.begin(response, false, by_sendfile, now);

@@ -29,6 +29,7 @@ use crate::config::EngineChoice;
 use crate::server::tftp::TftpService;
 pub use crate::shutdown::Shutdown;
 
+pub mod blocking;
 pub mod dhcp;
 pub mod epoll;
 pub mod http;

@@ -37,6 +37,7 @@ use std::time::{Duration, Instant};
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 use tracing::{debug, error, warn};
 
+use super::blocking::{BlockingPool, Mailbox};
 use super::{transfer_socket, Shutdown};
 use crate::proto::tftp::{packet, ReadTransfer, Transmit};
 use crate::server::tftp::{Admission, Session, TftpService, IDLE_POLL};
@@ -57,6 +58,11 @@ const KIND_LISTEN: u64 = 1;
 const KIND_RECV: u64 = 2;
 const KIND_SEND: u64 = 3;
 const KIND_CANCEL: u64 = 4;
+/// The `read` on the worker's mailbox: admissions from the blocking pool.
+const KIND_WAKE: u64 = 5;
+
+/// Threads shared by the workers for requests that need the file system.
+const BLOCKING_THREADS: usize = 2;
 
 /// Datagrams received in one round from which the worker gathers the next.
 const GATHER_FROM: usize = 8;
@@ -298,21 +304,25 @@ pub fn spawn(
 ) -> io::Result<Vec<JoinHandle<()>>> {
     listener.set_nonblocking(true)?;
     let local = listener.local_addr()?;
+    let blocking = BlockingPool::new("bootfleet-fs-tftp", BLOCKING_THREADS)?;
     let mut threads = Vec::with_capacity(workers);
     for index in 0..workers {
         let listener = listener.try_clone()?;
         let service = Arc::clone(&service);
         let shutdown = shutdown.clone();
+        let blocking = Arc::clone(&blocking);
         let thread = std::thread::Builder::new()
             .name(format!("bootfleet-uring-{index}"))
-            .spawn(move || match Worker::new(listener, local, service) {
-                Ok(mut worker) => {
-                    if let Err(e) = worker.run(&shutdown) {
-                        error!(worker = index, error = %e, "io_uring worker stopped");
+            .spawn(
+                move || match Worker::new(listener, local, service, blocking) {
+                    Ok(mut worker) => {
+                        if let Err(e) = worker.run(&shutdown) {
+                            error!(worker = index, error = %e, "io_uring worker stopped");
+                        }
                     }
-                }
-                Err(e) => error!(worker = index, error = %e, "cannot start io_uring worker"),
-            })?;
+                    Err(e) => error!(worker = index, error = %e, "cannot start io_uring worker"),
+                },
+            )?;
         threads.push(thread);
     }
     Ok(threads)
@@ -337,10 +347,22 @@ struct Worker {
     completions: Vec<(u64, i32, u32)>,
     /// Datagrams received in the last round (see GATHER_FROM).
     received_last_round: usize,
+    /// Where requests that need the file system are decided.
+    blocking: Arc<BlockingPool>,
+    /// Their admissions, for this worker, with the client they answer.
+    admissions: Arc<Mailbox<(SocketAddr, Admission)>>,
+    /// What the `read` on the mailbox's eventfd writes (dropped after the
+    /// ring).
+    wake_count: Box<u64>,
 }
 
 impl Worker {
-    fn new(listener: UdpSocket, local: SocketAddr, service: Arc<TftpService>) -> io::Result<Self> {
+    fn new(
+        listener: UdpSocket,
+        local: SocketAddr,
+        service: Arc<TftpService>,
+        blocking: Arc<BlockingPool>,
+    ) -> io::Result<Self> {
         let ring = new_ring(4096)?;
         let buffers = BufRing::new(&ring, RING_BUFFERS, BUFFER_SIZE)?;
         // SAFETY: msghdr is a plain C struct for which all-zero is valid.
@@ -361,7 +383,26 @@ impl Worker {
             gso: true,
             completions: Vec::with_capacity(1024),
             received_last_round: 0,
+            blocking,
+            admissions: Mailbox::new()?,
+            wake_count: Box::new(0),
         })
+    }
+
+    fn arm_wake(&mut self) -> io::Result<()> {
+        let entry = self
+            .admissions
+            .wake_read(&mut self.wake_count)
+            .user_data(user_data(KIND_WAKE, 0, 0));
+        self.push(entry)
+    }
+
+    /// The blocking pool decided requests: act on each.
+    fn pool_decided(&mut self, now: Instant) -> io::Result<()> {
+        for (peer, admission) in self.admissions.take() {
+            self.admitted(peer, admission, now);
+        }
+        self.arm_wake()
     }
 
     fn push(&mut self, entry: squeue::Entry) -> io::Result<()> {
@@ -388,6 +429,7 @@ impl Worker {
 
     fn run(&mut self, shutdown: &Shutdown) -> io::Result<()> {
         self.arm_listener()?;
+        self.arm_wake()?;
         let heartbeat = shutdown.heartbeat(super::worker_name());
         while !shutdown.is_triggered() {
             heartbeat.beat();
@@ -480,6 +522,7 @@ impl Worker {
             }
             KIND_RECV => self.handle_transfer_recv(slot, generation, result, flags, now)?,
             KIND_SEND => self.handle_send_done(slot, generation, result, now)?,
+            KIND_WAKE if result != -libc::ECANCELED => self.pool_decided(now)?,
             _ => {} // cancellations report nothing we act on
         }
         Ok(())
@@ -493,7 +536,25 @@ impl Worker {
         let Some(peer) = sockaddr_to_std(out.name_data()) else {
             return;
         };
-        match self.service.handle_request(out.payload_data(), peer, now) {
+        match self
+            .service
+            .handle_request_without_blocking(out.payload_data(), peer, now)
+        {
+            Ok(admission) => self.admitted(peer, admission, now),
+            Err(request) => {
+                let (service, admissions) =
+                    (Arc::clone(&self.service), Arc::clone(&self.admissions));
+                self.blocking.run(move || {
+                    let admission = service.handle_blocking_request(request, Instant::now());
+                    admissions.post((peer, admission));
+                });
+            }
+        }
+    }
+
+    /// Acts on what the service decided about a request from `peer`.
+    fn admitted(&mut self, peer: SocketAddr, admission: Admission, now: Instant) {
+        match admission {
             Admission::Start(started) => {
                 if let Err(e) = self.start_transfer(*started, now) {
                     warn!(%peer, error = %e, "cannot start transfer");

@@ -278,16 +278,58 @@ impl HttpService {
         &self.router
     }
 
-    /// Answers `request`, which arrived on `local` from `peer`.
+    /// Answers `request`, which arrived on `local` from `peer`; may touch
+    /// the file system (resolve and open a file never served before, read
+    /// an operator's per-MAC script).
     pub fn respond(&self, request: &Request, local: SocketAddr, peer: SocketAddr) -> Response {
+        // With `may_block`, `answer` always answers.
+        self.answer(request, local, peer, true)
+            .unwrap_or_else(|| self.invalid(503, "cannot answer now, retry"))
+    }
+
+    /// [`Self::respond`] for a thread that must not block (an io_uring
+    /// worker): `None` when the answer needs the file system, and then
+    /// nothing was done or counted; the caller hands the request to a
+    /// thread that may block, which calls [`Self::respond`]. A file served
+    /// before, a script of an assigned machine, the chain script and every
+    /// refusal are answered here.
+    pub fn respond_without_blocking(
+        &self,
+        request: &Request,
+        local: SocketAddr,
+        peer: SocketAddr,
+    ) -> Option<Response> {
+        self.answer(request, local, peer, false)
+    }
+
+    /// The answer, or `None` (before anything is done or counted) when it
+    /// needs the file system and `may_block` is false.
+    fn answer(
+        &self,
+        request: &Request,
+        local: SocketAddr,
+        peer: SocketAddr,
+        may_block: bool,
+    ) -> Option<Response> {
+        let response = self.answer_uncounted(request, local, peer, may_block)?;
         self.stats.requests.add(1);
+        Some(response)
+    }
+
+    fn answer_uncounted(
+        &self,
+        request: &Request,
+        local: SocketAddr,
+        peer: SocketAddr,
+        may_block: bool,
+    ) -> Option<Response> {
         let head_only = request.method == Method::Head;
         trace!(%peer, method = ?request.method, path = %request.path, query = ?request.query, "HTTP request");
         if let Method::Other(method) = &request.method {
             debug!(%peer, %method, path = %request.path, "method not allowed");
             let mut head = self.head(405, request);
             head.allow = Some("GET, HEAD");
-            return self.text_with(head, "only GET and HEAD are served\n", false);
+            return Some(self.text_with(head, "only GET and HEAD are served\n", false));
         }
         let path = request.path.as_str();
 
@@ -303,13 +345,16 @@ impl HttpService {
                 )
                 .bytes(body.len() as u64),
             );
-            return self.script(body.into_bytes(), request, head_only);
+            return Some(self.script(body.into_bytes(), request, head_only));
         }
         if let Some(mac) = path
             .strip_prefix("/boot/")
             .and_then(|rest| rest.strip_suffix(".ipxe"))
             .and_then(|name| Mac::parse(name).ok())
         {
+            if !may_block && self.router.script_may_block(mac) {
+                return None;
+            }
             let script = self.router.machine_script(
                 mac,
                 &request.query,
@@ -330,20 +375,20 @@ impl HttpService {
                 )
                 .bytes(script.body.len() as u64),
             );
-            return self.script(script.body, request, head_only);
+            return Some(self.script(script.body, request, head_only));
         }
         if let Some(api) = path.strip_prefix("/api/v1/") {
             if self.config.serve_api {
-                return self.api(api, request, head_only);
+                return Some(self.api(api, request, head_only));
             }
-            return self.text(
+            return Some(self.text(
                 404,
                 "the API is served on the control panel's listener (panel.listen), not on the boot LAN\n",
                 request,
                 head_only,
-            );
+            ));
         }
-        self.file(request, peer, head_only)
+        self.file(request, peer, head_only, may_block)
     }
 
     /// The response for a request head that could not be used.
@@ -476,26 +521,43 @@ impl HttpService {
     /// the file it refused, so that [`Self::finished`] tells the router,
     /// which records it as a failed boot event when it is a loader, a
     /// kernel or an initrd.
-    fn file(&self, request: &Request, peer: SocketAddr, head_only: bool) -> Response {
-        let mut response = self.file_or_refusal(request, peer, head_only);
+    fn file(
+        &self,
+        request: &Request,
+        peer: SocketAddr,
+        head_only: bool,
+        may_block: bool,
+    ) -> Option<Response> {
+        let mut response = self.file_or_refusal(request, peer, head_only, may_block)?;
         if response.status >= 400 && response.served_path.is_none() && !head_only {
             response.served_path = safe_relative_name(request.path.as_bytes()).ok();
         }
-        response
+        Some(response)
     }
 
-    fn file_or_refusal(&self, request: &Request, peer: SocketAddr, head_only: bool) -> Response {
+    fn file_or_refusal(
+        &self,
+        request: &Request,
+        peer: SocketAddr,
+        head_only: bool,
+        may_block: bool,
+    ) -> Option<Response> {
         let name = match safe_relative_name(request.path.as_bytes()) {
             Ok(name) => name,
-            Err(NameError::Empty) => return self.text(404, "not found\n", request, head_only),
+            Err(NameError::Empty) => {
+                return Some(self.text(404, "not found\n", request, head_only))
+            }
             Err(why) => {
                 warn!(%peer, path = %request.path.escape_debug(), %why, "refused request path");
-                return self.text(400, &format!("refused path: {why}\n"), request, head_only);
+                return Some(self.text(400, &format!("refused path: {why}\n"), request, head_only));
             }
         };
         // A name served before, unchanged since: no system call.
         if let Some(file) = self.cache.by_name(&name) {
-            return self.file_response(&name, file, request, head_only);
+            return Some(self.file_response(&name, file, request, head_only));
+        }
+        if !may_block {
+            return None;
         }
         let ticket = self.cache.prepare_name(&name);
         let path = match resolve_served(&self.root, &self.config.private, &name)
@@ -503,36 +565,40 @@ impl HttpService {
         {
             Ok(path) => path,
             Err(ResolveError::NotFound) => {
-                return self.text(404, "not found\n", request, head_only)
+                return Some(self.text(404, "not found\n", request, head_only))
             }
             Err(ResolveError::Private) => {
                 tracing::info!(%peer, file = %name, "refused: the inventory, a dotfile, an upload in progress or server state is never served");
-                return self.text(404, "not found\n", request, head_only);
+                return Some(self.text(404, "not found\n", request, head_only));
             }
             Err(ResolveError::PermissionDenied) | Err(ResolveError::Outside) => {
-                return self.text(403, "forbidden\n", request, head_only)
+                return Some(self.text(403, "forbidden\n", request, head_only))
             }
         };
         let file = match self.cache.open(&path) {
             Ok(file) => file,
             Err(e) if e.kind() == std::io::ErrorKind::InvalidInput => {
-                return self.text(404, "not found (not a regular file)\n", request, head_only)
+                return Some(self.text(404, "not found (not a regular file)\n", request, head_only))
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return self.text(404, "not found\n", request, head_only)
+                return Some(self.text(404, "not found\n", request, head_only))
             }
             Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
-                return self.text(403, "forbidden\n", request, head_only)
+                return Some(self.text(403, "forbidden\n", request, head_only))
             }
             Err(e) => {
                 warn!(file = %path.display(), error = %e, "cannot open file");
                 let mut head = self.head(503, request);
                 head.retry_after_seconds = Some(1);
-                return self.text_with(head, "cannot read file now, retry later\n", head_only);
+                return Some(self.text_with(
+                    head,
+                    "cannot read file now, retry later\n",
+                    head_only,
+                ));
             }
         };
         self.cache.remember_name(ticket, &name, &path, &file);
-        self.file_response(&name, file, request, head_only)
+        Some(self.file_response(&name, file, request, head_only))
     }
 
     fn file_response(

@@ -53,6 +53,16 @@ pub enum Admission {
     Ignore,
 }
 
+/// A request that needs the file system, handed back by
+/// [`TftpService::handle_request_without_blocking`] with its place in the
+/// limits held (so a retransmission of it meanwhile is known as a
+/// duplicate), to be finished by [`TftpService::handle_blocking_request`].
+pub struct BlockingRequest {
+    datagram: Vec<u8>,
+    peer: SocketAddr,
+    slot: Option<LimitSlot>,
+}
+
 /// One running transfer, as every engine drives it (the epoll tasks, the
 /// io_uring workers): the state machine, its bytes, and its slot in the
 /// concurrency limits (released when this is dropped). The contract is
@@ -356,45 +366,116 @@ impl TftpService {
         }
     }
 
-    /// Decides what to do with a datagram that arrived on the listening port.
+    /// Decides what to do with a datagram that arrived on the listening
+    /// port; may touch the file system (resolve and open a file never
+    /// served before, create an upload).
     pub fn handle_request(&self, datagram: &[u8], peer: SocketAddr, now: Instant) -> Admission {
+        // With `may_block`, `admit` always decides.
+        self.admit(datagram, peer, now, None, true)
+            .unwrap_or(Admission::Ignore)
+    }
+
+    /// [`Self::handle_request`] for a thread that must not block (an
+    /// io_uring worker): a request that needs the file system comes back,
+    /// with its place in the limits held, to be finished by
+    /// [`Self::handle_blocking_request`] on a thread that may block. A
+    /// file served before, a refusal and an ERROR are decided here.
+    pub fn handle_request_without_blocking(
+        &self,
+        datagram: &[u8],
+        peer: SocketAddr,
+        now: Instant,
+    ) -> Result<Admission, BlockingRequest> {
+        self.admit(datagram, peer, now, None, false)
+            .map_err(|slot| BlockingRequest {
+                datagram: datagram.to_vec(),
+                peer,
+                slot,
+            })
+    }
+
+    /// Finishes a request [`Self::handle_request_without_blocking`]
+    /// handed back.
+    pub fn handle_blocking_request(&self, request: BlockingRequest, now: Instant) -> Admission {
+        let BlockingRequest {
+            datagram,
+            peer,
+            slot,
+        } = request;
+        self.admit(&datagram, peer, now, slot, true)
+            .unwrap_or(Admission::Ignore)
+    }
+
+    /// The admission of `datagram` from `peer`, holding `held` (a place in
+    /// the limits taken before) if any. Without `may_block`, a request
+    /// that needs the file system is not decided: `Err` hands back the
+    /// place it took.
+    fn admit(
+        &self,
+        datagram: &[u8],
+        peer: SocketAddr,
+        now: Instant,
+        held: Option<LimitSlot>,
+        may_block: bool,
+    ) -> Result<Admission, Option<LimitSlot>> {
         let request = match Packet::parse(datagram) {
             Ok(Packet::Rrq(request)) => request,
-            Ok(Packet::Wrq(request)) => return self.handle_write(&request, peer, now),
+            Ok(Packet::Wrq(_)) if !may_block && !self.upload_dirs.is_empty() => return Err(None),
+            Ok(Packet::Wrq(request)) => return Ok(self.handle_write(&request, peer, now)),
             // Never answer an ERROR: two servers could bounce errors forever.
-            Ok(Packet::Error { .. }) => return Admission::Ignore,
+            Ok(Packet::Error { .. }) => return Ok(Admission::Ignore),
             Ok(other) => {
                 debug!(%peer, packet = %other, "packet for an unknown transfer on the listening port");
-                return self.refuse(ErrorCode::UnknownTransferId, "unknown transfer ID");
+                return Ok(self.refuse(ErrorCode::UnknownTransferId, "unknown transfer ID"));
             }
             Err(error) => {
                 info!(%peer, %error, "malformed TFTP request");
-                return self.refuse(
+                return Ok(self.refuse(
                     ErrorCode::IllegalOperation,
                     &format!("malformed request: {error}"),
-                );
+                ));
             }
         };
+        self.admit_read(&request, peer, now, held, may_block)
+    }
 
+    /// [`Self::admit`] for a read request.
+    fn admit_read(
+        &self,
+        request: &crate::proto::tftp::Request<'_>,
+        peer: SocketAddr,
+        now: Instant,
+        held: Option<LimitSlot>,
+        may_block: bool,
+    ) -> Result<Admission, Option<LimitSlot>> {
         let name = match safe_relative_name(request.filename) {
             Ok(name) => name,
             Err(why) => {
                 warn!(%peer, file = %String::from_utf8_lossy(request.filename).escape_debug(), %why, "refused file name");
-                return self.refuse(ErrorCode::AccessViolation, &why.to_string());
+                return Ok(self.refuse(ErrorCode::AccessViolation, &why.to_string()));
             }
         };
 
-        let slot = match self.take_slot(peer, &name) {
-            Ok(slot) => slot,
-            Err(admission) => return admission,
+        let slot = match held {
+            Some(slot) => slot,
+            None => match self.take_slot(peer, &name) {
+                Ok(slot) => slot,
+                Err(admission) => return Ok(admission),
+            },
         };
+        if !may_block
+            && (self.generators.iter().any(|g| g.may_block(&name))
+                || self.cache.by_name(&name).is_none())
+        {
+            return Err(Some(slot));
+        }
 
         let data = match self.lookup(&name, peer) {
             Ok(data) => data,
             Err((code, why)) => {
                 info!(%peer, file = %name, why, "refused read request");
                 self.tell_refused(&name, peer, refusal_status(code));
-                return self.refuse(code, why);
+                return Ok(self.refuse(code, why));
             }
         };
         // A netascii read converts block by block as its windows go out
@@ -426,7 +507,7 @@ impl TftpService {
             // The session answers from its own port; with no group free,
             // the request is served by unicast below.
             if hub.join(join).is_ok() {
-                return Admission::Ignore;
+                return Ok(Admission::Ignore);
             }
         }
         let transfer = Transfer::Read(if netascii {
@@ -440,7 +521,7 @@ impl TftpService {
             %peer, file = %name, size = data.len(), blksize = negotiated.blksize,
             windowsize = negotiated.windowsize, "transfer started"
         );
-        Admission::Start(Box::new(Session {
+        Ok(Admission::Start(Box::new(Session {
             transfer,
             data,
             upload_path: None,
@@ -448,7 +529,7 @@ impl TftpService {
             peer,
             started_at: now,
             slot,
-        }))
+        })))
     }
 
     /// Admits an upload into one of the upload directories.

@@ -21,3 +21,4 @@ mod real_clients;
 mod router;
 mod systemd;
 mod uploads;
+mod workers;
