@@ -278,22 +278,19 @@ fn start_panel(
     data_plane: &Arc<crate::panel::metrics::DataPlane>,
     shutdown: &Shutdown,
 ) -> Result<(crate::panel::Panel, JoinHandle<()>), crate::panel::PanelStartError> {
-    let database = database_path(config);
-    // A database that cannot be opened (corrupt, unreadable) takes
-    // the panel down, not the boot LAN: DHCP, TFTP and HTTP go on
-    // with the inventory they have, and the panel says why.
-    let store: Arc<dyn crate::store::InventoryStore> = match crate::store::sqlite::SqliteStore::open(
-        &database,
-    ) {
+    let database = database_location(config);
+    // A database that cannot be opened (corrupt, unreadable, a server that
+    // does not answer) takes the panel down, not the boot LAN: DHCP, TFTP
+    // and HTTP go on with the inventory they have, and the panel says why.
+    let store: Arc<dyn crate::store::InventoryStore> = match database.open() {
         Ok(store) => {
-            info!(database = %database.display(), "inventory database opened");
-            Arc::new(store)
+            info!(%database, "inventory database opened");
+            Arc::from(store)
         }
         Err(error) => {
             let reason = format!(
-                    "inventory database {} cannot be used: {error}; the data plane serves the inventory file's machines until it is repaired or restored from a backup and bootfleet restarted",
-                    database.display()
-                );
+                "inventory database {database} cannot be used: {error}; the data plane serves the inventory file's machines until it is repaired or restored from a backup and bootfleet restarted"
+            );
             tracing::error!("{reason}");
             Arc::new(crate::store::unavailable::UnavailableStore::new(reason))
         }
@@ -424,6 +421,14 @@ impl Drop for Running {
 /// The inventory database file of `config`.
 pub fn database_path(config: &Config) -> std::path::PathBuf {
     config.state_dir.join(&config.panel.database)
+}
+
+/// Where the inventory is: `[database] url` when set, else the SQLite file.
+pub fn database_location(config: &Config) -> crate::store::StoreLocation {
+    match &config.database_url {
+        Some(url) => crate::store::StoreLocation::Postgres(url.clone()),
+        None => crate::store::StoreLocation::Sqlite(database_path(config)),
+    }
 }
 
 /// A TCP listener with a deep accept queue (a power-on storm connects

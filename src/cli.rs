@@ -11,21 +11,23 @@ use serde_json::{json, Value};
 use bootfleet::config::Config;
 use bootfleet::panel::auth;
 use bootfleet::store::sqlite::SqliteStore;
-use bootfleet::store::{InventoryStore, Scope};
+use bootfleet::store::{InventoryStore, Scope, StoreLocation};
 
 use super::{
     ApiArgs, DatabaseArgs, DbCommand, ImagesCommand, MachinesCommand, TokensCommand, UsersCommand,
 };
 
-fn open(args: &DatabaseArgs) -> Result<SqliteStore> {
-    let path = database_path(args)?;
-    SqliteStore::open(&path).with_context(|| format!("inventory database {}", path.display()))
+fn open(args: &DatabaseArgs) -> Result<Box<dyn InventoryStore>> {
+    let location = location(args)?;
+    location
+        .open()
+        .with_context(|| format!("inventory database {location}"))
 }
 
 /// Where the inventory database is, as `serve` would find it.
-fn database_path(args: &DatabaseArgs) -> Result<std::path::PathBuf> {
+fn location(args: &DatabaseArgs) -> Result<StoreLocation> {
     Ok(match &args.database {
-        Some(path) => path.clone(),
+        Some(text) => text.parse().unwrap_or_else(|never| match never {}),
         None => {
             let mut config = match &args.config {
                 Some(file) => Config::load(file)?,
@@ -34,9 +36,21 @@ fn database_path(args: &DatabaseArgs) -> Result<std::path::PathBuf> {
             if let Some(dir) = &args.state_dir {
                 config.state_dir = dir.clone();
             }
-            bootfleet::app::database_path(&config)
+            bootfleet::app::database_location(&config)
         }
     })
+}
+
+/// The SQLite file `args` name; backup and restore work on that file.
+fn database_path(args: &DatabaseArgs) -> Result<std::path::PathBuf> {
+    match location(args)? {
+        StoreLocation::Sqlite(path) => Ok(path),
+        StoreLocation::Postgres(url) => bail!(
+            "{} is a PostgreSQL database: back it up with pg_dump and restore it with pg_restore, \
+             or copy it to an SQLite file with `bootfleet db copy --from URL --to sqlite:FILE`",
+            bootfleet::store::postgres::redact(&url)
+        ),
+    }
 }
 
 pub fn db(command: DbCommand) -> Result<()> {
@@ -49,7 +63,8 @@ pub fn db(command: DbCommand) -> Result<()> {
                     path.display()
                 );
             }
-            let store = open(&database)?;
+            let store = SqliteStore::open(&path)
+                .with_context(|| format!("inventory database {}", path.display()))?;
             let summary = store
                 .backup_to(&file)
                 .with_context(|| format!("backing up {} to {}", path.display(), file.display()))?;
@@ -99,6 +114,24 @@ pub fn db(command: DbCommand) -> Result<()> {
                 live.display(),
                 file.display()
             );
+        }
+        DbCommand::Copy { from, to } => {
+            let (from, to): (StoreLocation, StoreLocation) = (
+                from.parse().unwrap_or_else(|never| match never {}),
+                to.parse().unwrap_or_else(|never| match never {}),
+            );
+            if from == to {
+                bail!("--from and --to name the same database ({from})");
+            }
+            let source = from
+                .open()
+                .with_context(|| format!("the database to copy from, {from}"))?;
+            let target = to
+                .open()
+                .with_context(|| format!("the database to copy to, {to}"))?;
+            let copied = bootfleet::store::copy(source.as_ref(), target.as_ref())
+                .with_context(|| format!("copying {from} to {to}"))?;
+            println!("copied {from} to {to}, and read the copy back identical: {copied}");
         }
     }
     Ok(())

@@ -77,9 +77,10 @@ struct DatabaseArgs {
     /// The state directory (default: ./state, or the config's).
     #[arg(long, value_name = "DIR")]
     state_dir: Option<PathBuf>,
-    /// The database file itself (overrides the two above).
-    #[arg(long, value_name = "FILE")]
-    database: Option<PathBuf>,
+    /// The database itself, overriding the two above: an SQLite file, or
+    /// a postgres:// URL.
+    #[arg(long, value_name = "FILE|URL")]
+    database: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -118,6 +119,16 @@ enum DbCommand {
         file: PathBuf,
         #[command(flatten)]
         database: DatabaseArgs,
+    },
+    /// Copy a whole inventory into a new, empty database, and read it back
+    /// to check it: from the SQLite file to PostgreSQL (or back). Each side
+    /// is `sqlite:FILE` (or a plain path) or a postgres:// URL. Stop the
+    /// servers that write the source first.
+    Copy {
+        #[arg(long, value_name = "FROM")]
+        from: String,
+        #[arg(long, value_name = "TO")]
+        to: String,
     },
 }
 

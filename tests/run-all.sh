@@ -35,9 +35,10 @@ started=$(date +%s)
 # the TLS test's certificate.
 # The package test: lintian, and dpkg (already there on Debian). strace: the
 # test that io_uring workers make no file-system call watches them with it.
+# postgresql: the store tests run on a throwaway cluster (tests/postgres.sh).
 APT_PACKAGES=(tftp-hpa atftp curl iproute2 nftables systemd g++ pkg-config busybox-static isc-dhcp-client
     dnsmasq-base ndisc6 procps qemu-system-x86 ipxe-qemu ipxe ovmf linux-image-amd64 kmod cpio xz-utils zstd
-    openssl chromium chromium-driver lintian strace)
+    openssl chromium chromium-driver lintian strace postgresql)
 missing=()
 for package in "${APT_PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")
@@ -100,6 +101,12 @@ for target in tftp_packet boot_names_and_ranges http_request dhcp_decide tftp_wr
     tail -n 3 "$log"
     rm -f "$log"
 done
+
+echo "== PostgreSQL: a throwaway cluster for the store tests"
+pg_dir=$(mktemp -d /tmp/bootfleet-pg-XXXXXX)
+trap 'rm -rf "$unit_dir"; tests/postgres.sh stop "$pg_dir"' EXIT
+BOOTFLEET_TEST_POSTGRES=$(tests/postgres.sh start "$pg_dir")
+export BOOTFLEET_TEST_POSTGRES
 
 echo "== tests (unit, integration with real clients, both engines)"
 test_log=$(mktemp)

@@ -21,8 +21,15 @@ struct Effective<'a> {
     dhcp: Dhcp<'a>,
     inventory: Inventory<'a>,
     panel: Panel<'a>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    database: Option<Database<'a>>,
     cache: Cache,
     log: Log<'a>,
+}
+
+#[derive(Serialize)]
+struct Database<'a> {
+    url: &'a String,
 }
 
 #[derive(Serialize)]
@@ -217,6 +224,7 @@ impl Config {
                 max_discovered: p.max_discovered,
                 metrics_listen: p.metrics_listen.map(|a| a.to_string()),
             },
+            database: self.database_url.as_ref().map(|url| Database { url }),
             cache: Cache {
                 max_mib: self.cache_max_bytes / MIB,
             },
@@ -285,6 +293,8 @@ stuck_after_seconds = 30
 metrics_listen = "10.0.0.1:9100"
 tls_cert = "/etc/bootfleet/panel.crt"
 tls_key = "/etc/bootfleet/panel.key"
+[database]
+url = "postgres://bootfleet@db.example/inventory"
 [cache]
 max_mib = 64
 [log]

@@ -135,6 +135,16 @@ pub struct FileConfig {
     pub log: FileLog,
     #[serde(default)]
     pub panel: FilePanel,
+    #[serde(default)]
+    pub database: FileDatabase,
+}
+
+/// `[database]`: where the inventory is kept when not in the SQLite file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileDatabase {
+    /// `postgres://user:password@host:port/database`.
+    pub url: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -507,6 +517,9 @@ pub struct Config {
     pub cache_max_bytes: u64,
     pub log_level: String,
     pub panel: PanelConfig,
+    /// A PostgreSQL database for the inventory (`[database] url`); `None`:
+    /// the SQLite file `panel.database`.
+    pub database_url: Option<String>,
 }
 
 /// TFTP settings.
@@ -636,6 +649,7 @@ impl Default for Config {
                 max_discovered: 10_000,
                 metrics_listen: None,
             },
+            database_url: None,
         }
     }
 }
@@ -817,6 +831,7 @@ impl Validator<'_> {
         config.cache_max_bytes =
             self.ranged(&file.cache.max_mib, "cache.max_mib", 1..=1 << 30, 1024)? << 20;
         self.apply_panel(&file.panel, &mut config)?;
+        self.apply_database(&file.database, &mut config)?;
         if let Some(level) = file.log.level {
             config.log_level = level;
         }
@@ -997,6 +1012,21 @@ impl Validator<'_> {
         Ok(())
     }
 
+    fn apply_database(&self, d: &FileDatabase, config: &mut Config) -> Result<(), ConfigError> {
+        if let Some(url) = &d.url {
+            let text = url.get_ref();
+            if !(text.starts_with("postgres://") || text.starts_with("postgresql://")) {
+                return Err(ConfigError::Invalid {
+                    origin: format!("{} line {}", self.path.display(), self.line_of(url)),
+                    key: "database.url",
+                    message: "a postgres:// or postgresql:// URL (leave it out to keep the inventory in the SQLite file panel.database)".into(),
+                });
+            }
+            config.database_url = Some(text.clone());
+        }
+        Ok(())
+    }
+
     fn apply_panel(&self, p: &FilePanel, config: &mut Config) -> Result<(), ConfigError> {
         if let Some(listen) = &p.listen {
             config.panel.listen =
@@ -1102,6 +1132,7 @@ mod tests {
             "dhcp.quirks",
             "inventory",
             "panel",
+            "database",
             "cache",
             "log",
         ];
@@ -1141,6 +1172,17 @@ mod tests {
         let c = parse("root = \"boot\"\n").unwrap();
         assert_eq!(c.root, PathBuf::from("/etc/bootfleet/boot"));
         assert!(!c.root_is_default);
+    }
+
+    #[test]
+    fn the_database_url_must_be_postgres() {
+        let c = parse("[database]\nurl = \"postgres://boot@db/inventory\"\n").unwrap();
+        assert_eq!(
+            c.database_url.as_deref(),
+            Some("postgres://boot@db/inventory")
+        );
+        let error = parse("[database]\nurl = \"mysql://db\"\n").unwrap_err();
+        assert!(error.to_string().contains("database.url"), "{error}");
     }
 
     #[test]

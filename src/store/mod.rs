@@ -2,13 +2,18 @@
 //! boot events, users, API tokens and the audit log.
 //!
 //! [`InventoryStore`] is the one seam between the panel and its database:
-//! the embedded SQLite file ([`sqlite::SqliteStore`]) is the default, and a
-//! PostgreSQL store shared by several boot servers can be added behind the
-//! same trait. The data plane never reads the store: every change is turned
+//! the embedded SQLite file ([`sqlite::SqliteStore`]) is the default, and
+//! [`postgres::PostgresStore`] keeps the same inventory in a PostgreSQL
+//! server (`[database] url`). Both pass the same tests (`tests.rs`), and
+//! `bootfleet db copy` moves an inventory from one to the other. The data plane never reads the store: every change is turned
 //! into a fresh [`Snapshot`] by
 //! [`snapshot_from_store`] and swapped into the router atomically.
 
+pub mod postgres;
+mod rules;
 pub mod sqlite;
+#[cfg(test)]
+mod tests;
 pub mod unavailable;
 
 use std::collections::BTreeMap;
@@ -352,6 +357,110 @@ impl From<&BootEvent> for StoredEvent {
     }
 }
 
+/// An API token as stored: its record, the hash of its secret, and
+/// whether it was revoked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenRow {
+    pub record: TokenRecord,
+    pub secret_hash: String,
+    pub revoked: bool,
+}
+
+/// Every row of an inventory, as `bootfleet db copy` moves it from one
+/// store to another (SQLite to PostgreSQL and back). Browser sessions are
+/// left out: their users log in again.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct InventoryDump {
+    pub images: Vec<ImageRecord>,
+    pub machines: Vec<MachineRecord>,
+    pub pools: Vec<PoolRecord>,
+    /// With their password hashes.
+    pub users: Vec<UserRecord>,
+    pub tokens: Vec<TokenRow>,
+    /// Oldest first.
+    pub events: Vec<StoredEvent>,
+    /// Oldest first.
+    pub audit: Vec<AuditEntry>,
+    /// Key and value (the unknown-machine policy).
+    pub settings: Vec<(String, String)>,
+}
+
+impl std::fmt::Display for InventoryDump {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} images, {} machines, {} pools, {} users, {} tokens, {} boot events, {} audit entries, {} settings",
+            self.images.len(),
+            self.machines.len(),
+            self.pools.len(),
+            self.users.len(),
+            self.tokens.len(),
+            self.events.len(),
+            self.audit.len(),
+            self.settings.len()
+        )
+    }
+}
+
+/// Copies every row of `from` into `to`, which must hold no image,
+/// machine or user yet, then reads `to` back: the copy must hold exactly
+/// what `from` held, row for row. Returns what was copied.
+pub fn copy(from: &dyn InventoryStore, to: &dyn InventoryStore) -> StoreResult<InventoryDump> {
+    let dump = from.export()?;
+    to.import(&dump)?;
+    let copied = to.export()?;
+    if copied != dump {
+        return Err(StoreError::Database(format!(
+            "the copy does not read back as the original (it holds {copied}; the original {dump})"
+        )));
+    }
+    Ok(dump)
+}
+
+/// Where an inventory is: an SQLite file or a PostgreSQL database.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreLocation {
+    Sqlite(std::path::PathBuf),
+    /// A `postgres://` or `postgresql://` URL.
+    Postgres(String),
+}
+
+impl std::str::FromStr for StoreLocation {
+    type Err = std::convert::Infallible;
+
+    /// `postgres://…` or `postgresql://…` is PostgreSQL; `sqlite:PATH`
+    /// or any other text is the path of an SQLite file.
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        Ok(
+            if text.starts_with("postgres://") || text.starts_with("postgresql://") {
+                StoreLocation::Postgres(text.to_string())
+            } else {
+                StoreLocation::Sqlite(text.strip_prefix("sqlite:").unwrap_or(text).into())
+            },
+        )
+    }
+}
+
+impl std::fmt::Display for StoreLocation {
+    /// The location, any password left out.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StoreLocation::Sqlite(path) => write!(f, "{}", path.display()),
+            StoreLocation::Postgres(url) => f.write_str(&self::postgres::redact(url)),
+        }
+    }
+}
+
+impl StoreLocation {
+    /// Opens (creating or migrating as needed) the store there.
+    pub fn open(&self) -> StoreResult<Box<dyn InventoryStore>> {
+        Ok(match self {
+            StoreLocation::Sqlite(path) => Box::new(sqlite::SqliteStore::open(path)?),
+            StoreLocation::Postgres(url) => Box::new(self::postgres::PostgresStore::connect(url)?),
+        })
+    }
+}
+
 /// What went wrong in the store, in words an API client can act on.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -470,6 +579,19 @@ pub trait InventoryStore: Send + Sync {
         target: &str,
         detail: &str,
     ) -> StoreResult<()>;
+
+    /// Every row, read in one transaction, for a copy into another store.
+    fn export(&self) -> StoreResult<InventoryDump>;
+    /// Writes `dump` in one transaction; refused when this store already
+    /// holds an image, a machine or a user.
+    fn import(&self, dump: &InventoryDump) -> StoreResult<()>;
+}
+
+/// The refusal of an import into a store that is not empty.
+fn not_empty(rows: i64) -> StoreError {
+    StoreError::Conflict(format!(
+        "the target inventory already holds {rows} images, machines or users; copy into a new, empty database"
+    ))
 }
 
 /// Checks every field of a machine change that reaches a boot config (see
@@ -562,6 +684,21 @@ pub fn validate_image(image: &ImageRecord) -> StoreResult<()> {
 }
 
 /// Checks a pool's name, members' image and selector.
+/// A user name: letters, digits, '-', '_', '.', '@', 1 to 64 of them.
+pub fn validate_user_name(name: &str) -> StoreResult<()> {
+    if name.is_empty()
+        || name.len() > 64
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.@".contains(c))
+    {
+        return Err(StoreError::Invalid(format!(
+            "user name {name:?} may only use letters, digits, '-', '_', '.', '@' (1 to 64)"
+        )));
+    }
+    Ok(())
+}
+
 pub fn validate_pool(pool: &PoolRecord) -> StoreResult<()> {
     fields::check_name("pool", &pool.name)
         .and_then(|()| fields::check_labels(&pool.selector))

@@ -418,9 +418,7 @@ fn apply_patch(
 ) -> StoreResult<(MachineRecord, String)> {
     if let Some(Some(image)) = &patch.image {
         if !image_exists(tx, image)? {
-            return Err(StoreError::Invalid(format!(
-                "no image named {image:?}; register it first (POST /api/v1/images)"
-            )));
+            return Err(rules::unknown_image(image));
         }
     }
     validate_patch(patch)?;
@@ -436,9 +434,7 @@ fn apply_patch(
             )
             .optional()?;
         if let Some(holder) = holder {
-            return Err(StoreError::Conflict(format!(
-                "{ip} is already reserved for {holder}"
-            )));
+            return Err(rules::address_taken(ip, &holder));
         }
     }
     tx.execute(
@@ -459,14 +455,7 @@ fn apply_patch(
             machine.notes,
         ],
     )?;
-    let summary = if existing.is_none() {
-        format!("created; {}", changes.join("; "))
-    } else if changes.is_empty() {
-        "no change".to_string()
-    } else {
-        changes.join("; ")
-    };
-    Ok((machine, summary))
+    Ok((machine, rules::patch_summary(existing.is_none(), &changes)))
 }
 
 impl InventoryStore for SqliteStore {
@@ -535,7 +524,7 @@ impl InventoryStore for SqliteStore {
         self.write_machines(|tx, changes| {
             let removed = tx.execute("DELETE FROM machines WHERE mac = ?1", [mac.to_string()])?;
             if removed == 0 {
-                return Err(StoreError::NotFound(format!("no machine {mac}")));
+                return Err(rules::no_machine(mac));
             }
             changes.push(CacheChange::Remove(mac));
             audit(tx, actor, "machine.forget", &mac.to_string(), "")
@@ -610,20 +599,12 @@ impl InventoryStore for SqliteStore {
              ORDER BY at_ms DESC, id DESC LIMIT ?3",
         )?;
         let rows = statement.query_map(
-            params![mac.map(|m| m.to_string()), since_ms as i64, limit as i64],
-            |row| {
-                Ok(StoredEvent {
-                    at_ms: row.get::<_, i64>(0)? as u64,
-                    mac: row.get(1)?,
-                    client: row.get(2)?,
-                    phase: row.get(3)?,
-                    transport: row.get(4)?,
-                    detail: row.get(5)?,
-                    bytes: row.get::<_, i64>(6)? as u64,
-                    duration_ms: row.get::<_, i64>(7)? as u64,
-                    status: row.get::<_, i64>(8)? as u16,
-                })
-            },
+            params![
+                mac.map(|m| m.to_string()),
+                since_ms as i64,
+                limit.min(i64::MAX as usize) as i64
+            ],
+            event_from_row,
         )?;
         let mut events: Vec<StoredEvent> = rows.collect::<Result<_, _>>()?;
         events.reverse();
@@ -686,10 +667,7 @@ impl InventoryStore for SqliteStore {
         validate_image(image)?;
         self.write(|tx| {
             if image_exists(tx, &image.name)? {
-                return Err(StoreError::Conflict(format!(
-                    "an image named {:?} exists; remove it first or pick another name",
-                    image.name
-                )));
+                return Err(rules::image_taken(&image.name));
             }
             tx.execute(
                 &format!("INSERT INTO images ({IMAGE_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)"),
@@ -716,13 +694,10 @@ impl InventoryStore for SqliteStore {
                 .query_map([name], |r| r.get(0))?
                 .collect::<Result<_, _>>()?;
             if !users.is_empty() {
-                return Err(StoreError::Conflict(format!(
-                    "image {name:?} is assigned to {}; assign those machines another image first",
-                    users.join(", ")
-                )));
+                return Err(rules::image_in_use(name, &users));
             }
             if tx.execute("DELETE FROM images WHERE name = ?1", [name])? == 0 {
-                return Err(StoreError::NotFound(format!("no image named {name:?}")));
+                return Err(rules::no_image(name));
             }
             audit(tx, actor, "image.remove", name, "")
         })
@@ -742,17 +717,7 @@ impl InventoryStore for SqliteStore {
         let connection = self.lock();
         let mut statement = connection
             .prepare_cached("SELECT name, members, selector, image FROM pools ORDER BY name")?;
-        let rows = statement.query_map([], |row| {
-            Ok(PoolRecord {
-                name: row.get(0)?,
-                members: from_json::<Vec<String>>(&row.get::<_, String>(1)?)
-                    .iter()
-                    .filter_map(|m| Mac::parse(m).ok())
-                    .collect(),
-                selector: from_json(&row.get::<_, String>(2)?),
-                image: row.get(3)?,
-            })
-        })?;
+        let rows = statement.query_map([], pool_from_row)?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
@@ -770,11 +735,7 @@ impl InventoryStore for SqliteStore {
                 actor,
                 "pool.put",
                 &pool.name,
-                &format!(
-                    "{} listed, selector [{}]",
-                    members.len(),
-                    pool.selector.join(", ")
-                ),
+                &rules::pool_summary(pool),
             )
         })
     }
@@ -782,28 +743,15 @@ impl InventoryStore for SqliteStore {
     fn delete_pool(&self, name: &str, actor: &str) -> StoreResult<()> {
         self.write(|tx| {
             if tx.execute("DELETE FROM pools WHERE name = ?1", [name])? == 0 {
-                return Err(StoreError::NotFound(format!("no pool named {name:?}")));
+                return Err(rules::no_pool(name));
             }
             audit(tx, actor, "pool.delete", name, "")
         })
     }
 
     fn assign_pool(&self, name: &str, image: Option<&str>, actor: &str) -> StoreResult<usize> {
-        let pool = self
-            .pools()?
-            .into_iter()
-            .find(|p| p.name == name)
-            .ok_or_else(|| StoreError::NotFound(format!("no pool named {name:?}")))?;
-        let members: Vec<Mac> = self
-            .machines()?
-            .iter()
-            .filter(|m| pool.contains(m))
-            .map(|m| m.mac)
-            .collect();
-        let patch = MachinePatch {
-            image: Some(image.map(str::to_string)),
-            ..MachinePatch::default()
-        };
+        let (members, patch) =
+            rules::pool_assignment(self.pools()?, &self.machines()?, name, image)?;
         self.write_machines(|tx, changes| {
             for &mac in &members {
                 let (machine, summary) = apply_patch(tx, mac, &patch)?;
@@ -825,11 +773,7 @@ impl InventoryStore for SqliteStore {
                 actor,
                 "pool.assign",
                 name,
-                &format!(
-                    "image {} to {} machines",
-                    image.unwrap_or("none"),
-                    members.len()
-                ),
+                &rules::pool_assignment_summary(image, members.len()),
             )?;
             Ok(members.len())
         })
@@ -844,15 +788,11 @@ impl InventoryStore for SqliteStore {
                 })
                 .optional()?)
         };
-        let stored = get("unknown.policy")?;
-        let policy = [UnknownPolicy::Local, UnknownPolicy::Wait]
-            .into_iter()
-            .find(|p| Some(p.as_str()) == stored.as_deref())
-            .unwrap_or(UnknownPolicy::Menu);
-        let poll = get("unknown.poll_seconds")?
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(30);
-        Ok((policy, poll))
+        let (policy, poll) = (get("unknown.policy")?, get("unknown.poll_seconds")?);
+        Ok(rules::unknown_policy_from(
+            policy.as_deref(),
+            poll.as_deref(),
+        ))
     }
 
     fn set_unknown_policy(
@@ -861,17 +801,10 @@ impl InventoryStore for SqliteStore {
         poll_seconds: u32,
         actor: &str,
     ) -> StoreResult<()> {
-        if !(1..=3600).contains(&poll_seconds) {
-            return Err(StoreError::Invalid(
-                "poll_seconds must be between 1 and 3600".into(),
-            ));
-        }
+        let settings = rules::unknown_policy_settings(policy, poll_seconds)?;
         let name = policy.as_str();
         self.write(|tx| {
-            for (key, value) in [
-                ("unknown.policy", name.to_string()),
-                ("unknown.poll_seconds", poll_seconds.to_string()),
-            ] {
+            for (key, value) in settings {
                 tx.execute(
                     "INSERT INTO settings (key, value) VALUES (?1, ?2) \
                      ON CONFLICT(key) DO UPDATE SET value = ?2",
@@ -895,16 +828,7 @@ impl InventoryStore for SqliteStore {
         scope: Scope,
         actor: &str,
     ) -> StoreResult<()> {
-        if name.is_empty()
-            || name.len() > 64
-            || !name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || "-_.@".contains(c))
-        {
-            return Err(StoreError::Invalid(format!(
-                "user name {name:?} may only use letters, digits, '-', '_', '.', '@' (1 to 64)"
-            )));
-        }
+        validate_user_name(name)?;
         self.write(|tx| {
             tx.execute(
                 "INSERT INTO users (name, password_hash, scope, created_ms) VALUES (?1, ?2, ?3, ?4) \
@@ -1015,10 +939,7 @@ impl InventoryStore for SqliteStore {
             .optional()?;
         if let Some(token) = &token {
             // Coarse (once a minute) so a busy script does not write per call.
-            if token
-                .last_used_ms
-                .is_none_or(|t| now_ms.saturating_sub(t) > 60_000)
-            {
+            if rules::token_use_due(token, now_ms) {
                 // Best effort: a token must keep working for reads when
                 // the database cannot be written (a full disk).
                 if let Err(error) = connection.execute(
@@ -1048,7 +969,7 @@ impl InventoryStore for SqliteStore {
                 [id],
             )? == 0
             {
-                return Err(StoreError::NotFound(format!("no token with id {id}")));
+                return Err(rules::no_token(id));
             }
             audit(tx, actor, "token.revoke", &id.to_string(), "")
         })
@@ -1059,16 +980,7 @@ impl InventoryStore for SqliteStore {
         let mut statement = connection.prepare_cached(
             "SELECT id, at_ms, actor, action, target, detail FROM audit ORDER BY id DESC LIMIT ?1",
         )?;
-        let rows = statement.query_map([limit as i64], |r| {
-            Ok(AuditEntry {
-                id: r.get(0)?,
-                at_ms: r.get::<_, i64>(1)? as u64,
-                actor: r.get(2)?,
-                action: r.get(3)?,
-                target: r.get(4)?,
-                detail: r.get(5)?,
-            })
-        })?;
+        let rows = statement.query_map([limit.min(i64::MAX as usize) as i64], audit_from_row)?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
@@ -1081,6 +993,219 @@ impl InventoryStore for SqliteStore {
     ) -> StoreResult<()> {
         self.write(|tx| audit(tx, actor, action, target, detail))
     }
+
+    fn export(&self) -> StoreResult<InventoryDump> {
+        let mut connection = self.lock();
+        let tx = connection.transaction()?;
+        export_all(&tx)
+    }
+
+    fn import(&self, dump: &InventoryDump) -> StoreResult<()> {
+        self.write_machines(|tx, changes| {
+            import_all(tx, dump)?;
+            changes.extend(
+                dump.machines
+                    .iter()
+                    .map(|m| CacheChange::Put(Box::new(m.clone()))),
+            );
+            Ok(())
+        })
+    }
+}
+
+fn pool_from_row(row: &Row<'_>) -> rusqlite::Result<PoolRecord> {
+    Ok(PoolRecord {
+        name: row.get(0)?,
+        members: from_json::<Vec<String>>(&row.get::<_, String>(1)?)
+            .iter()
+            .filter_map(|m| Mac::parse(m).ok())
+            .collect(),
+        selector: from_json(&row.get::<_, String>(2)?),
+        image: row.get(3)?,
+    })
+}
+
+const EVENT_COLUMNS: &str =
+    "at_ms, mac, client, phase, transport, detail, bytes, duration_ms, status";
+
+fn event_from_row(row: &Row<'_>) -> rusqlite::Result<StoredEvent> {
+    Ok(StoredEvent {
+        at_ms: row.get::<_, i64>(0)? as u64,
+        mac: row.get(1)?,
+        client: row.get(2)?,
+        phase: row.get(3)?,
+        transport: row.get(4)?,
+        detail: row.get(5)?,
+        bytes: row.get::<_, i64>(6)? as u64,
+        duration_ms: row.get::<_, i64>(7)? as u64,
+        status: row.get::<_, i64>(8)? as u16,
+    })
+}
+
+fn audit_from_row(r: &Row<'_>) -> rusqlite::Result<AuditEntry> {
+    Ok(AuditEntry {
+        id: r.get(0)?,
+        at_ms: r.get::<_, i64>(1)? as u64,
+        actor: r.get(2)?,
+        action: r.get(3)?,
+        target: r.get(4)?,
+        detail: r.get(5)?,
+    })
+}
+
+/// Every row of `table` read with `sql`, through `from_row`.
+fn all<T>(
+    tx: &Connection,
+    sql: &str,
+    from_row: impl FnMut(&Row<'_>) -> rusqlite::Result<T>,
+) -> StoreResult<Vec<T>> {
+    let mut statement = tx.prepare(sql)?;
+    let rows = statement.query_map([], from_row)?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// [`InventoryStore::export`] inside one read transaction.
+fn export_all(tx: &Connection) -> StoreResult<InventoryDump> {
+    Ok(InventoryDump {
+        images: all(tx, &format!("SELECT {IMAGE_COLUMNS} FROM images ORDER BY name"), image_from_row)?,
+        machines: all(tx, &format!("SELECT {MACHINE_COLUMNS} FROM machines ORDER BY mac"), machine_from_row)?,
+        pools: all(tx, "SELECT name, members, selector, image FROM pools ORDER BY name", pool_from_row)?,
+        users: all(tx, "SELECT name, password_hash, scope, created_ms FROM users ORDER BY name", |r| {
+            Ok(UserRecord {
+                name: r.get(0)?,
+                password_hash: r.get(1)?,
+                scope: r.get::<_, String>(2)?.parse().unwrap_or(Scope::Read),
+                created_ms: r.get::<_, i64>(3)? as u64,
+            })
+        })?,
+        tokens: all(
+            tx,
+            "SELECT id, name, user, scope, created_ms, last_used_ms, secret_hash, revoked FROM tokens ORDER BY id",
+            |r| {
+                Ok(TokenRow {
+                    record: token_from_row(r)?,
+                    secret_hash: r.get(6)?,
+                    revoked: r.get(7)?,
+                })
+            },
+        )?,
+        events: all(tx, &format!("SELECT {EVENT_COLUMNS} FROM events ORDER BY at_ms, id"), event_from_row)?,
+        audit: all(tx, "SELECT id, at_ms, actor, action, target, detail FROM audit ORDER BY id", audit_from_row)?,
+        settings: all(tx, "SELECT key, value FROM settings ORDER BY key", |r| Ok((r.get(0)?, r.get(1)?)))?,
+    })
+}
+
+/// [`InventoryStore::import`] inside one write transaction.
+fn import_all(tx: &Transaction<'_>, dump: &InventoryDump) -> StoreResult<()> {
+    let rows: i64 = tx.query_row(
+        "SELECT (SELECT count(*) FROM images) + (SELECT count(*) FROM machines) + (SELECT count(*) FROM users)",
+        [],
+        |r| r.get(0),
+    )?;
+    if rows > 0 {
+        return Err(not_empty(rows));
+    }
+    for i in &dump.images {
+        tx.execute(
+            &format!(
+                "INSERT INTO images ({IMAGE_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)"
+            ),
+            params![
+                i.name,
+                i.kernel,
+                json(&i.initrds),
+                i.cmdline,
+                i.transport,
+                i.architecture,
+                i.description,
+                json(&i.files),
+                i.created_ms as i64
+            ],
+        )?;
+    }
+    for m in &dump.machines {
+        tx.execute(
+            &format!(
+                "INSERT INTO machines ({MACHINE_COLUMNS}) VALUES \
+                      (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)"
+            ),
+            params![
+                m.mac.to_string(),
+                m.hostname,
+                m.ip.map(|ip| ip.to_string()),
+                json(&m.labels),
+                m.image,
+                m.one_shot,
+                m.rearm as i64,
+                m.netboot,
+                m.cmdline_append,
+                m.notes,
+                m.adopted,
+                m.first_seen_ms.map(|v| v as i64),
+                m.last_seen_ms.map(|v| v as i64),
+                json(&m.facts),
+                m.phase,
+                m.phase_ms.map(|v| v as i64),
+                m.phase_status
+            ],
+        )?;
+    }
+    for p in &dump.pools {
+        let members: Vec<String> = p.members.iter().map(Mac::to_string).collect();
+        tx.execute(
+            "INSERT INTO pools (name, members, selector, image) VALUES (?1, ?2, ?3, ?4)",
+            params![p.name, json(&members), json(&p.selector), p.image],
+        )?;
+    }
+    for u in &dump.users {
+        tx.execute(
+            "INSERT INTO users (name, password_hash, scope, created_ms) VALUES (?1, ?2, ?3, ?4)",
+            params![
+                u.name,
+                u.password_hash,
+                u.scope.as_str(),
+                u.created_ms as i64
+            ],
+        )?;
+    }
+    for t in &dump.tokens {
+        let r = &t.record;
+        tx.execute(
+            "INSERT INTO tokens (id, name, user, scope, secret_hash, created_ms, last_used_ms, revoked) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            params![r.id, r.name, r.user, r.scope.as_str(), t.secret_hash, r.created_ms as i64,
+                r.last_used_ms.map(|v| v as i64), t.revoked],
+        )?;
+    }
+    let mut event = tx.prepare(&format!(
+        "INSERT INTO events ({EVENT_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)"
+    ))?;
+    for e in &dump.events {
+        event.execute(params![
+            e.at_ms as i64,
+            e.mac,
+            e.client,
+            e.phase,
+            e.transport,
+            e.detail,
+            e.bytes as i64,
+            e.duration_ms as i64,
+            e.status
+        ])?;
+    }
+    for a in &dump.audit {
+        tx.execute(
+            "INSERT INTO audit (id, at_ms, actor, action, target, detail) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![a.id, a.at_ms as i64, a.actor, a.action, a.target, a.detail],
+        )?;
+    }
+    for (key, value) in &dump.settings {
+        tx.execute(
+            "INSERT INTO settings (key, value) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET value = ?2",
+            params![key, value],
+        )?;
+    }
+    Ok(())
 }
 
 /// Records that `mac` asked for a script; returns whether it is new.
@@ -1097,15 +1222,7 @@ fn seen(
         adopted: false,
         ..MachineRecord::new(mac)
     });
-    let mut changed = new;
-    for (key, value) in facts {
-        if !value.is_empty() {
-            let key: String = key.chars().take(32).collect();
-            let value: String = value.chars().take(200).collect();
-            changed |= machine.facts.get(&key) != Some(&value);
-            machine.facts.insert(key, value);
-        }
-    }
+    let changed = rules::merge_facts(&mut machine, facts) || new;
     // Facts are re-encoded only when they changed.
     let facts_json = changed.then(|| json(&machine.facts));
     tx.prepare_cached(
@@ -1135,168 +1252,12 @@ fn token_from_row(r: &Row<'_>) -> rusqlite::Result<TokenRecord> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::tests::image;
 
     fn store() -> (tempfile::TempDir, SqliteStore) {
         let dir = tempfile::tempdir().unwrap();
         let store = SqliteStore::open(&dir.path().join("inventory.db")).unwrap();
         (dir, store)
-    }
-
-    fn image(name: &str) -> ImageRecord {
-        ImageRecord {
-            name: name.into(),
-            kernel: format!("{name}/vmlinuz"),
-            initrds: vec![format!("{name}/initrd")],
-            cmdline: "console=ttyS0".into(),
-            transport: "http".into(),
-            architecture: "x86_64".into(),
-            description: String::new(),
-            files: Vec::new(),
-            created_ms: 0,
-        }
-    }
-
-    #[test]
-    fn machines_are_adopted_assigned_and_audited() {
-        let (_dir, store) = store();
-        let mac = Mac::parse("52:54:00:00:00:01").unwrap();
-        assert!(store
-            .note_seen(mac, &BTreeMap::from([("serial".into(), "S1".into())]), 5)
-            .unwrap());
-        let seen = store.machine(mac).unwrap().unwrap();
-        assert!(!seen.adopted);
-        assert_eq!(seen.facts["serial"], "S1");
-        // A discovered machine is not in the data plane's snapshot.
-        assert!(snapshot_from_store(&store, 1).unwrap().machines.is_empty());
-
-        let patch = MachinePatch {
-            image: Some(Some("debian".into())),
-            ..Default::default()
-        };
-        let error = store.put_machine(mac, &patch, "alice").unwrap_err();
-        assert!(error.to_string().contains("register it first"), "{error}");
-        store.add_image(&image("debian"), "alice").unwrap();
-        let machine = store.put_machine(mac, &patch, "alice").unwrap();
-        assert!(machine.adopted);
-        assert_eq!(machine.facts["serial"], "S1", "facts survive adoption");
-        let snapshot = snapshot_from_store(&store, 2).unwrap();
-        assert_eq!(snapshot.assigned_image(mac).unwrap().1.name, "debian");
-
-        let audit = store.audit(10).unwrap();
-        assert_eq!(audit[0].actor, "alice");
-        assert_eq!(audit[0].action, "machine.put");
-        assert!(
-            audit[0].detail.contains("adopted; image none -> debian"),
-            "{:?}",
-            audit[0]
-        );
-        let error = store.remove_image("debian", "alice").unwrap_err();
-        assert!(matches!(error, StoreError::Conflict(_)), "{error}");
-    }
-
-    #[test]
-    fn pools_assign_by_list_and_by_label() {
-        let (_dir, store) = store();
-        store.add_image(&image("a"), "t").unwrap();
-        let macs: Vec<Mac> = (1..=4).map(|i| Mac([0x52, 0x54, 0, 0, 0, i])).collect();
-        for (i, &mac) in macs.iter().enumerate() {
-            let labels = vec![format!("rack={}", if i < 2 { "r1" } else { "r2" })];
-            store
-                .put_machine(
-                    mac,
-                    &MachinePatch {
-                        labels: Some(labels),
-                        ..Default::default()
-                    },
-                    "t",
-                )
-                .unwrap();
-        }
-        store
-            .put_pool(
-                &PoolRecord {
-                    name: "p".into(),
-                    members: vec![macs[3]],
-                    selector: vec!["rack=r1".into()],
-                    image: None,
-                },
-                "t",
-            )
-            .unwrap();
-        assert_eq!(store.assign_pool("p", Some("a"), "t").unwrap(), 3);
-        let images: Vec<Option<String>> = store
-            .machines()
-            .unwrap()
-            .into_iter()
-            .map(|m| m.image)
-            .collect();
-        assert_eq!(
-            images,
-            [Some("a".into()), Some("a".into()), None, Some("a".into())]
-        );
-    }
-
-    #[test]
-    fn the_machines_in_memory_match_the_database_after_every_change() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("db");
-        let store = SqliteStore::open(&path).unwrap();
-        store.add_image(&image("a"), "t").unwrap();
-        let (one, two, three) = (
-            Mac([2, 0, 0, 0, 0, 1]),
-            Mac([2, 0, 0, 0, 0, 2]),
-            Mac([2, 0, 0, 0, 0, 3]),
-        );
-        assert!(
-            store.machines().unwrap().is_empty(),
-            "loaded before the changes"
-        );
-        let facts = BTreeMap::from([("serial".to_string(), "S".to_string())]);
-        store.note_seen(one, &facts, 10).unwrap();
-        store
-            .put_machines(
-                &[two, three],
-                &MachinePatch {
-                    image: Some(Some("a".into())),
-                    ..Default::default()
-                },
-                "t",
-            )
-            .unwrap();
-        let event = BootEvent {
-            at_ms: 20,
-            mac: Some(two),
-            client: "10.0.0.2".parse().unwrap(),
-            phase: crate::boot::events::Phase::Kernel,
-            transport: "http",
-            detail: "a/vmlinuz".into(),
-            bytes: 5,
-            duration_ms: 1,
-            status: 200,
-        };
-        store
-            .note_events(&[event], &[(three, facts.clone(), 30)])
-            .unwrap();
-        store.forget_machine(one, "t").unwrap();
-        store
-            .put_pool(
-                &PoolRecord {
-                    name: "p".into(),
-                    members: vec![three],
-                    selector: vec![],
-                    image: None,
-                },
-                "t",
-            )
-            .unwrap();
-        store.assign_pool("p", None, "t").unwrap();
-        let fresh = SqliteStore::open(&path).unwrap();
-        assert_eq!(store.machines().unwrap(), fresh.machines().unwrap());
-        let machines = store.machines().unwrap();
-        assert_eq!(machines.len(), 2);
-        assert_eq!(machines[0].phase.as_deref(), Some("kernel"));
-        assert_eq!(machines[1].facts["serial"], "S");
-        assert_eq!(machines[1].image, None);
     }
 
     #[test]
@@ -1314,81 +1275,6 @@ mod tests {
             .pragma_query_value(None, "user_version", |r| r.get::<_, i64>(0))
             .unwrap() as usize;
         assert_eq!(version, MIGRATIONS.len());
-    }
-
-    #[test]
-    fn reserved_addresses_and_fields_are_checked() {
-        let (_dir, store) = store();
-        let ip = Some(Some("10.0.0.5".parse().unwrap()));
-        store
-            .put_machine(
-                Mac([2; 6]),
-                &MachinePatch {
-                    ip,
-                    ..Default::default()
-                },
-                "t",
-            )
-            .unwrap();
-        let error = store
-            .put_machine(
-                Mac([3; 6]),
-                &MachinePatch {
-                    ip,
-                    ..Default::default()
-                },
-                "t",
-            )
-            .unwrap_err();
-        assert!(
-            error
-                .to_string()
-                .contains("already reserved for 02:02:02:02:02:02"),
-            "{error}"
-        );
-        for bad in [vec!["norack".to_string()], vec!["a b=c".to_string()]] {
-            let patch = MachinePatch {
-                labels: Some(bad),
-                ..Default::default()
-            };
-            assert!(store.put_machine(Mac([4; 6]), &patch, "t").is_err());
-        }
-        let patch = MachinePatch {
-            hostname: Some(Some("../x".into())),
-            ..Default::default()
-        };
-        assert!(store.put_machine(Mac([4; 6]), &patch, "t").is_err());
-    }
-
-    #[test]
-    fn discovered_machines_are_capped_least_recently_seen_first() {
-        let (_dir, store) = store();
-        for n in 0..10u8 {
-            store
-                .note_seen(
-                    Mac([2, 0, 0, 0, 0, n]),
-                    &BTreeMap::new(),
-                    100 + u64::from(n),
-                )
-                .unwrap();
-        }
-        store
-            .put_machine(Mac([2, 0, 0, 0, 0, 0]), &MachinePatch::default(), "t")
-            .unwrap();
-        assert_eq!(store.prune_discovered(4).unwrap(), 5);
-        let left: Vec<Mac> = store.machines().unwrap().iter().map(|m| m.mac).collect();
-        assert_eq!(
-            left.len(),
-            5,
-            "the adopted machine and the 4 seen last: {left:?}"
-        );
-        assert!(
-            left.contains(&Mac([2, 0, 0, 0, 0, 0])),
-            "adopted machines stay"
-        );
-        assert!(left.contains(&Mac([2, 0, 0, 0, 0, 9])));
-        assert!(!left.contains(&Mac([2, 0, 0, 0, 0, 5])));
-        assert_eq!(store.prune_discovered(4).unwrap(), 0);
     }
 
     /// Security review finding 17: the database (argon2 hashes, every

@@ -209,6 +209,14 @@ impl InventoryStore for UnavailableStore {
     ) -> StoreResult<()> {
         self.down()
     }
+
+    fn export(&self) -> StoreResult<InventoryDump> {
+        self.down()
+    }
+
+    fn import(&self, _dump: &InventoryDump) -> StoreResult<()> {
+        self.down()
+    }
 }
 
 #[cfg(test)]

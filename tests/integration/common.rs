@@ -430,3 +430,33 @@ pub fn wait_for_log(log: &Path, needles: &[&str], errors: &Path) {
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
 }
+
+/// A new, empty database on the test PostgreSQL cluster (tests/postgres.sh,
+/// named by `BOOTFLEET_TEST_POSTGRES`), as a URL; `None`, said loudly, when
+/// no cluster was started (in CI a failure).
+pub fn fresh_postgres_database() -> Option<String> {
+    let Ok(admin) = std::env::var("BOOTFLEET_TEST_POSTGRES") else {
+        let message = "BOOTFLEET_TEST_POSTGRES is not set, so this PostgreSQL test cannot run; \
+                       tests/run-all.sh starts a cluster (tests/postgres.sh) and sets it";
+        if std::env::var_os("CI").is_some() {
+            panic!("{message}");
+        }
+        note_skipped(message);
+        return None;
+    };
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let name = format!(
+        "bootfleet_it_{}_{}",
+        std::process::id(),
+        NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    );
+    let mut client = postgres::Client::connect(&admin, postgres::NoTls)
+        .unwrap_or_else(|e| panic!("the test cluster at {admin} does not answer: {e}"));
+    client
+        .batch_execute(&format!("CREATE DATABASE {name}"))
+        .unwrap();
+    let (base, _) = admin
+        .rsplit_once('/')
+        .expect("a URL that names its database");
+    Some(format!("{base}/{name}"))
+}

@@ -15,6 +15,7 @@ mod qemu_boot;
 // (the reference stack, boot times).
 mod panel;
 mod panel_browser;
+mod postgres;
 #[allow(dead_code)]
 mod qemu_lan;
 mod real_clients;

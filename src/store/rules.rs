@@ -1,0 +1,151 @@
+//! What both store backends decide alike, apart from their SQL: the words
+//! of a refusal, a change's audit summary, how a machine's facts merge, the
+//! unknown-machine settings, and which machines a pool assignment reaches.
+//! One copy here keeps SQLite and PostgreSQL answering the same.
+
+use std::collections::BTreeMap;
+
+use super::{MachinePatch, MachineRecord, PoolRecord, StoreError, StoreResult, TokenRecord};
+use crate::inventory::UnknownPolicy;
+use crate::proto::Mac;
+
+pub(super) fn unknown_image(image: &str) -> StoreError {
+    StoreError::Invalid(format!(
+        "no image named {image:?}; register it first (POST /api/v1/images)"
+    ))
+}
+
+pub(super) fn image_taken(name: &str) -> StoreError {
+    StoreError::Conflict(format!(
+        "an image named {name:?} exists; remove it first or pick another name"
+    ))
+}
+
+pub(super) fn image_in_use(name: &str, machines: &[String]) -> StoreError {
+    StoreError::Conflict(format!(
+        "image {name:?} is assigned to {}; assign those machines another image first",
+        machines.join(", ")
+    ))
+}
+
+pub(super) fn no_image(name: &str) -> StoreError {
+    StoreError::NotFound(format!("no image named {name:?}"))
+}
+
+pub(super) fn no_pool(name: &str) -> StoreError {
+    StoreError::NotFound(format!("no pool named {name:?}"))
+}
+
+pub(super) fn no_machine(mac: Mac) -> StoreError {
+    StoreError::NotFound(format!("no machine {mac}"))
+}
+
+pub(super) fn no_token(id: i64) -> StoreError {
+    StoreError::NotFound(format!("no token with id {id}"))
+}
+
+pub(super) fn address_taken(ip: std::net::Ipv4Addr, holder: &str) -> StoreError {
+    StoreError::Conflict(format!("{ip} is already reserved for {holder}"))
+}
+
+/// The audit line of a patch: what `changes` did to a machine, which was
+/// `created` by it or existed.
+pub(super) fn patch_summary(created: bool, changes: &[String]) -> String {
+    if created {
+        format!("created; {}", changes.join("; "))
+    } else if changes.is_empty() {
+        "no change".to_string()
+    } else {
+        changes.join("; ")
+    }
+}
+
+/// Adds the facts a machine's iPXE sent (empty values ignored, keys cut at
+/// 32 characters and values at 200); returns whether any changed.
+pub(super) fn merge_facts(machine: &mut MachineRecord, facts: &BTreeMap<String, String>) -> bool {
+    let mut changed = false;
+    for (key, value) in facts {
+        if !value.is_empty() {
+            let key: String = key.chars().take(32).collect();
+            let value: String = value.chars().take(200).collect();
+            changed |= machine.facts.get(&key) != Some(&value);
+            machine.facts.insert(key, value);
+        }
+    }
+    changed
+}
+
+/// The unknown-machine policy from its two stored settings (the menu
+/// every 30 s when unset).
+pub(super) fn unknown_policy_from(
+    policy: Option<&str>,
+    poll: Option<&str>,
+) -> (UnknownPolicy, u32) {
+    let policy = [UnknownPolicy::Local, UnknownPolicy::Wait]
+        .into_iter()
+        .find(|p| Some(p.as_str()) == policy)
+        .unwrap_or(UnknownPolicy::Menu);
+    (policy, poll.and_then(|v| v.parse().ok()).unwrap_or(30))
+}
+
+/// The settings rows that store `policy` and `poll_seconds`, checked.
+pub(super) fn unknown_policy_settings(
+    policy: UnknownPolicy,
+    poll_seconds: u32,
+) -> StoreResult<[(&'static str, String); 2]> {
+    if !(1..=3600).contains(&poll_seconds) {
+        return Err(StoreError::Invalid(
+            "poll_seconds must be between 1 and 3600".into(),
+        ));
+    }
+    Ok([
+        ("unknown.policy", policy.as_str().to_string()),
+        ("unknown.poll_seconds", poll_seconds.to_string()),
+    ])
+}
+
+/// The audit line of a pool written.
+pub(super) fn pool_summary(pool: &PoolRecord) -> String {
+    format!(
+        "{} listed, selector [{}]",
+        pool.members.len(),
+        pool.selector.join(", ")
+    )
+}
+
+/// The machines pool `name` holds now, and the patch that gives them
+/// `image`.
+pub(super) fn pool_assignment(
+    pools: Vec<PoolRecord>,
+    machines: &[MachineRecord],
+    name: &str,
+    image: Option<&str>,
+) -> StoreResult<(Vec<Mac>, MachinePatch)> {
+    let pool = pools
+        .into_iter()
+        .find(|p| p.name == name)
+        .ok_or_else(|| no_pool(name))?;
+    let members = machines
+        .iter()
+        .filter(|m| pool.contains(m))
+        .map(|m| m.mac)
+        .collect();
+    let patch = MachinePatch {
+        image: Some(image.map(str::to_string)),
+        ..MachinePatch::default()
+    };
+    Ok((members, patch))
+}
+
+/// The audit line of a pool assignment.
+pub(super) fn pool_assignment_summary(image: Option<&str>, machines: usize) -> String {
+    format!("image {} to {machines} machines", image.unwrap_or("none"))
+}
+
+/// Whether a token's use at `now_ms` is worth recording: coarse (once a
+/// minute), so that a busy script does not write on every call.
+pub(super) fn token_use_due(token: &TokenRecord, now_ms: u64) -> bool {
+    token
+        .last_used_ms
+        .is_none_or(|t| now_ms.saturating_sub(t) > 60_000)
+}

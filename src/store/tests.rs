@@ -1,0 +1,525 @@
+//! The store's behaviour, checked on every backend: the embedded SQLite
+//! file always, and PostgreSQL on the cluster `tests/postgres.sh` starts
+//! (`BOOTFLEET_TEST_POSTGRES` names it; tests/run-all.sh sets it). Without
+//! that cluster the PostgreSQL half says loudly that it did not run, and in
+//! CI it fails.
+
+use std::collections::BTreeMap;
+
+use super::postgres::PostgresStore;
+use super::sqlite::SqliteStore;
+use super::*;
+
+/// A store under test, and how to open the same database again.
+pub(super) struct Backend {
+    pub name: &'static str,
+    pub store: Box<dyn InventoryStore>,
+    reopen: Box<dyn Fn() -> Box<dyn InventoryStore>>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl Backend {
+    /// A second store on the same database, as a restarted server (or
+    /// another server) opens it.
+    pub fn reopen(&self) -> Box<dyn InventoryStore> {
+        (self.reopen)()
+    }
+}
+
+fn sqlite() -> Backend {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("inventory.db");
+    let store = SqliteStore::open(&path).unwrap();
+    Backend {
+        name: "sqlite",
+        store: Box::new(store),
+        reopen: Box::new(move || Box::new(SqliteStore::open(&path).unwrap())),
+        _dir: Some(dir),
+    }
+}
+
+/// A new, empty database on the test cluster, as a URL; `None` when no
+/// cluster was started (said loudly, and a failure in CI).
+pub(crate) fn fresh_postgres_database() -> Option<String> {
+    let Some(admin) = std::env::var("BOOTFLEET_TEST_POSTGRES").ok() else {
+        let message = "BOOTFLEET_TEST_POSTGRES is not set, so the PostgreSQL store is not tested; \
+                       tests/run-all.sh starts a cluster (tests/postgres.sh) and sets it";
+        if std::env::var_os("CI").is_some() {
+            panic!("{message}");
+        }
+        eprintln!("\n*** SKIPPED: {message} ***\n");
+        if let Some(path) = std::env::var_os("BOOTFLEET_SKIPPED") {
+            use std::io::Write;
+            if let Ok(mut file) = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+            {
+                let test = std::thread::current()
+                    .name()
+                    .unwrap_or("a store test")
+                    .to_string();
+                let _ = writeln!(file, "{test}: {message}");
+            }
+        }
+        return None;
+    };
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let name = format!(
+        "bootfleet_unit_{}_{}",
+        std::process::id(),
+        NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    );
+    let mut client = ::postgres::Client::connect(&admin, ::postgres::NoTls)
+        .unwrap_or_else(|e| panic!("the test cluster at {admin} does not answer: {e}"));
+    client
+        .batch_execute(&format!("CREATE DATABASE {name}"))
+        .unwrap();
+    let (base, _) = admin
+        .rsplit_once('/')
+        .expect("a URL that names its database");
+    Some(format!("{base}/{name}"))
+}
+
+fn postgres() -> Option<Backend> {
+    let url = fresh_postgres_database()?;
+    let store = PostgresStore::connect(&url).unwrap();
+    Some(Backend {
+        name: "postgres",
+        store: Box::new(store),
+        reopen: Box::new(move || Box::new(PostgresStore::connect(&url).unwrap())),
+        _dir: None,
+    })
+}
+
+pub(super) fn image(name: &str) -> ImageRecord {
+    ImageRecord {
+        name: name.into(),
+        kernel: format!("{name}/vmlinuz"),
+        initrds: vec![format!("{name}/initrd")],
+        cmdline: "console=ttyS0".into(),
+        transport: "http".into(),
+        architecture: "x86_64".into(),
+        description: String::new(),
+        files: Vec::new(),
+        created_ms: 0,
+    }
+}
+
+/// One `#[test]` per body, run on each backend in turn.
+macro_rules! on_every_backend {
+    ($($name:ident),* $(,)?) => {
+        $(
+            #[test]
+            fn $name() {
+                for backend in std::iter::once(sqlite()).chain(postgres()) {
+                    eprintln!("backend: {}", backend.name);
+                    bodies::$name(&backend);
+                }
+            }
+        )*
+    };
+}
+
+on_every_backend!(
+    machines_are_adopted_assigned_and_audited,
+    pools_assign_by_list_and_by_label,
+    the_machines_in_memory_match_the_database_after_every_change,
+    reserved_addresses_and_fields_are_checked,
+    discovered_machines_are_capped_least_recently_seen_first,
+    users_sessions_and_tokens,
+    schema_is_migrated_once_and_reopens,
+);
+
+/// Every kind of row, in `store`.
+fn fill(store: &dyn InventoryStore) {
+    use crate::boot::events::{BootEvent, Phase};
+    store.add_image(&image("a"), "t").unwrap();
+    store.add_image(&image("b"), "t").unwrap();
+    let (one, two, seen) = (
+        Mac([2, 0, 0, 0, 0, 1]),
+        Mac([2, 0, 0, 0, 0, 2]),
+        Mac([2, 0, 0, 0, 0, 3]),
+    );
+    let patch = MachinePatch {
+        image: Some(Some("a".into())),
+        hostname: Some(Some("n1".into())),
+        ip: Some(Some("10.0.0.7".parse().unwrap())),
+        labels: Some(vec!["rack=r1".into()]),
+        one_shot: Some(true),
+        ..Default::default()
+    };
+    store.put_machine(one, &patch, "t").unwrap();
+    store
+        .put_machine(two, &MachinePatch::default(), "t")
+        .unwrap();
+    let facts = BTreeMap::from([("serial".to_string(), "S-3".to_string())]);
+    let event = BootEvent {
+        at_ms: 50,
+        mac: Some(one),
+        client: "10.0.0.7".parse().unwrap(),
+        phase: Phase::Kernel,
+        transport: "http",
+        detail: "a/vmlinuz".into(),
+        bytes: 9,
+        duration_ms: 2,
+        status: 200,
+    };
+    store.note_events(&[event], &[(seen, facts, 40)]).unwrap();
+    store
+        .put_pool(
+            &PoolRecord {
+                name: "p".into(),
+                members: vec![two],
+                selector: vec!["rack=r1".into()],
+                image: None,
+            },
+            "t",
+        )
+        .unwrap();
+    store.assign_pool("p", Some("b"), "t").unwrap();
+    store.add_user("alice", "hash", Scope::Admin, "t").unwrap();
+    let revoked = store
+        .add_token("old", "alice", Scope::Read, "h1", "t")
+        .unwrap();
+    store
+        .add_token("ci", "alice", Scope::Assign, "h2", "t")
+        .unwrap();
+    store.revoke_token(revoked, "t").unwrap();
+    store
+        .set_unknown_policy(UnknownPolicy::Local, 9, "t")
+        .unwrap();
+}
+
+#[test]
+fn an_inventory_copies_from_sqlite_to_postgres_and_back_row_for_row() {
+    let Some(postgres) = postgres() else {
+        return;
+    };
+    let sqlite = sqlite();
+    fill(sqlite.store.as_ref());
+    let copied = copy(sqlite.store.as_ref(), postgres.store.as_ref()).unwrap();
+    assert_eq!(copied, sqlite.store.export().unwrap());
+    assert_eq!(
+        (
+            copied.machines.len(),
+            copied.tokens.len(),
+            copied.events.len(),
+            copied.settings.len()
+        ),
+        (3, 2, 1, 2)
+    );
+    assert!(copied.tokens[0].revoked && !copied.tokens[1].revoked);
+    assert_eq!(copied.machines[0].phase.as_deref(), Some("kernel"));
+    // The copy is what the server would read: the same snapshot.
+    let (from, to) = (
+        snapshot_from_store(sqlite.store.as_ref(), 1).unwrap(),
+        snapshot_from_store(postgres.store.as_ref(), 1).unwrap(),
+    );
+    assert_eq!(format!("{:?}", from.machines), format!("{:?}", to.machines));
+    // Never into a store that holds an inventory already.
+    let error = copy(sqlite.store.as_ref(), postgres.store.as_ref()).unwrap_err();
+    assert!(matches!(error, StoreError::Conflict(_)), "{error}");
+    // New rows are numbered after the copied ones.
+    let id = postgres
+        .store
+        .add_token("new", "alice", Scope::Read, "h3", "t")
+        .unwrap();
+    assert!(id > copied.tokens[1].record.id);
+    let back = super::tests::sqlite();
+    let again = copy(postgres.store.as_ref(), back.store.as_ref()).unwrap();
+    assert_eq!(again.tokens.len(), 3);
+    assert_eq!(again.machines, copied.machines);
+}
+
+mod bodies {
+    use super::*;
+    use crate::boot::events::BootEvent;
+
+    pub(super) fn machines_are_adopted_assigned_and_audited(backend: &Backend) {
+        let store = &*backend.store;
+        let mac = Mac::parse("52:54:00:00:00:01").unwrap();
+        assert!(store
+            .note_seen(mac, &BTreeMap::from([("serial".into(), "S1".into())]), 5)
+            .unwrap());
+        let seen = store.machine(mac).unwrap().unwrap();
+        assert!(!seen.adopted);
+        assert_eq!(seen.facts["serial"], "S1");
+        // A discovered machine is not in the data plane's snapshot.
+        assert!(snapshot_from_store(store, 1).unwrap().machines.is_empty());
+
+        let patch = MachinePatch {
+            image: Some(Some("debian".into())),
+            ..Default::default()
+        };
+        let error = store.put_machine(mac, &patch, "alice").unwrap_err();
+        assert!(error.to_string().contains("register it first"), "{error}");
+        store.add_image(&image("debian"), "alice").unwrap();
+        let machine = store.put_machine(mac, &patch, "alice").unwrap();
+        assert!(machine.adopted);
+        assert_eq!(machine.facts["serial"], "S1", "facts survive adoption");
+        let snapshot = snapshot_from_store(store, 2).unwrap();
+        assert_eq!(snapshot.assigned_image(mac).unwrap().1.name, "debian");
+
+        let audit = store.audit(10).unwrap();
+        assert_eq!(audit[0].actor, "alice");
+        assert_eq!(audit[0].action, "machine.put");
+        assert!(
+            audit[0].detail.contains("adopted; image none -> debian"),
+            "{:?}",
+            audit[0]
+        );
+        let error = store.remove_image("debian", "alice").unwrap_err();
+        assert!(matches!(error, StoreError::Conflict(_)), "{error}");
+    }
+
+    pub(super) fn pools_assign_by_list_and_by_label(backend: &Backend) {
+        let store = &*backend.store;
+        store.add_image(&image("a"), "t").unwrap();
+        let macs: Vec<Mac> = (1..=4).map(|i| Mac([0x52, 0x54, 0, 0, 0, i])).collect();
+        for (i, &mac) in macs.iter().enumerate() {
+            let labels = vec![format!("rack={}", if i < 2 { "r1" } else { "r2" })];
+            store
+                .put_machine(
+                    mac,
+                    &MachinePatch {
+                        labels: Some(labels),
+                        ..Default::default()
+                    },
+                    "t",
+                )
+                .unwrap();
+        }
+        store
+            .put_pool(
+                &PoolRecord {
+                    name: "p".into(),
+                    members: vec![macs[3]],
+                    selector: vec!["rack=r1".into()],
+                    image: None,
+                },
+                "t",
+            )
+            .unwrap();
+        assert_eq!(store.assign_pool("p", Some("a"), "t").unwrap(), 3);
+        let images: Vec<Option<String>> = store
+            .machines()
+            .unwrap()
+            .into_iter()
+            .map(|m| m.image)
+            .collect();
+        assert_eq!(
+            images,
+            [Some("a".into()), Some("a".into()), None, Some("a".into())]
+        );
+    }
+
+    pub(super) fn the_machines_in_memory_match_the_database_after_every_change(backend: &Backend) {
+        let store = &*backend.store;
+        store.add_image(&image("a"), "t").unwrap();
+        let (one, two, three) = (
+            Mac([2, 0, 0, 0, 0, 1]),
+            Mac([2, 0, 0, 0, 0, 2]),
+            Mac([2, 0, 0, 0, 0, 3]),
+        );
+        assert!(
+            store.machines().unwrap().is_empty(),
+            "loaded before the changes"
+        );
+        let facts = BTreeMap::from([("serial".to_string(), "S".to_string())]);
+        store.note_seen(one, &facts, 10).unwrap();
+        store
+            .put_machines(
+                &[two, three],
+                &MachinePatch {
+                    image: Some(Some("a".into())),
+                    ..Default::default()
+                },
+                "t",
+            )
+            .unwrap();
+        let event = BootEvent {
+            at_ms: 20,
+            mac: Some(two),
+            client: "10.0.0.2".parse().unwrap(),
+            phase: crate::boot::events::Phase::Kernel,
+            transport: "http",
+            detail: "a/vmlinuz".into(),
+            bytes: 5,
+            duration_ms: 1,
+            status: 200,
+        };
+        store
+            .note_events(&[event], &[(three, facts.clone(), 30)])
+            .unwrap();
+        store.forget_machine(one, "t").unwrap();
+        store
+            .put_pool(
+                &PoolRecord {
+                    name: "p".into(),
+                    members: vec![three],
+                    selector: vec![],
+                    image: None,
+                },
+                "t",
+            )
+            .unwrap();
+        store.assign_pool("p", None, "t").unwrap();
+        let fresh = backend.reopen();
+        assert_eq!(store.machines().unwrap(), fresh.machines().unwrap());
+        let machines = store.machines().unwrap();
+        assert_eq!(machines.len(), 2);
+        assert_eq!(machines[0].phase.as_deref(), Some("kernel"));
+        assert_eq!(machines[1].facts["serial"], "S");
+        assert_eq!(machines[1].image, None);
+    }
+
+    pub(super) fn reserved_addresses_and_fields_are_checked(backend: &Backend) {
+        let store = &*backend.store;
+        let ip = Some(Some("10.0.0.5".parse().unwrap()));
+        store
+            .put_machine(
+                Mac([2; 6]),
+                &MachinePatch {
+                    ip,
+                    ..Default::default()
+                },
+                "t",
+            )
+            .unwrap();
+        let error = store
+            .put_machine(
+                Mac([3; 6]),
+                &MachinePatch {
+                    ip,
+                    ..Default::default()
+                },
+                "t",
+            )
+            .unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .contains("already reserved for 02:02:02:02:02:02"),
+            "{error}"
+        );
+        for bad in [vec!["norack".to_string()], vec!["a b=c".to_string()]] {
+            let patch = MachinePatch {
+                labels: Some(bad),
+                ..Default::default()
+            };
+            assert!(store.put_machine(Mac([4; 6]), &patch, "t").is_err());
+        }
+        let patch = MachinePatch {
+            hostname: Some(Some("../x".into())),
+            ..Default::default()
+        };
+        assert!(store.put_machine(Mac([4; 6]), &patch, "t").is_err());
+    }
+
+    pub(super) fn discovered_machines_are_capped_least_recently_seen_first(backend: &Backend) {
+        let store = &*backend.store;
+        for n in 0..10u8 {
+            store
+                .note_seen(
+                    Mac([2, 0, 0, 0, 0, n]),
+                    &BTreeMap::new(),
+                    100 + u64::from(n),
+                )
+                .unwrap();
+        }
+        store
+            .put_machine(Mac([2, 0, 0, 0, 0, 0]), &MachinePatch::default(), "t")
+            .unwrap();
+        assert_eq!(store.prune_discovered(4).unwrap(), 5);
+        let left: Vec<Mac> = store.machines().unwrap().iter().map(|m| m.mac).collect();
+        assert_eq!(
+            left.len(),
+            5,
+            "the adopted machine and the 4 seen last: {left:?}"
+        );
+        assert!(
+            left.contains(&Mac([2, 0, 0, 0, 0, 0])),
+            "adopted machines stay"
+        );
+        assert!(left.contains(&Mac([2, 0, 0, 0, 0, 9])));
+        assert!(!left.contains(&Mac([2, 0, 0, 0, 0, 5])));
+        assert_eq!(store.prune_discovered(4).unwrap(), 0);
+    }
+
+    pub(super) fn users_sessions_and_tokens(backend: &Backend) {
+        let store = &*backend.store;
+        store
+            .add_user("alice", "hash-1", Scope::Admin, "setup")
+            .unwrap();
+        assert!(store
+            .add_user("bad name", "h", Scope::Read, "setup")
+            .is_err());
+        let session = SessionRecord {
+            user: "alice".into(),
+            scope: Scope::Admin,
+            csrf: "c".into(),
+            expires_ms: 10_000,
+        };
+        store.create_session("s1", &session).unwrap();
+        assert_eq!(store.session("s1", 5_000).unwrap(), Some(session.clone()));
+        assert_eq!(store.session("s1", 20_000).unwrap(), None, "expired");
+        // A new password ends the user's sessions.
+        store
+            .add_user("alice", "hash-2", Scope::Admin, "setup")
+            .unwrap();
+        assert_eq!(store.session("s1", 5_000).unwrap(), None);
+        assert_eq!(
+            store.user("alice").unwrap().unwrap().password_hash,
+            "hash-2"
+        );
+        assert!(
+            store.users().unwrap()[0].password_hash.is_empty(),
+            "never listed"
+        );
+
+        let id = store
+            .add_token("ci", "alice", Scope::Assign, "secret-hash", "alice")
+            .unwrap();
+        let second = store
+            .add_token("other", "alice", Scope::Read, "secret-2", "alice")
+            .unwrap();
+        assert!(second > id, "ids grow");
+        let token = store.token("secret-hash", 1_000_000).unwrap().unwrap();
+        assert_eq!((token.id, token.scope), (id, Scope::Assign));
+        assert_eq!(
+            store.tokens().unwrap()[0].last_used_ms,
+            Some(1_000_000),
+            "first use recorded"
+        );
+        store.revoke_token(id, "alice").unwrap();
+        assert!(store.token("secret-hash", 1_000_001).unwrap().is_none());
+        assert!(matches!(
+            store.revoke_token(id, "alice"),
+            Err(StoreError::NotFound(_))
+        ));
+        assert_eq!(store.tokens().unwrap().len(), 1);
+
+        store
+            .set_unknown_policy(UnknownPolicy::Wait, 7, "alice")
+            .unwrap();
+        assert_eq!(store.unknown_policy().unwrap(), (UnknownPolicy::Wait, 7));
+        assert!(store
+            .set_unknown_policy(UnknownPolicy::Wait, 0, "alice")
+            .is_err());
+        let actions: Vec<String> = store
+            .audit(3)
+            .unwrap()
+            .into_iter()
+            .map(|a| a.action)
+            .collect();
+        assert_eq!(actions, ["settings.unknown", "token.revoke", "token.add"]);
+    }
+
+    pub(super) fn schema_is_migrated_once_and_reopens(backend: &Backend) {
+        backend.store.add_image(&image("x"), "t").unwrap();
+        let again = backend.reopen();
+        assert_eq!(again.images().unwrap().len(), 1);
+        assert_eq!(again.image("x").unwrap().unwrap().kernel, "x/vmlinuz");
+    }
+}

@@ -1,0 +1,152 @@
+//! The inventory in a real PostgreSQL server (the cluster
+//! `tests/postgres.sh` starts; `BOOTFLEET_TEST_POSTGRES` names it, and
+//! tests/run-all.sh sets it): a server on it serves what its panel
+//! assigns and records the boots there, its users and tokens are made with
+//! the command line against the URL, and `bootfleet db copy` moves a whole
+//! inventory from the SQLite file to PostgreSQL and back, row for row.
+
+use std::process::Command;
+
+use bootfleet::proto::Mac;
+use bootfleet::store::postgres::PostgresStore;
+use bootfleet::store::sqlite::SqliteStore;
+use bootfleet::store::{InventoryStore, MachinePatch};
+use serde_json::json;
+
+use super::common::{curl, fresh_postgres_database, FullServer};
+use super::panel::{
+    boot_dir, bootfleet_cli, eventually, register, script, state_dir, Api, PASSWORD,
+};
+
+#[test]
+fn a_server_on_postgres_serves_what_its_panel_assigns_and_records_the_boot_there() {
+    let Some(url) = fresh_postgres_database() else {
+        return;
+    };
+    let token = bootfleet_cli(
+        &[
+            "tokens",
+            "add",
+            "ops",
+            "--scope",
+            "admin",
+            "--database",
+            &url,
+        ],
+        "",
+    )
+    .trim()
+    .to_string();
+    bootfleet_cli(
+        &[
+            "users",
+            "add",
+            "alice",
+            "--scope",
+            "read",
+            "--database",
+            &url,
+        ],
+        &format!("{PASSWORD}\n"),
+    );
+    let root = boot_dir();
+    let server = FullServer::start_with_panel(root.path(), state_dir(), |config| {
+        config.database_url = Some(url.clone());
+    });
+    let panel = server.panel.expect("a panel");
+    let api = Api::with_token(panel, &token);
+    register(&api, "debian12");
+    let mac = "52:54:00:00:00:31";
+    api.ok(
+        "PUT",
+        &format!("/api/v1/machines/{mac}"),
+        Some(json!({ "image": "debian12", "hostname": "pg-node" })),
+    );
+    let text = eventually("the assignment in the machine's script", || {
+        let text = script(&server, mac, "");
+        text.contains("debian12/vmlinuz").then_some(text)
+    });
+    assert!(text.contains("pg-node"), "{text}");
+    assert_eq!(curl(&server.url("/debian12/vmlinuz"), &[]).status, 200);
+
+    let store = PostgresStore::connect(&url).unwrap();
+    let mac = Mac::parse(mac).unwrap();
+    let machine = store
+        .machine(mac)
+        .unwrap()
+        .expect("the machine is in PostgreSQL");
+    assert_eq!(machine.image.as_deref(), Some("debian12"));
+    eventually("the kernel fetch as a boot event in PostgreSQL", || {
+        let events = store.events(Some(mac), 0, 100).ok()?;
+        events.iter().any(|e| e.phase == "kernel").then_some(())
+    });
+    let mut browser = Api::new(panel);
+    assert_eq!(
+        browser.login("alice", PASSWORD).status,
+        200,
+        "a CLI-made user logs in"
+    );
+    assert_eq!(browser.call("GET", "/api/v1/machines", None).status, 200);
+}
+
+#[test]
+fn db_copy_moves_a_whole_inventory_to_postgres_and_back() {
+    let Some(url) = fresh_postgres_database() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let original = dir.path().join("inventory.db");
+    let sqlite = format!("sqlite:{}", original.display());
+    bootfleet_cli(
+        &["users", "add", "admin", "--database", &sqlite],
+        &format!("{PASSWORD}\n"),
+    );
+    bootfleet_cli(&["tokens", "add", "ci", "--database", &sqlite], "");
+    {
+        let store = SqliteStore::open(&original).unwrap();
+        let facts = [("serial".to_string(), "S-1".to_string())].into();
+        store
+            .note_seen(Mac([2, 0, 0, 0, 0, 9]), &facts, 1_000)
+            .unwrap();
+        store
+            .put_machine(
+                Mac([2, 0, 0, 0, 0, 1]),
+                &MachinePatch {
+                    hostname: Some(Some("n1".into())),
+                    labels: Some(vec!["rack=r1".into()]),
+                    ..MachinePatch::default()
+                },
+                "t",
+            )
+            .unwrap();
+    }
+    let out = bootfleet_cli(&["db", "copy", "--from", &sqlite, "--to", &url], "");
+    assert!(out.contains("read the copy back identical"), "{out}");
+    let source = SqliteStore::open(&original).unwrap().export().unwrap();
+    assert_eq!(source.machines.len(), 2);
+    assert_eq!(
+        PostgresStore::connect(&url).unwrap().export().unwrap(),
+        source
+    );
+
+    // Never into a database that already holds an inventory.
+    let again = Command::new(env!("CARGO_BIN_EXE_bootfleet"))
+        .args(["db", "copy", "--from", &sqlite, "--to", &url])
+        .output()
+        .unwrap();
+    assert!(!again.status.success());
+    let error = String::from_utf8_lossy(&again.stderr);
+    assert!(error.contains("already holds"), "{error}");
+
+    let back = dir.path().join("back.db");
+    bootfleet_cli(
+        &["db", "copy", "--from", &url, "--to", back.to_str().unwrap()],
+        "",
+    );
+    assert_eq!(SqliteStore::open(&back).unwrap().export().unwrap(), source);
+    // Tokens made after the copy are numbered after the copied ones.
+    bootfleet_cli(&["tokens", "add", "later", "--database", &url], "");
+    let tokens = PostgresStore::connect(&url).unwrap().tokens().unwrap();
+    assert_eq!(tokens.len(), 2);
+    assert!(tokens[1].id > tokens[0].id);
+}
