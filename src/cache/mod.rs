@@ -28,8 +28,8 @@ use std::ops::Deref;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex, Once, Weak};
+use std::time::Duration;
 
 use memmap2::Mmap;
 use moka::sync::Cache;
@@ -69,10 +69,12 @@ impl FileData {
     }
 
     /// Whether the file this version was mapped from was rewritten in place
-    /// since (cheap: a file status call at most every [`CHECK_INTERVAL`]).
-    pub fn changed(&self, now: Instant) -> bool {
+    /// since: what the checker thread found (it looks every
+    /// [`CHECK_INTERVAL`]), or, after a fault in any mapping, what a file
+    /// status call finds now.
+    pub fn changed(&self) -> bool {
         match self {
-            FileData::Mapped(mapped) => mapped.changed(now),
+            FileData::Mapped(mapped) => mapped.changed(),
             FileData::Owned(_) => false,
         }
     }
@@ -87,8 +89,6 @@ pub struct MappedFile {
     file: File,
     size: u64,
     mtime_ns: i128,
-    opened: Instant,
-    last_check_ms: AtomicU64,
     faults_seen: AtomicU64,
     changed: AtomicBool,
 }
@@ -102,19 +102,23 @@ impl std::fmt::Debug for MappedFile {
 }
 
 impl MappedFile {
-    fn changed(&self, now: Instant) -> bool {
+    fn changed(&self) -> bool {
         if self.changed.load(Ordering::Relaxed) {
             return true;
         }
         let faults = guard::faults();
-        let elapsed = now.saturating_duration_since(self.opened).as_millis() as u64;
-        let due = elapsed
-            >= self.last_check_ms.load(Ordering::Relaxed) + CHECK_INTERVAL.as_millis() as u64;
-        if !due && faults == self.faults_seen.load(Ordering::Relaxed) {
+        if faults == self.faults_seen.load(Ordering::Relaxed) {
             return false;
         }
-        self.last_check_ms.store(elapsed, Ordering::Relaxed);
+        // A mapping was read past its file's end somewhere: look now, not
+        // at the checker's next round (an error path, taken once).
         self.faults_seen.store(faults, Ordering::Relaxed);
+        self.check()
+    }
+
+    /// Compares the file's size and modification time with this version's
+    /// (one file status call) and remembers a difference.
+    fn check(&self) -> bool {
         let Ok(meta) = self.file.metadata() else {
             return false;
         };
@@ -124,6 +128,42 @@ impl MappedFile {
         }
         changed
     }
+}
+
+/// Mapped versions that may still be in use, for the checker thread.
+static MAPPED: Mutex<Vec<Weak<FileData>>> = Mutex::new(Vec::new());
+
+/// Has the checker thread look at `data`'s file every [`CHECK_INTERVAL`]
+/// for as long as anything holds it (the thread starts with the first).
+fn check_for_rewrites(data: &Arc<FileData>) {
+    MAPPED
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .push(Arc::downgrade(data));
+    static CHECKER: Once = Once::new();
+    CHECKER.call_once(|| {
+        let started = std::thread::Builder::new()
+            .name("bootfleet-file-check".into())
+            .stack_size(64 * 1024)
+            .spawn(|| loop {
+                std::thread::sleep(CHECK_INTERVAL);
+                let alive: Vec<Arc<FileData>> = {
+                    let mut mapped = MAPPED.lock().unwrap_or_else(|p| p.into_inner());
+                    mapped.retain(|version| version.strong_count() > 0);
+                    mapped.iter().filter_map(Weak::upgrade).collect()
+                };
+                for version in alive {
+                    if let FileData::Mapped(mapped) = &*version {
+                        if !mapped.changed.load(Ordering::Relaxed) {
+                            mapped.check();
+                        }
+                    }
+                }
+            });
+        if let Err(error) = started {
+            tracing::warn!(%error, "no thread to check mapped files: a file rewritten in place is noticed only after a fault");
+        }
+    });
 }
 
 fn mtime_ns(meta: &std::fs::Metadata) -> i128 {
@@ -248,12 +288,13 @@ impl FileCache {
                 file,
                 size: key.size,
                 mtime_ns: key.mtime_ns,
-                opened: Instant::now(),
-                last_check_ms: AtomicU64::new(0),
                 faults_seen: AtomicU64::new(guard::faults()),
                 changed: AtomicBool::new(false),
             }))
         };
+        if matches!(*data, FileData::Mapped(_)) {
+            check_for_rewrites(&data);
+        }
         self.entries.insert(key.clone(), data.clone());
         Ok(CachedFile { key, data })
     }
@@ -306,8 +347,7 @@ mod tests {
         std::fs::write(&path, vec![7u8; 64 * 1024]).unwrap();
         let cache = FileCache::new(1 << 20);
         let old = cache.open(&path).unwrap();
-        let now = Instant::now();
-        assert!(!old.data.changed(now));
+        assert!(!old.data.changed());
         // `cp new image` truncates the file it overwrites.
         std::fs::write(&path, b"short").unwrap();
         // Reading past the new end would raise SIGBUS; the guard repairs it.
@@ -316,8 +356,30 @@ mod tests {
         assert_eq!(tail, 0, "the truncated part reads as zeros");
         assert!(guard::faults() > before);
         // The fault makes the next check immediate.
-        assert!(old.data.changed(now));
+        assert!(old.data.changed());
         assert_eq!(&cache.open(&path).unwrap().data[..], b"short");
+    }
+
+    #[test]
+    fn a_file_rewritten_in_place_is_noticed_off_the_reading_thread() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("image");
+        std::fs::write(&path, vec![1u8; 4096]).unwrap();
+        let cache = FileCache::new(1 << 20);
+        let old = cache.open(&path).unwrap();
+        assert!(!old.data.changed());
+        // Same size, new bytes and time: no fault, only the checker sees it.
+        std::thread::sleep(Duration::from_millis(20));
+        std::fs::write(&path, vec![2u8; 4096]).unwrap();
+        let deadline = std::time::Instant::now() + CHECK_INTERVAL * 8;
+        while !old.data.changed() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "not noticed within {:?}",
+                CHECK_INTERVAL * 8
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 
     #[test]

@@ -177,7 +177,7 @@ impl MulticastHub {
         let mut buf = vec![0u8; 1500];
         let mut datagram = Vec::with_capacity(blksize + 4);
         loop {
-            while let Some(transmit) = session.poll_transmit(Instant::now()) {
+            while let Some(transmit) = session.poll_transmit() {
                 let sent = match transmit {
                     Transmit::To(to, bytes) => socket.send_to(&bytes, to).await.map(|_| ()),
                     Transmit::Group { first, count } => {

@@ -73,12 +73,9 @@ impl GroupSession {
     }
 
     /// The next thing to send; a file changed on disk ends the session
-    /// first (a cheap check, see [`FileData::changed`]).
-    pub fn poll_transmit(
-        &mut self,
-        now: std::time::Instant,
-    ) -> Option<crate::proto::tftp::multicast::Transmit> {
-        if !self.session.is_done() && self.data.changed(now) {
+    /// first (an atomic load, see [`FileData::changed`]).
+    pub fn poll_transmit(&mut self) -> Option<crate::proto::tftp::multicast::Transmit> {
+        if !self.session.is_done() && self.data.changed() {
             tracing::info!(file = %self.name, "file changed on disk during the multicast session; ending it");
             self.session
                 .abort("file changed on disk during the transfer; retry");

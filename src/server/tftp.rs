@@ -116,12 +116,12 @@ impl Session {
     }
 
     /// Ends a read whose file was rewritten in place since it started (its
-    /// client retries and gets the new file whole): an atomic load, and a
-    /// file status at most every [`crate::cache::CHECK_INTERVAL`]. Run once
-    /// per datagram or timeout, before the windows they release are polled.
-    fn end_if_file_changed(&mut self, now: Instant) {
+    /// client retries and gets the new file whole): an atomic load (the
+    /// cache's checker thread does the file status calls). Run once per
+    /// datagram or timeout, before the windows they release are polled.
+    fn end_if_file_changed(&mut self) {
         if let Transfer::Read(read) = &mut self.transfer {
-            if read.outcome().is_none() && self.data.changed(now) {
+            if read.outcome().is_none() && self.data.changed() {
                 info!(peer = %self.peer, file = %self.name, "file changed on disk during the transfer; ending it");
                 read.abort("file changed on disk during the transfer; retry");
             }
@@ -135,7 +135,7 @@ impl Session {
 
     pub fn handle_timeout(&mut self, now: Instant) {
         self.transfer.handle_timeout(now);
-        self.end_if_file_changed(now);
+        self.end_if_file_changed();
     }
 
     /// A datagram from the client's port. Notes the client's first sign of
@@ -149,7 +149,7 @@ impl Session {
             flags.progressed.store(true, Ordering::Release);
         }
         self.store_finished_upload(now);
-        self.end_if_file_changed(now);
+        self.end_if_file_changed();
     }
 
     fn store_finished_upload(&mut self, now: Instant) {

@@ -1,9 +1,10 @@
 //! The io_uring workers make no file-system call, not even for a file
 //! never served before: resolving and opening it, listing the per-MAC
 //! script directory and reading an operator's script happen on the
-//! blocking pool (`engine/blocking.rs`), and a file served before is
-//! answered from memory. Checked on the real server under strace, thread
-//! by thread.
+//! blocking pool (`engine/blocking.rs`), a file served before is answered
+//! from memory, and whether a file in use was rewritten in place is looked
+//! at by the cache's checker thread. Checked on the real server under
+//! strace, thread by thread.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -16,6 +17,7 @@ use super::common::{curl, have_tool, pattern, scratch, tftp_hpa_get};
 /// io_uring workers, and the blocking pool's threads.
 const WORKER_PREFIXES: [&str; 2] = ["bootfleet-http-", "bootfleet-uring"];
 const POOL_PREFIX: &str = "bootfleet-fs-";
+const CHECKER_PREFIX: &str = "bootfleet-file-";
 
 fn free_port(udp: bool) -> u16 {
     if udp {
@@ -54,6 +56,9 @@ fn write_boot_dir(root: &Path) {
         std::fs::write(root.join(name), pattern(len, seed)).unwrap();
     }
     std::fs::write(root.join("k.bin"), pattern(1_000, 4)).unwrap();
+    // Long enough over TFTP's 512-byte lock step (a second or more) for
+    // the file check, every 250 ms, to come round several times.
+    std::fs::write(root.join("big.bin"), pattern(4 << 20, 5)).unwrap();
     std::fs::write(
         root.join("52:54:00:aa:bb:cc.ipxe"),
         "#!ipxe\nkernel http://${next-server}/c.bin\nboot\n",
@@ -139,6 +144,14 @@ fn io_uring_workers_make_no_file_system_call_even_for_a_file_never_served() {
         std::fs::read(root.join("c.bin")).unwrap()
     );
     let _ = tftp_hpa_get(tftp, "missing.bin", &dir.path().join("got-missing"));
+    let started = Instant::now();
+    let got = tftp_hpa_get(tftp, "big.bin", &dir.path().join("got-big"));
+    assert!(got.status.success(), "{got:?}");
+    let long = started.elapsed();
+    assert_eq!(
+        std::fs::read(dir.path().join("got-big")).unwrap(),
+        std::fs::read(root.join("big.bin")).unwrap()
+    );
     let config = dir.path().join("got-config");
     let got = tftp_hpa_get(tftp, "pxelinux.cfg/01-52-54-00-00-00-02", &config);
     assert!(got.status.success(), "{got:?}");
@@ -158,6 +171,7 @@ fn io_uring_workers_make_no_file_system_call_even_for_a_file_never_served() {
     let trace = std::fs::read_to_string(&trace).unwrap();
     let mut by_workers = Vec::new();
     let mut by_pool = 0;
+    let mut by_checker = 0;
     for line in trace.lines() {
         let Some((tid, call)) = line.split_once(' ') else {
             continue;
@@ -177,11 +191,18 @@ fn io_uring_workers_make_no_file_system_call_even_for_a_file_never_served() {
         if name.starts_with(POOL_PREFIX) && (call.contains("a.bin") || call.contains("c.bin")) {
             by_pool += 1;
         }
+        if name.starts_with(CHECKER_PREFIX) {
+            by_checker += 1;
+        }
     }
     assert!(
         by_workers.is_empty(),
         "io_uring workers made file-system calls:\n{}",
         by_workers.join("\n")
+    );
+    assert!(
+        by_checker >= 2,
+        "the checker thread looked at the files in use ({by_checker} calls during a {long:?} transfer)"
     );
     assert!(
         by_pool >= 2,
