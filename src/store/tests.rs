@@ -216,7 +216,14 @@ fn an_inventory_copies_from_sqlite_to_postgres_and_back_row_for_row() {
         snapshot_from_store(sqlite.store.as_ref(), 1).unwrap(),
         snapshot_from_store(postgres.store.as_ref(), 1).unwrap(),
     );
-    assert_eq!(format!("{:?}", from.machines), format!("{:?}", to.machines));
+    let listed = |snapshot: &crate::inventory::Snapshot| -> BTreeMap<String, String> {
+        snapshot
+            .machines
+            .iter()
+            .map(|(mac, machine)| (mac.to_string(), format!("{machine:?}")))
+            .collect()
+    };
+    assert_eq!(listed(&from), listed(&to));
     // Never into a store that holds an inventory already.
     let error = copy(sqlite.store.as_ref(), postgres.store.as_ref()).unwrap_err();
     assert!(matches!(error, StoreError::Conflict(_)), "{error}");
