@@ -1157,6 +1157,12 @@ fn import_all(tx: &Transaction<'_>, dump: &InventoryDump) -> StoreResult<()> {
             params![p.name, json(&members), json(&p.selector), p.image],
         )?;
     }
+    import_accounts_and_history(tx, dump)
+}
+
+/// The users, tokens, boot events, audit entries and settings of
+/// [`import_all`].
+fn import_accounts_and_history(tx: &Transaction<'_>, dump: &InventoryDump) -> StoreResult<()> {
     for u in &dump.users {
         tx.execute(
             "INSERT INTO users (name, password_hash, scope, created_ms) VALUES (?1, ?2, ?3, ?4)",
