@@ -134,6 +134,62 @@ impl PanelState {
     }
 }
 
+/// Rebuilds the data plane's snapshot whenever another server changes the
+/// shared inventory, on a thread of its own until `shutdown`. A feed that
+/// breaks (the database restarted) is opened again, and the snapshot is
+/// rebuilt then, since changes may have been missed meanwhile.
+fn follow_changes(
+    state: Arc<PanelState>,
+    mut listener: Box<dyn crate::store::ChangeListener>,
+    shutdown: crate::shutdown::Shutdown,
+) {
+    let spawned = std::thread::Builder::new()
+        .name("bootfleet-changes".into())
+        .spawn(move || {
+            while !shutdown.is_triggered() {
+                match listener.wait(Duration::from_millis(500)) {
+                    Ok(false) => {}
+                    Ok(true) => {
+                        if let Err(error) = state.publish() {
+                            warn!(error = %error.message, "another server changed the inventory, but no snapshot could be built from it");
+                        }
+                    }
+                    Err(error) => {
+                        warn!(%error, "lost the inventory database's change feed; opening it again");
+                        let Some(again) = reopen_changes(&state, &shutdown) else {
+                            return;
+                        };
+                        listener = again;
+                    }
+                }
+            }
+        });
+    if let Err(error) = spawned {
+        warn!(%error, "no thread to follow the inventory database's changes");
+    }
+}
+
+/// A new change feed, once the database answers again (tried every
+/// second), with the snapshot rebuilt; `None` at shutdown.
+fn reopen_changes(
+    state: &PanelState,
+    shutdown: &crate::shutdown::Shutdown,
+) -> Option<Box<dyn crate::store::ChangeListener>> {
+    while !shutdown.is_triggered() {
+        std::thread::sleep(Duration::from_secs(1));
+        if let Ok(Some(listener)) = state.store.change_listener() {
+            match state.publish() {
+                Ok(()) => info!("the inventory database's change feed is back; snapshot rebuilt"),
+                Err(error) => {
+                    warn!(error = %error.message, "change feed back, but no snapshot could be built")
+                }
+            }
+            return Some(listener);
+        }
+    }
+    None
+}
+
 /// A machine with the state the panel shows.
 #[derive(Debug, Clone, Serialize)]
 pub struct MachineView {
@@ -306,6 +362,13 @@ pub fn start(
     });
     if let Err(error) = state.publish() {
         error!(error = %error.message, "inventory database: no snapshot from it; the data plane keeps serving the inventory it has");
+    }
+    match state.store.change_listener() {
+        Ok(Some(listener)) => follow_changes(Arc::clone(&state), listener, shutdown.clone()),
+        Ok(None) => {}
+        Err(error) => {
+            warn!(%error, "cannot follow the inventory database's changes; changes other servers make reach this one only when it restarts")
+        }
     }
     match state.store.users() {
         Ok(users) if users.is_empty() => {

@@ -580,11 +580,29 @@ pub trait InventoryStore: Send + Sync {
         detail: &str,
     ) -> StoreResult<()>;
 
+    /// A listener for inventory changes other writers make (other
+    /// servers on the same database), or `None` when every write goes
+    /// through this process (the SQLite file).
+    fn change_listener(&self) -> StoreResult<Option<Box<dyn ChangeListener>>> {
+        Ok(None)
+    }
+
     /// Every row, read in one transaction, for a copy into another store.
     fn export(&self) -> StoreResult<InventoryDump>;
     /// Writes `dump` in one transaction; refused when this store already
     /// holds an image, a machine or a user.
     fn import(&self, dump: &InventoryDump) -> StoreResult<()>;
+}
+
+/// Waits for inventory changes (machines, images, pools, settings) that
+/// another writer committed: the panel rebuilds the data plane's snapshot
+/// when one comes.
+pub trait ChangeListener: Send {
+    /// Waits up to `timeout`; `Ok(true)` when another writer changed the
+    /// inventory since the last call. An error means the listener is gone:
+    /// make a new one, and rebuild the snapshot, since changes may have
+    /// been missed meanwhile.
+    fn wait(&mut self, timeout: std::time::Duration) -> StoreResult<bool>;
 }
 
 /// The refusal of an import into a store that is not empty.

@@ -119,6 +119,10 @@ CREATE TABLE settings (
 /// The advisory lock key migrations run under (any fixed number: "bfsc").
 const MIGRATION_LOCK: i64 = 0x6266_7363;
 
+/// The channel every inventory change is announced on; the payload is the
+/// writing store's id, so that a server ignores its own changes.
+const CHANGES: &str = "bootfleet_inventory";
+
 impl From<::postgres::Error> for StoreError {
     fn from(error: ::postgres::Error) -> Self {
         // The server's own message says what is wrong; the crate's
@@ -134,6 +138,8 @@ impl From<::postgres::Error> for StoreError {
 pub struct PostgresStore {
     url: String,
     client: Mutex<Option<Client>>,
+    /// Names this store in its change announcements.
+    id: String,
 }
 
 impl PostgresStore {
@@ -144,6 +150,7 @@ impl PostgresStore {
         let store = Self {
             url: url.to_string(),
             client: Mutex::new(None),
+            id: format!("{}-{:x}", std::process::id(), now_ms()),
         };
         store.with_client(migrate)?;
         Ok(store)
@@ -168,6 +175,20 @@ impl PostgresStore {
             *slot = Some(client);
         }
         f(slot.as_mut().expect("connected above"))
+    }
+
+    /// [`Self::write`] for a change of what the data plane serves
+    /// (machines, images, pools, settings): other servers on the database
+    /// are told when it commits.
+    fn change<T>(
+        &self,
+        f: impl FnOnce(&mut ::postgres::Transaction<'_>) -> StoreResult<T>,
+    ) -> StoreResult<T> {
+        self.write(|tx| {
+            let value = f(tx)?;
+            tx.execute("SELECT pg_notify($1, $2)", &[&CHANGES, &self.id])?;
+            Ok(value)
+        })
     }
 
     /// Runs `f` in one transaction, committed when it returns `Ok`.
@@ -430,7 +451,7 @@ impl InventoryStore for PostgresStore {
         patch: &MachinePatch,
         actor: &str,
     ) -> StoreResult<MachineRecord> {
-        self.write(|tx| {
+        self.change(|tx| {
             let (machine, summary) = apply_patch(tx, mac, patch)?;
             audit(tx, actor, "machine.put", &mac.to_string(), &summary)?;
             Ok(machine)
@@ -438,7 +459,7 @@ impl InventoryStore for PostgresStore {
     }
 
     fn put_machines(&self, macs: &[Mac], patch: &MachinePatch, actor: &str) -> StoreResult<usize> {
-        self.write(|tx| {
+        self.change(|tx| {
             for &mac in macs {
                 let (_, summary) = apply_patch(tx, mac, patch)?;
                 audit(tx, actor, "machine.put", &mac.to_string(), &summary)?;
@@ -448,7 +469,7 @@ impl InventoryStore for PostgresStore {
     }
 
     fn forget_machine(&self, mac: Mac, actor: &str) -> StoreResult<()> {
-        self.write(|tx| {
+        self.change(|tx| {
             let removed = tx.execute("DELETE FROM machines WHERE mac = $1", &[&mac.to_string()])?;
             if removed == 0 {
                 return Err(rules::no_machine(mac));
@@ -583,7 +604,7 @@ impl InventoryStore for PostgresStore {
 
     fn add_image(&self, image: &ImageRecord, actor: &str) -> StoreResult<()> {
         validate_image(image)?;
-        self.write(|tx| {
+        self.change(|tx| {
             if image_exists(tx, &image.name)? {
                 return Err(rules::image_taken(&image.name));
             }
@@ -608,7 +629,7 @@ impl InventoryStore for PostgresStore {
     }
 
     fn remove_image(&self, name: &str, actor: &str) -> StoreResult<()> {
-        self.write(|tx| {
+        self.change(|tx| {
             let users: Vec<String> = tx
                 .query(
                     "SELECT mac FROM machines WHERE image = $1 ORDER BY mac LIMIT 6",
@@ -628,7 +649,7 @@ impl InventoryStore for PostgresStore {
     }
 
     fn update_image_files(&self, name: &str, files: &[FileCheck]) -> StoreResult<()> {
-        self.write(|tx| {
+        self.change(|tx| {
             tx.execute(
                 "UPDATE images SET files = $2 WHERE name = $1",
                 &[&name, &json(&files)],
@@ -649,7 +670,7 @@ impl InventoryStore for PostgresStore {
 
     fn put_pool(&self, pool: &PoolRecord, actor: &str) -> StoreResult<()> {
         validate_pool(pool)?;
-        self.write(|tx| {
+        self.change(|tx| {
             let members: Vec<String> = pool.members.iter().map(Mac::to_string).collect();
             tx.execute(
                 "INSERT INTO pools (name, members, selector) VALUES ($1, $2, $3) \
@@ -667,7 +688,7 @@ impl InventoryStore for PostgresStore {
     }
 
     fn delete_pool(&self, name: &str, actor: &str) -> StoreResult<()> {
-        self.write(|tx| {
+        self.change(|tx| {
             if tx.execute("DELETE FROM pools WHERE name = $1", &[&name])? == 0 {
                 return Err(rules::no_pool(name));
             }
@@ -678,7 +699,7 @@ impl InventoryStore for PostgresStore {
     fn assign_pool(&self, name: &str, image: Option<&str>, actor: &str) -> StoreResult<usize> {
         let (members, patch) =
             rules::pool_assignment(self.pools()?, &self.machines()?, name, image)?;
-        self.write(|tx| {
+        self.change(|tx| {
             for &mac in &members {
                 let (_, summary) = apply_patch(tx, mac, &patch)?;
                 audit(
@@ -727,7 +748,7 @@ impl InventoryStore for PostgresStore {
     ) -> StoreResult<()> {
         let settings = rules::unknown_policy_settings(policy, poll_seconds)?;
         let name = policy.as_str();
-        self.write(|tx| {
+        self.change(|tx| {
             for (key, value) in settings {
                 tx.execute(
                     "INSERT INTO settings (key, value) VALUES ($1, $2) \
@@ -935,6 +956,10 @@ impl InventoryStore for PostgresStore {
         self.write(|tx| audit(tx, actor, action, target, detail))
     }
 
+    fn change_listener(&self) -> StoreResult<Option<Box<dyn ChangeListener>>> {
+        Ok(Some(Box::new(self.listener()?)))
+    }
+
     fn export(&self) -> StoreResult<InventoryDump> {
         self.with_client(|client| {
             let mut tx = client
@@ -949,7 +974,7 @@ impl InventoryStore for PostgresStore {
     }
 
     fn import(&self, dump: &InventoryDump) -> StoreResult<()> {
-        self.write(|tx| import_all(tx, dump))
+        self.change(|tx| import_all(tx, dump))
     }
 }
 
@@ -1187,6 +1212,40 @@ fn import_accounts_and_history(
         ))?;
     }
     Ok(())
+}
+
+/// A connection of its own that `LISTEN`s on [`CHANGES`].
+struct PostgresListener {
+    client: Client,
+    /// The listening store's id: its own announcements are not changes.
+    own: String,
+}
+
+impl ChangeListener for PostgresListener {
+    fn wait(&mut self, timeout: std::time::Duration) -> StoreResult<bool> {
+        use ::postgres::fallible_iterator::FallibleIterator;
+        let mut changed = false;
+        let mut notifications = self.client.notifications();
+        // The first waits up to `timeout`; any queued behind it are taken
+        // with it.
+        let mut wait = timeout;
+        while let Some(notification) = notifications.timeout_iter(wait).next()? {
+            changed |= notification.payload() != self.own;
+            wait = std::time::Duration::ZERO;
+        }
+        Ok(changed)
+    }
+}
+
+impl PostgresStore {
+    fn listener(&self) -> StoreResult<PostgresListener> {
+        let mut client = Client::connect(&self.url, NoTls)?;
+        client.batch_execute(&format!("LISTEN {CHANGES}"))?;
+        Ok(PostgresListener {
+            client,
+            own: self.id.clone(),
+        })
+    }
 }
 
 #[cfg(test)]

@@ -239,6 +239,34 @@ fn an_inventory_copies_from_sqlite_to_postgres_and_back_row_for_row() {
     assert_eq!(again.machines, copied.machines);
 }
 
+#[test]
+fn other_writers_changes_are_announced_and_a_stores_own_are_not() {
+    let Some(postgres) = postgres() else {
+        return;
+    };
+    assert!(
+        sqlite().store.change_listener().unwrap().is_none(),
+        "one writer"
+    );
+    let this = postgres.store.as_ref();
+    let other = postgres.reopen();
+    let mut listener = this
+        .change_listener()
+        .unwrap()
+        .expect("PostgreSQL announces changes");
+    let wait = std::time::Duration::from_millis(300);
+    assert!(!listener.wait(wait).unwrap(), "nothing changed yet");
+    this.add_image(&image("own"), "t").unwrap();
+    assert!(!listener.wait(wait).unwrap(), "its own change is not news");
+    other.add_image(&image("theirs"), "t").unwrap();
+    assert!(listener.wait(wait).unwrap(), "another writer's change is");
+    // Boot events and sightings change no snapshot: not announced.
+    other
+        .note_seen(Mac([2, 0, 0, 0, 0, 7]), &BTreeMap::new(), 1)
+        .unwrap();
+    assert!(!listener.wait(wait).unwrap());
+}
+
 mod bodies {
     use super::*;
     use crate::boot::events::BootEvent;

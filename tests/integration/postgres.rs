@@ -150,3 +150,52 @@ fn db_copy_moves_a_whole_inventory_to_postgres_and_back() {
     assert_eq!(tokens.len(), 2);
     assert!(tokens[1].id > tokens[0].id);
 }
+
+/// Two servers on one database: an assignment made in one server's panel
+/// reaches the other's next script answer (LISTEN/NOTIFY), and so does an
+/// image added there.
+#[test]
+fn an_assignment_on_one_server_reaches_the_other_servers_scripts() {
+    let Some(url) = fresh_postgres_database() else {
+        return;
+    };
+    let token = bootfleet_cli(
+        &[
+            "tokens",
+            "add",
+            "ops",
+            "--scope",
+            "admin",
+            "--database",
+            &url,
+        ],
+        "",
+    )
+    .trim()
+    .to_string();
+    let root = boot_dir();
+    let on_postgres = |config: &mut bootfleet::config::Config| {
+        config.database_url = Some(url.clone());
+    };
+    let a = FullServer::start_with_panel(root.path(), state_dir(), on_postgres);
+    let b = FullServer::start_with_panel(root.path(), state_dir(), on_postgres);
+    let api = Api::with_token(a.panel.expect("a panel"), &token);
+    register(&api, "debian12");
+    register(&api, "rocky9");
+    let mac = "52:54:00:00:00:41";
+    let mut latencies = Vec::new();
+    for image in ["debian12", "rocky9", "debian12", "rocky9", "debian12"] {
+        let assigned = std::time::Instant::now();
+        api.ok(
+            "PUT",
+            &format!("/api/v1/machines/{mac}"),
+            Some(json!({ "image": image })),
+        );
+        let kernel = format!("{image}/vmlinuz");
+        eventually(&format!("{image} in the other server's script"), || {
+            script(&b, mac, "").contains(&kernel).then_some(())
+        });
+        latencies.push(assigned.elapsed());
+    }
+    eprintln!("assignment on A seen in B's script after {latencies:?}");
+}
