@@ -18,25 +18,26 @@ use super::panel::{
     boot_dir, bootfleet_cli, eventually, register, script, state_dir, Api, PASSWORD,
 };
 
+/// An admin API token made with `bootfleet tokens add --database URL`.
+fn admin_token(url: &str) -> String {
+    let args = [
+        "tokens",
+        "add",
+        "ops",
+        "--scope",
+        "admin",
+        "--database",
+        url,
+    ];
+    bootfleet_cli(&args, "").trim().to_string()
+}
+
 #[test]
 fn a_server_on_postgres_serves_what_its_panel_assigns_and_records_the_boot_there() {
     let Some(url) = fresh_postgres_database() else {
         return;
     };
-    let token = bootfleet_cli(
-        &[
-            "tokens",
-            "add",
-            "ops",
-            "--scope",
-            "admin",
-            "--database",
-            &url,
-        ],
-        "",
-    )
-    .trim()
-    .to_string();
+    let token = admin_token(&url);
     bootfleet_cli(
         &[
             "users",
@@ -152,27 +153,13 @@ fn db_copy_moves_a_whole_inventory_to_postgres_and_back() {
 }
 
 /// Two servers on one database: an assignment made in one server's panel
-/// reaches the other's next script answer (LISTEN/NOTIFY), and so does an
-/// image added there.
+/// reaches the other's next script answer (LISTEN/NOTIFY).
 #[test]
 fn an_assignment_on_one_server_reaches_the_other_servers_scripts() {
     let Some(url) = fresh_postgres_database() else {
         return;
     };
-    let token = bootfleet_cli(
-        &[
-            "tokens",
-            "add",
-            "ops",
-            "--scope",
-            "admin",
-            "--database",
-            &url,
-        ],
-        "",
-    )
-    .trim()
-    .to_string();
+    let token = admin_token(&url);
     let root = boot_dir();
     let on_postgres = |config: &mut bootfleet::config::Config| {
         config.database_url = Some(url.clone());
