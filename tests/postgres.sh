@@ -9,10 +9,12 @@
 #   BOOTFLEET_TEST_POSTGRES=$url cargo test --release
 #   tests/postgres.sh stop /tmp/bootfleet-pg           # and removes it
 #
+# `pause DIR` stops the server and keeps its data, `resume DIR` starts it
+# again on the same port: how a test takes the database away and back.
 # Tests create a database of their own in it for each test.
 set -euo pipefail
-command=${1:?usage: tests/postgres.sh start|stop DIR}
-dir=${2:?usage: tests/postgres.sh start|stop DIR}
+command=${1:?usage: tests/postgres.sh start|stop|pause|resume DIR}
+dir=${2:?usage: tests/postgres.sh start|stop|pause|resume DIR}
 bin=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1)
 if [ -z "$bin" ] || [ ! -x "$bin/initdb" ]; then
     echo "PostgreSQL's server is not installed (apt install postgresql)" >&2
@@ -29,10 +31,17 @@ start)
         || { cat "$dir/initdb.log" >&2; exit 1; }
     port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
     # fsync off: a test cluster lives for one run.
-    as_postgres "$bin/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w \
-        -o "-h 127.0.0.1 -p $port -k $dir -c fsync=off -c max_connections=200" start > /dev/null \
+    echo "-h 127.0.0.1 -p $port -k $dir -c fsync=off -c max_connections=200" > "$dir/options"
+    as_postgres "$bin/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w -o "$(cat "$dir/options")" start > /dev/null \
         || { cat "$dir/server.log" >&2; exit 1; }
     echo "postgres://postgres@127.0.0.1:$port/postgres"
+    ;;
+pause)
+    as_postgres "$bin/pg_ctl" -D "$dir/data" -m fast -w stop > /dev/null
+    ;;
+resume)
+    as_postgres "$bin/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w -o "$(cat "$dir/options")" start > /dev/null \
+        || { cat "$dir/server.log" >&2; exit 1; }
     ;;
 stop)
     if [ -d "$dir/data" ]; then
@@ -41,7 +50,7 @@ stop)
     rm -rf "$dir"
     ;;
 *)
-    echo "usage: tests/postgres.sh start|stop DIR" >&2
+    echo "usage: tests/postgres.sh start|stop|pause|resume DIR" >&2
     exit 2
     ;;
 esac

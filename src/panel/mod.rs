@@ -25,7 +25,7 @@ use std::time::Duration;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
-use tracing::{debug, error, info, warn};
+use tracing::{error, info, warn};
 
 use crate::boot::events::{BootEvent, Phase};
 use crate::boot::Router;
@@ -473,14 +473,27 @@ fn spawn_panel(
 /// remembers every machine that asked for its script (discovery).
 async fn write_events(state: Arc<PanelState>) {
     let mut feed = state.router.events.subscribe();
-    // A database that keeps failing (a full disk) is said once a minute,
-    // with how many batches were lost meanwhile, not every 100 ms.
+    // A database that keeps failing (a full disk, a database server that
+    // went away) is said once a minute, not every 100 ms.
     let mut failures = FailureLog::default();
+    // Events not written yet: they go first with the next batch, so that
+    // the database catches up when it is back.
+    let mut backlog: Vec<BootEvent> = Vec::new();
     loop {
-        let mut batch: Vec<BootEvent> = Vec::new();
-        match feed.recv().await {
-            Some(event) => batch.push(event),
-            None => return,
+        let mut batch: Vec<BootEvent> = std::mem::take(&mut backlog);
+        if batch.is_empty() {
+            match feed.recv().await {
+                Some(event) => batch.push(event),
+                None => return,
+            }
+        } else {
+            // Events wait for the database: try again every few seconds
+            // even when nothing new happens.
+            match tokio::time::timeout(EVENT_RETRY, feed.recv()).await {
+                Ok(Some(event)) => batch.push(event),
+                Ok(None) => return,
+                Err(_) => {}
+            }
         }
         // Gather what else arrives within 100 ms into one transaction.
         let deadline = tokio::time::Instant::now() + Duration::from_millis(100);
@@ -499,7 +512,10 @@ async fn write_events(state: Arc<PanelState>) {
             }
         }
         let state = Arc::clone(&state);
+        let batch = Arc::new(batch);
+        let attempt = Arc::clone(&batch);
         let written = tokio::task::spawn_blocking(move || {
+            let batch = attempt;
             // Only machines the router remembers: it refuses new MACs from
             // an address that makes them up faster than machines boot.
             let seen: Vec<crate::store::SeenNote> = seen
@@ -520,47 +536,66 @@ async fn write_events(state: Arc<PanelState>) {
             Ok::<(), crate::store::StoreError>(())
         })
         .await;
-        match written {
-            Ok(Err(error)) => failures.failed(&error.to_string()),
-            Err(error) => failures.failed(&error.to_string()),
-            Ok(Ok(())) => failures.succeeded(),
+        let failed = match written {
+            Ok(Err(error)) => Some(error.to_string()),
+            Err(error) => Some(error.to_string()),
+            Ok(Ok(())) => None,
+        };
+        match failed {
+            None => failures.succeeded(),
+            Some(error) => {
+                backlog = Arc::try_unwrap(batch).unwrap_or_else(|shared| (*shared).clone());
+                let lost = backlog.len().saturating_sub(MAX_EVENT_BACKLOG);
+                backlog.drain(..lost);
+                failures.failed(&error, backlog.len(), lost);
+            }
         }
     }
 }
+
+/// Boot events kept for a database that is away, newest kept: enough for
+/// a storm of 10,000 machines, each with its half-dozen phases.
+const MAX_EVENT_BACKLOG: usize = 100_000;
+
+/// How often kept events are offered to a database that was away.
+const EVENT_RETRY: Duration = Duration::from_secs(2);
 
 /// Logs a repeating failure once a minute instead of every time.
 #[derive(Default)]
 struct FailureLog {
     last_logged: Option<std::time::Instant>,
-    unlogged: u64,
+    /// Events dropped from the backlog since the last report.
+    lost: usize,
     /// The last attempt failed.
     failing: bool,
 }
 
 impl FailureLog {
-    fn failed(&mut self, error: &str) {
+    /// A write failed; `waiting` events are kept for the next attempt and
+    /// `lost` more were dropped (the backlog was full).
+    fn failed(&mut self, error: &str, waiting: usize, lost: usize) {
         self.failing = true;
+        self.lost += lost;
         // Due once a minute, also across brief recoveries (a nearly full
         // disk lets a small batch through now and then).
         let due = self
             .last_logged
             .is_none_or(|at| at.elapsed() >= Duration::from_secs(60));
         if due {
-            warn!(%error, batches_lost_since_last_report = self.unlogged,
-                "boot events not stored in the inventory database (the data plane goes on serving)");
+            warn!(%error, waiting, lost_since_last_report = self.lost,
+                "boot events not stored in the inventory database yet (kept, and written when it answers; the data plane goes on serving)");
             self.last_logged = Some(std::time::Instant::now());
-            self.unlogged = 0;
-        } else {
-            self.unlogged += 1;
+            self.lost = 0;
         }
     }
 
     fn succeeded(&mut self) {
         if std::mem::take(&mut self.failing) {
-            debug!(
-                batches_lost_unreported = self.unlogged,
-                "boot events are stored again"
+            info!(
+                lost_unreported = self.lost,
+                "boot events are stored again, those kept meanwhile included"
             );
+            self.lost = 0;
         }
     }
 }

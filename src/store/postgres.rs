@@ -165,7 +165,7 @@ impl PostgresStore {
     fn with_client<T>(&self, f: impl FnOnce(&mut Client) -> StoreResult<T>) -> StoreResult<T> {
         let mut slot = self.client.lock().unwrap_or_else(|p| p.into_inner());
         if slot.as_ref().is_none_or(Client::is_closed) {
-            let client = Client::connect(&self.url, NoTls).map_err(|e| {
+            let client = connect(&self.url).map_err(|e| {
                 StoreError::Database(format!(
                     "cannot connect to PostgreSQL at {}: {}",
                     redact(&self.url),
@@ -203,6 +203,20 @@ impl PostgresStore {
             Ok(value)
         })
     }
+}
+
+/// How long a connection attempt may take unless the URL says
+/// (`connect_timeout`): a database host that does not answer must not hold
+/// the panel's calls for the system's TCP timeout of minutes.
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// A connection to `url`, within [`CONNECT_TIMEOUT`] unless it says.
+fn connect(url: &str) -> Result<Client, ::postgres::Error> {
+    let mut config: ::postgres::Config = url.parse()?;
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(CONNECT_TIMEOUT);
+    }
+    config.connect(NoTls)
 }
 
 /// `url` with any password replaced by `***`.
@@ -1239,7 +1253,7 @@ impl ChangeListener for PostgresListener {
 
 impl PostgresStore {
     fn listener(&self) -> StoreResult<PostgresListener> {
-        let mut client = Client::connect(&self.url, NoTls)?;
+        let mut client = connect(&self.url)?;
         client.batch_execute(&format!("LISTEN {CHANGES}"))?;
         Ok(PostgresListener {
             client,

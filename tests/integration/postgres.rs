@@ -186,3 +186,110 @@ fn an_assignment_on_one_server_reaches_the_other_servers_scripts() {
     }
     eprintln!("assignment on A seen in B's script after {latencies:?}");
 }
+
+/// A PostgreSQL cluster of the test's own (tests/postgres.sh), stopped and
+/// removed when dropped.
+struct OwnCluster {
+    dir: tempfile::TempDir,
+    url: String,
+}
+
+impl OwnCluster {
+    fn start() -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("bootfleet-pg-own-")
+            .tempdir()
+            .unwrap();
+        let url = Self::script("start", dir.path());
+        Self { dir, url }
+    }
+
+    fn script(command: &str, dir: &std::path::Path) -> String {
+        let output = Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/postgres.sh"))
+            .arg(command)
+            .arg(dir.join("cluster"))
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "tests/postgres.sh {command}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8(output.stdout).unwrap().trim().to_string()
+    }
+
+    fn pause(&self) {
+        Self::script("pause", self.dir.path());
+    }
+
+    fn resume(&self) {
+        Self::script("resume", self.dir.path());
+    }
+}
+
+impl Drop for OwnCluster {
+    fn drop(&mut self) {
+        let _ = Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/postgres.sh"))
+            .arg("stop")
+            .arg(self.dir.path().join("cluster"))
+            .output();
+    }
+}
+
+/// The database goes away while machines boot: the data plane goes on
+/// serving scripts and files from its snapshot, the API says what is
+/// wrong, and the boot events made meanwhile are in the database once it
+/// is back.
+#[test]
+fn machines_boot_while_the_database_is_away_and_their_events_arrive_after() {
+    // Gated like every PostgreSQL test (CI sets it; this test starts a
+    // cluster of its own, which it stops and starts).
+    if fresh_postgres_database().is_none() {
+        return;
+    }
+    let cluster = OwnCluster::start();
+    let token = admin_token(&cluster.url);
+    let root = boot_dir();
+    let server = FullServer::start_with_panel(root.path(), state_dir(), |config| {
+        config.database_url = Some(cluster.url.clone());
+    });
+    let api = Api::with_token(server.panel.expect("a panel"), &token);
+    register(&api, "debian12");
+    let mac = "52:54:00:00:00:51";
+    api.ok(
+        "PUT",
+        &format!("/api/v1/machines/{mac}"),
+        Some(json!({ "image": "debian12" })),
+    );
+    eventually("the assignment in the script", || {
+        script(&server, mac, "")
+            .contains("debian12/vmlinuz")
+            .then_some(())
+    });
+
+    cluster.pause();
+    for _ in 0..3 {
+        assert!(script(&server, mac, "").contains("debian12/vmlinuz"));
+        assert_eq!(curl(&server.url("/debian12/vmlinuz"), &[]).status, 200);
+    }
+    let refused = api.call("GET", "/api/v1/machines", None);
+    assert!(refused.status >= 500, "{refused:?}");
+    assert!(
+        refused.body.to_string().contains("PostgreSQL")
+            || refused.body.to_string().contains("database"),
+        "the API says what is wrong: {refused:?}"
+    );
+
+    cluster.resume();
+    let store = PostgresStore::connect(&cluster.url).unwrap();
+    let mac = Mac::parse(mac).unwrap();
+    eventually(
+        "the kernel fetches made while the database was away",
+        || {
+            let events = store.events(Some(mac), 0, 1000).ok()?;
+            let kernels = events.iter().filter(|e| e.phase == "kernel").count();
+            (kernels >= 3).then_some(())
+        },
+    );
+    assert_eq!(api.call("GET", "/api/v1/machines", None).status, 200);
+}
