@@ -121,6 +121,8 @@ struct Panel<'a> {
     max_discovered: usize,
     #[serde(skip_serializing_if = "Option::is_none")]
     metrics_listen: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    server_name: Option<&'a String>,
 }
 
 #[derive(Serialize)]
@@ -223,6 +225,7 @@ impl Config {
                 max_upload_mib: p.max_upload_bytes / MIB,
                 max_discovered: p.max_discovered,
                 metrics_listen: p.metrics_listen.map(|a| a.to_string()),
+                server_name: p.server_name.as_ref(),
             },
             database: self.database_url.as_ref().map(|url| Database { url }),
             cache: Cache {
@@ -291,6 +294,7 @@ state_dir = "{}"
 listen = "off"
 stuck_after_seconds = 30
 metrics_listen = "10.0.0.1:9100"
+server_name = "boot-a"
 tls_cert = "/etc/bootfleet/panel.crt"
 tls_key = "/etc/bootfleet/panel.key"
 [database]

@@ -161,6 +161,8 @@ pub struct FilePanel {
     pub max_discovered: Option<Spanned<u64>>,
     /// `ADDR:PORT` for `/metrics`, `/healthz` and `/readyz` alone.
     pub metrics_listen: Option<SocketAddr>,
+    /// This server's name on the boot events it stores.
+    pub server_name: Option<String>,
 }
 
 /// The control panel and its inventory database.
@@ -188,6 +190,9 @@ pub struct PanelConfig {
     /// (they are on the panel's listener too), e.g. on the address a
     /// Prometheus server scrapes.
     pub metrics_listen: Option<SocketAddr>,
+    /// This server's name on the boot events it stores (several servers
+    /// may share one database); `None`: the host name.
+    pub server_name: Option<String>,
 }
 
 /// Parses the panel's listen setting: an address, or `off`.
@@ -648,6 +653,7 @@ impl Default for Config {
                 max_upload_bytes: 16 << 30,
                 max_discovered: 10_000,
                 metrics_listen: None,
+                server_name: None,
             },
             database_url: None,
         }
@@ -1075,6 +1081,16 @@ impl Validator<'_> {
             10_000,
         )? as usize;
         config.panel.metrics_listen = p.metrics_listen;
+        if let Some(name) = &p.server_name {
+            if name.is_empty() || name.len() > 64 || name.chars().any(char::is_control) {
+                return Err(ConfigError::Invalid {
+                    origin: self.path.display().to_string(),
+                    key: "panel.server_name",
+                    message: "1 to 64 characters, none of them control characters".into(),
+                });
+            }
+            config.panel.server_name = Some(name.clone());
+        }
         Ok(())
     }
 }

@@ -119,6 +119,8 @@ pub struct PanelState {
     pub snapshot_installed: std::sync::atomic::AtomicBool,
     /// Images whose files are missing, and the watch on their directories.
     pub image_health: Arc<image_watch::ImageHealth>,
+    /// This server's name on the boot events it stores.
+    pub server_name: String,
 }
 
 impl PanelState {
@@ -132,6 +134,15 @@ impl PanelState {
         self.snapshot_installed.store(true, Ordering::Release);
         Ok(())
     }
+}
+
+/// This machine's host name, or "bootfleet" when it has none.
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|name| name.trim().to_string())
+        .ok()
+        .filter(|name| !name.is_empty())
+        .unwrap_or_else(|| "bootfleet".to_string())
 }
 
 /// Rebuilds the data plane's snapshot whenever another server changes the
@@ -359,6 +370,7 @@ pub fn start(
         data_plane,
         snapshot_installed: std::sync::atomic::AtomicBool::new(false),
         image_health: Arc::default(),
+        server_name: config.server_name.clone().unwrap_or_else(host_name),
     });
     if let Err(error) = state.publish() {
         error!(error = %error.message, "inventory database: no snapshot from it; the data plane keeps serving the inventory it has");
@@ -525,7 +537,7 @@ async fn write_events(state: Arc<PanelState>) {
                     Some((mac, facts, at_ms))
                 })
                 .collect();
-            state.store.note_events(&batch, &seen)?;
+            state.store.note_events(&batch, &seen, &state.server_name)?;
             if !seen.is_empty() {
                 let forgotten = state.store.prune_discovered(state.config.max_discovered)?;
                 if forgotten > 0 {

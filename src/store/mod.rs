@@ -336,6 +336,9 @@ pub struct StoredEvent {
     pub bytes: u64,
     pub duration_ms: u64,
     pub status: u16,
+    /// The bootfleet server that served it (`panel.server_name`): several
+    /// servers on one database share one timeline.
+    pub server: String,
 }
 
 impl From<&BootEvent> for StoredEvent {
@@ -353,6 +356,7 @@ impl From<&BootEvent> for StoredEvent {
             bytes: event.bytes,
             duration_ms: event.duration_ms,
             status: event.status,
+            server: String::new(),
         }
     }
 }
@@ -511,7 +515,10 @@ pub trait InventoryStore: Send + Sync {
     /// Stores boot events, moves each machine's last phase, and remembers
     /// machines that asked for a script (`seen`: MAC, iPXE facts, when),
     /// all in one transaction.
-    fn note_events(&self, events: &[BootEvent], seen: &[SeenNote]) -> StoreResult<()>;
+    /// Stores `events`, served by the server named `server`, and the
+    /// machines `seen` asking for scripts.
+    fn note_events(&self, events: &[BootEvent], seen: &[SeenNote], server: &str)
+        -> StoreResult<()>;
     fn events(
         &self,
         mac: Option<Mac>,

@@ -27,7 +27,8 @@ use crate::boot::events::BootEvent;
 /// Schema versions, in order; version N is `MIGRATIONS[N-1]`. The same
 /// tables as the SQLite store's, in PostgreSQL's types (`user` is a
 /// reserved word here: those columns are `user_name`).
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE images (
     name TEXT PRIMARY KEY,
     kernel TEXT NOT NULL,
@@ -114,7 +115,11 @@ CREATE TABLE settings (
     key TEXT PRIMARY KEY,
     value TEXT NOT NULL
 );
-"#];
+"#,
+    r#"
+ALTER TABLE events ADD COLUMN server TEXT NOT NULL DEFAULT '';
+"#,
+];
 
 /// The advisory lock key migrations run under (any fixed number: "bfsc").
 const MIGRATION_LOCK: i64 = 0x6266_7363;
@@ -501,15 +506,19 @@ impl InventoryStore for PostgresStore {
         self.write(|tx| seen(tx, mac, facts, at_ms))
     }
 
-    fn note_events(&self, events: &[BootEvent], seen_now: &[SeenNote]) -> StoreResult<()> {
+    fn note_events(
+        &self,
+        events: &[BootEvent],
+        seen_now: &[SeenNote],
+        server: &str,
+    ) -> StoreResult<()> {
         self.write(|tx| {
             for (mac, facts, at_ms) in seen_now {
                 seen(tx, *mac, facts, *at_ms)?;
             }
-            let insert = tx.prepare(
-                "INSERT INTO events (at_ms, mac, client, phase, transport, detail, bytes, \
-                 duration_ms, status) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
-            )?;
+            let insert = tx.prepare(&format!(
+                "INSERT INTO events ({EVENT_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
+            ))?;
             let phase = tx.prepare(
                 "UPDATE machines SET phase = $2, phase_ms = $3, phase_status = $4, \
                  last_seen_ms = GREATEST(COALESCE(last_seen_ms, 0), $3) WHERE mac = $1",
@@ -528,6 +537,7 @@ impl InventoryStore for PostgresStore {
                         &(event.bytes as i64),
                         &(event.duration_ms as i64),
                         &i32::from(event.status),
+                        &server,
                     ],
                 )?;
                 if let Some(mac) = &stored.mac {
@@ -554,9 +564,10 @@ impl InventoryStore for PostgresStore {
     ) -> StoreResult<Vec<StoredEvent>> {
         self.with_client(|client| {
             let rows = client.query(
-                "SELECT at_ms, mac, client, phase, transport, detail, bytes, duration_ms, status \
-                 FROM events WHERE ($1::TEXT IS NULL OR mac = $1) AND at_ms >= $2 \
-                 ORDER BY at_ms DESC, id DESC LIMIT $3",
+                &format!(
+                    "SELECT {EVENT_COLUMNS} FROM events WHERE ($1::TEXT IS NULL OR mac = $1) \
+                     AND at_ms >= $2 ORDER BY at_ms DESC, id DESC LIMIT $3"
+                ),
                 &[
                     &mac.map(|m| m.to_string()),
                     &(since_ms as i64),
@@ -1005,7 +1016,7 @@ fn pool_from_row(row: &Row) -> PoolRecord {
 }
 
 const EVENT_COLUMNS: &str =
-    "at_ms, mac, client, phase, transport, detail, bytes, duration_ms, status";
+    "at_ms, mac, client, phase, transport, detail, bytes, duration_ms, status, server";
 
 fn event_from_row(row: &Row) -> StoredEvent {
     StoredEvent {
@@ -1018,6 +1029,7 @@ fn event_from_row(row: &Row) -> StoredEvent {
         bytes: row.get::<_, i64>(6) as u64,
         duration_ms: row.get::<_, i64>(7) as u64,
         status: row.get::<_, i32>(8) as u16,
+        server: row.get(9),
     }
 }
 
@@ -1188,7 +1200,7 @@ fn import_accounts_and_history(
         )?;
     }
     let event = tx.prepare(&format!(
-        "INSERT INTO events ({EVENT_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"
+        "INSERT INTO events ({EVENT_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
     ))?;
     for e in &dump.events {
         tx.execute(
@@ -1203,6 +1215,7 @@ fn import_accounts_and_history(
                 &(e.bytes as i64),
                 &(e.duration_ms as i64),
                 &i32::from(e.status),
+                &e.server,
             ],
         )?;
     }

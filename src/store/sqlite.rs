@@ -16,7 +16,8 @@ use super::*;
 use crate::boot::events::BootEvent;
 
 /// Schema versions, in order; version N is `MIGRATIONS[N-1]`.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE images (
     name TEXT PRIMARY KEY,
     kernel TEXT NOT NULL,
@@ -103,7 +104,11 @@ CREATE TABLE settings (
     key TEXT PRIMARY KEY,
     value TEXT NOT NULL
 );
-"#];
+"#,
+    r#"
+ALTER TABLE events ADD COLUMN server TEXT NOT NULL DEFAULT '';
+"#,
+];
 
 /// What a database copy holds, to compare with the original.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -540,15 +545,19 @@ impl InventoryStore for SqliteStore {
         self.write_machines(|tx, changes| seen(tx, mac, facts, at_ms, changes))
     }
 
-    fn note_events(&self, events: &[BootEvent], seen_now: &[SeenNote]) -> StoreResult<()> {
+    fn note_events(
+        &self,
+        events: &[BootEvent],
+        seen_now: &[SeenNote],
+        server: &str,
+    ) -> StoreResult<()> {
         self.write_machines(|tx, changes| {
             for (mac, facts, at_ms) in seen_now {
                 seen(tx, *mac, facts, *at_ms, changes)?;
             }
-            let mut insert = tx.prepare_cached(
-                "INSERT INTO events (at_ms, mac, client, phase, transport, detail, bytes, \
-                 duration_ms, status) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-            )?;
+            let mut insert = tx.prepare_cached(&format!(
+                "INSERT INTO events ({EVENT_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)"
+            ))?;
             let mut phase = tx.prepare_cached(
                 "UPDATE machines SET phase = ?2, phase_ms = ?3, phase_status = ?4, \
                  last_seen_ms = MAX(COALESCE(last_seen_ms, 0), ?3) WHERE mac = ?1",
@@ -569,6 +578,7 @@ impl InventoryStore for SqliteStore {
                     event.bytes as i64,
                     event.duration_ms as i64,
                     event.status,
+                    server,
                 ])?;
                 if let Some(mac) = mac {
                     phase.execute(params![mac, phase_name, event.at_ms as i64, event.status])?;
@@ -593,11 +603,10 @@ impl InventoryStore for SqliteStore {
         limit: usize,
     ) -> StoreResult<Vec<StoredEvent>> {
         let connection = self.lock();
-        let mut statement = connection.prepare_cached(
-            "SELECT at_ms, mac, client, phase, transport, detail, bytes, duration_ms, status \
-             FROM events WHERE (?1 IS NULL OR mac = ?1) AND at_ms >= ?2 \
-             ORDER BY at_ms DESC, id DESC LIMIT ?3",
-        )?;
+        let mut statement = connection.prepare_cached(&format!(
+            "SELECT {EVENT_COLUMNS} FROM events WHERE (?1 IS NULL OR mac = ?1) AND at_ms >= ?2 \
+             ORDER BY at_ms DESC, id DESC LIMIT ?3"
+        ))?;
         let rows = statement.query_map(
             params![
                 mac.map(|m| m.to_string()),
@@ -1026,7 +1035,7 @@ fn pool_from_row(row: &Row<'_>) -> rusqlite::Result<PoolRecord> {
 }
 
 const EVENT_COLUMNS: &str =
-    "at_ms, mac, client, phase, transport, detail, bytes, duration_ms, status";
+    "at_ms, mac, client, phase, transport, detail, bytes, duration_ms, status, server";
 
 fn event_from_row(row: &Row<'_>) -> rusqlite::Result<StoredEvent> {
     Ok(StoredEvent {
@@ -1039,6 +1048,7 @@ fn event_from_row(row: &Row<'_>) -> rusqlite::Result<StoredEvent> {
         bytes: row.get::<_, i64>(6)? as u64,
         duration_ms: row.get::<_, i64>(7)? as u64,
         status: row.get::<_, i64>(8)? as u16,
+        server: row.get(9)?,
     })
 }
 
@@ -1184,7 +1194,7 @@ fn import_accounts_and_history(tx: &Transaction<'_>, dump: &InventoryDump) -> St
         )?;
     }
     let mut event = tx.prepare(&format!(
-        "INSERT INTO events ({EVENT_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)"
+        "INSERT INTO events ({EVENT_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)"
     ))?;
     for e in &dump.events {
         event.execute(params![
@@ -1196,7 +1206,8 @@ fn import_accounts_and_history(tx: &Transaction<'_>, dump: &InventoryDump) -> St
             e.detail,
             e.bytes as i64,
             e.duration_ms as i64,
-            e.status
+            e.status,
+            e.server
         ])?;
     }
     for a in &dump.audit {

@@ -165,7 +165,9 @@ fn fill(store: &dyn InventoryStore) {
         duration_ms: 2,
         status: 200,
     };
-    store.note_events(&[event], &[(seen, facts, 40)]).unwrap();
+    store
+        .note_events(&[event], &[(seen, facts, 40)], "boot-a")
+        .unwrap();
     store
         .put_pool(
             &PoolRecord {
@@ -211,6 +213,10 @@ fn an_inventory_copies_from_sqlite_to_postgres_and_back_row_for_row() {
     );
     assert!(copied.tokens[0].revoked && !copied.tokens[1].revoked);
     assert_eq!(copied.machines[0].phase.as_deref(), Some("kernel"));
+    assert_eq!(
+        copied.events[0].server, "boot-a",
+        "the serving server is kept"
+    );
     // The copy is what the server would read: the same snapshot.
     let (from, to) = (
         snapshot_from_store(sqlite.store.as_ref(), 1).unwrap(),
@@ -385,7 +391,7 @@ mod bodies {
             status: 200,
         };
         store
-            .note_events(&[event], &[(three, facts.clone(), 30)])
+            .note_events(&[event], &[(three, facts.clone(), 30)], "boot-a")
             .unwrap();
         store.forget_machine(one, "t").unwrap();
         store

@@ -73,7 +73,12 @@ impl InventoryStore for UnavailableStore {
         self.down()
     }
 
-    fn note_events(&self, _events: &[BootEvent], _seen: &[SeenNote]) -> StoreResult<()> {
+    fn note_events(
+        &self,
+        _events: &[BootEvent],
+        _seen: &[SeenNote],
+        _server: &str,
+    ) -> StoreResult<()> {
         self.down()
     }
 

@@ -161,11 +161,15 @@ fn an_assignment_on_one_server_reaches_the_other_servers_scripts() {
     };
     let token = admin_token(&url);
     let root = boot_dir();
-    let on_postgres = |config: &mut bootfleet::config::Config| {
-        config.database_url = Some(url.clone());
+    let on_postgres = |name: &'static str| {
+        let url = url.clone();
+        move |config: &mut bootfleet::config::Config| {
+            config.database_url = Some(url);
+            config.panel.server_name = Some(name.into());
+        }
     };
-    let a = FullServer::start_with_panel(root.path(), state_dir(), on_postgres);
-    let b = FullServer::start_with_panel(root.path(), state_dir(), on_postgres);
+    let a = FullServer::start_with_panel(root.path(), state_dir(), on_postgres("boot-a"));
+    let b = FullServer::start_with_panel(root.path(), state_dir(), on_postgres("boot-b"));
     let api = Api::with_token(a.panel.expect("a panel"), &token);
     register(&api, "debian12");
     register(&api, "rocky9");
@@ -185,6 +189,20 @@ fn an_assignment_on_one_server_reaches_the_other_servers_scripts() {
         latencies.push(assigned.elapsed());
     }
     eprintln!("assignment on A seen in B's script after {latencies:?}");
+
+    // One timeline: each server's boot events, with its name.
+    assert!(script(&a, mac, "").contains("debian12/vmlinuz"));
+    let store = PostgresStore::connect(&url).unwrap();
+    let mac = Mac::parse(mac).unwrap();
+    eventually("script events from both servers in one timeline", || {
+        let events = store.events(Some(mac), 0, 1000).ok()?;
+        let by = |server: &str| {
+            events
+                .iter()
+                .any(|e| e.phase == "script" && e.server == server)
+        };
+        (by("boot-a") && by("boot-b")).then_some(())
+    });
 }
 
 /// A PostgreSQL cluster of the test's own (tests/postgres.sh), stopped and

@@ -350,7 +350,9 @@ function eventRow(e) {
   return h("tr", {},
     h("td", {}, new Date(e.at_ms).toLocaleTimeString()),
     h("td", {}, badge(e.phase, e.status >= 400 ? "failed" : "")),
-    h("td", {}, e.transport), h("td", { class: "mono" }, e.detail),
+    // Stored events name the server that served them (several may share
+    // one database).
+    h("td", {}, e.server ? e.transport + " @ " + e.server : e.transport), h("td", { class: "mono" }, e.detail),
     h("td", {}, e.bytes ? size(e.bytes) : ""), h("td", {}, e.duration_ms), h("td", {}, e.status));
 }
 
