@@ -538,11 +538,14 @@ async fn write_events(state: Arc<PanelState>) {
                 })
                 .collect();
             state.store.note_events(&batch, &seen, &state.server_name)?;
+            // The events are stored: a failure from here on must not keep
+            // them for another try (they would be stored twice).
             if !seen.is_empty() {
-                let forgotten = state.store.prune_discovered(state.config.max_discovered)?;
-                if forgotten > 0 {
-                    info!(forgotten, keep = state.config.max_discovered,
-                        "discovered machines over panel.max_discovered; the least recently seen were forgotten");
+                match state.store.prune_discovered(state.config.max_discovered) {
+                    Ok(0) => {}
+                    Ok(forgotten) => info!(forgotten, keep = state.config.max_discovered,
+                        "discovered machines over panel.max_discovered; the least recently seen were forgotten"),
+                    Err(error) => warn!(%error, "discovered machines not pruned; tried again with the next batch"),
                 }
             }
             Ok::<(), crate::store::StoreError>(())
