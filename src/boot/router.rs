@@ -179,6 +179,36 @@ impl Router {
         base_url: &str,
         client: IpAddr,
     ) -> Script {
+        let static_script = self.static_scripts.find(mac);
+        self.script_for(mac, query, base_url, client, static_script)
+    }
+
+    /// [`Self::machine_script`] for a thread that must not block: `None`,
+    /// with nothing done, when it would touch the file system (list the
+    /// per-MAC script directory, read an operator's script); an engine
+    /// worker then hands the request to a thread that may.
+    pub fn machine_script_without_blocking(
+        &self,
+        mac: Mac,
+        query: &[(String, String)],
+        base_url: &str,
+        client: IpAddr,
+    ) -> Option<Script> {
+        self.static_scripts
+            .known_absent(mac)
+            .then(|| self.script_for(mac, query, base_url, client, None))
+    }
+
+    /// The script for `mac`, whose operator's own script (if any) is
+    /// `static_script`.
+    fn script_for(
+        &self,
+        mac: Mac,
+        query: &[(String, String)],
+        base_url: &str,
+        client: IpAddr,
+        static_script: Option<super::script::StaticScript>,
+    ) -> Script {
         let loaded = self.inventory.load();
         let snapshot = &loaded.snapshot;
         let facts: BTreeMap<String, String> = query
@@ -186,7 +216,6 @@ impl Router {
             .filter(|(name, _)| super::script::FACTS.iter().any(|(fact, _)| fact == name))
             .map(|(name, value)| (name.clone(), value.clone()))
             .collect();
-        let static_script = self.static_scripts.find(mac);
         // A machine with the operator's own script is known, not discovered.
         // An address that this server leased to another machine cannot
         // speak for this one: it still gets the script (scripts are public
@@ -237,14 +266,6 @@ impl Router {
             ..ScriptContext::default()
         };
         self.render_choice(&loaded, choice, context, base_url)
-    }
-
-    /// Whether [`Self::machine_script`] for `mac` may touch the file
-    /// system (list the per-MAC script directory, read an operator's
-    /// script): an engine thread that must not block hands such a request
-    /// to one that may.
-    pub fn script_may_block(&self, mac: Mac) -> bool {
-        !self.static_scripts.known_absent(mac)
     }
 
     /// Renders what the policy chose into `context` (which holds the

@@ -26,7 +26,7 @@ type Job = Box<dyn FnOnce() + Send>;
 
 /// Threads that run jobs which may block, in the order given.
 pub struct BlockingPool {
-    jobs: Mutex<Sender<Job>>,
+    jobs: Sender<Job>,
 }
 
 impl BlockingPool {
@@ -41,15 +41,12 @@ impl BlockingPool {
                 .name(format!("{name}-{index}"))
                 .spawn(move || run_jobs(&receiver))?;
         }
-        Ok(Arc::new(Self {
-            jobs: Mutex::new(sender),
-        }))
+        Ok(Arc::new(Self { jobs: sender }))
     }
 
     /// Runs `job` on one of the pool's threads.
     pub fn run(&self, job: impl FnOnce() + Send + 'static) {
-        let jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
-        if jobs.send(Box::new(job)).is_err() {
+        if self.jobs.send(Box::new(job)).is_err() {
             // Every thread has ended, which only a panicking job does.
             error!("the blocking pool has no thread left; a request was dropped");
         }

@@ -352,15 +352,13 @@ impl HttpService {
             .and_then(|rest| rest.strip_suffix(".ipxe"))
             .and_then(|name| Mac::parse(name).ok())
         {
-            if !may_block && self.router.script_may_block(mac) {
-                return None;
-            }
-            let script = self.router.machine_script(
-                mac,
-                &request.query,
-                &self.base_url(request, local),
-                peer.ip(),
-            );
+            let (query, base_url) = (&request.query, self.base_url(request, local));
+            let script = if may_block {
+                self.router.machine_script(mac, query, &base_url, peer.ip())
+            } else {
+                self.router
+                    .machine_script_without_blocking(mac, query, &base_url, peer.ip())?
+            };
             self.stats.scripts.inc(decision_index(&script.decision));
             // A host this server leased an address to cannot write into
             // another machine's timeline by asking for its script.

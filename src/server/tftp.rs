@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 use tracing::{debug, info, warn};
 
 use crate::boot::hooks::{FileGenerator, FinishedRead, TransferObserver};
-use crate::cache::{FileCache, FileData};
+use crate::cache::{CachedFile, FileCache, FileData};
 use crate::config::TftpConfig;
 use crate::proto::path::safe_relative_name;
 use crate::proto::tftp::packet::{self, ErrorCode, Mode, Packet};
@@ -463,14 +463,13 @@ impl TftpService {
                 Err(admission) => return Ok(admission),
             },
         };
-        if !may_block
-            && (self.generators.iter().any(|g| g.may_block(&name))
-                || self.cache.by_name(&name).is_none())
-        {
+        // A name served before, unchanged since: no system call.
+        let cached = self.cache.by_name(&name);
+        if !may_block && (cached.is_none() || self.generators.iter().any(|g| g.may_block(&name))) {
             return Err(Some(slot));
         }
 
-        let data = match self.lookup(&name, peer) {
+        let data = match self.lookup(&name, peer, cached) {
             Ok(data) => data,
             Err((code, why)) => {
                 info!(%peer, file = %name, why, "refused read request");
@@ -753,18 +752,20 @@ impl TftpService {
         reply
     }
 
+    /// The bytes of `name`: generated, or `cached` (the version served
+    /// before, looked up by the caller), or resolved and opened now.
     fn lookup(
         &self,
         name: &str,
         peer: SocketAddr,
+        cached: Option<CachedFile>,
     ) -> Result<Arc<FileData>, (ErrorCode, &'static str)> {
         for generator in &self.generators {
             if let Some(bytes) = generator.generate(name, peer) {
                 return Ok(Arc::new(FileData::Owned(bytes)));
             }
         }
-        // A name served before, unchanged since: no system call.
-        if let Some(file) = self.cache.by_name(name) {
+        if let Some(file) = cached {
             return Ok(file.data);
         }
         let ticket = self.cache.prepare_name(name);
