@@ -27,7 +27,7 @@ fn open(args: &DatabaseArgs) -> Result<Box<dyn InventoryStore>> {
 /// Where the inventory database is, as `serve` would find it.
 fn location(args: &DatabaseArgs) -> Result<StoreLocation> {
     Ok(match &args.database {
-        Some(text) => text.parse().unwrap_or_else(|never| match never {}),
+        Some(text) => StoreLocation::from(text.as_str()),
         None => {
             let mut config = match &args.config {
                 Some(file) => Config::load(file)?,
@@ -116,9 +116,9 @@ pub fn db(command: DbCommand) -> Result<()> {
             );
         }
         DbCommand::Copy { from, to } => {
-            let (from, to): (StoreLocation, StoreLocation) = (
-                from.parse().unwrap_or_else(|never| match never {}),
-                to.parse().unwrap_or_else(|never| match never {}),
+            let (from, to) = (
+                StoreLocation::from(from.as_str()),
+                StoreLocation::from(to.as_str()),
             );
             if from == to {
                 bail!("--from and --to name the same database ({from})");

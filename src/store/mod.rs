@@ -429,19 +429,15 @@ pub enum StoreLocation {
     Postgres(String),
 }
 
-impl std::str::FromStr for StoreLocation {
-    type Err = std::convert::Infallible;
-
+impl From<&str> for StoreLocation {
     /// `postgres://…` or `postgresql://…` is PostgreSQL; `sqlite:PATH`
     /// or any other text is the path of an SQLite file.
-    fn from_str(text: &str) -> Result<Self, Self::Err> {
-        Ok(
-            if text.starts_with("postgres://") || text.starts_with("postgresql://") {
-                StoreLocation::Postgres(text.to_string())
-            } else {
-                StoreLocation::Sqlite(text.strip_prefix("sqlite:").unwrap_or(text).into())
-            },
-        )
+    fn from(text: &str) -> Self {
+        if text.starts_with("postgres://") || text.starts_with("postgresql://") {
+            StoreLocation::Postgres(text.to_string())
+        } else {
+            StoreLocation::Sqlite(text.strip_prefix("sqlite:").unwrap_or(text).into())
+        }
     }
 }
 
