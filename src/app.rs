@@ -235,6 +235,9 @@ fn loader_fallbacks(
     fallbacks
 }
 
+/// How long start-up waits for the shared lease table's first blocks.
+const SHARED_LEASES_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Starts the DHCP service and its engine thread, unless DHCP is off.
 fn start_dhcp(
     config: &Config,
@@ -254,13 +257,33 @@ fn start_dhcp(
         .iter()
         .map(|name| engine::dhcp::interface(name))
         .collect::<Result<Vec<_>, _>>()?;
-    let service = Arc::new(crate::server::dhcp::service::DhcpService::new(
+    let mut service = crate::server::dhcp::service::DhcpService::new(
         config.dhcp.clone(),
         &interfaces,
         Arc::clone(router),
         config.http.listen.port(),
         &config.state_dir,
-    )?);
+    )?;
+    // Several servers on one PostgreSQL database share one lease table.
+    let shared = match (&config.database_url, config.dhcp.mode) {
+        (Some(url), crate::config::DhcpMode::Full) => Some((
+            service.share_leases(crate::store::shared_leases::BLOCK_SIZE),
+            crate::store::shared_leases::SharedLeases::new(url, &config.panel.server_name()),
+        )),
+        _ => None,
+    };
+    let service = Arc::new(service);
+    if let Some((requests, database)) = shared {
+        let (keeper, ready) =
+            engine::dhcp_share::spawn(Arc::clone(&service), requests, database, shutdown.clone())?;
+        threads.push(keeper);
+        match ready.recv_timeout(SHARED_LEASES_WAIT) {
+            Ok(()) => info!(server = %config.panel.server_name(), "DHCP leases shared through the database"),
+            Err(_) => tracing::warn!(
+                "the shared DHCP lease table is not reachable yet; until it is, this server renews the leases it holds and hands out no new addresses"
+            ),
+        }
+    }
     threads.push(engine::dhcp::spawn(
         Arc::clone(&service),
         interfaces,

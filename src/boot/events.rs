@@ -166,12 +166,6 @@ pub struct BootEvent {
     pub status: u16,
 }
 
-impl Serialize for Mac {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.collect_str(self)
-    }
-}
-
 impl BootEvent {
     /// An event of `phase` happening now: 0 bytes, no duration, status 200
     /// until the builder methods say otherwise.

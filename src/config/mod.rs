@@ -195,6 +195,20 @@ pub struct PanelConfig {
     pub server_name: Option<String>,
 }
 
+impl PanelConfig {
+    /// This server's name among the servers of one database: the
+    /// configured one, or the host name.
+    pub fn server_name(&self) -> String {
+        self.server_name.clone().unwrap_or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|name| name.trim().to_string())
+                .ok()
+                .filter(|name| !name.is_empty())
+                .unwrap_or_else(|| "bootfleet".to_string())
+        })
+    }
+}
+
 /// Parses the panel's listen setting: an address, or `off`.
 pub fn parse_panel_listen(text: &str) -> Result<Option<SocketAddr>, String> {
     if text == "off" {

@@ -31,6 +31,7 @@ pub use crate::shutdown::Shutdown;
 
 pub mod blocking;
 pub mod dhcp;
+pub mod dhcp_share;
 pub mod epoll;
 pub mod http;
 pub mod http_uring;

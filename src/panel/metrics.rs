@@ -240,39 +240,65 @@ fn gauges<'a>(
     Ok(())
 }
 
+/// The DHCP service's counters and lease gauges.
+fn encode_dhcp(
+    encoder: &mut DescriptorEncoder,
+    dhcp: &crate::server::dhcp::service::DhcpService,
+) -> Result<(), std::fmt::Error> {
+    let stats = &dhcp.stats;
+    labelled(
+        encoder,
+        "bootfleet_dhcp_messages",
+        "DHCP messages parsed, by type",
+        &[(Vec::new(), &stats.by_type)],
+    )?;
+    counters_by(
+            encoder,
+            "bootfleet_dhcp_outcomes",
+            "DHCP datagrams received, replies sent, and datagrams dropped (malformed, untrusted relay, over a rate limit)",
+            "outcome",
+            [
+                ("received", stats.received.get()),
+                ("replied", stats.replied.get()),
+                ("dropped", stats.dropped.get()),
+            ],
+        )?;
+    gauges(
+        encoder,
+        "bootfleet_dhcp_leases_bound",
+        "Bound, unexpired leases per pool",
+        dhcp.bound_per_pool()
+            .into_iter()
+            .map(|(first, last, count)| (vec![("pool", format!("{first}-{last}"))], count as i64)),
+    )?;
+    if let Some(sharing) = &dhcp.sharing {
+        use std::sync::atomic::Ordering::Relaxed;
+        counters_by(
+                encoder,
+                "bootfleet_dhcp_shared_leases",
+                "With a lease table shared with other servers: ACKs not sent because the table had the address for another machine, and requests to the lease keeper dropped because its queue was full",
+                "outcome",
+                [
+                    ("refused", sharing.refused.load(Relaxed)),
+                    ("dropped", sharing.dropped.load(Relaxed)),
+                ],
+            )?;
+        gauges(
+                encoder,
+                "bootfleet_dhcp_shared_database_away",
+                "1 while the shared lease database does not confirm writes (only this server's own blocks are answered)",
+                [(Vec::new(), i64::from(sharing.is_away()))],
+            )?;
+    }
+    Ok(())
+}
+
 impl Collector for DataPlaneCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let state = &self.0;
         let plane = &state.data_plane;
         if let Some(dhcp) = &plane.dhcp {
-            let stats = &dhcp.stats;
-            labelled(
-                &mut encoder,
-                "bootfleet_dhcp_messages",
-                "DHCP messages parsed, by type",
-                &[(Vec::new(), &stats.by_type)],
-            )?;
-            counters_by(
-                &mut encoder,
-                "bootfleet_dhcp_outcomes",
-                "DHCP datagrams received, replies sent, and datagrams dropped (malformed, untrusted relay, over a rate limit)",
-                "outcome",
-                [
-                    ("received", stats.received.get()),
-                    ("replied", stats.replied.get()),
-                    ("dropped", stats.dropped.get()),
-                ],
-            )?;
-            gauges(
-                &mut encoder,
-                "bootfleet_dhcp_leases_bound",
-                "Bound, unexpired leases per pool",
-                dhcp.bound_per_pool()
-                    .into_iter()
-                    .map(|(first, last, count)| {
-                        (vec![("pool", format!("{first}-{last}"))], count as i64)
-                    }),
-            )?;
+            encode_dhcp(&mut encoder, dhcp)?;
         }
         if let Some(tftp) = &plane.tftp {
             let stats = tftp.stats();

@@ -137,14 +137,6 @@ impl PanelState {
 }
 
 /// This machine's host name, or "bootfleet" when it has none.
-fn host_name() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|name| name.trim().to_string())
-        .ok()
-        .filter(|name| !name.is_empty())
-        .unwrap_or_else(|| "bootfleet".to_string())
-}
-
 /// Rebuilds the data plane's snapshot whenever another server changes the
 /// shared inventory, on a thread of its own until `shutdown`. A feed that
 /// breaks (the database restarted) is opened again, and the snapshot is
@@ -370,7 +362,7 @@ pub fn start(
         data_plane,
         snapshot_installed: std::sync::atomic::AtomicBool::new(false),
         image_health: Arc::default(),
-        server_name: config.server_name.clone().unwrap_or_else(host_name),
+        server_name: config.server_name(),
     });
     if let Err(error) = state.publish() {
         error!(error = %error.message, "inventory database: no snapshot from it; the data plane keeps serving the inventory it has");

@@ -129,6 +129,20 @@ impl fmt::Display for Mac {
     }
 }
 
+/// As text (`aa:bb:cc:dd:ee:ff`), in JSON and every other format.
+impl serde::Serialize for Mac {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Mac {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        Mac::parse(&text).map_err(serde::de::Error::custom)
+    }
+}
+
 impl FromStr for Mac {
     type Err = MacError;
     fn from_str(s: &str) -> Result<Self, MacError> {

@@ -11,6 +11,7 @@
 
 pub mod postgres;
 mod rules;
+pub mod shared_leases;
 pub mod sqlite;
 #[cfg(test)]
 mod tests;

@@ -1,6 +1,7 @@
 //! The inventory in PostgreSQL: the same [`InventoryStore`] as the embedded
 //! SQLite file, for sites that keep their inventory in a database server
-//! they already run (and, later, several boot servers sharing one).
+//! they already run, and several boot servers sharing one (their DHCP
+//! leases too: [`super::shared_leases`]).
 //!
 //! Through the `postgres` crate (the synchronous face of `tokio-postgres`,
 //! the most used PostgreSQL client in Rust): the store trait is
@@ -119,6 +120,27 @@ CREATE TABLE settings (
     r#"
 ALTER TABLE events ADD COLUMN server TEXT NOT NULL DEFAULT '';
 "#,
+    // The DHCP lease table several servers share (see `shared_leases.rs`):
+    // blocks of the pools each server allocates from, and every lease any
+    // server wrote. Addresses are stored as numbers (u32 in a BIGINT).
+    r#"
+CREATE TABLE dhcp_blocks (
+    first BIGINT PRIMARY KEY,
+    size INTEGER NOT NULL,
+    server TEXT NOT NULL,
+    claimed_ms BIGINT NOT NULL
+);
+CREATE TABLE dhcp_leases (
+    ip BIGINT PRIMARY KEY,
+    mac TEXT NOT NULL,
+    state TEXT NOT NULL,
+    expires BIGINT NOT NULL,
+    relay BIGINT NOT NULL,
+    server TEXT NOT NULL,
+    updated_ms BIGINT NOT NULL
+);
+CREATE INDEX dhcp_leases_server ON dhcp_leases (server);
+"#,
 ];
 
 /// The advisory lock key migrations run under (any fixed number: "bfsc").
@@ -216,7 +238,7 @@ impl PostgresStore {
 const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// A connection to `url`, within [`CONNECT_TIMEOUT`] unless it says.
-fn connect(url: &str) -> Result<Client, ::postgres::Error> {
+pub(super) fn connect(url: &str) -> Result<Client, ::postgres::Error> {
     let mut config: ::postgres::Config = url.parse()?;
     if config.get_connect_timeout().is_none() {
         config.connect_timeout(CONNECT_TIMEOUT);
@@ -238,7 +260,7 @@ pub fn redact(url: &str) -> String {
     }
 }
 
-fn migrate(client: &mut Client) -> StoreResult<()> {
+pub(super) fn migrate(client: &mut Client) -> StoreResult<()> {
     let mut tx = client.transaction()?;
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])?;
     tx.batch_execute("CREATE TABLE IF NOT EXISTS bootfleet_schema (version INTEGER NOT NULL)")?;
@@ -268,7 +290,7 @@ fn migrate(client: &mut Client) -> StoreResult<()> {
     Ok(())
 }
 
-fn now_ms() -> i64 {
+pub(super) fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64)

@@ -207,13 +207,13 @@ fn an_assignment_on_one_server_reaches_the_other_servers_scripts() {
 
 /// A PostgreSQL cluster of the test's own (tests/postgres.sh), stopped and
 /// removed when dropped.
-struct OwnCluster {
+pub struct OwnCluster {
     dir: tempfile::TempDir,
-    url: String,
+    pub url: String,
 }
 
 impl OwnCluster {
-    fn start() -> Self {
+    pub fn start() -> Self {
         let dir = tempfile::Builder::new()
             .prefix("bootfleet-pg-own-")
             .tempdir()
@@ -236,11 +236,11 @@ impl OwnCluster {
         String::from_utf8(output.stdout).unwrap().trim().to_string()
     }
 
-    fn pause(&self) {
+    pub fn pause(&self) {
         Self::script("pause", self.dir.path());
     }
 
-    fn resume(&self) {
+    pub fn resume(&self) {
         Self::script("resume", self.dir.path());
     }
 }

@@ -9,6 +9,8 @@ use dhcproto::v4::{DhcpOption, Message, MessageType, OptionCode};
 
 use crate::proto::Mac;
 
+pub mod lease;
+
 /// The DHCP server port and the client port.
 pub const SERVER_PORT: u16 = 67;
 pub const CLIENT_PORT: u16 = 68;

@@ -17,10 +17,9 @@ use std::fs::File;
 use std::io::Write;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
-use serde::{Deserialize, Serialize};
-
+pub use crate::proto::dhcp::lease::{epoch, Lease, State};
 use crate::proto::Mac;
 
 /// How long an offered address is held for the client that was offered it.
@@ -65,41 +64,6 @@ impl Pool {
     }
 }
 
-/// What an address is doing.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum State {
-    Offered,
-    Bound,
-    /// A client said the address is in use by someone else (DHCPDECLINE).
-    Declined,
-    Released,
-}
-
-/// One address's lease.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Lease {
-    pub ip: Ipv4Addr,
-    pub mac: Mac,
-    pub state: State,
-    /// Seconds since the Unix epoch.
-    pub expires: u64,
-    /// The relay that asked for it (0.0.0.0 when not relayed).
-    #[serde(default = "unspecified")]
-    pub relay: Ipv4Addr,
-}
-
-fn unspecified() -> Ipv4Addr {
-    Ipv4Addr::UNSPECIFIED
-}
-
-impl<'de> Deserialize<'de> for Mac {
-    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let text = String::deserialize(deserializer)?;
-        Mac::parse(&text).map_err(serde::de::Error::custom)
-    }
-}
-
 /// A change to write to the journal before answering.
 pub type LeaseChange = Lease;
 
@@ -125,10 +89,37 @@ pub struct LeaseTable {
     /// Share of a pool one relay may hold (0 < share <= 1).
     pub relay_share: f64,
     held_by_relay: HashMap<Ipv4Addr, u32>,
+    /// With a lease table shared by several servers: the blocks of the
+    /// pools this server may hand new addresses from. `None`: every
+    /// address of the pools (one server alone).
+    blocks: Option<Blocks>,
 }
 
-pub fn epoch(now: SystemTime) -> u64 {
-    now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+/// The blocks of addresses this server holds in a shared lease table,
+/// each `size` addresses from a multiple of `size`.
+#[derive(Debug, Default)]
+pub struct Blocks {
+    size: u32,
+    owned: std::collections::BTreeSet<u32>,
+}
+
+impl Blocks {
+    fn owns(&self, ip: Ipv4Addr) -> bool {
+        let ip = u32::from(ip);
+        self.owned.contains(&(ip - ip % self.size))
+    }
+
+    /// Every owned address in `first..=last`, from the block of `start`
+    /// on, wrapping round.
+    fn addresses(&self, first: u32, last: u32, start: u32) -> impl Iterator<Item = u32> + '_ {
+        let size = self.size;
+        let start_block = start - start % size;
+        self.owned
+            .range(start_block..)
+            .chain(self.owned.range(..start_block))
+            .flat_map(move |&block| block..=block.saturating_add(size - 1))
+            .filter(move |ip| (first..=last).contains(ip))
+    }
 }
 
 impl LeaseTable {
@@ -140,6 +131,67 @@ impl LeaseTable {
             relay_share,
             ..Self::default()
         }
+    }
+
+    /// Hands out new addresses only from blocks given to
+    /// [`Self::add_blocks`] (a lease table shared with other servers).
+    pub fn share(&mut self, block_size: u32) {
+        self.blocks = Some(Blocks {
+            size: block_size.max(1),
+            owned: Default::default(),
+        });
+    }
+
+    /// Whether new addresses come only from owned blocks.
+    pub fn is_shared(&self) -> bool {
+        self.blocks.is_some()
+    }
+
+    /// Adds blocks (by first address) this server now holds.
+    pub fn add_blocks(&mut self, blocks: &[Ipv4Addr]) {
+        if let Some(owned) = self.blocks.as_mut() {
+            owned.owned.extend(blocks.iter().map(|&b| u32::from(b)));
+        }
+    }
+
+    /// Whether this server may hand `ip` to a machine that has no record
+    /// of it: always when alone, only in its own blocks when shared.
+    pub fn owns(&self, ip: Ipv4Addr) -> bool {
+        self.blocks.as_ref().is_none_or(|b| b.owns(ip))
+    }
+
+    /// Per pool: (first, last, owned addresses, of those free now). Only
+    /// meaningful when shared; walks every owned address.
+    pub fn owned_per_pool(&self, now: SystemTime) -> Vec<(Ipv4Addr, Ipv4Addr, usize, usize)> {
+        let Some(blocks) = &self.blocks else {
+            return Vec::new();
+        };
+        let nobody = Mac([0; 6]);
+        self.pools
+            .iter()
+            .map(|pool| {
+                let (first, last) = (u32::from(pool.first), u32::from(pool.last));
+                let (mut owned, mut free) = (0, 0);
+                for ip in blocks.addresses(first, last, first) {
+                    owned += 1;
+                    if self.available_for(Ipv4Addr::from(ip), nobody, now) {
+                        free += 1;
+                    }
+                }
+                (pool.first, pool.last, owned, free)
+            })
+            .collect()
+    }
+
+    /// Every binding and decline that has not expired: what a shared
+    /// table must hold of this server's.
+    pub fn held(&self, now: SystemTime) -> Vec<Lease> {
+        let now = epoch(now);
+        self.by_ip
+            .values()
+            .filter(|l| matches!(l.state, State::Bound | State::Declined) && l.expires > now)
+            .copied()
+            .collect()
     }
 
     /// The lease of `ip`, if any.
@@ -245,7 +297,11 @@ impl LeaseTable {
             }
         }
         if let Some(ip) = requested {
-            if pool.contains(ip) && self.available_for(ip, mac, now) {
+            // Shared: an address outside this server's blocks only when the
+            // table already has it for this machine (another server's lease
+            // that the shared table confirmed).
+            let ours = self.owns(ip) || self.get(ip).is_some_and(|l| l.mac == mac);
+            if pool.contains(ip) && ours && self.available_for(ip, mac, now) {
                 return Ok(ip);
             }
         }
@@ -255,15 +311,19 @@ impl LeaseTable {
                 return Err(NoAddress::RelayQuota);
             }
         }
-        let (first, size) = (u32::from(pool.first), pool.size());
-        let start = self.next[pool_index].clamp(first, u32::from(pool.last));
-        for step in 0..size {
-            let candidate = first + (start - first + step) % size;
-            let ip = Ipv4Addr::from(candidate);
-            if self.available_for(ip, mac, now) {
-                self.next[pool_index] = candidate + 1;
-                return Ok(ip);
-            }
+        let (first, last, size) = (u32::from(pool.first), u32::from(pool.last), pool.size());
+        let start = self.next[pool_index].clamp(first, last);
+        let free = match &self.blocks {
+            None => (0..size)
+                .map(|step| first + (start - first + step) % size)
+                .find(|&candidate| self.available_for(Ipv4Addr::from(candidate), mac, now)),
+            Some(blocks) => blocks
+                .addresses(first, last, start)
+                .find(|&candidate| self.available_for(Ipv4Addr::from(candidate), mac, now)),
+        };
+        if let Some(candidate) = free {
+            self.next[pool_index] = candidate + 1;
+            return Ok(Ipv4Addr::from(candidate));
         }
         // Every address is bound or offered. Offers are tentative: take the
         // oldest one back, so that DISCOVERs alone (a sender spraying random
@@ -272,7 +332,9 @@ impl LeaseTable {
         let oldest_offer = self
             .by_ip
             .values()
-            .filter(|l| l.state == State::Offered && l.mac != mac && pool.contains(l.ip))
+            .filter(|l| {
+                l.state == State::Offered && l.mac != mac && pool.contains(l.ip) && self.owns(l.ip)
+            })
             .min_by_key(|l| l.expires)
             .map(|l| l.ip);
         oldest_offer.ok_or(NoAddress::PoolExhausted)

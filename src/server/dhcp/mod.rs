@@ -20,6 +20,7 @@
 
 pub mod leases;
 pub mod service;
+pub mod shared;
 
 pub use crate::limit::RateLimiter;
 
@@ -84,6 +85,19 @@ pub struct Outcome {
     pub change: Option<Lease>,
     /// One line for the log and the boot events, when something was decided.
     pub summary: Option<String>,
+    /// What a lease table shared with other servers should fetch so that
+    /// the client's next try is answered.
+    pub need: Option<Need>,
+}
+
+/// What a decision lacked that only the shared lease table has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Need {
+    /// The shared table's lease of this address (a REQUEST for an address
+    /// this server has no record of: another server's lease).
+    Lease(Ipv4Addr, crate::proto::Mac),
+    /// More blocks of addresses: this server's ran out.
+    Addresses,
 }
 
 /// What the client is told to boot.
@@ -219,6 +233,7 @@ fn decide_proxy(request: &Message, info: &ClientInfo, ctx: &Context<'_>) -> Outc
         )),
         reply: Some((encode(&reply), destination)),
         change: None,
+        need: None,
     }
 }
 
@@ -354,6 +369,7 @@ impl FullScope<'_> {
             summary: Some(lease_summary(what, ip, boot.as_ref())),
             reply: Some((encode(&reply), reply_destination(self.info, ip, false))),
             change,
+            need: None,
         }
     }
 }
@@ -377,6 +393,8 @@ fn full_discover(scope: &FullScope<'_>, leases: &mut LeaseTable) -> Outcome {
         Err(why) => {
             return Outcome {
                 summary: Some(format!("no offer for {}: {why:?}", scope.info.mac)),
+                need: (why == NoAddress::PoolExhausted && leases.is_shared())
+                    .then_some(Need::Addresses),
                 ..Outcome::default()
             }
         }
@@ -453,6 +471,9 @@ fn full_request(scope: &FullScope<'_>, leases: &mut LeaseTable) -> Outcome {
                 "silent: REQUEST for {ip} from {} without a record of it (RFC 2131 4.3.2)",
                 scope.info.mac
             )),
+            need: leases
+                .is_shared()
+                .then_some(Need::Lease(ip, scope.info.mac)),
             ..Outcome::default()
         };
     }
@@ -487,6 +508,7 @@ fn full_release(scope: &FullScope<'_>, leases: &mut LeaseTable) -> Outcome {
                 summary: Some(format!("release {ip}")),
                 change: Some(released),
                 reply: None,
+                need: None,
             }
         }
         _ => Outcome::default(),
@@ -513,6 +535,7 @@ fn full_decline(scope: &FullScope<'_>, leases: &mut LeaseTable) -> Outcome {
                 summary: Some(format!("decline {ip}: in use by another host")),
                 change: Some(declined),
                 reply: None,
+                need: None,
             }
         }
         _ => Outcome::default(),
@@ -538,6 +561,7 @@ fn full_inform(scope: &FullScope<'_>) -> Outcome {
         summary: Some("inform".into()),
         reply: Some((encode(&reply), destination)),
         change: None,
+        need: None,
     }
 }
 
@@ -553,6 +577,7 @@ fn nak(request: &Message, info: &ClientInfo, ctx: &Context<'_>, why: &str) -> Ou
             reply_destination(info, Ipv4Addr::UNSPECIFIED, true),
         )),
         change: None,
+        need: None,
     }
 }
 

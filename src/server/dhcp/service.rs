@@ -13,8 +13,9 @@ use std::time::SystemTime;
 use dhcproto::v4::MessageType;
 use tracing::{debug, info, warn};
 
-use super::leases::{Journal, LeaseTable, Pool, State as LeaseState};
-use super::{decide, relay_trusted, ClientKey, Context, Interface, Port, RateLimiter};
+use super::leases::{Journal, Lease, LeaseTable, Pool, State as LeaseState};
+use super::shared::{Confirmation, LeaseSharing, ShareRequest};
+use super::{decide, relay_trusted, ClientKey, Context, Interface, Need, Port, RateLimiter};
 use crate::boot::events::{BootEvent, Phase};
 use crate::boot::Router;
 use crate::config::{DhcpConfig, DhcpMode};
@@ -29,6 +30,8 @@ pub struct DhcpService {
     pub http_port: u16,
     pub state: Mutex<DhcpState>,
     pub stats: DhcpStats,
+    /// The lease table shared with other servers, when there is one.
+    pub sharing: Option<LeaseSharing>,
 }
 
 /// Leases, their journal and the rate limiters.
@@ -80,6 +83,20 @@ fn message_type_index(message_type: MessageType) -> usize {
 }
 
 impl DhcpService {
+    /// Shares the lease table with other servers: new addresses come only
+    /// from blocks of `block_size` that the returned channel's keeper
+    /// claims, and lease changes are written through before replies go.
+    pub fn share_leases(&mut self, block_size: u32) -> std::sync::mpsc::Receiver<ShareRequest> {
+        let (sharing, requests) = LeaseSharing::new();
+        self.state
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .leases
+            .share(block_size);
+        self.sharing = Some(sharing);
+        requests
+    }
+
     /// Leases bound now, per pool (first and last address).
     pub fn bound_per_pool(&self) -> Vec<(Ipv4Addr, Ipv4Addr, usize)> {
         let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
@@ -165,12 +182,39 @@ impl DhcpService {
                 client_limiter,
             }),
             stats: DhcpStats::default(),
+            sharing: None,
         })
     }
 }
 
-/// Decides a batch, journals its changes, and returns the replies to send.
-/// Public for `benches/dhcp_decide.rs`.
+/// One reply of a batch, with what deciding whether it may go needs.
+struct PendingReply {
+    mac: Mac,
+    bytes: Vec<u8>,
+    destination: Destination,
+    /// The address it binds (an ACK), which a shared table must confirm.
+    binds: Option<Ipv4Addr>,
+    /// Whether that address is in this server's own blocks (or no table
+    /// is shared): such an ACK goes even while the database is away.
+    ours: bool,
+}
+
+/// Everything a batch decided, gathered while the lease lock is held and
+/// acted on after it is let go.
+#[derive(Default)]
+struct Decided {
+    replies: Vec<PendingReply>,
+    /// Lease changes to journal (and write through) before replying.
+    changes: Vec<Lease>,
+    /// (address, MAC, leased by us) for the router's client map.
+    known_clients: Vec<(Ipv4Addr, Mac, bool)>,
+    events: Vec<(Mac, Ipv4Addr, String)>,
+    needs: Vec<Need>,
+}
+
+/// Decides a batch, journals its changes (and writes them through to a
+/// shared lease table), and returns the replies to send. Public for
+/// `benches/dhcp_decide.rs`.
 pub fn decide_batch(
     batch: &[(Vec<u8>, SocketAddr)],
     iface: &Interface,
@@ -179,48 +223,12 @@ pub fn decide_batch(
 ) -> Vec<(Mac, Vec<u8>, Destination)> {
     let now = SystemTime::now();
     let snapshot = service.router.snapshot();
-    let mut replies = Vec::with_capacity(batch.len());
-    let mut changes = Vec::new();
-    let mut events = Vec::new();
-    let mut known_clients = Vec::new();
+    let mut decided = Decided {
+        replies: Vec::with_capacity(batch.len()),
+        ..Decided::default()
+    };
     let mut state = service.state.lock().unwrap_or_else(|p| p.into_inner());
     for (bytes, peer) in batch {
-        let (request, info) = match parse_request(bytes) {
-            Ok(parsed) => {
-                service
-                    .stats
-                    .by_type
-                    .inc(message_type_index(parsed.1.message_type));
-                parsed
-            }
-            Err(error) => {
-                service.stats.dropped.add(1);
-                debug!(%peer, %error, "DHCP datagram dropped");
-                continue;
-            }
-        };
-        let source = match peer {
-            SocketAddr::V4(v4) => *v4.ip(),
-            SocketAddr::V6(_) => continue,
-        };
-        if !relay_trusted(source, info.giaddr, &service.config.relays) {
-            service.stats.dropped.add(1);
-            debug!(%source, giaddr = %info.giaddr, mac = %info.mac,
-                "relayed DHCP request not from its relay nor a listed one (dhcp.relays); dropped");
-            continue;
-        }
-        // All unconfigured clients send from 0.0.0.0: they are told apart
-        // by their MAC (and relay), never put in one bucket.
-        if !source.is_unspecified() && !state.limiter.allow(source, now) {
-            service.stats.dropped.add(1);
-            debug!(%source, mac = %info.mac, "DHCP request over the per-source rate; dropped");
-            continue;
-        }
-        if !state.client_limiter.allow((info.giaddr, info.mac), now) {
-            service.stats.dropped.add(1);
-            debug!(%source, mac = %info.mac, "DHCP request over the per-client rate; dropped");
-            continue;
-        }
         let ctx = Context {
             config: &service.config,
             iface,
@@ -230,53 +238,19 @@ pub fn decide_batch(
             http_port: service.http_port,
             now,
         };
-        let outcome = decide(&request, &info, &ctx, &mut state.leases);
-        // The address this machine will fetch its loader from: the lease
-        // it was given, its own (ProxyDHCP on port 4011, INFORM), or, beside
-        // another DHCP server, the one it asks that server for.
-        let bound = outcome
-            .change
-            .as_ref()
-            .filter(|lease| lease.mac == info.mac && lease.state == LeaseState::Bound);
-        if let Some(lease) = bound {
-            known_clients.push((lease.ip, info.mac, true));
-        } else if !info.giaddr.is_unspecified() {
-            // Relayed: the source is the relay.
-        } else if !source.is_unspecified() {
-            known_clients.push((source, info.mac, false));
-        } else if let (DhcpMode::Proxy, MessageType::Request, Some(ip)) =
-            (service.config.mode, info.message_type, info.requested_ip)
-        {
-            known_clients.push((ip, info.mac, false));
-        }
-        // Offers are promises, not leases (RFC 2131 §4.3.1): the lease
-        // table holds them in memory, and the journal, which a restart
-        // replays for bound and declined addresses only, never needs them.
-        // A batch of DISCOVERs therefore costs no disk write at all.
-        if let Some(change) = outcome.change.filter(|c| c.state != LeaseState::Offered) {
-            changes.push(change);
-        }
-        if let Some(summary) = outcome.summary {
-            events.push((
-                info.mac,
-                source,
-                format!("{:?}: {summary}", info.message_type),
-            ));
-        }
-        if let Some((bytes, destination)) = outcome.reply {
-            replies.push((info.mac, bytes, destination));
-        }
+        decide_one(bytes, &ctx, service, &mut state, &mut decided);
     }
     if let Some(journal) = state.journal.as_mut() {
-        if let Err(error) = journal.commit(&changes) {
+        if let Err(error) = journal.commit(&decided.changes) {
             // Without the journal a restart could hand these addresses out
             // twice: answer nobody in this batch; clients retry.
-            warn!(%error, leases = changes.len(), "cannot write the lease journal; this batch is not answered");
+            warn!(%error, leases = decided.changes.len(), "cannot write the lease journal; this batch is not answered");
             return Vec::new();
         }
     }
     drop(state);
-    for (ip, mac, leased) in known_clients {
+    let replies = confirm_shared(service, &mut decided);
+    for (ip, mac, leased) in decided.known_clients {
         let client = std::net::IpAddr::V4(ip);
         if leased {
             service.router.note_lease(client, mac);
@@ -284,7 +258,7 @@ pub fn decide_batch(
             service.router.note_client(client, mac);
         }
     }
-    for (mac, source, detail) in events {
+    for (mac, source, detail) in decided.events {
         service.router.events.record(BootEvent::new(
             Some(mac),
             std::net::IpAddr::V4(source),
@@ -294,6 +268,143 @@ pub fn decide_batch(
         ));
     }
     replies
+}
+
+/// Decides one datagram of a batch into `decided`.
+fn decide_one(
+    bytes: &[u8],
+    ctx: &Context<'_>,
+    service: &DhcpService,
+    state: &mut DhcpState,
+    decided: &mut Decided,
+) {
+    let (request, info) = match parse_request(bytes) {
+        Ok(parsed) => {
+            service
+                .stats
+                .by_type
+                .inc(message_type_index(parsed.1.message_type));
+            parsed
+        }
+        Err(error) => {
+            service.stats.dropped.add(1);
+            debug!(peer = %ctx.peer, %error, "DHCP datagram dropped");
+            return;
+        }
+    };
+    let source = match ctx.peer {
+        SocketAddr::V4(v4) => *v4.ip(),
+        SocketAddr::V6(_) => return,
+    };
+    if !relay_trusted(source, info.giaddr, &service.config.relays) {
+        service.stats.dropped.add(1);
+        debug!(%source, giaddr = %info.giaddr, mac = %info.mac,
+            "relayed DHCP request not from its relay nor a listed one (dhcp.relays); dropped");
+        return;
+    }
+    // All unconfigured clients send from 0.0.0.0: they are told apart
+    // by their MAC (and relay), never put in one bucket.
+    if !source.is_unspecified() && !state.limiter.allow(source, ctx.now) {
+        service.stats.dropped.add(1);
+        debug!(%source, mac = %info.mac, "DHCP request over the per-source rate; dropped");
+        return;
+    }
+    if !state.client_limiter.allow((info.giaddr, info.mac), ctx.now) {
+        service.stats.dropped.add(1);
+        debug!(%source, mac = %info.mac, "DHCP request over the per-client rate; dropped");
+        return;
+    }
+    let outcome = decide(&request, &info, ctx, &mut state.leases);
+    // The address this machine will fetch its loader from: the lease
+    // it was given, its own (ProxyDHCP on port 4011, INFORM), or, beside
+    // another DHCP server, the one it asks that server for.
+    let bound = outcome
+        .change
+        .as_ref()
+        .filter(|lease| lease.mac == info.mac && lease.state == LeaseState::Bound)
+        .map(|lease| lease.ip);
+    if let Some(ip) = bound {
+        decided.known_clients.push((ip, info.mac, true));
+    } else if !info.giaddr.is_unspecified() {
+        // Relayed: the source is the relay.
+    } else if !source.is_unspecified() {
+        decided.known_clients.push((source, info.mac, false));
+    } else if let (DhcpMode::Proxy, MessageType::Request, Some(ip)) =
+        (service.config.mode, info.message_type, info.requested_ip)
+    {
+        decided.known_clients.push((ip, info.mac, false));
+    }
+    // Offers are promises, not leases (RFC 2131 §4.3.1): the lease
+    // table holds them in memory, and the journal, which a restart
+    // replays for bound and declined addresses only, never needs them.
+    // A batch of DISCOVERs therefore costs no disk write at all.
+    if let Some(change) = outcome.change.filter(|c| c.state != LeaseState::Offered) {
+        decided.changes.push(change);
+    }
+    if let Some(summary) = outcome.summary {
+        decided.events.push((
+            info.mac,
+            source,
+            format!("{:?}: {summary}", info.message_type),
+        ));
+    }
+    decided.needs.extend(outcome.need);
+    if let Some((bytes, destination)) = outcome.reply {
+        decided.replies.push(PendingReply {
+            mac: info.mac,
+            bytes,
+            destination,
+            binds: bound,
+            ours: bound.is_none_or(|ip| state.leases.owns(ip)),
+        });
+    }
+}
+
+/// With a shared lease table: writes the batch's changes through, drops
+/// the ACKs it did not confirm, and hands the keeper what the batch
+/// lacked. Alone: every reply goes.
+fn confirm_shared(
+    service: &DhcpService,
+    decided: &mut Decided,
+) -> Vec<(Mac, Vec<u8>, Destination)> {
+    let replies = std::mem::take(&mut decided.replies);
+    let Some(sharing) = &service.sharing else {
+        return replies
+            .into_iter()
+            .map(|r| (r.mac, r.bytes, r.destination))
+            .collect();
+    };
+    let confirmation = sharing.write_through(std::mem::take(&mut decided.changes));
+    let mut asked_for_addresses = false;
+    for need in decided.needs.drain(..) {
+        match need {
+            Need::Addresses if asked_for_addresses => {}
+            Need::Addresses => {
+                asked_for_addresses = true;
+                sharing.ask(ShareRequest::Addresses);
+            }
+            Need::Lease(ip, mac) => {
+                sharing.ask(ShareRequest::Lookup(ip, mac));
+            }
+        }
+    }
+    replies
+        .into_iter()
+        .filter(|reply| {
+            let Some(ip) = reply.binds else { return true };
+            match &confirmation {
+                Confirmation::Written(refused) if refused.contains(&ip) => {
+                    warn!(%ip, mac = %reply.mac, "the shared lease table has this address for another machine; ACK not sent");
+                    sharing.refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    sharing.ask(ShareRequest::Lookup(ip, reply.mac));
+                    false
+                }
+                Confirmation::Written(_) => true,
+                Confirmation::Unconfirmed => reply.ours,
+            }
+        })
+        .map(|r| (r.mac, r.bytes, r.destination))
+        .collect()
 }
 
 #[cfg(test)]
