@@ -11,6 +11,9 @@
 #
 # `pause DIR` stops the server and keeps its data, `resume DIR` starts it
 # again on the same port: how a test takes the database away and back.
+# BOOTFLEET_PG_ALSO_LISTEN=ADDR (at start) also listens on that address,
+# with trust for any client: for servers in test namespaces, on a test
+# bridge's address.
 # Tests create a database of their own in it for each test.
 set -euo pipefail
 command=${1:?usage: tests/postgres.sh start|stop|pause|resume DIR}
@@ -30,8 +33,13 @@ start)
     as_postgres "$bin/initdb" -D "$dir/data" -U postgres --auth=trust -E UTF8 > "$dir/initdb.log" 2>&1 \
         || { cat "$dir/initdb.log" >&2; exit 1; }
     port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+    listen=127.0.0.1
+    if [ -n "${BOOTFLEET_PG_ALSO_LISTEN:-}" ]; then
+        listen="127.0.0.1,$BOOTFLEET_PG_ALSO_LISTEN"
+        echo "host all all 0.0.0.0/0 trust" >> "$dir/data/pg_hba.conf"
+    fi
     # fsync off: a test cluster lives for one run.
-    echo "-h 127.0.0.1 -p $port -k $dir -c fsync=off -c max_connections=200" > "$dir/options"
+    echo "-h $listen -p $port -k $dir -c fsync=off -c max_connections=200" > "$dir/options"
     as_postgres "$bin/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w -o "$(cat "$dir/options")" start > /dev/null \
         || { cat "$dir/server.log" >&2; exit 1; }
     echo "postgres://postgres@127.0.0.1:$port/postgres"

@@ -114,6 +114,11 @@ pub struct StormArgs {
     /// request (iPXE waits on progress, not on the whole transfer).
     #[arg(long, default_value_t = 30.0)]
     pub http_timeout: f64,
+    /// A machine whose boot fails starts over from DHCP a second later,
+    /// up to this many more times, as one that its BMC power-cycles (or
+    /// whose firmware retries) would; 0: a failure is final.
+    #[arg(long, default_value_t = 0)]
+    pub retries: u32,
     /// Most machines booting at once (0: all).
     #[arg(long, default_value_t = 0)]
     pub concurrency: usize,
@@ -156,6 +161,10 @@ pub struct MachineRecord {
     pub failed_phase: Option<&'static str>,
     pub cause: Option<String>,
     pub bytes: u64,
+    /// Boots it started (more than one with `--retries`).
+    pub attempts: u32,
+    /// Every address an ACK gave it, in order.
+    pub addresses: Vec<Ipv4Addr>,
 }
 
 /// Latency figures of one phase, in milliseconds.
@@ -187,6 +196,11 @@ pub struct Report {
     pub phases: BTreeMap<String, Percentiles>,
     /// `phase: cause` → machines.
     pub failures: BTreeMap<String, usize>,
+    /// Machines that needed more than one boot (`--retries`).
+    pub retried: usize,
+    /// Every address each machine was given (MAC → addresses), so that a
+    /// test can check no address went to two machines.
+    pub leases: BTreeMap<String, Vec<Ipv4Addr>>,
     /// Machines that finished booting in each second of the run.
     pub booted_per_second: Vec<usize>,
     /// Machines in each phase, sampled every `tick_seconds`.
@@ -485,12 +499,26 @@ async fn boot(ctx: &Shared, index: usize) -> MachineRecord {
             failed_phase: None,
             cause: None,
             bytes: 0,
+            attempts: 0,
+            addresses: Vec::new(),
         },
         current: None,
     };
-    let result = walk(ctx, &client, firmware, &mac, index, &mut tracker).await;
-    tracker.finish(result)
+    loop {
+        let attempt = tracker.record.attempts;
+        tracker.record.attempts += 1;
+        let result = walk(ctx, &client, firmware, &mac, index, attempt, &mut tracker).await;
+        let retry_at = Instant::now() + RETRY_DELAY;
+        if result.is_ok() || attempt >= ctx.args.retries || retry_at >= ctx.deadline {
+            return tracker.finish(result);
+        }
+        tracker.leave();
+        tokio::time::sleep_until(retry_at.into()).await;
+    }
 }
+
+/// How long a failed machine is off before it boots again (`--retries`).
+const RETRY_DELAY: Duration = Duration::from_secs(1);
 
 /// The boot chain; `Err` carries the cause, the tracker the phase.
 async fn walk(
@@ -499,13 +527,17 @@ async fn walk(
     firmware: Firmware,
     mac: &str,
     index: usize,
+    attempt: u32,
     tracker: &mut Tracker<'_>,
 ) -> Result<(), String> {
-    let xid = 0x5000_0000u32.wrapping_add((index as u32).wrapping_mul(2));
+    let xid = 0x5000_0000u32
+        .wrapping_add((index as u32).wrapping_mul(2))
+        .wrapping_add(attempt << 24);
     // The machine's HTTP connection, kept alive across its requests.
     let mut pool = http::Pool::default();
     tracker.enter(0);
     let lease = dhcp::obtain(&ctx.dhcp, client, xid, Stage::Firmware, ctx.deadline).await?;
+    tracker.record.addresses.push(lease.address);
     if ctx.args.stop_after == StopAfter::Dhcp {
         return Ok(());
     }
@@ -543,6 +575,7 @@ async fn walk(
 
     tracker.enter(0);
     let lease = dhcp::obtain(&ctx.dhcp, client, xid + 1, Stage::Ipxe, ctx.deadline).await?;
+    tracker.record.addresses.push(lease.address);
     let local = IpAddr::V4(lease.address);
 
     tracker.enter(2);
@@ -621,7 +654,12 @@ async fn take_address(interface: &str, address: Ipv4Addr) -> Result<(), String> 
         .await
         .map_err(|e| format!("cannot run ip: {e}"))?;
     let stderr = String::from_utf8_lossy(&output.stderr);
-    if output.status.success() || stderr.contains("File exists") {
+    // Already there (EEXIST: "File exists", or "Address already assigned"
+    // from newer iproute2): the same machine's lease again.
+    if output.status.success()
+        || stderr.contains("File exists")
+        || stderr.contains("already assigned")
+    {
         Ok(())
     } else {
         Err(format!("cannot take address {address}: {}", stderr.trim()))
@@ -892,6 +930,11 @@ fn report(ctx: &Shared, records: &[MachineRecord]) -> Report {
         goodput_mb_s: bytes_received as f64 / seconds / 1e6,
         phases,
         failures,
+        retried: records.iter().filter(|r| r.attempts > 1).count(),
+        leases: records
+            .iter()
+            .map(|r| (r.mac.clone(), r.addresses.clone()))
+            .collect(),
         booted_per_second,
         tick_seconds: TICK,
         in_phase,

@@ -20,6 +20,7 @@ mod postgres;
 mod qemu_lan;
 mod real_clients;
 mod router;
+mod scale_out;
 mod shared_leases;
 mod systemd;
 mod uploads;

@@ -214,16 +214,34 @@ pub struct OwnCluster {
 
 impl OwnCluster {
     pub fn start() -> Self {
+        Self::start_listening_also(None)
+    }
+
+    /// A cluster that also listens on `address` (a test bridge's, for
+    /// servers in namespaces), trusting every client.
+    pub fn start_listening_also(address: Option<std::net::Ipv4Addr>) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("bootfleet-pg-own-")
             .tempdir()
             .unwrap();
-        let url = Self::script("start", dir.path());
+        let url = Self::run_script("start", dir.path(), address);
         Self { dir, url }
     }
 
     fn script(command: &str, dir: &std::path::Path) -> String {
-        let output = Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/postgres.sh"))
+        Self::run_script(command, dir, None)
+    }
+
+    fn run_script(
+        command: &str,
+        dir: &std::path::Path,
+        also_listen: Option<std::net::Ipv4Addr>,
+    ) -> String {
+        let mut script = Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/postgres.sh"));
+        if let Some(address) = also_listen {
+            script.env("BOOTFLEET_PG_ALSO_LISTEN", address.to_string());
+        }
+        let output = script
             .arg(command)
             .arg(dir.join("cluster"))
             .output()
