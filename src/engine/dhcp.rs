@@ -122,6 +122,7 @@ pub fn spawn(
         }
         info!(interface = %iface.name, addr = %iface.addr, prefix = iface.prefix_len, mode = ?service.config.mode, "DHCP listening");
     }
+    warn_if_neighbour_table_is_small(&service.config);
     let mut responders = Vec::new();
     if service.config.answers_router_solicitations() {
         for iface in &interfaces {
@@ -173,6 +174,28 @@ pub fn spawn(
                 });
             })
         })
+}
+
+/// A server answers every machine of its LAN directly (unicast DHCP,
+/// TFTP, HTTP), and the kernel keeps one neighbour entry per machine; past
+/// `gc_thresh3` (1,024 by default) it drops packets to the rest, which
+/// looks like a storm that stalls at random. Said once at start when the
+/// pools hold more addresses than that.
+fn warn_if_neighbour_table_is_small(config: &crate::config::DhcpConfig) {
+    let addresses: u64 = config
+        .ranges
+        .iter()
+        .map(|&(first, last, _)| u64::from(u32::from(last).saturating_sub(u32::from(first))) + 1)
+        .sum();
+    let limit = std::fs::read_to_string("/proc/sys/net/ipv4/neigh/default/gc_thresh3")
+        .ok()
+        .and_then(|text| text.trim().parse::<u64>().ok());
+    if let Some(limit) = limit.filter(|&limit| addresses > limit) {
+        warn!(addresses, neighbour_limit = limit,
+            "the DHCP pools hold more addresses than the kernel keeps neighbour entries for; with that many machines \
+             booting at once, packets to some are dropped: raise net.ipv4.neigh.default.gc_thresh1/2/3 \
+             (e.g. 8192/16384/32768 in /etc/sysctl.d/)");
+    }
 }
 
 /// How long an idle DHCP thread waits for a datagram before it looks at

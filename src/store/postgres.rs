@@ -535,16 +535,18 @@ impl InventoryStore for PostgresStore {
         server: &str,
     ) -> StoreResult<()> {
         self.write(|tx| {
-            for (mac, facts, at_ms) in seen_now {
-                seen(tx, *mac, facts, *at_ms)?;
-            }
             let insert = tx.prepare(&format!(
                 "INSERT INTO events ({EVENT_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
             ))?;
-            let phase = tx.prepare(
-                "UPDATE machines SET phase = $2, phase_ms = $3, phase_status = $4, \
-                 last_seen_ms = GREATEST(COALESCE(last_seen_ms, 0), $3) WHERE mac = $1",
-            )?;
+            // The machines' rows are touched after the inserts, each once
+            // and in the order of their MACs: servers writing overlapping
+            // batches at once then wait for each other instead of
+            // deadlocking.
+            let mut rows: BTreeMap<String, (Option<&SeenNote>, Option<&BootEvent>)> =
+                BTreeMap::new();
+            for note in seen_now {
+                rows.entry(note.0.to_string()).or_default().0 = Some(note);
+            }
             for event in events {
                 let stored = StoredEvent::from(event);
                 tx.execute(
@@ -562,12 +564,24 @@ impl InventoryStore for PostgresStore {
                         &server,
                     ],
                 )?;
-                if let Some(mac) = &stored.mac {
+                if let Some(mac) = stored.mac {
+                    rows.entry(mac).or_default().1 = Some(event);
+                }
+            }
+            let phase = tx.prepare(
+                "UPDATE machines SET phase = $2, phase_ms = $3, phase_status = $4, \
+                 last_seen_ms = GREATEST(COALESCE(last_seen_ms, 0), $3) WHERE mac = $1",
+            )?;
+            for (mac, (note, latest)) in rows {
+                if let Some((seen_mac, facts, at_ms)) = note {
+                    seen(tx, *seen_mac, facts, *at_ms)?;
+                }
+                if let Some(event) = latest {
                     tx.execute(
                         &phase,
                         &[
-                            mac,
-                            &stored.phase,
+                            &mac,
+                            &event.phase.as_str(),
                             &(event.at_ms as i64),
                             &i32::from(event.status),
                         ],

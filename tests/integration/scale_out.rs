@@ -42,6 +42,29 @@ fn ip(args: &[&str]) {
 struct Lan {
     bridge: String,
     namespaces: Vec<String>,
+    /// Neighbour-table limits as they were, restored on drop.
+    neighbour_limits: Vec<(PathBuf, String)>,
+}
+
+/// A server talks to every machine of its LAN: past the kernel's default
+/// 1,024 neighbour entries it drops packets to the rest (docs/scale-out.md
+/// says so for real servers). The limits are the host's (namespaces share
+/// them), so they are raised for the test and put back after.
+fn raise_neighbour_limits() -> Vec<(PathBuf, String)> {
+    let mut previous = Vec::new();
+    for (key, wanted) in [
+        ("gc_thresh1", 4096),
+        ("gc_thresh2", 8192),
+        ("gc_thresh3", 16384),
+    ] {
+        let path = PathBuf::from(format!("/proc/sys/net/ipv4/neigh/default/{key}"));
+        let now = std::fs::read_to_string(&path).unwrap();
+        if now.trim().parse::<u32>().unwrap_or(0) < wanted {
+            std::fs::write(&path, wanted.to_string()).unwrap();
+            previous.push((path, now));
+        }
+    }
+    previous
 }
 
 impl Lan {
@@ -50,6 +73,7 @@ impl Lan {
         let lan = Lan {
             bridge: format!("bfsb{id}"),
             namespaces: (0..servers).map(|n| format!("bfso{id}{n}")).collect(),
+            neighbour_limits: raise_neighbour_limits(),
         };
         ip(&["link", "add", &lan.bridge, "type", "bridge"]);
         ip(&[
@@ -102,6 +126,9 @@ impl Drop for Lan {
         let _ = Command::new("ip")
             .args(["link", "del", &self.bridge])
             .status();
+        for (path, value) in &self.neighbour_limits {
+            let _ = std::fs::write(path, value);
+        }
     }
 }
 
@@ -138,8 +165,8 @@ impl Server {
             .arg(env!("CARGO_BIN_EXE_bootfleet"))
             .args(["serve", "--config"])
             .arg(&config)
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
+            .stdout(std::fs::File::create(&log).unwrap())
+            .stderr(Stdio::inherit())
             .spawn()
             .unwrap();
         Server { child, name, log }
@@ -346,10 +373,13 @@ fn three_servers_on_one_database_boot_a_storm_and_survive_a_dead_server_and_data
     if fresh_postgres_database().is_none() || !can_make_namespaces() {
         return;
     }
-    let work = tempfile::Builder::new()
+    let mut work = tempfile::Builder::new()
         .prefix("bootfleet-scale-out-")
         .tempdir()
         .unwrap();
+    // BOOTFLEET_KEEP_SCRATCH=1 keeps the servers' logs and the reports.
+    work.disable_cleanup(std::env::var_os("BOOTFLEET_KEEP_SCRATCH").is_some());
+    println!("scratch: {}", work.path().display());
     let root = work.path().join("boot");
     boot_root(&root);
     let lan = Lan::new(3);
