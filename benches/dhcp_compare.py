@@ -1,6 +1,13 @@
 #!/usr/bin/env python3
 """Side-by-side DHCP benchmark: bootfleet (full mode), Kea (memfile) and dnsmasq.
 
+`bootfleet-postgres` is bootfleet with its lease table shared through a
+PostgreSQL server (`[database] url`; a throwaway cluster started by
+tests/postgres.sh inside the server's namespace, pinned to the server's
+core, its CPU counted in its own cgroup and added to the server's): the
+cost of writing every batch's leases through to the database before the
+ACKs go, which is what several servers on one LAN pay.
+
 Kea's perfdhcp (Debian package kea-admin) runs in relay mode over a veth pair
 between two network namespaces the script creates and removes. Each server is
 pinned to core 0 in its own cpuacct cgroup (joined before entering the
@@ -63,12 +70,46 @@ def lab_down():
         subprocess.run(["ip", "netns", "del", ns], stderr=subprocess.DEVNULL)
 
 
+class PostgresInNamespace:
+    """A throwaway PostgreSQL cluster in the server's namespace, on core 0,
+    in a cpuacct cgroup of its own."""
+
+    def __init__(self, work: Path):
+        self.dir, self.cgroup = work / "postgres", CGROOT / "bfbench_dhcp_postgres"
+
+    def start(self) -> str:
+        self.cgroup.mkdir(exist_ok=True)
+        script = (f'echo $$ > {self.cgroup}/cgroup.procs && exec taskset -c 0 '
+                  f'ip netns exec {SERVER_NS} {REPO}/tests/postgres.sh start {self.dir}')
+        return subprocess.run(["sh", "-c", script], check=True, capture_output=True, text=True).stdout.strip()
+
+    def cpu_ns(self):
+        return int((self.cgroup / "cpuacct.usage").read_text())
+
+    def stop(self):
+        subprocess.run(["ip", "netns", "exec", SERVER_NS, f"{REPO}/tests/postgres.sh", "stop", str(self.dir)], capture_output=True)
+        for _ in range(50):
+            if not (self.cgroup / "cgroup.procs").read_text().split():
+                break
+            time.sleep(0.1)
+        try:
+            self.cgroup.rmdir()
+        except OSError:
+            pass
+
+
 class NsServer:
-    def __init__(self, name, argv, cgroup):
+    def __init__(self, name, argv, cgroup, database=None):
         self.name, self.argv, self.cgroup = name, argv, CGROOT / cgroup
         self.proc = None
+        # A PostgresInNamespace the server needs (its CPU is counted too).
+        self.database = database
 
     def start(self):
+        if self.database:
+            url = self.database.start()
+            config = Path(self.argv[self.argv.index("--config") + 1])
+            config.write_text(config.read_text() + f'[database]\nurl = "{url}"\n')
         self.cgroup.mkdir(exist_ok=True)
         script = f'echo $$ > {self.cgroup}/cgroup.procs && exec ip netns exec {SERVER_NS} taskset -c 0 "$@"'
         self.proc = subprocess.Popen(["sh", "-c", script, "sh", *self.argv], stdout=subprocess.DEVNULL,
@@ -80,7 +121,12 @@ class NsServer:
     def cpu_ns(self):
         return int((self.cgroup / "cpuacct.usage").read_text())
 
+    def database_cpu_ns(self):
+        return self.database.cpu_ns() if self.database else 0
+
     def stop(self):
+        if self.database:
+            self.database.stop()
         if self.proc:
             os.killpg(self.proc.pid, 15)
             try:
@@ -111,7 +157,14 @@ def servers(work: Path):
     }}))
     nosync = work / "bootfleet-nosync.toml"
     nosync.write_text("[dhcp]\nsync_leases = false\n")
+    shared = work / "bootfleet-postgres.toml"
+    shared.write_text("")
     return [
+        NsServer("bootfleet-postgres", [str(REPO / "target/release/bootfleet"), "serve", "--panel-listen", "off", "--config", str(shared), "--root", str(root),
+                                        "--state-dir", str(work / "bootfleet-postgres-state"),
+                                        "--tftp-listen", f"{SERVER_IP}:69", "--http-listen", f"{SERVER_IP}:80", "--workers", "1",
+                                        "--dhcp-mode", "full", "--dhcp-interface", SERVER_DEV, "--dhcp-range", "10.65.0.0-10.127.255.254",
+                                        "--log-level", "warn"], "bfbench_dhcp_bootfleet_postgres", PostgresInNamespace(work)),
         NsServer("bootfleet-nosync", [str(REPO / "target/release/bootfleet"), "serve", "--panel-listen", "off", "--config", str(nosync), "--root", str(root),
                                       "--state-dir", str(work / "bootfleet-nosync-state"),
                                       "--tftp-listen", f"{SERVER_IP}:69", "--http-listen", f"{SERVER_IP}:80", "--workers", "1",
@@ -144,11 +197,12 @@ def client_overflows() -> int:
 
 def run_rate(server: NsServer, rate: int, seconds: int) -> dict:
     overflows0 = client_overflows()
-    cpu0 = server.cpu_ns()
+    cpu0, database_cpu0 = server.cpu_ns(), server.database_cpu_ns()
     out = subprocess.run(["taskset", "-c", "1", "ip", "netns", "exec", CLIENT_NS, "perfdhcp", "-4", "-l", CLIENT_DEV,
                           "-r", str(rate), "-R", "1000000", "-p", str(seconds), "-W", str(EXIT_WAIT_US), SERVER_IP],
                          capture_output=True, text=True, timeout=seconds + 61)
-    cpu = (server.cpu_ns() - cpu0) / 1e9
+    database_cpu = (server.database_cpu_ns() - database_cpu0) / 1e9
+    cpu = (server.cpu_ns() - cpu0) / 1e9 + database_cpu
     text = out.stdout
     acks = stat(text, "REQUEST-ACK", "received packets")
     report = {
@@ -161,6 +215,7 @@ def run_rate(server: NsServer, rate: int, seconds: int) -> dict:
         "ack_drops": stat(text, "REQUEST-ACK", "drops"),
         "dora_per_s": acks / seconds,
         "server_cpu_s": cpu,
+        "database_cpu_s": database_cpu,
         "cpu_us_per_dora": cpu * 1e6 / acks if acks else None,
         "avg_ack_delay_ms": stat(text, "REQUEST-ACK", "avg delay"),
         "client_overflows": client_overflows() - overflows0,
@@ -177,11 +232,14 @@ def markdown(results, command):
              "perfdhcp on core 1; every server persists leases to disk (`bootfleet` with an fdatasync per batch, `bootfleet-nosync` with `sync_leases = false`, written but not synced, as Kea's memfile and dnsmasq do). "
              f"perfdhcp waits {EXIT_WAIT_US // 1000} ms for answers after its last request; sockets get a {RMEM_DEFAULT >> 20} MiB receive buffer (`net.core.rmem_default`, restored afterwards) so that perfdhcp's own socket does not drop answers that arrive in a burst; "
              "*client overflows* counts those it dropped anyway (UdpRcvbufErrors in its namespace), which perfdhcp reports as drops.", "",
-             "| offered rate /s | server | DORA/s completed | DISCOVER drops | REQUEST drops | client overflows | server CPU µs per DORA | avg ACK delay ms |",
-             "|---:|---|---:|---:|---:|---:|---:|---:|"]
+             "`bootfleet-postgres` writes its leases through to a PostgreSQL server on the same core (the shared lease table of several servers); its CPU includes PostgreSQL's, shown apart too.", "",
+             "| offered rate /s | server | DORA/s completed | DISCOVER drops | REQUEST drops | client overflows | server CPU µs per DORA | of which database | avg ACK delay ms |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         per = f"{r['cpu_us_per_dora']:.0f}" if r["cpu_us_per_dora"] else "-"
-        lines.append(f"| {r['rate']} | {r['server']} | {r['dora_per_s']:.0f} | {r['offer_drops']:.0f} | {r['ack_drops']:.0f} | {r['client_overflows']} | {per} | {r['avg_ack_delay_ms']:.2f} |")
+        database = r.get("database_cpu_s", 0)
+        of_which = f"{database * 1e6 / r['acks']:.0f}" if database and r["acks"] else "-"
+        lines.append(f"| {r['rate']} | {r['server']} | {r['dora_per_s']:.0f} | {r['offer_drops']:.0f} | {r['ack_drops']:.0f} | {r['client_overflows']} | {per} | {of_which} | {r['avg_ack_delay_ms']:.2f} |")
     lines.append("<!-- dhcp-compare:end -->")
     return "\n".join(lines)
 
