@@ -161,6 +161,16 @@ impl From<::postgres::Error> for StoreError {
     }
 }
 
+/// What PostgreSQL (or the connection to it) said, without the
+/// "inventory database:" prefix of [`StoreError::Database`], for messages
+/// that already say where they come from.
+pub(super) fn database_message(error: ::postgres::Error) -> String {
+    match StoreError::from(error) {
+        StoreError::Database(message) => message,
+        other => other.to_string(),
+    }
+}
+
 /// The PostgreSQL inventory store.
 pub struct PostgresStore {
     url: String,
@@ -196,7 +206,7 @@ impl PostgresStore {
                 StoreError::Database(format!(
                     "cannot connect to PostgreSQL at {}: {}",
                     redact(&self.url),
-                    StoreError::from(e)
+                    database_message(e)
                 ))
             })?;
             *slot = Some(client);

@@ -26,7 +26,7 @@ use std::net::Ipv4Addr;
 
 use ::postgres::Client;
 
-use super::postgres::{connect, migrate, now_ms, redact};
+use super::postgres::{connect, database_message, migrate, now_ms, redact};
 use super::{StoreError, StoreResult};
 use crate::proto::dhcp::lease::{Lease, State};
 use crate::proto::Mac;
@@ -83,7 +83,7 @@ impl SharedLeases {
                 StoreError::Database(format!(
                     "cannot connect to PostgreSQL at {} for the shared DHCP leases: {}",
                     redact(&self.url),
-                    StoreError::from(e)
+                    database_message(e)
                 ))
             })?;
             migrate(&mut client)?;
