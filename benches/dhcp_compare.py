@@ -81,7 +81,10 @@ class PostgresInNamespace:
         self.cgroup.mkdir(exist_ok=True)
         script = (f'echo $$ > {self.cgroup}/cgroup.procs && exec taskset -c 0 '
                   f'ip netns exec {SERVER_NS} {REPO}/tests/postgres.sh start {self.dir}')
-        return subprocess.run(["sh", "-c", script], check=True, capture_output=True, text=True).stdout.strip()
+        started = subprocess.run(["sh", "-c", script], capture_output=True, text=True)
+        if started.returncode != 0:
+            raise RuntimeError(f"tests/postgres.sh could not start a cluster: {started.stderr}")
+        return started.stdout.strip()
 
     def cpu_ns(self):
         return int((self.cgroup / "cpuacct.usage").read_text())
@@ -112,8 +115,9 @@ class NsServer:
             config.write_text(config.read_text() + f'[database]\nurl = "{url}"\n')
         self.cgroup.mkdir(exist_ok=True)
         script = f'echo $$ > {self.cgroup}/cgroup.procs && exec ip netns exec {SERVER_NS} taskset -c 0 "$@"'
-        self.proc = subprocess.Popen(["sh", "-c", script, "sh", *self.argv], stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL, start_new_session=True)
+        log = open(Path(tempfile.gettempdir()) / f"dhcp-compare-{self.name}.log", "w")
+        self.proc = subprocess.Popen(["sh", "-c", script, "sh", *self.argv], stdout=log,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
         time.sleep(1.5)
         if self.proc.poll() is not None:
             raise RuntimeError(f"{self.name} exited at start: {self.argv}")
@@ -265,7 +269,9 @@ def main():
     RMEM_SYSCTL.write_text(str(max(RMEM_DEFAULT, int(rmem_default))))
     try:
         lab_up()
-        for server in servers(Path(tempfile.mkdtemp(prefix="bootfleet-dhcp-bench-", dir="/var/tmp"))):
+        work = Path(tempfile.mkdtemp(prefix="bootfleet-dhcp-bench-", dir="/var/tmp"))
+        work.chmod(0o755)  # PostgreSQL (bootfleet-postgres) runs as its own user below it
+        for server in servers(work):
             if args.only and server.name not in args.only.split(","):
                 continue
             server.start()

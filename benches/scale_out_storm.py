@@ -112,6 +112,8 @@ def storm(servers: int, machines: int, root: Path, work: Path, time_limit: int) 
         pg = in_cgroup(pg_cgroup, [REPO / "tests/postgres.sh", "start", pg_dir], stdout=subprocess.PIPE, text=True,
                        env={**os.environ, "BOOTFLEET_PG_ALSO_LISTEN": BRIDGE_IP})
         url = pg.communicate(timeout=120)[0].strip().replace("127.0.0.1", BRIDGE_IP)
+        if pg.returncode != 0 or not url:
+            raise RuntimeError("tests/postgres.sh could not start a cluster (see above)")
         token = subprocess.run([BINARY, "tokens", "add", "bench", "--scope", "admin", "--database", url],
                                check=True, capture_output=True, text=True).stdout.strip()
         for n in range(servers):
@@ -217,6 +219,7 @@ def main():
         sys.exit("at most 8 servers")
     sh("cargo", "build", "--release", "--workspace", cwd=REPO)
     work = Path(tempfile.mkdtemp(prefix="bootfleet-scale-out-bench-", dir="/var/tmp"))
+    work.chmod(0o755)  # PostgreSQL runs as its own user below it
     root = work / "boot"
     make_root(root, args.kernel_kb, args.initrd_kb)
     limits = []

@@ -577,6 +577,11 @@ async fn walk(
     let lease = dhcp::obtain(&ctx.dhcp, client, xid + 1, Stage::Ipxe, ctx.deadline).await?;
     tracker.record.addresses.push(lease.address);
     let local = IpAddr::V4(lease.address);
+    if let Some(interface) = &ctx.lan_interface {
+        // Usually the same address again; with several servers on the
+        // LAN, another server may have answered with one of its own.
+        take_address(interface, lease.address).await?;
+    }
 
     tracker.enter(2);
     let mut settings = ipxe::Settings::default();

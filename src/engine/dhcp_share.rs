@@ -65,6 +65,7 @@ pub fn spawn(
                 queued: Vec::new(),
                 last_failure: None,
                 failing: false,
+                last_look: None,
                 ready: Some(ready),
             };
             keeper.run(&requests, &shutdown);
@@ -80,6 +81,8 @@ struct Keeper {
     last_failure: Option<Instant>,
     /// The last attempt failed (logged once until one succeeds).
     failing: bool,
+    /// When the free addresses were last counted.
+    last_look: Option<Instant>,
     ready: Option<std::sync::mpsc::SyncSender<()>>,
 }
 
@@ -92,15 +95,14 @@ impl Keeper {
             match requests.recv_timeout(TICK) {
                 Ok(ShareRequest::Write { leases, done }) => {
                     self.queue(leases);
-                    // Whatever else is waiting goes in the same statement.
-                    let mut waiting = vec![done];
-                    while let Ok(ShareRequest::Write { leases, done }) = requests.try_recv() {
-                        self.queue(leases);
-                        waiting.push(done);
-                    }
                     let result = self.flush();
-                    for done in waiting.into_iter().flatten() {
-                        let _ = done.send(result.clone());
+                    if let Some(done) = done {
+                        let _ = done.send(result);
+                    }
+                    // Under steady load the tick never comes: look at the
+                    // free addresses between writes too.
+                    if self.last_look.is_none_or(|at| at.elapsed() >= TICK) {
+                        self.keep_addresses();
                     }
                 }
                 Ok(ShareRequest::Lookup(ip, mac)) => self.load_lease(ip, mac),
@@ -259,6 +261,7 @@ impl Keeper {
         if !self.may_try() {
             return;
         }
+        self.last_look = Some(Instant::now());
         let pools = {
             let state = self.service.state.lock().unwrap_or_else(|p| p.into_inner());
             state.leases.owned_per_pool(SystemTime::now())
