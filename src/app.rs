@@ -280,7 +280,7 @@ fn start_dhcp(
         match ready.recv_timeout(SHARED_LEASES_WAIT) {
             Ok(()) => info!(server = %config.panel.server_name(), "DHCP leases shared through the database"),
             Err(_) => tracing::warn!(
-                "the shared DHCP lease table is not reachable yet; until it is, this server renews the leases it holds and hands out no new addresses"
+                "the shared DHCP lease table is not reachable yet; until it is, this server answers only for addresses in the blocks it held last time (its state directory's dhcp-blocks.json)"
             ),
         }
     }

@@ -324,12 +324,17 @@ pub async fn obtain(
                 deadline,
             )
             .await?;
+        // A REQUEST is retransmitted three times (1, 2 and 4 times the
+        // first wait); with no ACK by then the client starts over from
+        // DISCOVER, as RFC 2131 §4.4.1 and PXE firmware do, so a server
+        // that died after its OFFER does not hold the machine forever.
+        let give_up = (Instant::now() + stage.first_retry() * 7).min(deadline);
         match link
             .exchange(
                 &client.request(xid, stage, &offer),
                 MessageType::Ack,
                 stage.first_retry(),
-                deadline,
+                give_up,
             )
             .await
         {
@@ -340,6 +345,7 @@ pub async fn obtain(
                     return Err(format!("NAK ({naks} times)"));
                 }
             }
+            Err(_) if Instant::now() < deadline => {}
             Err(why) => return Err(why),
         }
     }

@@ -157,9 +157,10 @@ impl Keeper {
         };
         let held = {
             let mut state = self.service.state.lock().unwrap_or_else(|p| p.into_inner());
-            state.leases.add_blocks(&blocks);
+            state.leases.set_blocks(&blocks);
             state.leases.held(SystemTime::now())
         };
+        self.save_blocks();
         self.queue(held);
         if self.flush().is_err() {
             return;
@@ -179,6 +180,27 @@ impl Keeper {
         );
         if let Some(ready) = self.ready.take() {
             let _ = ready.send(());
+        }
+    }
+
+    /// Keeps the blocks this server holds in its state directory, for a
+    /// start while the database is away (written aside, then renamed).
+    fn save_blocks(&self) {
+        let Some(file) = self.service.blocks_file() else {
+            return;
+        };
+        let blocks = {
+            let state = self.service.state.lock().unwrap_or_else(|p| p.into_inner());
+            state.leases.owned_blocks()
+        };
+        let aside = file.with_extension("json.tmp");
+        let written = serde_json::to_vec(&blocks)
+            .map_err(std::io::Error::other)
+            .and_then(|bytes| std::fs::write(&aside, bytes))
+            .and_then(|()| std::fs::rename(&aside, &file));
+        if let Err(error) = written {
+            warn!(file = %file.display(), %error,
+                "cannot keep this server's address blocks on disk; a start without the database would hand out no new addresses");
         }
     }
 
@@ -280,8 +302,13 @@ impl Keeper {
                 }
                 Ok(claimed) => {
                     debug!(%first, %last, claimed = claimed.len(), free, "shared DHCP leases: blocks claimed");
-                    let mut state = self.service.state.lock().unwrap_or_else(|p| p.into_inner());
-                    state.leases.add_blocks(&claimed);
+                    self.service
+                        .state
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .leases
+                        .add_blocks(&claimed);
+                    self.save_blocks();
                 }
                 Err(error) => return self.failed("claim address blocks", &error),
             }

@@ -42,8 +42,19 @@ struct DhcpServer {
 
 impl DhcpServer {
     fn start(url: &str, name: &str, address: Ipv4Addr) -> Self {
-        let root = tempfile::tempdir().unwrap();
-        let state = tempfile::tempdir().unwrap();
+        let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+        Self::start_in(url, name, address, dirs, true)
+    }
+
+    /// A server on `dirs` (boot directory, state directory), waiting for
+    /// its first blocks from the database when `connected`.
+    fn start_in(
+        url: &str,
+        name: &str,
+        address: Ipv4Addr,
+        [root, state]: [tempfile::TempDir; 2],
+        connected: bool,
+    ) -> Self {
         let inventory = root.path().join("inventory.toml");
         std::fs::write(&inventory, "").unwrap();
         let router = Arc::new(Router::new(root.path(), &inventory, state.path()).unwrap());
@@ -75,9 +86,11 @@ impl DhcpServer {
             shutdown.clone(),
         )
         .unwrap();
-        ready
-            .recv_timeout(Duration::from_secs(10))
-            .unwrap_or_else(|_| panic!("server {name} never got its first address blocks"));
+        if connected {
+            ready
+                .recv_timeout(Duration::from_secs(10))
+                .unwrap_or_else(|_| panic!("server {name} never got its first address blocks"));
+        }
         Self {
             service,
             iface,
@@ -421,4 +434,31 @@ fn with_the_database_away_a_server_answers_from_its_own_blocks_and_catches_up() 
                 .then_some(())
         },
     );
+}
+
+/// A server that restarts while the database is away knows its blocks from
+/// its state directory: its clients renew and new machines get addresses.
+#[test]
+fn a_server_restarting_with_the_database_away_answers_from_the_blocks_it_kept() {
+    if fresh_postgres_database().is_none() {
+        return;
+    }
+    let cluster = OwnCluster::start();
+    let address = Ipv4Addr::new(192, 168, 77, 1);
+    let mut server = DhcpServer::start(&cluster.url, "dhcp-a", address);
+    let before = dora_round(&[&server], &(1..=5).collect::<Vec<_>>(), 0);
+    assert_eq!(before.len(), 5);
+    let dirs = std::mem::replace(
+        &mut server._dirs,
+        [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()],
+    );
+    drop(server);
+    cluster.pause();
+    let restarted = DhcpServer::start_in(&cluster.url, "dhcp-a", address, dirs, false);
+    let after = dora_round(&[&restarted], &(1..=10).collect::<Vec<_>>(), 0);
+    assert_eq!(after.len(), 10, "old clients and new machines are answered");
+    for (client, (ip, _)) in &before {
+        assert_eq!(after[client].0, *ip, "client {client} keeps its address");
+    }
+    cluster.resume();
 }

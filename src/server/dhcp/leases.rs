@@ -151,6 +151,22 @@ impl LeaseTable {
         self.blocks.is_some()
     }
 
+    /// The first address of every block this server holds.
+    pub fn owned_blocks(&self) -> Vec<Ipv4Addr> {
+        self.blocks
+            .as_ref()
+            .map(|b| b.owned.iter().map(|&first| Ipv4Addr::from(first)).collect())
+            .unwrap_or_default()
+    }
+
+    /// Replaces the blocks this server holds (with what the shared table
+    /// says, which wins over a local copy).
+    pub fn set_blocks(&mut self, blocks: &[Ipv4Addr]) {
+        if let Some(owned) = self.blocks.as_mut() {
+            owned.owned = blocks.iter().map(|&b| u32::from(b)).collect();
+        }
+    }
+
     /// Adds blocks (by first address) this server now holds.
     pub fn add_blocks(&mut self, blocks: &[Ipv4Addr]) {
         if let Some(owned) = self.blocks.as_mut() {

@@ -86,15 +86,31 @@ impl DhcpService {
     /// Shares the lease table with other servers: new addresses come only
     /// from blocks of `block_size` that the returned channel's keeper
     /// claims, and lease changes are written through before replies go.
+    ///
+    /// The blocks last held are read from [`Self::blocks_file`], so that a
+    /// server that starts while the database is away still renews its
+    /// leases and hands out addresses from its own blocks.
     pub fn share_leases(&mut self, block_size: u32) -> std::sync::mpsc::Receiver<ShareRequest> {
         let (sharing, requests) = LeaseSharing::new();
-        self.state
-            .get_mut()
-            .unwrap_or_else(|p| p.into_inner())
-            .leases
-            .share(block_size);
+        let saved: Vec<Ipv4Addr> = self
+            .blocks_file()
+            .and_then(|file| std::fs::read(file).ok())
+            .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+            .unwrap_or_default();
+        let state = self.state.get_mut().unwrap_or_else(|p| p.into_inner());
+        state.leases.share(block_size);
+        state.leases.add_blocks(&saved);
         self.sharing = Some(sharing);
         requests
+    }
+
+    /// Where the blocks this server holds in a shared lease table are kept
+    /// (`dhcp-blocks.json` beside the lease journal), for starts without
+    /// the database.
+    pub fn blocks_file(&self) -> Option<std::path::PathBuf> {
+        let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let journal = state.journal.as_ref()?;
+        Some(journal.path().with_file_name("dhcp-blocks.json"))
     }
 
     /// Leases bound now, per pool (first and last address).
