@@ -131,6 +131,16 @@ impl Keeper {
         self.database.connected() || self.last_failure.is_none_or(|at| at.elapsed() >= RETRY)
     }
 
+    /// Connected, through [`Self::connect_if_due`] when not: every new
+    /// connection loads the blocks and writes every held lease again,
+    /// whichever call found the database back.
+    fn ensure_connected(&mut self) -> bool {
+        if !self.database.connected() {
+            self.connect_if_due();
+        }
+        self.database.connected()
+    }
+
     fn failed(&mut self, what: &str, error: &StoreError) {
         self.database.disconnect();
         self.last_failure = Some(Instant::now());
@@ -167,10 +177,7 @@ impl Keeper {
         }
         self.keep_addresses();
         if self.failing {
-            info!(
-                queued_written = true,
-                "shared DHCP leases: the database is back; writes caught up"
-            );
+            info!("shared DHCP leases: the database is back; every held lease written again");
             self.failing = false;
         }
         info!(
@@ -218,7 +225,7 @@ impl Keeper {
         if self.queued.is_empty() {
             return Ok(Vec::new());
         }
-        if !self.may_try() {
+        if !self.ensure_connected() {
             return Err(());
         }
         match self.database.write(&self.queued, epoch(SystemTime::now())) {
@@ -253,7 +260,7 @@ impl Keeper {
 
     /// A client asked for `ip`, which this server has no record of.
     fn load_lease(&mut self, ip: Ipv4Addr, mac: Mac) {
-        if !self.may_try() {
+        if !self.ensure_connected() {
             return;
         }
         match self.database.lease(ip) {
@@ -280,7 +287,7 @@ impl Keeper {
     /// Claims blocks for every pool whose free addresses fell below the
     /// low-water mark.
     fn keep_addresses(&mut self) {
-        if !self.may_try() {
+        if !self.ensure_connected() {
             return;
         }
         self.last_look = Some(Instant::now());

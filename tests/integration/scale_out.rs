@@ -448,10 +448,18 @@ fn three_servers_on_one_database_boot_a_storm_and_survive_a_dead_server_and_data
     cluster.resume();
     let away = finish_storm(storm, work.path(), "database-away", FAULTED);
     let given = addresses_given(&[&clean, &killed, &away]);
+    // A server's lease keeper has been seen to take 17–25 s after the
+    // restart to connect again (not explained yet; docs/scale-out.md), so
+    // the catch-up gets a minute, and the time it took is printed.
+    let back = Instant::now();
     wait_until(
         "the shared table has what the clients got while the database was away",
-        Duration::from_secs(20),
+        Duration::from_secs(60),
         || table_agrees(&cluster.url, &given),
+    );
+    println!(
+        "the table caught up {:.1} s after the database came back",
+        back.elapsed().as_secs_f64()
     );
     let store = PostgresStore::connect(&cluster.url).unwrap();
     wait_until(
