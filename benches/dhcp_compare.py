@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tftp_compare import CGROOT, REPO, sh, write_section  # noqa: E402
+from tftp_compare import CGROOT, REPO, remove_cgroup, sh, write_section  # noqa: E402
 
 SERVER_NS, CLIENT_NS = "bfdhcpb_s", "bfdhcpb_c"
 SERVER_DEV, CLIENT_DEV = "bfdb_s", "bfdb_c"
@@ -91,14 +91,7 @@ class PostgresInNamespace:
 
     def stop(self):
         subprocess.run(["ip", "netns", "exec", SERVER_NS, f"{REPO}/tests/postgres.sh", "stop", str(self.dir)], capture_output=True)
-        for _ in range(50):
-            if not (self.cgroup / "cgroup.procs").read_text().split():
-                break
-            time.sleep(0.1)
-        try:
-            self.cgroup.rmdir()
-        except OSError:
-            pass
+        remove_cgroup(self.cgroup)
 
 
 class NsServer:
@@ -138,14 +131,7 @@ class NsServer:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, 9)
                 self.proc.wait()
-        for _ in range(50):
-            if not (self.cgroup / "cgroup.procs").read_text().split():
-                break
-            time.sleep(0.1)
-        try:
-            self.cgroup.rmdir()
-        except OSError:
-            pass
+        remove_cgroup(self.cgroup)
 
 
 def servers(work: Path):

@@ -27,7 +27,7 @@ import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tftp_compare import CGROOT, REPO, sh, write_section  # noqa: E402
+from tftp_compare import CGROOT, REPO, remove_cgroup, sh, write_section  # noqa: E402
 
 BRIDGE, BRIDGE_IP = "bfscb0", "10.89.15.254"
 RANGE = "10.89.0.10-10.89.15.200"
@@ -72,18 +72,6 @@ def in_cgroup(name: str, argv, **kw) -> subprocess.Popen:
 
 def cpu_s(name: str) -> float:
     return int((CGROOT / name / "cpuacct.usage").read_text()) / 1e9
-
-
-def remove_cgroup(name: str):
-    cgroup = CGROOT / name
-    for _ in range(50):
-        if not cgroup.exists() or not (cgroup / "cgroup.procs").read_text().split():
-            break
-        time.sleep(0.1)
-    try:
-        cgroup.rmdir()
-    except OSError:
-        pass
 
 
 def make_root(root: Path, kernel_kb: int, initrd_kb: int):
@@ -181,8 +169,8 @@ def storm(servers: int, machines: int, root: Path, work: Path, time_limit: int) 
             proc.wait()
         subprocess.run([REPO / "tests/postgres.sh", "stop", pg_dir], capture_output=True)
         for n in range(servers):
-            remove_cgroup(f"bfscale_{servers}_{n}")
-        remove_cgroup(pg_cgroup)
+            remove_cgroup(CGROOT / f"bfscale_{servers}_{n}")
+        remove_cgroup(CGROOT / pg_cgroup)
         lan_down(servers)
 
 

@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tftp_compare import CGROOT, REPO, installed, sh, write_section  # noqa: E402
+from tftp_compare import CGROOT, REPO, installed, remove_cgroup, sh, write_section  # noqa: E402
 
 NS = "bfstormb"
 RELAY_RANGE = "127.1.0.10-127.1.255.250/16"
@@ -93,14 +93,7 @@ class Stack:
                 os.killpg(proc.pid, 9)
                 proc.wait()
         self.procs = []
-        for _ in range(50):
-            if not (self.cgroup / "cgroup.procs").read_text().split():
-                break
-            time.sleep(0.1)
-        try:
-            self.cgroup.rmdir()
-        except OSError:
-            pass
+        remove_cgroup(self.cgroup)
 
 
 def wait_http(url: str):

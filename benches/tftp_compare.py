@@ -250,6 +250,19 @@ def main():
     print(f"results: {work / 'results.json'}; table written into {args.out}")
 
 
+def remove_cgroup(cgroup: Path):
+    """Removes a cpuacct cgroup once its processes are gone (waiting up to
+    5 s for them to leave; a cgroup still in use is left)."""
+    for _ in range(50):
+        if not cgroup.exists() or not (cgroup / "cgroup.procs").read_text().split():
+            break
+        time.sleep(0.1)
+    try:
+        cgroup.rmdir()
+    except OSError:
+        pass
+
+
 def write_section(out: Path, section: str, name: str = "tftp-compare"):
     """Replaces the generated section `name` of `out` (between its
     `<!-- name:begin -->` and `<!-- name:end -->` markers), or appends it."""
