@@ -38,6 +38,7 @@ pub mod limit;
 pub mod metrics;
 pub mod panel;
 pub mod proto;
+pub mod seal;
 pub mod server;
 pub mod shutdown;
 pub mod store;

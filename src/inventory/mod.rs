@@ -39,6 +39,7 @@ use toml::Spanned;
 use crate::proto::path::safe_relative_name;
 use crate::proto::Mac;
 
+pub mod bmc;
 pub mod fields;
 
 /// The inventory file's name inside the boot directory.

@@ -23,6 +23,7 @@ use std::net::Ipv4Addr;
 use serde::{Deserialize, Serialize};
 
 use crate::boot::events::BootEvent;
+use crate::inventory::bmc::{check_target, BmcTarget};
 use crate::inventory::{self, fields, Snapshot, Transport, UnknownPolicy};
 use crate::proto::Mac;
 
@@ -322,6 +323,18 @@ pub struct AuditEntry {
     pub detail: String,
 }
 
+/// A machine's BMC as stored: where it is, who to log in as, and the
+/// password sealed with the operator's key file (see [`crate::seal`]; the
+/// store never sees it in the clear, and no API answer carries it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BmcRecord {
+    pub mac: Mac,
+    pub target: BmcTarget,
+    /// The password or key, sealed for this MAC.
+    pub sealed_secret: String,
+    pub updated_ms: u64,
+}
+
 /// A machine that asked for a script, with the iPXE facts it sent.
 pub type SeenNote = (Mac, BTreeMap<String, String>, u64);
 
@@ -388,13 +401,16 @@ pub struct InventoryDump {
     pub audit: Vec<AuditEntry>,
     /// Key and value (the unknown-machine policy).
     pub settings: Vec<(String, String)>,
+    /// Machines' BMCs, their passwords still sealed (the copy needs the
+    /// same key file).
+    pub bmcs: Vec<BmcRecord>,
 }
 
 impl std::fmt::Display for InventoryDump {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{} images, {} machines, {} pools, {} users, {} tokens, {} boot events, {} audit entries, {} settings",
+            "{} images, {} machines, {} pools, {} users, {} tokens, {} boot events, {} audit entries, {} settings, {} BMCs",
             self.images.len(),
             self.machines.len(),
             self.pools.len(),
@@ -402,7 +418,8 @@ impl std::fmt::Display for InventoryDump {
             self.tokens.len(),
             self.events.len(),
             self.audit.len(),
-            self.settings.len()
+            self.settings.len(),
+            self.bmcs.len()
         )
     }
 }
@@ -574,6 +591,12 @@ pub trait InventoryStore: Send + Sync {
     fn tokens(&self) -> StoreResult<Vec<TokenRecord>>;
     fn revoke_token(&self, id: i64, actor: &str) -> StoreResult<()>;
 
+    /// Every machine's BMC, by MAC.
+    fn bmcs(&self) -> StoreResult<Vec<BmcRecord>>;
+    /// Sets (`Some`) or removes (`None`) the BMC of the machine `mac`,
+    /// which must be in the inventory. A machine forgotten loses its BMC.
+    fn set_bmc(&self, mac: Mac, bmc: Option<&BmcRecord>, actor: &str) -> StoreResult<()>;
+
     fn audit(&self, limit: usize) -> StoreResult<Vec<AuditEntry>>;
     /// An audit entry for something that is not a store change (a login).
     fn record_audit(
@@ -705,7 +728,25 @@ pub fn validate_image(image: &ImageRecord) -> StoreResult<()> {
     checked.map_err(StoreError::Invalid)
 }
 
-/// Checks a pool's name, members' image and selector.
+/// Checks a BMC before it is stored: its target (see
+/// [`crate::inventory::bmc::check_target`]) and that its password is sealed,
+/// and says what the audit log records of it (never the password).
+pub fn validate_bmc(mac: Mac, bmc: &BmcRecord) -> StoreResult<String> {
+    if bmc.mac != mac {
+        return Err(StoreError::Invalid(format!(
+            "the BMC record is for {}, not {mac}",
+            bmc.mac
+        )));
+    }
+    check_target(&bmc.target).map_err(|why| StoreError::Invalid(format!("BMC: {why}")))?;
+    if !bmc.sealed_secret.starts_with("v1.") {
+        return Err(StoreError::Invalid(
+            "BMC: the password must be sealed before it is stored".into(),
+        ));
+    }
+    Ok(format!("bmc {}", bmc.target))
+}
+
 /// A user name: letters, digits, '-', '_', '.', '@', 1 to 64 of them.
 pub fn validate_user_name(name: &str) -> StoreResult<()> {
     if name.is_empty()
@@ -721,6 +762,7 @@ pub fn validate_user_name(name: &str) -> StoreResult<()> {
     Ok(())
 }
 
+/// Checks a pool's name, members' image and selector.
 pub fn validate_pool(pool: &PoolRecord) -> StoreResult<()> {
     fields::check_name("pool", &pool.name)
         .and_then(|()| fields::check_labels(&pool.selector))

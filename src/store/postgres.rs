@@ -141,6 +141,13 @@ CREATE TABLE dhcp_leases (
 );
 CREATE INDEX dhcp_leases_server ON dhcp_leases (server);
 "#,
+    // Machines' BMCs: one JSON record each, its password sealed.
+    r#"
+CREATE TABLE bmcs (
+    mac TEXT PRIMARY KEY,
+    record TEXT NOT NULL
+);
+"#,
 ];
 
 /// The advisory lock key migrations run under (any fixed number: "bfsc").
@@ -525,6 +532,7 @@ impl InventoryStore for PostgresStore {
             if removed == 0 {
                 return Err(rules::no_machine(mac));
             }
+            tx.execute("DELETE FROM bmcs WHERE mac = $1", &[&mac.to_string()])?;
             audit(tx, actor, "machine.forget", &mac.to_string(), "")
         })
     }
@@ -1007,6 +1015,37 @@ impl InventoryStore for PostgresStore {
         })
     }
 
+    fn bmcs(&self) -> StoreResult<Vec<BmcRecord>> {
+        self.with_client(|client| bmcs(client))
+    }
+
+    fn set_bmc(&self, mac: Mac, bmc: Option<&BmcRecord>, actor: &str) -> StoreResult<()> {
+        let detail = bmc.map(|bmc| validate_bmc(mac, bmc)).transpose()?;
+        let key = mac.to_string();
+        self.change(|tx| {
+            let known: i64 = tx
+                .query_one("SELECT count(*) FROM machines WHERE mac = $1", &[&key])?
+                .get(0);
+            if known == 0 {
+                return Err(rules::no_machine(mac));
+            }
+            match bmc {
+                Some(bmc) => tx.execute(
+                    "INSERT INTO bmcs (mac, record) VALUES ($1, $2) \
+                     ON CONFLICT (mac) DO UPDATE SET record = $2",
+                    &[&key, &json(bmc)],
+                )?,
+                None => tx.execute("DELETE FROM bmcs WHERE mac = $1", &[&key])?,
+            };
+            let action = if bmc.is_some() {
+                "machine.bmc"
+            } else {
+                "machine.bmc.remove"
+            };
+            audit(tx, actor, action, &key, detail.as_deref().unwrap_or(""))
+        })
+    }
+
     fn audit(&self, limit: usize) -> StoreResult<Vec<AuditEntry>> {
         self.with_client(|client| {
             let rows = client.query(
@@ -1150,7 +1189,16 @@ fn export_all(tx: &mut impl GenericClient) -> StoreResult<InventoryDump> {
         settings: all(tx, "SELECT key, value FROM settings ORDER BY key", |r| {
             (r.get(0), r.get(1))
         })?,
+        bmcs: bmcs(tx)?,
     })
+}
+
+/// Every BMC, by MAC; a row that does not parse is logged and left out.
+fn bmcs(tx: &mut impl GenericClient) -> StoreResult<Vec<BmcRecord>> {
+    let rows = all(tx, "SELECT mac, record FROM bmcs ORDER BY mac", |r| {
+        (r.get(0), r.get(1))
+    })?;
+    Ok(rules::parse_bmc_rows(rows))
 }
 
 /// [`InventoryStore::import`] inside one transaction.
@@ -1275,6 +1323,12 @@ fn import_accounts_and_history(
         tx.execute(
             "INSERT INTO settings (key, value) VALUES ($1, $2) ON CONFLICT (key) DO UPDATE SET value = $2",
             &[key, value],
+        )?;
+    }
+    for bmc in &dump.bmcs {
+        tx.execute(
+            "INSERT INTO bmcs (mac, record) VALUES ($1, $2)",
+            &[&bmc.mac.to_string(), &json(bmc)],
         )?;
     }
     // Rows given their ids: new ones must be numbered after them.

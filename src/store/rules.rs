@@ -149,3 +149,24 @@ pub(super) fn token_use_due(token: &TokenRecord, now_ms: u64) -> bool {
         .last_used_ms
         .is_none_or(|t| now_ms.saturating_sub(t) > 60_000)
 }
+
+/// BMC rows (MAC, JSON record) as records; a row that does not parse, or
+/// whose record names another MAC, is logged and left out rather than
+/// failing every listing.
+pub(super) fn parse_bmc_rows(rows: Vec<(String, String)>) -> Vec<super::BmcRecord> {
+    rows.into_iter()
+        .filter_map(|(mac, record)| {
+            match serde_json::from_str::<super::BmcRecord>(&record) {
+                Ok(bmc) if bmc.mac.to_string() == mac => Some(bmc),
+                Ok(_) => {
+                    tracing::warn!(%mac, "BMC row names another machine; set this machine's BMC again");
+                    None
+                }
+                Err(error) => {
+                    tracing::warn!(%mac, %error, "BMC row does not parse; set this machine's BMC again");
+                    None
+                }
+            }
+        })
+        .collect()
+}

@@ -108,6 +108,13 @@ CREATE TABLE settings (
     r#"
 ALTER TABLE events ADD COLUMN server TEXT NOT NULL DEFAULT '';
 "#,
+    // Machines' BMCs: one JSON record each, its password sealed.
+    r#"
+CREATE TABLE bmcs (
+    mac TEXT PRIMARY KEY,
+    record TEXT NOT NULL
+);
+"#,
 ];
 
 /// What a database copy holds, to compare with the original.
@@ -531,6 +538,7 @@ impl InventoryStore for SqliteStore {
             if removed == 0 {
                 return Err(rules::no_machine(mac));
             }
+            tx.execute("DELETE FROM bmcs WHERE mac = ?1", [mac.to_string()])?;
             changes.push(CacheChange::Remove(mac));
             audit(tx, actor, "machine.forget", &mac.to_string(), "")
         })
@@ -984,6 +992,44 @@ impl InventoryStore for SqliteStore {
         })
     }
 
+    fn bmcs(&self) -> StoreResult<Vec<BmcRecord>> {
+        bmcs(&self.lock())
+    }
+
+    fn set_bmc(&self, mac: Mac, bmc: Option<&BmcRecord>, actor: &str) -> StoreResult<()> {
+        let detail = bmc.map(|bmc| validate_bmc(mac, bmc)).transpose()?;
+        self.write(|tx| {
+            let known: i64 = tx.query_row(
+                "SELECT count(*) FROM machines WHERE mac = ?1",
+                [mac.to_string()],
+                |r| r.get(0),
+            )?;
+            if known == 0 {
+                return Err(rules::no_machine(mac));
+            }
+            match bmc {
+                Some(bmc) => tx.execute(
+                    "INSERT INTO bmcs (mac, record) VALUES (?1, ?2) \
+                     ON CONFLICT(mac) DO UPDATE SET record = ?2",
+                    params![mac.to_string(), json(bmc)],
+                )?,
+                None => tx.execute("DELETE FROM bmcs WHERE mac = ?1", [mac.to_string()])?,
+            };
+            let action = if bmc.is_some() {
+                "machine.bmc"
+            } else {
+                "machine.bmc.remove"
+            };
+            audit(
+                tx,
+                actor,
+                action,
+                &mac.to_string(),
+                detail.as_deref().unwrap_or(""),
+            )
+        })
+    }
+
     fn audit(&self, limit: usize) -> StoreResult<Vec<AuditEntry>> {
         let connection = self.lock();
         let mut statement = connection.prepare_cached(
@@ -1102,7 +1148,18 @@ fn export_all(tx: &Connection) -> StoreResult<InventoryDump> {
         events: all(tx, &format!("SELECT {EVENT_COLUMNS} FROM events ORDER BY at_ms, id"), event_from_row)?,
         audit: all(tx, "SELECT id, at_ms, actor, action, target, detail FROM audit ORDER BY id", audit_from_row)?,
         settings: all(tx, "SELECT key, value FROM settings ORDER BY key", |r| Ok((r.get(0)?, r.get(1)?)))?,
+        bmcs: bmcs(tx)?,
     })
+}
+
+/// Every BMC, by MAC; a row that does not parse is logged and left out.
+fn bmcs(connection: &Connection) -> StoreResult<Vec<BmcRecord>> {
+    let rows: Vec<(String, String)> = all(
+        connection,
+        "SELECT mac, record FROM bmcs ORDER BY mac",
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )?;
+    Ok(rules::parse_bmc_rows(rows))
 }
 
 /// [`InventoryStore::import`] inside one write transaction.
@@ -1220,6 +1277,12 @@ fn import_accounts_and_history(tx: &Transaction<'_>, dump: &InventoryDump) -> St
         tx.execute(
             "INSERT INTO settings (key, value) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET value = ?2",
             params![key, value],
+        )?;
+    }
+    for bmc in &dump.bmcs {
+        tx.execute(
+            "INSERT INTO bmcs (mac, record) VALUES (?1, ?2)",
+            params![bmc.mac.to_string(), json(bmc)],
         )?;
     }
     Ok(())

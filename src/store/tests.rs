@@ -129,6 +129,7 @@ on_every_backend!(
     discovered_machines_are_capped_least_recently_seen_first,
     users_sessions_and_tokens,
     schema_is_migrated_once_and_reopens,
+    bmcs_are_stored_sealed_audited_and_forgotten_with_their_machine,
 );
 
 /// Every kind of row, in `store`.
@@ -191,6 +192,23 @@ fn fill(store: &dyn InventoryStore) {
     store
         .set_unknown_policy(UnknownPolicy::Local, 9, "t")
         .unwrap();
+    store.set_bmc(one, Some(&bmc(one)), "t").unwrap();
+}
+
+/// A Redfish BMC for `mac`, its password sealed with a throwaway key.
+fn bmc(mac: Mac) -> BmcRecord {
+    let url = crate::inventory::bmc::parse_bmc_url(
+        "redfish://admin:pw@10.9.0.1:8443/redfish/v1/Systems/1?verify=false",
+    )
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let key = crate::seal::SealKey::load_or_create(&dir.path().join("k")).unwrap();
+    BmcRecord {
+        mac,
+        target: url.target,
+        sealed_secret: key.seal(&mac.to_string(), "pw"),
+        updated_ms: 7,
+    }
 }
 
 #[test]
@@ -207,9 +225,10 @@ fn an_inventory_copies_from_sqlite_to_postgres_and_back_row_for_row() {
             copied.machines.len(),
             copied.tokens.len(),
             copied.events.len(),
-            copied.settings.len()
+            copied.settings.len(),
+            copied.bmcs.len()
         ),
-        (3, 2, 1, 2)
+        (3, 2, 1, 2, 1)
     );
     assert!(copied.tokens[0].revoked && !copied.tokens[1].revoked);
     assert_eq!(copied.machines[0].phase.as_deref(), Some("kernel"));
@@ -562,5 +581,48 @@ mod bodies {
         let again = backend.reopen();
         assert_eq!(again.images().unwrap().len(), 1);
         assert_eq!(again.image("x").unwrap().unwrap().kernel, "x/vmlinuz");
+    }
+
+    pub(super) fn bmcs_are_stored_sealed_audited_and_forgotten_with_their_machine(
+        backend: &Backend,
+    ) {
+        let store = &*backend.store;
+        let mac = Mac([2, 0, 0, 0, 0, 9]);
+        let record = bmc(mac);
+        let error = store.set_bmc(mac, Some(&record), "alice").unwrap_err();
+        assert!(matches!(error, StoreError::NotFound(_)), "{error}");
+        store
+            .put_machine(mac, &MachinePatch::default(), "alice")
+            .unwrap();
+        let mut plain = record.clone();
+        plain.sealed_secret = "pw".into();
+        let error = store.set_bmc(mac, Some(&plain), "alice").unwrap_err();
+        assert!(error.to_string().contains("sealed"), "{error}");
+        let mut hostile = record.clone();
+        hostile.target.user = "root\nchain http://evil/".into();
+        let error = store.set_bmc(mac, Some(&hostile), "alice").unwrap_err();
+        assert!(error.to_string().contains("control character"), "{error}");
+        let mut elsewhere = record.clone();
+        elsewhere.mac = Mac([2, 0, 0, 0, 0, 8]);
+        assert!(store.set_bmc(mac, Some(&elsewhere), "alice").is_err());
+
+        store.set_bmc(mac, Some(&record), "alice").unwrap();
+        assert_eq!(backend.reopen().bmcs().unwrap(), vec![record.clone()]);
+        let audit = store.audit(1).unwrap();
+        assert_eq!(audit[0].action, "machine.bmc");
+        assert_eq!(
+            audit[0].detail,
+            "bmc redfish://admin@10.9.0.1:8443/redfish/v1/Systems/1?verify=false"
+        );
+        assert!(!audit[0].detail.contains("pw"));
+
+        store.set_bmc(mac, None, "alice").unwrap();
+        assert!(store.bmcs().unwrap().is_empty());
+        store.set_bmc(mac, Some(&record), "alice").unwrap();
+        store.forget_machine(mac, "alice").unwrap();
+        assert!(
+            store.bmcs().unwrap().is_empty(),
+            "forgotten with the machine"
+        );
     }
 }

@@ -30,6 +30,14 @@ impl UnavailableStore {
 }
 
 impl InventoryStore for UnavailableStore {
+    fn bmcs(&self) -> StoreResult<Vec<BmcRecord>> {
+        self.down()
+    }
+
+    fn set_bmc(&self, _mac: Mac, _bmc: Option<&BmcRecord>, _actor: &str) -> StoreResult<()> {
+        self.down()
+    }
+
     fn machines(&self) -> StoreResult<Vec<MachineRecord>> {
         self.down()
     }

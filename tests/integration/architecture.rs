@@ -20,6 +20,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("durable", 0),
     ("metrics", 0),
     ("cache", 0),
+    ("seal", 0),
     // The inventory model every layer above reads.
     ("inventory", 1),
     // Boot policy, and the configuration format.
