@@ -37,6 +37,7 @@ pub mod inventory;
 pub mod limit;
 pub mod metrics;
 pub mod panel;
+pub mod power;
 pub mod proto;
 pub mod seal;
 pub mod server;

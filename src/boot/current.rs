@@ -80,6 +80,16 @@ impl CurrentInventory {
         }
     }
 
+    /// Forgets the scripts rendered so far (something every script
+    /// carries changed, e.g. the check-in URL).
+    pub(super) fn forget_rendered(&self) {
+        self.load()
+            .rendered
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+    }
+
     /// The canonical boot directory.
     pub(super) fn root(&self) -> &Path {
         &self.root

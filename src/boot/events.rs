@@ -15,10 +15,19 @@ use serde::Serialize;
 
 use crate::proto::Mac;
 
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
 /// A step of the boot chain.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Phase {
+    /// A power action through the machine's BMC (on, cycle...).
+    Power,
     /// A DHCP decision (offer, ack, proxy answer...).
     Dhcp,
     /// A first-stage loader named in a DHCP boot answer (`undionly.kpxe`,
@@ -32,11 +41,14 @@ pub enum Phase {
     LoaderConfig,
     Kernel,
     Initrd,
+    /// The booted OS called the check-in URL of its command line.
+    Checkin,
 }
 
 impl Phase {
     /// Every phase, in boot order (the index is [`Phase::index`]).
-    pub const ALL: [Phase; 7] = [
+    pub const ALL: [Phase; 9] = [
+        Phase::Power,
         Phase::Dhcp,
         Phase::Loader,
         Phase::Chain,
@@ -44,10 +56,12 @@ impl Phase {
         Phase::LoaderConfig,
         Phase::Kernel,
         Phase::Initrd,
+        Phase::Checkin,
     ];
 
     /// The names used in the API, the panel and metric labels, by index.
-    pub const NAMES: [&'static str; 7] = [
+    pub const NAMES: [&'static str; 9] = [
+        "power",
         "dhcp",
         "loader",
         "chain",
@@ -55,6 +69,7 @@ impl Phase {
         "loader-config",
         "kernel",
         "initrd",
+        "checkin",
     ];
 
     pub fn as_str(self) -> &'static str {

@@ -16,6 +16,7 @@
 //! * [`hooks`] — the traits through which the file services ask for
 //!   generated files and report finished transfers.
 
+pub mod checkin;
 pub mod clients;
 mod current;
 pub mod events;

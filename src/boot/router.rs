@@ -25,6 +25,7 @@ use std::time::Duration;
 
 use tracing::{info, warn};
 
+use super::checkin::Checkin;
 use super::clients::{Binding, ClientBindings};
 use super::current::{CurrentInventory, Loaded, SnapshotGuard};
 use super::events::{BootEvent, EventLog, Phase};
@@ -97,6 +98,9 @@ pub struct Router {
     /// loader phase of a boot.
     loader_files: HashSet<String>,
     pub events: EventLog,
+    /// Check-in tokens and URL for the kernel command lines, once the
+    /// server knows its key and where machines reach its panel.
+    checkin: arc_swap::ArcSwapOption<Checkin>,
 }
 
 impl Router {
@@ -123,6 +127,7 @@ impl Router {
             clients: ClientBindings::default(),
             loader_files: HashSet::new(),
             events: EventLog::new(100_000),
+            checkin: arc_swap::ArcSwapOption::empty(),
         };
         router.reload()?;
         Ok(router)
@@ -167,6 +172,31 @@ impl Router {
             warn!(%error, "inventory not reloaded; still serving the last good one");
         }
         self.static_scripts.check_watched_directory();
+    }
+
+    /// Adds (or, with `None`, stops adding) the check-in URL and a fresh
+    /// token to every kernel command line this router renders.
+    pub fn set_checkin(&self, checkin: Option<Checkin>) {
+        self.checkin.store(checkin.map(std::sync::Arc::new));
+        self.inventory.forget_rendered();
+    }
+
+    /// Whether kernel command lines carry a check-in URL.
+    pub fn checks_in(&self) -> bool {
+        self.checkin.load().is_some()
+    }
+
+    /// `body` with its check-in token marker replaced by a fresh token.
+    fn stamp(&self, body: Vec<u8>, mac: Mac) -> Vec<u8> {
+        match &*self.checkin.load() {
+            Some(checkin) => checkin.stamp(body, mac, super::events::now_ms()),
+            None => body,
+        }
+    }
+
+    /// The check-in words of `mac`'s kernel command line.
+    fn checkin_words(&self, mac: Mac, base_url: &str) -> Option<String> {
+        self.checkin.load().as_ref()?.cmdline_words(mac, base_url)
     }
 
     /// The script for the machine `mac` (as requested, any spelling),
@@ -251,7 +281,7 @@ impl Router {
             // a storm.
             if let Some(body) = cached_script(&loaded, mac, server, image) {
                 return Script {
-                    body,
+                    body: self.stamp(body, mac),
                     decision: Decision::Assigned(image.name.clone()),
                 };
             }
@@ -265,7 +295,9 @@ impl Router {
             query: facts_query(query),
             ..ScriptContext::default()
         };
-        self.render_choice(&loaded, choice, context, base_url)
+        let mut script = self.render_choice(&loaded, choice, context, base_url);
+        script.body = self.stamp(script.body, mac);
+        script
     }
 
     /// Renders what the policy chose into `context` (which holds the
@@ -288,7 +320,8 @@ impl Router {
                 render(loaded, "builtin:local", &context, Decision::Local(why))
             }
             Choice::Assigned { machine, image } => {
-                fill_image(&mut context, image, Some(machine), base_url);
+                let checkin = self.checkin_words(machine.mac, base_url);
+                fill_image(&mut context, image, Some(machine), base_url, checkin);
                 let decision = Decision::Assigned(image.name.clone());
                 let script = render(loaded, &image.template, &context, decision);
                 let cacheable = image.template == inventory::DEFAULT_TEMPLATE;
@@ -302,7 +335,9 @@ impl Router {
                 script
             }
             Choice::MenuChoice { machine, image } => {
-                fill_image(&mut context, image, machine, base_url);
+                let mac = machine.map(|m| m.mac);
+                let checkin = mac.and_then(|mac| self.checkin_words(mac, base_url));
+                fill_image(&mut context, image, machine, base_url, checkin);
                 let decision = Decision::MenuChoice(image.name.clone());
                 render(loaded, &image.template, &context, decision)
             }
@@ -451,13 +486,14 @@ impl Router {
                 format!("builtin:{kind}-local")
             }
             Choice::Assigned { machine, image } => {
-                fill_image(&mut context, image, Some(machine), "");
+                let checkin = self.checkin_words(mac, "");
+                fill_image(&mut context, image, Some(machine), "", checkin);
                 format!("builtin:{kind}")
             }
             Choice::MenuChoice { .. } | Choice::Unknown { .. } => return None,
         };
         match loaded.templates.render(&template, &context) {
-            Ok(body) => Some((mac, body.into_bytes())),
+            Ok(body) => Some((mac, self.stamp(body.into_bytes(), mac))),
             Err(error) => {
                 warn!(%mac, template, %error, "loader config template failed to render");
                 None
@@ -582,6 +618,7 @@ fn fill_image(
     image: &Image,
     machine: Option<&Machine>,
     base_url: &str,
+    checkin: Option<String>,
 ) {
     let url = |path: &str| -> String {
         if inventory::is_url(path) {
@@ -614,11 +651,17 @@ fn fill_image(
         }
         context.script_append = machine.script_append.trim_end().to_string();
     }
+    if let Some(words) = checkin {
+        if !cmdline.is_empty() {
+            cmdline.push(' ');
+        }
+        cmdline.push_str(&words);
+    }
     context.cmdline = cmdline;
 }
 
 /// `10.0.0.1` from `http://10.0.0.1:8080` (brackets kept for IPv6).
-fn host_of(base_url: &str) -> &str {
+pub(super) fn host_of(base_url: &str) -> &str {
     let rest = base_url.split_once("://").map_or(base_url, |(_, r)| r);
     let authority = rest.split('/').next().unwrap_or(rest);
     if authority.starts_with('[') {
@@ -1025,6 +1068,61 @@ netboot = false
         assert!(
             text(&s.router.machine_script(MAC, &[], "http://h", client())).contains("node=one")
         );
+    }
+
+    #[test]
+    fn every_boot_config_carries_a_fresh_check_in_token_in_all_three_formats() {
+        use super::super::checkin::{Checkin, CheckinUrl};
+        let s = setup(INVENTORY);
+        let key = crate::seal::SealKey::load_or_create(&s.state.path().join("k")).unwrap();
+        let checkin = Checkin::new(key, CheckinUrl::Fixed("http://10.0.0.1:9090".into()));
+        s.router.set_checkin(Some(checkin.clone()));
+        let token_in = |body: &str| -> String {
+            let start = body.find("bootfleet.token=").expect(body) + "bootfleet.token=".len();
+            body[start..]
+                .split(|c: char| c.is_whitespace())
+                .next()
+                .unwrap()
+                .to_string()
+        };
+        let mut tokens = Vec::new();
+        for _ in 0..2 {
+            let script = s
+                .router
+                .machine_script(MAC, &[], "http://10.0.0.1:8080", client());
+            let body = text(&script);
+            assert!(body.contains(&format!(
+                "console=ttyS0 node=1 bootfleet.checkin=http://10.0.0.1:9090/api/v1/checkin bootfleet.mac={MAC} bootfleet.token="
+            )), "{body}");
+            tokens.push(token_in(&body));
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        for name in [
+            "pxelinux.cfg/01-52-54-00-12-34-56",
+            "grub/grub.cfg-01-52-54-00-12-34-56",
+        ] {
+            let body = String::from_utf8(s.router.loader_config(name).unwrap().1).unwrap();
+            assert!(
+                body.contains("bootfleet.checkin=http://10.0.0.1:9090/api/v1/checkin"),
+                "{body}"
+            );
+            tokens.push(token_in(&body));
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        let now = crate::boot::events::now_ms();
+        for token in &tokens {
+            checkin.verify(MAC, token, now).unwrap();
+        }
+        tokens.sort();
+        tokens.dedup();
+        assert_eq!(tokens.len(), 4, "a token per config served");
+        // Without a check-in, none.
+        s.router.set_checkin(None);
+        let body = text(
+            &s.router
+                .machine_script(MAC, &[], "http://10.0.0.1:8080", client()),
+        );
+        assert!(!body.contains("bootfleet."), "{body}");
     }
 
     #[test]

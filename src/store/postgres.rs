@@ -1016,7 +1016,7 @@ impl InventoryStore for PostgresStore {
     }
 
     fn bmcs(&self) -> StoreResult<Vec<BmcRecord>> {
-        self.with_client(|client| bmcs(client))
+        self.with_client(bmcs)
     }
 
     fn set_bmc(&self, mac: Mac, bmc: Option<&BmcRecord>, actor: &str) -> StoreResult<()> {

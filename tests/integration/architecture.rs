@@ -29,6 +29,7 @@ const LAYERS: &[(&str, u8)] = &[
     // Services independent of the I/O backend, and the inventory database.
     ("server", 3),
     ("store", 3),
+    ("power", 3),
     // Sockets, rings and system calls.
     ("engine", 4),
     // The control panel, then the process that wires everything together.
