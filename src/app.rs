@@ -325,6 +325,12 @@ fn start_panel(
         root,
         listener,
         Arc::clone(data_plane),
+        crate::panel::power::PowerSetup {
+            config: config.power.clone(),
+            state_dir: config.state_dir.clone(),
+            max_transfers: config.tftp.max_transfers,
+            max_connections: config.http.max_connections,
+        },
         shutdown.clone(),
     )
 }

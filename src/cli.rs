@@ -14,7 +14,8 @@ use bootfleet::store::sqlite::SqliteStore;
 use bootfleet::store::{InventoryStore, Scope, StoreLocation};
 
 use super::{
-    ApiArgs, DatabaseArgs, DbCommand, ImagesCommand, MachinesCommand, TokensCommand, UsersCommand,
+    ApiArgs, DatabaseArgs, DbCommand, ImagesCommand, MachinesCommand, PowerArgs, TokensCommand,
+    UsersCommand,
 };
 
 fn open(args: &DatabaseArgs) -> Result<Box<dyn InventoryStore>> {
@@ -256,8 +257,144 @@ pub fn machines(command: MachinesCommand) -> Result<()> {
             call(&api, "DELETE", &format!("/machines/{mac}"), None)?;
             println!("forgot {mac}");
         }
+        MachinesCommand::Set {
+            mac,
+            bmc,
+            bmc_password_file,
+            bmc_password_stdin,
+            api,
+        } => set_bmc(&mac, &bmc, bmc_password_file, bmc_password_stdin, &api)?,
     }
     Ok(())
+}
+
+/// `bootfleet machines set MAC --bmc URL`: the password from the URL, a
+/// file or standard input (never echoed back).
+fn set_bmc(
+    mac: &str,
+    url: &str,
+    password_file: Option<std::path::PathBuf>,
+    password_stdin: bool,
+    api: &ApiArgs,
+) -> Result<()> {
+    if url == "none" {
+        call(api, "DELETE", &format!("/machines/{mac}/bmc"), None)?;
+        println!("{mac}: BMC removed");
+        return Ok(());
+    }
+    let password = match (password_file, password_stdin) {
+        (Some(file), _) => Some(
+            std::fs::read_to_string(&file)
+                .with_context(|| format!("reading the BMC password from {}", file.display()))?
+                .lines()
+                .next()
+                .unwrap_or("")
+                .to_string(),
+        ),
+        (None, true) => {
+            let mut line = String::new();
+            std::io::stdin()
+                .lock()
+                .read_line(&mut line)
+                .context("reading the BMC password from standard input")?;
+            Some(line.trim_end_matches(['\n', '\r']).to_string())
+        }
+        (None, false) => None,
+    };
+    let mut body = json!({ "url": url });
+    if let Some(password) = password {
+        body["password"] = json!(password);
+    }
+    let answer = call(api, "PUT", &format!("/machines/{mac}/bmc"), Some(body))?;
+    println!(
+        "{}: BMC {}",
+        answer["mac"].as_str().unwrap_or(mac),
+        answer["bmc"].as_str().unwrap_or("")
+    );
+    Ok(())
+}
+
+/// `bootfleet power ACTION MAC... [--pool NAME]`: starts a power job and
+/// follows it, one line per change of its counts, then one per machine
+/// that failed; exits non-zero when any did.
+pub fn power(args: PowerArgs) -> Result<()> {
+    let pacing = match args.waves.as_str() {
+        "all" => json!({ "mode": "all-at-once" }),
+        "adaptive" => json!({ "mode": "adaptive" }),
+        fixed => {
+            let (size, seconds) = fixed
+                .split_once('/')
+                .and_then(|(n, s)| Some((n.parse::<usize>().ok()?, s.parse::<f64>().ok()?)))
+                .with_context(|| format!("--waves {fixed:?}: write all, adaptive or SIZE/SECONDS (e.g. 50/10)"))?;
+            json!({ "mode": "fixed", "size": size, "interval_ms": (seconds * 1000.0) as u64 })
+        }
+    };
+    let mut request = json!({
+        "macs": args.macs,
+        "action": args.action,
+        "boot": args.boot,
+        "pacing": pacing,
+        "checkin_deadline": args.deadline,
+        "retry_by_cycle": args.retry_by_cycle,
+    });
+    if let Some(pool) = &args.pool {
+        request["pool"] = json!(pool);
+    }
+    let job = call(&args.api, "POST", "/power", Some(request))?;
+    let id = job["id"].as_u64().unwrap_or(0);
+    println!("power job {id}: {} {} machine(s)", args.action, job["machines"].as_array().map_or(0, Vec::len));
+    if args.no_wait {
+        return Ok(());
+    }
+    let mut last = String::new();
+    let job = loop {
+        let job = call(&args.api, "GET", &format!("/power/jobs/{id}"), None)?;
+        let line = format!(
+            "{}: waves {}, {}{}",
+            job["status"].as_str().unwrap_or(""),
+            job["waves_sent"],
+            stage_counts(&job["stages"]),
+            job["estimated_seconds_left"].as_u64().map_or(String::new(), |s| format!(", about {s} s left"))
+        );
+        if line != last {
+            println!("{line}");
+            last = line;
+        }
+        if job["finished_ms"].is_u64() {
+            break job;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    };
+    print_machines(&job);
+    let failed = job["failures"].as_u64().unwrap_or(0);
+    if failed > 0 {
+        bail!("{failed} machine(s) failed");
+    }
+    Ok(())
+}
+
+/// `up 10, loading 3, failed 1`.
+fn stage_counts(stages: &Value) -> String {
+    const ORDER: [&str; 9] = [
+        "waiting", "sending", "powered", "starting", "loading", "up", "done", "failed", "skipped",
+    ];
+    ORDER
+        .iter()
+        .filter_map(|stage| Some(format!("{stage} {}", stages.get(stage)?.as_u64()?)))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// One line per machine: MAC, stage, and what happened.
+fn print_machines(job: &Value) {
+    for m in job["machines"].as_array().into_iter().flatten() {
+        println!(
+            "{}\t{}\t{}",
+            m["mac"].as_str().unwrap_or(""),
+            m["stage"].as_str().unwrap_or(""),
+            m["detail"].as_str().unwrap_or("")
+        );
+    }
 }
 
 pub fn images(command: ImagesCommand) -> Result<()> {

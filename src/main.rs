@@ -56,6 +56,9 @@ enum Command {
     /// Images, through the running server's API.
     #[command(subcommand)]
     Images(ImagesCommand),
+    /// Power machines on, off, cycle or reset through their BMCs, in
+    /// waves, and watch them boot until their OS checks in.
+    Power(PowerArgs),
     /// The inventory database: online backup, and restore.
     #[command(subcommand)]
     Db(DbCommand),
@@ -182,6 +185,56 @@ enum MachinesCommand {
         #[command(flatten)]
         api: ApiArgs,
     },
+    /// Set a machine's BMC (or remove it with `--bmc none`).
+    Set {
+        mac: String,
+        /// `ipmi://USER[:PASS]@HOST[:PORT]` or
+        /// `redfish://USER[:PASS]@HOST[:PORT]/redfish/v1/Systems/ID`
+        /// (`redfish+http://` without TLS, `?verify=false` for a
+        /// self-signed certificate), or `none`.
+        #[arg(long, value_name = "URL")]
+        bmc: String,
+        /// Read the BMC password from this file (first line) instead of
+        /// the URL.
+        #[arg(long, value_name = "FILE", conflicts_with = "bmc_password_stdin")]
+        bmc_password_file: Option<PathBuf>,
+        /// Read the BMC password from standard input (one line).
+        #[arg(long)]
+        bmc_password_stdin: bool,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+}
+
+/// `bootfleet power`.
+#[derive(clap::Args)]
+struct PowerArgs {
+    /// on, off (hard), soft-off, cycle, reset or status.
+    action: String,
+    /// Machines (any MAC spelling).
+    macs: Vec<String>,
+    /// Every machine of this pool too.
+    #[arg(long)]
+    pool: Option<String>,
+    /// Boot once from this device first (on, cycle, reset): none, pxe,
+    /// uefi-pxe or uefi-http.
+    #[arg(long, default_value = "pxe")]
+    boot: String,
+    /// `all` at once, `adaptive` (paced by the boot servers' load), or
+    /// `SIZE/SECONDS` (fixed waves).
+    #[arg(long, default_value = "adaptive")]
+    waves: String,
+    /// Seconds from power-on to check-in before a machine is failed.
+    #[arg(long, default_value_t = 600)]
+    deadline: u64,
+    /// Power-cycle once each machine that misses its deadline.
+    #[arg(long)]
+    retry_by_cycle: bool,
+    /// Start the job and return (default: follow it to the end).
+    #[arg(long)]
+    no_wait: bool,
+    #[command(flatten)]
+    api: ApiArgs,
 }
 
 #[derive(Subcommand)]
@@ -269,6 +322,7 @@ fn main() -> Result<()> {
         Command::Tokens(command) => cli::tokens(command),
         Command::Machines(command) => cli::machines(command),
         Command::Images(command) => cli::images(command),
+        Command::Power(args) => cli::power(args),
         Command::Db(command) => cli::db(command),
         Command::Completions { shell } => {
             use clap::CommandFactory;

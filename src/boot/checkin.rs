@@ -53,6 +53,8 @@ pub enum CheckinError {
     Forged,
     #[error("the token has expired; the machine must boot through bootfleet again")]
     Expired,
+    #[error("this server does not take check-ins (no key file, or no check-in URL machines can reach; see [power] in the configuration)")]
+    Disabled,
 }
 
 impl Checkin {

@@ -186,6 +186,19 @@ impl Router {
         self.checkin.load().is_some()
     }
 
+    /// Checks a check-in token `mac` sent; when it was issued.
+    pub fn verify_checkin(
+        &self,
+        mac: Mac,
+        token: &str,
+        now_ms: u64,
+    ) -> Result<u64, super::checkin::CheckinError> {
+        match &*self.checkin.load() {
+            Some(checkin) => checkin.verify(mac, token, now_ms),
+            None => Err(super::checkin::CheckinError::Disabled),
+        }
+    }
+
     /// `body` with its check-in token marker replaced by a fresh token.
     fn stamp(&self, body: Vec<u8>, mac: Mac) -> Vec<u8> {
         match &*self.checkin.load() {

@@ -137,6 +137,40 @@ pub struct FileConfig {
     pub panel: FilePanel,
     #[serde(default)]
     pub database: FileDatabase,
+    #[serde(default)]
+    pub power: FilePower,
+}
+
+/// `[power]`: BMC power control and the check-in of booted machines.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FilePower {
+    /// The key that seals BMC passwords and signs check-in tokens.
+    pub key_file: Option<PathBuf>,
+    /// PEM CA certificates Redfish BMCs' certificates must chain to.
+    pub ca_file: Option<PathBuf>,
+    /// BMCs talked to at once.
+    pub concurrency: Option<Spanned<u64>>,
+    /// For each request to a BMC.
+    pub timeout_seconds: Option<Spanned<u64>>,
+    /// Where booted machines reach the panel's check-in endpoint.
+    pub checkin_url: Option<Spanned<String>>,
+    /// From power-on (or the kernel fetch) to check-in.
+    pub checkin_deadline_seconds: Option<Spanned<u64>>,
+}
+
+/// Power control and check-in settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PowerConfig {
+    /// Relative paths are taken inside `state_dir`.
+    pub key_file: PathBuf,
+    pub ca_file: Option<PathBuf>,
+    pub concurrency: usize,
+    pub timeout: Duration,
+    /// `None`: the panel's own address when booted machines can reach it
+    /// (see `app`), else no check-in.
+    pub checkin_url: Option<String>,
+    pub checkin_deadline: Duration,
 }
 
 /// `[database]`: where the inventory is kept when not in the SQLite file.
@@ -539,6 +573,7 @@ pub struct Config {
     /// A PostgreSQL database for the inventory (`[database] url`); `None`:
     /// the SQLite file `panel.database`.
     pub database_url: Option<String>,
+    pub power: PowerConfig,
 }
 
 /// TFTP settings.
@@ -670,6 +705,14 @@ impl Default for Config {
                 server_name: None,
             },
             database_url: None,
+            power: PowerConfig {
+                key_file: PathBuf::from("bmc.key"),
+                ca_file: None,
+                concurrency: 64,
+                timeout: Duration::from_secs(20),
+                checkin_url: None,
+                checkin_deadline: Duration::from_secs(600),
+            },
         }
     }
 }
@@ -852,6 +895,7 @@ impl Validator<'_> {
             self.ranged(&file.cache.max_mib, "cache.max_mib", 1..=1 << 30, 1024)? << 20;
         self.apply_panel(&file.panel, &mut config)?;
         self.apply_database(&file.database, &mut config)?;
+        self.apply_power(&file.power, &mut config)?;
         if let Some(level) = file.log.level {
             config.log_level = level;
         }
@@ -1047,6 +1091,45 @@ impl Validator<'_> {
         Ok(())
     }
 
+    fn apply_power(&self, p: &FilePower, config: &mut Config) -> Result<(), ConfigError> {
+        let power = &mut config.power;
+        if let Some(key_file) = &p.key_file {
+            power.key_file = key_file.clone();
+        }
+        power.ca_file = p.ca_file.clone();
+        power.concurrency =
+            self.ranged(&p.concurrency, "power.concurrency", 1..=4096, 64)? as usize;
+        power.timeout = Duration::from_secs(self.ranged(
+            &p.timeout_seconds,
+            "power.timeout_seconds",
+            1..=600,
+            20,
+        )?);
+        power.checkin_deadline = Duration::from_secs(self.ranged(
+            &p.checkin_deadline_seconds,
+            "power.checkin_deadline_seconds",
+            10..=86_400,
+            600,
+        )?);
+        if let Some(url) = &p.checkin_url {
+            let text = url.get_ref().trim_end_matches('/');
+            let valid = (text.starts_with("http://") || text.starts_with("https://"))
+                && !text.contains(char::is_whitespace)
+                && !text.contains(char::is_control)
+                && crate::inventory::fields::check_line("power.checkin_url", text, 512).is_ok()
+                && crate::inventory::fields::ipxe_terminator(text).is_none();
+            if !valid {
+                return Err(ConfigError::Invalid {
+                    origin: format!("{} line {}", self.path.display(), self.line_of(url)),
+                    key: "power.checkin_url",
+                    message: "an http:// or https:// URL of the panel as booted machines reach it, e.g. http://10.0.0.1:9090".into(),
+                });
+            }
+            power.checkin_url = Some(text.to_string());
+        }
+        Ok(())
+    }
+
     fn apply_panel(&self, p: &FilePanel, config: &mut Config) -> Result<(), ConfigError> {
         if let Some(listen) = &p.listen {
             config.panel.listen =
@@ -1163,6 +1246,7 @@ mod tests {
             "inventory",
             "panel",
             "database",
+            "power",
             "cache",
             "log",
         ];

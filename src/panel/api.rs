@@ -102,6 +102,13 @@ pub const API_ROUTES: &[(&str, &str)] = &[
     ("delete", "/api/v1/tokens/{id}"),
     ("get", "/api/v1/settings/unknown"),
     ("put", "/api/v1/settings/unknown"),
+    ("put", "/api/v1/machines/{mac}/bmc"),
+    ("delete", "/api/v1/machines/{mac}/bmc"),
+    ("post", "/api/v1/power"),
+    ("get", "/api/v1/power/jobs"),
+    ("get", "/api/v1/power/jobs/{id}"),
+    ("post", "/api/v1/power/jobs/{id}/{action}"),
+    ("post", "/api/v1/checkin"),
     ("get", "/api/v1/openapi.json"),
 ];
 
@@ -145,6 +152,15 @@ pub fn routes(state: Arc<PanelState>) -> axum::Router {
             "/api/v1/machines/{mac}",
             get(get_machine).put(put_machine).delete(forget_machine),
         )
+        .route(
+            "/api/v1/machines/{mac}/bmc",
+            axum::routing::put(super::power::put_bmc).delete(super::power::delete_bmc),
+        )
+        .route("/api/v1/power", post(super::power::start_job))
+        .route("/api/v1/power/jobs", get(super::power::list_jobs))
+        .route("/api/v1/power/jobs/{id}", get(super::power::get_job))
+        .route("/api/v1/power/jobs/{id}/{action}", post(super::power::control_job))
+        .route("/api/v1/checkin", post(super::power::checkin))
         .route("/api/v1/discovered", get(discovered))
         .route("/api/v1/images", get(list_images).post(add_image))
         .route("/api/v1/images/{name}", get(get_image).delete(remove_image))
@@ -219,7 +235,7 @@ async fn asset(body: &'static str, content_type: &'static str) -> Response {
     ([(header::CONTENT_TYPE, content_type)], body).into_response()
 }
 
-fn parse_mac(text: &str) -> ApiResult<Mac> {
+pub(super) fn parse_mac(text: &str) -> ApiResult<Mac> {
     Mac::parse(text).map_err(|e| ApiError::bad_request(e.to_string()))
 }
 
@@ -229,7 +245,7 @@ fn check_name(kind: &str, name: &str) -> ApiResult<()> {
 }
 
 /// Runs blocking store work off the async threads.
-async fn blocking<T: Send + 'static>(
+pub(super) async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
 ) -> Result<T, ApiError> {
     tokio::task::spawn_blocking(f)
@@ -401,11 +417,18 @@ struct MachineFilter {
 
 fn all_views(state: &PanelState) -> ApiResult<Vec<MachineView>> {
     let now = now_ms();
+    let mut bmcs = super::power::bmc_urls(state)?;
     Ok(state
         .store
         .machines()?
         .into_iter()
-        .map(|m| machine_view(m, now, state.config.stuck_after))
+        .map(|m| {
+            let bmc = bmcs.remove(&m.mac);
+            MachineView {
+                bmc,
+                ..machine_view(m, now, state.view_rules())
+            }
+        })
         .collect())
 }
 
@@ -499,8 +522,12 @@ async fn get_machine(State(state): Shared, _: Reader, Path(mac): Path<String>) -
         .filter(|e| e.at_ms < cutoff)
         .collect();
     events.extend(recent);
-    let mut value = serde_json::to_value(machine_view(machine, now_ms(), state.config.stuck_after))
-        .expect("plain data");
+    let bmc = super::power::bmc_urls(&state)?.remove(&mac);
+    let view = MachineView {
+        bmc,
+        ..machine_view(machine, now_ms(), state.view_rules())
+    };
+    let mut value = serde_json::to_value(view).expect("plain data");
     value["events"] = serde_json::to_value(events).expect("plain data");
     Ok(Json(value).into_response())
 }
@@ -522,7 +549,7 @@ async fn put_machine(
     Ok(Json(machine).into_response())
 }
 
-fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> ApiResult<T> {
+pub(super) fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> ApiResult<T> {
     serde_json::from_slice(body).map_err(|e| {
         ApiError::new(
             StatusCode::UNPROCESSABLE_ENTITY,
@@ -1072,7 +1099,7 @@ fn fleet_summary(state: &PanelState) -> ApiResult<Value> {
         .store
         .machines_brief()?
         .into_iter()
-        .map(|m| machine_view(m, now, state.config.stuck_after))
+        .map(|m| machine_view(m, now, state.view_rules()))
         .collect();
     let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
     let mut failures: BTreeMap<String, usize> = BTreeMap::new();

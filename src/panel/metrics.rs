@@ -437,7 +437,7 @@ impl DataPlaneCollector {
             let now = now_ms();
             for machine in machines {
                 *per_state
-                    .entry(machine_view(machine, now, state.config.stuck_after).state)
+                    .entry(machine_view(machine, now, state.view_rules()).state)
                     .or_default() += 1;
             }
         }

@@ -14,6 +14,7 @@ mod api;
 pub mod auth;
 mod image_watch;
 pub mod metrics;
+pub mod power;
 mod tls;
 
 use std::net::{SocketAddr, TcpListener};
@@ -121,9 +122,50 @@ pub struct PanelState {
     pub image_health: Arc<image_watch::ImageHealth>,
     /// This server's name on the boot events it stores.
     pub server_name: String,
+    /// BMCs, power jobs and check-ins.
+    pub power: power::PowerService,
 }
 
 impl PanelState {
+    /// Starts adding the check-in URL and tokens to kernel command lines,
+    /// if booted machines can reach this panel (listening on `address`):
+    /// at `[power] checkin_url`, else at the panel's own address when it is
+    /// a specific non-loopback one, else (every address) at the host each
+    /// machine booted from, on the panel's port.
+    fn start_checkin(&self, address: SocketAddr, tls: bool) {
+        use crate::boot::checkin::{Checkin, CheckinUrl};
+        let Ok(key) = self.power.key() else {
+            return;
+        };
+        let scheme = if tls { "https" } else { "http" };
+        let url = match &self.power.config().checkin_url {
+            Some(url) => CheckinUrl::Fixed(url.clone()),
+            None if address.ip().is_unspecified() => CheckinUrl::SameHost {
+                scheme,
+                port: address.port(),
+            },
+            None if address.ip().is_loopback() => {
+                info!("booted machines cannot reach the panel on loopback, so they do not check in and count as booted once their initrd is fetched; set [power] checkin_url (or panel.listen on a boot-LAN address) for check-ins");
+                return;
+            }
+            None => CheckinUrl::Fixed(format!("{scheme}://{address}")),
+        };
+        info!(url = ?url, "kernel command lines carry a check-in URL and a per-boot token");
+        self.router.set_checkin(Some(Checkin::new(key.clone(), url)));
+    }
+
+    /// How the panel reads machines' states: when a machine is stuck, and
+    /// (when machines check in) how long it has to.
+    pub fn view_rules(&self) -> ViewRules {
+        ViewRules {
+            stuck_after: self.config.stuck_after,
+            checkin_deadline: self
+                .router
+                .checks_in()
+                .then_some(self.power.config().checkin_deadline),
+        }
+    }
+
     /// Rebuilds the data plane's snapshot from the store and installs it.
     pub fn publish(&self) -> Result<(), ApiError> {
         let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
@@ -206,10 +248,32 @@ pub struct MachineView {
     /// For a failed machine, where and why: `failed at kernel: 404 (file
     /// not found)`.
     pub failure: Option<String>,
+    /// Its BMC's URL, without the password.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bmc: Option<String>,
+}
+
+/// What a machine's state is read by.
+#[derive(Debug, Clone, Copy)]
+pub struct ViewRules {
+    /// Not booted, and nothing happened for this long: stuck.
+    pub stuck_after: Duration,
+    /// `Some`: "booted" means checked in, and a machine past its kernel
+    /// fetch has this long to; `None`: booted once its initrd is fetched.
+    pub checkin_deadline: Option<Duration>,
 }
 
 /// The state of a machine at `now_ms`.
-pub fn machine_view(machine: MachineRecord, now_ms: u64, stuck_after: Duration) -> MachineView {
+pub fn machine_view(machine: MachineRecord, now_ms: u64, rules: ViewRules) -> MachineView {
+    let quiet_for = now_ms.saturating_sub(machine.phase_ms.unwrap_or(now_ms));
+    // Past its kernel fetch, a machine checking in is waiting for its OS:
+    // not stuck (a kernel without an initrd, a slow boot) until its
+    // deadline, then failed at the phase it was last seen at.
+    let waiting_for_os = matches!(machine.phase.as_deref(), Some("kernel" | "initrd"));
+    let missed_checkin = rules
+        .checkin_deadline
+        .filter(|_| waiting_for_os && machine.phase_status.is_none_or(|s| s < 400))
+        .is_some_and(|deadline| quiet_for > deadline.as_millis() as u64);
     let (state, in_progress) = if !machine.adopted {
         ("discovered", false)
     } else if !machine.netboot {
@@ -219,20 +283,28 @@ pub fn machine_view(machine: MachineRecord, now_ms: u64, stuck_after: Duration) 
             (None, _) if machine.image.is_none() => ("unassigned", false),
             (None, _) => ("assigned", false),
             (Some(_), Some(status)) if status >= 400 => ("failed", false),
-            (Some("initrd"), _) => ("booted", false),
+            (Some("checkin"), _) => ("booted", false),
+            (Some("initrd"), _) if rules.checkin_deadline.is_none() => ("booted", false),
+            _ if missed_checkin => ("failed", false),
             (Some(phase), _) => (
                 Phase::NAMES
                     .iter()
                     .find(|p| **p == phase)
                     .copied()
                     .unwrap_or("script"),
-                true,
+                !(waiting_for_os && rules.checkin_deadline.is_some()),
             ),
         }
     };
-    let quiet_for = now_ms.saturating_sub(machine.phase_ms.unwrap_or(now_ms));
-    let stuck = (in_progress || state == "failed") && quiet_for > stuck_after.as_millis() as u64;
+    let stuck = (in_progress || state == "failed") && quiet_for > rules.stuck_after.as_millis() as u64;
     let failure = match (state, machine.phase.as_deref(), machine.phase_status) {
+        ("failed", Some(phase), _) if missed_checkin => Some(format!(
+            "failed at {phase}: its OS did not check in within {} s",
+            rules.checkin_deadline.unwrap_or_default().as_secs()
+        )),
+        ("failed", Some("power"), Some(_)) => {
+            Some("failed at power: its BMC did not do it (the machine's events say why)".into())
+        }
         ("failed", Some(phase), Some(status)) => Some(format!(
             "failed at {phase}: {status} ({})",
             crate::boot::events::failure_cause(status)
@@ -244,6 +316,7 @@ pub fn machine_view(machine: MachineRecord, now_ms: u64, stuck_after: Duration) 
         state,
         stuck,
         failure,
+        bmc: None,
     }
 }
 
@@ -328,6 +401,7 @@ pub fn start(
     root: &Path,
     listener: TcpListener,
     data_plane: Arc<metrics::DataPlane>,
+    power: power::PowerSetup,
     shutdown: crate::shutdown::Shutdown,
 ) -> Result<(Panel, std::thread::JoinHandle<()>), PanelStartError> {
     // A database that fails here is reported, not fatal: the data plane
@@ -363,6 +437,7 @@ pub fn start(
         snapshot_installed: std::sync::atomic::AtomicBool::new(false),
         image_health: Arc::default(),
         server_name: config.server_name(),
+        power: power::PowerService::new(power)?,
     });
     if let Err(error) = state.publish() {
         error!(error = %error.message, "inventory database: no snapshot from it; the data plane keeps serving the inventory it has");
@@ -384,6 +459,7 @@ pub fn start(
     listener.set_nonblocking(true)?;
     let metrics_listener = bind_metrics(config)?;
     let address = listener.local_addr()?;
+    state.start_checkin(address, tls.is_some());
     info!(panel = %format!("{}://{address}/", if tls.is_some() { "https" } else { "http" }),
         "control panel and API listening");
     let thread = spawn_panel(
