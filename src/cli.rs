@@ -325,7 +325,9 @@ pub fn power(args: PowerArgs) -> Result<()> {
             let (size, seconds) = fixed
                 .split_once('/')
                 .and_then(|(n, s)| Some((n.parse::<usize>().ok()?, s.parse::<f64>().ok()?)))
-                .with_context(|| format!("--waves {fixed:?}: write all, adaptive or SIZE/SECONDS (e.g. 50/10)"))?;
+                .with_context(|| {
+                    format!("--waves {fixed:?}: write all, adaptive or SIZE/SECONDS (e.g. 50/10)")
+                })?;
             json!({ "mode": "fixed", "size": size, "interval_ms": (seconds * 1000.0) as u64 })
         }
     };
@@ -342,23 +344,30 @@ pub fn power(args: PowerArgs) -> Result<()> {
     }
     let job = call(&args.api, "POST", "/power", Some(request))?;
     let id = job["id"].as_u64().unwrap_or(0);
-    println!("power job {id}: {} {} machine(s)", args.action, job["machines"].as_array().map_or(0, Vec::len));
+    println!(
+        "power job {id}: {} {} machine(s)",
+        args.action,
+        job["machines"].as_array().map_or(0, Vec::len)
+    );
     if args.no_wait {
         return Ok(());
     }
-    let mut last = String::new();
+    let mut last = (String::new(), std::time::Instant::now());
     let job = loop {
         let job = call(&args.api, "GET", &format!("/power/jobs/{id}"), None)?;
-        let line = format!(
-            "{}: waves {}, {}{}",
+        let counts = format!(
+            "{}: waves {}, {}",
             job["status"].as_str().unwrap_or(""),
             job["waves_sent"],
             stage_counts(&job["stages"]),
-            job["estimated_seconds_left"].as_u64().map_or(String::new(), |s| format!(", about {s} s left"))
         );
-        if line != last {
-            println!("{line}");
-            last = line;
+        // A line when the counts change, and every 10 s while they do not.
+        if counts != last.0 || last.1.elapsed() >= std::time::Duration::from_secs(10) {
+            let left = job["estimated_seconds_left"]
+                .as_u64()
+                .map_or(String::new(), |s| format!(", about {s} s left"));
+            println!("{counts}{left}");
+            last = (counts, std::time::Instant::now());
         }
         if job["finished_ms"].is_u64() {
             break job;

@@ -159,7 +159,10 @@ pub fn routes(state: Arc<PanelState>) -> axum::Router {
         .route("/api/v1/power", post(super::power::start_job))
         .route("/api/v1/power/jobs", get(super::power::list_jobs))
         .route("/api/v1/power/jobs/{id}", get(super::power::get_job))
-        .route("/api/v1/power/jobs/{id}/{action}", post(super::power::control_job))
+        .route(
+            "/api/v1/power/jobs/{id}/{action}",
+            post(super::power::control_job),
+        )
         .route("/api/v1/checkin", post(super::power::checkin))
         .route("/api/v1/discovered", get(discovered))
         .route("/api/v1/images", get(list_images).post(add_image))

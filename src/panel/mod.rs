@@ -151,7 +151,8 @@ impl PanelState {
             None => CheckinUrl::Fixed(format!("{scheme}://{address}")),
         };
         info!(url = ?url, "kernel command lines carry a check-in URL and a per-boot token");
-        self.router.set_checkin(Some(Checkin::new(key.clone(), url)));
+        self.router
+            .set_checkin(Some(Checkin::new(key.clone(), url)));
     }
 
     /// How the panel reads machines' states: when a machine is stuck, and
@@ -296,7 +297,8 @@ pub fn machine_view(machine: MachineRecord, now_ms: u64, rules: ViewRules) -> Ma
             ),
         }
     };
-    let stuck = (in_progress || state == "failed") && quiet_for > rules.stuck_after.as_millis() as u64;
+    let stuck =
+        (in_progress || state == "failed") && quiet_for > rules.stuck_after.as_millis() as u64;
     let failure = match (state, machine.phase.as_deref(), machine.phase_status) {
         ("failed", Some(phase), _) if missed_checkin => Some(format!(
             "failed at {phase}: its OS did not check in within {} s",

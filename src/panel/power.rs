@@ -99,7 +99,10 @@ impl PowerService {
     /// The key, or why there is none.
     pub fn key(&self) -> Result<&SealKey, ApiError> {
         self.key.as_ref().map_err(|why| {
-            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, format!("power control: {why}"))
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("power control: {why}"),
+            )
         })
     }
 
@@ -160,7 +163,9 @@ impl Fleet for PanelFleet {
             .map_err(|error| error.to_string())?
             .into_iter()
             .find(|bmc| bmc.mac == mac)
-            .ok_or_else(|| format!("{mac} has no BMC; set one with `bootfleet machines set {mac} --bmc URL`"))?;
+            .ok_or_else(|| {
+                format!("{mac} has no BMC; set one with `bootfleet machines set {mac} --bmc URL`")
+            })?;
         let key = state.power.key().map_err(|error| error.message)?;
         let password = key
             .open(&mac.to_string(), &bmc.sealed_secret)
@@ -205,38 +210,50 @@ impl Fleet for PanelFleet {
             return 0.0;
         };
         let setup = &state.power.setup;
-        let tftp = state
-            .data_plane
-            .tftp
-            .as_ref()
-            .map_or(0.0, |t| t.stats().active as f64 / setup.max_transfers.max(1) as f64);
+        let tftp = state.data_plane.tftp.as_ref().map_or(0.0, |t| {
+            t.stats().active as f64 / setup.max_transfers.max(1) as f64
+        });
         let http = state.data_plane.http.as_ref().map_or(0.0, |h| {
             h.stats.open_connections.get() as f64 / setup.max_connections.max(1) as f64
         });
         tftp.max(http)
     }
 
-    fn record(&self, mac: Mac, action: PowerAction, result: &Result<Outcome, PowerError>, actor: &str) {
+    fn record(
+        &self,
+        mac: Mac,
+        action: PowerAction,
+        result: &Result<Outcome, PowerError>,
+        actor: &str,
+        started_ms: u64,
+    ) {
         let Ok(state) = self.state() else {
             return;
         };
-        record_power(&state, mac, action, result, actor);
+        record_power(&state, mac, action, result, actor, started_ms);
     }
 }
 
 /// A power action's boot event and audit entry (never a password: the
-/// outcome and errors name the BMC by address only).
+/// outcome and errors name the BMC by address only). The event is dated
+/// when the action was sent: the machine may already be asking for DHCP
+/// when its BMC answers.
 fn record_power(
     state: &PanelState,
     mac: Mac,
     action: PowerAction,
     result: &Result<Outcome, PowerError>,
     actor: &str,
+    started_ms: u64,
 ) {
     let (detail, status) = match result {
         Ok(outcome) => (
             match outcome.state {
-                Some(power) => format!("{}; power is {}", outcome.done, json!(power).as_str().unwrap_or("")),
+                Some(power) => format!(
+                    "{}; power is {}",
+                    outcome.done,
+                    json!(power).as_str().unwrap_or("")
+                ),
                 None => outcome.done.clone(),
             },
             200,
@@ -251,11 +268,15 @@ fn record_power(
         format!("{}: {detail}", action.as_str()),
     );
     event.status = status;
+    event.duration_ms = event.at_ms.saturating_sub(started_ms);
+    event.at_ms = started_ms;
     state.router.events.record(event);
-    if let Err(error) = state
-        .store
-        .record_audit(actor, &format!("power.{}", action.as_str()), &mac.to_string(), &detail)
-    {
+    if let Err(error) = state.store.record_audit(
+        actor,
+        &format!("power.{}", action.as_str()),
+        &mac.to_string(),
+        &detail,
+    ) {
         warn!(%error, %mac, "cannot record a power action in the audit log");
     }
 }
@@ -291,7 +312,8 @@ pub(super) async fn put_bmc(
 ) -> ApiResult {
     let mac = parse_mac(&mac)?;
     let body: BmcBody = parse_json(&body)?;
-    let url = parse_bmc_url(&body.url).map_err(|why| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, why))?;
+    let url = parse_bmc_url(&body.url)
+        .map_err(|why| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, why))?;
     let password = match (url.password, body.password) {
         (Some(_), Some(_)) => {
             return Err(ApiError::new(
@@ -307,7 +329,8 @@ pub(super) async fn put_bmc(
             ))
         }
     };
-    check_secret(&password).map_err(|why| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, format!("BMC: {why}")))?;
+    check_secret(&password)
+        .map_err(|why| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, format!("BMC: {why}")))?;
     let sealed = state.power.key()?.seal(&mac.to_string(), &password);
     let record = BmcRecord {
         mac,
@@ -353,7 +376,11 @@ struct PowerRequest {
     spec: JobSpec,
 }
 
-pub(super) async fn start_job(State(state): Shared, Auth(who): Assigner, body: axum::body::Bytes) -> ApiResult {
+pub(super) async fn start_job(
+    State(state): Shared,
+    Auth(who): Assigner,
+    body: axum::body::Bytes,
+) -> ApiResult {
     let request: PowerRequest = parse_json(&body)?;
     let mut macs = request
         .macs
@@ -367,11 +394,17 @@ pub(super) async fn start_job(State(state): Shared, Auth(who): Assigner, body: a
     let macs = blocking(move || {
         if let Some(pool) = pool {
             let pools = state2.store.pools()?;
-            let pool = pools
-                .iter()
-                .find(|p| p.name == pool)
-                .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("no pool named {pool:?}")))?;
-            macs.extend(state2.store.machines_brief()?.iter().filter(|m| pool.contains(m)).map(|m| m.mac));
+            let pool = pools.iter().find(|p| p.name == pool).ok_or_else(|| {
+                ApiError::new(StatusCode::NOT_FOUND, format!("no pool named {pool:?}"))
+            })?;
+            macs.extend(
+                state2
+                    .store
+                    .machines_brief()?
+                    .iter()
+                    .filter(|m| pool.contains(m))
+                    .map(|m| m.mac),
+            );
         }
         macs.sort();
         macs.dedup();
@@ -399,7 +432,12 @@ pub(super) async fn start_job(State(state): Shared, Auth(who): Assigner, body: a
         Arc::clone(&state.power.dispatcher),
         state.power.limits.clone(),
     )
-    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("cannot start the power job: {e}")))?;
+    .map_err(|e| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("cannot start the power job: {e}"),
+        )
+    })?;
     info!(job = id, machines = count, action = job.spec.action.as_str(), actor = %who.actor, "power job started");
     state.power.keep(Arc::clone(&job));
     Ok((StatusCode::ACCEPTED, Json(job.view(true))).into_response())
@@ -425,7 +463,12 @@ fn check_pacing(spec: &JobSpec) -> Result<(), ApiError> {
 }
 
 pub(super) async fn list_jobs(State(state): Shared, _: Reader) -> ApiResult {
-    let jobs: Vec<_> = state.power.jobs().iter().map(|job| job.view(false)).collect();
+    let jobs: Vec<_> = state
+        .power
+        .jobs()
+        .iter()
+        .map(|job| job.view(false))
+        .collect();
     Ok(Json(jobs).into_response())
 }
 
@@ -455,9 +498,15 @@ pub(super) async fn control_job(
             ))
         }
     };
-    job.control(wanted).map_err(|why| ApiError::new(StatusCode::CONFLICT, why))?;
+    job.control(wanted)
+        .map_err(|why| ApiError::new(StatusCode::CONFLICT, why))?;
     let detail = format!("{verb} by {}", who.actor);
-    let _ = state.store.record_audit(&who.actor, &format!("power.job.{verb}"), &format!("job {}", job.id), &detail);
+    let _ = state.store.record_audit(
+        &who.actor,
+        &format!("power.job.{verb}"),
+        &format!("job {}", job.id),
+        &detail,
+    );
     Ok(Json(job.view(false)).into_response())
 }
 
@@ -487,16 +536,22 @@ pub(super) async fn checkin(
     let mac = parse_mac(&body.mac)?;
     let now = super::now_ms();
     let client = peer.ip();
-    let issued = state.router.verify_checkin(mac, &body.token, now).map_err(|error| {
-        warn!(%mac, %client, %error, "check-in refused");
-        ApiError::new(StatusCode::FORBIDDEN, format!("check-in refused: {error}"))
-    })?;
+    let issued = state
+        .router
+        .verify_checkin(mac, &body.token, now)
+        .map_err(|error| {
+            warn!(%mac, %client, %error, "check-in refused");
+            ApiError::new(StatusCode::FORBIDDEN, format!("check-in refused: {error}"))
+        })?;
     let mut event = BootEvent::new(
         Some(mac),
         client,
         Phase::Checkin,
         "http",
-        format!("checked in {} s after its boot config was served", now.saturating_sub(issued) / 1000),
+        format!(
+            "checked in {} s after its boot config was served",
+            now.saturating_sub(issued) / 1000
+        ),
     );
     event.duration_ms = now.saturating_sub(issued);
     state.router.events.record(event);

@@ -93,7 +93,9 @@ fn run(
     let mut child = Command::new(ipmitool())
         .args(["-I", "lanplus", "-H", &target.host, "-p", &port, "-U", &target.user, "-E"])
         // One retry, a few seconds each: the timeout below bounds the whole.
-        .args(["-N", "2", "-R", "2"])
+        // `-v` makes it say why a session failed (a wrong password and a
+        // silent BMC both end in "Unable to establish" without it).
+        .args(["-N", "2", "-R", "2", "-v"])
         .args(arguments)
         .env("IPMI_PASSWORD", &credentials.password)
         .stdin(Stdio::null())
@@ -138,7 +140,8 @@ fn classify_failure(credentials: &Credentials, stderr: &str) -> PowerError {
     let said: String = stderr
         .lines()
         .map(str::trim)
-        .filter(|l| !l.is_empty())
+        // `-v` chatter that says nothing about the failure.
+        .filter(|l| !l.is_empty() && !l.starts_with("Loading IANA"))
         .collect::<Vec<_>>()
         .join("; ")
         .chars()
@@ -150,10 +153,10 @@ fn classify_failure(credentials: &Credentials, stderr: &str) -> PowerError {
         || lower.contains("rakp 2 hmac is invalid")
         || lower.contains("rakp 2 message indicates an error")
         || lower.contains("invalid user name")
-        || lower.contains("password")
     {
         PowerError::Credentials(name(credentials))
     } else if lower.contains("unable to establish")
+        || lower.contains("get auth capabilities error")
         || lower.contains("no response")
         || lower.contains("address lookup")
         || lower.contains("connection refused")

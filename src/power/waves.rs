@@ -169,13 +169,15 @@ pub trait Fleet: Send + Sync {
     fn boot_progress(&self, macs: &[Mac], since_ms: u64) -> HashMap<Mac, SeenPhase>;
     /// How busy the data plane is, from 0 (idle) to 1 (at its limits).
     fn load(&self) -> f64;
-    /// Records an action's outcome (a boot event and an audit entry).
+    /// Records an action's outcome (a boot event dated `started_ms`, when
+    /// the action was sent, and an audit entry).
     fn record(
         &self,
         mac: Mac,
         action: PowerAction,
         result: &Result<Outcome, PowerError>,
         actor: &str,
+        started_ms: u64,
     );
 }
 
@@ -471,14 +473,14 @@ impl Runner {
         let fleet = Arc::clone(&self.fleet);
         let limits = Arc::clone(&self.limits);
         self.dispatcher.submit(move || {
+            let started = now_ms();
             let result = fleet
                 .credentials(mac)
                 .map_err(PowerError::Setup)
                 .and_then(|credentials| execute(&credentials, action, job.spec.boot, &limits));
-            fleet.record(mac, action, &result, &job.actor);
+            fleet.record(mac, action, &result, &job.actor, started);
             let mut state = job.lock();
             if let Some(machine) = state.machines.iter_mut().find(|m| m.mac == mac) {
-                machine.sent_ms = Some(now_ms());
                 match result {
                     Ok(outcome) if action.boots() => {
                         machine.stage = Stage::Powered;

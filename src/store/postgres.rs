@@ -583,12 +583,16 @@ impl InventoryStore for PostgresStore {
                     ],
                 )?;
                 if let Some(mac) = stored.mac {
-                    rows.entry(mac).or_default().1 = Some(event);
+                    let latest = &mut rows.entry(mac).or_default().1;
+                    if latest.is_none_or(|l: &BootEvent| l.at_ms <= event.at_ms) {
+                        *latest = Some(event);
+                    }
                 }
             }
             let phase = tx.prepare(
                 "UPDATE machines SET phase = $2, phase_ms = $3, phase_status = $4, \
-                 last_seen_ms = GREATEST(COALESCE(last_seen_ms, 0), $3) WHERE mac = $1",
+                 last_seen_ms = GREATEST(COALESCE(last_seen_ms, 0), $3) \
+                 WHERE mac = $1 AND COALESCE(phase_ms, 0) <= $3",
             )?;
             for (mac, (note, latest)) in rows {
                 if let Some((seen_mac, facts, at_ms)) = note {

@@ -309,7 +309,12 @@ impl SqliteStore {
                             at_ms,
                             status,
                         } => {
-                            if let Some(machine) = machines.get_mut(&mac) {
+                            // An event stored late (a power action's, which is
+                            // dated when it was sent) never moves a machine back.
+                            if let Some(machine) = machines
+                                .get_mut(&mac)
+                                .filter(|m| m.phase_ms.is_none_or(|at| at <= at_ms))
+                            {
                                 machine.phase = Some(phase);
                                 machine.phase_ms = Some(at_ms);
                                 machine.phase_status = Some(status);
@@ -568,7 +573,8 @@ impl InventoryStore for SqliteStore {
             ))?;
             let mut phase = tx.prepare_cached(
                 "UPDATE machines SET phase = ?2, phase_ms = ?3, phase_status = ?4, \
-                 last_seen_ms = MAX(COALESCE(last_seen_ms, 0), ?3) WHERE mac = ?1",
+                 last_seen_ms = MAX(COALESCE(last_seen_ms, 0), ?3) \
+                 WHERE mac = ?1 AND COALESCE(phase_ms, 0) <= ?3",
             )?;
             for event in events {
                 let StoredEvent {

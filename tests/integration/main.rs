@@ -16,6 +16,7 @@ mod qemu_boot;
 mod panel;
 mod panel_browser;
 mod postgres;
+mod power;
 #[allow(dead_code)]
 mod qemu_lan;
 mod real_clients;

@@ -33,6 +33,9 @@ pub const SERVER_IP: &str = "10.99.0.1";
 /// The control panel, on the namespace's loopback (never on the boot LAN).
 pub const PANEL: &str = "127.0.0.1:9090";
 pub const MARKER: &str = "BOOTFLEET-BOOTED";
+/// Printed by the test image after it ran the check-in hook (`rc=0`: it
+/// checked in), when its command line carried a check-in URL.
+pub const CHECKED_IN: &str = "BOOTFLEET-CHECKIN";
 
 /// The kernel and the marker initramfs, built once per run.
 struct TestImage {
@@ -118,13 +121,31 @@ fn test_image() -> &'static TestImage {
             tree.join("init"),
             format!(
                 "#!/bin/busybox sh\n/bin/busybox --install -s /bin\nmkdir -p /proc /sys /dev\n\
-                 mount -t proc proc /proc\nmount -t sysfs sysfs /sys\n{loads}sleep 1\n\
-                 for n in /sys/class/net/*; do [ \"${{n##*/}}\" = lo ] || mac=$(cat $n/address); done\n\
-                 echo \"{MARKER} mac=$mac cmdline=$(cat /proc/cmdline)\"\npoweroff -f\n"
+                 mount -t proc proc /proc\nmount -t sysfs sysfs /sys\nmount -t devtmpfs dev /dev\n{loads}sleep 1\n\
+                 for n in /sys/class/net/*; do [ \"${{n##*/}}\" = lo ] || {{ mac=$(cat $n/address); nic=${{n##*/}}; }}; done\n\
+                 echo \"{MARKER} mac=$mac cmdline=$(cat /proc/cmdline)\"\n\
+                 case \"$(cat /proc/cmdline)\" in *bootfleet.checkin=*)\n\
+                 ip link set $nic up; udhcpc -i $nic -q -n -t 10 -s /bin/udhcpc.script >/dev/null 2>&1\n\
+                 BOOTFLEET_CHECKIN_DELAY=1 /bin/bootfleet-checkin; echo \"{CHECKED_IN} rc=$?\";; esac\n\
+                 poweroff -f\n"
             ),
         )
         .unwrap();
-        std::fs::set_permissions(tree.join("init"), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        // The check-in hook as the repository ships it, and what udhcpc
+        // runs to put the leased address on the NIC.
+        std::fs::copy(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("contrib/checkin/bootfleet-checkin"),
+            tree.join("bin/bootfleet-checkin"),
+        )
+        .unwrap();
+        std::fs::write(
+            tree.join("bin/udhcpc.script"),
+            "#!/bin/busybox sh\ncase \"$1\" in bound|renew) ifconfig $interface $ip netmask ${subnet:-255.255.255.0} up;; esac\n",
+        )
+        .unwrap();
+        for script in ["init", "bin/udhcpc.script", "bin/bootfleet-checkin"] {
+            std::fs::set_permissions(tree.join(script), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        }
         let initrd = dir.path().join("initrd.gz");
         run(Command::new("sh")
             .arg("-c")
@@ -195,7 +216,12 @@ pub struct BootLan {
     taps: usize,
     /// An admin API token for the control panel (made on first start).
     token: Option<String>,
+    /// One boot LAN at a time: the tests that use one run in parallel
+    /// threads of one binary, and the namespace has one name.
+    _exclusive: std::sync::MutexGuard<'static, ()>,
 }
+
+static ONE_LAN_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// Kills whatever still runs in the LAN's namespace (QEMU, servers) and
 /// removes it.
@@ -218,6 +244,9 @@ fn ns_ip(args: &[&str]) {
 
 impl BootLan {
     pub fn new() -> Self {
+        let exclusive = ONE_LAN_AT_A_TIME
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         // A namespace left by an interrupted run goes first, with the
         // machines and servers still running in it.
         remove_namespace();
@@ -243,6 +272,7 @@ impl BootLan {
             others: Vec::new(),
             taps: 0,
             token: None,
+            _exclusive: exclusive,
         }
     }
 
@@ -251,6 +281,13 @@ impl BootLan {
     }
 
     pub fn start(&mut self, dhcp: &[&str]) {
+        self.start_with_panel(PANEL, dhcp);
+    }
+
+    /// [`Self::start`] with the panel on `panel` (e.g. every address of
+    /// the namespace, so that booted machines can check in on the bridge;
+    /// the API is still called on [`PANEL`]).
+    pub fn start_with_panel(&mut self, panel: &str, dhcp: &[&str]) {
         self.stop();
         let log = self.dir.path().join("server.log");
         let child = Command::new("ip")
@@ -272,7 +309,7 @@ impl BootLan {
                 &format!("{SERVER_IP}:80"),
             ])
             .args(["--dhcp-interface", "br0"])
-            .args(["--panel-listen", PANEL])
+            .args(["--panel-listen", panel])
             .args(dhcp)
             .stdout(Stdio::from(std::fs::File::create(&log).unwrap()))
             .stderr(Stdio::from(
@@ -414,6 +451,25 @@ impl BootLan {
 
     /// Powers on a machine; returns the QEMU process and its serial log.
     pub fn power_on(&mut self, mac: &str, firmware: Firmware) -> Machine {
+        let (mut command, serial) = self.machine_command(mac, firmware);
+        let child = command
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        Machine {
+            mac: mac.to_string(),
+            firmware,
+            serial,
+            child,
+            started: Instant::now(),
+            powered_on_ms: epoch_ms(),
+        }
+    }
+
+    /// The command that runs a machine on a new tap of the bridge (in
+    /// the namespace, for at most 10 minutes), and its serial log.
+    pub fn machine_command(&mut self, mac: &str, firmware: Firmware) -> (Command, PathBuf) {
         let tap = format!("tap{}", self.taps);
         self.taps += 1;
         ns_ip(&["tuntap", "add", &tap, "mode", "tap"]);
@@ -484,19 +540,7 @@ impl BootLan {
                     ]);
             }
         }
-        let child = command
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        Machine {
-            mac: mac.to_string(),
-            firmware,
-            serial,
-            child,
-            started: Instant::now(),
-            powered_on_ms: epoch_ms(),
-        }
+        (command, serial)
     }
 
     /// The boot events bootfleet recorded for `mac` since `since_ms`, one
@@ -536,6 +580,11 @@ impl BootLan {
 
     /// Calls the control panel's API (or the data plane, for other paths)
     /// from inside the LAN's namespace.
+    /// The admin API token (once the server was started).
+    pub fn token(&self) -> &str {
+        self.token.as_deref().expect("the server was started")
+    }
+
     pub fn api_send(&self, method: &str, path: &str, body: Option<&str>) -> String {
         let mut command = Command::new("ip");
         command.args([

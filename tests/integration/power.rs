@@ -1,0 +1,290 @@
+//! Power control through real BMC emulators, on the boot LAN of
+//! [`crate::qemu_lan`]:
+//!
+//! * IPMI: OpenIPMI's `ipmi_sim` is the BMC of two QEMU machines (QEMU's
+//!   `ipmi-bmc-extern`, so the BMC's power commands start and stop the
+//!   VM); bootfleet, driven by its own command line, powers both on over
+//!   IPMI-over-LAN; they netboot their image, run the check-in hook the
+//!   repository ships, and are shown booted.
+//! * Redfish: sushy-tools' emulator on libvirt (see `redfish_*`).
+//!
+//! Both also check what an operator sees when a BMC is wrong: a bad
+//! password, a BMC that does not answer, each failing alone.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::common::*;
+use crate::qemu_lan::*;
+
+const INVENTORY: &str = r#"
+[images.alpha]
+kernel = "img/vmlinuz"
+initrds = ["img/initrd.gz"]
+cmdline = "console=ttyS0 quiet panic=-1"
+
+[machines."52:54:00:c0:00:01"]
+image = "alpha"
+
+[machines."52:54:00:c0:00:02"]
+image = "alpha"
+
+[machines."52:54:00:c0:00:03"]
+image = "alpha"
+
+[machines."52:54:00:c0:00:04"]
+image = "alpha"
+"#;
+
+/// Runs `bootfleet ARGS` inside the LAN's namespace against its panel,
+/// with `stdin`; (success, stdout, stderr).
+fn cli(lan: &BootLan, args: &[&str], stdin: &str) -> (bool, String, String) {
+    use std::io::Write;
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", NS, env!("CARGO_BIN_EXE_bootfleet")])
+        .args(args)
+        .env("BOOTFLEET_URL", format!("http://{PANEL}"))
+        .env("BOOTFLEET_TOKEN", lan.token())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    let output = child.wait_with_output().unwrap();
+    let (out, err) = (
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    );
+    eprintln!("$ bootfleet {}\n{out}{err}", args.join(" "));
+    (output.status.success(), out, err)
+}
+
+/// `command` as one shell line (each word single-quoted).
+fn shell_line(command: &Command) -> String {
+    std::iter::once(command.get_program())
+        .chain(command.get_args())
+        .map(|word| format!("'{}'", word.to_string_lossy().replace('\'', "'\\''")))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Starts an `ipmi_sim` BMC in the LAN's namespace: IPMI over LAN on
+/// 127.0.0.1:`lan_port` (user `admin`, password `s3cret`), and the VM
+/// link on `vm_port` that QEMU's `ipmi-bmc-extern` connects to; powering
+/// on runs `machine` (with that link added).
+fn start_ipmi_sim(lan: &mut BootLan, name: &str, lan_port: u16, vm_port: u16, machine: Command) {
+    let dir = lan.dir.path().join(name);
+    std::fs::create_dir_all(dir.join("state")).unwrap();
+    let mut machine = machine;
+    machine.args([
+        "-chardev",
+        &format!("socket,id=ipmi0,host=127.0.0.1,port={vm_port},reconnect=1"),
+        "-device",
+        "ipmi-bmc-extern,chardev=ipmi0,id=bmc0",
+        "-device",
+        "isa-ipmi-kcs,bmc=bmc0",
+    ]);
+    let start = shell_line(&machine).replace('"', "\\\"");
+    std::fs::write(
+        dir.join("lan.conf"),
+        format!(
+            "name \"{name}\"\nset_working_mc 0x20\n  startlan 1\n    addr 127.0.0.1 {lan_port}\n    priv_limit admin\n\
+             \x20   allowed_auths_callback none md2 md5 straight\n    allowed_auths_user none md2 md5 straight\n\
+             \x20   allowed_auths_operator none md2 md5 straight\n    allowed_auths_admin none md2 md5 straight\n\
+             \x20   guid a123456789abcdefa123456789abcdef\n  endlan\n\
+             \x20 serial 15 127.0.0.1 {vm_port} codec VM\n  startcmd \"{start}\"\n  startnow false\n\
+             \x20 poweroff_wait 5\n  kill_wait 5\n\
+             \x20 user 2 true \"admin\" \"s3cret\" admin 10 none md2 md5 straight\n"
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("bmc.emu"),
+        "mc_setbmc 0x20\nmc_add 0x20 0 no-device-sdrs 0x23 9 8 0x9f 0x1291 0xf02 persist_sdr\nmc_enable 0x20\n",
+    )
+    .unwrap();
+    let conf = dir.join("lan.conf").display().to_string();
+    let emu = dir.join("bmc.emu").display().to_string();
+    let state = dir.join("state").display().to_string();
+    lan.spawn_other(
+        "/usr/bin/ipmi_sim",
+        &["-c", &conf, "-f", &emu, "-s", &state, "-n"],
+    );
+}
+
+fn ipmi_tools_present() -> bool {
+    let present = have_tool("ipmi_sim") && have_tool("ipmitool");
+    if !present {
+        let message = "REQUIRED TOOLS MISSING: ipmi_sim and ipmitool (Debian openipmi, ipmitool); install with tests/run-all.sh";
+        if std::env::var_os("CI").is_some() {
+            panic!("{message}");
+        }
+        note_skipped(message);
+    }
+    present
+}
+
+/// Waits until the machine's serial console shows the check-in result.
+fn wait_for_checkin(lan: &BootLan, serial: &Path, mac: &str, deadline: Instant) -> String {
+    loop {
+        let text = std::fs::read_to_string(serial).unwrap_or_default();
+        if text.contains(CHECKED_IN) {
+            return text;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{mac} never ran its check-in hook.\nserial:\n{}\nserver log:\n{}",
+            tail(&text),
+            tail(&lan.log())
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+#[test]
+fn ipmi_sim_bmcs_power_on_machines_that_netboot_and_check_in() {
+    if !can_make_namespaces() || !tools_present() || !ipmi_tools_present() {
+        return;
+    }
+    let mut lan = BootLan::new();
+    std::fs::write(lan.boot_dir().join("inventory.toml"), INVENTORY).unwrap();
+    // The panel on every address of the namespace: the machines check in
+    // on the bridge (10.99.0.1:9090), the tests call it on loopback.
+    lan.start_with_panel(
+        "0.0.0.0:9090",
+        &[
+            "--dhcp-mode",
+            "full",
+            "--dhcp-range",
+            "10.99.0.100-10.99.0.200",
+        ],
+    );
+    let macs = ["52:54:00:c0:00:01", "52:54:00:c0:00:02"];
+    let mut serials = Vec::new();
+    for (i, mac) in macs.iter().enumerate() {
+        let (machine, serial) = lan.machine_command(mac, Firmware::BiosIpxe);
+        serials.push(serial);
+        let port = 9623 + i as u16;
+        start_ipmi_sim(&mut lan, &format!("bmc{i}"), port, 9002 + i as u16, machine);
+        // The password on standard input, as an operator would give it.
+        let (ok, out, err) = cli(
+            &lan,
+            &[
+                "machines",
+                "set",
+                mac,
+                "--bmc",
+                &format!("ipmi://admin@127.0.0.1:{port}"),
+                "--bmc-password-stdin",
+            ],
+            "s3cret\n",
+        );
+        assert!(ok, "{out}{err}");
+        assert!(
+            out.contains(&format!("BMC ipmi://admin@127.0.0.1:{port}")),
+            "{out}"
+        );
+    }
+    // A wrong password and a BMC nobody answers at: each fails alone.
+    let (ok, _, err) = cli(
+        &lan,
+        &[
+            "machines",
+            "set",
+            "52:54:00:c0:00:03",
+            "--bmc",
+            "ipmi://admin:wrong@127.0.0.1:9623",
+        ],
+        "",
+    );
+    assert!(ok, "{err}");
+    let (ok, _, err) = cli(
+        &lan,
+        &[
+            "machines",
+            "set",
+            "52:54:00:c0:00:04",
+            "--bmc",
+            "ipmi://admin:s3cret@127.0.0.1:9699",
+        ],
+        "",
+    );
+    assert!(ok, "{err}");
+
+    // Never in the API, never in the database in the clear.
+    let listed = lan.api("/api/v1/machines");
+    assert!(
+        listed.contains("ipmi://admin@127.0.0.1:9623") && !listed.contains("s3cret"),
+        "{listed}"
+    );
+    let database = std::fs::read(lan.dir.path().join("state/bootfleet.db")).unwrap();
+    assert!(
+        !database.windows(6).any(|w| w == b"s3cret"),
+        "the BMC password is in the database in the clear"
+    );
+
+    let started = Instant::now();
+    let (ok, out, err) = cli(
+        &lan,
+        &[
+            "power",
+            "on",
+            macs[0],
+            macs[1],
+            "52:54:00:c0:00:03",
+            "52:54:00:c0:00:04",
+            "--waves",
+            "all",
+            "--deadline",
+            "300",
+        ],
+        "",
+    );
+    eprintln!(
+        "power on to the last check-in: {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    assert!(!ok, "two of the four BMCs cannot work: {out}{err}");
+    assert!(err.contains("2 machine(s) failed"), "{err}");
+    let line = |mac: &str| -> String {
+        out.lines()
+            .find(|l| l.starts_with(mac))
+            .unwrap_or_else(|| panic!("no line for {mac} in {out}"))
+            .to_string()
+    };
+    for mac in macs {
+        assert!(line(mac).contains("\tup\tchecked in"), "{out}");
+    }
+    assert!(
+        line("52:54:00:c0:00:03").contains("refused the user name or password"),
+        "{out}"
+    );
+    assert!(
+        line("52:54:00:c0:00:04").contains("is unreachable"),
+        "{out}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for (mac, serial) in macs.iter().zip(&serials) {
+        let console = wait_for_checkin(&lan, serial, mac, deadline);
+        assert!(console.contains(&format!("{CHECKED_IN} rc=0")), "{console}");
+        assert!(console.contains("bootfleet.token="), "{console}");
+        let machine = lan.api(&format!("/api/v1/machines/{mac}"));
+        assert!(machine.contains(r#""state":"booted""#), "{machine}");
+        assert!(
+            machine.contains(r#""phase":"power""#) && machine.contains(r#""phase":"checkin""#),
+            "{machine}"
+        );
+    }
+    let audit = lan.api("/api/v1/audit");
+    assert!(
+        audit.contains("power.on") && !audit.contains("s3cret") && !audit.contains("wrong"),
+        "{audit}"
+    );
+}
