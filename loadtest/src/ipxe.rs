@@ -74,6 +74,8 @@ pub enum Ending {
     Boot {
         kernel: String,
         initrds: Vec<String>,
+        /// The kernel's command line (the words after its URL).
+        cmdline: Vec<String>,
     },
     /// `exit`: boot from the local disk.
     Exit,
@@ -98,6 +100,7 @@ pub fn run(script: &str, settings: &mut Settings) -> Result<Outcome, String> {
         sleep_seconds: 0,
         kernel: None,
         initrds: Vec::new(),
+        cmdline: Vec::new(),
     };
     for line in lines {
         let line = line.trim();
@@ -117,6 +120,7 @@ pub fn run(script: &str, settings: &mut Settings) -> Result<Outcome, String> {
             ending: Ending::Boot {
                 kernel,
                 initrds: state.initrds,
+                cmdline: state.cmdline,
             },
         }),
         None => Err("script ended without booting anything".into()),
@@ -127,6 +131,7 @@ struct State {
     sleep_seconds: u64,
     kernel: Option<String>,
     initrds: Vec<String>,
+    cmdline: Vec<String>,
 }
 
 /// One line: commands joined by `&&` and `||`, left to right as iPXE does.
@@ -210,11 +215,17 @@ fn command_result(
             target(&args[1..]).ok_or("chain without a URL")?.to_string(),
         )),
         "kernel" | "imgfetch" | "module" if args[0] != "module" || state.kernel.is_none() => {
-            state.kernel = Some(
-                target(&args[1..])
-                    .ok_or("kernel without a URL")?
-                    .to_string(),
-            );
+            let url = target(&args[1..]).ok_or("kernel without a URL")?;
+            if args[0] == "kernel" {
+                state.cmdline = args
+                    .iter()
+                    .skip(1)
+                    .skip_while(|a| **a != url)
+                    .skip(1)
+                    .map(|a| a.to_string())
+                    .collect();
+            }
+            state.kernel = Some(url.to_string());
             Step::Status(true)
         }
         "initrd" | "module" => {
@@ -229,6 +240,7 @@ fn command_result(
             Some(kernel) => Step::Ended(Ending::Boot {
                 kernel,
                 initrds: std::mem::take(&mut state.initrds),
+                cmdline: std::mem::take(&mut state.cmdline),
             }),
             None => return Err("boot without a kernel".into()),
         },
@@ -274,7 +286,8 @@ mod tests {
             outcome.ending,
             Ending::Boot {
                 kernel: "http://h/vmlinuz".into(),
-                initrds: vec!["http://h/a.img".into(), "http://h/b.img".into()]
+                initrds: vec!["http://h/a.img".into(), "http://h/b.img".into()],
+                cmdline: vec!["console=ttyS0".into()],
             }
         );
     }
