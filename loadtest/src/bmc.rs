@@ -50,7 +50,11 @@ impl Bmc {
 
 /// Starts `count` BMCs on `host`, ports `first_port`.. (one each); they
 /// serve until the runtime ends.
-pub async fn start(count: usize, host: Ipv4Addr, first_port: u16) -> Result<Vec<(Arc<Bmc>, SocketAddr)>> {
+pub async fn start(
+    count: usize,
+    host: Ipv4Addr,
+    first_port: u16,
+) -> Result<Vec<(Arc<Bmc>, SocketAddr)>> {
     let mut bmcs = Vec::with_capacity(count);
     for index in 0..count {
         let port = u16::try_from(first_port as usize + index)
@@ -64,7 +68,10 @@ pub async fn start(count: usize, host: Ipv4Addr, first_port: u16) -> Result<Vec<
         let bmc = Arc::new(Bmc::default());
         let app = axum::Router::new()
             .route(SYSTEM, get(system).patch(boot_override))
-            .route(&format!("{SYSTEM}/Actions/ComputerSystem.Reset"), post(reset))
+            .route(
+                &format!("{SYSTEM}/Actions/ComputerSystem.Reset"),
+                post(reset),
+            )
             .with_state(Arc::clone(&bmc));
         tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
@@ -91,14 +98,22 @@ fn authorized(bmc: &Bmc, headers: &HeaderMap) -> bool {
 }
 
 fn refused() -> Response {
-    (StatusCode::UNAUTHORIZED, axum::Json(json!({"error": {"message": "authentication required"}}))).into_response()
+    (
+        StatusCode::UNAUTHORIZED,
+        axum::Json(json!({"error": {"message": "authentication required"}})),
+    )
+        .into_response()
 }
 
 async fn system(State(bmc): State<Arc<Bmc>>, headers: HeaderMap) -> Response {
     if !authorized(&bmc, &headers) {
         return refused();
     }
-    let state = if bmc.on.load(Ordering::Acquire) { "On" } else { "Off" };
+    let state = if bmc.on.load(Ordering::Acquire) {
+        "On"
+    } else {
+        "Off"
+    };
     axum::Json(json!({
         "@odata.id": SYSTEM,
         "Id": "1",
@@ -108,7 +123,11 @@ async fn system(State(bmc): State<Arc<Bmc>>, headers: HeaderMap) -> Response {
     .into_response()
 }
 
-async fn boot_override(State(bmc): State<Arc<Bmc>>, headers: HeaderMap, body: axum::body::Bytes) -> Response {
+async fn boot_override(
+    State(bmc): State<Arc<Bmc>>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
     if !authorized(&bmc, &headers) {
         return refused();
     }
@@ -120,7 +139,11 @@ async fn boot_override(State(bmc): State<Arc<Bmc>>, headers: HeaderMap, body: ax
     StatusCode::NO_CONTENT.into_response()
 }
 
-async fn reset(State(bmc): State<Arc<Bmc>>, headers: HeaderMap, body: axum::body::Bytes) -> Response {
+async fn reset(
+    State(bmc): State<Arc<Bmc>>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
     if !authorized(&bmc, &headers) {
         return refused();
     }
@@ -137,7 +160,11 @@ async fn reset(State(bmc): State<Arc<Bmc>>, headers: HeaderMap, body: axum::body
         }
         Some("ForceOff" | "GracefulShutdown") => bmc.on.store(false, Ordering::Release),
         other => {
-            return (StatusCode::BAD_REQUEST, format!("ResetType {other:?} is not supported")).into_response()
+            return (
+                StatusCode::BAD_REQUEST,
+                format!("ResetType {other:?} is not supported"),
+            )
+                .into_response()
         }
     }
     StatusCode::NO_CONTENT.into_response()

@@ -28,10 +28,12 @@ use serde::Serialize;
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+mod bmc;
 mod chart;
 mod dhcp;
 mod http;
 mod ipxe;
+mod panel;
 mod storm;
 mod tftp;
 

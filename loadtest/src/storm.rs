@@ -140,10 +140,43 @@ pub struct StormArgs {
     /// Write a self-contained HTML chart here.
     #[arg(long)]
     pub chart: Option<PathBuf>,
+    /// Let bootfleet power the machines on: each gets a simulated BMC
+    /// (registered with the panel at `--panel`), bootfleet is asked to
+    /// power them all on, and each machine boots when its BMC is told to,
+    /// then checks in. The run's clock starts at the power-on request.
+    #[arg(long, value_enum)]
+    pub power_via: Option<PowerVia>,
+    /// The bootfleet panel (with `--power-via`).
+    #[arg(long, default_value = "http://127.0.0.1:9090")]
+    pub panel: String,
+    /// An API token of scope admin (BMCs are set with it).
+    #[arg(long, env = "BOOTFLEET_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// How bootfleet paces the power-on: `all`, `adaptive`, or
+    /// `SIZE/SECONDS` (fixed waves).
+    #[arg(long, default_value = "adaptive")]
+    pub power_waves: String,
+    /// The first simulated BMC's port on 127.0.0.1 (one port each).
+    #[arg(long, default_value_t = 20000)]
+    pub bmc_first_port: u16,
 }
 
-/// The steps of a boot, in order.
-pub const PHASES: [&str; 5] = ["dhcp", "loader", "script", "kernel", "initrd"];
+/// The steps of a boot, in order; with `--power-via`, `power` (from the
+/// power-on request to the BMC's reset) comes first and `checkin` (the
+/// booted OS calling the server) last.
+pub const PHASES: [&str; 7] = [
+    "dhcp", "loader", "script", "kernel", "initrd", "checkin", "power",
+];
+/// Indexes of the phases in [`PHASES`] that only `--power-via` has.
+const CHECKIN: usize = 5;
+const POWER: usize = 6;
+
+/// How simulated machines are powered on by bootfleet.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PowerVia {
+    /// Simulated Redfish BMCs on loopback, one port each.
+    Redfish,
+}
 
 /// One machine's story.
 #[derive(Debug, Clone, Serialize)]
@@ -228,6 +261,8 @@ struct Shared {
     started: Instant,
     deadline: Instant,
     files: Mutex<HashMap<String, Arc<Expected>>>,
+    /// With `--power-via`: each machine's simulated BMC.
+    bmcs: Vec<Arc<crate::bmc::Bmc>>,
 }
 
 impl Shared {
@@ -374,6 +409,10 @@ async fn storm(args: StormArgs, lan_interface: Option<String>) -> Result<Report>
             )?
         }
     };
+    let bmcs = match args.power_via {
+        Some(PowerVia::Redfish) => register_bmcs(&args).await?,
+        None => Vec::new(),
+    };
     let started = Instant::now();
     let ctx = Arc::new(Shared {
         deadline: started + Duration::from_secs_f64(args.time_limit),
@@ -382,6 +421,7 @@ async fn storm(args: StormArgs, lan_interface: Option<String>) -> Result<Report>
         lan_interface,
         started,
         files: Mutex::new(HashMap::new()),
+        bmcs,
     });
     let limit = match ctx.args.concurrency {
         0 => ctx.args.machines,
@@ -393,11 +433,23 @@ async fn storm(args: StormArgs, lan_interface: Option<String>) -> Result<Report>
         let ctx = Arc::clone(&ctx);
         let permits = Arc::clone(&permits);
         handles.push(tokio::spawn(async move {
-            let at = ctx.started + power_on_offset(&ctx.args, index);
-            tokio::time::sleep_until(at.into()).await;
+            if let Some(bmc) = ctx.bmcs.get(index) {
+                // Off until bootfleet has its BMC power it on.
+                let deadline = tokio::time::sleep_until(ctx.deadline.into());
+                tokio::select! {
+                    () = bmc.power_on.notified() => {}
+                    () = deadline => return never_powered(&ctx, index),
+                }
+            } else {
+                let at = ctx.started + power_on_offset(&ctx.args, index);
+                tokio::time::sleep_until(at.into()).await;
+            }
             let _permit = permits.acquire().await;
             boot(&ctx, index).await
         }));
+    }
+    if ctx.args.power_via.is_some() {
+        request_power_on(&ctx).await?;
     }
     let mut records = Vec::with_capacity(handles.len());
     for handle in handles {
@@ -406,6 +458,100 @@ async fn storm(args: StormArgs, lan_interface: Option<String>) -> Result<Report>
         }
     }
     Ok(report(&ctx, &records))
+}
+
+/// The MAC of machine `index`, as the server sees it.
+fn mac_text(args: &StormArgs, index: usize) -> String {
+    identity(args, index)
+        .0
+        .mac
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// Starts a simulated BMC per machine and sets each as its machine's BMC
+/// in the panel (before the clock starts), 16 requests at a time.
+async fn register_bmcs(args: &StormArgs) -> Result<Vec<Arc<crate::bmc::Bmc>>> {
+    let token = args
+        .token
+        .as_deref()
+        .context("--power-via needs --token (or BOOTFLEET_TOKEN), an admin API token")?;
+    let started =
+        crate::bmc::start(args.machines, Ipv4Addr::LOCALHOST, args.bmc_first_port).await?;
+    let panel = args.panel.trim_end_matches('/').to_string();
+    let mut pending = Vec::new();
+    for (index, (_, address)) in started.iter().enumerate() {
+        let url = format!("{panel}/api/v1/machines/{}/bmc", mac_text(args, index));
+        let body = serde_json::json!({
+            "url": format!("redfish+http://{}@{address}{}", crate::bmc::USER, crate::bmc::SYSTEM),
+            "password": crate::bmc::PASSWORD,
+        });
+        let token = token.to_string();
+        pending.push(tokio::spawn(async move {
+            crate::panel::call(&url, "PUT", Some(&token), Some(&body)).await
+        }));
+        if pending.len() == 16 || index + 1 == started.len() {
+            for call in pending.drain(..) {
+                let (status, answer) = call.await??;
+                if status != 200 {
+                    bail!("setting a simulated BMC: HTTP {status} {answer}");
+                }
+            }
+        }
+    }
+    eprintln!("{} simulated Redfish BMCs set in the panel", started.len());
+    Ok(started.into_iter().map(|(bmc, _)| bmc).collect())
+}
+
+/// Asks bootfleet to power every machine on (`--power-waves`).
+async fn request_power_on(ctx: &Shared) -> Result<()> {
+    let args = &ctx.args;
+    let pacing = match args.power_waves.as_str() {
+        "all" => serde_json::json!({ "mode": "all-at-once" }),
+        "adaptive" => serde_json::json!({ "mode": "adaptive" }),
+        fixed => {
+            let (size, seconds) = fixed
+                .split_once('/')
+                .and_then(|(n, s)| Some((n.parse::<usize>().ok()?, s.parse::<f64>().ok()?)))
+                .with_context(|| {
+                    format!("--power-waves {fixed:?}: write all, adaptive or SIZE/SECONDS")
+                })?;
+            serde_json::json!({ "mode": "fixed", "size": size, "interval_ms": (seconds * 1000.0) as u64 })
+        }
+    };
+    let macs: Vec<String> = (0..args.machines).map(|i| mac_text(args, i)).collect();
+    let body = serde_json::json!({
+        "macs": macs,
+        "action": "on",
+        "boot": "pxe",
+        "pacing": pacing,
+        "checkin_deadline": args.time_limit.ceil() as u64,
+    });
+    let url = format!("{}/api/v1/power", args.panel.trim_end_matches('/'));
+    let (status, answer) =
+        crate::panel::call(&url, "POST", args.token.as_deref(), Some(&body)).await?;
+    if status != 202 {
+        bail!("the power-on request was refused: HTTP {status} {answer}");
+    }
+    Ok(())
+}
+
+/// A machine whose BMC was never told to power it on by the time limit.
+fn never_powered(ctx: &Shared, index: usize) -> MachineRecord {
+    MachineRecord {
+        mac: mac_text(&ctx.args, index),
+        intervals: vec![(POWER, 0.0, ctx.since_start())],
+        powered_on: 0.0,
+        ended: ctx.since_start(),
+        outcome: "cut",
+        failed_phase: Some("power"),
+        cause: Some("never powered on".into()),
+        bytes: 0,
+        attempts: 0,
+        addresses: Vec::new(),
+    }
 }
 
 fn power_on_offset(args: &StormArgs, index: usize) -> Duration {
@@ -488,12 +634,19 @@ async fn boot(ctx: &Shared, index: usize) -> MachineRecord {
         .map(|b| format!("{b:02x}"))
         .collect::<Vec<_>>()
         .join(":");
+    // Powered on by bootfleet: its clock starts at the power-on request,
+    // and the wait for its BMC's reset is its power phase.
+    let powered = ctx.bmcs.get(index).map(|_| ctx.since_start());
     let mut tracker = Tracker {
         ctx,
         record: MachineRecord {
             mac: mac.clone(),
-            intervals: Vec::with_capacity(6),
-            powered_on: ctx.since_start(),
+            intervals: powered.map_or_else(|| Vec::with_capacity(6), |at| vec![(POWER, 0.0, at)]),
+            powered_on: if powered.is_some() {
+                0.0
+            } else {
+                ctx.since_start()
+            },
             ended: 0.0,
             outcome: "failed",
             failed_phase: None,
@@ -507,7 +660,14 @@ async fn boot(ctx: &Shared, index: usize) -> MachineRecord {
     loop {
         let attempt = tracker.record.attempts;
         tracker.record.attempts += 1;
-        let result = walk(ctx, &client, firmware, &mac, index, attempt, &mut tracker).await;
+        let mut result = walk(ctx, &client, firmware, &mac, index, attempt, &mut tracker).await;
+        let whole_boot = ctx.args.stop_after == StopAfter::Initrd;
+        if let (Ok(cmdline), Some(bmc), true) = (&result, ctx.bmcs.get(index), whole_boot) {
+            tracker.enter(CHECKIN);
+            result = check_in(cmdline).await.map(|()| Vec::new());
+            bmc.powered_off();
+        }
+        let result = result.map(drop);
         let retry_at = Instant::now() + RETRY_DELAY;
         if result.is_ok() || attempt >= ctx.args.retries || retry_at >= ctx.deadline {
             return tracker.finish(result);
@@ -520,7 +680,28 @@ async fn boot(ctx: &Shared, index: usize) -> MachineRecord {
 /// How long a failed machine is off before it boots again (`--retries`).
 const RETRY_DELAY: Duration = Duration::from_secs(1);
 
-/// The boot chain; `Err` carries the cause, the tracker the phase.
+/// What the booted OS does first: calls the check-in URL on its kernel
+/// command line with its MAC and token, as `contrib/checkin` does.
+async fn check_in(cmdline: &[String]) -> Result<(), String> {
+    let word = |name: &str| {
+        cmdline
+            .iter()
+            .find_map(|w| w.strip_prefix(name))
+            .map(str::to_string)
+            .ok_or_else(|| format!("no {name} on the kernel command line"))
+    };
+    let url = word("bootfleet.checkin=")?;
+    let body =
+        serde_json::json!({ "mac": word("bootfleet.mac=")?, "token": word("bootfleet.token=")? });
+    match crate::panel::call(&url, "POST", None, Some(&body)).await {
+        Ok((200, _)) => Ok(()),
+        Ok((status, answer)) => Err(format!("check-in refused: HTTP {status} {answer}")),
+        Err(error) => Err(format!("check-in: {error:#}")),
+    }
+}
+
+/// The boot chain; `Err` carries the cause, the tracker the phase. A
+/// whole boot returns its kernel's command line.
 async fn walk(
     ctx: &Shared,
     client: &ClientIdentity,
@@ -529,7 +710,7 @@ async fn walk(
     index: usize,
     attempt: u32,
     tracker: &mut Tracker<'_>,
-) -> Result<(), String> {
+) -> Result<Vec<String>, String> {
     let xid = 0x5000_0000u32
         .wrapping_add((index as u32).wrapping_mul(2))
         .wrapping_add(attempt << 24);
@@ -539,7 +720,7 @@ async fn walk(
     let lease = dhcp::obtain(&ctx.dhcp, client, xid, Stage::Firmware, ctx.deadline).await?;
     tracker.record.addresses.push(lease.address);
     if ctx.args.stop_after == StopAfter::Dhcp {
-        return Ok(());
+        return Ok(Vec::new());
     }
     let local = IpAddr::V4(lease.address);
     if let Some(interface) = &ctx.lan_interface {
@@ -616,7 +797,7 @@ async fn walk(
         settings.0.insert(name.to_string(), value);
     }
     let mut url = parse_url(&lease.boot_file, None)?;
-    let (kernel, initrds) = loop {
+    let (kernel, initrds, cmdline) = loop {
         let fetched = http_get(ctx, &mut pool, &url, local, true).await?;
         tracker.record.bytes += fetched.bytes;
         let body =
@@ -634,12 +815,16 @@ async fn walk(
         }
         match outcome.ending {
             ipxe::Ending::Chain(next) => url = parse_url(&next, Some(&url))?,
-            ipxe::Ending::Boot { kernel, initrds } => break (kernel, initrds),
+            ipxe::Ending::Boot {
+                kernel,
+                initrds,
+                cmdline,
+            } => break (kernel, initrds, cmdline),
             ipxe::Ending::Exit => return Err("the script exits to the local disk".into()),
         }
     };
     if ctx.args.stop_after == StopAfter::Script {
-        return Ok(());
+        return Ok(Vec::new());
     }
     let base = url;
     tracker.enter(3);
@@ -648,7 +833,7 @@ async fn walk(
     for initrd in &initrds {
         fetch_url(ctx, &mut pool, &resolve(initrd, &base)?, local, tracker).await?;
     }
-    Ok(())
+    Ok(cmdline)
 }
 
 /// Adds `address` to `interface` (a lease renewed as iPXE is already there).
