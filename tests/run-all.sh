@@ -36,9 +36,13 @@ started=$(date +%s)
 # The package test: lintian, and dpkg (already there on Debian). strace: the
 # test that io_uring workers make no file-system call watches them with it.
 # postgresql: the store tests run on a throwaway cluster (tests/postgres.sh).
+# BMCs: OpenIPMI's ipmi_sim (openipmi) with ipmitool, which bootfleet runs
+# for IPMI; libvirt (its daemon and QEMU driver, and libvirt-dev to build
+# the Python binding) under sushy-tools' Redfish emulator (PyPI, below).
 APT_PACKAGES=(tftp-hpa atftp curl iproute2 nftables systemd g++ pkg-config busybox-static isc-dhcp-client
     dnsmasq-base ndisc6 procps qemu-system-x86 ipxe-qemu ipxe ovmf linux-image-amd64 kmod cpio xz-utils zstd
-    openssl chromium chromium-driver lintian strace postgresql)
+    openssl chromium chromium-driver lintian strace postgresql openipmi ipmitool libvirt-daemon-system
+    libvirt-daemon-driver-qemu libvirt-dev)
 missing=()
 for package in "${APT_PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")
@@ -53,6 +57,12 @@ command -v cargo >/dev/null || {
     echo "    sudo env \"PATH=\$PATH\" tests/run-all.sh" >&2
     exit 1
 }
+# The Redfish test runs sushy-tools' emulator on its own libvirtd inside its
+# namespace; a system libvirtd would hold the same socket.
+python3 -c "import sushy_tools, libvirt, bcrypt" 2>/dev/null || {
+    echo "== installing sushy-tools, libvirt-python, bcrypt (PyPI)"; python3 -m pip install -q sushy-tools libvirt-python bcrypt; }
+systemctl stop libvirtd.service libvirtd.socket libvirtd-ro.socket libvirtd-admin.socket virtlogd.socket 2>/dev/null || true
+pkill -x libvirtd 2>/dev/null || true
 command -v cargo-fuzz >/dev/null || { echo "== installing cargo-fuzz (a few minutes, once)"; cargo install cargo-fuzz --locked; }
 command -v cargo-deb >/dev/null || { echo "== installing cargo-deb (a few minutes, once)"; cargo install cargo-deb --locked; }
 

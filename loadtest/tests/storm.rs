@@ -29,10 +29,17 @@ struct Lab {
     ns: String,
     dir: tempfile::TempDir,
     server: Option<Child>,
+    /// `--panel-listen` of the server ("off": no panel).
+    panel: &'static str,
 }
 
 impl Lab {
     fn new(tag: &str) -> Lab {
+        Lab::with_machines(tag, MACHINES)
+    }
+
+    /// A lab whose inventory lists `machines` simulated machines.
+    fn with_machines(tag: &str, machines: usize) -> Lab {
         let ns = format!("bfstorm{tag}{}", std::process::id() % 100_000);
         // A namespace left by an interrupted run goes first.
         let _ = Command::new("ip")
@@ -70,7 +77,7 @@ impl Lab {
              [images.node-tftp]\nkernel = \"img/vmlinuz\"\ninitrds = [\"img/initrd.gz\", \"img/modules.cpio\"]\n\
              cmdline = \"console=ttyS0\"\ntransport = \"tftp\"\n\n",
         );
-        for i in 0..MACHINES as u32 {
+        for i in 0..machines as u32 {
             let n = i.to_be_bytes();
             // Every tenth machine's image comes over TFTP.
             let image = if i % 10 == 9 { "node-tftp" } else { "node" };
@@ -84,6 +91,7 @@ impl Lab {
             ns,
             dir,
             server: None,
+            panel: "off",
         }
     }
 
@@ -135,7 +143,7 @@ impl Lab {
         let child = Command::new("ip")
             .args(["netns", "exec", &self.ns])
             .arg(&bootfleet)
-            .args(["serve", "--panel-listen", "off", "--config"])
+            .args(["serve", "--panel-listen", self.panel, "--config"])
             .arg(&config_path)
             .arg("--root")
             .arg(self.boot_dir())
@@ -531,5 +539,85 @@ fn machines_broadcast_dhcp_from_their_own_namespace() {
     assert!(
         !String::from_utf8_lossy(&namespaces.stdout).contains("bfload"),
         "the load tester's namespace is gone"
+    );
+}
+
+#[test]
+fn a_thousand_machines_are_powered_on_through_simulated_redfish_bmcs_and_all_check_in() {
+    if !is_root() {
+        return;
+    }
+    const FLEET: usize = 1000;
+    let mut lab = Lab::with_machines("p", FLEET);
+    lab.panel = "127.0.0.1:9090";
+    lab.start(
+        "[dhcp]\nmax_requests_per_second_per_source = 10000000\n[log]\nlevel = \"warn\"\n\
+         [power]\ncheckin_url = \"http://127.0.0.1:9090\"\n",
+    );
+    let bootfleet = Path::new(env!("CARGO_BIN_EXE_bootfleet-loadtest")).with_file_name("bootfleet");
+    let token = Command::new(&bootfleet)
+        .args(["tokens", "add", "storm", "--scope", "admin", "--state-dir"])
+        .arg(lab.dir.path().join("state"))
+        .output()
+        .unwrap();
+    assert!(
+        token.status.success(),
+        "{}",
+        String::from_utf8_lossy(&token.stderr)
+    );
+    let token = String::from_utf8(token.stdout).unwrap().trim().to_string();
+    let (ok, report, text) = lab.storm(
+        &lab.boot_dir(),
+        FLEET,
+        &[
+            "--power-via",
+            "redfish",
+            "--power-waves",
+            "adaptive",
+            "--threads",
+            "2",
+            "--token",
+            &token,
+        ],
+    );
+    eprintln!("{text}");
+    assert!(ok, "{text}");
+    assert_eq!(report["booted"], FLEET, "every machine checked in: {text}");
+    assert_eq!(report["failed"], 0, "{text}");
+    assert_eq!(report["cut"], 0, "{text}");
+    for phase in ["power", "checkin"] {
+        assert_eq!(report["phases"][phase]["count"], FLEET, "{phase}: {text}");
+    }
+    // No address went to two machines, and the server saw every check-in.
+    let mut seen = std::collections::HashMap::new();
+    for (mac, addresses) in report["leases"].as_object().unwrap() {
+        for address in addresses.as_array().unwrap() {
+            if let Some(other) = seen.insert(address.as_str().unwrap().to_string(), mac.clone()) {
+                assert_eq!(&other, mac, "{address} leased to two machines");
+            }
+        }
+    }
+    // The job sees the last check-ins within its next look (0.1 s) once
+    // the panel has stored them (batched every 0.1 s).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let job = loop {
+        let jobs = Command::new("ip")
+            .args(["netns", "exec", &lab.ns, "curl", "-sf", "-H"])
+            .arg(format!("Authorization: Bearer {token}"))
+            .arg("http://127.0.0.1:9090/api/v1/power/jobs")
+            .output()
+            .unwrap();
+        let jobs: serde_json::Value = serde_json::from_slice(&jobs.stdout).unwrap();
+        let job = jobs[0].clone();
+        if job["status"] == "done" || Instant::now() > deadline {
+            break job;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(job["status"], "done", "{job}");
+    assert_eq!(job["stages"]["up"], FLEET, "{job}");
+    assert!(
+        job["waves_sent"].as_u64().unwrap() > 1,
+        "adaptive waves: {job}"
     );
 }

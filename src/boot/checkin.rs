@@ -69,7 +69,7 @@ impl Checkin {
         match &self.url {
             CheckinUrl::Fixed(url) => Some(format!("{}/api/v1/checkin", url.trim_end_matches('/'))),
             CheckinUrl::SameHost { scheme, port } => {
-                let host = super::router::host_of(base_url);
+                let host = host_of(base_url);
                 (!host.is_empty()).then(|| format!("{scheme}://{host}:{port}/api/v1/checkin"))
             }
         }
@@ -134,6 +134,19 @@ impl Checkin {
         }
         Ok(issued)
     }
+}
+
+/// `10.0.0.1` from `http://10.0.0.1:8080` (brackets kept for IPv6).
+pub(super) fn host_of(base_url: &str) -> &str {
+    let rest = base_url.split_once("://").map_or(base_url, |(_, r)| r);
+    let authority = rest.split('/').next().unwrap_or(rest);
+    if authority.starts_with('[') {
+        return authority
+            .split(']')
+            .next()
+            .map_or(authority, |h| &authority[..h.len() + 1]);
+    }
+    authority.split(':').next().unwrap_or(authority)
 }
 
 fn message(mac: Mac, issued_ms: u64) -> String {

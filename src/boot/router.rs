@@ -25,7 +25,7 @@ use std::time::Duration;
 
 use tracing::{info, warn};
 
-use super::checkin::Checkin;
+use super::checkin::{host_of, Checkin};
 use super::clients::{Binding, ClientBindings};
 use super::current::{CurrentInventory, Loaded, SnapshotGuard};
 use super::events::{BootEvent, EventLog, Phase};
@@ -671,19 +671,6 @@ fn fill_image(
         cmdline.push_str(&words);
     }
     context.cmdline = cmdline;
-}
-
-/// `10.0.0.1` from `http://10.0.0.1:8080` (brackets kept for IPv6).
-pub(super) fn host_of(base_url: &str) -> &str {
-    let rest = base_url.split_once("://").map_or(base_url, |(_, r)| r);
-    let authority = rest.split('/').next().unwrap_or(rest);
-    if authority.starts_with('[') {
-        return authority
-            .split(']')
-            .next()
-            .map_or(authority, |h| &authority[..h.len() + 1]);
-    }
-    authority.split(':').next().unwrap_or(authority)
 }
 
 /// The facts of a query again as `?name=value&…`, escaped, for the poll loop.

@@ -20,11 +20,11 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use tracing::info;
 
-use super::auth::{self, authorize, Caller};
+use super::auth;
+pub(super) use super::extract::{blocking, parse_json, parse_mac, Admin, Assigner, Auth, Reader};
 use super::tls::PeerAddr;
 use super::{check_files, machine_view, now_ms, ApiError, MachineView, PanelState};
 use crate::proto::path::safe_relative_name;
-use crate::proto::Mac;
 use crate::store::{ImageRecord, MachinePatch, PoolRecord, Scope, SessionRecord, StoredEvent};
 
 type Shared = State<Arc<PanelState>>;
@@ -238,55 +238,9 @@ async fn asset(body: &'static str, content_type: &'static str) -> Response {
     ([(header::CONTENT_TYPE, content_type)], body).into_response()
 }
 
-pub(super) fn parse_mac(text: &str) -> ApiResult<Mac> {
-    Mac::parse(text).map_err(|e| ApiError::bad_request(e.to_string()))
-}
-
 fn check_name(kind: &str, name: &str) -> ApiResult<()> {
     crate::inventory::fields::check_name(kind, name)
         .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e))
-}
-
-/// Runs blocking store work off the async threads.
-pub(super) async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
-) -> Result<T, ApiError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
-}
-
-/// The caller of a request, authorized for at least scope `S` (see
-/// [`Reader`], [`Assigner`], [`Admin`]); a handler that takes one refuses
-/// unauthenticated, unauthorized and CSRF-less requests before it runs.
-pub struct Auth<const S: u8>(pub Caller);
-
-/// Any authenticated caller.
-pub type Reader = Auth<0>;
-/// A caller who may assign images and adopt machines.
-pub type Assigner = Auth<1>;
-/// A caller who may change images, pools, users, tokens and settings.
-pub type Admin = Auth<2>;
-
-impl<const S: u8> axum::extract::FromRequestParts<Arc<PanelState>> for Auth<S> {
-    type Rejection = ApiError;
-
-    async fn from_request_parts(
-        parts: &mut axum::http::request::Parts,
-        state: &Arc<PanelState>,
-    ) -> Result<Self, ApiError> {
-        let required = match S {
-            0 => Scope::Read,
-            1 => Scope::Assign,
-            _ => Scope::Admin,
-        };
-        let state = Arc::clone(state);
-        let headers = parts.headers.clone();
-        let method = parts.method.clone();
-        blocking(move || authorize(&*state.store, &headers, &method, required))
-            .await
-            .map(Auth)
-    }
 }
 
 // ---- sessions ----
@@ -550,15 +504,6 @@ async fn put_machine(
     })
     .await?;
     Ok(Json(machine).into_response())
-}
-
-pub(super) fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> ApiResult<T> {
-    serde_json::from_slice(body).map_err(|e| {
-        ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            format!("request body: {e}"),
-        )
-    })
 }
 
 #[derive(Deserialize)]

@@ -12,6 +12,7 @@
 
 mod api;
 pub mod auth;
+mod extract;
 mod image_watch;
 pub mod metrics;
 pub mod power;
@@ -396,6 +397,9 @@ pub enum PanelStartError {
 /// Opens the store, imports `inventory.toml` into an empty database,
 /// installs the database's snapshot in `router`, and serves the panel on
 /// `listener` until `shutdown`. Returns the thread running it.
+// Eight parts the process wires together once; a struct for them would
+// only rename the list.
+#[allow(clippy::too_many_arguments)]
 pub fn start(
     config: &PanelConfig,
     store: Arc<dyn InventoryStore>,

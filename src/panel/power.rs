@@ -22,7 +22,7 @@ use serde::Deserialize;
 use serde_json::json;
 use tracing::{info, warn};
 
-use super::api::{blocking, parse_json, parse_mac, Admin, Assigner, Auth, Reader};
+use super::extract::{blocking, parse_json, parse_mac, Admin, Assigner, Auth, Reader};
 use super::{ApiError, PanelState};
 use crate::boot::events::{BootEvent, Phase};
 use crate::inventory::bmc::{check_secret, parse_bmc_url};
@@ -147,29 +147,32 @@ struct PanelFleet {
 }
 
 impl PanelFleet {
-    fn state(&self) -> Result<Arc<PanelState>, String> {
+    fn state(&self) -> Result<Arc<PanelState>, PowerError> {
         self.state
             .upgrade()
-            .ok_or_else(|| "the panel is shutting down".to_string())
+            .ok_or_else(|| PowerError::Setup("the panel is shutting down".into()))
     }
 }
 
 impl Fleet for PanelFleet {
-    fn credentials(&self, mac: Mac) -> Result<Credentials, String> {
+    fn credentials(&self, mac: Mac) -> Result<Credentials, PowerError> {
         let state = self.state()?;
+        let setup = PowerError::Setup;
         let bmc = state
             .store
             .bmcs()
-            .map_err(|error| error.to_string())?
+            .map_err(|error| setup(error.to_string()))?
             .into_iter()
             .find(|bmc| bmc.mac == mac)
             .ok_or_else(|| {
-                format!("{mac} has no BMC; set one with `bootfleet machines set {mac} --bmc URL`")
+                setup(format!(
+                    "{mac} has no BMC; set one with `bootfleet machines set {mac} --bmc URL`"
+                ))
             })?;
-        let key = state.power.key().map_err(|error| error.message)?;
+        let key = state.power.key().map_err(|error| setup(error.message))?;
         let password = key
             .open(&mac.to_string(), &bmc.sealed_secret)
-            .map_err(|error| format!("{mac}: {error}"))?;
+            .map_err(|error| setup(format!("{mac}: {error}")))?;
         Ok(Credentials {
             target: bmc.target,
             password,
@@ -499,7 +502,7 @@ pub(super) async fn control_job(
         }
     };
     job.control(wanted)
-        .map_err(|why| ApiError::new(StatusCode::CONFLICT, why))?;
+        .map_err(|ended| ApiError::new(StatusCode::CONFLICT, ended.to_string()))?;
     let detail = format!("{verb} by {}", who.actor);
     let _ = state.store.record_audit(
         &who.actor,

@@ -163,8 +163,9 @@ pub enum JobStatus {
 
 /// What the job runner needs from the rest of bootfleet.
 pub trait Fleet: Send + Sync {
-    /// The machine's BMC and its password, or why there is none.
-    fn credentials(&self, mac: Mac) -> Result<Credentials, String>;
+    /// The machine's BMC and its password, or why there is none
+    /// ([`PowerError::Setup`]).
+    fn credentials(&self, mac: Mac) -> Result<Credentials, PowerError>;
     /// For each of `macs`, the last boot phase seen at or after `since_ms`.
     fn boot_progress(&self, macs: &[Mac], since_ms: u64) -> HashMap<Mac, SeenPhase>;
     /// How busy the data plane is, from 0 (idle) to 1 (at its limits).
@@ -210,6 +211,11 @@ struct JobState {
     #[serde(skip)]
     requested: Option<JobStatus>,
 }
+
+/// A pause, resume or cancel asked of a job that has ended.
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+#[error("power job {0} has ended")]
+pub struct JobEnded(pub u64);
 
 /// A job as the API shows it.
 #[derive(Debug, Clone, Serialize)]
@@ -266,10 +272,10 @@ impl Job {
 
     /// Asks the runner to pause, resume or cancel; refused once the job
     /// is done or cancelled.
-    pub fn control(&self, wanted: JobStatus) -> Result<(), String> {
+    pub fn control(&self, wanted: JobStatus) -> Result<(), JobEnded> {
         let mut state = self.lock();
         if matches!(state.status, JobStatus::Done | JobStatus::Cancelled) {
-            return Err(format!("power job {} has ended", self.id));
+            return Err(JobEnded(self.id));
         }
         state.requested = Some(wanted);
         self.wake.notify_all();
@@ -476,7 +482,6 @@ impl Runner {
             let started = now_ms();
             let result = fleet
                 .credentials(mac)
-                .map_err(PowerError::Setup)
                 .and_then(|credentials| execute(&credentials, action, job.spec.boot, &limits));
             fleet.record(mac, action, &result, &job.actor, started);
             let mut state = job.lock();

@@ -20,9 +20,9 @@ const LAYERS: &[(&str, u8)] = &[
     ("durable", 0),
     ("metrics", 0),
     ("cache", 0),
-    ("seal", 0),
-    // The inventory model every layer above reads.
+    // The inventory model every layer above reads, and the operator's key.
     ("inventory", 1),
+    ("seal", 1),
     // Boot policy, and the configuration format.
     ("boot", 2),
     ("config", 2),
@@ -48,6 +48,8 @@ const LONG_FUNCTIONS_ALLOWED: &[&str] = &[];
 /// value cannot be quoted into a boot command, why io_uring is not used.
 const STRING_ERRORS_ALLOWED: &[&str] = &[
     "inventory::fields:",
+    "inventory::bmc:",
+    "power: fn from_str",
     "inventory: ",
     "config: ",
     "store: ",

@@ -6,7 +6,10 @@
 //!   VM); bootfleet, driven by its own command line, powers both on over
 //!   IPMI-over-LAN; they netboot their image, run the check-in hook the
 //!   repository ships, and are shown booted.
-//! * Redfish: sushy-tools' emulator on libvirt (see `redfish_*`).
+//! * Redfish: sushy-tools' emulator with its libvirt backend, libvirtd
+//!   run inside the LAN's namespace so that its QEMU machines sit on the
+//!   LAN's bridge: bootfleet sets a one-time PXE boot and powers two
+//!   domains on; they netboot and check in.
 //!
 //! Both also check what an operator sees when a BMC is wrong: a bad
 //! password, a BMC that does not answer, each failing alone.
@@ -34,6 +37,21 @@ image = "alpha"
 image = "alpha"
 
 [machines."52:54:00:c0:00:04"]
+image = "alpha"
+
+[machines."52:54:00:c0:00:11"]
+image = "alpha"
+
+[machines."52:54:00:c0:00:12"]
+image = "alpha"
+
+[machines."52:54:00:c0:00:13"]
+image = "alpha"
+
+[machines."52:54:00:c0:00:14"]
+image = "alpha"
+
+[machines."52:54:00:c0:00:15"]
 image = "alpha"
 "#;
 
@@ -287,4 +305,250 @@ fn ipmi_sim_bmcs_power_on_machines_that_netboot_and_check_in() {
         audit.contains("power.on") && !audit.contains("s3cret") && !audit.contains("wrong"),
         "{audit}"
     );
+}
+
+fn redfish_tools_present() -> bool {
+    let tools = ["libvirtd", "virtlogd", "virsh", "sushy-emulator"];
+    let bcrypt = Command::new("python3")
+        .args(["-c", "import bcrypt"])
+        .status()
+        .is_ok_and(|s| s.success());
+    let present = tools.iter().all(|t| have_tool(t)) && bcrypt;
+    if !present {
+        let message = "REQUIRED TOOLS MISSING: libvirtd, virtlogd, virsh (Debian libvirt-daemon-system) and sushy-emulator with bcrypt (PyPI sushy-tools, libvirt-python, bcrypt); install with tests/run-all.sh";
+        if std::env::var_os("CI").is_some() {
+            panic!("{message}");
+        }
+        note_skipped(message);
+    }
+    present
+}
+
+fn virsh(args: &[&str]) -> std::process::Output {
+    Command::new("virsh")
+        .args(["-c", "qemu:///system"])
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// libvirt domains the test defined; destroyed and undefined when dropped
+/// (also when the test fails), and before the test, in case an
+/// interrupted run left them.
+struct Domains(Vec<String>);
+
+impl Domains {
+    fn remove(names: &[String]) {
+        for name in names {
+            let _ = virsh(&["destroy", name]);
+            let _ = virsh(&["undefine", name, "--nvram"]);
+            let _ = virsh(&["undefine", name]);
+        }
+    }
+}
+
+impl Drop for Domains {
+    fn drop(&mut self) {
+        Domains::remove(&self.0);
+    }
+}
+
+/// A libvirt domain on the LAN's bridge, booting from its disk (it has
+/// none) until a one-time PXE boot is set; its serial console to `serial`.
+fn domain_xml(name: &str, mac: &str, serial: &Path) -> String {
+    format!(
+        "<domain type='qemu'><name>{name}</name><memory unit='MiB'>512</memory><vcpu>1</vcpu>\
+         <os><type arch='x86_64' machine='pc'>hvm</type><boot dev='hd'/></os><on_reboot>destroy</on_reboot>\
+         <devices><interface type='bridge'><source bridge='br0'/><mac address='{mac}'/><model type='virtio'/></interface>\
+         <serial type='file'><source path='{}'/><target port='0'/></serial></devices>\
+         <seclabel type='none'/></domain>",
+        serial.display()
+    )
+}
+
+/// Waits until `check` holds (polling), or panics with `what`.
+fn wait_until(what: &str, seconds: u64, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    while !check() {
+        assert!(Instant::now() < deadline, "{what}");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+#[test]
+fn sushy_tools_redfish_boots_libvirt_machines_once_from_pxe_and_they_check_in() {
+    if !can_make_namespaces() || !tools_present() || !redfish_tools_present() {
+        return;
+    }
+    let mut lan = BootLan::new();
+    let dir = lan.dir.path().to_path_buf();
+    // QEMU under libvirt writes the serial logs here.
+    std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    std::fs::write(lan.boot_dir().join("inventory.toml"), INVENTORY).unwrap();
+    let config = dir.join("bootfleet.toml");
+    std::fs::write(&config, "[power]\ntimeout_seconds = 5\n").unwrap();
+    let config = config.display().to_string();
+    lan.start_with_panel(
+        "0.0.0.0:9090",
+        &[
+            "--config",
+            &config,
+            "--dhcp-mode",
+            "full",
+            "--dhcp-range",
+            "10.99.0.100-10.99.0.200",
+        ],
+    );
+    // libvirtd inside the namespace: its machines' taps join the LAN's bridge.
+    lan.spawn_other("/usr/sbin/virtlogd", &[]);
+    lan.spawn_other("/usr/sbin/libvirtd", &[]);
+    wait_until("libvirtd did not start", 30, || {
+        virsh(&["list"]).status.success()
+    });
+    let names: Vec<String> = ["bf-redfish-1", "bf-redfish-2"].map(String::from).to_vec();
+    Domains::remove(&names);
+    let _domains = Domains(names.clone());
+    let macs = ["52:54:00:c0:00:11", "52:54:00:c0:00:12"];
+    let mut systems = Vec::new();
+    let mut serials = Vec::new();
+    for (name, mac) in names.iter().zip(macs) {
+        let serial = dir.join(format!("{name}.serial"));
+        let xml = dir.join(format!("{name}.xml"));
+        std::fs::write(&xml, domain_xml(name, mac, &serial)).unwrap();
+        let defined = virsh(&["define", &xml.display().to_string()]);
+        assert!(
+            defined.status.success(),
+            "{}",
+            String::from_utf8_lossy(&defined.stderr)
+        );
+        let uuid = String::from_utf8(virsh(&["domuuid", name]).stdout)
+            .unwrap()
+            .trim()
+            .to_string();
+        systems.push(format!("/redfish/v1/Systems/{uuid}"));
+        serials.push(serial);
+    }
+    // The emulator, with HTTP Basic users (bcrypt, as sushy-tools wants).
+    let htpasswd = Command::new("python3")
+        .args(["-c", "import bcrypt; print('admin:' + bcrypt.hashpw(b'redfish-pw', bcrypt.gensalt(rounds=4)).decode())"])
+        .output()
+        .unwrap();
+    std::fs::write(dir.join("htpasswd"), &htpasswd.stdout).unwrap();
+    std::fs::write(
+        dir.join("emulator.conf"),
+        format!(
+            "SUSHY_EMULATOR_LISTEN_IP = '127.0.0.1'\nSUSHY_EMULATOR_LISTEN_PORT = 8000\n\
+             SUSHY_EMULATOR_LIBVIRT_URI = 'qemu:///system'\nSUSHY_EMULATOR_AUTH_FILE = '{}'\n",
+            dir.join("htpasswd").display()
+        ),
+    )
+    .unwrap();
+    let emulator_conf = dir.join("emulator.conf").display().to_string();
+    lan.spawn_other("sushy-emulator", &["--config", &emulator_conf]);
+    // A BMC that accepts the connection and never answers.
+    lan.spawn_other(
+        "python3",
+        &["-c", "import socket,time\ns=socket.socket();s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1);s.bind(('127.0.0.1',8098));s.listen(8)\nheld=[]\nwhile True: held.append(s.accept())"],
+    );
+    wait_until("sushy-emulator did not start", 30, || {
+        Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                NS,
+                "curl",
+                "-sf",
+                "-o",
+                "/dev/null",
+                "-u",
+                "admin:redfish-pw",
+            ])
+            .arg("http://127.0.0.1:8000/redfish/v1/Systems")
+            .status()
+            .is_ok_and(|s| s.success())
+    });
+
+    for (mac, system) in macs.iter().zip(&systems) {
+        let url = format!("redfish+http://admin@127.0.0.1:8000{system}");
+        let (ok, out, err) = cli(
+            &lan,
+            &[
+                "machines",
+                "set",
+                mac,
+                "--bmc",
+                &url,
+                "--bmc-password-stdin",
+            ],
+            "redfish-pw\n",
+        );
+        assert!(ok, "{out}{err}");
+    }
+    for (mac, url) in [
+        (
+            "52:54:00:c0:00:13",
+            format!("redfish+http://admin:wrong@127.0.0.1:8000{}", systems[0]),
+        ),
+        (
+            "52:54:00:c0:00:14",
+            "redfish+http://admin:x@127.0.0.1:8099/redfish/v1/Systems/1".to_string(),
+        ),
+        (
+            "52:54:00:c0:00:15",
+            "redfish+http://admin:x@127.0.0.1:8098/redfish/v1/Systems/1".to_string(),
+        ),
+    ] {
+        let (ok, out, err) = cli(&lan, &["machines", "set", mac, "--bmc", &url], "");
+        assert!(ok, "{out}{err}");
+    }
+
+    let started = Instant::now();
+    let all = [
+        "52:54:00:c0:00:11",
+        "52:54:00:c0:00:12",
+        "52:54:00:c0:00:13",
+        "52:54:00:c0:00:14",
+        "52:54:00:c0:00:15",
+    ];
+    let mut args = vec!["power", "on"];
+    args.extend(all);
+    args.extend(["--waves", "all", "--boot", "pxe", "--deadline", "300"]);
+    let (ok, out, err) = cli(&lan, &args, "");
+    eprintln!(
+        "power on to the last check-in: {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    assert!(!ok && err.contains("3 machine(s) failed"), "{out}{err}");
+    let line = |mac: &str| -> String {
+        out.lines()
+            .find(|l| l.starts_with(mac))
+            .unwrap_or_else(|| panic!("no line for {mac} in {out}"))
+            .to_string()
+    };
+    for mac in macs {
+        assert!(line(mac).contains("\tup\tchecked in"), "{out}");
+    }
+    assert!(
+        line("52:54:00:c0:00:13").contains("refused the user name or password"),
+        "{out}"
+    );
+    assert!(
+        line("52:54:00:c0:00:14").contains("is unreachable"),
+        "{out}"
+    );
+    assert!(
+        line("52:54:00:c0:00:15").contains("did not answer within 5 s"),
+        "{out}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for (mac, serial) in macs.iter().zip(&serials) {
+        let console = wait_for_checkin(&lan, serial, mac, deadline);
+        assert!(console.contains(&format!("{CHECKED_IN} rc=0")), "{console}");
+        let machine = lan.api(&format!("/api/v1/machines/{mac}"));
+        assert!(machine.contains(r#""state":"booted""#), "{machine}");
+    }
+    // The one-time boot was set through Redfish: the emulator was asked
+    // for PXE (libvirt keeps it as the domain's boot device).
+    let xml = String::from_utf8(virsh(&["dumpxml", &names[0]]).stdout).unwrap();
+    assert!(xml.contains("<boot dev='network'/>"), "{xml}");
 }

@@ -140,6 +140,8 @@ async function route() {
     else if (hash === "/pools") page = await poolsPage();
     else if (hash === "/audit") page = await auditPage();
     else if (hash === "/tokens") page = await tokensPage();
+    else if (hash.startsWith("/power/")) page = await powerJobPage(hash.slice(7));
+    else if (hash === "/power") page = await powerJobsPage();
     else page = await machinesPage();
     view.replaceChildren(page);
     // When the page was painted (the panel benchmark reads it).
@@ -218,12 +220,15 @@ async function machinesPage() {
         route();
       } catch (err) { flash(err.message, true); }
     } }, "Add to pool"));
+  const power = h("div", { class: "toolbar" }, "Power selected:", wavesSelect("power-waves"),
+    ["on", "cycle", "off"].map((action) => h("button", { id: "power-" + action, class: action === "on" ? "" : "secondary",
+      onclick: () => startPower({ macs: selectedMacs(table) }, action, "power-waves") }, "Power " + action)));
   table.append(
     h("thead", {}, h("tr", {}, h("th", {}, checkAll(table)),
       ["MAC", "Hostname", "IP", "Image", "Labels", "State", "Last seen"].map((t) => h("th", {}, t)))),
     h("tbody", {}, machines.map(machineRow)));
   return h("div", {},
-    h("h1", {}, "Machines"), toolbar, actions,
+    h("h1", {}, "Machines"), toolbar, actions, power,
     h("p", { class: "muted", id: "machine-count" },
       total > machines.length ? `showing ${machines.length} of ${total}; narrow the filter to see the rest`
         : `${total} machine(s)`),
@@ -340,6 +345,22 @@ async function machinePage(mac) {
         h("dt", {}, ""), h("dd", {}, h("button", { id: "machine-save", type: "submit" }, "Save")),
         h("dt", {}, "First / last seen"), h("dd", {}, when(m.first_seen_ms) + " / " + when(m.last_seen_ms)),
         facts.map(([k, val]) => [h("dt", {}, k), h("dd", { class: "mono" }, val)]))),
+    h("h2", {}, "BMC"),
+    h("form", { id: "bmc-form", class: "toolbar", onsubmit: async (e) => {
+      e.preventDefault();
+      try {
+        const r = await api("PUT", "/machines/" + encodeURIComponent(m.mac) + "/bmc", {
+          url: document.getElementById("bmc-url").value.trim(),
+          password: document.getElementById("bmc-password").value });
+        flash("BMC " + r.bmc + " saved (its password is sealed, never shown)"); route();
+      } catch (err) { flash(err.message, true); }
+    } },
+      input("bmc-url", m.bmc, { placeholder: "redfish://USER@HOST/redfish/v1/Systems/1 or ipmi://USER@HOST", size: 50 }),
+      h("input", { id: "bmc-password", type: "password", placeholder: "password", autocomplete: "off", required: true }),
+      h("button", { type: "submit", class: "secondary" }, "Set BMC")),
+    m.bmc ? h("div", { class: "toolbar" }, "Power:", h("input", { id: "machine-waves", type: "hidden", value: "all" }),
+      ["on", "cycle", "off", "status"].map((action) => h("button", { class: "secondary",
+        onclick: () => startPower({ macs: [m.mac] }, action, "machine-waves") }, action))) : null,
     h("h2", {}, "Boot timeline (live)"),
     h("table", { id: "timeline" },
       h("thead", {}, h("tr", {}, ["When", "Step", "Via", "What", "Bytes", "ms", "Status"].map((t) => h("th", {}, t)))),
@@ -468,7 +489,9 @@ async function poolsPage() {
           const r = await api("POST", "/pools/" + encodeURIComponent(p.name) + "/assign", { image: select.value || null });
           flash(`${r.changed} machine(s) of ${p.name} now boot ${select.value || "nothing"}`); route();
         } catch (err) { flash(err.message, true); }
-      } }, "Assign to pool")));
+      } }, "Assign to pool"), " ",
+      h("button", { class: "secondary", dataset: { poolPower: p.name },
+        onclick: () => startPower({ pool: p.name }, "on", "pool-waves") }, "Power on")));
   });
   const create = h("form", { class: "toolbar", onsubmit: async (e) => {
     e.preventDefault();
@@ -481,10 +504,90 @@ async function poolsPage() {
     h("input", { id: "pool-selector", placeholder: "labels, e.g. rack=r1 role=compute" }),
     h("button", { type: "submit" }, "Create pool"));
   return h("div", {}, h("h1", {}, "Pools"),
+    h("div", { class: "toolbar" }, "Power on pools in", wavesSelect("pool-waves")),
     h("table", { id: "pools" },
       h("thead", {}, h("tr", {}, ["Pool", "Label selector", "Machines", "Image", "Assign"].map((t) => h("th", {}, t)))),
       h("tbody", {}, rows)),
     h("h2", {}, "New pool"), create);
+}
+
+// ---- power ----
+
+function wavesSelect(id) {
+  return h("select", { id, title: "how the machines are powered on" },
+    h("option", { value: "adaptive" }, "adaptive waves"),
+    h("option", { value: "all" }, "all at once"),
+    h("option", { value: "50/10" }, "50 every 10 s"));
+}
+
+function pacing(value) {
+  if (value === "all") return { mode: "all-at-once" };
+  if (value === "adaptive") return { mode: "adaptive" };
+  const [size, seconds] = value.split("/").map(Number);
+  return { mode: "fixed", size, interval_ms: seconds * 1000 };
+}
+
+async function startPower(target, action, wavesId) {
+  if (target.macs && !target.macs.length) return flash("select machines first", true);
+  try {
+    const job = await api("POST", "/power", { ...target, action, boot: "pxe",
+      pacing: pacing(document.getElementById(wavesId).value) });
+    flash(`power job ${job.id}: ${action} ${job.machines.length} machine(s)`);
+    location.hash = "#/power/" + job.id;
+  } catch (err) { flash(err.message, true); }
+}
+
+const STAGES = ["waiting", "sending", "powered", "starting", "loading", "up", "done", "failed", "skipped"];
+
+async function powerJobsPage() {
+  const jobs = await api("GET", "/power/jobs");
+  return h("div", {}, h("h1", {}, "Power jobs"),
+    jobs.length ? null : h("p", { class: "muted" }, "No power job yet: select machines (or a pool) and power them on."),
+    h("table", { id: "power-jobs" },
+      h("thead", {}, h("tr", {}, ["Job", "Action", "By", "Started", "Status", "Waves", "Machines per stage"].map((t) => h("th", {}, t)))),
+      h("tbody", {}, jobs.map((j) => h("tr", {},
+        h("td", {}, h("a", { href: "#/power/" + j.id }, String(j.id))), h("td", {}, j.spec.action),
+        h("td", {}, j.actor), h("td", {}, when(j.created_ms)), h("td", {}, badge(j.status)),
+        h("td", {}, String(j.waves_sent)), h("td", {}, stageSummary(j.stages)))))));
+}
+
+function stageSummary(stages) {
+  return STAGES.filter((s) => stages[s]).map((s) => `${s} ${stages[s]}`).join(", ");
+}
+
+async function powerJobPage(id) {
+  const body = h("div", { id: "power-job" });
+  const render = (job) => {
+    const control = (verb) => h("button", { id: "job-" + verb, class: "secondary", onclick: async () => {
+      try { await api("POST", `/power/jobs/${job.id}/${verb}`); flash(`job ${job.id}: ${verb}`); }
+      catch (err) { flash(err.message, true); }
+    } }, verb[0].toUpperCase() + verb.slice(1));
+    const running = job.status === "running" || job.status === "paused";
+    body.replaceChildren(
+      h("h1", {}, `Power job ${job.id}: ${job.spec.action}`),
+      h("p", {}, badge(job.status, "job-status"), ` waves sent ${job.waves_sent}, `,
+        h("span", { id: "job-stages" }, stageSummary(job.stages)),
+        job.estimated_seconds_left != null ? `, about ${job.estimated_seconds_left} s left` : ""),
+      running ? h("div", { class: "toolbar" },
+        job.status === "paused" ? control("resume") : control("pause"), control("cancel")) : null,
+      h("table", { id: "power-machines" },
+        h("thead", {}, h("tr", {}, ["MAC", "Wave", "Stage", "Last phase", "Detail"].map((t) => h("th", {}, t)))),
+        h("tbody", {}, job.machines.map((m) => h("tr", { dataset: { mac: m.mac, stage: m.stage } },
+          h("td", { class: "mono" }, h("a", { href: "#/machine/" + encodeURIComponent(m.mac) }, m.mac)),
+          h("td", {}, m.wave == null ? "" : String(m.wave + 1)), h("td", {}, badge(m.stage)),
+          h("td", {}, m.phase || ""), h("td", {}, m.detail))))));
+    return job.finished_ms != null;
+  };
+  const first = await api("GET", "/power/jobs/" + encodeURIComponent(id));
+  if (!render(first)) {
+    // Followed once a second while the page shows it (closed on leaving).
+    const timer = setInterval(async () => {
+      try { if (render(await api("GET", "/power/jobs/" + encodeURIComponent(id)))) clearInterval(timer); }
+      catch (err) { clearInterval(timer); flash(err.message, true); }
+    }, 1000);
+    state.streams.push({ close: () => clearInterval(timer) });
+  }
+  return body;
 }
 
 // ---- API tokens ----
