@@ -584,7 +584,8 @@ impl InventoryStore for PostgresStore {
                 )?;
                 if let Some(mac) = stored.mac {
                     let latest = &mut rows.entry(mac).or_default().1;
-                    if latest.is_none_or(|l: &BootEvent| l.at_ms <= event.at_ms) {
+                    let current = latest.map(|l: &BootEvent| (l.phase.as_str(), l.at_ms));
+                    if rules::supersedes(event.phase.as_str(), event.at_ms, current) {
                         *latest = Some(event);
                     }
                 }
@@ -592,7 +593,9 @@ impl InventoryStore for PostgresStore {
             let phase = tx.prepare(
                 "UPDATE machines SET phase = $2, phase_ms = $3, phase_status = $4, \
                  last_seen_ms = GREATEST(COALESCE(last_seen_ms, 0), $3) \
-                 WHERE mac = $1 AND COALESCE(phase_ms, 0) <= $3",
+                 WHERE mac = $1 AND COALESCE(phase_ms, 0) <= $3 \
+                 AND NOT (COALESCE(phase, '') = 'checkin' AND $2 IN ('kernel', 'initrd') \
+                 AND $3 < COALESCE(phase_ms, 0) + $5)",
             )?;
             for (mac, (note, latest)) in rows {
                 if let Some((seen_mac, facts, at_ms)) = note {
@@ -606,6 +609,7 @@ impl InventoryStore for PostgresStore {
                             &event.phase.as_str(),
                             &(event.at_ms as i64),
                             &i32::from(event.status),
+                            &(rules::CHECKIN_SLACK_MS as i64),
                         ],
                     )?;
                 }

@@ -170,3 +170,24 @@ pub(super) fn parse_bmc_rows(rows: Vec<(String, String)>) -> Vec<super::BmcRecor
         })
         .collect()
 }
+
+/// How long after a check-in the data plane may still report the same
+/// boot's last file (its completion is recorded a moment after the client
+/// has the bytes, and the OS may check in first).
+pub(super) const CHECKIN_SLACK_MS: u64 = 10_000;
+
+/// Whether an event of `phase` at `at_ms` becomes a machine's last phase
+/// over the one it has (`current`, when): a newer event does, except the
+/// kernel or initrd fetch of the boot that just checked in (the SQL of
+/// both stores says the same).
+pub(super) fn supersedes(phase: &str, at_ms: u64, current: Option<(&str, u64)>) -> bool {
+    match current {
+        None => true,
+        Some((current, since)) => {
+            at_ms >= since
+                && !(current == "checkin"
+                    && matches!(phase, "kernel" | "initrd")
+                    && at_ms < since + CHECKIN_SLACK_MS)
+        }
+    }
+}

@@ -311,10 +311,10 @@ impl SqliteStore {
                         } => {
                             // An event stored late (a power action's, which is
                             // dated when it was sent) never moves a machine back.
-                            if let Some(machine) = machines
-                                .get_mut(&mac)
-                                .filter(|m| m.phase_ms.is_none_or(|at| at <= at_ms))
-                            {
+                            if let Some(machine) = machines.get_mut(&mac).filter(|m| {
+                                let current = m.phase.as_deref().zip(m.phase_ms);
+                                rules::supersedes(&phase, at_ms, current)
+                            }) {
                                 machine.phase = Some(phase);
                                 machine.phase_ms = Some(at_ms);
                                 machine.phase_status = Some(status);
@@ -574,7 +574,9 @@ impl InventoryStore for SqliteStore {
             let mut phase = tx.prepare_cached(
                 "UPDATE machines SET phase = ?2, phase_ms = ?3, phase_status = ?4, \
                  last_seen_ms = MAX(COALESCE(last_seen_ms, 0), ?3) \
-                 WHERE mac = ?1 AND COALESCE(phase_ms, 0) <= ?3",
+                 WHERE mac = ?1 AND COALESCE(phase_ms, 0) <= ?3 \
+                 AND NOT (COALESCE(phase, '') = 'checkin' AND ?2 IN ('kernel', 'initrd') \
+                 AND ?3 < COALESCE(phase_ms, 0) + ?5)",
             )?;
             for event in events {
                 let StoredEvent {
@@ -595,7 +597,13 @@ impl InventoryStore for SqliteStore {
                     server,
                 ])?;
                 if let Some(mac) = mac {
-                    phase.execute(params![mac, phase_name, event.at_ms as i64, event.status])?;
+                    phase.execute(params![
+                        mac,
+                        phase_name,
+                        event.at_ms as i64,
+                        event.status,
+                        rules::CHECKIN_SLACK_MS as i64
+                    ])?;
                     if let Some(mac) = event.mac {
                         changes.push(CacheChange::Phase {
                             mac,

@@ -130,6 +130,7 @@ on_every_backend!(
     users_sessions_and_tokens,
     schema_is_migrated_once_and_reopens,
     bmcs_are_stored_sealed_audited_and_forgotten_with_their_machine,
+    a_late_event_never_moves_a_machine_back_and_a_check_in_stays,
 );
 
 /// Every kind of row, in `store`.
@@ -624,5 +625,57 @@ mod bodies {
             store.bmcs().unwrap().is_empty(),
             "forgotten with the machine"
         );
+    }
+
+    pub(super) fn a_late_event_never_moves_a_machine_back_and_a_check_in_stays(backend: &Backend) {
+        use crate::boot::events::Phase;
+        let store = &*backend.store;
+        let mac = Mac([2, 0, 0, 0, 0, 7]);
+        store
+            .put_machine(mac, &MachinePatch::default(), "t")
+            .unwrap();
+        let event = |phase: Phase, at_ms: u64| BootEvent {
+            at_ms,
+            mac: Some(mac),
+            client: "10.0.0.7".parse().unwrap(),
+            phase,
+            transport: "http",
+            detail: String::new(),
+            bytes: 0,
+            duration_ms: 0,
+            status: 200,
+        };
+        let phase = |store: &dyn InventoryStore| {
+            let m = store.machine(mac).unwrap().unwrap();
+            (m.phase.unwrap_or_default(), m.phase_ms.unwrap_or_default())
+        };
+        // A power action dated when it was sent, stored after the DHCP
+        // exchange it caused; then the OS checks in a moment before the
+        // data plane records the initrd it had already received.
+        store
+            .note_events(&[event(Phase::Dhcp, 200)], &[], "a")
+            .unwrap();
+        store
+            .note_events(&[event(Phase::Power, 100)], &[], "a")
+            .unwrap();
+        assert_eq!(phase(store), ("dhcp".into(), 200));
+        store
+            .note_events(
+                &[event(Phase::Checkin, 1000), event(Phase::Initrd, 1003)],
+                &[],
+                "a",
+            )
+            .unwrap();
+        assert_eq!(phase(store), ("checkin".into(), 1000));
+        store
+            .note_events(&[event(Phase::Kernel, 1004)], &[], "a")
+            .unwrap();
+        assert_eq!(phase(store), ("checkin".into(), 1000));
+        assert_eq!(phase(&*backend.reopen()), ("checkin".into(), 1000));
+        // The next boot moves it on.
+        store
+            .note_events(&[event(Phase::Dhcp, 60_000)], &[], "a")
+            .unwrap();
+        assert_eq!(phase(store), ("dhcp".into(), 60_000));
     }
 }
