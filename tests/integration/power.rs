@@ -547,8 +547,13 @@ fn sushy_tools_redfish_boots_libvirt_machines_once_from_pxe_and_they_check_in() 
         let machine = lan.api(&format!("/api/v1/machines/{mac}"));
         assert!(machine.contains(r#""state":"booted""#), "{machine}");
     }
-    // The one-time boot was set through Redfish: the emulator was asked
-    // for PXE (libvirt keeps it as the domain's boot device).
-    let xml = String::from_utf8(virsh(&["dumpxml", &names[0]]).stdout).unwrap();
-    assert!(xml.contains("<boot dev='network'/>"), "{xml}");
+    // The one-time boot was set through Redfish: the emulator made the
+    // network interface the domain's first boot device.
+    let xml = String::from_utf8(virsh(&["dumpxml", "--inactive", &names[0]]).stdout).unwrap();
+    let interface = xml
+        .split("<interface")
+        .nth(1)
+        .and_then(|rest| rest.split("</interface>").next())
+        .unwrap_or_default();
+    assert!(interface.contains("<boot order='1'/>"), "{xml}");
 }
