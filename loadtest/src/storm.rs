@@ -153,7 +153,8 @@ pub struct StormArgs {
     #[arg(long, env = "BOOTFLEET_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
     /// How bootfleet paces the power-on: `all`, `adaptive`, or
-    /// `SIZE/SECONDS` (fixed waves).
+    /// `SIZE/SECONDS` (fixed waves); `operator`: the tool asks for nothing
+    /// and waits for someone to power the machines on (the panel, the CLI).
     #[arg(long, default_value = "adaptive")]
     pub power_waves: String,
     /// The first simulated BMC's port on 127.0.0.1 (one port each).
@@ -448,7 +449,7 @@ async fn storm(args: StormArgs, lan_interface: Option<String>) -> Result<Report>
             boot(&ctx, index).await
         }));
     }
-    if ctx.args.power_via.is_some() {
+    if ctx.args.power_via.is_some() && ctx.args.power_waves != "operator" {
         request_power_on(&ctx).await?;
     }
     let mut records = Vec::with_capacity(handles.len());

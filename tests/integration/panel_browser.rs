@@ -83,7 +83,7 @@ fn screenshot_dir() -> Option<PathBuf> {
         .then(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("docs"))
 }
 
-async fn shot(client: &Client, name: &str) {
+pub async fn shot(client: &Client, name: &str) {
     let png = client.screenshot().await.unwrap();
     assert!(png.starts_with(b"\x89PNG"), "a PNG screenshot");
     if let Some(dir) = screenshot_dir() {
@@ -92,7 +92,7 @@ async fn shot(client: &Client, name: &str) {
 }
 
 /// Waits until the status line says `needle` (or fails with what it says).
-async fn flash(client: &Client, needle: &str) {
+pub async fn flash(client: &Client, needle: &str) {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let text = text_of(client, "#flash").await;
@@ -107,7 +107,7 @@ async fn flash(client: &Client, needle: &str) {
     }
 }
 
-async fn open(client: &Client, base: &str, page: &str, ready: &str) {
+pub async fn open(client: &Client, base: &str, page: &str, ready: &str) {
     client.goto(&format!("{base}/{page}")).await.unwrap();
     client
         .wait()
@@ -118,7 +118,7 @@ async fn open(client: &Client, base: &str, page: &str, ready: &str) {
 }
 
 /// The visible text of the element `css`.
-async fn text_of(client: &Client, css: &str) -> String {
+pub async fn text_of(client: &Client, css: &str) -> String {
     client
         .find(Locator::Css(css))
         .await
@@ -128,7 +128,7 @@ async fn text_of(client: &Client, css: &str) -> String {
         .unwrap()
 }
 
-async fn click(client: &Client, css: &str) {
+pub async fn click(client: &Client, css: &str) {
     client
         .find(Locator::Css(css))
         .await

@@ -557,3 +557,300 @@ fn sushy_tools_redfish_boots_libvirt_machines_once_from_pxe_and_they_check_in() 
         .unwrap_or_default();
     assert!(interface.contains("<boot order='1'/>"), "{xml}");
 }
+
+/// A namespace with a simulated fleet (`bootfleet-loadtest storm
+/// --power-via redfish --power-waves operator`: machines that boot only
+/// when their BMC is told to) and bootfleet, its panel reachable from this
+/// namespace over a veth pair the test makes; removed when dropped.
+struct SimulatedFleet {
+    ns: String,
+    dir: tempfile::TempDir,
+    server: std::process::Child,
+    /// The panel, as this namespace reaches it.
+    panel: String,
+}
+
+impl SimulatedFleet {
+    const MACHINES: usize = 20;
+
+    fn start() -> Self {
+        let ns = format!("bfpowerui{}", std::process::id() % 100_000);
+        let veth = format!("bfpu{}", std::process::id() % 100_000);
+        let _ = Command::new("ip")
+            .args(["netns", "del", &ns])
+            .stderr(Stdio::null())
+            .status();
+        let _ = Command::new("ip")
+            .args(["link", "del", &veth])
+            .stderr(Stdio::null())
+            .status();
+        for args in [
+            vec!["netns", "add", &ns],
+            vec!["-n", &ns, "link", "set", "lo", "up"],
+            vec![
+                "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &ns,
+            ],
+            vec!["addr", "add", "10.201.0.1/30", "dev", &veth],
+            vec!["link", "set", &veth, "up"],
+            vec!["-n", &ns, "addr", "add", "10.201.0.2/30", "dev", "eth0"],
+            vec!["-n", &ns, "link", "set", "eth0", "up"],
+        ] {
+            run(Command::new("ip").args(&args)).unwrap();
+        }
+        let dir = tempfile::Builder::new()
+            .prefix("bootfleet-powerui-")
+            .tempdir()
+            .unwrap();
+        let boot = dir.path().join("boot");
+        std::fs::create_dir_all(boot.join("img")).unwrap();
+        std::fs::write(boot.join("undionly.kpxe"), pattern(70_000, 1)).unwrap();
+        std::fs::write(boot.join("img/vmlinuz"), pattern(1 << 20, 2)).unwrap();
+        std::fs::write(boot.join("img/initrd.gz"), pattern(2 << 20, 3)).unwrap();
+        let mut inventory = String::from(
+            "[images.node]\nkernel = \"img/vmlinuz\"\ninitrds = [\"img/initrd.gz\"]\n\n",
+        );
+        for i in 0..Self::MACHINES {
+            inventory.push_str(&format!(
+                "[machines.\"{}\"]\nimage = \"node\"\n",
+                sim_mac(i)
+            ));
+        }
+        std::fs::write(boot.join("inventory.toml"), inventory).unwrap();
+        let config = dir.path().join("bootfleet.toml");
+        std::fs::write(
+            &config,
+            "[dhcp]\nmax_requests_per_second_per_source = 10000000\n[power]\ncheckin_url = \"http://127.0.0.1:9090\"\n",
+        )
+        .unwrap();
+        let log = dir.path().join("server.log");
+        let server = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &ns,
+                env!("CARGO_BIN_EXE_bootfleet"),
+                "serve",
+                "--config",
+            ])
+            .arg(&config)
+            .arg("--root")
+            .arg(&boot)
+            .arg("--state-dir")
+            .arg(dir.path().join("state"))
+            .args([
+                "--tftp-listen",
+                "127.0.0.1:69",
+                "--http-listen",
+                "127.0.0.1:80",
+                "--panel-listen",
+                "0.0.0.0:9090",
+            ])
+            .args([
+                "--dhcp-mode",
+                "full",
+                "--dhcp-interface",
+                "lo",
+                "--dhcp-range",
+                "127.1.0.10-127.1.255.250/16",
+            ])
+            .stdout(Stdio::from(std::fs::File::create(&log).unwrap()))
+            .stderr(Stdio::from(
+                std::fs::File::create(dir.path().join("server.err")).unwrap(),
+            ))
+            .spawn()
+            .unwrap();
+        wait_for_log(
+            &log,
+            &["DHCP listening", "control panel and API listening"],
+            &dir.path().join("server.err"),
+        );
+        SimulatedFleet {
+            ns,
+            dir,
+            server,
+            panel: "http://10.201.0.2:9090".into(),
+        }
+    }
+
+    /// The simulated machines, waiting for their BMCs (the process).
+    fn machines(&self, token: &str) -> std::process::Child {
+        let loadtest =
+            Path::new(env!("CARGO_BIN_EXE_bootfleet")).with_file_name("bootfleet-loadtest");
+        assert!(
+            loadtest.exists(),
+            "{} is missing: cargo build --release --workspace",
+            loadtest.display()
+        );
+        Command::new("ip")
+            .args(["netns", "exec", &self.ns])
+            .arg(loadtest)
+            .args([
+                "storm",
+                "--server",
+                "127.0.0.1",
+                "--machines",
+                &Self::MACHINES.to_string(),
+                "--root",
+            ])
+            .arg(self.dir.path().join("boot"))
+            .args([
+                "--power-via",
+                "redfish",
+                "--power-waves",
+                "operator",
+                "--token",
+                token,
+            ])
+            .args(["--time-limit", "120", "--json"])
+            .arg(self.dir.path().join("storm.json"))
+            .stdout(Stdio::from(
+                std::fs::File::create(self.dir.path().join("storm.out")).unwrap(),
+            ))
+            .stderr(Stdio::from(
+                std::fs::File::create(self.dir.path().join("storm.err")).unwrap(),
+            ))
+            .spawn()
+            .unwrap()
+    }
+}
+
+impl Drop for SimulatedFleet {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .arg(self.server.id().to_string())
+            .status();
+        let _ = self.server.wait();
+        let _ = Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "ip netns pids {} 2>/dev/null | xargs -r kill -9",
+                self.ns
+            ))
+            .status();
+        let _ = Command::new("ip").args(["netns", "del", &self.ns]).status();
+    }
+}
+
+/// The loadtest's MAC of machine `index`.
+fn sim_mac(index: usize) -> String {
+    let n = (index as u32).to_be_bytes();
+    format!("02:bf:{:02x}:{:02x}:{:02x}:{:02x}", n[0], n[1], n[2], n[3])
+}
+
+#[test]
+fn an_operator_powers_a_pool_on_in_the_browser_and_watches_it_boot() {
+    use crate::panel_browser::{click, flash, have_browser, open, shot, text_of, Driver};
+    use fantoccini::Locator;
+    if !can_make_namespaces() || !have_browser() {
+        return;
+    }
+    let fleet = SimulatedFleet::start();
+    let state = fleet.dir.path().join("state");
+    crate::panel::add_user(&state, "olga", "assign");
+    let token = crate::panel::add_token(&state, "setup", "admin");
+    let mut machines = fleet.machines(&token);
+    // The BMCs are set once the simulated fleet is up; then the rack's pool.
+    let out = fleet.dir.path().join("storm.err");
+    wait_until("the simulated BMCs were never set", 60, || {
+        std::fs::read_to_string(&out)
+            .unwrap_or_default()
+            .contains("BMCs set in the panel")
+    });
+    let members: Vec<String> = (0..SimulatedFleet::MACHINES).map(sim_mac).collect();
+    let put = Command::new("curl")
+        .args([
+            "-sf",
+            "-X",
+            "PUT",
+            "-H",
+            &format!("Authorization: Bearer {token}"),
+        ])
+        .args(["-H", "Content-Type: application/json", "--data"])
+        .arg(serde_json::json!({ "members": members }).to_string())
+        .arg(format!("{}/api/v1/pools/rack-a", fleet.panel))
+        .output()
+        .unwrap();
+    assert!(
+        put.status.success(),
+        "{}",
+        String::from_utf8_lossy(&put.stderr)
+    );
+
+    let driver = Driver::start();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let base = fleet.panel.clone();
+    runtime.block_on(async {
+        let client = driver.browser().await;
+        open(&client, &base, "", "#login-user").await;
+        client
+            .find(Locator::Css("#login-user"))
+            .await
+            .unwrap()
+            .send_keys("olga")
+            .await
+            .unwrap();
+        client
+            .find(Locator::Css("#login-password"))
+            .await
+            .unwrap()
+            .send_keys(crate::panel::PASSWORD)
+            .await
+            .unwrap();
+        click(&client, "#login-submit").await;
+        client
+            .wait()
+            .for_element(Locator::Css("#machines"))
+            .await
+            .unwrap();
+        open(
+            &client,
+            &base,
+            "#/pools",
+            "button[data-pool-power='rack-a']",
+        )
+        .await;
+        client
+            .find(Locator::Css("#pool-waves"))
+            .await
+            .unwrap()
+            .select_by_value("adaptive")
+            .await
+            .unwrap();
+        click(&client, "button[data-pool-power='rack-a']").await;
+        flash(&client, "power job 1: on 20 machine(s)").await;
+        // The job's page follows it to the end.
+        client
+            .wait()
+            .for_element(Locator::Css("#power-machines"))
+            .await
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(90);
+        loop {
+            let status = text_of(&client, ".job-status").await;
+            let stages = text_of(&client, "#job-stages").await;
+            if status == "done" {
+                assert_eq!(stages, "up 20", "every machine checked in");
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the job never ended: {status}: {stages}"
+            );
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        let rows = client
+            .find_all(Locator::Css("#power-machines tr[data-stage='up']"))
+            .await
+            .unwrap();
+        assert_eq!(rows.len(), 20);
+        shot(&client, "power").await;
+        client.close().await.unwrap();
+    });
+    let status = machines.wait().unwrap();
+    let printed = std::fs::read_to_string(fleet.dir.path().join("storm.out")).unwrap_or_default();
+    assert!(status.success(), "{printed}");
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(fleet.dir.path().join("storm.json")).unwrap())
+            .unwrap();
+    assert_eq!(report["booted"], SimulatedFleet::MACHINES, "{printed}");
+}

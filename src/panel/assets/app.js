@@ -563,7 +563,7 @@ async function powerJobPage(id) {
       catch (err) { flash(err.message, true); }
     } }, verb[0].toUpperCase() + verb.slice(1));
     const running = job.status === "running" || job.status === "paused";
-    body.replaceChildren(
+    body.replaceChildren(h("div", {},
       h("h1", {}, `Power job ${job.id}: ${job.spec.action}`),
       h("p", {}, badge(job.status, "job-status"), ` waves sent ${job.waves_sent}, `,
         h("span", { id: "job-stages" }, stageSummary(job.stages)),
@@ -575,7 +575,7 @@ async function powerJobPage(id) {
         h("tbody", {}, job.machines.map((m) => h("tr", { dataset: { mac: m.mac, stage: m.stage } },
           h("td", { class: "mono" }, h("a", { href: "#/machine/" + encodeURIComponent(m.mac) }, m.mac)),
           h("td", {}, m.wave == null ? "" : String(m.wave + 1)), h("td", {}, badge(m.stage)),
-          h("td", {}, m.phase || ""), h("td", {}, m.detail))))));
+          h("td", {}, m.phase || ""), h("td", {}, m.detail)))))));
     return job.finished_ms != null;
   };
   const first = await api("GET", "/power/jobs/" + encodeURIComponent(id));
