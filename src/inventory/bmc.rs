@@ -104,11 +104,27 @@ const USERINFO: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERI
     .remove(b'.')
     .remove(b'~');
 
-/// A parsed BMC URL: where, and the password when the URL carried one.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A parsed BMC URL: where, and the password when the URL carried one
+/// (`Debug` leaves it out).
+#[derive(Clone, PartialEq, Eq)]
 pub struct BmcUrl {
     pub target: BmcTarget,
     pub password: Option<String>,
+}
+
+impl std::fmt::Debug for BmcUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "BmcUrl({}, password: {})",
+            self.target,
+            if self.password.is_some() {
+                "***"
+            } else {
+                "none"
+            }
+        )
+    }
 }
 
 /// Longest user name or password accepted (BMCs allow 16 to 20 bytes for

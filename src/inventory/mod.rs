@@ -26,6 +26,8 @@
 //! cmdline_append = "hostname=node01"
 //! one_shot = true                       # local boot after one install
 //! rearm = 0                             # raise to install once more
+//! bmc = "redfish://admin@10.0.9.56/redfish/v1/Systems/1"   # or ipmi://USER@HOST
+//! bmc_password_file = "/etc/bootfleet/bmc/node01.pw"       # or USER:PASS in the URL
 //! ```
 
 use std::collections::{BTreeMap, HashMap};
@@ -147,6 +149,10 @@ pub struct Snapshot {
     pub boot_files: HashMap<String, FileRole>,
     /// Custom template sources by name (the file name in the boot directory).
     pub templates: BTreeMap<String, String>,
+    /// BMCs the inventory file gives (`bmc = "redfish://…"`), with their
+    /// passwords: imported (sealed) into an empty inventory database with
+    /// the rest of the file; the data plane never reads them.
+    pub bmcs: HashMap<Mac, bmc::BmcUrl>,
 }
 
 impl Default for Snapshot {
@@ -160,6 +166,7 @@ impl Default for Snapshot {
             by_ip: HashMap::new(),
             boot_files: HashMap::new(),
             templates: BTreeMap::new(),
+            bmcs: HashMap::new(),
         }
     }
 }
@@ -252,6 +259,11 @@ struct MachineFile {
     netboot: bool,
     #[serde(default)]
     vars: BTreeMap<String, String>,
+    /// `ipmi://USER[:PASS]@HOST` or `redfish://USER[:PASS]@HOST/redfish/v1/Systems/ID`.
+    bmc: Option<Spanned<String>>,
+    /// The BMC password, read from this file (first line) when the URL
+    /// carries none.
+    bmc_password_file: Option<PathBuf>,
 }
 
 fn yes() -> bool {
@@ -358,6 +370,34 @@ fn add_image(
     Ok(())
 }
 
+/// A machine's `bmc` and `bmc_password_file`, parsed: the password from
+/// the URL or the file, exactly one of them.
+fn machine_bmc(mac: Mac, url: &str, password_file: Option<&Path>) -> Result<bmc::BmcUrl, String> {
+    let mut parsed = bmc::parse_bmc_url(url).map_err(|e| format!("machine {mac}: {e}"))?;
+    match (&parsed.password, password_file) {
+        (Some(_), Some(_)) => {
+            return Err(format!(
+                "machine {mac}: give the BMC password in the URL or in bmc_password_file, not both"
+            ))
+        }
+        (None, Some(file)) => {
+            let text = std::fs::read_to_string(file).map_err(|e| {
+                format!("machine {mac}: bmc_password_file {}: {e}", file.display())
+            })?;
+            let password = text.lines().next().unwrap_or("").to_string();
+            bmc::check_secret(&password).map_err(|e| format!("machine {mac}: BMC: {e}"))?;
+            parsed.password = Some(password);
+        }
+        (None, None) => {
+            return Err(format!(
+                "machine {mac}: the BMC has no password (write it in the URL or give bmc_password_file)"
+            ))
+        }
+        (Some(_), None) => {}
+    }
+    Ok(parsed)
+}
+
 /// Checks one `[machines."MAC"]` table against the images already added
 /// and the addresses already reserved, and adds it to `snapshot`.
 fn add_machine(
@@ -407,6 +447,11 @@ fn add_machine(
         .and_then(|()| fields::check_vars(&machine.vars))
         .and_then(|()| machine.ip.map_or(Ok(()), fields::check_host_address));
     checked.map_err(|e| source.invalid(key.span(), e))?;
+    if let Some(url) = &machine.bmc {
+        let parsed = machine_bmc(mac, url.get_ref(), machine.bmc_password_file.as_deref())
+            .map_err(|e| source.invalid(url.span(), e))?;
+        snapshot.bmcs.insert(mac, parsed);
+    }
     if let Some(ip) = machine.ip {
         if let Some(other) = snapshot.by_ip.insert(ip, mac) {
             return Err(source.invalid(
@@ -578,6 +623,52 @@ netboot = false
             Path::new("/nonexistent"),
             1,
         )
+    }
+
+    #[test]
+    fn machines_give_their_bmc_with_a_password_in_the_url_or_a_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("node02.pw");
+        std::fs::write(&file, "from-file\n").unwrap();
+        let text = format!(
+            "[machines.\"52:54:00:00:00:01\"]\nbmc = \"ipmi://admin:in-url@10.0.9.1\"\n\
+             [machines.\"52:54:00:00:00:02\"]\nbmc = \"redfish://root@10.0.9.2/redfish/v1/Systems/1\"\n\
+             bmc_password_file = {:?}\n",
+            file.display().to_string()
+        );
+        let snapshot = parse(&text).unwrap();
+        let one = &snapshot.bmcs[&Mac::parse("52:54:00:00:00:01").unwrap()];
+        assert_eq!(one.password.as_deref(), Some("in-url"));
+        let two = &snapshot.bmcs[&Mac::parse("52:54:00:00:00:02").unwrap()];
+        assert_eq!(two.password.as_deref(), Some("from-file"));
+        assert_eq!(
+            two.target.to_string(),
+            "redfish://root@10.0.9.2:443/redfish/v1/Systems/1"
+        );
+        assert!(
+            !format!("{one:?}").contains("in-url"),
+            "Debug never shows a password"
+        );
+        for (bad, why) in [
+            ("bmc = \"ipmi://admin@10.0.9.1\"", "has no password"),
+            (
+                "bmc = \"ipmi://admin:x@10.0.9.1\"\nbmc_password_file = \"/x\"",
+                "not both",
+            ),
+            (
+                "bmc = \"ipmi://admin@10.0.9.1\"\nbmc_password_file = \"/nonexistent/pw\"",
+                "bmc_password_file",
+            ),
+            ("bmc = \"http://admin:x@10.0.9.1\"", "scheme"),
+        ] {
+            let error = parse(&format!("[machines.\"52:54:00:00:00:03\"]\n{bad}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                error.contains(why) && error.contains("line"),
+                "{bad}: {error}"
+            );
+        }
     }
 
     #[test]

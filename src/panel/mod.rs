@@ -419,10 +419,15 @@ pub fn start(
             false
         }
     };
+    let power = power::PowerService::new(power)?;
     let file_snapshot = router.snapshot();
     if empty && (!file_snapshot.images.is_empty() || !file_snapshot.machines.is_empty()) {
-        let (images, machines) =
-            crate::store::import_snapshot(&*store, &file_snapshot, "import:inventory.toml")?;
+        let (images, machines) = crate::store::import_snapshot(
+            &*store,
+            &file_snapshot,
+            "import:inventory.toml",
+            power.key().ok(),
+        )?;
         info!(images, machines, file = %router.inventory_path().display(),
             "imported the inventory file into the empty inventory database; edit the inventory in the panel from now on");
     }
@@ -443,7 +448,7 @@ pub fn start(
         snapshot_installed: std::sync::atomic::AtomicBool::new(false),
         image_health: Arc::default(),
         server_name: config.server_name(),
-        power: power::PowerService::new(power)?,
+        power,
     });
     if let Err(error) = state.publish() {
         error!(error = %error.message, "inventory database: no snapshot from it; the data plane keeps serving the inventory it has");

@@ -358,6 +358,10 @@ pub fn start(
 /// How often the runner looks at the machines' progress.
 const TICK: Duration = Duration::from_millis(100);
 
+/// The longest an adaptive wave waits for the last one to get past DHCP
+/// and the loader.
+const WAVE_PATIENCE: Duration = Duration::from_secs(120);
+
 struct Runner {
     job: Arc<Job>,
     fleet: Arc<dyn Fleet>,
@@ -432,7 +436,10 @@ impl Runner {
                     .iter()
                     .filter(|m| m.wave == last)
                     .all(|m| m.stage.past_loader());
-                cleared && self.fleet.load() < 0.5
+                // A machine that never shows up on the LAN (a dead NIC, a
+                // BMC that lied) must not hold the rest until its deadline.
+                let patient = last_at.elapsed() < WAVE_PATIENCE;
+                (cleared || !patient) && self.fleet.load() < 0.5
             }
         }
     }

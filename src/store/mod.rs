@@ -823,11 +823,14 @@ pub fn parse_transport(text: &str) -> Result<Transport, StoreError> {
         })
 }
 
-/// Imports an inventory file's images and machines into an empty store.
+/// Imports an inventory file's images, machines and BMCs into an empty
+/// store; BMC passwords are sealed with `key` (without one, a file that
+/// gives BMCs is refused: they would be lost).
 pub fn import_snapshot(
     store: &dyn InventoryStore,
     snapshot: &Snapshot,
     actor: &str,
+    key: Option<&crate::seal::SealKey>,
 ) -> StoreResult<(usize, usize)> {
     for image in snapshot.images.values() {
         store.add_image(
@@ -865,5 +868,21 @@ pub fn import_snapshot(
         machines += 1;
     }
     store.set_unknown_policy(snapshot.unknown_policy, snapshot.poll_seconds, actor)?;
+    let mut bmcs: Vec<_> = snapshot.bmcs.iter().collect();
+    bmcs.sort_by_key(|(mac, _)| **mac);
+    for (mac, bmc) in bmcs {
+        let (Some(key), Some(password)) = (key, &bmc.password) else {
+            return Err(StoreError::Invalid(format!(
+                "machine {mac}: its BMC cannot be imported without the key file ([power] key_file) to seal its password"
+            )));
+        };
+        let record = BmcRecord {
+            mac: *mac,
+            target: bmc.target.clone(),
+            sealed_secret: key.seal(&mac.to_string(), password),
+            updated_ms: 0,
+        };
+        store.set_bmc(*mac, Some(&record), actor)?;
+    }
     Ok((snapshot.images.len(), machines))
 }

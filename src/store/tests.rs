@@ -213,6 +213,34 @@ fn bmc(mac: Mac) -> BmcRecord {
 }
 
 #[test]
+fn an_inventory_files_bmcs_are_imported_sealed_and_never_without_the_key() {
+    let text = "[machines.\"52:54:00:00:00:01\"]\nbmc = \"ipmi://admin:s3cret@10.0.9.1\"\n";
+    let snapshot = crate::inventory::Snapshot::parse(
+        text,
+        std::path::Path::new("inventory.toml"),
+        std::path::Path::new("/nonexistent"),
+        1,
+    )
+    .unwrap();
+    let without = sqlite();
+    let error = import_snapshot(without.store.as_ref(), &snapshot, "import", None).unwrap_err();
+    assert!(error.to_string().contains("key file"), "{error}");
+    let backend = sqlite();
+    let dir = tempfile::tempdir().unwrap();
+    let key = crate::seal::SealKey::load_or_create(&dir.path().join("k")).unwrap();
+    import_snapshot(backend.store.as_ref(), &snapshot, "import", Some(&key)).unwrap();
+    let bmcs = backend.store.bmcs().unwrap();
+    assert_eq!(bmcs.len(), 1);
+    assert_eq!(bmcs[0].target.to_string(), "ipmi://admin@10.0.9.1:623");
+    assert!(!bmcs[0].sealed_secret.contains("s3cret"));
+    assert_eq!(
+        key.open("52:54:00:00:00:01", &bmcs[0].sealed_secret)
+            .unwrap(),
+        "s3cret"
+    );
+}
+
+#[test]
 fn an_inventory_copies_from_sqlite_to_postgres_and_back_row_for_row() {
     let Some(postgres) = postgres() else {
         return;

@@ -253,8 +253,9 @@ fn every_endpoint_needs_authentication_and_is_documented() {
                 let documented = reply.body["paths"].as_object().unwrap();
                 assert!(documented.len() >= 20, "{documented:?}");
             }
-            // Login answers a wrong body as a client error, never 404/405.
-            "/api/v1/login" => assert!(
+            // Login and the check-in (whose token is the proof) answer a
+            // wrong body as a client error, never 404/405.
+            "/api/v1/login" | "/api/v1/checkin" => assert!(
                 (400..500).contains(&reply.status) && reply.status != 404,
                 "{reply:?}"
             ),
