@@ -224,9 +224,10 @@ struct PowerArgs {
     /// `SIZE/SECONDS` (fixed waves).
     #[arg(long, default_value = "adaptive")]
     waves: String,
-    /// Seconds from power-on to check-in before a machine is failed.
-    #[arg(long, default_value_t = 600)]
-    deadline: u64,
+    /// Seconds from power-on to check-in before a machine is failed
+    /// (default: each machine's image's, else the server's).
+    #[arg(long)]
+    deadline: Option<u64>,
     /// Power-cycle once each machine that misses its deadline.
     #[arg(long)]
     retry_by_cycle: bool,

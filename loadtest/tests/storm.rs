@@ -157,11 +157,19 @@ impl Lab {
             .spawn()
             .unwrap();
         self.server = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !std::fs::read_to_string(&log)
-            .unwrap_or_default()
-            .contains("DHCP listening")
-        {
+        // With a panel, it listens only after the inventory file was
+        // imported into the database.
+        let ready: &[&str] = if self.panel == "off" {
+            &["DHCP listening"]
+        } else {
+            &["DHCP listening", "control panel and API listening"]
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !ready.iter().all(|needle| {
+            std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .contains(needle)
+        }) {
             assert!(
                 Instant::now() < deadline,
                 "bootfleet did not start: {}",

@@ -375,6 +375,7 @@ struct MachineFilter {
 fn all_views(state: &PanelState) -> ApiResult<Vec<MachineView>> {
     let now = now_ms();
     let mut bmcs = super::power::bmc_urls(state)?;
+    let rules = state.view_rules();
     Ok(state
         .store
         .machines()?
@@ -383,7 +384,7 @@ fn all_views(state: &PanelState) -> ApiResult<Vec<MachineView>> {
             let bmc = bmcs.remove(&m.mac);
             MachineView {
                 bmc,
-                ..machine_view(m, now, state.view_rules())
+                ..machine_view(m, now, &rules)
             }
         })
         .collect())
@@ -482,7 +483,7 @@ async fn get_machine(State(state): Shared, _: Reader, Path(mac): Path<String>) -
     let bmc = super::power::bmc_urls(&state)?.remove(&mac);
     let view = MachineView {
         bmc,
-        ..machine_view(machine, now_ms(), state.view_rules())
+        ..machine_view(machine, now_ms(), &state.view_rules())
     };
     let mut value = serde_json::to_value(view).expect("plain data");
     value["events"] = serde_json::to_value(events).expect("plain data");
@@ -653,6 +654,9 @@ struct NewImage {
     architecture: String,
     #[serde(default)]
     description: String,
+    /// Seconds from the kernel fetch to the OS's check-in (0: the server's).
+    #[serde(default)]
+    checkin_deadline_seconds: u64,
 }
 
 fn http() -> String {
@@ -683,6 +687,7 @@ async fn add_image(State(state): Shared, Auth(who): Admin, body: axum::body::Byt
         description: new.description,
         files: Vec::new(),
         created_ms: now_ms(),
+        checkin_deadline_seconds: new.checkin_deadline_seconds,
     };
     let image = blocking(move || {
         image.files = check_files(&state.root, &image)
@@ -1043,11 +1048,12 @@ async fn event_stream(
 /// How many machines are in each state, and which are stuck where.
 fn fleet_summary(state: &PanelState) -> ApiResult<Value> {
     let now = now_ms();
+    let rules = state.view_rules();
     let views: Vec<MachineView> = state
         .store
         .machines_brief()?
         .into_iter()
-        .map(|m| machine_view(m, now, state.view_rules()))
+        .map(|m| machine_view(m, now, &rules))
         .collect();
     let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
     let mut failures: BTreeMap<String, usize> = BTreeMap::new();

@@ -435,9 +435,10 @@ impl DataPlaneCollector {
         let mut per_state: BTreeMap<&str, usize> = BTreeMap::new();
         if let Ok(machines) = state.store.machines_brief() {
             let now = now_ms();
+            let rules = state.view_rules();
             for machine in machines {
                 *per_state
-                    .entry(machine_view(machine, now, state.view_rules()).state)
+                    .entry(machine_view(machine, now, &rules).state)
                     .or_default() += 1;
             }
         }

@@ -159,12 +159,24 @@ impl PanelState {
     /// How the panel reads machines' states: when a machine is stuck, and
     /// (when machines check in) how long it has to.
     pub fn view_rules(&self) -> ViewRules {
+        let image_deadlines = match self.store.images() {
+            Ok(images) => images
+                .into_iter()
+                .filter(|i| i.checkin_deadline_seconds > 0)
+                .map(|i| (i.name, Duration::from_secs(i.checkin_deadline_seconds)))
+                .collect(),
+            Err(error) => {
+                warn!(%error, "cannot read the images' check-in deadlines; the server's applies");
+                Default::default()
+            }
+        };
         ViewRules {
             stuck_after: self.config.stuck_after,
             checkin_deadline: self
                 .router
                 .checks_in()
                 .then_some(self.power.config().checkin_deadline),
+            image_deadlines,
         }
     }
 
@@ -256,24 +268,35 @@ pub struct MachineView {
 }
 
 /// What a machine's state is read by.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Default)]
 pub struct ViewRules {
     /// Not booted, and nothing happened for this long: stuck.
     pub stuck_after: Duration,
     /// `Some`: "booted" means checked in, and a machine past its kernel
     /// fetch has this long to; `None`: booted once its initrd is fetched.
     pub checkin_deadline: Option<Duration>,
+    /// Images with a deadline of their own (`checkin_deadline_seconds`).
+    pub image_deadlines: std::collections::HashMap<String, Duration>,
+}
+
+impl ViewRules {
+    /// The check-in deadline of a machine booting `image`.
+    pub fn deadline_for(&self, image: Option<&str>) -> Option<Duration> {
+        let own = image.and_then(|name| self.image_deadlines.get(name));
+        self.checkin_deadline
+            .map(|default| own.copied().unwrap_or(default))
+    }
 }
 
 /// The state of a machine at `now_ms`.
-pub fn machine_view(machine: MachineRecord, now_ms: u64, rules: ViewRules) -> MachineView {
+pub fn machine_view(machine: MachineRecord, now_ms: u64, rules: &ViewRules) -> MachineView {
+    let deadline = rules.deadline_for(machine.image.as_deref());
     let quiet_for = now_ms.saturating_sub(machine.phase_ms.unwrap_or(now_ms));
     // Past its kernel fetch, a machine checking in is waiting for its OS:
     // not stuck (a kernel without an initrd, a slow boot) until its
     // deadline, then failed at the phase it was last seen at.
     let waiting_for_os = matches!(machine.phase.as_deref(), Some("kernel" | "initrd"));
-    let missed_checkin = rules
-        .checkin_deadline
+    let missed_checkin = deadline
         .filter(|_| waiting_for_os && machine.phase_status.is_none_or(|s| s < 400))
         .is_some_and(|deadline| quiet_for > deadline.as_millis() as u64);
     let (state, in_progress) = if !machine.adopted {
@@ -286,7 +309,7 @@ pub fn machine_view(machine: MachineRecord, now_ms: u64, rules: ViewRules) -> Ma
             (None, _) => ("assigned", false),
             (Some(_), Some(status)) if status >= 400 => ("failed", false),
             (Some("checkin"), _) => ("booted", false),
-            (Some("initrd"), _) if rules.checkin_deadline.is_none() => ("booted", false),
+            (Some("initrd"), _) if deadline.is_none() => ("booted", false),
             _ if missed_checkin => ("failed", false),
             (Some(phase), _) => (
                 Phase::NAMES
@@ -294,7 +317,7 @@ pub fn machine_view(machine: MachineRecord, now_ms: u64, rules: ViewRules) -> Ma
                     .find(|p| **p == phase)
                     .copied()
                     .unwrap_or("script"),
-                !(waiting_for_os && rules.checkin_deadline.is_some()),
+                !(waiting_for_os && deadline.is_some()),
             ),
         }
     };
@@ -303,7 +326,7 @@ pub fn machine_view(machine: MachineRecord, now_ms: u64, rules: ViewRules) -> Ma
     let failure = match (state, machine.phase.as_deref(), machine.phase_status) {
         ("failed", Some(phase), _) if missed_checkin => Some(format!(
             "failed at {phase}: its OS did not check in within {} s",
-            rules.checkin_deadline.unwrap_or_default().as_secs()
+            deadline.unwrap_or_default().as_secs()
         )),
         ("failed", Some("power"), Some(_)) => {
             Some("failed at power: its BMC did not do it (the machine's events say why)".into())
@@ -715,5 +738,55 @@ async fn housekeeping(state: Arc<PanelState>) {
             image_watch::recheck_image_files(&state);
         })
         .await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::Mac;
+
+    fn machine(image: &str, phase: &str, phase_ms: u64) -> MachineRecord {
+        MachineRecord {
+            image: Some(image.into()),
+            phase: Some(phase.into()),
+            phase_ms: Some(phase_ms),
+            phase_status: Some(200),
+            ..MachineRecord::new(Mac([2, 0, 0, 0, 0, 1]))
+        }
+    }
+
+    #[test]
+    fn booted_means_checked_in_within_the_images_deadline() {
+        let rules = ViewRules {
+            stuck_after: Duration::from_secs(120),
+            checkin_deadline: Some(Duration::from_secs(600)),
+            image_deadlines: [("slow".to_string(), Duration::from_secs(3600))].into(),
+        };
+        let minute = 60_000;
+        // Past its kernel or initrd, a machine waits for its OS: not stuck.
+        let waiting = machine_view(machine("fast", "kernel", 0), 5 * minute, &rules);
+        assert_eq!((waiting.state, waiting.stuck), ("kernel", false));
+        // Past the server's deadline: failed at its last phase.
+        let late = machine_view(machine("fast", "initrd", 0), 11 * minute, &rules);
+        assert_eq!(late.state, "failed");
+        assert_eq!(
+            late.failure.as_deref(),
+            Some("failed at initrd: its OS did not check in within 600 s")
+        );
+        // An image with a longer deadline of its own is still waited for.
+        let slow = machine_view(machine("slow", "initrd", 0), 11 * minute, &rules);
+        assert_eq!((slow.state, slow.stuck), ("initrd", false));
+        let checked = machine_view(machine("fast", "checkin", 0), 11 * minute, &rules);
+        assert_eq!(checked.state, "booted");
+        // Without check-ins (a panel machines cannot reach), the initrd is booted.
+        let old = ViewRules {
+            checkin_deadline: None,
+            ..rules
+        };
+        assert_eq!(
+            machine_view(machine("fast", "initrd", 0), 11 * minute, &old).state,
+            "booted"
+        );
     }
 }

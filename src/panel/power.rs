@@ -14,6 +14,7 @@ use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
 
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -206,6 +207,32 @@ impl Fleet for PanelFleet {
                 ))
             })
             .collect()
+    }
+
+    fn checkin_deadlines(&self, macs: &[Mac]) -> HashMap<Mac, Duration> {
+        let Ok(state) = self.state() else {
+            return HashMap::new();
+        };
+        let rules = state.view_rules();
+        let wanted: std::collections::HashSet<Mac> = macs.iter().copied().collect();
+        let default = state.power.config().checkin_deadline;
+        match state.store.machines_brief() {
+            Ok(machines) => machines
+                .into_iter()
+                .filter(|m| wanted.contains(&m.mac))
+                .map(|m| {
+                    let own = m
+                        .image
+                        .as_deref()
+                        .and_then(|i| rules.image_deadlines.get(i));
+                    (m.mac, own.copied().unwrap_or(default))
+                })
+                .collect(),
+            Err(error) => {
+                warn!(%error, "power job: cannot read the machines' images; the server's check-in deadline applies");
+                HashMap::new()
+            }
+        }
     }
 
     fn load(&self) -> f64 {

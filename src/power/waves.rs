@@ -74,27 +74,13 @@ pub struct JobSpec {
     pub boot: BootOverride,
     #[serde(default)]
     pub pacing: Pacing,
-    /// How long a machine has from its power-on to its check-in.
-    #[serde(default = "deadline", with = "seconds")]
-    pub checkin_deadline: Duration,
+    /// Seconds a machine has from its power-on to its check-in; absent:
+    /// its image's `checkin_deadline_seconds`, else the server's.
+    #[serde(default)]
+    pub checkin_deadline: Option<u64>,
     /// Power-cycle a machine once when it misses its deadline.
     #[serde(default)]
     pub retry_by_cycle: bool,
-}
-
-fn deadline() -> Duration {
-    Duration::from_secs(600)
-}
-
-mod seconds {
-    use std::time::Duration;
-    pub fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_u64(d.as_secs())
-    }
-    pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        use serde::Deserialize;
-        u64::deserialize(d).map(Duration::from_secs)
-    }
 }
 
 /// Where one machine of a job is.
@@ -170,6 +156,8 @@ pub trait Fleet: Send + Sync {
     fn boot_progress(&self, macs: &[Mac], since_ms: u64) -> HashMap<Mac, SeenPhase>;
     /// How busy the data plane is, from 0 (idle) to 1 (at its limits).
     fn load(&self) -> f64;
+    /// Each machine's check-in deadline: its image's, or the server's.
+    fn checkin_deadlines(&self, macs: &[Mac]) -> HashMap<Mac, Duration>;
     /// Records an action's outcome (a boot event dated `started_ms`, when
     /// the action was sent, and an audit entry).
     fn record(
@@ -342,8 +330,16 @@ pub fn start(
         wake: Condvar::new(),
         spec,
     });
+    let deadlines = match job.spec.checkin_deadline {
+        Some(_) => HashMap::new(),
+        None => {
+            let macs: Vec<Mac> = job.lock().machines.iter().map(|m| m.mac).collect();
+            fleet.checkin_deadlines(&macs)
+        }
+    };
     let runner = Runner {
         job: Arc::clone(&job),
+        deadlines,
         fleet,
         dispatcher,
         limits: Arc::new(limits),
@@ -358,12 +354,17 @@ pub fn start(
 /// How often the runner looks at the machines' progress.
 const TICK: Duration = Duration::from_millis(100);
 
+/// Milliseconds a machine has to check in when nothing else says.
+const DEFAULT_DEADLINE: u64 = 600_000;
+
 /// The longest an adaptive wave waits for the last one to get past DHCP
 /// and the loader.
 const WAVE_PATIENCE: Duration = Duration::from_secs(120);
 
 struct Runner {
     job: Arc<Job>,
+    /// Each machine's check-in deadline when the job names none.
+    deadlines: HashMap<Mac, Duration>,
     fleet: Arc<dyn Fleet>,
     dispatcher: Arc<Dispatcher>,
     limits: Arc<Limits>,
@@ -538,7 +539,15 @@ impl Runner {
         let macs: Vec<Mac> = watched.iter().map(|(mac, _)| *mac).collect();
         let seen = self.fleet.boot_progress(&macs, since);
         let now = now_ms();
-        let deadline = self.job.spec.checkin_deadline.as_millis() as u64;
+        let deadline_of = |mac: Mac| -> u64 {
+            match self.job.spec.checkin_deadline {
+                Some(seconds) => seconds * 1000,
+                None => self
+                    .deadlines
+                    .get(&mac)
+                    .map_or(DEFAULT_DEADLINE, |d| d.as_millis() as u64),
+            }
+        };
         let mut cycle = Vec::new();
         let mut state = self.job.lock();
         for machine in state.machines.iter_mut() {
@@ -559,6 +568,7 @@ impl Runner {
                     continue;
                 }
             }
+            let deadline = deadline_of(machine.mac);
             if now.saturating_sub(sent) > deadline {
                 let at = machine.phase.as_deref().unwrap_or("power-on");
                 if self.job.spec.retry_by_cycle && !machine.cycled {

@@ -248,6 +248,10 @@ pub struct ImageRecord {
     pub files: Vec<FileCheck>,
     #[serde(default)]
     pub created_ms: u64,
+    /// How long a machine booting this image has, from its kernel fetch,
+    /// to check in; 0: `[power] checkin_deadline_seconds`.
+    #[serde(default)]
+    pub checkin_deadline_seconds: u64,
 }
 
 fn http() -> String {
@@ -724,6 +728,12 @@ pub fn validate_image(image: &ImageRecord) -> StoreResult<()> {
                 &image.architecture,
                 64,
             )
+        })
+        .and_then(|()| match image.checkin_deadline_seconds {
+            0 | 10..=86_400 => Ok(()),
+            other => Err(format!(
+                "image {name}: checkin_deadline_seconds {other} is outside 10..=86400 (0: the server's default)"
+            )),
         });
     checked.map_err(StoreError::Invalid)
 }
@@ -844,6 +854,7 @@ pub fn import_snapshot(
                 description: image.description.clone(),
                 files: Vec::new(),
                 created_ms: 0,
+                checkin_deadline_seconds: 0,
             },
             actor,
         )?;

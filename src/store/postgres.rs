@@ -148,6 +148,9 @@ CREATE TABLE bmcs (
     record TEXT NOT NULL
 );
 "#,
+    r#"
+ALTER TABLE images ADD COLUMN checkin_deadline_s BIGINT NOT NULL DEFAULT 0;
+"#,
 ];
 
 /// The advisory lock key migrations run under (any fixed number: "bfsc").
@@ -363,7 +366,8 @@ fn machine_from_row(row: &Row) -> MachineRecord {
 }
 
 const IMAGE_COLUMNS: &str =
-    "name, kernel, initrds, cmdline, transport, architecture, description, files, created_ms";
+    "name, kernel, initrds, cmdline, transport, architecture, description, \
+     files, created_ms, checkin_deadline_s";
 
 fn image_from_row(row: &Row) -> ImageRecord {
     ImageRecord {
@@ -376,6 +380,7 @@ fn image_from_row(row: &Row) -> ImageRecord {
         description: row.get(6),
         files: from_json(row.get::<_, &str>(7)),
         created_ms: row.get::<_, i64>(8) as u64,
+        checkin_deadline_seconds: row.get::<_, i64>(9) as u64,
     }
 }
 
@@ -697,7 +702,7 @@ impl InventoryStore for PostgresStore {
             }
             tx.execute(
                 &format!(
-                    "INSERT INTO images ({IMAGE_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"
+                    "INSERT INTO images ({IMAGE_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
                 ),
                 &[
                     &image.name,
@@ -709,6 +714,7 @@ impl InventoryStore for PostgresStore {
                     &image.description,
                     &json(&image.files),
                     &now_ms(),
+                    &(image.checkin_deadline_seconds as i64),
                 ],
             )?;
             audit(tx, actor, "image.add", &image.name, &format!("kernel {}", image.kernel))
@@ -1223,7 +1229,7 @@ fn import_all(tx: &mut ::postgres::Transaction<'_>, dump: &InventoryDump) -> Sto
     for i in &dump.images {
         tx.execute(
             &format!(
-                "INSERT INTO images ({IMAGE_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"
+                "INSERT INTO images ({IMAGE_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
             ),
             &[
                 &i.name,
@@ -1235,6 +1241,7 @@ fn import_all(tx: &mut ::postgres::Transaction<'_>, dump: &InventoryDump) -> Sto
                 &i.description,
                 &json(&i.files),
                 &(i.created_ms as i64),
+                &(i.checkin_deadline_seconds as i64),
             ],
         )?;
     }

@@ -115,6 +115,9 @@ CREATE TABLE bmcs (
     record TEXT NOT NULL
 );
 "#,
+    r#"
+ALTER TABLE images ADD COLUMN checkin_deadline_s INTEGER NOT NULL DEFAULT 0;
+"#,
 ];
 
 /// What a database copy holds, to compare with the original.
@@ -403,11 +406,13 @@ fn image_from_row(row: &Row<'_>) -> rusqlite::Result<ImageRecord> {
         description: row.get(6)?,
         files: from_json(&row.get::<_, String>(7)?),
         created_ms: row.get::<_, i64>(8)? as u64,
+        checkin_deadline_seconds: row.get::<_, i64>(9)? as u64,
     })
 }
 
 const IMAGE_COLUMNS: &str =
-    "name, kernel, initrds, cmdline, transport, architecture, description, files, created_ms";
+    "name, kernel, initrds, cmdline, transport, architecture, description, \
+     files, created_ms, checkin_deadline_s";
 
 fn get_machine(tx: &Connection, mac: Mac) -> StoreResult<Option<MachineRecord>> {
     Ok(tx
@@ -701,7 +706,7 @@ impl InventoryStore for SqliteStore {
                 return Err(rules::image_taken(&image.name));
             }
             tx.execute(
-                &format!("INSERT INTO images ({IMAGE_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)"),
+                &format!("INSERT INTO images ({IMAGE_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)"),
                 params![
                     image.name,
                     image.kernel,
@@ -712,6 +717,7 @@ impl InventoryStore for SqliteStore {
                     image.description,
                     json(&image.files),
                     now_ms() as i64,
+                    image.checkin_deadline_seconds as i64,
                 ],
             )?;
             audit(tx, actor, "image.add", &image.name, &format!("kernel {}", image.kernel))
@@ -1189,7 +1195,7 @@ fn import_all(tx: &Transaction<'_>, dump: &InventoryDump) -> StoreResult<()> {
     for i in &dump.images {
         tx.execute(
             &format!(
-                "INSERT INTO images ({IMAGE_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)"
+                "INSERT INTO images ({IMAGE_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)"
             ),
             params![
                 i.name,
@@ -1200,7 +1206,8 @@ fn import_all(tx: &Transaction<'_>, dump: &InventoryDump) -> StoreResult<()> {
                 i.architecture,
                 i.description,
                 json(&i.files),
-                i.created_ms as i64
+                i.created_ms as i64,
+                i.checkin_deadline_seconds as i64
             ],
         )?;
     }

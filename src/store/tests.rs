@@ -94,6 +94,7 @@ fn postgres() -> Option<Backend> {
 
 pub(super) fn image(name: &str) -> ImageRecord {
     ImageRecord {
+        checkin_deadline_seconds: 0,
         name: name.into(),
         kernel: format!("{name}/vmlinuz"),
         initrds: vec![format!("{name}/initrd")],
