@@ -160,6 +160,17 @@ pub struct StormArgs {
     /// The first simulated BMC's port on 127.0.0.1 (one port each).
     #[arg(long, default_value_t = 20000)]
     pub bmc_first_port: u16,
+    /// Seconds bootfleet gives each machine to check in (default: the run's
+    /// time limit).
+    #[arg(long)]
+    pub power_deadline: Option<u64>,
+    /// Ask bootfleet to power-cycle once each machine that misses it.
+    #[arg(long)]
+    pub retry_by_cycle: bool,
+    /// Machines whose OS does not check in on their first boot (an OS
+    /// that hung): every Nth machine (0: none).
+    #[arg(long, default_value_t = 0)]
+    pub hang_every: usize,
 }
 
 /// The steps of a boot, in order; with `--power-via`, `power` (from the
@@ -528,7 +539,8 @@ async fn request_power_on(ctx: &Shared) -> Result<()> {
         "action": "on",
         "boot": "pxe",
         "pacing": pacing,
-        "checkin_deadline": args.time_limit.ceil() as u64,
+        "checkin_deadline": args.power_deadline.unwrap_or(args.time_limit.ceil() as u64),
+        "retry_by_cycle": args.retry_by_cycle,
     });
     let url = format!("{}/api/v1/power", args.panel.trim_end_matches('/'));
     let (status, answer) =
@@ -665,7 +677,37 @@ async fn boot(ctx: &Shared, index: usize) -> MachineRecord {
         let whole_boot = ctx.args.stop_after == StopAfter::Initrd;
         if let (Ok(cmdline), Some(bmc), true) = (&result, ctx.bmcs.get(index), whole_boot) {
             tracker.enter(CHECKIN);
-            result = check_in(cmdline).await.map(|()| Vec::new());
+            let hangs = ctx.args.hang_every > 0
+                && index.is_multiple_of(ctx.args.hang_every)
+                && attempt == 0;
+            if hangs {
+                // This boot's OS hangs: only its BMC (a power cycle) brings
+                // the machine back.
+                let until = tokio::time::sleep_until(ctx.deadline.into());
+                tokio::select! {
+                    () = bmc.power_on.notified() => {}
+                    () = until => {}
+                }
+                result = Err("its OS hung and it was never power-cycled".into());
+                tracker.record.attempts += 1;
+                let second = walk(
+                    ctx,
+                    &client,
+                    firmware,
+                    &mac,
+                    index,
+                    attempt + 1,
+                    &mut tracker,
+                );
+                if Instant::now() < ctx.deadline {
+                    if let Ok(cmdline) = second.await {
+                        tracker.enter(CHECKIN);
+                        result = check_in(&cmdline).await.map(|()| Vec::new());
+                    }
+                }
+            } else {
+                result = check_in(cmdline).await.map(|()| Vec::new());
+            }
             bmc.powered_off();
         }
         let result = result.map(drop);

@@ -550,13 +550,48 @@ fn machines_broadcast_dhcp_from_their_own_namespace() {
     );
 }
 
-#[test]
-fn a_thousand_machines_are_powered_on_through_simulated_redfish_bmcs_and_all_check_in() {
-    if !is_root() {
-        return;
+/// A storm of `machines` that bootfleet powers on through their simulated
+/// Redfish BMCs (`extra`: pacing and the like).
+fn power_storm(
+    lab: &Lab,
+    token: &str,
+    machines: usize,
+    extra: &[&str],
+) -> (bool, serde_json::Value, String) {
+    let mut args = vec!["--power-via", "redfish", "--threads", "2", "--token", token];
+    args.extend_from_slice(extra);
+    lab.storm(&lab.boot_dir(), machines, &args)
+}
+
+/// `GET /api/v1/PATH` from the lab's panel.
+fn panel_get(lab: &Lab, token: &str, path: &str) -> String {
+    let out = Command::new("ip")
+        .args(["netns", "exec", &lab.ns, "curl", "-s", "-H"])
+        .arg(format!("Authorization: Bearer {token}"))
+        .arg(format!("http://127.0.0.1:9090/api/v1/{path}"))
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Power job 1 once it is done (the panel stores check-ins in 0.1 s
+/// batches, and the job looks every 0.1 s), or as it is after 20 s.
+fn first_job_when_done(lab: &Lab, token: &str) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let job: serde_json::Value =
+            serde_json::from_str(&panel_get(lab, token, "power/jobs/1")).unwrap_or_default();
+        if job["status"] == "done" || Instant::now() > deadline {
+            return job;
+        }
+        std::thread::sleep(Duration::from_millis(200));
     }
-    const FLEET: usize = 1000;
-    let mut lab = Lab::with_machines("p", FLEET);
+}
+
+/// A lab of `machines` with bootfleet's panel on (check-ins on its
+/// loopback), and an admin token for it.
+fn power_lab(tag: &str, machines: usize) -> (Lab, String) {
+    let mut lab = Lab::with_machines(tag, machines);
     lab.panel = "127.0.0.1:9090";
     lab.start(
         "[dhcp]\nmax_requests_per_second_per_source = 10000000\n\
@@ -574,20 +609,17 @@ fn a_thousand_machines_are_powered_on_through_simulated_redfish_bmcs_and_all_che
         String::from_utf8_lossy(&token.stderr)
     );
     let token = String::from_utf8(token.stdout).unwrap().trim().to_string();
-    let (ok, report, text) = lab.storm(
-        &lab.boot_dir(),
-        FLEET,
-        &[
-            "--power-via",
-            "redfish",
-            "--power-waves",
-            "adaptive",
-            "--threads",
-            "2",
-            "--token",
-            &token,
-        ],
-    );
+    (lab, token)
+}
+
+#[test]
+fn a_thousand_machines_are_powered_on_through_simulated_redfish_bmcs_and_all_check_in() {
+    if !is_root() {
+        return;
+    }
+    const FLEET: usize = 1000;
+    let (lab, token) = power_lab("p", FLEET);
+    let (ok, report, text) = power_storm(&lab, &token, FLEET, &["--power-waves", "adaptive"]);
     eprintln!("{text}");
     assert!(ok, "{text}");
     assert_eq!(report["booted"], FLEET, "every machine checked in: {text}");
@@ -607,34 +639,11 @@ fn a_thousand_machines_are_powered_on_through_simulated_redfish_bmcs_and_all_che
     }
     // The job sees the last check-ins within its next look (0.1 s) once
     // the panel has stored them (batched every 0.1 s).
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let job = loop {
-        let jobs = Command::new("ip")
-            .args(["netns", "exec", &lab.ns, "curl", "-sf", "-H"])
-            .arg(format!("Authorization: Bearer {token}"))
-            .arg("http://127.0.0.1:9090/api/v1/power/jobs")
-            .output()
-            .unwrap();
-        let jobs: serde_json::Value = serde_json::from_slice(&jobs.stdout).unwrap();
-        let job = jobs[0].clone();
-        if job["status"] == "done" || Instant::now() > deadline {
-            break job;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    };
+    let job = first_job_when_done(&lab, &token);
     if job["status"] != "done" {
         // Which machines the job still waits for, and what the panel knows of them.
-        let api = |path: &str| -> String {
-            let out = Command::new("ip")
-                .args(["netns", "exec", &lab.ns, "curl", "-s", "-H"])
-                .arg(format!("Authorization: Bearer {token}"))
-                .arg(format!("http://127.0.0.1:9090/api/v1/{path}"))
-                .output()
-                .unwrap();
-            String::from_utf8_lossy(&out.stdout).into_owned()
-        };
-        let detail: serde_json::Value = serde_json::from_str(&api("power/jobs/1")).unwrap();
-        for m in detail["machines"]
+        let api = |path: &str| panel_get(&lab, &token, path);
+        for m in job["machines"]
             .as_array()
             .unwrap()
             .iter()
@@ -653,4 +662,46 @@ fn a_thousand_machines_are_powered_on_through_simulated_redfish_bmcs_and_all_che
         job["waves_sent"].as_u64().unwrap() > 1,
         "adaptive waves: {job}"
     );
+}
+
+#[test]
+fn a_machine_whose_os_hangs_is_power_cycled_once_and_then_checks_in() {
+    if !is_root() {
+        return;
+    }
+    const FLEET: usize = 10;
+    let (lab, token) = power_lab("c", FLEET);
+    // Machines 0 and 5 hang after their first boot; bootfleet gives each
+    // 5 s to check in, then cycles it once.
+    let (ok, report, text) = power_storm(
+        &lab,
+        &token,
+        FLEET,
+        &[
+            "--power-waves",
+            "all",
+            "--power-deadline",
+            "5",
+            "--retry-by-cycle",
+            "--hang-every",
+            "5",
+        ],
+    );
+    assert!(ok, "{text}");
+    assert_eq!(report["booted"], FLEET, "{text}");
+    assert_eq!(
+        report["retried"], 2,
+        "the two hung machines booted twice: {text}"
+    );
+    let job = first_job_when_done(&lab, &token);
+    assert_eq!(job["status"], "done", "{job}");
+    assert_eq!(job["stages"]["up"], FLEET, "{job}");
+    let cycled: Vec<&str> = job["machines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m["cycled"] == true)
+        .map(|m| m["mac"].as_str().unwrap())
+        .collect();
+    assert_eq!(cycled, ["02:bf:00:00:00:00", "02:bf:00:00:00:05"], "{job}");
 }
