@@ -145,9 +145,40 @@ impl PowerService {
 /// from the machines' records, load from the data plane.
 struct PanelFleet {
     state: Weak<PanelState>,
+    /// The BMC table as last read, and when: a wave of a thousand machines
+    /// reads it once, not once per machine; a change is seen within
+    /// [`BMCS_FRESH_FOR`].
+    bmcs: Mutex<Option<(std::time::Instant, Arc<BmcsByMac>)>>,
 }
 
+type BmcsByMac = HashMap<Mac, BmcRecord>;
+
+/// How long a job reuses the BMC table it read.
+const BMCS_FRESH_FOR: Duration = Duration::from_secs(5);
+
 impl PanelFleet {
+    /// Every BMC by MAC, read again when older than [`BMCS_FRESH_FOR`].
+    fn bmcs(&self, state: &PanelState) -> Result<Arc<BmcsByMac>, PowerError> {
+        let mut cached = self.bmcs.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((_, bmcs)) = cached
+            .as_ref()
+            .filter(|(at, _)| at.elapsed() < BMCS_FRESH_FOR)
+        {
+            return Ok(Arc::clone(bmcs));
+        }
+        let bmcs: Arc<BmcsByMac> = Arc::new(
+            state
+                .store
+                .bmcs()
+                .map_err(|error| PowerError::Setup(error.to_string()))?
+                .into_iter()
+                .map(|bmc| (bmc.mac, bmc))
+                .collect(),
+        );
+        *cached = Some((std::time::Instant::now(), Arc::clone(&bmcs)));
+        Ok(bmcs)
+    }
+
     fn state(&self) -> Result<Arc<PanelState>, PowerError> {
         self.state
             .upgrade()
@@ -159,17 +190,11 @@ impl Fleet for PanelFleet {
     fn credentials(&self, mac: Mac) -> Result<Credentials, PowerError> {
         let state = self.state()?;
         let setup = PowerError::Setup;
-        let bmc = state
-            .store
-            .bmcs()
-            .map_err(|error| setup(error.to_string()))?
-            .into_iter()
-            .find(|bmc| bmc.mac == mac)
-            .ok_or_else(|| {
-                setup(format!(
-                    "{mac} has no BMC; set one with `bootfleet machines set {mac} --bmc URL`"
-                ))
-            })?;
+        let bmc = self.bmcs(&state)?.get(&mac).cloned().ok_or_else(|| {
+            setup(format!(
+                "{mac} has no BMC; set one with `bootfleet machines set {mac} --bmc URL`"
+            ))
+        })?;
         let key = state.power.key().map_err(|error| setup(error.message))?;
         let password = key
             .open(&mac.to_string(), &bmc.sealed_secret)
@@ -451,6 +476,7 @@ pub(super) async fn start_job(
     let id = state.power.next_job.fetch_add(1, Ordering::Relaxed);
     let fleet = Arc::new(PanelFleet {
         state: Arc::downgrade(&state),
+        bmcs: Mutex::new(None),
     });
     let count = macs.len();
     let job = waves::start(

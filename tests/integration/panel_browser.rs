@@ -138,6 +138,32 @@ pub async fn click(client: &Client, css: &str) {
         .unwrap();
 }
 
+/// Logs `user` (password [`PASSWORD`]) in on the panel at `base`; returns
+/// once the machines page shows.
+pub async fn log_in(client: &Client, base: &str, user: &str) {
+    open(client, base, "", "#login-user").await;
+    client
+        .find(Locator::Css("#login-user"))
+        .await
+        .unwrap()
+        .send_keys(user)
+        .await
+        .unwrap();
+    client
+        .find(Locator::Css("#login-password"))
+        .await
+        .unwrap()
+        .send_keys(PASSWORD)
+        .await
+        .unwrap();
+    click(client, "#login-submit").await;
+    client
+        .wait()
+        .for_element(Locator::Css("#machines"))
+        .await
+        .unwrap();
+}
+
 /// A small fleet for the screenshots: machines in several states.
 fn populate(server: &FullServer, api: &Api) {
     for (i, state) in ["booted", "booted", "kernel", "script", "assigned"]
@@ -203,28 +229,7 @@ fn an_operator_adopts_pools_and_assigns_in_the_browser() {
     runtime.block_on(async {
         let client = driver.browser().await;
 
-        // Log in.
-        open(&client, &base, "", "#login-user").await;
-        client
-            .find(Locator::Css("#login-user"))
-            .await
-            .unwrap()
-            .send_keys("alice")
-            .await
-            .unwrap();
-        client
-            .find(Locator::Css("#login-password"))
-            .await
-            .unwrap()
-            .send_keys(PASSWORD)
-            .await
-            .unwrap();
-        click(&client, "#login-submit").await;
-        client
-            .wait()
-            .for_element(Locator::Css("#machines"))
-            .await
-            .unwrap();
+        log_in(&client, &base, "alice").await;
         let who = text_of(&client, "#who").await;
         assert_eq!(who, "alice (admin)");
         let session_cookie = client.get_named_cookie("bf_session").await.unwrap();

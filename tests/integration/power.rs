@@ -149,6 +149,38 @@ fn ipmi_tools_present() -> bool {
     present
 }
 
+/// Asserts that `bootfleet power`'s line for each MAC says what is expected.
+fn assert_machine_lines(out: &str, expected: &[(&str, &str)]) {
+    for (mac, says) in expected {
+        let line = out
+            .lines()
+            .find(|l| l.starts_with(mac))
+            .unwrap_or_else(|| panic!("no line for {mac} in {out}"));
+        assert!(line.contains(says), "{out}");
+    }
+}
+
+/// Waits for each machine's hook to check in (within a minute), and
+/// asserts it did and the panel shows it booted; each one's console and
+/// machine record.
+fn booted_and_checked_in(
+    lan: &BootLan,
+    macs: &[&str],
+    serials: &[std::path::PathBuf],
+) -> Vec<(String, String)> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    macs.iter()
+        .zip(serials)
+        .map(|(mac, serial)| {
+            let console = wait_for_checkin(lan, serial, mac, deadline);
+            assert!(console.contains(&format!("{CHECKED_IN} rc=0")), "{console}");
+            let machine = lan.api(&format!("/api/v1/machines/{mac}"));
+            assert!(machine.contains(r#""state":"booted""#), "{machine}");
+            (console, machine)
+        })
+        .collect()
+}
+
 /// Waits until the machine's serial console shows the check-in result.
 fn wait_for_checkin(lan: &BootLan, serial: &Path, mac: &str, deadline: Instant) -> String {
     loop {
@@ -271,30 +303,17 @@ fn ipmi_sim_bmcs_power_on_machines_that_netboot_and_check_in() {
     );
     assert!(!ok, "two of the four BMCs cannot work: {out}{err}");
     assert!(err.contains("2 machine(s) failed"), "{err}");
-    let line = |mac: &str| -> String {
-        out.lines()
-            .find(|l| l.starts_with(mac))
-            .unwrap_or_else(|| panic!("no line for {mac} in {out}"))
-            .to_string()
-    };
-    for mac in macs {
-        assert!(line(mac).contains("\tup\tchecked in"), "{out}");
-    }
-    assert!(
-        line("52:54:00:c0:00:03").contains("refused the user name or password"),
-        "{out}"
+    assert_machine_lines(
+        &out,
+        &[
+            (macs[0], "\tup\tchecked in"),
+            (macs[1], "\tup\tchecked in"),
+            ("52:54:00:c0:00:03", "refused the user name or password"),
+            ("52:54:00:c0:00:04", "is unreachable"),
+        ],
     );
-    assert!(
-        line("52:54:00:c0:00:04").contains("is unreachable"),
-        "{out}"
-    );
-    let deadline = Instant::now() + Duration::from_secs(60);
-    for (mac, serial) in macs.iter().zip(&serials) {
-        let console = wait_for_checkin(&lan, serial, mac, deadline);
-        assert!(console.contains(&format!("{CHECKED_IN} rc=0")), "{console}");
+    for (console, machine) in booted_and_checked_in(&lan, &macs, &serials) {
         assert!(console.contains("bootfleet.token="), "{console}");
-        let machine = lan.api(&format!("/api/v1/machines/{mac}"));
-        assert!(machine.contains(r#""state":"booted""#), "{machine}");
         assert!(
             machine.contains(r#""phase":"power""#) && machine.contains(r#""phase":"checkin""#),
             "{machine}"
@@ -519,34 +538,17 @@ fn sushy_tools_redfish_boots_libvirt_machines_once_from_pxe_and_they_check_in() 
         started.elapsed().as_secs_f64()
     );
     assert!(!ok && err.contains("3 machine(s) failed"), "{out}{err}");
-    let line = |mac: &str| -> String {
-        out.lines()
-            .find(|l| l.starts_with(mac))
-            .unwrap_or_else(|| panic!("no line for {mac} in {out}"))
-            .to_string()
-    };
-    for mac in macs {
-        assert!(line(mac).contains("\tup\tchecked in"), "{out}");
-    }
-    assert!(
-        line("52:54:00:c0:00:13").contains("refused the user name or password"),
-        "{out}"
+    assert_machine_lines(
+        &out,
+        &[
+            (macs[0], "\tup\tchecked in"),
+            (macs[1], "\tup\tchecked in"),
+            ("52:54:00:c0:00:13", "refused the user name or password"),
+            ("52:54:00:c0:00:14", "is unreachable"),
+            ("52:54:00:c0:00:15", "did not answer within 5 s"),
+        ],
     );
-    assert!(
-        line("52:54:00:c0:00:14").contains("is unreachable"),
-        "{out}"
-    );
-    assert!(
-        line("52:54:00:c0:00:15").contains("did not answer within 5 s"),
-        "{out}"
-    );
-    let deadline = Instant::now() + Duration::from_secs(60);
-    for (mac, serial) in macs.iter().zip(&serials) {
-        let console = wait_for_checkin(&lan, serial, mac, deadline);
-        assert!(console.contains(&format!("{CHECKED_IN} rc=0")), "{console}");
-        let machine = lan.api(&format!("/api/v1/machines/{mac}"));
-        assert!(machine.contains(r#""state":"booted""#), "{machine}");
-    }
+    booted_and_checked_in(&lan, &macs, &serials);
     // The one-time boot was set through Redfish: the emulator made the
     // network interface the domain's first boot device.
     let xml = String::from_utf8(virsh(&["dumpxml", "--inactive", &names[0]]).stdout).unwrap();
@@ -739,7 +741,7 @@ fn sim_mac(index: usize) -> String {
 
 #[test]
 fn an_operator_powers_a_pool_on_in_the_browser_and_watches_it_boot() {
-    use crate::panel_browser::{click, flash, have_browser, open, shot, text_of, Driver};
+    use crate::panel_browser::{click, flash, have_browser, log_in, open, shot, Driver};
     use fantoccini::Locator;
     if !can_make_namespaces() || !have_browser() {
         return;
@@ -781,27 +783,7 @@ fn an_operator_powers_a_pool_on_in_the_browser_and_watches_it_boot() {
     let base = fleet.panel.clone();
     runtime.block_on(async {
         let client = driver.browser().await;
-        open(&client, &base, "", "#login-user").await;
-        client
-            .find(Locator::Css("#login-user"))
-            .await
-            .unwrap()
-            .send_keys("olga")
-            .await
-            .unwrap();
-        client
-            .find(Locator::Css("#login-password"))
-            .await
-            .unwrap()
-            .send_keys(crate::panel::PASSWORD)
-            .await
-            .unwrap();
-        click(&client, "#login-submit").await;
-        client
-            .wait()
-            .for_element(Locator::Css("#machines"))
-            .await
-            .unwrap();
+        log_in(&client, &base, "olga").await;
         open(
             &client,
             &base,
@@ -826,8 +808,18 @@ fn an_operator_powers_a_pool_on_in_the_browser_and_watches_it_boot() {
             .unwrap();
         let deadline = Instant::now() + Duration::from_secs(90);
         loop {
-            let status = text_of(&client, ".job-status").await;
-            let stages = text_of(&client, "#job-stages").await;
+            // Read in one script: the page re-renders every second, and an
+            // element found a moment before may be gone when it is read.
+            let read = client
+                .execute(
+                    "return [document.querySelector('.job-status').textContent, \
+                     document.querySelector('#job-stages').textContent]",
+                    vec![],
+                )
+                .await
+                .unwrap();
+            let status = read[0].as_str().unwrap_or_default().to_string();
+            let stages = read[1].as_str().unwrap_or_default().to_string();
             if status == "done" {
                 assert_eq!(stages, "up 20", "every machine checked in");
                 break;
