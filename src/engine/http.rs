@@ -359,7 +359,7 @@ async fn write_response(
                     send_file(stream, file_fd, offset + from, len - from, deadline).await?
                 }
             };
-            state.sent(sent, Instant::now());
+            service.stats.body_written(state.sent(sent, Instant::now()));
         }
         if corked {
             // Pushes the last short segment out.

@@ -66,7 +66,7 @@ use crate::proto::http::connection::{
     AfterResponse, Connection as HttpConnection, Expiry, Polled, Transmit, BUSY_RESPONSE,
 };
 use crate::proto::http::request::Request;
-use crate::server::http::{HttpService, Response};
+use crate::server::http::{HttpService, HttpStats, Response};
 
 const KIND_ACCEPT: u64 = 1;
 const KIND_RECV: u64 = 2;
@@ -435,6 +435,7 @@ impl Worker {
                             .service
                             .invalid(408, "request head not received in time");
                         let by_sendfile = body_by_sendfile(&self.config, &self.open);
+                        self.service.stats.response_started(&response, by_sendfile);
                         connection.begin(response, true, by_sendfile, now);
                         self.advance(index, now)?
                     }
@@ -540,7 +541,8 @@ impl Worker {
                 if result < 0 {
                     return Ok(Next::Close);
                 }
-                connection.state.sent(result as u64, now);
+                let body = connection.state.sent(result as u64, now);
+                self.service.stats.body_written(body);
             }
             _ => {} // POLLOUT: the socket has room again
         }
@@ -610,6 +612,7 @@ impl Worker {
                     connection.socket.as_raw_fd(),
                     writing,
                     &mut connection.state,
+                    &self.service.stats,
                 ) {
                     Step::Done => {
                         let writing = connection.writing.take().expect("writing");
@@ -661,6 +664,7 @@ impl Worker {
                     debug!(peer = %connection.peer, status, why, "bad request");
                     let response = self.service.invalid(status, why);
                     let by_sendfile = body_by_sendfile(&self.config, &self.open);
+                    self.service.stats.response_started(&response, by_sendfile);
                     connection.begin(response, true, by_sendfile, now);
                 }
                 Polled::NeedMore => {
@@ -819,8 +823,14 @@ fn live_connection(
 /// file slices by `sendfile` until the socket is full, and returns the
 /// `send` for a piece of bytes. The entry points into `writing.response`,
 /// which stays in place until the completion. Every error is the
-/// connection's own ([`Step::Failed`]): none ends the worker.
-fn step_writing(socket: libc::c_int, writing: &mut Writing, state: &mut HttpConnection) -> Step {
+/// connection's own ([`Step::Failed`]): none ends the worker. Body bytes
+/// sent here are taken off `stats`' bytes in flight.
+fn step_writing(
+    socket: libc::c_int,
+    writing: &mut Writing,
+    state: &mut HttpConnection,
+    stats: &HttpStats,
+) -> Step {
     writing.waiting_writable = false;
     loop {
         match state.poll_transmit() {
@@ -843,7 +853,7 @@ fn step_writing(socket: libc::c_int, writing: &mut Writing, state: &mut HttpConn
                 if let Err(error) = cork_before_sendfile(socket, len, &mut writing.corked) {
                     return Step::Failed(error);
                 }
-                match send_file(socket, file_fd, offset + from, len - from, state) {
+                match send_file(socket, file_fd, offset + from, len - from, state, stats) {
                     Ok(true) => continue,
                     Ok(false) => {
                         writing.waiting_writable = true;
@@ -866,13 +876,15 @@ fn step_writing(socket: libc::c_int, writing: &mut Writing, state: &mut HttpConn
 }
 
 /// `sendfile(2)` of `len` bytes at `offset` until they are all sent (true)
-/// or the socket is full (false), each step reported to `state`.
+/// or the socket is full (false), each step reported to `state` and
+/// `stats`.
 fn send_file(
     socket: libc::c_int,
     file_fd: libc::c_int,
     offset: u64,
     len: u64,
     state: &mut HttpConnection,
+    stats: &HttpStats,
 ) -> io::Result<bool> {
     let mut done = 0;
     while done < len {
@@ -895,7 +907,7 @@ fn send_file(
             ));
         }
         done += n as u64;
-        state.sent(n as u64, Instant::now());
+        stats.body_written(state.sent(n as u64, Instant::now()));
     }
     Ok(true)
 }

@@ -363,6 +363,12 @@ impl Collector for DataPlaneCollector {
                 "HTTP connections open now",
                 Plain::Gauge(stats.open_connections.get()),
             )?;
+            plain(
+                &mut encoder,
+                "bootfleet_http_body_bytes_in_flight",
+                "Body bytes of HTTP responses under way that the sockets have not yet taken (what adaptive power-on waves measure the LAN's backlog by)",
+                Plain::Gauge(stats.body_bytes_in_flight.get()),
+            )?;
             counters_by(
                 &mut encoder,
                 "bootfleet_http_file_bodies",

@@ -28,6 +28,7 @@ use super::{ApiError, PanelState};
 use crate::boot::events::{BootEvent, Phase};
 use crate::inventory::bmc::{check_secret, parse_bmc_url};
 use crate::power::dispatch::Dispatcher;
+use crate::power::headroom::{DataPlaneSample, Headroom};
 use crate::power::waves::{self, Fleet, Job, JobSpec, JobStatus, SeenPhase};
 use crate::power::{Credentials, Limits, Outcome, PowerAction, PowerError};
 use crate::proto::Mac;
@@ -149,6 +150,8 @@ struct PanelFleet {
     /// reads it once, not once per machine; a change is seen within
     /// [`BMCS_FRESH_FOR`].
     bmcs: Mutex<Option<(std::time::Instant, Arc<BmcsByMac>)>>,
+    /// The data plane's limits and the drain rate this job has measured.
+    headroom: Headroom,
 }
 
 type BmcsByMac = HashMap<Mac, BmcRecord>;
@@ -264,14 +267,16 @@ impl Fleet for PanelFleet {
         let Ok(state) = self.state() else {
             return 0.0;
         };
-        let setup = &state.power.setup;
-        let tftp = state.data_plane.tftp.as_ref().map_or(0.0, |t| {
-            t.stats().active as f64 / setup.max_transfers.max(1) as f64
-        });
-        let http = state.data_plane.http.as_ref().map_or(0.0, |h| {
-            h.stats.open_connections.get() as f64 / setup.max_connections.max(1) as f64
-        });
-        tftp.max(http)
+        let mut sample = DataPlaneSample::default();
+        if let Some(tftp) = &state.data_plane.tftp {
+            sample.tftp_transfers = tftp.stats().active as u64;
+        }
+        if let Some(http) = &state.data_plane.http {
+            sample.http_connections = http.stats.open_connections.get().max(0) as u64;
+            sample.http_bytes_in_flight = http.stats.body_bytes_in_flight.get().max(0) as u64;
+            sample.http_bytes_sent = http.stats.body_bytes.get();
+        }
+        self.headroom.load(sample, std::time::Instant::now())
     }
 
     fn record(
@@ -477,6 +482,7 @@ pub(super) async fn start_job(
     let fleet = Arc::new(PanelFleet {
         state: Arc::downgrade(&state),
         bmcs: Mutex::new(None),
+        headroom: Headroom::new(state.power.setup.max_transfers, state.power.setup.max_connections),
     });
     let count = macs.len();
     let job = waves::start(

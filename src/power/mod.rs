@@ -18,6 +18,7 @@
 //!   in its environment (`-E`), never on a command line others can read.
 
 pub mod dispatch;
+pub mod headroom;
 pub mod ipmi;
 pub mod redfish;
 pub mod waves;

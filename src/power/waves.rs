@@ -8,12 +8,14 @@
 //! * **adaptive**: the first wave is small; the next goes only when every
 //!   machine of the last has got past DHCP and its loader (it asked for
 //!   its boot script, or failed, or ran out of time), and only while the
-//!   data plane has headroom ([`Fleet::load`]: open TFTP transfers and
-//!   HTTP connections against their limits, under one half). A wave that
-//!   cleared with the load under a quarter doubles the next one, up to
-//!   `max`; a wave that found the load above one half halves it. The boot
-//!   LAN never sees more machines in its DHCP and TFTP phases than the
-//!   servers were just seen to take.
+//!   data plane has headroom ([`Fleet::load`], [`super::headroom`]: open
+//!   TFTP transfers and HTTP connections against their limits, and HTTP
+//!   bytes in flight against the rate the server drains them, under one
+//!   half). A wave that cleared with the load under a quarter doubles the
+//!   next one, up to `max`; a wave that found the load above one half
+//!   halves it. The boot LAN never sees more machines in its DHCP and
+//!   TFTP phases than the servers were just seen to take, nor more bytes
+//!   promised than it carries in a few seconds.
 //!
 //! After a boot action each machine is watched: DHCP, loader, script,
 //! kernel, initrd, then the check-in from its booted OS. One that has not

@@ -161,6 +161,7 @@ impl Segment {
 #[derive(Debug)]
 pub struct HttpStats {
     pub requests: Counter,
+    /// Body bytes sent, counted as the sockets take them.
     pub body_bytes: Counter,
     pub client_errors: Counter,
     /// Responses with a file body sent by `sendfile`, and copied from the
@@ -171,6 +172,12 @@ pub struct HttpStats {
     pub by_status: Labelled,
     /// Connections open now (both engines keep it).
     pub open_connections: Gauge,
+    /// Body bytes of responses under way that the sockets have not yet
+    /// taken: what the HTTP data plane has promised and not delivered.
+    /// Each response adds its body when it begins ([`Self::response_started`]),
+    /// takes away what each write sends ([`Self::body_written`]) and the
+    /// rest when it ends ([`HttpService::finished`]).
+    pub body_bytes_in_flight: Gauge,
     /// Per-MAC scripts rendered, by what was decided ([`SCRIPT_DECISIONS`]).
     pub scripts: Labelled,
 }
@@ -206,6 +213,7 @@ impl Default for HttpStats {
             file_bodies_copied: Counter::default(),
             by_status: Labelled::new("status", RESPONSE_STATUSES),
             open_connections: Gauge::default(),
+            body_bytes_in_flight: Gauge::default(),
             scripts: Labelled::new("decision", SCRIPT_DECISIONS),
         }
     }
@@ -225,10 +233,22 @@ impl HttpStats {
         self.by_status.inc(index);
     }
 
+    /// `bytes` more body bytes went out (what `HttpConnection::sent`
+    /// returns).
+    pub fn body_written(&self, bytes: u64) {
+        if bytes > 0 {
+            self.body_bytes.add(bytes);
+            self.body_bytes_in_flight.add(-(bytes as i64));
+        }
+    }
+
     /// Counts a response that begins, by how its file body (if any) goes:
     /// by `sendfile` if the engine chose it and the file has a descriptor
-    /// (an empty file has none and is always copied).
+    /// (an empty file has none and is always copied), and adds its body to
+    /// the bytes in flight. Every response an engine begins comes here,
+    /// once, and ends in [`HttpService::finished`].
     pub fn response_started(&self, response: &Response, by_sendfile: bool) {
+        self.body_bytes_in_flight.add(response.body_len() as i64);
         let Some(file) = &response.file else {
             return;
         };
@@ -400,7 +420,10 @@ impl HttpService {
     /// Called by the engine when a response has been written (`sent` body
     /// bytes of `response.body_len()`), or given up on.
     pub fn finished(&self, response: &Response, peer: SocketAddr, sent: u64, elapsed: Duration) {
-        self.stats.body_bytes.add(sent);
+        // What was never sent is no longer in flight either.
+        self.stats
+            .body_bytes_in_flight
+            .add(-(response.body_len().saturating_sub(sent) as i64));
         self.stats.count_status(response.status);
         if let Some(path) = &response.served_path {
             let complete = response.status == 200 && sent == response.body_len();

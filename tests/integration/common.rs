@@ -297,7 +297,17 @@ impl FullServer {
         state: tempfile::TempDir,
         tweak: impl FnOnce(&mut Config),
     ) -> Self {
-        Self::start_in(Backend::IoUring, root, state, true, tweak)
+        Self::start_with_panel_on(Backend::IoUring, root, state, tweak)
+    }
+
+    /// With the control panel, on the given data-plane backend.
+    pub fn start_with_panel_on(
+        backend: Backend,
+        root: &Path,
+        state: tempfile::TempDir,
+        tweak: impl FnOnce(&mut Config),
+    ) -> Self {
+        Self::start_in(backend, root, state, true, tweak)
     }
 
     fn start_in(

@@ -245,6 +245,71 @@ fn the_metrics_move_as_machines_boot_and_the_health_endpoints_answer() {
     assert_eq!(sample(&after, "bootfleet_events_dropped_total"), 0.0);
 }
 
+/// `bootfleet_http_body_bytes_in_flight` (what adaptive power-on waves
+/// measure the LAN's backlog by) holds, at every moment, what was promised
+/// and not yet sent: with a slow reader part-way through a large file,
+/// bytes in flight and bytes sent add up to the file exactly; when the
+/// file is read to its end, or the reader hangs up half-way, it is back to
+/// zero. On both engines.
+#[test]
+fn http_bytes_in_flight_follow_a_slow_download_to_its_end_or_its_abandonment() {
+    use std::io::Read;
+    const SIZE: usize = 32 << 20;
+    for backend in crate::common::BACKENDS {
+        let root = boot_dir();
+        std::fs::write(root.path().join("big.img"), vec![7u8; SIZE]).unwrap();
+        let server = FullServer::start_with_panel_on(backend, root.path(), state_dir(), |_| {});
+        let at_rest = |why: &str| {
+            eventually(why, || {
+                let now = scrape(&server);
+                (sample(&now, "bootfleet_http_body_bytes_in_flight") == 0.0
+                    && sample(&now, "bootfleet_http_open_connections") == 0.0)
+                    .then_some(now)
+            })
+        };
+        let sent = |text: &str| sample(text, "bootfleet_http_body_bytes_total");
+        let before = at_rest("nothing in flight at the start");
+
+        // A reader that takes the head and 1 MB, then waits: the socket
+        // buffers fill and the rest waits in the server.
+        let get = || {
+            let mut stream = std::net::TcpStream::connect(server.http).unwrap();
+            stream
+                .write_all(b"GET /big.img HTTP/1.1\r\nHost: boot\r\nConnection: close\r\n\r\n")
+                .unwrap();
+            let mut first = vec![0u8; 1 << 20];
+            stream.read_exact(&mut first).unwrap();
+            stream
+        };
+        let mut stream = get();
+        let stalled = eventually("the server stalls on the full socket", || {
+            let one = scrape(&server);
+            std::thread::sleep(Duration::from_millis(200));
+            let two = scrape(&server);
+            (sent(&one) == sent(&two)).then_some(two)
+        });
+        let in_flight = sample(&stalled, "bootfleet_http_body_bytes_in_flight");
+        assert!(in_flight > 0.0, "{backend:?}: nothing in flight while stalled");
+        assert_eq!(
+            in_flight + sent(&stalled) - sent(&before),
+            SIZE as f64,
+            "{backend:?}: in flight and sent must add up to the file"
+        );
+        std::io::copy(&mut (&mut stream).take(u64::MAX), &mut std::io::sink()).ok();
+        drop(stream);
+        let read_through = at_rest("nothing in flight once the file is read");
+        assert_eq!(sent(&read_through) - sent(&before), SIZE as f64, "{backend:?}");
+
+        // A reader that hangs up half-way: what was never sent leaves too.
+        drop(get());
+        let abandoned = at_rest("nothing in flight once the reader is gone");
+        assert!(
+            sent(&abandoned) - sent(&read_through) < SIZE as f64,
+            "{backend:?}"
+        );
+    }
+}
+
 #[test]
 fn a_boot_directory_without_loaders_serves_debians_ipxe_builds() {
     let debian = std::path::Path::new("/usr/lib/ipxe");

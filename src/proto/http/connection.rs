@@ -264,11 +264,13 @@ impl Connection {
         }
     }
 
-    /// The socket took `bytes` more of the response at `now`.
-    pub fn sent(&mut self, bytes: u64, now: Instant) {
+    /// The socket took `bytes` more of the response at `now`; returns how
+    /// many of them were body bytes (the head is not counted).
+    pub fn sent(&mut self, bytes: u64, now: Instant) -> u64 {
         let Some(sending) = self.sending.as_mut() else {
-            return;
+            return 0;
         };
+        let body_before = sending.body_sent;
         if bytes > 0 {
             sending.last_progress = now;
         }
@@ -286,6 +288,7 @@ impl Connection {
                 sending.done = 0;
             }
         }
+        sending.body_sent - body_before
     }
 
     /// Body bytes of the current response sent so far, and when it began.
