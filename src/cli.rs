@@ -9,6 +9,7 @@ use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 
 use bootfleet::config::Config;
+use bootfleet::inventory::bmc::read_secret_file;
 use bootfleet::panel::auth;
 use bootfleet::store::sqlite::SqliteStore;
 use bootfleet::store::{InventoryStore, Scope, StoreLocation};
@@ -262,19 +263,29 @@ pub fn machines(command: MachinesCommand) -> Result<()> {
             bmc,
             bmc_password_file,
             bmc_password_stdin,
+            bmc_kg_file,
             api,
-        } => set_bmc(&mac, &bmc, bmc_password_file, bmc_password_stdin, &api)?,
+        } => set_bmc(
+            &mac,
+            &bmc,
+            bmc_password_file,
+            bmc_password_stdin,
+            bmc_kg_file,
+            &api,
+        )?,
     }
     Ok(())
 }
 
 /// `bootfleet machines set MAC --bmc URL`: the password from the URL, a
-/// file or standard input (never echoed back).
+/// file or standard input, and an IPMI K_g key from a file (never echoed
+/// back).
 fn set_bmc(
     mac: &str,
     url: &str,
     password_file: Option<std::path::PathBuf>,
     password_stdin: bool,
+    kg_file: Option<std::path::PathBuf>,
     api: &ApiArgs,
 ) -> Result<()> {
     if url == "none" {
@@ -284,12 +295,8 @@ fn set_bmc(
     }
     let password = match (password_file, password_stdin) {
         (Some(file), _) => Some(
-            std::fs::read_to_string(&file)
-                .with_context(|| format!("reading the BMC password from {}", file.display()))?
-                .lines()
-                .next()
-                .unwrap_or("")
-                .to_string(),
+            read_secret_file(&file)
+                .with_context(|| format!("reading the BMC password from {}", file.display()))?,
         ),
         (None, true) => {
             let mut line = String::new();
@@ -304,6 +311,11 @@ fn set_bmc(
     let mut body = json!({ "url": url });
     if let Some(password) = password {
         body["password"] = json!(password);
+    }
+    if let Some(file) = kg_file {
+        let kg = read_secret_file(&file)
+            .with_context(|| format!("reading the BMC's K_g key from {}", file.display()))?;
+        body["kg_key"] = json!(kg);
     }
     let answer = call(api, "PUT", &format!("/machines/{mac}/bmc"), Some(body))?;
     println!(

@@ -201,6 +201,11 @@ enum MachinesCommand {
         /// Read the BMC password from standard input (one line).
         #[arg(long)]
         bmc_password_stdin: bool,
+        /// An IPMI BMC's K_g key (the BMC-wide key of IPMI 2.0 sessions),
+        /// from this file (first line): its characters, or `0x` and hex
+        /// digits.
+        #[arg(long, value_name = "FILE")]
+        bmc_kg_file: Option<PathBuf>,
         #[command(flatten)]
         api: ApiArgs,
     },

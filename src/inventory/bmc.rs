@@ -12,7 +12,9 @@
 //!
 //! `PASS` may be left out and given apart (a file or standard input), so
 //! that it never sits in a shell history; `?verify=false` accepts a BMC's
-//! self-signed certificate.
+//! self-signed certificate. An IPMI BMC that also wants its K_g key (the
+//! BMC-wide key of IPMI 2.0's RMCP+ session set-up) gets it apart too,
+//! never in the URL ([`parse_kg_key`]).
 
 use serde::{Deserialize, Serialize};
 
@@ -104,27 +106,76 @@ const USERINFO: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERI
     .remove(b'.')
     .remove(b'~');
 
-/// A parsed BMC URL: where, and the password when the URL carried one
-/// (`Debug` leaves it out).
+/// A parsed BMC URL: where, and the password when the URL carried one;
+/// and the IPMI K_g key when one was given apart (`Debug` leaves both out).
 #[derive(Clone, PartialEq, Eq)]
 pub struct BmcUrl {
     pub target: BmcTarget,
     pub password: Option<String>,
+    /// As the operator wrote it ([`parse_kg_key`]); never part of the URL.
+    pub kg_key: Option<String>,
 }
 
 impl std::fmt::Debug for BmcUrl {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let shown = |secret: &Option<String>| if secret.is_some() { "***" } else { "none" };
         write!(
             f,
-            "BmcUrl({}, password: {})",
+            "BmcUrl({}, password: {}, kg: {})",
             self.target,
-            if self.password.is_some() {
-                "***"
-            } else {
-                "none"
-            }
+            shown(&self.password),
+            shown(&self.kg_key)
         )
     }
+}
+
+/// The longest IPMI K_g key, in bytes (IPMI 2.0, 22.25: 20 bytes, padded
+/// with zeros).
+pub const MAX_KG_KEY: usize = 20;
+
+/// Parses an IPMI K_g key as operators write it (as `ipmitool` takes it):
+/// its characters (`-k KEY`), or `0x` and hexadecimal digits (`-y HEX`),
+/// 1 to [`MAX_KG_KEY`] bytes. Returns the key's bytes, trailing zero
+/// padding taken off. A zero byte before the end is refused: `ipmitool`
+/// reads the key from its environment (`-K`) as a C string, and its only
+/// other ways in are its command line, which other local users can read.
+pub fn parse_kg_key(text: &str) -> Result<Vec<u8>, String> {
+    let bytes = match text.strip_prefix("0x").or_else(|| text.strip_prefix("0X")) {
+        Some(hex) => {
+            if hex.is_empty() || hex.len() % 2 != 0 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(
+                    "the K_g key after 0x must be pairs of hexadecimal digits (up to 40 of them)"
+                        .into(),
+                );
+            }
+            (0..hex.len())
+                .step_by(2)
+                .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).expect("checked hex digits"))
+                .collect()
+        }
+        None => {
+            if text.chars().any(char::is_control) {
+                return Err("the K_g key contains a control character (write a binary key as 0x and hex digits)".into());
+            }
+            text.as_bytes().to_vec()
+        }
+    };
+    let key = bytes
+        .iter()
+        .rposition(|b| *b != 0)
+        .map_or(&bytes[..0], |last| &bytes[..=last]);
+    if key.is_empty() || key.len() > MAX_KG_KEY {
+        return Err(format!(
+            "the K_g key must be 1 to {MAX_KG_KEY} bytes, not all zero"
+        ));
+    }
+    if key.contains(&0) {
+        return Err(
+            "the K_g key has a zero byte before its end, which ipmitool cannot be given safely"
+                .into(),
+        );
+    }
+    Ok(key.to_vec())
 }
 
 /// Longest user name or password accepted (BMCs allow 16 to 20 bytes for
@@ -187,7 +238,11 @@ pub fn parse_bmc_url(text: &str) -> Result<BmcUrl, String> {
     if let Some(password) = &password {
         check_secret(password).map_err(|why| fail(&why))?;
     }
-    Ok(BmcUrl { target, password })
+    Ok(BmcUrl {
+        target,
+        password,
+        kg_key: None,
+    })
 }
 
 fn split_host_port(authority: &str) -> Result<(String, Option<u16>), String> {
@@ -209,6 +264,21 @@ fn split_host_port(authority: &str) -> Result<(String, Option<u16>), String> {
         })
         .transpose()?;
     Ok((host.to_string(), port))
+}
+
+/// The first line of a password or key file, without its line ending.
+pub fn read_secret_file(path: &std::path::Path) -> std::io::Result<String> {
+    let text = std::fs::read_to_string(path)?;
+    Ok(text.lines().next().unwrap_or("").to_string())
+}
+
+/// Checks that `kg_key` is a K_g key ([`parse_kg_key`]) and that the BMC
+/// speaks IPMI, the only protocol that has one.
+pub fn check_kg_for(target: &BmcTarget, kg_key: &str) -> Result<(), String> {
+    if target.protocol != BmcProtocol::Ipmi {
+        return Err("a K_g key is for IPMI BMCs only (Redfish has none)".into());
+    }
+    parse_kg_key(kg_key).map(drop)
 }
 
 /// Checks what a BMC target holds: a host of name characters, a user and
@@ -320,6 +390,30 @@ mod tests {
             plain.target.to_string(),
             "redfish+http://u@[::1]:8000/redfish/v1/Systems/vm-1"
         );
+    }
+
+    #[test]
+    fn kg_keys_are_text_or_hex_and_never_hold_a_zero_inside() {
+        assert_eq!(parse_kg_key("kgsecret").unwrap(), b"kgsecret");
+        assert_eq!(parse_kg_key("0x6b6701").unwrap(), b"kg\x01");
+        // Zero padding to the full 20 bytes is how BMCs show keys.
+        assert_eq!(
+            parse_kg_key(&format!("0x6b67{}", "00".repeat(18))).unwrap(),
+            b"kg"
+        );
+        for (bad, why) in [
+            ("", "1 to 20"),
+            ("0x", "pairs"),
+            ("0x6b6", "pairs"),
+            ("0xzz", "pairs"),
+            ("0x0000", "not all zero"),
+            ("0x6b006b", "zero byte"),
+            ("a\tb", "control"),
+            ("abcdefghijklmnopqrstu", "1 to 20"),
+        ] {
+            let error = parse_kg_key(bad).unwrap_err();
+            assert!(error.contains(why), "{bad:?}: {error}");
+        }
     }
 
     #[test]

@@ -28,6 +28,7 @@
 //! rearm = 0                             # raise to install once more
 //! bmc = "redfish://admin@10.0.9.56/redfish/v1/Systems/1"   # or ipmi://USER@HOST
 //! bmc_password_file = "/etc/bootfleet/bmc/node01.pw"       # or USER:PASS in the URL
+//! # bmc_kg_file = "/etc/bootfleet/bmc/rack3.kg"           # an IPMI BMC's K_g key, if it wants one
 //! ```
 
 use std::collections::{BTreeMap, HashMap};
@@ -264,6 +265,8 @@ struct MachineFile {
     /// The BMC password, read from this file (first line) when the URL
     /// carries none.
     bmc_password_file: Option<PathBuf>,
+    /// An IPMI BMC's K_g key, read from this file (first line).
+    bmc_kg_file: Option<PathBuf>,
 }
 
 fn yes() -> bool {
@@ -370,10 +373,19 @@ fn add_image(
     Ok(())
 }
 
-/// A machine's `bmc` and `bmc_password_file`, parsed: the password from
-/// the URL or the file, exactly one of them.
-fn machine_bmc(mac: Mac, url: &str, password_file: Option<&Path>) -> Result<bmc::BmcUrl, String> {
+/// A machine's `bmc`, `bmc_password_file` and `bmc_kg_file`, parsed: the
+/// password from the URL or the file, exactly one of them.
+fn machine_bmc(
+    mac: Mac,
+    url: &str,
+    password_file: Option<&Path>,
+    kg_file: Option<&Path>,
+) -> Result<bmc::BmcUrl, String> {
     let mut parsed = bmc::parse_bmc_url(url).map_err(|e| format!("machine {mac}: {e}"))?;
+    let read = |what: &str, file: &Path| {
+        bmc::read_secret_file(file)
+            .map_err(|e| format!("machine {mac}: {what} {}: {e}", file.display()))
+    };
     match (&parsed.password, password_file) {
         (Some(_), Some(_)) => {
             return Err(format!(
@@ -381,10 +393,7 @@ fn machine_bmc(mac: Mac, url: &str, password_file: Option<&Path>) -> Result<bmc:
             ))
         }
         (None, Some(file)) => {
-            let text = std::fs::read_to_string(file).map_err(|e| {
-                format!("machine {mac}: bmc_password_file {}: {e}", file.display())
-            })?;
-            let password = text.lines().next().unwrap_or("").to_string();
+            let password = read("bmc_password_file", file)?;
             bmc::check_secret(&password).map_err(|e| format!("machine {mac}: BMC: {e}"))?;
             parsed.password = Some(password);
         }
@@ -394,6 +403,11 @@ fn machine_bmc(mac: Mac, url: &str, password_file: Option<&Path>) -> Result<bmc:
             ))
         }
         (Some(_), None) => {}
+    }
+    if let Some(file) = kg_file {
+        let kg = read("bmc_kg_file", file)?;
+        bmc::check_kg_for(&parsed.target, &kg).map_err(|e| format!("machine {mac}: BMC: {e}"))?;
+        parsed.kg_key = Some(kg);
     }
     Ok(parsed)
 }
@@ -448,8 +462,13 @@ fn add_machine(
         .and_then(|()| machine.ip.map_or(Ok(()), fields::check_host_address));
     checked.map_err(|e| source.invalid(key.span(), e))?;
     if let Some(url) = &machine.bmc {
-        let parsed = machine_bmc(mac, url.get_ref(), machine.bmc_password_file.as_deref())
-            .map_err(|e| source.invalid(url.span(), e))?;
+        let parsed = machine_bmc(
+            mac,
+            url.get_ref(),
+            machine.bmc_password_file.as_deref(),
+            machine.bmc_kg_file.as_deref(),
+        )
+        .map_err(|e| source.invalid(url.span(), e))?;
         snapshot.bmcs.insert(mac, parsed);
     }
     if let Some(ip) = machine.ip {
@@ -630,15 +649,20 @@ netboot = false
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("node02.pw");
         std::fs::write(&file, "from-file\n").unwrap();
+        let kg = dir.path().join("rack.kg");
+        std::fs::write(&kg, "0x6b67\n").unwrap();
         let text = format!(
             "[machines.\"52:54:00:00:00:01\"]\nbmc = \"ipmi://admin:in-url@10.0.9.1\"\n\
+             bmc_kg_file = {:?}\n\
              [machines.\"52:54:00:00:00:02\"]\nbmc = \"redfish://root@10.0.9.2/redfish/v1/Systems/1\"\n\
              bmc_password_file = {:?}\n",
+            kg.display().to_string(),
             file.display().to_string()
         );
         let snapshot = parse(&text).unwrap();
         let one = &snapshot.bmcs[&Mac::parse("52:54:00:00:00:01").unwrap()];
         assert_eq!(one.password.as_deref(), Some("in-url"));
+        assert_eq!(one.kg_key.as_deref(), Some("0x6b67"));
         let two = &snapshot.bmcs[&Mac::parse("52:54:00:00:00:02").unwrap()];
         assert_eq!(two.password.as_deref(), Some("from-file"));
         assert_eq!(
@@ -646,8 +670,8 @@ netboot = false
             "redfish://root@10.0.9.2:443/redfish/v1/Systems/1"
         );
         assert!(
-            !format!("{one:?}").contains("in-url"),
-            "Debug never shows a password"
+            !format!("{one:?}").contains("in-url") && !format!("{one:?}").contains("6b67"),
+            "Debug never shows a password or key"
         );
         for (bad, why) in [
             ("bmc = \"ipmi://admin@10.0.9.1\"", "has no password"),
@@ -660,6 +684,14 @@ netboot = false
                 "bmc_password_file",
             ),
             ("bmc = \"http://admin:x@10.0.9.1\"", "scheme"),
+            (
+                "bmc = \"redfish://a:x@h/redfish/v1/Systems/1\"\nbmc_kg_file = \"/etc/hostname\"",
+                "IPMI BMCs only",
+            ),
+            (
+                "bmc = \"ipmi://a:x@h\"\nbmc_kg_file = \"/nonexistent/kg\"",
+                "bmc_kg_file",
+            ),
         ] {
             let error = parse(&format!("[machines.\"52:54:00:00:00:03\"]\n{bad}\n"))
                 .unwrap_err()

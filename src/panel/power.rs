@@ -26,14 +26,14 @@ use tracing::{info, warn};
 use super::extract::{blocking, parse_json, parse_mac, Admin, Assigner, Auth, Reader};
 use super::{ApiError, PanelState};
 use crate::boot::events::{BootEvent, Phase};
-use crate::inventory::bmc::{check_secret, parse_bmc_url};
+use crate::inventory::bmc::{check_kg_for, check_secret, parse_bmc_url, parse_kg_key};
 use crate::power::dispatch::Dispatcher;
 use crate::power::headroom::{DataPlaneSample, Headroom};
 use crate::power::waves::{self, Fleet, Job, JobSpec, JobStatus, SeenPhase};
 use crate::power::{Credentials, Limits, Outcome, PowerAction, PowerError};
 use crate::proto::Mac;
 use crate::seal::SealKey;
-use crate::store::BmcRecord;
+use crate::store::{bmc_kg_aad, bmc_password_aad, BmcRecord};
 
 type Shared = State<Arc<PanelState>>;
 type ApiResult = Result<Response, ApiError>;
@@ -200,11 +200,22 @@ impl Fleet for PanelFleet {
         })?;
         let key = state.power.key().map_err(|error| setup(error.message))?;
         let password = key
-            .open(&mac.to_string(), &bmc.sealed_secret)
+            .open(&bmc_password_aad(mac), &bmc.sealed_secret)
             .map_err(|error| setup(format!("{mac}: {error}")))?;
+        let kg_key = bmc
+            .sealed_kg
+            .as_ref()
+            .map(|sealed| {
+                let text = key
+                    .open(&bmc_kg_aad(mac), sealed)
+                    .map_err(|error| setup(format!("{mac}: K_g key: {error}")))?;
+                parse_kg_key(&text).map_err(|why| setup(format!("{mac}: {why}")))
+            })
+            .transpose()?;
         Ok(Credentials {
             target: bmc.target,
             password,
+            kg_key,
         })
     }
 
@@ -346,7 +357,7 @@ fn record_power(
 fn error_status(error: &PowerError) -> u16 {
     match error {
         PowerError::Timeout(..) => 408,
-        PowerError::Credentials(..) => 403,
+        PowerError::Credentials(..) | PowerError::KgKey(..) => 403,
         PowerError::Unreachable(..) => 503,
         PowerError::Refused(..) => 400,
         PowerError::Protocol(..) | PowerError::Setup(..) => 500,
@@ -362,6 +373,8 @@ struct BmcBody {
     url: String,
     /// The password, when the URL does not carry it.
     password: Option<String>,
+    /// An IPMI BMC's K_g key: its characters, or `0x` and hex digits.
+    kg_key: Option<String>,
 }
 
 pub(super) async fn put_bmc(
@@ -389,13 +402,19 @@ pub(super) async fn put_bmc(
             ))
         }
     };
-    check_secret(&password)
-        .map_err(|why| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, format!("BMC: {why}")))?;
-    let sealed = state.power.key()?.seal(&mac.to_string(), &password);
+    let invalid =
+        |why: String| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, format!("BMC: {why}"));
+    check_secret(&password).map_err(invalid)?;
+    let kg_key = body.kg_key.filter(|kg| !kg.is_empty());
+    if let Some(kg) = &kg_key {
+        check_kg_for(&url.target, kg).map_err(invalid)?;
+    }
+    let key = state.power.key()?;
     let record = BmcRecord {
         mac,
         target: url.target,
-        sealed_secret: sealed,
+        sealed_secret: key.seal(&bmc_password_aad(mac), &password),
+        sealed_kg: kg_key.map(|kg| key.seal(&bmc_kg_aad(mac), &kg)),
         updated_ms: super::now_ms(),
     };
     let shown = record.target.to_string();
@@ -482,7 +501,10 @@ pub(super) async fn start_job(
     let fleet = Arc::new(PanelFleet {
         state: Arc::downgrade(&state),
         bmcs: Mutex::new(None),
-        headroom: Headroom::new(state.power.setup.max_transfers, state.power.setup.max_connections),
+        headroom: Headroom::new(
+            state.power.setup.max_transfers,
+            state.power.setup.max_connections,
+        ),
     });
     let count = macs.len();
     let job = waves::start(

@@ -78,10 +78,7 @@ impl Headroom {
 
     /// The drain rate the load is computed with now, bytes per second.
     pub fn drain_rate(&self) -> f64 {
-        self.meter
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .rate()
+        self.meter.lock().unwrap_or_else(|p| p.into_inner()).rate()
     }
 }
 

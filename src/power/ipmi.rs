@@ -1,8 +1,9 @@
 //! IPMI 2.0 power control over LAN, by running `ipmitool -I lanplus`
 //! (see the module above for why not a Rust IPMI crate).
 //!
-//! The password goes to `ipmitool` in `IPMI_PASSWORD` (`-E`), never on
-//! its command line; each run is killed when it outlives the timeout.
+//! The password goes to `ipmitool` in `IPMI_PASSWORD` (`-E`) and a K_g key
+//! in `IPMI_KGKEY` (`-K`), never on its command line; each run is killed
+//! when it outlives the timeout.
 
 use std::io::Read;
 use std::process::{Command, Stdio};
@@ -90,8 +91,27 @@ fn run(
 ) -> Result<String, PowerError> {
     let target = &credentials.target;
     let port = target.port.to_string();
-    let mut child = Command::new(ipmitool())
-        .args(["-I", "lanplus", "-H", &target.host, "-p", &port, "-U", &target.user, "-E"])
+    let mut command = Command::new(ipmitool());
+    command.args([
+        "-I",
+        "lanplus",
+        "-H",
+        &target.host,
+        "-p",
+        &port,
+        "-U",
+        &target.user,
+        "-E",
+    ]);
+    if let Some(kg) = &credentials.kg_key {
+        // From the environment, like the password: `-k`/`-y` would put the
+        // key on a command line any local user can read.
+        use std::os::unix::ffi::OsStrExt;
+        command
+            .arg("-K")
+            .env("IPMI_KGKEY", std::ffi::OsStr::from_bytes(kg));
+    }
+    let mut child = command
         // One retry, a few seconds each: the timeout below bounds the whole.
         // `-v` makes it say why a session failed (a wrong password and a
         // silent BMC both end in "Unable to establish" without it).
@@ -155,6 +175,10 @@ fn classify_failure(credentials: &Credentials, stderr: &str) -> PowerError {
         || lower.contains("invalid user name")
     {
         PowerError::Credentials(name(credentials))
+    } else if lower.contains("rakp 4 message has invalid integrity") {
+        // The BMC proved it knows the password, but its session key came
+        // out different: it mixed in a K_g key this side lacks, or another.
+        PowerError::KgKey(name(credentials))
     } else if lower.contains("unable to establish")
         || lower.contains("get auth capabilities error")
         || lower.contains("no response")

@@ -139,6 +139,8 @@ pub enum PowerError {
     Timeout(String, u64),
     #[error("BMC {0} refused the user name or password; set them again with `bootfleet machines set MAC --bmc URL`")]
     Credentials(String),
+    #[error("BMC {0} took the password but the session keys did not match: it wants a K_g key, or another one; set it with `bootfleet machines set MAC --bmc URL --bmc-kg-file FILE`")]
+    KgKey(String),
     #[error("BMC {0} refused the request: {1}")]
     Refused(String, String),
     #[error("BMC {0} answered something bootfleet does not understand: {1}")]
@@ -153,7 +155,7 @@ impl PowerError {
         match self {
             PowerError::Unreachable(..) => "unreachable",
             PowerError::Timeout(..) => "timeout",
-            PowerError::Credentials(..) => "credentials",
+            PowerError::Credentials(..) | PowerError::KgKey(..) => "credentials",
             PowerError::Refused(..) => "refused",
             PowerError::Protocol(..) => "protocol",
             PowerError::Setup(..) => "setup",
@@ -167,11 +169,19 @@ impl PowerError {
 pub struct Credentials {
     pub target: BmcTarget,
     pub password: String,
+    /// IPMI: the BMC's K_g key, as bytes (see
+    /// [`crate::inventory::bmc::parse_kg_key`]).
+    pub kg_key: Option<Vec<u8>>,
 }
 
 impl std::fmt::Debug for Credentials {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Credentials({}, password: ***)", self.target)
+        let kg = if self.kg_key.is_some() {
+            ", kg: ***"
+        } else {
+            ""
+        };
+        write!(f, "Credentials({}, password: ***{kg})", self.target)
     }
 }
 

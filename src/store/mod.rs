@@ -334,8 +334,12 @@ pub struct AuditEntry {
 pub struct BmcRecord {
     pub mac: Mac,
     pub target: BmcTarget,
-    /// The password or key, sealed for this MAC.
+    /// The password, sealed for this MAC ([`bmc_password_aad`]).
     pub sealed_secret: String,
+    /// An IPMI BMC's K_g key as the operator wrote it, sealed for this MAC
+    /// ([`bmc_kg_aad`]), when the BMC wants one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sealed_kg: Option<String>,
     pub updated_ms: u64,
 }
 
@@ -738,6 +742,18 @@ pub fn validate_image(image: &ImageRecord) -> StoreResult<()> {
     checked.map_err(StoreError::Invalid)
 }
 
+/// What a BMC password is sealed for: its machine, so that a sealed value
+/// copied to another machine's record does not open.
+pub fn bmc_password_aad(mac: Mac) -> String {
+    mac.to_string()
+}
+
+/// What a BMC's K_g key is sealed for: its machine, told apart from the
+/// password (a sealed password moved into the key's place does not open).
+pub fn bmc_kg_aad(mac: Mac) -> String {
+    format!("{mac} kg")
+}
+
 /// Checks a BMC before it is stored: its target (see
 /// [`crate::inventory::bmc::check_target`]) and that its password is sealed,
 /// and says what the audit log records of it (never the password).
@@ -753,6 +769,18 @@ pub fn validate_bmc(mac: Mac, bmc: &BmcRecord) -> StoreResult<String> {
         return Err(StoreError::Invalid(
             "BMC: the password must be sealed before it is stored".into(),
         ));
+    }
+    if let Some(kg) = &bmc.sealed_kg {
+        if bmc.target.protocol != crate::inventory::bmc::BmcProtocol::Ipmi {
+            return Err(StoreError::Invalid(
+                "BMC: a K_g key is for IPMI BMCs only".into(),
+            ));
+        }
+        if !kg.starts_with("v1.") {
+            return Err(StoreError::Invalid(
+                "BMC: the K_g key must be sealed before it is stored".into(),
+            ));
+        }
     }
     Ok(format!("bmc {}", bmc.target))
 }
@@ -890,7 +918,11 @@ pub fn import_snapshot(
         let record = BmcRecord {
             mac: *mac,
             target: bmc.target.clone(),
-            sealed_secret: key.seal(&mac.to_string(), password),
+            sealed_secret: key.seal(&bmc_password_aad(*mac), password),
+            sealed_kg: bmc
+                .kg_key
+                .as_ref()
+                .map(|kg| key.seal(&bmc_kg_aad(*mac), kg)),
             updated_ms: 0,
         };
         store.set_bmc(*mac, Some(&record), actor)?;

@@ -209,6 +209,7 @@ fn bmc(mac: Mac) -> BmcRecord {
         mac,
         target: url.target,
         sealed_secret: key.seal(&mac.to_string(), "pw"),
+        sealed_kg: None,
         updated_ms: 7,
     }
 }
@@ -216,13 +217,15 @@ fn bmc(mac: Mac) -> BmcRecord {
 #[test]
 fn an_inventory_files_bmcs_are_imported_sealed_and_never_without_the_key() {
     let text = "[machines.\"52:54:00:00:00:01\"]\nbmc = \"ipmi://admin:s3cret@10.0.9.1\"\n";
-    let snapshot = crate::inventory::Snapshot::parse(
+    let mut snapshot = crate::inventory::Snapshot::parse(
         text,
         std::path::Path::new("inventory.toml"),
         std::path::Path::new("/nonexistent"),
         1,
     )
     .unwrap();
+    let mac = Mac::parse("52:54:00:00:00:01").unwrap();
+    snapshot.bmcs.get_mut(&mac).unwrap().kg_key = Some("rack-kg".into());
     let without = sqlite();
     let error = import_snapshot(without.store.as_ref(), &snapshot, "import", None).unwrap_err();
     assert!(error.to_string().contains("key file"), "{error}");
@@ -235,10 +238,23 @@ fn an_inventory_files_bmcs_are_imported_sealed_and_never_without_the_key() {
     assert_eq!(bmcs[0].target.to_string(), "ipmi://admin@10.0.9.1:623");
     assert!(!bmcs[0].sealed_secret.contains("s3cret"));
     assert_eq!(
-        key.open("52:54:00:00:00:01", &bmcs[0].sealed_secret)
+        key.open(&super::bmc_password_aad(mac), &bmcs[0].sealed_secret)
             .unwrap(),
         "s3cret"
     );
+    let sealed_kg = bmcs[0]
+        .sealed_kg
+        .as_deref()
+        .expect("the K_g key is imported");
+    assert!(!sealed_kg.contains("rack-kg"));
+    assert_eq!(
+        key.open(&super::bmc_kg_aad(mac), sealed_kg).unwrap(),
+        "rack-kg"
+    );
+    // Each secret opens only in its own place.
+    assert!(key
+        .open(&super::bmc_kg_aad(mac), &bmcs[0].sealed_secret)
+        .is_err());
 }
 
 #[test]
@@ -635,6 +651,23 @@ mod bodies {
         let mut elsewhere = record.clone();
         elsewhere.mac = Mac([2, 0, 0, 0, 0, 8]);
         assert!(store.set_bmc(mac, Some(&elsewhere), "alice").is_err());
+        let mut redfish_kg = record.clone();
+        redfish_kg.sealed_kg = Some(record.sealed_secret.clone());
+        let error = store.set_bmc(mac, Some(&redfish_kg), "alice").unwrap_err();
+        assert!(error.to_string().contains("IPMI BMCs only"), "{error}");
+        let mut ipmi = redfish_kg.clone();
+        ipmi.target = crate::inventory::bmc::parse_bmc_url("ipmi://admin@10.9.0.2")
+            .unwrap()
+            .target;
+        ipmi.sealed_kg = Some("kg".into());
+        let error = store.set_bmc(mac, Some(&ipmi), "alice").unwrap_err();
+        assert!(
+            error.to_string().contains("K_g key must be sealed"),
+            "{error}"
+        );
+        ipmi.sealed_kg = Some(record.sealed_secret.clone());
+        store.set_bmc(mac, Some(&ipmi), "alice").unwrap();
+        assert_eq!(backend.reopen().bmcs().unwrap(), vec![ipmi]);
 
         store.set_bmc(mac, Some(&record), "alice").unwrap();
         assert_eq!(backend.reopen().bmcs().unwrap(), vec![record.clone()]);

@@ -289,7 +289,10 @@ fn http_bytes_in_flight_follow_a_slow_download_to_its_end_or_its_abandonment() {
             (sent(&one) == sent(&two)).then_some(two)
         });
         let in_flight = sample(&stalled, "bootfleet_http_body_bytes_in_flight");
-        assert!(in_flight > 0.0, "{backend:?}: nothing in flight while stalled");
+        assert!(
+            in_flight > 0.0,
+            "{backend:?}: nothing in flight while stalled"
+        );
         assert_eq!(
             in_flight + sent(&stalled) - sent(&before),
             SIZE as f64,
@@ -298,7 +301,11 @@ fn http_bytes_in_flight_follow_a_slow_download_to_its_end_or_its_abandonment() {
         std::io::copy(&mut (&mut stream).take(u64::MAX), &mut std::io::sink()).ok();
         drop(stream);
         let read_through = at_rest("nothing in flight once the file is read");
-        assert_eq!(sent(&read_through) - sent(&before), SIZE as f64, "{backend:?}");
+        assert_eq!(
+            sent(&read_through) - sent(&before),
+            SIZE as f64,
+            "{backend:?}"
+        );
 
         // A reader that hangs up half-way: what was never sent leaves too.
         drop(get());

@@ -39,6 +39,9 @@ image = "alpha"
 [machines."52:54:00:c0:00:04"]
 image = "alpha"
 
+[machines."52:54:00:c0:00:05"]
+image = "alpha"
+
 [machines."52:54:00:c0:00:11"]
 image = "alpha"
 
@@ -84,6 +87,26 @@ fn cli(lan: &BootLan, args: &[&str], stdin: &str) -> (bool, String, String) {
     (output.status.success(), out, err)
 }
 
+/// `bootfleet machines set MAC --bmc URL`, the password on standard input
+/// when given, and `--bmc-kg-file` when given.
+fn set_bmc(
+    lan: &BootLan,
+    mac: &str,
+    url: &str,
+    password: Option<&str>,
+    kg_file: Option<&Path>,
+) -> (bool, String, String) {
+    let kg_file = kg_file.map(|f| f.display().to_string());
+    let mut arguments = vec!["machines", "set", mac, "--bmc", url];
+    if password.is_some() {
+        arguments.push("--bmc-password-stdin");
+    }
+    if let Some(file) = &kg_file {
+        arguments.extend(["--bmc-kg-file", file]);
+    }
+    cli(lan, &arguments, &format!("{}\n", password.unwrap_or("")))
+}
+
 /// `command` as one shell line (each word single-quoted).
 fn shell_line(command: &Command) -> String {
     std::iter::once(command.get_program())
@@ -96,8 +119,15 @@ fn shell_line(command: &Command) -> String {
 /// Starts an `ipmi_sim` BMC in the LAN's namespace: IPMI over LAN on
 /// 127.0.0.1:`lan_port` (user `admin`, password `s3cret`), and the VM
 /// link on `vm_port` that QEMU's `ipmi-bmc-extern` connects to; powering
-/// on runs `machine` (with that link added).
-fn start_ipmi_sim(lan: &mut BootLan, name: &str, lan_port: u16, vm_port: u16, machine: Command) {
+/// on runs `machine` (with that link added). With `kg_key`, the BMC wants
+/// that K_g key in every session's set-up.
+fn start_ipmi_sim(
+    lan: &mut BootLan,
+    name: &str,
+    (lan_port, vm_port): (u16, u16),
+    kg_key: Option<&str>,
+    machine: Command,
+) {
     let dir = lan.dir.path().join(name);
     std::fs::create_dir_all(dir.join("state")).unwrap();
     let mut machine = machine;
@@ -110,13 +140,14 @@ fn start_ipmi_sim(lan: &mut BootLan, name: &str, lan_port: u16, vm_port: u16, ma
         "isa-ipmi-kcs,bmc=bmc0",
     ]);
     let start = shell_line(&machine).replace('"', "\\\"");
+    let kg_line = kg_key.map_or(String::new(), |kg| format!("    bmc_key \"{kg}\"\n"));
     std::fs::write(
         dir.join("lan.conf"),
         format!(
             "name \"{name}\"\nset_working_mc 0x20\n  startlan 1\n    addr 127.0.0.1 {lan_port}\n    priv_limit admin\n\
              \x20   allowed_auths_callback none md2 md5 straight\n    allowed_auths_user none md2 md5 straight\n\
              \x20   allowed_auths_operator none md2 md5 straight\n    allowed_auths_admin none md2 md5 straight\n\
-             \x20   guid a123456789abcdefa123456789abcdef\n  endlan\n\
+             \x20   guid a123456789abcdefa123456789abcdef\n{kg_line}  endlan\n\
              \x20 serial 15 127.0.0.1 {vm_port} codec VM\n  startcmd \"{start}\"\n  startnow false\n\
              \x20 poweroff_wait 5\n  kill_wait 5\n\
              \x20 user 2 true \"admin\" \"s3cret\" admin 10 none md2 md5 straight\n"
@@ -198,6 +229,9 @@ fn wait_for_checkin(lan: &BootLan, serial: &Path, mac: &str, deadline: Instant) 
     }
 }
 
+/// The K_g key of the second IPMI BMC.
+const RACK_KG: &str = "rack3-kg-key";
+
 #[test]
 fn ipmi_sim_bmcs_power_on_machines_that_netboot_and_check_in() {
     if !can_make_namespaces() || !tools_present() || !ipmi_tools_present() {
@@ -222,20 +256,21 @@ fn ipmi_sim_bmcs_power_on_machines_that_netboot_and_check_in() {
         let (machine, serial) = lan.machine_command(mac, Firmware::BiosIpxe);
         serials.push(serial);
         let port = 9623 + i as u16;
-        start_ipmi_sim(&mut lan, &format!("bmc{i}"), port, 9002 + i as u16, machine);
-        // The password on standard input, as an operator would give it.
-        let (ok, out, err) = cli(
-            &lan,
-            &[
-                "machines",
-                "set",
-                mac,
-                "--bmc",
-                &format!("ipmi://admin@127.0.0.1:{port}"),
-                "--bmc-password-stdin",
-            ],
-            "s3cret\n",
+        // The second BMC wants a K_g key too, given from a file.
+        let kg = (i == 1).then_some(RACK_KG);
+        start_ipmi_sim(
+            &mut lan,
+            &format!("bmc{i}"),
+            (port, 9002 + i as u16),
+            kg,
+            machine,
         );
+        let url = format!("ipmi://admin@127.0.0.1:{port}");
+        let kg_file = lan.dir.path().join("rack.kg");
+        std::fs::write(&kg_file, format!("{RACK_KG}\n")).unwrap();
+        // The password on standard input, as an operator would give it.
+        let kg_file = kg.map(|_| kg_file.as_path());
+        let (ok, out, err) = set_bmc(&lan, mac, &url, Some("s3cret"), kg_file);
         assert!(ok, "{out}{err}");
         assert!(
             out.contains(&format!("BMC ipmi://admin@127.0.0.1:{port}")),
@@ -243,28 +278,29 @@ fn ipmi_sim_bmcs_power_on_machines_that_netboot_and_check_in() {
         );
     }
     // A wrong password and a BMC nobody answers at: each fails alone.
-    let (ok, _, err) = cli(
+    let (ok, _, err) = set_bmc(
         &lan,
-        &[
-            "machines",
-            "set",
-            "52:54:00:c0:00:03",
-            "--bmc",
-            "ipmi://admin:wrong@127.0.0.1:9623",
-        ],
-        "",
+        "52:54:00:c0:00:03",
+        "ipmi://admin:wrong@127.0.0.1:9623",
+        None,
+        None,
     );
     assert!(ok, "{err}");
-    let (ok, _, err) = cli(
+    let (ok, _, err) = set_bmc(
         &lan,
-        &[
-            "machines",
-            "set",
-            "52:54:00:c0:00:04",
-            "--bmc",
-            "ipmi://admin:s3cret@127.0.0.1:9699",
-        ],
-        "",
+        "52:54:00:c0:00:04",
+        "ipmi://admin:s3cret@127.0.0.1:9699",
+        None,
+        None,
+    );
+    assert!(ok, "{err}");
+    // The right password for the K_g BMC, but no K_g key.
+    let (ok, _, err) = set_bmc(
+        &lan,
+        "52:54:00:c0:00:05",
+        "ipmi://admin:s3cret@127.0.0.1:9624",
+        None,
+        None,
     );
     assert!(ok, "{err}");
 
@@ -279,6 +315,12 @@ fn ipmi_sim_bmcs_power_on_machines_that_netboot_and_check_in() {
         !database.windows(6).any(|w| w == b"s3cret"),
         "the BMC password is in the database in the clear"
     );
+    assert!(
+        !database
+            .windows(RACK_KG.len())
+            .any(|w| w == RACK_KG.as_bytes()),
+        "the K_g key is in the database in the clear"
+    );
 
     let started = Instant::now();
     let (ok, out, err) = cli(
@@ -290,6 +332,7 @@ fn ipmi_sim_bmcs_power_on_machines_that_netboot_and_check_in() {
             macs[1],
             "52:54:00:c0:00:03",
             "52:54:00:c0:00:04",
+            "52:54:00:c0:00:05",
             "--waves",
             "all",
             "--deadline",
@@ -301,8 +344,8 @@ fn ipmi_sim_bmcs_power_on_machines_that_netboot_and_check_in() {
         "power on to the last check-in: {:.1} s",
         started.elapsed().as_secs_f64()
     );
-    assert!(!ok, "two of the four BMCs cannot work: {out}{err}");
-    assert!(err.contains("2 machine(s) failed"), "{err}");
+    assert!(!ok, "three of the five BMCs cannot work: {out}{err}");
+    assert!(err.contains("3 machine(s) failed"), "{err}");
     assert_machine_lines(
         &out,
         &[
@@ -310,6 +353,7 @@ fn ipmi_sim_bmcs_power_on_machines_that_netboot_and_check_in() {
             (macs[1], "\tup\tchecked in"),
             ("52:54:00:c0:00:03", "refused the user name or password"),
             ("52:54:00:c0:00:04", "is unreachable"),
+            ("52:54:00:c0:00:05", "wants a K_g key"),
         ],
     );
     for (console, machine) in booted_and_checked_in(&lan, &macs, &serials) {
@@ -321,7 +365,10 @@ fn ipmi_sim_bmcs_power_on_machines_that_netboot_and_check_in() {
     }
     let audit = lan.api("/api/v1/audit");
     assert!(
-        audit.contains("power.on") && !audit.contains("s3cret") && !audit.contains("wrong"),
+        audit.contains("power.on")
+            && !audit.contains("s3cret")
+            && !audit.contains("wrong")
+            && !audit.contains(RACK_KG),
         "{audit}"
     );
 }
@@ -489,18 +536,7 @@ fn sushy_tools_redfish_boots_libvirt_machines_once_from_pxe_and_they_check_in() 
 
     for (mac, system) in macs.iter().zip(&systems) {
         let url = format!("redfish+http://admin@127.0.0.1:8000{system}");
-        let (ok, out, err) = cli(
-            &lan,
-            &[
-                "machines",
-                "set",
-                mac,
-                "--bmc",
-                &url,
-                "--bmc-password-stdin",
-            ],
-            "redfish-pw\n",
-        );
+        let (ok, out, err) = set_bmc(&lan, mac, &url, Some("redfish-pw"), None);
         assert!(ok, "{out}{err}");
     }
     for (mac, url) in [
@@ -517,9 +553,15 @@ fn sushy_tools_redfish_boots_libvirt_machines_once_from_pxe_and_they_check_in() 
             "redfish+http://admin:x@127.0.0.1:8098/redfish/v1/Systems/1".to_string(),
         ),
     ] {
-        let (ok, out, err) = cli(&lan, &["machines", "set", mac, "--bmc", &url], "");
+        let (ok, out, err) = set_bmc(&lan, mac, &url, None, None);
         assert!(ok, "{out}{err}");
     }
+    // Redfish has no K_g key: one given is refused, not kept unused.
+    let kg_file = lan.dir.path().join("redfish.kg");
+    std::fs::write(&kg_file, "kg\n").unwrap();
+    let url = format!("redfish+http://admin:x@127.0.0.1:8000{}", systems[0]);
+    let (ok, _, err) = set_bmc(&lan, "52:54:00:c0:00:13", &url, None, Some(&kg_file));
+    assert!(!ok && err.contains("IPMI BMCs only"), "{err}");
 
     let started = Instant::now();
     let all = [

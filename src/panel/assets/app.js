@@ -349,14 +349,18 @@ async function machinePage(mac) {
     h("form", { id: "bmc-form", class: "toolbar", onsubmit: async (e) => {
       e.preventDefault();
       try {
+        const kg = document.getElementById("bmc-kg").value;
         const r = await api("PUT", "/machines/" + encodeURIComponent(m.mac) + "/bmc", {
           url: document.getElementById("bmc-url").value.trim(),
-          password: document.getElementById("bmc-password").value });
-        flash("BMC " + r.bmc + " saved (its password is sealed, never shown)"); route();
+          password: document.getElementById("bmc-password").value,
+          kg_key: kg === "" ? null : kg });
+        flash("BMC " + r.bmc + " saved (its password" + (kg === "" ? " is" : " and K_g key are") + " sealed, never shown)"); route();
       } catch (err) { flash(err.message, true); }
     } },
       input("bmc-url", m.bmc, { placeholder: "redfish://USER@HOST/redfish/v1/Systems/1 or ipmi://USER@HOST", size: 50 }),
       h("input", { id: "bmc-password", type: "password", placeholder: "password", autocomplete: "off", required: true }),
+      h("input", { id: "bmc-kg", type: "password", placeholder: "IPMI K_g key (if any)", autocomplete: "off",
+        title: "an IPMI BMC's K_g key: its characters, or 0x and hex digits; leave empty if the BMC has none" }),
       h("button", { type: "submit", class: "secondary" }, "Set BMC")),
     m.bmc ? h("div", { class: "toolbar" }, "Power:", h("input", { id: "machine-waves", type: "hidden", value: "all" }),
       ["on", "cycle", "off", "status"].map((action) => h("button", { class: "secondary",
