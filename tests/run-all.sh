@@ -39,10 +39,12 @@ started=$(date +%s)
 # BMCs: OpenIPMI's ipmi_sim (openipmi) with ipmitool, which bootfleet runs
 # for IPMI; libvirt (its daemon and QEMU driver, and libvirt-dev to build
 # the Python binding) under sushy-tools' Redfish emulator (PyPI, below).
+# make, binutils, perl, liblzma-dev, mtools: building the multicast-fixed
+# iPXE (tests/ipxe/build.sh) where ../shared/ipxe/bin does not hold it.
 APT_PACKAGES=(tftp-hpa atftp curl iproute2 nftables systemd g++ pkg-config busybox-static isc-dhcp-client
     dnsmasq-base ndisc6 procps qemu-system-x86 ipxe-qemu ipxe ovmf linux-image-amd64 kmod cpio xz-utils zstd
     openssl chromium chromium-driver lintian strace postgresql openipmi ipmitool libvirt-daemon-system
-    libvirt-daemon-driver-qemu libvirt-dev)
+    libvirt-daemon-driver-qemu libvirt-dev make binutils perl liblzma-dev mtools)
 missing=()
 for package in "${APT_PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")
@@ -63,6 +65,13 @@ python3 -c "import sushy_tools, libvirt, bcrypt" 2>/dev/null || {
     echo "== installing sushy-tools, libvirt-python, bcrypt (PyPI)"; python3 -m pip install -q sushy-tools libvirt-python bcrypt; }
 systemctl stop libvirtd.service libvirtd.socket libvirtd-ro.socket libvirtd-admin.socket virtlogd.socket 2>/dev/null || true
 pkill -x libvirtd 2>/dev/null || true
+# The multicast boot test needs an iPXE with the multicast fix: the
+# prebuilt one beside the repository, one set by BOOTFLEET_IPXE_BIN, or
+# built here once from the pinned upstream source (checked, then patched).
+if [ -z "${BOOTFLEET_IPXE_BIN:-}" ] && [ ! -f ../shared/ipxe/bin/SHA256SUMS ] && [ ! -f target/ipxe/bin/SHA256SUMS ]; then
+    echo "== building the multicast-fixed iPXE (tests/ipxe/build.sh; 5-10 minutes, once)"
+    tests/ipxe/build.sh
+fi
 command -v cargo-fuzz >/dev/null || { echo "== installing cargo-fuzz (a few minutes, once)"; cargo install cargo-fuzz --locked; }
 command -v cargo-deb >/dev/null || { echo "== installing cargo-deb (a few minutes, once)"; cargo install cargo-deb --locked; }
 

@@ -19,6 +19,7 @@ mod postgres;
 mod power;
 #[allow(dead_code)]
 mod qemu_lan;
+mod qemu_multicast;
 mod real_clients;
 mod router;
 mod scale_out;

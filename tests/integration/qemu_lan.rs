@@ -216,6 +216,9 @@ pub struct BootLan {
     taps: usize,
     /// An admin API token for the control panel (made on first start).
     token: Option<String>,
+    /// The iPXE option ROM BIOS machines' NICs carry instead of
+    /// `ipxe-qemu`'s ([`Self::use_patched_ipxe`]).
+    nic_rom: Option<PathBuf>,
     /// One boot LAN at a time: the tests that use one run in parallel
     /// threads of one binary, and the namespace has one name.
     _exclusive: std::sync::MutexGuard<'static, ()>,
@@ -272,12 +275,32 @@ impl BootLan {
             others: Vec::new(),
             taps: 0,
             token: None,
+            nic_rom: None,
             _exclusive: exclusive,
         }
     }
 
     pub fn boot_dir(&self) -> PathBuf {
         self.dir.path().join("boot")
+    }
+
+    /// Machines get the multicast-fixed iPXE of `bin` ([`patched_ipxe`]):
+    /// BIOS machines as their NIC's option ROM, UEFI ones as the
+    /// `ipxe.efi` their firmware fetches; `undionly.kpxe` too.
+    pub fn use_patched_ipxe(&mut self, bin: &Path) {
+        for loader in ["ipxe.efi", "undionly.kpxe"] {
+            let to = self.boot_dir().join(loader);
+            std::fs::remove_file(&to).unwrap();
+            std::fs::copy(bin.join(loader), &to).unwrap();
+        }
+        self.nic_rom = Some(bin.join("1af41000.rom"));
+    }
+
+    /// Lets RFC 2090 multicast reach the machines: groups routed over the
+    /// bridge, and no IGMP snooping (iPXE sends no joins).
+    pub fn enable_multicast(&mut self) {
+        ns_ip(&["link", "set", "br0", "type", "bridge", "mcast_snooping", "0"]);
+        ns_ip(&["route", "add", "224.0.0.0/4", "dev", "br0"]);
     }
 
     pub fn start(&mut self, dhcp: &[&str]) {
@@ -506,11 +529,15 @@ impl BootLan {
             ]);
         match firmware {
             Firmware::BiosIpxe => {
+                let rom = self
+                    .nic_rom
+                    .as_ref()
+                    .map_or(String::new(), |rom| format!(",romfile={}", rom.display()));
                 command.args([
                     "-boot",
                     "n",
                     "-device",
-                    &format!("virtio-net-pci,netdev=n0,mac={mac}"),
+                    &format!("virtio-net-pci,netdev=n0,mac={mac}{rom}"),
                 ]);
             }
             Firmware::UefiPxe | Firmware::UefiIpxe => {
@@ -667,6 +694,15 @@ pub struct Machine {
 }
 
 impl Machine {
+    /// Pulls the plug: SIGTERM to `timeout`, which hands it to QEMU (a
+    /// SIGKILL would end `timeout` alone).
+    pub fn kill(mut self) {
+        let _ = Command::new("kill")
+            .arg(self.child.id().to_string())
+            .status();
+        let _ = self.child.wait();
+    }
+
     /// Waits for the marker line; prints the time from power-on to it and
     /// the machine's boot events, and says at which step a machine that
     /// did not boot stopped.
@@ -717,6 +753,48 @@ impl Machine {
             timeline,
         }
     }
+}
+
+/// The multicast-fixed iPXE builds (`1af41000.rom`, `ipxe.efi`,
+/// `undionly.kpxe`, checked against their `SHA256SUMS`): from
+/// `BOOTFLEET_IPXE_BIN`, else `../shared/ipxe/bin` beside the repository,
+/// else `target/ipxe/bin` as `tests/ipxe/build.sh` leaves them. Every
+/// iPXE build before the fix drops multicast TFTP data, so the multicast
+/// boot tests need one of these; without one they say so loudly (and fail
+/// in CI).
+pub fn patched_ipxe() -> Option<PathBuf> {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let candidates = [
+        std::env::var_os("BOOTFLEET_IPXE_BIN").map(PathBuf::from),
+        Some(repo.join("../shared/ipxe/bin")),
+        Some(repo.join("target/ipxe/bin")),
+    ];
+    let found = candidates.into_iter().flatten().find(|bin| {
+        ["1af41000.rom", "ipxe.efi", "undionly.kpxe", "SHA256SUMS"]
+            .iter()
+            .all(|f| bin.join(f).is_file())
+    });
+    let Some(bin) = found else {
+        let message = "REQUIRED FILES MISSING: the multicast-fixed iPXE (../shared/ipxe/bin, \
+                       BOOTFLEET_IPXE_BIN, or build it with tests/ipxe/build.sh)";
+        if std::env::var_os("CI").is_some() {
+            panic!("{message}");
+        }
+        note_skipped(message);
+        return None;
+    };
+    let checked = Command::new("sha256sum")
+        .args(["--check", "--quiet", "--ignore-missing", "SHA256SUMS"])
+        .current_dir(&bin)
+        .output()
+        .unwrap();
+    assert!(
+        checked.status.success(),
+        "the iPXE builds in {} do not match their SHA256SUMS: {}",
+        bin.display(),
+        String::from_utf8_lossy(&checked.stdout)
+    );
+    Some(bin)
 }
 
 pub fn tail(text: &str) -> String {
