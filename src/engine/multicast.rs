@@ -233,7 +233,8 @@ impl MulticastHub {
         };
         let (stats, file_blocks) = session.summary();
         info!(
-            file = %key.name, %group, completed = stats.members_completed, dropped = stats.members_dropped,
+            file = %key.name, %group, completed = stats.members_completed,
+            presumed_complete = stats.members_presumed, dropped = stats.members_dropped,
             master_changes = stats.master_changes, blocks_sent = stats.blocks_sent,
             blocks_repaired = stats.blocks_repaired, file_blocks,
             "multicast session ended"

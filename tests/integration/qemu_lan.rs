@@ -299,7 +299,15 @@ impl BootLan {
     /// Lets RFC 2090 multicast reach the machines: groups routed over the
     /// bridge, and no IGMP snooping (iPXE sends no joins).
     pub fn enable_multicast(&mut self) {
-        ns_ip(&["link", "set", "br0", "type", "bridge", "mcast_snooping", "0"]);
+        ns_ip(&[
+            "link",
+            "set",
+            "br0",
+            "type",
+            "bridge",
+            "mcast_snooping",
+            "0",
+        ]);
         ns_ip(&["route", "add", "224.0.0.0/4", "dev", "br0"]);
     }
 

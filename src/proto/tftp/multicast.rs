@@ -13,6 +13,11 @@
 //!   member is made master with a new OACK; it ACKs what it holds, so it
 //!   is sent exactly what it lacks (a late joiner gets the remainder first,
 //!   then its missing start).
+//! * A member made master that stays silent although every block went to
+//!   the group after it joined (iPXE, once it holds the whole file, closes
+//!   its connection without a word) is counted complete after one repeated
+//!   OACK, not dropped after the whole retry budget: it was sent all of
+//!   it, and its machine boots on.
 //! * The session ends when no member is left.
 //!
 //! Like [`super::transfer`], it is driven by the engine: requests, ACKs,
@@ -57,6 +62,10 @@ pub enum Transmit {
 pub struct SessionStats {
     pub members_joined: u64,
     pub members_completed: u64,
+    /// Of the completed, those counted so for staying silent as master
+    /// after the whole file went to the group since they joined (a client
+    /// that finished and closed looks the same as one that died).
+    pub members_presumed: u64,
     pub members_dropped: u64,
     pub master_changes: u64,
     /// DATA blocks sent to the group (the bytes on the wire, in blocks).
@@ -71,13 +80,17 @@ struct Member {
     /// Options acknowledged besides `multicast`, for its OACKs.
     options: Vec<(&'static str, String)>,
     joined: Instant,
+    /// The first entry of the session's `sent` log after it joined.
+    sent_from: usize,
 }
 
 /// How one member's part in the session ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MemberOutcome {
     pub addr: SocketAddr,
-    /// It acknowledged the last block; otherwise it left or was dropped.
+    /// It acknowledged the last block, or stayed silent as master after
+    /// every block had gone to the group since it joined; otherwise it
+    /// left or was dropped.
     pub completed: bool,
     /// When it joined.
     pub joined: Instant,
@@ -116,6 +129,13 @@ pub struct Session {
     stats: SessionStats,
     /// No block goes out before this (the gathering window).
     start_at: Option<Instant>,
+    /// Every range of blocks sent to the group, in order; a window that
+    /// continues the last range extends it, so a session that runs
+    /// straight through is one entry per master.
+    sent: Vec<(u64, u64)>,
+    /// A member joined since the last send: the next range starts a new
+    /// entry (what went out before it joined did not reach it).
+    sent_split: bool,
 }
 
 impl Session {
@@ -133,7 +153,23 @@ impl Session {
             outcomes: VecDeque::new(),
             stats: SessionStats::default(),
             start_at: None,
+            sent: Vec::new(),
+            sent_split: false,
         }
+    }
+
+    /// Whether every block went to the group after `member` joined.
+    fn sent_all_since_join(&self, member: &Member) -> bool {
+        let mut ranges = self.sent[member.sent_from.min(self.sent.len())..].to_vec();
+        ranges.sort_unstable();
+        let mut covered = 0;
+        for (first, last) in ranges {
+            if first > covered + 1 {
+                return false;
+            }
+            covered = covered.max(last);
+        }
+        covered >= self.last_block
     }
 
     /// Number of DATA blocks of the file (the last one is short, maybe empty).
@@ -209,7 +245,9 @@ impl Session {
             addr: client,
             options,
             joined: now,
+            sent_from: self.sent.len(),
         };
+        self.sent_split = true;
         if self.master.is_none() {
             self.appoint(member, now);
         } else {
@@ -333,6 +371,14 @@ impl Session {
         self.stats.blocks_repaired += repaired;
         self.stats.blocks_sent += count;
         self.highest_sent = self.highest_sent.max(first + count - 1);
+        let last = first + count - 1;
+        match self.sent.last_mut() {
+            Some(range) if !self.sent_split && first >= range.0 && first <= range.1 + 1 => {
+                range.1 = range.1.max(last);
+            }
+            _ => self.sent.push((first, last)),
+        }
+        self.sent_split = false;
         self.queue.push_back(Transmit::Group {
             first,
             count: count as u32,
@@ -357,6 +403,15 @@ impl Session {
             return;
         };
         if now < master.retry_at {
+            return;
+        }
+        if matches!(master.state, MasterState::Appointed)
+            && master.retries >= 1
+            && self.sent_all_since_join(member)
+        {
+            // Silent, with the whole file sent since it joined: done.
+            self.stats.members_presumed += 1;
+            self.next_master(true, now);
             return;
         }
         if master.retries >= self.config.max_retries {
@@ -657,6 +712,64 @@ mod tests {
         );
         assert!(
             stats.blocks_repaired > 0 && stats.blocks_repaired < blocks,
+            "{stats:?}"
+        );
+    }
+
+    #[test]
+    fn silent_members_sent_the_whole_file_count_as_complete_at_once() {
+        // iPXE as a listener: once it holds every block it closes its
+        // connection and never answers being made master.
+        let mut session = Session::new(FILE, config(4));
+        let blocks = session.block_count();
+        let mut cs = clients(4, blocks);
+        for c in &mut cs[1..] {
+            c.mute = true;
+        }
+        let joins: Vec<(usize, u64)> = (0..4).map(|i| (i, 0)).collect();
+        let started = Instant::now();
+        let ended = run(
+            &mut session,
+            &mut cs,
+            &mut Net::losing_every(0),
+            &joins,
+            &[],
+        );
+        let stats = session.stats();
+        assert_eq!(
+            (stats.members_completed, stats.members_dropped),
+            (4, 0),
+            "{stats:?}"
+        );
+        assert_eq!(stats.blocks_sent, blocks, "{stats:?}");
+        // One repeated OACK each (2 s with a 1 s retry), not the budget of 3.
+        assert!(
+            ended - started <= Duration::from_secs(3 * 2 + 1),
+            "{:?}",
+            ended - started
+        );
+        let mut outcomes = Vec::new();
+        while let Some(outcome) = session.poll_outcome() {
+            outcomes.push(outcome.completed);
+        }
+        assert_eq!(outcomes, vec![true; 4]);
+
+        // A silent member that joined late and missed the start was not
+        // sent all of it: dropped after the budget, as before.
+        let mut session = Session::new(FILE, config(4));
+        let mut cs = clients(2, blocks);
+        cs[1].mute = true;
+        run(
+            &mut session,
+            &mut cs,
+            &mut Net::losing_every(0),
+            &[(0, 0), (1, 20)],
+            &[],
+        );
+        let stats = session.stats();
+        assert_eq!(
+            (stats.members_completed, stats.members_dropped),
+            (1, 1),
             "{stats:?}"
         );
     }
