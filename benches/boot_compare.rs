@@ -27,7 +27,7 @@ mod qemu_lan;
 
 use std::path::PathBuf;
 
-use qemu_lan::{BootLan, Firmware, SERVER_IP};
+use qemu_lan::{BootLan, Firmware, FULL_DHCP, SERVER_IP};
 
 const BIOS_MAC: &str = "52:54:00:b0:00:01";
 const UEFI_MAC: &str = "52:54:00:b0:00:10";
@@ -99,12 +99,7 @@ fn main() {
     let no_ra = lan.dir.path().join("no-ra.toml");
     std::fs::write(&no_ra, "[dhcp]\nanswer_router_solicitations = false\n").unwrap();
     let no_ra = no_ra.display().to_string();
-    let full = [
-        "--dhcp-mode",
-        "full",
-        "--dhcp-range",
-        "10.99.0.100-10.99.0.200",
-    ];
+    let full = FULL_DHCP;
 
     // The reference serves exactly what bootfleet renders, as static files.
     lan.start(&full);

@@ -33,7 +33,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from storm_compare import LOADTEST, BOOTFLEET, RELAY_RANGE, NS, Stack, make_root, ns_down, ns_up, wait_http  # noqa: E402
+from storm_compare import LOADTEST, BOOTFLEET, p99_cell, RELAY_RANGE, NS, Stack, make_root, ns_down, ns_up, wait_http  # noqa: E402
 from tftp_compare import REPO, sh, write_section  # noqa: E402
 
 PANEL = "http://127.0.0.1:9090"
@@ -91,7 +91,8 @@ def markdown(results, command) -> str:
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         p = r["phases"]
-        cell = lambda phase: f"{p[phase]['p99_ms']:.0f}" if phase in p else "-"  # noqa: E731
+        def cell(phase, p=p):
+            return p99_cell(p, phase)
         last = p["total"]["max_ms"] / 1000 if "total" in p else float("nan")
         lines.append(f"| {r['server']} | {r['pacing']} | {r['machines']} | {r['booted']} | {r['failed']} / {r['cut']} | "
                      f"{r['retried']} | {last:.1f} | {cell('power')} | {cell('dhcp')} | {cell('loader')} | {cell('kernel')} | "

@@ -193,6 +193,11 @@ def storm(stack: Stack, work: Path, root: Path, workload: str, machines: int, ti
     return report
 
 
+def p99_cell(phases: dict, phase: str) -> str:
+    """A phase's p99 in ms for a results table, or "-" where it was not seen."""
+    return f"{phases[phase]['p99_ms']:.0f}" if phase in phases else "-"
+
+
 def markdown(results, command) -> str:
     lines = ["<!-- storm-compare:begin -->", "## Power-on storm: bootfleet against dnsmasq + tftp-hpa + nginx", "",
              f"Command: `{command}` (generated; do not edit by hand).", "",
@@ -207,7 +212,8 @@ def markdown(results, command) -> str:
         reference = next((r for r in rows if r["label"].startswith("dnsmasq")), None)
         for r in rows:
             p = r["phases"]
-            cell = lambda phase: f"{p[phase]['p99_ms']:.0f}" if phase in p else "-"  # noqa: E731
+            def cell(phase, p=p):
+                return p99_cell(p, phase)
             ratio = f"{reference['seconds'] / r['seconds']:.2f}× faster" if reference and r is not reference else "-"
             lines.append(f"| {workload} | {r['label']} | {r['machines']} | {r['booted']} | {r['failed']} / {r['cut']} | "
                          f"{r['seconds']:.2f} | {cell('dhcp')} | {cell('loader')} | {cell('script')} | {cell('total')} | "

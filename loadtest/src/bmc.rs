@@ -105,6 +105,12 @@ fn refused() -> Response {
         .into_response()
 }
 
+/// A request's JSON body (null when it is not JSON) once its credentials
+/// are checked; `None` when they are wrong (answer [`refused`]).
+fn authorized_body(bmc: &Bmc, headers: &HeaderMap, body: &[u8]) -> Option<Value> {
+    authorized(bmc, headers).then(|| serde_json::from_slice(body).unwrap_or(Value::Null))
+}
+
 async fn system(State(bmc): State<Arc<Bmc>>, headers: HeaderMap) -> Response {
     if !authorized(&bmc, &headers) {
         return refused();
@@ -128,10 +134,9 @@ async fn boot_override(
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Response {
-    if !authorized(&bmc, &headers) {
+    let Some(body) = authorized_body(&bmc, &headers, &body) else {
         return refused();
-    }
-    let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    };
     if body.pointer("/Boot/BootSourceOverrideTarget").is_none() {
         return (StatusCode::BAD_REQUEST, "PATCH only works for Boot").into_response();
     }
@@ -144,10 +149,9 @@ async fn reset(
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Response {
-    if !authorized(&bmc, &headers) {
+    let Some(body) = authorized_body(&bmc, &headers, &body) else {
         return refused();
-    }
-    let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    };
     match body["ResetType"].as_str() {
         Some("On" | "ForceOn") => {
             if !bmc.on.swap(true, Ordering::AcqRel) {

@@ -367,7 +367,7 @@ impl Collector for DataPlaneCollector {
                 &mut encoder,
                 "bootfleet_http_body_bytes_in_flight",
                 "Body bytes of HTTP responses under way that the sockets have not yet taken (what adaptive power-on waves measure the LAN's backlog by)",
-                Plain::Gauge(stats.body_bytes_in_flight.get()),
+                Plain::Gauge(stats.body_bytes_in_flight() as i64),
             )?;
             counters_by(
                 &mut encoder,

@@ -284,7 +284,7 @@ impl Fleet for PanelFleet {
         }
         if let Some(http) = &state.data_plane.http {
             sample.http_connections = http.stats.open_connections.get().max(0) as u64;
-            sample.http_bytes_in_flight = http.stats.body_bytes_in_flight.get().max(0) as u64;
+            sample.http_bytes_in_flight = http.stats.body_bytes_in_flight();
             sample.http_bytes_sent = http.stats.body_bytes.get();
         }
         self.headroom.load(sample, std::time::Instant::now())

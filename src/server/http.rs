@@ -172,12 +172,14 @@ pub struct HttpStats {
     pub by_status: Labelled,
     /// Connections open now (both engines keep it).
     pub open_connections: Gauge,
-    /// Body bytes of responses under way that the sockets have not yet
-    /// taken: what the HTTP data plane has promised and not delivered.
-    /// Each response adds its body when it begins ([`Self::response_started`]),
-    /// takes away what each write sends ([`Self::body_written`]) and the
-    /// rest when it ends ([`HttpService::finished`]).
-    pub body_bytes_in_flight: Gauge,
+    /// Body bytes of every response begun ([`Self::response_started`]),
+    /// and of those the bytes never sent (given up on, in
+    /// [`HttpService::finished`]): with `body_bytes`, what
+    /// [`Self::body_bytes_in_flight`] is made of. Sharded counters, not a
+    /// gauge: `body_bytes` moves on every write, and a gauge there would
+    /// be one atomic every worker writes to.
+    body_bytes_promised: Counter,
+    body_bytes_unsent: Counter,
     /// Per-MAC scripts rendered, by what was decided ([`SCRIPT_DECISIONS`]).
     pub scripts: Labelled,
 }
@@ -213,7 +215,8 @@ impl Default for HttpStats {
             file_bodies_copied: Counter::default(),
             by_status: Labelled::new("status", RESPONSE_STATUSES),
             open_connections: Gauge::default(),
-            body_bytes_in_flight: Gauge::default(),
+            body_bytes_promised: Counter::default(),
+            body_bytes_unsent: Counter::default(),
             scripts: Labelled::new("decision", SCRIPT_DECISIONS),
         }
     }
@@ -236,10 +239,17 @@ impl HttpStats {
     /// `bytes` more body bytes went out (what `HttpConnection::sent`
     /// returns).
     pub fn body_written(&self, bytes: u64) {
-        if bytes > 0 {
-            self.body_bytes.add(bytes);
-            self.body_bytes_in_flight.add(-(bytes as i64));
-        }
+        self.body_bytes.add(bytes);
+    }
+
+    /// Body bytes of responses under way that the sockets have not yet
+    /// taken: what the HTTP data plane has promised and not delivered (a
+    /// scrape; not for hot paths). Every byte sent or given up on was
+    /// promised first, so reading those before the promises never comes
+    /// out below zero.
+    pub fn body_bytes_in_flight(&self) -> u64 {
+        let delivered = self.body_bytes.get() + self.body_bytes_unsent.get();
+        self.body_bytes_promised.get().saturating_sub(delivered)
     }
 
     /// Counts a response that begins, by how its file body (if any) goes:
@@ -248,7 +258,7 @@ impl HttpStats {
     /// the bytes in flight. Every response an engine begins comes here,
     /// once, and ends in [`HttpService::finished`].
     pub fn response_started(&self, response: &Response, by_sendfile: bool) {
-        self.body_bytes_in_flight.add(response.body_len() as i64);
+        self.body_bytes_promised.add(response.body_len());
         let Some(file) = &response.file else {
             return;
         };
@@ -421,9 +431,10 @@ impl HttpService {
     /// bytes of `response.body_len()`), or given up on.
     pub fn finished(&self, response: &Response, peer: SocketAddr, sent: u64, elapsed: Duration) {
         // What was never sent is no longer in flight either.
-        self.stats
-            .body_bytes_in_flight
-            .add(-(response.body_len().saturating_sub(sent) as i64));
+        let unsent = response.body_len().saturating_sub(sent);
+        if unsent > 0 {
+            self.stats.body_bytes_unsent.add(unsent);
+        }
         self.stats.count_status(response.status);
         if let Some(path) = &response.served_path {
             let complete = response.status == 200 && sent == response.body_len();

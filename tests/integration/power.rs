@@ -239,17 +239,7 @@ fn ipmi_sim_bmcs_power_on_machines_that_netboot_and_check_in() {
     }
     let mut lan = BootLan::new();
     std::fs::write(lan.boot_dir().join("inventory.toml"), INVENTORY).unwrap();
-    // The panel on every address of the namespace: the machines check in
-    // on the bridge (10.99.0.1:9090), the tests call it on loopback.
-    lan.start_with_panel(
-        "0.0.0.0:9090",
-        &[
-            "--dhcp-mode",
-            "full",
-            "--dhcp-range",
-            "10.99.0.100-10.99.0.200",
-        ],
-    );
+    lan.start_with_checkin(None);
     let macs = ["52:54:00:c0:00:01", "52:54:00:c0:00:02"];
     let mut serials = Vec::new();
     for (i, mac) in macs.iter().enumerate() {
@@ -453,18 +443,7 @@ fn sushy_tools_redfish_boots_libvirt_machines_once_from_pxe_and_they_check_in() 
     std::fs::write(lan.boot_dir().join("inventory.toml"), INVENTORY).unwrap();
     let config = dir.join("bootfleet.toml");
     std::fs::write(&config, "[power]\ntimeout_seconds = 5\n").unwrap();
-    let config = config.display().to_string();
-    lan.start_with_panel(
-        "0.0.0.0:9090",
-        &[
-            "--config",
-            &config,
-            "--dhcp-mode",
-            "full",
-            "--dhcp-range",
-            "10.99.0.100-10.99.0.200",
-        ],
-    );
+    lan.start_with_checkin(Some(&config));
     // libvirtd inside the namespace: its machines' taps join the LAN's bridge.
     lan.spawn_other("/usr/sbin/virtlogd", &[]);
     lan.spawn_other("/usr/sbin/libvirtd", &[]);

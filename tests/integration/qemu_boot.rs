@@ -70,12 +70,7 @@ fn machines_boot_end_to_end_through_bootfleet_alone() {
          initrd http://${next-server}/img/initrd.gz\nboot\n",
     )
     .unwrap();
-    lan.start(&[
-        "--dhcp-mode",
-        "full",
-        "--dhcp-range",
-        "10.99.0.100-10.99.0.200",
-    ]);
+    lan.start(&FULL_DHCP);
 
     // Seven machines powered on at the same moment: two BIOS machines with
     // two images, one whose image comes over TFTP, one with a static

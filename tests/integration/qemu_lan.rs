@@ -33,6 +33,13 @@ pub const SERVER_IP: &str = "10.99.0.1";
 /// The control panel, on the namespace's loopback (never on the boot LAN).
 pub const PANEL: &str = "127.0.0.1:9090";
 pub const MARKER: &str = "BOOTFLEET-BOOTED";
+/// bootfleet as the LAN's only DHCP server, leasing from this range.
+pub const FULL_DHCP: [&str; 4] = [
+    "--dhcp-mode",
+    "full",
+    "--dhcp-range",
+    "10.99.0.100-10.99.0.200",
+];
 /// Printed by the test image after it ran the check-in hook (`rc=0`: it
 /// checked in), when its command line carried a check-in URL.
 pub const CHECKED_IN: &str = "BOOTFLEET-CHECKIN";
@@ -289,9 +296,7 @@ impl BootLan {
     /// `ipxe.efi` their firmware fetches; `undionly.kpxe` too.
     pub fn use_patched_ipxe(&mut self, bin: &Path) {
         for loader in ["ipxe.efi", "undionly.kpxe"] {
-            let to = self.boot_dir().join(loader);
-            std::fs::remove_file(&to).unwrap();
-            std::fs::copy(bin.join(loader), &to).unwrap();
+            std::fs::copy(bin.join(loader), self.boot_dir().join(loader)).unwrap();
         }
         self.nic_rom = Some(bin.join("1af41000.rom"));
     }
@@ -375,6 +380,18 @@ impl BootLan {
             );
             self.token = Some(String::from_utf8(output.stdout).unwrap().trim().to_string());
         }
+    }
+
+    /// bootfleet with [`FULL_DHCP`], `config` if given, and the panel on
+    /// every address of the namespace, so that booted machines can check
+    /// in on the bridge (the tests still call it on [`PANEL`]).
+    pub fn start_with_checkin(&mut self, config: Option<&Path>) {
+        let config = config.map(|c| c.display().to_string());
+        let mut arguments: Vec<&str> = FULL_DHCP.to_vec();
+        if let Some(config) = &config {
+            arguments.extend(["--config", config]);
+        }
+        self.start_with_panel("0.0.0.0:9090", &arguments);
     }
 
     pub fn stop(&mut self) {

@@ -107,20 +107,7 @@ fn ipxe_machines_boot_their_kernel_and_initrd_by_multicast_together() {
         ),
     )
     .unwrap();
-    let config = config.display().to_string();
-    // The panel on every address of the namespace: the machines check in
-    // on the bridge.
-    lan.start_with_panel(
-        "0.0.0.0:9090",
-        &[
-            "--config",
-            &config,
-            "--dhcp-mode",
-            "full",
-            "--dhcp-range",
-            "10.99.0.100-10.99.0.200",
-        ],
-    );
+    lan.start_with_checkin(Some(&config));
 
     let mut machines: Vec<Machine> = TOGETHER
         .iter()
