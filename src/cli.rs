@@ -2,6 +2,7 @@
 //! straight into the inventory database (they must work before anyone can
 //! log in); machines and images go through the running server's API, so
 //! that they are audited and reach the data plane like panel changes.
+//! `ipxe build` runs iPXE's own build on the operator's source tree.
 
 use std::io::BufRead;
 
@@ -15,8 +16,8 @@ use bootfleet::store::sqlite::SqliteStore;
 use bootfleet::store::{InventoryStore, Scope, StoreLocation};
 
 use super::{
-    ApiArgs, DatabaseArgs, DbCommand, ImagesCommand, MachinesCommand, PowerArgs, TokensCommand,
-    UsersCommand,
+    ApiArgs, DatabaseArgs, DbCommand, ImagesCommand, IpxeBuildArgs, MachinesCommand, PowerArgs,
+    TokensCommand, UsersCommand,
 };
 
 fn open(args: &DatabaseArgs) -> Result<Box<dyn InventoryStore>> {
@@ -460,6 +461,66 @@ pub fn images(command: ImagesCommand) -> Result<()> {
             call(&api, "DELETE", &format!("/images/{name}"), None)?;
             println!("removed {name}");
         }
+    }
+    Ok(())
+}
+
+/// `bootfleet ipxe build`: the binaries with the embedded script, their
+/// SHA-256, and the DHCP settings that point firmware at them.
+pub fn ipxe_build(args: IpxeBuildArgs) -> Result<()> {
+    use bootfleet::ipxe;
+    let config = match &args.config {
+        Some(file) => Config::load(file)?,
+        None => Config::default(),
+    };
+    let servers = if args.servers.is_empty() {
+        let port = config.http.listen.port();
+        vec![if port == 80 {
+            "http://${next-server}".to_string()
+        } else {
+            format!("http://${{next-server}}:{port}")
+        }]
+    } else {
+        args.servers.clone()
+    };
+    let out = args.out.clone().unwrap_or_else(|| config.root.join("ipxe"));
+    let request = ipxe::BuildRequest {
+        source: args.source.clone(),
+        out: out.clone(),
+        servers,
+        targets: if args.targets.is_empty() {
+            ipxe::DEFAULT_TARGETS
+                .iter()
+                .map(|t| t.to_string())
+                .collect()
+        } else {
+            args.targets.clone()
+        },
+        jobs: args
+            .jobs
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
+        multicast_fix: !args.no_multicast_fix,
+    };
+    let built = ipxe::build(&request)?;
+    match built.fix {
+        ipxe::FixState::Applied => eprintln!("multicast TFTP fix applied to the tree's tftp.c"),
+        ipxe::FixState::AlreadyThere => eprintln!("multicast TFTP fix: already in the tree"),
+        ipxe::FixState::NotApplied => {
+            eprintln!("multicast TFTP fix NOT applied: these binaries drop tftm:// data")
+        }
+    }
+    for (name, sha256) in &built.files {
+        println!("{sha256}  {}", out.join(name).display());
+    }
+    eprintln!(
+        "embedded script: {} (SHA256SUMS beside it)",
+        out.join(ipxe::SCRIPT_NAME).display()
+    );
+    if args.out.is_none() {
+        eprintln!(
+            "for method 4 set dhcp.bios = \"ipxe/undionly.kpxe\" and dhcp.uefi_x64 = \
+             \"ipxe/snponly.efi\"; for method 2 flash the .rom into the NICs"
+        );
     }
     Ok(())
 }

@@ -20,7 +20,8 @@
 //! * [`server`] — protocol services independent of the I/O backend: DHCP
 //!   decisions, leases and their journal; TFTP admission and transfers;
 //!   the HTTP file and script service; path safety. [`store`] — the
-//!   inventory database (SQLite) — sits beside it.
+//!   inventory database (SQLite or PostgreSQL) — sits beside it, with
+//!   [`power`] (BMC power actions) and [`ipxe`] (`bootfleet ipxe build`).
 //! * [`engine`] — the only place with socket system calls: io_uring
 //!   workers and the epoll (tokio) fallback, chosen at start-up, and the
 //!   DHCP and router-advertisement sockets.
@@ -34,6 +35,7 @@ pub mod config;
 pub mod durable;
 pub mod engine;
 pub mod inventory;
+pub mod ipxe;
 pub mod limit;
 pub mod metrics;
 pub mod panel;

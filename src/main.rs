@@ -62,6 +62,9 @@ enum Command {
     /// The inventory database: online backup, and restore.
     #[command(subcommand)]
     Db(DbCommand),
+    /// iPXE built for this server (the write-up's methods 2 and 4).
+    #[command(subcommand)]
+    Ipxe(IpxeCommand),
     /// Print a shell completion script, e.g. `bootfleet completions bash >
     /// /etc/bash_completion.d/bootfleet`.
     Completions { shell: clap_complete::Shell },
@@ -133,6 +136,54 @@ enum DbCommand {
         #[arg(long, value_name = "TO")]
         to: String,
     },
+}
+
+#[derive(Subcommand)]
+enum IpxeCommand {
+    /// Build iPXE with a script built in that fetches each machine's own
+    /// script from this server by MAC address, needing no boot file from
+    /// DHCP: undionly.kpxe, snponly.efi and ipxe.efi for PXE firmware to
+    /// chainload (method 4: point dhcp.bios / dhcp.uefi_x64 at them) and
+    /// NIC option ROMs to flash (method 2). From an iPXE source tree you
+    /// have (`git clone https://github.com/ipxe/ipxe`): nothing is
+    /// downloaded. The tree gets the multicast TFTP fix if it lacks it.
+    /// Needs gcc, make, binutils, perl, liblzma-dev and mtools; the first
+    /// build takes minutes, later ones seconds.
+    Build(IpxeBuildArgs),
+}
+
+/// `bootfleet ipxe build`.
+#[derive(clap::Args)]
+struct IpxeBuildArgs {
+    /// The iPXE source tree (its top directory or its src).
+    #[arg(long, value_name = "DIR")]
+    source: PathBuf,
+    /// The server's TOML config (for its boot directory and HTTP port).
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// A server the script fetches from, e.g. http://10.0.0.1:8080;
+    /// repeat for fallbacks, tried in order. Default:
+    /// http://${next-server} with the config's HTTP port: whichever
+    /// bootfleet answered DHCP.
+    #[arg(long = "server", value_name = "URL")]
+    servers: Vec<String>,
+    /// Where the binaries go (default: ipxe/ in the boot directory, where
+    /// HTTP and TFTP serve them and the panel's Images page lists them).
+    #[arg(long, value_name = "DIR")]
+    out: Option<PathBuf>,
+    /// What to build (repeatable): undionly.kpxe, ipxe.efi, snponly.efi,
+    /// a NIC ROM by PCI vendor and device (8086100e.rom), or a path under
+    /// src such as bin-arm64-efi/snponly.efi. Default: undionly.kpxe
+    /// ipxe.efi snponly.efi 1af41000.rom (virtio-net).
+    #[arg(long = "target", value_name = "NAME")]
+    targets: Vec<String>,
+    /// Parallel compile jobs (default: one per core).
+    #[arg(long)]
+    jobs: Option<usize>,
+    /// Leave the tree's tftp.c as it is (the binaries then drop multicast
+    /// TFTP data, as every unfixed iPXE does).
+    #[arg(long)]
+    no_multicast_fix: bool,
 }
 
 #[derive(Subcommand)]
@@ -330,6 +381,7 @@ fn main() -> Result<()> {
         Command::Images(command) => cli::images(command),
         Command::Power(args) => cli::power(args),
         Command::Db(command) => cli::db(command),
+        Command::Ipxe(IpxeCommand::Build(args)) => cli::ipxe_build(args),
         Command::Completions { shell } => {
             use clap::CommandFactory;
             clap_complete::generate(

@@ -68,7 +68,7 @@ impl SealKey {
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
                 let bytes: [u8; 32] = rand::random();
                 let mut file = open_new_private(path).map_err(io)?;
-                writeln!(file, "{}", hex(&bytes)).map_err(io)?;
+                writeln!(file, "{}", crate::proto::lower_hex(&bytes)).map_err(io)?;
                 file.sync_all().map_err(io)?;
                 crate::durable::sync_parent_dir(path).map_err(io)?;
                 tracing::info!(path = %path.display(), "created a new key file for BMC passwords and check-in tokens; keep a copy with the database backups");
@@ -112,7 +112,11 @@ impl SealKey {
                 },
             )
             .expect("ChaCha20-Poly1305 seals any message under 256 GiB");
-        format!("{SEALED_PREFIX}{}{}", hex(&nonce), hex(&sealed))
+        format!(
+            "{SEALED_PREFIX}{}{}",
+            crate::proto::lower_hex(&nonce),
+            crate::proto::lower_hex(&sealed)
+        )
     }
 
     /// The secret that [`Self::seal`] sealed for `owner`.
@@ -143,7 +147,7 @@ impl SealKey {
         let mut mac = <Hmac<Sha256> as hmac::Mac>::new_from_slice(&self.signing)
             .expect("HMAC takes any key length");
         mac.update(message);
-        hex(&mac.finalize().into_bytes())
+        crate::proto::lower_hex(&mac.finalize().into_bytes())
     }
 
     /// Whether `signature` is [`Self::sign`] of `message` (compared in
@@ -168,16 +172,6 @@ fn open_new_private(path: &Path) -> std::io::Result<std::fs::File> {
         .create_new(true)
         .mode(0o600)
         .open(path)
-}
-
-fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write as _;
-    bytes
-        .iter()
-        .fold(String::with_capacity(bytes.len() * 2), |mut out, b| {
-            let _ = write!(out, "{b:02x}");
-            out
-        })
 }
 
 fn unhex(text: &str) -> Option<Vec<u8>> {

@@ -69,9 +69,12 @@ pkill -x libvirtd 2>/dev/null || true
 # prebuilt one beside the repository, one set by BOOTFLEET_IPXE_BIN, or
 # built here once from the pinned upstream source (checked, then patched).
 if [ -z "${BOOTFLEET_IPXE_BIN:-}" ] && [ ! -f ../shared/ipxe/bin/SHA256SUMS ] && [ ! -f target/ipxe/bin/SHA256SUMS ]; then
-    echo "== building the multicast-fixed iPXE (tests/ipxe/build.sh; 5-10 minutes, once)"
+    echo "== building the multicast-fixed iPXE (tests/ipxe/build.sh; 2-5 minutes, once)"
     tests/ipxe/build.sh
 fi
+# The method 2 and 4 tests build iPXE with an embedded script by
+# `bootfleet ipxe build`, from the same checked upstream source tree.
+tests/ipxe/build.sh --source-only >/dev/null
 command -v cargo-fuzz >/dev/null || { echo "== installing cargo-fuzz (a few minutes, once)"; cargo install cargo-fuzz --locked; }
 command -v cargo-deb >/dev/null || { echo "== installing cargo-deb (a few minutes, once)"; cargo install cargo-deb --locked; }
 

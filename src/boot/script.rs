@@ -62,6 +62,60 @@ pub fn chain_script(base_url: &str) -> String {
     script
 }
 
+/// The script `bootfleet ipxe build` embeds into iPXE for the write-up's
+/// methods 2 (iPXE in the NIC's option ROM) and 4 (an `undionly.kpxe`
+/// chainloaded from PXE): get an address, then fetch this machine's own
+/// script, `BASE/boot/${netX/mac}.ipxe`, from each base URL in turn (the
+/// first is the server, the others its fallbacks; `${next-server}` in a
+/// base is whichever server answered DHCP). It announces itself with the
+/// user class [`crate::proto::dhcp::OWN_SCRIPT_USER_CLASS`], so bootfleet
+/// answers it no boot file (an iPXE ROM chainloading it would otherwise be
+/// told to load it again). A diskless machine has nothing better to do
+/// than to try again, so it does, every 10 s, until one server answers;
+/// a script that returns (a machine told to boot locally) ends it.
+///
+/// `netX` is the interface `dhcp` configured, which need not be `net0` on
+/// a machine with several NICs.
+pub fn embedded_script(bases: &[String]) -> Result<String, EmbeddedScriptError> {
+    if bases.is_empty() {
+        return Err(EmbeddedScriptError::NoServer);
+    }
+    let mut script = format!(
+        "#!ipxe\n# bootfleet: embedded by `bootfleet ipxe build`; fetches this machine's own script\n\
+         set user-class {}\n:start\ndhcp || goto no_address\n",
+        crate::proto::dhcp::OWN_SCRIPT_USER_CLASS
+    );
+    for base in bases {
+        let valid_scheme = base.starts_with("http://") || base.starts_with("https://");
+        if !valid_scheme || base.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(EmbeddedScriptError::BadBase(base.clone()));
+        }
+        script.push_str(&format!(
+            "chain --autofree {}/boot/${{netX/mac}}.ipxe && goto done ||\n",
+            base.trim_end_matches('/')
+        ));
+    }
+    script.push_str(
+        "echo bootfleet: no boot server answered for ${netX/mac}; trying again in 10 s\n\
+         sleep 10\ngoto start\n\
+         :no_address\necho bootfleet: no DHCP answer; trying again in 10 s\nsleep 10\ngoto start\n\
+         :done\n",
+    );
+    Ok(script)
+}
+
+/// Why no embedded script could be written.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EmbeddedScriptError {
+    #[error("no server URL for the embedded script: name one (http://ADDRESS[:PORT])")]
+    NoServer,
+    #[error(
+        "{0:?} is not a server URL for the embedded script: it must start with http:// or \
+         https:// and hold no spaces or control characters"
+    )]
+    BadBase(String),
+}
+
 /// A per-machine script an operator placed in the boot directory.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StaticScript {
@@ -467,6 +521,45 @@ fn list_script_macs(dir: &Path) -> std::collections::HashSet<Mac> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_embedded_script_announces_itself_and_tries_each_server_in_turn() {
+        let script = embedded_script(&[
+            "http://${next-server}:8080/".to_string(),
+            "http://10.0.0.2".to_string(),
+        ])
+        .unwrap();
+        assert!(script.starts_with("#!ipxe\n"));
+        assert!(script.contains("\nset user-class bootfleet-embedded\n"));
+        let chains: Vec<&str> = script.lines().filter(|l| l.starts_with("chain ")).collect();
+        assert_eq!(
+            chains,
+            [
+                "chain --autofree http://${next-server}:8080/boot/${netX/mac}.ipxe && goto done ||",
+                "chain --autofree http://10.0.0.2/boot/${netX/mac}.ipxe && goto done ||",
+            ]
+        );
+        // Every goto lands on a label the script has.
+        for target in script.lines().filter_map(|l| l.split("goto ").nth(1)) {
+            let label = target.split_whitespace().next().unwrap();
+            assert!(script.contains(&format!("\n:{label}\n")), "{label}");
+        }
+        assert_eq!(embedded_script(&[]), Err(EmbeddedScriptError::NoServer));
+        for bad in [
+            "10.0.0.1",
+            "http://a b",
+            "http://a\nchain http://evil",
+            "tftp://x",
+        ] {
+            assert!(
+                matches!(
+                    embedded_script(&[bad.to_string()]),
+                    Err(EmbeddedScriptError::BadBase(_))
+                ),
+                "{bad:?}"
+            );
+        }
+    }
 
     #[test]
     fn an_operators_script_names_its_kernel_and_initrds() {

@@ -67,6 +67,8 @@
 //! vendor_class = "PXEClient:Arch:00000"
 //! arch = "uefi-arm64"          # treat as this architecture, and/or
 //! boot_file = "rpi/bootcode.bin"  # answer this file
+//! also_ipxe = false            # true: to iPXE clients too (an iPXE ROM chainloading
+//!                              # `bootfleet ipxe build`'s undionly.kpxe)
 //!
 //! [inventory]
 //! file = "inventory.toml"      # relative to root
@@ -354,6 +356,13 @@ pub struct Quirk {
     pub arch: Option<crate::proto::dhcp::Arch>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub boot_file: Option<String>,
+    /// Give `boot_file` to iPXE clients too, which otherwise always get the
+    /// script URL: for machines whose firmware is iPXE (QEMU's NIC ROMs)
+    /// that should chainload an iPXE with an embedded script (method 4 of
+    /// the write-up). No loop: that iPXE announces its own script and gets
+    /// no boot file.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub also_ipxe: bool,
 }
 
 /// DHCP settings.

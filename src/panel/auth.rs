@@ -46,16 +46,12 @@ pub struct Caller {
 pub fn random_hex(bytes: usize) -> String {
     let mut buffer = vec![0u8; bytes];
     rand::fill(&mut buffer[..]);
-    hex(&buffer)
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    crate::proto::lower_hex(&buffer)
 }
 
 /// SHA-256 of a secret, as stored.
 pub fn secret_hash(secret: &str) -> String {
-    hex(&Sha256::digest(secret.as_bytes()))
+    crate::proto::lower_hex(&Sha256::digest(secret.as_bytes()))
 }
 
 /// An argon2id hash in PHC format.

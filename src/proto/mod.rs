@@ -15,3 +15,14 @@ pub mod path;
 pub mod tftp;
 
 pub use mac::{Mac, MacError, PxelinuxConfig};
+
+/// `bytes` as lower-case hexadecimal (SHA-256 digests, token hashes).
+pub fn lower_hex(bytes: &[u8]) -> String {
+    use std::fmt::Write as _;
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut out, b| {
+            let _ = write!(out, "{b:02x}");
+            out
+        })
+}

@@ -30,6 +30,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("server", 3),
     ("store", 3),
     ("power", 3),
+    ("ipxe", 3),
     // Sockets, rings and system calls.
     ("engine", 4),
     // The control panel, then the process that wires everything together.

@@ -11,6 +11,7 @@ mod lossy_namespace;
 mod multicast;
 mod operability;
 mod qemu_boot;
+mod qemu_ipxe_methods;
 // Shared with benches/boot_compare.rs, which uses the parts the test does not
 // (the reference stack, boot times).
 mod panel;

@@ -226,6 +226,8 @@ pub struct BootLan {
     /// The iPXE option ROM BIOS machines' NICs carry instead of
     /// `ipxe-qemu`'s ([`Self::use_patched_ipxe`]).
     nic_rom: Option<PathBuf>,
+    /// ROMs of single machines, by MAC ([`Self::set_nic_rom`]).
+    nic_roms: std::collections::HashMap<String, PathBuf>,
     /// One boot LAN at a time: the tests that use one run in parallel
     /// threads of one binary, and the namespace has one name.
     _exclusive: std::sync::MutexGuard<'static, ()>,
@@ -283,6 +285,7 @@ impl BootLan {
             taps: 0,
             token: None,
             nic_rom: None,
+            nic_roms: Default::default(),
             _exclusive: exclusive,
         }
     }
@@ -299,6 +302,12 @@ impl BootLan {
             std::fs::copy(bin.join(loader), self.boot_dir().join(loader)).unwrap();
         }
         self.nic_rom = Some(bin.join("1af41000.rom"));
+    }
+
+    /// The BIOS machine `mac`'s NIC carries `rom` as its option ROM (an
+    /// iPXE flashed into the NIC: the write-up's method 2).
+    pub fn set_nic_rom(&mut self, mac: &str, rom: &Path) {
+        self.nic_roms.insert(mac.to_string(), rom.to_path_buf());
     }
 
     /// Lets RFC 2090 multicast reach the machines: groups routed over the
@@ -555,8 +564,9 @@ impl BootLan {
         match firmware {
             Firmware::BiosIpxe => {
                 let rom = self
-                    .nic_rom
-                    .as_ref()
+                    .nic_roms
+                    .get(mac)
+                    .or(self.nic_rom.as_ref())
                     .map_or(String::new(), |rom| format!(",romfile={}", rom.display()));
                 command.args([
                     "-boot",
@@ -698,6 +708,8 @@ pub struct Booted {
     pub seconds: f64,
     /// Boot events bootfleet recorded for the machine, phase by phase.
     pub timeline: Vec<String>,
+    /// Its serial console, whole.
+    pub serial: String,
 }
 
 impl Booted {
@@ -743,8 +755,22 @@ impl Machine {
             }
             std::thread::sleep(Duration::from_millis(100));
         };
-        let timeline = lan.timeline(&self.mac, self.powered_on_ms);
         let serial = std::fs::read_to_string(&self.serial).unwrap_or_default();
+        // The server records a check-in a moment after answering it: a
+        // machine that says it checked in and powered off at once may be
+        // ahead of its event.
+        let mut timeline = lan.timeline(&self.mac, self.powered_on_ms);
+        let checked_in = serial.contains(&format!("{CHECKED_IN} rc=0"));
+        let patience = Instant::now() + Duration::from_secs(5);
+        while checked_in
+            && Instant::now() < patience
+            && !timeline
+                .iter()
+                .any(|l| l.split_whitespace().nth(1) == Some("checkin"))
+        {
+            std::thread::sleep(Duration::from_millis(200));
+            timeline = lan.timeline(&self.mac, self.powered_on_ms);
+        }
         let line = serial.lines().find(|l| l.starts_with(MARKER));
         let (Some(line), Some(after)) = (line, marker_after) else {
             panic!(
@@ -776,6 +802,7 @@ impl Machine {
                 .map(|(_, c)| c.to_string())
                 .unwrap_or_default(),
             timeline,
+            serial,
         }
     }
 }
@@ -820,6 +847,37 @@ pub fn patched_ipxe() -> Option<PathBuf> {
         String::from_utf8_lossy(&checked.stdout)
     );
     Some(bin)
+}
+
+/// An upstream iPXE source tree for `bootfleet ipxe build`:
+/// `BOOTFLEET_IPXE_SRC`, else the checked tree `tests/ipxe/build.sh
+/// --source-only` keeps in `target/ipxe` (from `../shared/ipxe`, or
+/// downloaded and checked). Without one the tests say so loudly (and fail
+/// in CI).
+pub fn ipxe_source() -> Option<PathBuf> {
+    if let Some(tree) = std::env::var_os("BOOTFLEET_IPXE_SRC") {
+        return Some(PathBuf::from(tree));
+    }
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let output = Command::new(repo.join("tests/ipxe/build.sh"))
+        .arg("--source-only")
+        .output()
+        .unwrap();
+    if !output.status.success() {
+        let message = format!(
+            "REQUIRED FILES MISSING: no iPXE source tree (BOOTFLEET_IPXE_SRC, or \
+             tests/ipxe/build.sh --source-only: {})",
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+        if std::env::var_os("CI").is_some() {
+            panic!("{message}");
+        }
+        note_skipped(&message);
+        return None;
+    }
+    Some(PathBuf::from(
+        String::from_utf8(output.stdout).unwrap().trim(),
+    ))
 }
 
 pub fn tail(text: &str) -> String {

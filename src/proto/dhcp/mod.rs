@@ -73,6 +73,10 @@ pub struct ClientInfo {
     pub http_client: bool,
     /// iPXE (user class `iPXE` or option 175) or gPXE (user class `gPXE`).
     pub ipxe: bool,
+    /// An iPXE that carries its own script and needs no boot file: its
+    /// user class is [`OWN_SCRIPT_USER_CLASS`] (set by the script that
+    /// `bootfleet ipxe build` embeds).
+    pub own_script: bool,
     /// Option 97, the machine's UUID/GUID, echoed in PXE replies.
     pub machine_id: Option<Vec<u8>>,
     pub requested_ip: Option<Ipv4Addr>,
@@ -212,6 +216,7 @@ pub fn classify(message: &Message) -> Result<ClientInfo, RequestError> {
         .as_deref()
         .is_some_and(|v| v.starts_with("HTTPClient"));
     let user_class = bytes_of(OptionCode::UserClass).unwrap_or_default();
+    let own_script = contains(&user_class, OWN_SCRIPT_USER_CLASS.as_bytes());
     let ipxe = contains(&user_class, b"iPXE")
         || contains(&user_class, b"gPXE")
         || opts.get(OptionCode::Unknown(175)).is_some();
@@ -248,6 +253,7 @@ pub fn classify(message: &Message) -> Result<ClientInfo, RequestError> {
         pxe,
         http_client,
         ipxe,
+        own_script,
         machine_id: bytes_of(OptionCode::ClientMachineIdentifier),
         requested_ip: ip(OptionCode::RequestedIpAddress),
         server_id: ip(OptionCode::ServerIdentifier),
@@ -260,6 +266,12 @@ pub fn classify(message: &Message) -> Result<ClientInfo, RequestError> {
         },
     })
 }
+
+/// The DHCP user class (option 77) of an iPXE built with an embedded
+/// script by `bootfleet ipxe build` (the write-up's methods 2 and 4): the
+/// script already knows where the machine's own script is, so the server
+/// answers it an address and itself as next server, no boot file.
+pub const OWN_SCRIPT_USER_CLASS: &str = "bootfleet-embedded";
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle)

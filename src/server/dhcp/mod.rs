@@ -14,7 +14,10 @@
 //!   URL with vendor class `HTTPClient`; PXE firmware gets its loader by
 //!   architecture, after the configured quirks. A machine the inventory
 //!   marks `netboot = false` gets no boot answer (in full mode still an
-//!   address).
+//!   address). An iPXE that carries its own script (user class
+//!   [`OWN_SCRIPT_USER_CLASS`], from `bootfleet ipxe build`) gets no boot
+//!   file either, and in full mode this server as next server (siaddr), for
+//!   a script that fetches from `${next-server}`.
 //! * Relayed requests are answered through the relay (giaddr) with option 82
 //!   echoed; [`reply_destination`] is RFC 2131 §4.1.
 
@@ -32,6 +35,8 @@ use dhcproto::{Encodable, Encoder};
 
 use crate::config::{DhcpConfig, DhcpMode};
 use crate::inventory::Snapshot;
+#[cfg(doc)]
+use crate::proto::dhcp::OWN_SCRIPT_USER_CLASS;
 use crate::proto::dhcp::{reply_destination, Arch, ClientInfo, Destination};
 use leases::{epoch, Lease, LeaseTable, NoAddress, State, OFFER_HOLD};
 
@@ -111,6 +116,9 @@ pub struct BootAnswer {
 
 /// The boot answer for `info`, or `None` for clients that do not netboot.
 pub fn boot_answer(info: &ClientInfo, ctx: &Context<'_>) -> Option<BootAnswer> {
+    if info.own_script {
+        return None; // it knows its script's URL; a boot file would be ignored
+    }
     if let Some(machine) = ctx.snapshot.machines.get(&info.mac) {
         if !machine.netboot {
             return None;
@@ -118,6 +126,7 @@ pub fn boot_answer(info: &ClientInfo, ctx: &Context<'_>) -> Option<BootAnswer> {
     }
     let mut arch = info.arch;
     let mut file_override = None;
+    let mut ipxe_file_override = None;
     for quirk in &ctx.config.quirks {
         let mac_ok = quirk.mac_prefix.as_deref().is_none_or(|prefix| {
             info.mac
@@ -132,6 +141,9 @@ pub fn boot_answer(info: &ClientInfo, ctx: &Context<'_>) -> Option<BootAnswer> {
         if mac_ok && class_ok {
             arch = quirk.arch.unwrap_or(arch);
             file_override = quirk.boot_file.clone().or(file_override);
+            if quirk.also_ipxe {
+                ipxe_file_override = quirk.boot_file.clone().or(ipxe_file_override);
+            }
         }
     }
     // Built only for the answers that carry a URL: most requests in a
@@ -144,12 +156,13 @@ pub fn boot_answer(info: &ClientInfo, ctx: &Context<'_>) -> Option<BootAnswer> {
         }
     };
     if info.ipxe {
-        let url = ctx
-            .config
-            .boot
-            .script_url
-            .clone()
-            .unwrap_or_else(|| format!("{}/boot.ipxe", http_base()));
+        let url = ipxe_file_override.unwrap_or_else(|| {
+            ctx.config
+                .boot
+                .script_url
+                .clone()
+                .unwrap_or_else(|| format!("{}/boot.ipxe", http_base()))
+        });
         let vendor_class = info.pxe.then_some("PXEClient");
         return Some(BootAnswer {
             file: url,
@@ -178,13 +191,16 @@ pub fn boot_answer(info: &ClientInfo, ctx: &Context<'_>) -> Option<BootAnswer> {
     })
 }
 
-/// `offer 10.0.0.5 boot undionly.kpxe (Bios)`, written in one allocation.
-fn lease_summary(what: &str, ip: Ipv4Addr, boot: Option<&BootAnswer>) -> String {
+/// `offer 10.0.0.5 boot undionly.kpxe (Bios)`, or `ack 10.0.0.5 own
+/// script` for an iPXE with an embedded script, written in one allocation.
+fn lease_summary(what: &str, ip: Ipv4Addr, boot: Option<&BootAnswer>, info: &ClientInfo) -> String {
     use std::fmt::Write;
     let mut summary = String::with_capacity(64);
     let _ = write!(summary, "{what} {ip}");
     if let Some(boot) = boot {
         let _ = write!(summary, " boot {} ({:?})", boot.file, boot.arch);
+    } else if info.own_script {
+        summary.push_str(" own script");
     }
     summary
 }
@@ -357,16 +373,14 @@ impl FullScope<'_> {
             true,
         );
         let boot = boot_answer(self.info, self.ctx);
-        if let Some(boot) = &boot {
-            add_boot(&mut reply, self.info, boot, self.ctx);
-        }
+        add_boot_or_next_server(&mut reply, self.info, boot.as_ref(), self.ctx);
         let what = if message_type == MessageType::Offer {
             "offer"
         } else {
             "ack"
         };
         Outcome {
-            summary: Some(lease_summary(what, ip, boot.as_ref())),
+            summary: Some(lease_summary(what, ip, boot.as_ref(), self.info)),
             reply: Some((encode(&reply), reply_destination(self.info, ip, false))),
             change,
             need: None,
@@ -553,9 +567,8 @@ fn full_inform(scope: &FullScope<'_>) -> Outcome {
         scope.lease_secs,
         false,
     );
-    if let Some(boot) = boot_answer(scope.info, scope.ctx) {
-        add_boot(&mut reply, scope.info, &boot, scope.ctx);
-    }
+    let boot = boot_answer(scope.info, scope.ctx);
+    add_boot_or_next_server(&mut reply, scope.info, boot.as_ref(), scope.ctx);
     let destination = reply_destination(scope.info, Ipv4Addr::UNSPECIFIED, false);
     Outcome {
         summary: Some("inform".into()),
@@ -655,6 +668,24 @@ fn add_lease_options(
 }
 
 /// siaddr, `file`, options 66/67, 60, 97 and the PXE vendor options.
+/// The boot answer's fields and options, or for an iPXE with its own
+/// script only this server as next server (siaddr), which such a script
+/// may fetch from as `${next-server}`.
+fn add_boot_or_next_server(
+    reply: &mut Message,
+    info: &ClientInfo,
+    boot: Option<&BootAnswer>,
+    ctx: &Context<'_>,
+) {
+    match boot {
+        Some(boot) => add_boot(reply, info, boot, ctx),
+        None if info.own_script => {
+            reply.set_siaddr(ctx.iface.addr);
+        }
+        None => {}
+    }
+}
+
 fn add_boot(reply: &mut Message, info: &ClientInfo, boot: &BootAnswer, ctx: &Context<'_>) {
     reply.set_siaddr(ctx.iface.addr);
     reply.set_sname_str(ctx.iface.addr.to_string());

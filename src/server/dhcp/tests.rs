@@ -390,6 +390,7 @@ fn inventory_reservations_do_not_netboot_and_quirks() {
         vendor_class: None,
         arch: Some(Arch::UefiArm64),
         boot_file: None,
+        also_ipxe: false,
     }];
     let pi = raw_request(
         [0xb8, 0x27, 0xeb, 0, 0, 1],
@@ -403,6 +404,25 @@ fn inventory_reservations_do_not_netboot_and_quirks() {
         ],
     );
     assert_eq!(boot_file(&run.ask(&pi).1.unwrap()), "arm64/snponly.efi");
+}
+
+#[test]
+fn a_quirk_gives_ipxe_clients_its_file_only_when_it_says_also_ipxe() {
+    let mut run = Run::new(DhcpMode::Full);
+    let mut quirk = Quirk {
+        mac_prefix: Some("52:54:00".into()),
+        vendor_class: None,
+        arch: None,
+        boot_file: Some("ipxe/undionly.kpxe".into()),
+        also_ipxe: false,
+    };
+    run.config.quirks = vec![quirk.clone()];
+    let (_, offer) = run.ask(&ipxe_discover());
+    assert_eq!(boot_file(&offer.unwrap()), "http://10.0.0.1:8080/boot.ipxe");
+    quirk.also_ipxe = true;
+    run.config.quirks = vec![quirk];
+    let (_, offer) = run.ask(&ipxe_discover());
+    assert_eq!(boot_file(&offer.unwrap()), "ipxe/undionly.kpxe");
 }
 
 #[test]
@@ -515,4 +535,51 @@ fn a_reservation_of_the_servers_own_network_or_broadcast_address_is_not_handed_o
         let error = Snapshot::parse(&text, Path::new("i.toml"), Path::new("/x"), 1).unwrap_err();
         assert!(error.to_string().contains("cannot be reserved"), "{error}");
     }
+}
+
+#[test]
+fn an_ipxe_with_its_own_script_gets_an_address_and_next_server_but_no_boot_file() {
+    // What the script `bootfleet ipxe build` embeds makes iPXE send: its
+    // own user class, and iPXE's option 175 as always.
+    let own_script = |message_type: u8| {
+        raw_request(
+            [0x52, 0x54, 0x00, 0x12, 0x34, 0x56],
+            0,
+            [0; 4],
+            [0; 4],
+            &[
+                (53, &[message_type]),
+                (60, b"PXEClient:Arch:00000:UNDI:002001"),
+                (77, b"bootfleet-embedded"),
+                (175, &[0xeb, 0x03, 0x01, 0x00, 0x00]),
+            ],
+        )
+    };
+    let mut run = Run::new(DhcpMode::Full);
+    let (outcome, offer) = run.ask(&own_script(1));
+    let offer = offer.expect("an own-script iPXE gets an offer");
+    assert!(run.leases.pools[0].contains(offer.yiaddr()));
+    assert_eq!(boot_file(&offer), "", "no boot file");
+    assert!(offer.fname().is_none_or(|f| f.iter().all(|&b| b == 0)));
+    assert_eq!(offer.siaddr(), IFACE_ADDR, "this server as next server");
+    assert!(
+        outcome.summary.as_deref().unwrap().ends_with(" own script"),
+        "{:?}",
+        outcome.summary
+    );
+    // Even a quirk that gives iPXE clients a file does not apply: the
+    // script would ignore it (and this is what ends an iPXE ROM's
+    // chainload of it).
+    run.config.quirks = vec![crate::config::Quirk {
+        mac_prefix: Some("52:54:00".into()),
+        vendor_class: None,
+        arch: None,
+        boot_file: Some("other.kpxe".into()),
+        also_ipxe: true,
+    }];
+    let (_, offer) = run.ask(&own_script(1));
+    assert_eq!(boot_file(&offer.unwrap()), "");
+    // Proxy mode has no address to give and nothing to boot: silence.
+    let mut proxy = Run::new(DhcpMode::Proxy);
+    assert!(proxy.ask(&own_script(1)).0.reply.is_none());
 }

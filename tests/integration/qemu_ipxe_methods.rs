@@ -1,0 +1,213 @@
+//! The original write-up's methods 2 and 4, end to end in QEMU, with iPXE
+//! built for the server by `bootfleet ipxe build` from upstream source
+//! ([`ipxe_source`]):
+//!
+//! * **Method 2, iPXE in the NIC's option ROM** with an embedded script
+//!   (`dhcp`, then `chain http://SERVER/boot/${netX/mac}.ipxe`): a BIOS
+//!   machine whose virtio-net ROM is that build boots its per-MAC image,
+//!   bootfleet answering its DHCP with an address and no boot file (and
+//!   no TFTP at all); the script's first server is down, so it boots from
+//!   its fallback. A second machine with the same ROM boots the classic
+//!   per-MAC `xx:xx:xx:xx:xx:xx.gpxe` file the same way.
+//! * **Method 4, an embedded-script iPXE chainloaded from PXE**: UEFI
+//!   firmware's own PXE client (OVMF, no iPXE ROM) fetches `snponly.efi`
+//!   built with the script; a BIOS machine's iPXE ROM, standing in for PXE
+//!   firmware as the acceptance harness does, fetches `undionly.kpxe` built
+//!   with it (a quirk with `also_ipxe`). Each script fetches
+//!   `http://${next-server}/boot/${netX/mac}.ipxe`, and the chainloaded
+//!   iPXE gets no boot file, so there is no loop.
+
+use std::path::Path;
+use std::process::Command;
+
+use crate::common::*;
+use crate::qemu_lan::*;
+
+const INVENTORY: &str = r#"
+[images.m]
+kernel = "img/vmlinuz"
+initrds = ["img/initrd.gz"]
+cmdline = "console=ttyS0 quiet panic=-1 bootfleet.image=m"
+"#;
+
+/// Method 2: the NIC ROM with the script, an inventory machine.
+const ROM: &str = "52:54:00:e2:00:01";
+/// Method 2: the same ROM, the classic `.gpxe` file.
+const ROM_GPXE: &str = "52:54:00:e2:00:02";
+/// Method 4: OVMF's PXE → `snponly.efi` with the script.
+const UEFI_CHAIN: &str = "52:54:00:e4:00:01";
+/// Method 4: an iPXE ROM as the PXE firmware → `undionly.kpxe` with it.
+const BIOS_CHAIN: &str = "52:54:00:e4:00:02";
+
+/// `bootfleet ipxe build` into `out` (relative to the boot directory).
+fn ipxe_build(source: &Path, lan: &BootLan, out: &str, servers: &[&str], targets: &[&str]) {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_bootfleet"));
+    command
+        .args(["ipxe", "build", "--source"])
+        .arg(source)
+        .arg("--out")
+        .arg(lan.boot_dir().join(out));
+    for server in servers {
+        command.args(["--server", server]);
+    }
+    for target in targets {
+        command.args(["--target", target]);
+    }
+    let started = std::time::Instant::now();
+    let output = command.output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "bootfleet ipxe build failed:\n{}",
+        tail(&stderr)
+    );
+    eprintln!(
+        "ipxe build {out} {targets:?}: {:.0} s\n{}",
+        started.elapsed().as_secs_f64(),
+        String::from_utf8_lossy(&output.stdout)
+    );
+    assert!(
+        stderr.contains("multicast TFTP fix"),
+        "the build says what it did about the fix: {}",
+        tail(&stderr)
+    );
+    let checked = Command::new("sha256sum")
+        .args(["--check", "--quiet", "SHA256SUMS"])
+        .current_dir(lan.boot_dir().join(out))
+        .output()
+        .unwrap();
+    assert!(checked.status.success(), "{out}/SHA256SUMS");
+}
+
+#[test]
+fn ipxe_in_the_nic_rom_and_chainloaded_with_an_embedded_script_boot_by_mac() {
+    if !can_make_namespaces() || !tools_present() || !have_tool("make") || !have_tool("gcc") {
+        return;
+    }
+    let Some(source) = ipxe_source() else {
+        return;
+    };
+    let mut lan = BootLan::new();
+    // Method 2: a fixed server list; the first is down, the second is this
+    // server. Method 4: whichever server answered DHCP.
+    ipxe_build(
+        &source,
+        &lan,
+        "ipxe-rom",
+        &["http://10.99.0.9", &format!("http://{SERVER_IP}")],
+        &["1af41000.rom"],
+    );
+    ipxe_build(
+        &source,
+        &lan,
+        "ipxe",
+        &["http://${next-server}"],
+        &["undionly.kpxe", "snponly.efi"],
+    );
+    let script = std::fs::read_to_string(lan.boot_dir().join("ipxe-rom/bootfleet.ipxe")).unwrap();
+    assert!(script.contains("chain --autofree http://10.99.0.9/boot/${netX/mac}.ipxe"));
+    let tree_fixed = std::fs::read_to_string(source.join("src/net/udp/tftp.c")).unwrap();
+    assert!(tree_fixed.contains("memset ( &socket, 0, sizeof ( socket ) );"));
+
+    let mut inventory = INVENTORY.to_string();
+    for mac in [ROM, UEFI_CHAIN, BIOS_CHAIN] {
+        inventory.push_str(&format!(
+            "\n[machines.\"{mac}\"]\nimage = \"m\"\ncmdline_append = \"bootfleet.node={}\"\n",
+            &mac[12..].replace(':', "")
+        ));
+    }
+    std::fs::write(lan.boot_dir().join("inventory.toml"), inventory).unwrap();
+    std::fs::write(
+        lan.boot_dir().join(format!("{ROM_GPXE}.gpxe")),
+        "#!gpxe\nkernel http://${next-server}/img/vmlinuz console=ttyS0 quiet panic=-1 bootfleet.static=gpxe\n\
+         initrd http://${next-server}/img/initrd.gz\nboot\n",
+    )
+    .unwrap();
+    let config = lan.dir.path().join("bootfleet.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[dhcp]\nuefi_x64 = \"ipxe/snponly.efi\"\n\
+             [[dhcp.quirks]]\nmac_prefix = \"{}\"\nboot_file = \"ipxe/undionly.kpxe\"\nalso_ipxe = true\n",
+            &BIOS_CHAIN
+        ),
+    )
+    .unwrap();
+    let rom = lan.boot_dir().join("ipxe-rom/1af41000.rom");
+    lan.set_nic_rom(ROM, &rom);
+    lan.set_nic_rom(ROM_GPXE, &rom);
+    lan.start_with_checkin(Some(&config));
+
+    let machines = [
+        lan.power_on(ROM, Firmware::BiosIpxe),
+        lan.power_on(ROM_GPXE, Firmware::BiosIpxe),
+        lan.power_on(UEFI_CHAIN, Firmware::UefiPxe),
+        lan.power_on(BIOS_CHAIN, Firmware::BiosIpxe),
+    ];
+    let booted: Vec<(String, Booted)> = machines
+        .into_iter()
+        .map(|machine| (machine.mac.clone(), machine.booted(&lan)))
+        .collect();
+    for (mac, booted) in &booted {
+        let dhcp: Vec<&String> = booted
+            .timeline
+            .iter()
+            .filter(|l| l.split_whitespace().nth(1) == Some("dhcp"))
+            .collect();
+        let files: Vec<&String> = booted
+            .timeline
+            .iter()
+            .filter(|l| l.split_whitespace().nth(2) == Some("tftp"))
+            .collect();
+        // Whatever its first stage, the iPXE with the script got an address
+        // with no boot file.
+        assert!(
+            dhcp.iter()
+                .any(|l| l.contains("ack 10.99.0.") && l.contains("own script")),
+            "{mac}: {dhcp:#?}"
+        );
+        if *mac == ROM_GPXE {
+            assert!(
+                booted.cmdline.contains("bootfleet.static=gpxe"),
+                "{mac}: {}",
+                booted.cmdline
+            );
+            assert!(booted.reached("script"), "{mac}: {:#?}", booted.timeline);
+            continue;
+        }
+        let node = format!("bootfleet.node={}", &mac[12..].replace(':', ""));
+        for wanted in ["bootfleet.image=m", &node, "bootfleet.token="] {
+            assert!(booted.cmdline.contains(wanted), "{mac}: {}", booted.cmdline);
+        }
+        for phase in ["script", "kernel", "initrd", "checkin"] {
+            assert!(
+                booted.reached(phase),
+                "{mac}: no {phase}: {:#?}\n{}",
+                booted.timeline,
+                tail(&booted.serial)
+            );
+        }
+        match mac.as_str() {
+            // Method 2: nothing by TFTP, no boot file ever answered.
+            ROM => {
+                assert!(files.is_empty(), "{mac}: {files:#?}");
+                assert!(
+                    !dhcp.iter().any(|l| l.contains(" boot ")),
+                    "{mac}: {dhcp:#?}"
+                );
+            }
+            // Method 4: the firmware fetched the built loader by TFTP.
+            UEFI_CHAIN => assert!(
+                files.iter().any(|l| l.contains("ipxe/snponly.efi")),
+                "{mac}: {:#?}",
+                booted.timeline
+            ),
+            BIOS_CHAIN => assert!(
+                files.iter().any(|l| l.contains("ipxe/undionly.kpxe")),
+                "{mac}: {:#?}",
+                booted.timeline
+            ),
+            _ => unreachable!(),
+        }
+    }
+}
