@@ -86,6 +86,8 @@ pub const API_ROUTES: &[(&str, &str)] = &[
     ("delete", "/api/v1/images/{name}"),
     ("get", "/api/v1/files"),
     ("put", "/api/v1/files/{path}"),
+    ("get", "/api/v1/ipxe"),
+    ("get", "/api/v1/ipxe/{name}"),
     ("get", "/api/v1/pools"),
     ("get", "/api/v1/pools/{name}"),
     ("put", "/api/v1/pools/{name}"),
@@ -172,6 +174,8 @@ pub fn routes(state: Arc<PanelState>) -> axum::Router {
             "/api/v1/files/{*path}",
             put(upload_file).layer(DefaultBodyLimit::disable()),
         )
+        .route("/api/v1/ipxe", get(ipxe_builds))
+        .route("/api/v1/ipxe/{name}", get(ipxe_build_file))
         .route("/api/v1/pools", get(list_pools))
         .route(
             "/api/v1/pools/{name}",
@@ -746,6 +750,54 @@ async fn list_files(State(state): Shared, _: Reader) -> ApiResult {
     })
     .await?;
     Ok(Json(files).into_response())
+}
+
+/// The iPXE binaries `bootfleet ipxe build` left in the boot directory's
+/// `ipxe/`: each with its SHA-256, size and the path the boot services
+/// serve it at, and the script built into them.
+async fn ipxe_builds(State(state): Shared, _: Reader) -> ApiResult {
+    let view = blocking(move || {
+        let dir = state.root.join("ipxe");
+        let files: Vec<Value> = crate::ipxe::list_builds(&dir)
+            .into_iter()
+            .map(|file| {
+                json!({
+                    "name": file.name,
+                    "sha256": file.sha256,
+                    "size": file.bytes,
+                    "boot_path": format!("ipxe/{}", file.name),
+                })
+            })
+            .collect();
+        let script = std::fs::read_to_string(dir.join(crate::ipxe::SCRIPT_NAME)).ok();
+        Ok(json!({ "files": files, "script": script }))
+    })
+    .await?;
+    Ok(Json(view).into_response())
+}
+
+/// One file of the iPXE build, for download from the panel.
+async fn ipxe_build_file(State(state): Shared, _: Reader, Path(name): Path<String>) -> ApiResult {
+    let bytes = blocking(move || {
+        let dir = state.root.join("ipxe");
+        let listed = crate::ipxe::list_builds(&dir)
+            .into_iter()
+            .any(|file| file.name == name);
+        if !listed {
+            return Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                format!("no iPXE build file named {name:?}; `bootfleet ipxe build` makes them"),
+            ));
+        }
+        std::fs::read(dir.join(&name)).map_err(|error| {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                format!("iPXE build file {name}: {error}"),
+            )
+        })
+    })
+    .await?;
+    Ok(([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response())
 }
 
 /// Stores an upload under the boot directory: streamed into a temporary

@@ -422,6 +422,69 @@ fn tokens_act_within_their_scope() {
     assert_eq!(temp.call("GET", "/api/v1/machines", None).status, 401);
 }
 
+/// The Images page lists what `bootfleet ipxe build` left in the boot
+/// directory's `ipxe/` (by its `SHA256SUMS`, as the command writes it) and
+/// hands out exactly those files, to read-scope callers too.
+#[test]
+fn the_panel_lists_and_hands_out_the_ipxe_builds() {
+    let root = boot_dir();
+    let server = FullServer::start_with_panel(root.path(), state_dir(), |_| {});
+    let panel = server.panel.unwrap();
+    let read = Api::with_token(panel, &add_token(server.state.path(), "viewer", "read"));
+    assert_eq!(
+        read.ok("GET", "/api/v1/ipxe", None),
+        json!({ "files": [], "script": null })
+    );
+    let dir = root.path().join("ipxe");
+    std::fs::create_dir_all(&dir).unwrap();
+    let rom = b"\x55\xaa rom bytes".to_vec();
+    std::fs::write(dir.join("1af41000.rom"), &rom).unwrap();
+    std::fs::write(dir.join("bootfleet.ipxe"), "#!ipxe\ndhcp\n").unwrap();
+    std::fs::write(dir.join("not-listed.efi"), "x").unwrap();
+    std::fs::write(
+        dir.join("SHA256SUMS"),
+        format!(
+            "{}  1af41000.rom\n{}  bootfleet.ipxe\n",
+            sha256_hex(&rom),
+            sha256_hex(b"#!ipxe\ndhcp\n")
+        ),
+    )
+    .unwrap();
+    let listed = read.ok("GET", "/api/v1/ipxe", None);
+    assert_eq!(listed["script"], "#!ipxe\ndhcp\n");
+    assert_eq!(
+        listed["files"][0],
+        json!({
+            "name": "1af41000.rom",
+            "sha256": sha256_hex(&rom),
+            "size": rom.len(),
+            "boot_path": "ipxe/1af41000.rom",
+        })
+    );
+    assert_eq!(listed["files"].as_array().unwrap().len(), 2);
+    let download = curl(
+        &format!("{}/api/v1/ipxe/1af41000.rom", read.base),
+        &[
+            "-H",
+            &format!("Authorization: Bearer {}", read.token.as_ref().unwrap()),
+        ],
+    );
+    assert_eq!(download.status, 200);
+    assert_eq!(download.body, rom);
+    for refused in [
+        "not-listed.efi",
+        "..%2Finventory.toml",
+        "SHA256SUMS%2F..%2F..%2Fx",
+    ] {
+        assert_eq!(
+            read.call("GET", &format!("/api/v1/ipxe/{refused}"), None)
+                .status,
+            404,
+            "{refused}"
+        );
+    }
+}
+
 /// Security review finding 1: an `assign` token could put a line break (or
 /// an iPXE `||`) into `cmdline_append`, which every boot format wrote raw
 /// into the kernel line: any command, e.g. `chain http://elsewhere/`.

@@ -137,6 +137,24 @@ fn ipxe_in_the_nic_rom_and_chainloaded_with_an_embedded_script_boot_by_mac() {
     lan.set_nic_rom(ROM, &rom);
     lan.set_nic_rom(ROM_GPXE, &rom);
     lan.start_with_checkin(Some(&config));
+    // The panel's Images page lists the loaders built into the boot
+    // directory's ipxe/, with the SHA-256 the command printed.
+    let listed: serde_json::Value = serde_json::from_str(&lan.api("/api/v1/ipxe")).unwrap();
+    let names: Vec<&str> = listed["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        ["undionly.kpxe", "snponly.efi", "bootfleet.ipxe"],
+        "{listed}"
+    );
+    assert!(listed["script"]
+        .as_str()
+        .unwrap()
+        .contains("${next-server}"));
 
     let machines = [
         lan.power_on(ROM, Firmware::BiosIpxe),

@@ -419,7 +419,7 @@ async function fleetPage() {
 // ---- images ----
 
 async function imagesPage() {
-  const files = await api("GET", "/files");
+  const [files, ipxe] = await Promise.all([api("GET", "/files"), api("GET", "/ipxe")]);
   const table = h("table", { id: "images" },
     h("thead", {}, h("tr", {}, ["Name", "Kernel", "Initrds", "Command line", "Via", "Files (size, SHA-256)", ""].map((t) => h("th", {}, t)))),
     h("tbody", {}, state.images.map((i) => h("tr", { dataset: { image: i.name } },
@@ -474,7 +474,24 @@ async function imagesPage() {
     } }, "Upload"), progress);
   return h("div", {}, h("h1", {}, "Images"), table,
     h("h2", {}, "Register an image"), list, register,
-    h("h2", {}, "Upload a file into the boot directory"), upload);
+    h("h2", {}, "Upload a file into the boot directory"), upload,
+    h("h2", {}, "iPXE built for this server"), ipxeBuilds(ipxe));
+}
+
+// The binaries `bootfleet ipxe build` left in the boot directory's ipxe/:
+// NIC ROMs to flash (method 2) and loaders PXE firmware chainloads (method 4).
+function ipxeBuilds(ipxe) {
+  if (!ipxe.files.length) {
+    return h("p", { class: "muted" }, "None yet: `bootfleet ipxe build --source IPXE_TREE --config CONFIG` builds undionly.kpxe, snponly.efi, ipxe.efi and NIC ROMs that fetch each machine's script from this server.");
+  }
+  return h("div", {},
+    h("table", { id: "ipxe-builds" },
+      h("thead", {}, h("tr", {}, ["File", "Served as", "Size", "SHA-256"].map((t) => h("th", {}, t)))),
+      h("tbody", {}, ipxe.files.map((f) => h("tr", {},
+        h("td", {}, h("a", { href: "/api/v1/ipxe/" + encodeURIComponent(f.name), download: f.name }, f.name)),
+        h("td", { class: "mono" }, f.boot_path), h("td", {}, size(f.size)),
+        h("td", { class: "mono wrap" }, f.sha256))))),
+    ipxe.script ? h("details", {}, h("summary", {}, "Embedded script"), h("pre", { class: "mono" }, ipxe.script)) : null);
 }
 
 // ---- pools ----
