@@ -3,9 +3,10 @@
 //! One task reads the listening socket; each admitted transfer runs as its
 //! own task on its own connected socket, driving the sans-I/O
 //! [`Transfer`](crate::proto::tftp::Transfer): send what it asks for,
-//! then wait for a datagram or its deadline. This backend copies each block
-//! into a datagram buffer; it is the always-works path, the io_uring backend
-//! is the fast one.
+//! then wait for a datagram or its deadline. A window of blocks leaves in
+//! one GSO `sendmsg` straight from the mmapped file ([`super::gso`]), or
+//! datagram by datagram where the kernel refuses GSO. It is the
+//! always-works path; the io_uring backend is the fast one.
 
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::Arc;
@@ -141,14 +142,14 @@ async fn run_transfer(
                 return;
             }
         };
-    let mut datagram = Vec::with_capacity(usize::from(started.transfer().blksize()) + 4);
+    let mut data = super::gso::DataSender::default();
     let mut incoming = vec![0u8; 2048];
     'transfer: loop {
         if started.superseded() {
             break;
         }
         while let Some(transmit) = started.poll_transmit() {
-            match send(&socket, &started, transmit, &mut datagram).await {
+            match send(&socket, &started, transmit, &mut data).await {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
                     debug!(peer = %started.peer, "client port closed, abandoning transfer");
@@ -190,19 +191,18 @@ async fn send(
     socket: &TokioUdp,
     started: &Session,
     transmit: Transmit,
-    datagram: &mut Vec<u8>,
+    data: &mut super::gso::DataSender,
 ) -> std::io::Result<()> {
     match transmit {
         Transmit::Control(bytes) => {
             socket.send(&bytes).await?;
         }
         Transmit::Window { first, count } => {
-            for index in first..first + u64::from(count) {
-                datagram.clear();
-                let payload = started.block(index);
-                packet::encode_data(ReadTransfer::wire_block(index), payload, datagram);
-                socket.send(datagram).await?;
-            }
+            let blocks: Vec<(u16, &[u8])> = (first..first + u64::from(count))
+                .map(|index| (ReadTransfer::wire_block(index), started.block(index)))
+                .collect();
+            let segment = usize::from(started.transfer().blksize()) + packet::DATA_HEADER_LEN;
+            data.send_all(socket, None, &blocks, segment).await?;
         }
     }
     Ok(())

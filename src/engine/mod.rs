@@ -33,6 +33,7 @@ pub mod blocking;
 pub mod dhcp;
 pub mod dhcp_share;
 pub mod epoll;
+pub mod gso;
 pub mod http;
 pub mod http_uring;
 pub mod multicast;

@@ -175,26 +175,28 @@ impl MulticastHub {
         };
         let mut session = GroupSession::new(first, config, Instant::now());
         let mut buf = vec![0u8; 1500];
-        let mut datagram = Vec::with_capacity(blksize + 4);
+        // A window to the group leaves in one GSO send where the kernel
+        // takes it, as unicast windows do.
+        let mut data = crate::engine::gso::DataSender::default();
+        let group_address = match group {
+            SocketAddr::V4(address) => address,
+            SocketAddr::V6(_) => unreachable!("multicast groups are IPv4"),
+        };
         loop {
             while let Some(transmit) = session.poll_transmit() {
                 let sent = match transmit {
                     Transmit::To(to, bytes) => socket.send_to(&bytes, to).await.map(|_| ()),
                     Transmit::Group { first, count } => {
-                        let mut result = Ok(());
-                        for block in first..first + u64::from(count) {
-                            datagram.clear();
-                            packet::encode_data(
-                                (block & 0xFFFF) as u16,
-                                session.block(block),
-                                &mut datagram,
-                            );
-                            result = socket.send_to(&datagram, group).await.map(|_| ());
-                            if result.is_err() {
-                                break;
-                            }
-                        }
-                        result
+                        let blocks: Vec<(u16, &[u8])> = (first..first + u64::from(count))
+                            .map(|block| ((block & 0xFFFF) as u16, session.block(block)))
+                            .collect();
+                        data.send_all(
+                            &socket,
+                            Some(group_address),
+                            &blocks,
+                            blksize + packet::DATA_HEADER_LEN,
+                        )
+                        .await
                     }
                 };
                 if let Err(error) = sent {

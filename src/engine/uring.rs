@@ -48,10 +48,6 @@ const RING_BUFFERS: u16 = 4096;
 /// address and any request a real client sends (ACKs are 4 bytes).
 const BUFFER_SIZE: usize = 2048;
 const BUFFER_GROUP: u16 = 0;
-/// The kernel segments at most 64 datagrams per GSO send.
-const MAX_GSO_SEGMENTS: usize = 64;
-/// Bytes per GSO send, below the 64 KiB IP limit.
-const MAX_GSO_BYTES: usize = 60_000;
 
 // user_data layout: kind (8 bits) | generation (24 bits) | slot (32 bits).
 const KIND_LISTEN: u64 = 1;
@@ -855,7 +851,7 @@ fn build_sends(slot: &mut Slot, gso: bool) -> usize {
             Transmit::Window { first, count } => {
                 let segment = usize::from(session.transfer().blksize()) + packet::DATA_HEADER_LEN;
                 let per_group = if gso {
-                    (MAX_GSO_BYTES / segment).clamp(1, MAX_GSO_SEGMENTS)
+                    super::gso::blocks_per_send(segment)
                 } else {
                     1
                 };
@@ -898,18 +894,9 @@ fn build_sends(slot: &mut Slot, gso: bool) -> usize {
         if segment > 0 {
             b.cmsgs.push([0u64; 4]);
             let cmsg_buf = b.cmsgs.last_mut().expect("just pushed");
-            // SAFETY: the buffer is 32 bytes, more than CMSG_SPACE(2) = 24,
-            // and 8-byte aligned as cmsghdr requires.
-            unsafe {
-                let space = libc::CMSG_SPACE(size_of::<u16>() as u32) as usize;
-                msg.msg_control = cmsg_buf.as_mut_ptr().cast();
-                msg.msg_controllen = space;
-                let cmsg = libc::CMSG_FIRSTHDR(&msg);
-                (*cmsg).cmsg_level = libc::SOL_UDP;
-                (*cmsg).cmsg_type = libc::UDP_SEGMENT;
-                (*cmsg).cmsg_len = libc::CMSG_LEN(size_of::<u16>() as u32) as usize;
-                std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<u16>(), segment);
-            }
+            // SAFETY: the buffer lives in the slot's send buffers, reserved
+            // above so it does not move, until the send completes.
+            unsafe { super::gso::set_segment_size(&mut msg, cmsg_buf, segment) };
         }
         b.msgs.push(msg);
     }
