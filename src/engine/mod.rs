@@ -13,7 +13,8 @@
 //!
 //! Beside them, for both backends: [`dhcp`] (one socket and thread per
 //! interface), [`ndp`] (router advertisements) and [`multicast`] (RFC 2090
-//! TFTP sessions, one tokio thread).
+//! TFTP sessions, one tokio thread). Windows of TFTP blocks leave by UDP
+//! GSO on every path ([`gso`]).
 //!
 //! [`choose`] probes the kernel at start-up: `auto` takes io_uring when the
 //! kernel offers everything the worker needs (a ring, multishot receive,
