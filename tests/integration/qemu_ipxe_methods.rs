@@ -229,3 +229,75 @@ fn ipxe_in_the_nic_rom_and_chainloaded_with_an_embedded_script_boot_by_mac() {
         }
     }
 }
+
+/// `tests/ipxe/build.sh` keeps an iPXE source only when its files are the
+/// pinned commit's: an archive with one byte changed in one file is
+/// refused, whatever its name, and the real one is kept. (The download
+/// from GitHub, for machines without `../shared/ipxe`, goes through the
+/// same check; this machine cannot reach GitHub to test the download.)
+#[test]
+fn the_ipxe_source_is_kept_only_when_it_is_the_pinned_commit() {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let name = "ipxe-src-0ab2277c40f1.tar.gz";
+    let Some(archive) = [
+        repo.join("../shared/ipxe").join(name),
+        repo.join("target/ipxe").join(name),
+    ]
+    .into_iter()
+    .find(|a| a.is_file()) else {
+        let message = "REQUIRED FILES MISSING: the iPXE source archive (../shared/ipxe, or the \
+                       one tests/ipxe/build.sh --source-only downloads into target/ipxe)";
+        if std::env::var_os("CI").is_some() {
+            panic!("{message}");
+        }
+        note_skipped(message);
+        return;
+    };
+    let work = tempfile::tempdir().unwrap();
+    let unpacked = work.path().join("unpacked");
+    std::fs::create_dir(&unpacked).unwrap();
+    run(Command::new("tar")
+        .arg("-xzf")
+        .arg(&archive)
+        .arg("-C")
+        .arg(&unpacked))
+    .unwrap();
+    let tftp = unpacked.join("ipxe-0ab2277c40f1/src/net/udp/tftp.c");
+    let mut text = std::fs::read(&tftp).unwrap();
+    text[100] ^= 1;
+    std::fs::write(&tftp, text).unwrap();
+    let tampered = work.path().join("ipxe-src-0ab2277c40f1.tar.gz");
+    run(Command::new("tar")
+        .arg("-czf")
+        .arg(&tampered)
+        .arg("-C")
+        .arg(&unpacked)
+        .arg("ipxe-0ab2277c40f1"))
+    .unwrap();
+    let build = |archive: &Path, out: &Path| {
+        Command::new(repo.join("tests/ipxe/build.sh"))
+            .arg("--source-only")
+            .env("BOOTFLEET_IPXE_ARCHIVE", archive)
+            .env("BOOTFLEET_IPXE_OUT", out)
+            .output()
+            .unwrap()
+    };
+    let refused = build(&tampered, &work.path().join("out-tampered"));
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("is not commit 0ab2277c40f1"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    assert!(!work.path().join("out-tampered/src-0ab2277c40f1").exists());
+    let kept = build(&archive, &work.path().join("out"));
+    assert!(
+        kept.status.success(),
+        "{}",
+        String::from_utf8_lossy(&kept.stderr)
+    );
+    assert!(work
+        .path()
+        .join("out/src-0ab2277c40f1/src/net/udp/tftp.c")
+        .is_file());
+}

@@ -33,7 +33,9 @@ TREE=$OUT/src-$COMMIT
 if [ ! -f "$TREE/src/Makefile" ]; then
     WORK=$(mktemp -d)
     trap 'rm -rf "$WORK"' EXIT
-    archive=$REPO/../shared/ipxe/ipxe-src-$COMMIT.tar.gz
+    # BOOTFLEET_IPXE_ARCHIVE: a copy of the archive from elsewhere (a
+    # mirror, a machine without GitHub); checked like any other.
+    archive=${BOOTFLEET_IPXE_ARCHIVE:-$REPO/../shared/ipxe/ipxe-src-$COMMIT.tar.gz}
     if [ ! -f "$archive" ]; then
         archive=$WORK/ipxe-$COMMIT.tar.gz
         echo "fetching iPXE $COMMIT from GitHub" >&2
@@ -49,6 +51,11 @@ if [ ! -f "$TREE/src/Makefile" ]; then
     mkdir -p "$OUT"
     rm -rf "$TREE"
     mv "$WORK/src" "$TREE"
+    # A downloaded archive is kept beside the tree (the tests check that a
+    # tampered copy of it is refused).
+    if [ "$archive" = "$WORK/ipxe-$COMMIT.tar.gz" ]; then
+        mv "$archive" "$OUT/ipxe-src-$COMMIT.tar.gz"
+    fi
 fi
 if [ "${1:-}" = "--source-only" ]; then
     echo "$TREE"
