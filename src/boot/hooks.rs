@@ -47,8 +47,19 @@ pub struct FinishedRead<'a> {
     /// client asked for the file, which is where firmware differs.
     pub blksize: u16,
     pub windowsize: u16,
-    /// The group it was sent to, for a multicast (RFC 2090) member.
-    pub multicast: Option<SocketAddr>,
+    /// For a multicast (RFC 2090) member, its part in the session.
+    pub multicast: Option<MulticastPart>,
+}
+
+/// A member's part in a multicast TFTP session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MulticastPart {
+    /// The group the session sent to.
+    pub group: SocketAddr,
+    /// How long after joining it was made master (paced the group with its
+    /// ACKs; zero for the machine that started the session), or `None`
+    /// when it only listened.
+    pub master_after: Option<std::time::Duration>,
 }
 
 /// Told about every read transfer that ends (size queries aside) and every

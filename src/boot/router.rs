@@ -583,9 +583,16 @@ impl TransferObserver for Router {
             client: read.peer.ip(),
             transport: "tftp",
             how: Some(match read.multicast {
-                Some(group) => format!(
-                    "multicast {group}, blksize {}, windowsize {}",
-                    read.blksize, read.windowsize
+                Some(part) => format!(
+                    "multicast {}, {}, blksize {}, windowsize {}",
+                    part.group,
+                    match part.master_after {
+                        Some(after) if after.is_zero() => "master from its join".to_string(),
+                        Some(after) => format!("master after {:.1} s", after.as_secs_f64()),
+                        None => "listener only".to_string(),
+                    },
+                    read.blksize,
+                    read.windowsize
                 ),
                 None => format!("blksize {}, windowsize {}", read.blksize, read.windowsize),
             }),

@@ -129,7 +129,10 @@ impl GroupSession {
                 status: if outcome.completed { 200 } else { 408 },
                 blksize: self.blksize,
                 windowsize: self.windowsize,
-                multicast: Some(self.group),
+                multicast: Some(crate::boot::hooks::MulticastPart {
+                    group: self.group,
+                    master_after: outcome.master_after,
+                }),
             };
             for observer in observers {
                 observer.read_finished(&finished);

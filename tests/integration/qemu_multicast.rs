@@ -9,6 +9,8 @@
 //! namespace's output) stay within 1.2 times one copy of the kernel and
 //! initrd. A fifth machine powered on 5 s late joins and completes, and a
 //! sixth pulled from the wall in the middle of its transfer stalls nobody.
+//! Each machine's kernel and initrd events name the group and when the
+//! machine became the session's master.
 
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -139,6 +141,7 @@ fn ipxe_machines_boot_their_kernel_and_initrd_by_multicast_together() {
     let boot = lan.boot_dir();
     let one_copy = std::fs::metadata(boot.join("img/vmlinuz")).unwrap().len()
         + std::fs::metadata(boot.join("img/initrd.gz")).unwrap().len();
+    let mut took_over = std::collections::HashMap::new();
     for (mac, booted) in &booted {
         let node = format!("bootfleet.node={}", &mac[12..].replace(':', ""));
         for wanted in ["bootfleet.image=mc", &node, "bootfleet.token="] {
@@ -156,7 +159,21 @@ fn ipxe_machines_boot_their_kernel_and_initrd_by_multicast_together() {
                 line.contains("multicast 239.255.66.") && line.ends_with("(200)"),
                 "{mac}: {line}"
             );
+            // Every member paced the group in turn (to be sent what it
+            // lacked and confirm it): the events say when each took over.
+            assert!(line.contains(", master "), "{mac}: {line}");
+            if line.contains("master after") {
+                *took_over.entry(phase).or_insert(0) += 1;
+            }
         }
+    }
+    // At most one machine per file started its session; the others became
+    // master when the one before them was done: master changes.
+    for phase in ["kernel", "initrd"] {
+        assert!(
+            took_over.get(phase).copied().unwrap_or(0) >= booted.len() - 1,
+            "{phase}: {took_over:?}"
+        );
     }
     let log = lan.log();
     let sessions: Vec<&str> = log

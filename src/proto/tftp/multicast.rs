@@ -82,6 +82,8 @@ struct Member {
     joined: Instant,
     /// The first entry of the session's `sent` log after it joined.
     sent_from: usize,
+    /// How long after joining it was made master, if it was.
+    master_after: Option<Duration>,
 }
 
 /// How one member's part in the session ended.
@@ -94,6 +96,10 @@ pub struct MemberOutcome {
     pub completed: bool,
     /// When it joined.
     pub joined: Instant,
+    /// How long after joining it was made master (the client whose ACKs
+    /// pace the group: zero for the one that started the session), or
+    /// `None` when it only listened.
+    pub master_after: Option<Duration>,
 }
 
 #[derive(Debug)]
@@ -246,6 +252,7 @@ impl Session {
             options,
             joined: now,
             sent_from: self.sent.len(),
+            master_after: None,
         };
         self.sent_split = true;
         if self.master.is_none() {
@@ -274,7 +281,8 @@ impl Session {
     }
 
     /// Makes `member` the master: it is sent an OACK with `mc` = 1.
-    fn appoint(&mut self, member: Member, now: Instant) {
+    fn appoint(&mut self, mut member: Member, now: Instant) {
+        member.master_after = Some(now.saturating_duration_since(member.joined));
         let oack = self.oack(&member, true);
         self.queue.push_back(Transmit::To(member.addr, oack));
         self.master = Some((
@@ -299,6 +307,7 @@ impl Session {
             addr: member.addr,
             completed,
             joined: member.joined,
+            master_after: member.master_after,
         });
     }
 
@@ -667,6 +676,14 @@ mod tests {
         );
         assert_eq!(stats.members_completed, 4);
         assert_eq!(stats.master_changes, 3);
+        // Each member's outcome says it paced the group in turn (to be
+        // sent what it lacked and confirm it), the first from its join.
+        let masters: Vec<Option<Duration>> = std::iter::from_fn(|| session.poll_outcome())
+            .map(|outcome| outcome.master_after)
+            .collect();
+        assert_eq!(masters.len(), 4);
+        assert_eq!(masters[0], Some(Duration::ZERO));
+        assert!(masters.iter().all(Option::is_some), "{masters:?}");
     }
 
     #[test]
