@@ -74,13 +74,7 @@ pub fn start(
     http: TcpListener,
     panel: Option<TcpListener>,
 ) -> Result<Running, StartError> {
-    let root = config
-        .root
-        .canonicalize()
-        .map_err(|source| StartError::Root {
-            path: config.root.clone(),
-            source,
-        })?;
+    let root = canonical_root(config)?;
     let inventory_path = root.join(&config.inventory_file);
     let mut router =
         Router::new(&root, &inventory_path, &config.state_dir).map_err(StartError::Inventory)?;
@@ -133,6 +127,7 @@ pub fn start(
         engine::Backend::IoUring => engine::http_uring::spawn,
         engine::Backend::Epoll => engine::http::spawn,
     };
+    let http_address = http.local_addr()?;
     threads.extend(spawn_http(
         http,
         Arc::clone(&http_service),
@@ -151,8 +146,9 @@ pub fn start(
     });
     let panel = match panel {
         Some(listener) => {
+            let started = (listener, http_address);
             let (panel, thread) =
-                start_panel(config, listener, &router, &root, &data_plane, &shutdown)?;
+                start_panel(config, started, &router, &root, &data_plane, &shutdown)?;
             threads.push(thread);
             Some(panel)
         }
@@ -292,10 +288,23 @@ fn start_dhcp(
     Ok(Some(service))
 }
 
-/// Opens the inventory database and starts the control panel on `listener`.
+/// The boot directory, canonical (every path check compares with it).
+fn canonical_root(config: &Config) -> Result<std::path::PathBuf, StartError> {
+    config
+        .root
+        .canonicalize()
+        .map_err(|source| StartError::Root {
+            path: config.root.clone(),
+            source,
+        })
+}
+
+/// Opens the inventory database and starts the control panel on `listener`;
+/// `http_address` is where this server's data plane listens (other servers
+/// on the database copy image files from it).
 fn start_panel(
     config: &Config,
-    listener: TcpListener,
+    (listener, http_address): (TcpListener, std::net::SocketAddr),
     router: &Arc<Router>,
     root: &std::path::Path,
     data_plane: &Arc<crate::panel::metrics::DataPlane>,
@@ -318,8 +327,13 @@ fn start_panel(
             Arc::new(crate::store::unavailable::UnavailableStore::new(reason))
         }
     };
+    // Where other servers on the database fetch image files from this one.
+    let mut panel = config.panel.clone();
+    panel.data_plane_url = config.http.public_url.clone().or_else(|| {
+        (!http_address.ip().is_unspecified()).then(|| format!("http://{http_address}"))
+    });
     crate::panel::start(
-        &config.panel,
+        &panel,
         store,
         Arc::clone(router),
         root,

@@ -5,6 +5,8 @@
 //! * `builtin:ipxe` — an assigned machine's iPXE script;
 //! * `builtin:menu` — the unknown-machine menu of images;
 //! * `builtin:wait` — the unknown-machine poll loop;
+//! * `builtin:not-here` — the same loop for a machine whose image this
+//!   server does not hold yet (copied from another server);
 //! * `builtin:local` — boot from the local disk (exit iPXE);
 //! * `builtin:pxelinux`, `builtin:pxelinux-local`, `builtin:grub`,
 //!   `builtin:grub-local` — the same decisions for pxelinux and GRUB.
@@ -52,6 +54,13 @@ sleep {{ poll_seconds }}
 chain --replace --autofree {{ server }}/boot/{{ mac }}.ipxe{{ query }}
 ";
 
+const NOT_HERE: &str = "#!ipxe
+# bootfleet: {{ mac }}: {{ reason }}
+echo bootfleet: {{ reason }}; asking again in {{ poll_seconds }} s
+sleep {{ poll_seconds }}
+chain --replace --autofree {{ server }}/boot/{{ mac }}.ipxe{{ query }}
+";
+
 const LOCAL: &str = "#!ipxe
 # bootfleet: {{ mac }}: {{ reason }}
 echo bootfleet: {{ reason }}; booting from the local disk
@@ -90,10 +99,11 @@ exit
 ";
 
 /// The built-in templates, by name.
-pub const BUILTIN: [(&str, &str); 8] = [
+pub const BUILTIN: [(&str, &str); 9] = [
     ("builtin:ipxe", IPXE),
     ("builtin:menu", MENU),
     ("builtin:wait", WAIT),
+    ("builtin:not-here", NOT_HERE),
     ("builtin:local", LOCAL),
     ("builtin:pxelinux", PXELINUX),
     ("builtin:pxelinux-local", PXELINUX_LOCAL),

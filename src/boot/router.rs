@@ -53,6 +53,9 @@ pub enum Decision {
     MenuChoice(String),
     Unknown(UnknownPolicy),
     Local(&'static str),
+    /// Assigned an image whose files this server does not hold yet (being
+    /// copied from another server): told to ask again.
+    NotHereYet(String),
 }
 
 impl Decision {
@@ -74,6 +77,9 @@ impl std::fmt::Display for Decision {
             Decision::MenuChoice(image) => write!(f, "image {image} chosen from the menu"),
             Decision::Unknown(policy) => write!(f, "unknown machine: {policy:?}"),
             Decision::Local(why) => write!(f, "local boot: {why}"),
+            Decision::NotHereYet(image) => {
+                write!(f, "image {image}, not on this server yet: asked to wait")
+            }
         }
     }
 }
@@ -101,9 +107,28 @@ pub struct Router {
     /// Check-in tokens and URL for the kernel command lines, once the
     /// server knows its key and where machines reach its panel.
     checkin: arc_swap::ArcSwapOption<Checkin>,
+    /// Images whose files this server does not hold yet, with why (see
+    /// [`Self::set_images_not_here`]).
+    images_not_here: arc_swap::ArcSwap<BTreeMap<String, String>>,
 }
 
 impl Router {
+    /// The images [`Self::set_images_not_here`] holds back now.
+    pub fn images_not_here(&self) -> BTreeMap<String, String> {
+        (**self.images_not_here.load()).clone()
+    }
+
+    /// Images whose boot files this server does not hold (yet): with
+    /// several servers on one database, an image registered on another
+    /// server is offered here only once its files were copied and checked.
+    /// A machine assigned one meanwhile gets a script that waits and asks
+    /// again, instead of a kernel URL that would fail.
+    pub fn set_images_not_here(&self, images: BTreeMap<String, String>) {
+        if **self.images_not_here.load() != images {
+            self.images_not_here.store(std::sync::Arc::new(images));
+        }
+    }
+
     /// Waits until the one-shot assignments used so far are on disk (they
     /// are written off the data plane; see [`super::ledger`]).
     pub fn sync_state(&self) {
@@ -128,6 +153,7 @@ impl Router {
             loader_files: HashSet::new(),
             events: EventLog::new(100_000),
             checkin: arc_swap::ArcSwapOption::empty(),
+            images_not_here: arc_swap::ArcSwap::default(),
         };
         router.reload()?;
         Ok(router)
@@ -285,6 +311,22 @@ impl Router {
             self.one_shots.used(mac, rearm)
         });
         let server = base_url.trim_end_matches('/');
+        if let Choice::Assigned { image, .. } | Choice::MenuChoice { image, .. } = choice {
+            if let Some(why) = self.images_not_here.load().get(&image.name) {
+                let context = ScriptContext {
+                    mac: mac.to_string(),
+                    server: server.to_string(),
+                    poll_seconds: snapshot.poll_seconds,
+                    query: facts_query(query),
+                    reason: format!("image {} is not on this server yet: {why}", image.name),
+                    ..ScriptContext::default()
+                };
+                let decision = Decision::NotHereYet(image.name.clone());
+                let mut script = render(&loaded, "builtin:not-here", &context, decision);
+                script.body = self.stamp(script.body, mac);
+                return script;
+            }
+        }
         if let Choice::Assigned { machine, image } = choice {
             if speaks_for {
                 self.one_shots.script_asked(machine, client);

@@ -229,6 +229,10 @@ pub struct PanelConfig {
     /// This server's name on the boot events it stores (several servers
     /// may share one database); `None`: the host name.
     pub server_name: Option<String>,
+    /// Where other servers fetch image files from this one (its data
+    /// plane: `http.public_url`, or `http.listen` when that is a specific
+    /// address); set at start, not read from the file.
+    pub data_plane_url: Option<String>,
 }
 
 impl PanelConfig {
@@ -712,6 +716,7 @@ impl Default for Config {
                 max_discovered: 10_000,
                 metrics_listen: None,
                 server_name: None,
+                data_plane_url: None,
             },
             database_url: None,
             power: PowerConfig {

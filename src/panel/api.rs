@@ -25,7 +25,9 @@ pub(super) use super::extract::{blocking, parse_json, parse_mac, Admin, Assigner
 use super::tls::PeerAddr;
 use super::{check_files, machine_view, now_ms, ApiError, MachineView, PanelState};
 use crate::proto::path::safe_relative_name;
-use crate::store::{ImageRecord, MachinePatch, PoolRecord, Scope, SessionRecord, StoredEvent};
+use crate::store::{
+    ImageRecord, MachinePatch, PoolRecord, Scope, ServerFiles, SessionRecord, StoredEvent,
+};
 
 type Shared = State<Arc<PanelState>>;
 
@@ -618,19 +620,41 @@ async fn discovered(State(state): Shared, _: Reader) -> ApiResult {
 
 /// An image as the API shows it: the record, and `problem` when its files
 /// are missing or unreadable now (it cannot boot).
-fn image_view(state: &PanelState, image: ImageRecord) -> Value {
+/// An image as the API shows it: its record, why it cannot boot here (if
+/// it cannot), and on which of the database's servers its files are, as
+/// each last reported (`holds`; `running`: it reported in the last minute).
+fn image_view(state: &PanelState, image: ImageRecord, servers: &[ServerFiles]) -> Value {
     let problem = state.image_health.problem(&image.name);
+    let now = now_ms();
+    let availability: Vec<Value> = servers
+        .iter()
+        .map(|server| {
+            let holds = image.files.iter().all(|want| {
+                server
+                    .files
+                    .iter()
+                    .any(|f| f.path == want.path && f.sha256 == want.sha256)
+            });
+            json!({
+                "name": server.name,
+                "holds": holds,
+                "running": super::replica::is_running(server, now),
+            })
+        })
+        .collect();
     let mut value = serde_json::to_value(image).unwrap_or(Value::Null);
     value["problem"] = problem.map_or(Value::Null, Value::String);
+    value["servers"] = Value::Array(availability);
     value
 }
 
 async fn list_images(State(state): Shared, _: Reader) -> ApiResult {
+    let servers = state.store.server_files().unwrap_or_default();
     let images: Vec<Value> = state
         .store
         .images()?
         .into_iter()
-        .map(|image| image_view(&state, image))
+        .map(|image| image_view(&state, image, &servers))
         .collect();
     Ok(Json(images).into_response())
 }
@@ -640,7 +664,8 @@ async fn get_image(State(state): Shared, _: Reader, Path(name): Path<String>) ->
         .store
         .image(&name)?
         .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("no image named {name:?}")))?;
-    Ok(Json(image_view(&state, image)).into_response())
+    let servers = state.store.server_files().unwrap_or_default();
+    Ok(Json(image_view(&state, image, &servers)).into_response())
 }
 
 #[derive(Deserialize)]

@@ -12,12 +12,16 @@ use std::sync::{Arc, Mutex};
 use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify, WatchDescriptor};
 use tracing::{debug, info, warn};
 
-use super::{check_files, mtime_ms, PanelState};
+use super::replica::{self, Settled};
+use super::{check_files, PanelState};
+use crate::store::{HeldFile, ImageRecord, ServerFiles};
 
 /// Images found broken, by name, with the reason; and the watch.
 #[derive(Default)]
 pub struct ImageHealth {
     broken: Mutex<BTreeMap<String, String>>,
+    /// This server's copies of image files, as last hashed.
+    pub hashes: super::replica::LocalHashes,
     watch: Mutex<Option<DirWatch>>,
     /// Woken by the watch thread: something changed in a watched directory.
     pub changed: tokio::sync::Notify,
@@ -129,14 +133,30 @@ impl ImageHealth {
     }
 }
 
-/// Checks every image's files: a changed file updates its size and SHA-256
-/// (audited); a missing or unreadable one marks the image broken until it
-/// is back. Watches the directories the files are in.
+/// Checks every image's files: a file changed on disk updates its size
+/// and SHA-256 (audited); with other servers on the database, a file this
+/// server lacks is copied from one that holds the image's version
+/// ([`super::replica`]); a file nobody has marks the image broken until it
+/// is back. Reports the files this server holds, tells the router which
+/// images are not here, and watches the directories the files are in.
 pub fn recheck_image_files(state: &PanelState) {
     let Ok(images) = state.store.images() else {
         return;
     };
+    let now = super::now_ms();
+    let peers: Vec<ServerFiles> = match state.store.server_files() {
+        Ok(servers) => servers
+            .into_iter()
+            .filter(|s| s.name != state.server_name)
+            .collect(),
+        Err(error) => {
+            debug!(%error, "other servers' image files not read; none copied this round");
+            Vec::new()
+        }
+    };
     let mut dirs = Vec::new();
+    let mut held = Vec::new();
+    let mut not_here = BTreeMap::new();
     for image in images {
         for path in std::iter::once(&image.kernel).chain(&image.initrds) {
             if !crate::inventory::is_url(path) {
@@ -145,46 +165,119 @@ pub fn recheck_image_files(state: &PanelState) {
                 }
             }
         }
-        let changed = image.files.iter().any(|file| {
-            std::fs::metadata(state.root.join(&file.path))
-                .map(|meta| meta.len() != file.size || mtime_ms(&meta) != file.mtime_ms)
-                .unwrap_or(true)
-        });
-        if !changed {
-            if state.image_health.set(&image.name, None) {
-                info!(image = %image.name, "an image's boot files are back; it boots again");
+        match replica::settle(&state.root, &state.image_health.hashes, &image, &peers, now) {
+            Settled::Here(files) => {
+                if state.image_health.set(&image.name, None) {
+                    info!(image = %image.name, "an image's boot files are here again; it boots again");
+                }
+                held.extend(files);
             }
-            continue;
-        }
-        match check_files(&state.root, &image) {
-            Ok(files) => {
-                state.image_health.set(&image.name, None);
-                info!(image = %image.name, "an image's boot file changed on disk; size and checksum updated");
-                let detail = files
-                    .iter()
-                    .map(|f| format!("{} {} bytes sha256 {}", f.path, f.size, &f.sha256[..16]))
-                    .collect::<Vec<_>>()
-                    .join("; ");
-                let _ = state.store.update_image_files(&image.name, &files);
-                let _ = state.store.record_audit(
-                    "bootfleet",
-                    "image.files-changed",
-                    &image.name,
-                    &detail,
-                );
-            }
-            Err(error) => {
-                if state.image_health.set(&image.name, Some(error.clone())) {
-                    warn!(image = %image.name, %error, "an image's boot file is missing or unreadable; machines assigned to it will fail at that file");
-                    let _ =
-                        state
-                            .store
-                            .record_audit("bootfleet", "image.broken", &image.name, &error);
+            Settled::Adopt => held.extend(adopt_local_files(state, &image)),
+            Settled::NotHere { why, copying } => {
+                if state.image_health.set(&image.name, Some(why.clone())) {
+                    if copying {
+                        warn!(image = %image.name, %why, "an image's boot files are not on this server yet; its machines are told to wait");
+                    } else {
+                        warn!(image = %image.name, error = %why, "an image's boot file is missing or unreadable; machines assigned to it will fail at that file");
+                    }
+                    let action = if copying {
+                        "image.not-here"
+                    } else {
+                        "image.broken"
+                    };
+                    let _ = state
+                        .store
+                        .record_audit("bootfleet", action, &image.name, &why);
+                }
+                if copying {
+                    not_here.insert(image.name.clone(), why);
                 }
             }
         }
     }
+    let report = ServerFiles {
+        name: state.server_name.clone(),
+        http_url: state.config.data_plane_url.clone().unwrap_or_default(),
+        files: held,
+        seen_ms: now,
+    };
+    if let Err(error) = state.store.note_server_files(&report) {
+        debug!(%error, "this server's image files not reported to the database");
+    }
+    state.router.set_images_not_here(not_here);
     state
         .image_health
         .watch(dirs.into_iter().filter(|dir| dir.is_dir()));
+}
+
+/// With other servers running on the database, marks not here, at once,
+/// every image with a file this server lacks (at a glance,
+/// [`replica::LocalHashes::looks_different`]): called before a new
+/// snapshot goes live, so that an image registered on another server is
+/// never offered here before the image check (which copies its files) ran.
+pub fn hold_back_images_not_here(state: &PanelState) {
+    let (Ok(images), Ok(servers)) = (state.store.images(), state.store.server_files()) else {
+        return;
+    };
+    let now = super::now_ms();
+    if !servers
+        .iter()
+        .any(|s| s.name != state.server_name && replica::is_running(s, now))
+    {
+        return;
+    }
+    let mut not_here = state.router.images_not_here();
+    for image in &images {
+        let lacking = image
+            .files
+            .iter()
+            .find(|want| state.image_health.hashes.looks_different(&state.root, want));
+        if let Some(want) = lacking {
+            not_here
+                .entry(image.name.clone())
+                .or_insert_with(|| format!("{} is to be copied from another server", want.path));
+        }
+    }
+    state.router.set_images_not_here(not_here);
+    state.image_health.changed.notify_one();
+}
+
+/// The image's files as they are on this server's disk become its record's
+/// (sizes and SHA-256, audited): they were changed here, or no server holds
+/// the version the record named any more.
+/// Logs and audits a file that cannot be read, and then holds none.
+fn adopt_local_files(state: &PanelState, image: &ImageRecord) -> Vec<HeldFile> {
+    match check_files(&state.root, image) {
+        Ok(files) => {
+            state.image_health.set(&image.name, None);
+            info!(image = %image.name, "an image's boot file changed on disk; size and checksum updated");
+            let detail = files
+                .iter()
+                .map(|f| format!("{} {} bytes sha256 {}", f.path, f.size, &f.sha256[..16]))
+                .collect::<Vec<_>>()
+                .join("; ");
+            let _ = state.store.update_image_files(&image.name, &files);
+            let _ =
+                state
+                    .store
+                    .record_audit("bootfleet", "image.files-changed", &image.name, &detail);
+            files
+                .into_iter()
+                .map(|f| HeldFile {
+                    path: f.path,
+                    sha256: f.sha256,
+                    size: f.size,
+                })
+                .collect()
+        }
+        Err(error) => {
+            if state.image_health.set(&image.name, Some(error.clone())) {
+                warn!(image = %image.name, %error, "an image's boot file is missing or unreadable; machines assigned to it will fail at that file");
+                let _ = state
+                    .store
+                    .record_audit("bootfleet", "image.broken", &image.name, &error);
+            }
+            Vec::new()
+        }
+    }
 }

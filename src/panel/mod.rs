@@ -16,6 +16,7 @@ mod extract;
 mod image_watch;
 pub mod metrics;
 pub mod power;
+mod replica;
 mod tls;
 
 use std::net::{SocketAddr, TcpListener};
@@ -184,6 +185,9 @@ impl PanelState {
     pub fn publish(&self) -> Result<(), ApiError> {
         let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
         let snapshot = snapshot_from_store(&*self.store, generation)?;
+        // An image another server registered goes live here only with
+        // its files: until the image check copies them, its machines wait.
+        image_watch::hold_back_images_not_here(self);
         self.router
             .install(snapshot)
             .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;

@@ -185,7 +185,14 @@ pub struct HttpStats {
 }
 
 /// What a per-MAC script can decide, as counted.
-pub const SCRIPT_DECISIONS: &[&str] = &["image", "menu-choice", "unknown", "local", "static"];
+pub const SCRIPT_DECISIONS: &[&str] = &[
+    "image",
+    "menu-choice",
+    "unknown",
+    "local",
+    "static",
+    "image-not-here-yet",
+];
 
 fn decision_index(decision: &crate::boot::router::Decision) -> usize {
     use crate::boot::router::Decision;
@@ -195,6 +202,7 @@ fn decision_index(decision: &crate::boot::router::Decision) -> usize {
         Decision::Unknown(_) => 2,
         Decision::Local(_) => 3,
         Decision::Static(_) => 4,
+        Decision::NotHereYet(_) => 5,
     }
 }
 

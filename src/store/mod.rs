@@ -226,6 +226,30 @@ pub struct FileCheck {
     pub mtime_ms: u64,
 }
 
+/// The image files one server holds, as it last reported them: with
+/// several servers on one database, a server lacking a file (or holding
+/// another version of it) fetches it from one that reports it with the
+/// image's SHA-256.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServerFiles {
+    /// The server's name (`panel.server_name`).
+    pub name: String,
+    /// Where its data plane serves the boot directory (`http://…`), or
+    /// empty when other servers cannot reach it.
+    pub http_url: String,
+    pub files: Vec<HeldFile>,
+    /// When it reported.
+    pub seen_ms: u64,
+}
+
+/// A boot file a server holds, checked against its SHA-256.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeldFile {
+    pub path: String,
+    pub sha256: String,
+    pub size: u64,
+}
+
 /// An image.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ImageRecord {
@@ -614,6 +638,13 @@ pub trait InventoryStore: Send + Sync {
         target: &str,
         detail: &str,
     ) -> StoreResult<()>;
+
+    /// Records which image files server `report.name` holds, verified
+    /// by SHA-256, and where it serves them (replacing its last report).
+    /// Not an inventory change: no other server is told.
+    fn note_server_files(&self, report: &ServerFiles) -> StoreResult<()>;
+    /// Every server's last report, by name.
+    fn server_files(&self) -> StoreResult<Vec<ServerFiles>>;
 
     /// A listener for inventory changes other writers make (other
     /// servers on the same database), or `None` when every write goes

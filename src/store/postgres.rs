@@ -151,6 +151,15 @@ CREATE TABLE bmcs (
     r#"
 ALTER TABLE images ADD COLUMN checkin_deadline_s BIGINT NOT NULL DEFAULT 0;
 "#,
+    // The image files each server holds (replication between servers).
+    r#"
+CREATE TABLE server_files (
+    name TEXT PRIMARY KEY,
+    http_url TEXT NOT NULL DEFAULT '',
+    files TEXT NOT NULL DEFAULT '[]',
+    seen_ms BIGINT NOT NULL
+);
+"#,
 ];
 
 /// The advisory lock key migrations run under (any fixed number: "bfsc").
@@ -209,7 +218,23 @@ impl PostgresStore {
     }
 
     /// Runs `f` on the connection, opening it first if it is not open.
+    ///
+    /// The `postgres` client blocks on a runtime of its own, which tokio
+    /// refuses on a thread that drives another runtime's tasks (it
+    /// panicked when an async panel handler, an upload, wrote its audit
+    /// entry): such a caller hands its worker over to the runtime's other
+    /// threads for the call (`block_in_place`).
     fn with_client<T>(&self, f: impl FnOnce(&mut Client) -> StoreResult<T>) -> StoreResult<T> {
+        let on_a_worker = tokio::runtime::Handle::try_current().is_ok_and(|handle| {
+            handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread
+        });
+        if on_a_worker {
+            return tokio::task::block_in_place(|| self.with_client_here(f));
+        }
+        self.with_client_here(f)
+    }
+
+    fn with_client_here<T>(&self, f: impl FnOnce(&mut Client) -> StoreResult<T>) -> StoreResult<T> {
         let mut slot = self.client.lock().unwrap_or_else(|p| p.into_inner());
         if slot.as_ref().is_none_or(Client::is_closed) {
             let client = connect(&self.url).map_err(|e| {
@@ -1082,6 +1107,40 @@ impl InventoryStore for PostgresStore {
 
     fn change_listener(&self) -> StoreResult<Option<Box<dyn ChangeListener>>> {
         Ok(Some(Box::new(self.listener()?)))
+    }
+
+    fn note_server_files(&self, report: &ServerFiles) -> StoreResult<()> {
+        self.with_client(|client| {
+            client.execute(
+                "INSERT INTO server_files (name, http_url, files, seen_ms) VALUES ($1, $2, $3, $4) \
+                 ON CONFLICT (name) DO UPDATE SET http_url = $2, files = $3, seen_ms = $4",
+                &[
+                    &report.name,
+                    &report.http_url,
+                    &json(&report.files),
+                    &(report.seen_ms as i64),
+                ],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn server_files(&self) -> StoreResult<Vec<ServerFiles>> {
+        self.with_client(|client| {
+            let rows = client.query(
+                "SELECT name, http_url, files, seen_ms FROM server_files ORDER BY name",
+                &[],
+            )?;
+            Ok(rows
+                .iter()
+                .map(|row| ServerFiles {
+                    name: row.get(0),
+                    http_url: row.get(1),
+                    files: from_json(&row.get::<_, String>(2)),
+                    seen_ms: row.get::<_, i64>(3) as u64,
+                })
+                .collect())
+        })
     }
 
     fn export(&self) -> StoreResult<InventoryDump> {

@@ -118,6 +118,15 @@ CREATE TABLE bmcs (
     r#"
 ALTER TABLE images ADD COLUMN checkin_deadline_s INTEGER NOT NULL DEFAULT 0;
 "#,
+    // The image files each server holds (replication between servers).
+    r#"
+CREATE TABLE server_files (
+    name TEXT PRIMARY KEY,
+    http_url TEXT NOT NULL DEFAULT '',
+    files TEXT NOT NULL DEFAULT '[]',
+    seen_ms INTEGER NOT NULL
+);
+"#,
 ];
 
 /// What a database copy holds, to compare with the original.
@@ -1067,6 +1076,37 @@ impl InventoryStore for SqliteStore {
         detail: &str,
     ) -> StoreResult<()> {
         self.write(|tx| audit(tx, actor, action, target, detail))
+    }
+
+    fn note_server_files(&self, report: &ServerFiles) -> StoreResult<()> {
+        let connection = self.lock();
+        connection.execute(
+            "INSERT INTO server_files (name, http_url, files, seen_ms) VALUES (?1, ?2, ?3, ?4) \
+             ON CONFLICT (name) DO UPDATE SET http_url = ?2, files = ?3, seen_ms = ?4",
+            params![
+                report.name,
+                report.http_url,
+                json(&report.files),
+                report.seen_ms as i64
+            ],
+        )?;
+        Ok(())
+    }
+
+    fn server_files(&self) -> StoreResult<Vec<ServerFiles>> {
+        let connection = self.lock();
+        let mut statement = connection.prepare_cached(
+            "SELECT name, http_url, files, seen_ms FROM server_files ORDER BY name",
+        )?;
+        let rows = statement.query_map([], |row| {
+            Ok(ServerFiles {
+                name: row.get(0)?,
+                http_url: row.get(1)?,
+                files: from_json(&row.get::<_, String>(2)?),
+                seen_ms: row.get::<_, i64>(3)? as u64,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
     }
 
     fn export(&self) -> StoreResult<InventoryDump> {

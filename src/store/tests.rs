@@ -132,6 +132,7 @@ on_every_backend!(
     schema_is_migrated_once_and_reopens,
     bmcs_are_stored_sealed_audited_and_forgotten_with_their_machine,
     a_late_event_never_moves_a_machine_back_and_a_check_in_stays,
+    each_servers_files_are_its_last_report,
 );
 
 /// Every kind of row, in `store`.
@@ -739,5 +740,37 @@ mod bodies {
             .note_events(&[event(Phase::Dhcp, 60_000)], &[], "a")
             .unwrap();
         assert_eq!(phase(store), ("dhcp".into(), 60_000));
+    }
+
+    pub(super) fn each_servers_files_are_its_last_report(backend: &Backend) {
+        let store = &*backend.store;
+        assert_eq!(store.server_files().unwrap(), []);
+        let held = |path: &str, sha: &str| HeldFile {
+            path: path.into(),
+            sha256: sha.into(),
+            size: 7,
+        };
+        let report = |name: &str, files: Vec<HeldFile>, seen_ms: u64| ServerFiles {
+            name: name.into(),
+            http_url: format!("http://{name}"),
+            files,
+            seen_ms,
+        };
+        store
+            .note_server_files(&report("b", vec![held("k", "1")], 10))
+            .unwrap();
+        store
+            .note_server_files(&report("a", vec![held("k", "1"), held("i", "2")], 11))
+            .unwrap();
+        store
+            .note_server_files(&report("b", vec![held("k", "3")], 12))
+            .unwrap();
+        assert_eq!(
+            backend.reopen().server_files().unwrap(),
+            [
+                report("a", vec![held("k", "1"), held("i", "2")], 11),
+                report("b", vec![held("k", "3")], 12),
+            ]
+        );
     }
 }

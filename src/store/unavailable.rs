@@ -223,6 +223,14 @@ impl InventoryStore for UnavailableStore {
         self.down()
     }
 
+    fn note_server_files(&self, _report: &ServerFiles) -> StoreResult<()> {
+        self.down()
+    }
+
+    fn server_files(&self) -> StoreResult<Vec<ServerFiles>> {
+        self.down()
+    }
+
     fn export(&self) -> StoreResult<InventoryDump> {
         self.down()
     }

@@ -205,6 +205,158 @@ fn an_assignment_on_one_server_reaches_the_other_servers_scripts() {
     });
 }
 
+/// Images are replicated between the servers of one database by SHA-256:
+/// files uploaded to A and registered there are copied by B and C from A's
+/// data plane, checked, and served by them byte for byte; meanwhile their
+/// machines are told to wait, never sent a kernel URL that fails; the API
+/// shows on which servers each image is. A file changed on A afterwards
+/// reaches B and C the same way.
+#[test]
+fn an_image_uploaded_to_one_server_is_served_by_the_others_byte_for_byte() {
+    let Some(url) = fresh_postgres_database() else {
+        return;
+    };
+    let token = admin_token(&url);
+    let on_postgres = |name: &'static str| {
+        let url = url.clone();
+        move |config: &mut bootfleet::config::Config| {
+            config.database_url = Some(url);
+            config.panel.server_name = Some(name.into());
+        }
+    };
+    let roots: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let servers: Vec<FullServer> = ["boot-a", "boot-b", "boot-c"]
+        .into_iter()
+        .zip(&roots)
+        .map(|(name, root)| {
+            FullServer::start_with_panel(root.path(), state_dir(), on_postgres(name))
+        })
+        .collect();
+    let api = Api::with_token(servers[0].panel.expect("a panel"), &token);
+    let kernel: Vec<u8> = (0..3_000_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let initrd: Vec<u8> = (0..1_000_000u32).map(|i| (i % 253) as u8).collect();
+    for (path, bytes) in [("fresh/vmlinuz", &kernel), ("fresh/initrd.img", &initrd)] {
+        let reply = api.raw(
+            "PUT",
+            &format!("/api/v1/files/{path}"),
+            Some(bytes.clone()),
+            true,
+        );
+        assert_eq!(reply.status, 201, "{reply:?}");
+    }
+    api.ok(
+        "POST",
+        "/api/v1/images",
+        Some(json!({
+            "name": "fresh",
+            "kernel": "fresh/vmlinuz",
+            "initrds": ["fresh/initrd.img"],
+        })),
+    );
+    let mac = "52:54:00:00:00:61";
+    api.ok(
+        "PUT",
+        &format!("/api/v1/machines/{mac}"),
+        Some(json!({ "image": "fresh" })),
+    );
+    let started = std::time::Instant::now();
+    // Until B holds the files its answer for the machine is to wait, never
+    // a kernel it cannot serve.
+    let holds = |server: &FullServer, path: &str, bytes: &[u8]| {
+        let fetched = curl(&server.url(&format!("/{path}")), &[]);
+        fetched.status == 200 && fetched.body == bytes
+    };
+    let mut waits_seen = 0;
+    let deadline = started + std::time::Duration::from_secs(45);
+    loop {
+        let answer = script(&servers[1], mac, "");
+        // Waiting for its image's files, or (for the moment the change
+        // takes to reach B) for the assignment itself.
+        let waiting = answer.contains("not on this server yet")
+            || answer.contains("not assigned an image yet");
+        if !waiting {
+            assert!(answer.contains("fresh/vmlinuz"), "{answer}");
+            assert!(
+                holds(&servers[1], "fresh/vmlinuz", &kernel)
+                    && holds(&servers[1], "fresh/initrd.img", &initrd),
+                "B offered the image before it held its files:\n{answer}"
+            );
+            break;
+        }
+        waits_seen += 1;
+        assert!(
+            std::time::Instant::now() < deadline,
+            "B never got the image"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    eventually_within(45, "C serves the files byte for byte", || {
+        (holds(&servers[2], "fresh/vmlinuz", &kernel)
+            && holds(&servers[2], "fresh/initrd.img", &initrd))
+        .then_some(())
+    });
+    assert!(holds(&servers[1], "fresh/initrd.img", &initrd));
+    eprintln!(
+        "replicated to B and C within {:.1} s; B told its machine to wait {waits_seen} time(s)",
+        started.elapsed().as_secs_f64()
+    );
+    // The API says where the image is (C's report may lag a round).
+    eventually_within(30, "every server reports the image", || {
+        let image = api.ok("GET", "/api/v1/images/fresh", None);
+        let on: Vec<(String, bool)> = image["servers"]
+            .as_array()?
+            .iter()
+            .map(|s| {
+                (
+                    s["name"].as_str().unwrap_or("").to_string(),
+                    s["holds"] == true,
+                )
+            })
+            .collect();
+        (on == [
+            ("boot-a".into(), true),
+            ("boot-b".into(), true),
+            ("boot-c".into(), true),
+        ])
+        .then_some(())
+    });
+    // A changed kernel, uploaded to A again, follows.
+    let changed: Vec<u8> = kernel.iter().map(|b| b ^ 0x5a).collect();
+    let reply = api.raw(
+        "PUT",
+        "/api/v1/files/fresh/vmlinuz",
+        Some(changed.clone()),
+        true,
+    );
+    assert_eq!(reply.status, 201, "{reply:?}");
+    eventually_within(45, "the changed kernel on B and C", || {
+        (holds(&servers[1], "fresh/vmlinuz", &changed)
+            && holds(&servers[2], "fresh/vmlinuz", &changed))
+        .then_some(())
+    });
+    assert!(
+        holds(&servers[0], "fresh/vmlinuz", &changed),
+        "A kept its own new kernel"
+    );
+}
+
+/// Polls `probe` every 200 ms for up to `seconds`.
+fn eventually_within<T>(seconds: u64, what: &str, mut probe: impl FnMut() -> Option<T>) -> T {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(seconds);
+    loop {
+        if let Some(value) = probe() {
+            return value;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting: {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}
+
 /// A PostgreSQL cluster of the test's own (tests/postgres.sh), stopped and
 /// removed when dropped.
 pub struct OwnCluster {

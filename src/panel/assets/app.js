@@ -421,12 +421,18 @@ async function fleetPage() {
 async function imagesPage() {
   const [files, ipxe] = await Promise.all([api("GET", "/files"), api("GET", "/ipxe")]);
   const table = h("table", { id: "images" },
-    h("thead", {}, h("tr", {}, ["Name", "Kernel", "Initrds", "Command line", "Via", "Files (size, SHA-256)", ""].map((t) => h("th", {}, t)))),
+    h("thead", {}, h("tr", {}, ["Name", "Kernel", "Initrds", "Command line", "Via", "Files (size, SHA-256)", "On servers", ""].map((t) => h("th", {}, t)))),
     h("tbody", {}, state.images.map((i) => h("tr", { dataset: { image: i.name } },
       h("td", {}, i.name, i.problem ? [" ", h("span", { class: "badge failed", title: i.problem }, "broken")] : null,
         i.problem ? h("div", { class: "failure" }, i.problem) : null), h("td", { class: "mono" }, i.kernel), h("td", { class: "mono" }, i.initrds.join(" ")),
       h("td", { class: "mono" }, i.cmdline), h("td", {}, i.transport),
       h("td", {}, i.files.map((f) => h("div", { class: "mono", title: f.sha256 }, `${f.path}: ${size(f.size)}, ${f.sha256.slice(0, 12)}…`))),
+      // Which servers of the database hold the image's files (copied
+      // between them by SHA-256); a server that stopped reporting is greyed.
+      h("td", { class: "servers" }, (i.servers || []).map((s) => h("span", {
+        class: "badge " + (s.holds ? "booted" : "discovered") + (s.running ? "" : " muted"),
+        title: (s.holds ? "holds the files" : "copying or lacking the files") + (s.running ? "" : "; not running"),
+      }, (s.holds ? "✓ " : "… ") + s.name))),
       h("td", {}, h("button", { class: "secondary", onclick: async () => {
         try { await api("DELETE", "/images/" + encodeURIComponent(i.name)); flash("removed " + i.name); route(); }
         catch (err) { flash(err.message, true); }
