@@ -22,6 +22,9 @@ pub(super) struct OneShots {
     /// that first asked for its script: only a kernel fetch from there uses
     /// the assignment up when no lease vouches for the address.
     claimants: Mutex<HashMap<Mac, IpAddr>>,
+    /// Assignments used up here and not yet shared with the other servers
+    /// of the database ([`Self::take_newly_used`]).
+    newly_used: Mutex<Vec<(Mac, u64)>>,
 }
 
 impl OneShots {
@@ -30,6 +33,32 @@ impl OneShots {
         Self {
             ledger: OneShotLedger::open(state_dir),
             claimants: Mutex::new(HashMap::new()),
+            newly_used: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// The assignments used up here since the last call, to be shared.
+    pub(super) fn take_newly_used(&self) -> Vec<(Mac, u64)> {
+        std::mem::take(&mut *self.newly_used.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Puts back what [`Self::take_newly_used`] gave, when it could not be
+    /// shared (the database is away): tried again with the next.
+    pub(super) fn keep_newly_used(&self, used: Vec<(Mac, u64)>) {
+        let mut pending = self.newly_used.lock().unwrap_or_else(|p| p.into_inner());
+        if pending.len() < MAX_SEEN {
+            pending.extend(used);
+        }
+    }
+
+    /// Assignments other servers used up: marked here too (the later
+    /// `rearm` generation wins), so the machine boots locally whichever
+    /// server it asks next.
+    pub(super) fn merge_used_elsewhere(&self, used: &[(Mac, u64)]) {
+        for &(mac, rearm) in used {
+            if !self.used(mac, rearm) {
+                self.ledger.mark_used(mac, rearm);
+            }
         }
     }
 
@@ -73,6 +102,7 @@ impl OneShots {
         claimants.remove(&mac);
         drop(claimants);
         self.ledger.mark_used(mac, machine.rearm);
+        self.keep_newly_used(vec![(mac, machine.rearm)]);
         true
     }
 

@@ -113,6 +113,24 @@ pub struct Router {
 }
 
 impl Router {
+    /// One-shot assignments used up through this server since the last
+    /// call, for the other servers of the database.
+    pub fn take_newly_used_one_shots(&self) -> Vec<(Mac, u64)> {
+        self.one_shots.take_newly_used()
+    }
+
+    /// Gives back what [`Self::take_newly_used_one_shots`] gave when it
+    /// could not be stored; it comes again with the next call.
+    pub fn keep_newly_used_one_shots(&self, used: Vec<(Mac, u64)>) {
+        self.one_shots.keep_newly_used(used);
+    }
+
+    /// One-shot assignments used up (MAC, `rearm` generation) as the
+    /// database has them, through any server: used up here too.
+    pub fn merge_used_one_shots(&self, used: &[(Mac, u64)]) {
+        self.one_shots.merge_used_elsewhere(used);
+    }
+
     /// The images [`Self::set_images_not_here`] holds back now.
     pub fn images_not_here(&self) -> BTreeMap<String, String> {
         (**self.images_not_here.load()).clone()

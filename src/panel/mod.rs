@@ -188,6 +188,11 @@ impl PanelState {
         // An image another server registered goes live here only with
         // its files: until the image check copies them, its machines wait.
         image_watch::hold_back_images_not_here(self);
+        // One-shot assignments used up through other servers.
+        match self.store.one_shots_used() {
+            Ok(used) => self.router.merge_used_one_shots(&used),
+            Err(error) => warn!(%error, "used one-shot assignments not read from the database"),
+        }
         self.router
             .install(snapshot)
             .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
@@ -644,6 +649,15 @@ async fn write_events(state: Arc<PanelState>) {
                 })
                 .collect();
             state.store.note_events(&batch, &seen, &state.server_name)?;
+            // One-shot assignments used up here (a kernel fetch, so with
+            // this batch's events): the other servers are told.
+            let used = state.router.take_newly_used_one_shots();
+            if !used.is_empty() {
+                if let Err(error) = state.store.note_one_shots_used(&used) {
+                    warn!(%error, "used one-shot assignments not stored yet; tried again with the next events");
+                    state.router.keep_newly_used_one_shots(used);
+                }
+            }
             // The events are stored: a failure from here on must not keep
             // them for another try (they would be stored twice).
             if !seen.is_empty() {

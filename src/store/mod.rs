@@ -639,6 +639,14 @@ pub trait InventoryStore: Send + Sync {
         detail: &str,
     ) -> StoreResult<()>;
 
+    /// Records one-shot assignments used up (MAC, the machine's `rearm`
+    /// generation; a later generation replaces an earlier one) and tells
+    /// the other servers, so that the machine boots locally whichever
+    /// server it asks next.
+    fn note_one_shots_used(&self, used: &[(Mac, u64)]) -> StoreResult<()>;
+    /// Every one-shot assignment used up, through any server.
+    fn one_shots_used(&self) -> StoreResult<Vec<(Mac, u64)>>;
+
     /// Records which image files server `report.name` holds, verified
     /// by SHA-256, and where it serves them (replacing its last report).
     /// Not an inventory change: no other server is told.

@@ -151,8 +151,13 @@ CREATE TABLE bmcs (
     r#"
 ALTER TABLE images ADD COLUMN checkin_deadline_s BIGINT NOT NULL DEFAULT 0;
 "#,
-    // The image files each server holds (replication between servers).
+    // One-shot assignments used up (shared between the servers of one
+    // database), and the image files each server holds (replication).
     r#"
+CREATE TABLE one_shots_used (
+    mac TEXT PRIMARY KEY,
+    rearm BIGINT NOT NULL
+);
 CREATE TABLE server_files (
     name TEXT PRIMARY KEY,
     http_url TEXT NOT NULL DEFAULT '',
@@ -1107,6 +1112,32 @@ impl InventoryStore for PostgresStore {
 
     fn change_listener(&self) -> StoreResult<Option<Box<dyn ChangeListener>>> {
         Ok(Some(Box::new(self.listener()?)))
+    }
+
+    fn note_one_shots_used(&self, used: &[(Mac, u64)]) -> StoreResult<()> {
+        self.change(|tx| {
+            for (mac, rearm) in used {
+                tx.execute(
+                    "INSERT INTO one_shots_used (mac, rearm) VALUES ($1, $2) \
+                     ON CONFLICT (mac) DO UPDATE SET rearm = GREATEST(one_shots_used.rearm, $2)",
+                    &[&mac.to_string(), &(*rearm as i64)],
+                )?;
+            }
+            Ok(())
+        })
+    }
+
+    fn one_shots_used(&self) -> StoreResult<Vec<(Mac, u64)>> {
+        self.with_client(|client| {
+            let rows = client.query("SELECT mac, rearm FROM one_shots_used", &[])?;
+            Ok(rows
+                .iter()
+                .filter_map(|row| {
+                    let mac = Mac::parse(&row.get::<_, String>(0)).ok()?;
+                    Some((mac, row.get::<_, i64>(1) as u64))
+                })
+                .collect())
+        })
     }
 
     fn note_server_files(&self, report: &ServerFiles) -> StoreResult<()> {

@@ -118,8 +118,13 @@ CREATE TABLE bmcs (
     r#"
 ALTER TABLE images ADD COLUMN checkin_deadline_s INTEGER NOT NULL DEFAULT 0;
 "#,
-    // The image files each server holds (replication between servers).
+    // One-shot assignments used up (shared between the servers of one
+    // database), and the image files each server holds (replication).
     r#"
+CREATE TABLE one_shots_used (
+    mac TEXT PRIMARY KEY,
+    rearm INTEGER NOT NULL
+);
 CREATE TABLE server_files (
     name TEXT PRIMARY KEY,
     http_url TEXT NOT NULL DEFAULT '',
@@ -1076,6 +1081,31 @@ impl InventoryStore for SqliteStore {
         detail: &str,
     ) -> StoreResult<()> {
         self.write(|tx| audit(tx, actor, action, target, detail))
+    }
+
+    fn note_one_shots_used(&self, used: &[(Mac, u64)]) -> StoreResult<()> {
+        self.write(|tx| {
+            for (mac, rearm) in used {
+                tx.execute(
+                    "INSERT INTO one_shots_used (mac, rearm) VALUES (?1, ?2) \
+                     ON CONFLICT (mac) DO UPDATE SET rearm = MAX(rearm, ?2)",
+                    params![mac.to_string(), *rearm as i64],
+                )?;
+            }
+            Ok(())
+        })
+    }
+
+    fn one_shots_used(&self) -> StoreResult<Vec<(Mac, u64)>> {
+        let connection = self.lock();
+        let mut statement = connection.prepare_cached("SELECT mac, rearm FROM one_shots_used")?;
+        let rows = statement.query_map([], |row| {
+            Ok((row.get::<_, String>(0)?, row.get::<_, i64>(1)?))
+        })?;
+        Ok(rows
+            .filter_map(Result::ok)
+            .filter_map(|(mac, rearm)| Some((Mac::parse(&mac).ok()?, rearm as u64)))
+            .collect())
     }
 
     fn note_server_files(&self, report: &ServerFiles) -> StoreResult<()> {

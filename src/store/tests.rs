@@ -133,6 +133,7 @@ on_every_backend!(
     bmcs_are_stored_sealed_audited_and_forgotten_with_their_machine,
     a_late_event_never_moves_a_machine_back_and_a_check_in_stays,
     each_servers_files_are_its_last_report,
+    used_one_shots_keep_the_latest_generation,
 );
 
 /// Every kind of row, in `store`.
@@ -772,5 +773,19 @@ mod bodies {
                 report("b", vec![held("k", "3")], 12),
             ]
         );
+    }
+
+    pub(super) fn used_one_shots_keep_the_latest_generation(backend: &Backend) {
+        let store = &*backend.store;
+        let (a, b) = (
+            Mac::parse("52:54:00:00:0a:01").unwrap(),
+            Mac::parse("52:54:00:00:0a:02").unwrap(),
+        );
+        assert_eq!(store.one_shots_used().unwrap(), []);
+        store.note_one_shots_used(&[(a, 2), (b, 0)]).unwrap();
+        store.note_one_shots_used(&[(a, 1)]).unwrap();
+        let mut used = backend.reopen().one_shots_used().unwrap();
+        used.sort();
+        assert_eq!(used, [(a, 2), (b, 0)]);
     }
 }

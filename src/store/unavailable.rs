@@ -223,6 +223,14 @@ impl InventoryStore for UnavailableStore {
         self.down()
     }
 
+    fn note_one_shots_used(&self, _used: &[(Mac, u64)]) -> StoreResult<()> {
+        self.down()
+    }
+
+    fn one_shots_used(&self) -> StoreResult<Vec<(Mac, u64)>> {
+        self.down()
+    }
+
     fn note_server_files(&self, _report: &ServerFiles) -> StoreResult<()> {
         self.down()
     }

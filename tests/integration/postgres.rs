@@ -342,6 +342,55 @@ fn an_image_uploaded_to_one_server_is_served_by_the_others_byte_for_byte() {
     );
 }
 
+/// A one-shot assignment used up through one server is used up on the
+/// others: the machine's next script, from whichever server, boots it
+/// locally.
+#[test]
+fn a_one_shot_used_through_one_server_is_used_on_the_others() {
+    let Some(url) = fresh_postgres_database() else {
+        return;
+    };
+    let token = admin_token(&url);
+    let root = boot_dir();
+    let on_postgres = |name: &'static str| {
+        let url = url.clone();
+        move |config: &mut bootfleet::config::Config| {
+            config.database_url = Some(url);
+            config.panel.server_name = Some(name.into());
+        }
+    };
+    let a = FullServer::start_with_panel(root.path(), state_dir(), on_postgres("boot-a"));
+    let b = FullServer::start_with_panel(root.path(), state_dir(), on_postgres("boot-b"));
+    let api = Api::with_token(a.panel.expect("a panel"), &token);
+    register(&api, "debian12");
+    let mac = "52:54:00:00:00:71";
+    api.ok(
+        "PUT",
+        &format!("/api/v1/machines/{mac}"),
+        Some(json!({ "image": "debian12", "one_shot": true })),
+    );
+    eventually("the one-shot assignment on B", || {
+        script(&b, mac, "")
+            .contains("debian12/vmlinuz")
+            .then_some(())
+    });
+    // The machine boots through A: its script, then its whole kernel.
+    assert!(script(&a, mac, "").contains("debian12/vmlinuz"));
+    let kernel = curl(&a.url("/debian12/vmlinuz"), &[]);
+    assert_eq!(kernel.status, 200);
+    let used_at = std::time::Instant::now();
+    eventually("B knows the one-shot assignment is used", || {
+        script(&b, mac, "")
+            .contains("one-shot assignment already used")
+            .then_some(())
+    });
+    eprintln!(
+        "one-shot use on A seen in B's script after {:?}",
+        used_at.elapsed()
+    );
+    assert!(script(&a, mac, "").contains("one-shot assignment already used"));
+}
+
 /// Polls `probe` every 200 ms for up to `seconds`.
 fn eventually_within<T>(seconds: u64, what: &str, mut probe: impl FnMut() -> Option<T>) -> T {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(seconds);
