@@ -161,15 +161,8 @@ fn an_assignment_on_one_server_reaches_the_other_servers_scripts() {
     };
     let token = admin_token(&url);
     let root = boot_dir();
-    let on_postgres = |name: &'static str| {
-        let url = url.clone();
-        move |config: &mut bootfleet::config::Config| {
-            config.database_url = Some(url);
-            config.panel.server_name = Some(name.into());
-        }
-    };
-    let a = FullServer::start_with_panel(root.path(), state_dir(), on_postgres("boot-a"));
-    let b = FullServer::start_with_panel(root.path(), state_dir(), on_postgres("boot-b"));
+    let a = server_on(&url, "boot-a", root.path());
+    let b = server_on(&url, "boot-b", root.path());
     let api = Api::with_token(a.panel.expect("a panel"), &token);
     register(&api, "debian12");
     register(&api, "rocky9");
@@ -217,20 +210,11 @@ fn an_image_uploaded_to_one_server_is_served_by_the_others_byte_for_byte() {
         return;
     };
     let token = admin_token(&url);
-    let on_postgres = |name: &'static str| {
-        let url = url.clone();
-        move |config: &mut bootfleet::config::Config| {
-            config.database_url = Some(url);
-            config.panel.server_name = Some(name.into());
-        }
-    };
     let roots: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
     let servers: Vec<FullServer> = ["boot-a", "boot-b", "boot-c"]
         .into_iter()
         .zip(&roots)
-        .map(|(name, root)| {
-            FullServer::start_with_panel(root.path(), state_dir(), on_postgres(name))
-        })
+        .map(|(name, root)| server_on(&url, name, root.path()))
         .collect();
     let api = Api::with_token(servers[0].panel.expect("a panel"), &token);
     let kernel: Vec<u8> = (0..3_000_000u32)
@@ -352,15 +336,8 @@ fn a_one_shot_used_through_one_server_is_used_on_the_others() {
     };
     let token = admin_token(&url);
     let root = boot_dir();
-    let on_postgres = |name: &'static str| {
-        let url = url.clone();
-        move |config: &mut bootfleet::config::Config| {
-            config.database_url = Some(url);
-            config.panel.server_name = Some(name.into());
-        }
-    };
-    let a = FullServer::start_with_panel(root.path(), state_dir(), on_postgres("boot-a"));
-    let b = FullServer::start_with_panel(root.path(), state_dir(), on_postgres("boot-b"));
+    let a = server_on(&url, "boot-a", root.path());
+    let b = server_on(&url, "boot-b", root.path());
     let api = Api::with_token(a.panel.expect("a panel"), &token);
     register(&api, "debian12");
     let mac = "52:54:00:00:00:71";
@@ -389,6 +366,16 @@ fn a_one_shot_used_through_one_server_is_used_on_the_others() {
         used_at.elapsed()
     );
     assert!(script(&a, mac, "").contains("one-shot assignment already used"));
+}
+
+/// A server with its panel named `name`, on the database `url`, serving
+/// `root`.
+fn server_on(url: &str, name: &str, root: &std::path::Path) -> FullServer {
+    let (url, name) = (url.to_string(), name.to_string());
+    FullServer::start_with_panel(root, state_dir(), move |config| {
+        config.database_url = Some(url);
+        config.panel.server_name = Some(name);
+    })
 }
 
 /// Polls `probe` every 200 ms for up to `seconds`.
