@@ -1031,6 +1031,8 @@ async fn put_pool(
     pool.name = name;
     blocking(move || {
         state.store.put_pool(&pool, &who.actor)?;
+        // A pool's image is what its machines without one of their own boot.
+        state.publish()?;
         Ok(())
     })
     .await?;
@@ -1042,7 +1044,12 @@ async fn delete_pool(
     Auth(who): Admin,
     Path(name): Path<String>,
 ) -> ApiResult {
-    state.store.delete_pool(&name, &who.actor)?;
+    blocking(move || {
+        state.store.delete_pool(&name, &who.actor)?;
+        state.publish()?;
+        Ok(())
+    })
+    .await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 

@@ -171,7 +171,12 @@ impl PanelState {
                 Default::default()
             }
         };
+        let pools = self.store.pools().unwrap_or_else(|error| {
+            warn!(%error, "cannot read the pools; machines are shown with their own images only");
+            Vec::new()
+        });
         ViewRules {
+            pools,
             stuck_after: self.config.stuck_after,
             checkin_deadline: self
                 .router
@@ -274,6 +279,10 @@ pub struct MachineView {
     /// Its BMC's URL, without the password.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub bmc: Option<String>,
+    /// Which rule gives it the `image` it boots: `machine` (its own
+    /// assignment, which wins) or `pool NAME` (the first pool by name with
+    /// an image that contains it); `None` with no image.
+    pub image_from: Option<String>,
 }
 
 /// What a machine's state is read by.
@@ -286,6 +295,8 @@ pub struct ViewRules {
     pub checkin_deadline: Option<Duration>,
     /// Images with a deadline of their own (`checkin_deadline_seconds`).
     pub image_deadlines: std::collections::HashMap<String, Duration>,
+    /// The pools, for the machines that boot a pool's image.
+    pub pools: Vec<crate::store::PoolRecord>,
 }
 
 impl ViewRules {
@@ -298,7 +309,14 @@ impl ViewRules {
 }
 
 /// The state of a machine at `now_ms`.
-pub fn machine_view(machine: MachineRecord, now_ms: u64, rules: &ViewRules) -> MachineView {
+pub fn machine_view(mut machine: MachineRecord, now_ms: u64, rules: &ViewRules) -> MachineView {
+    let image_from = match crate::store::image_pool(&rules.pools, &machine) {
+        Some(pool) => {
+            machine.image = pool.image.clone();
+            Some(format!("pool {}", pool.name))
+        }
+        None => machine.image.is_some().then(|| "machine".to_string()),
+    };
     let deadline = rules.deadline_for(machine.image.as_deref());
     let quiet_for = now_ms.saturating_sub(machine.phase_ms.unwrap_or(now_ms));
     // Past its kernel fetch, a machine checking in is waiting for its OS:
@@ -352,6 +370,7 @@ pub fn machine_view(machine: MachineRecord, now_ms: u64, rules: &ViewRules) -> M
         stuck,
         failure,
         bmc: None,
+        image_from,
     }
 }
 
@@ -780,6 +799,7 @@ mod tests {
             stuck_after: Duration::from_secs(120),
             checkin_deadline: Some(Duration::from_secs(600)),
             image_deadlines: [("slow".to_string(), Duration::from_secs(3600))].into(),
+            pools: Vec::new(),
         };
         let minute = 60_000;
         // Past its kernel or initrd, a machine waits for its OS: not stuck.

@@ -298,6 +298,20 @@ pub struct PoolRecord {
     pub image: Option<String>,
 }
 
+/// The pool whose image `machine` boots when it has none of its own: the
+/// first pool, by name, that has an image and contains it. A machine's
+/// own assignment always wins over every pool's; discovered (not adopted)
+/// machines follow no pool.
+pub fn image_pool<'a>(pools: &'a [PoolRecord], machine: &MachineRecord) -> Option<&'a PoolRecord> {
+    if machine.image.is_some() || !machine.adopted {
+        return None;
+    }
+    pools
+        .iter()
+        .filter(|pool| pool.image.is_some() && pool.contains(machine))
+        .min_by(|a, b| a.name.cmp(&b.name))
+}
+
 impl PoolRecord {
     /// Whether `machine` belongs to this pool.
     pub fn contains(&self, machine: &MachineRecord) -> bool {
@@ -869,14 +883,29 @@ pub fn snapshot_from_store(store: &dyn InventoryStore, generation: u64) -> Store
             template: inventory::DEFAULT_TEMPLATE.to_string(),
         })
         .collect::<Vec<_>>();
-    let machines = store
-        .machines_brief()?
+    let pools = store.pools()?;
+    // Labels only when a pool with an image selects by them (reading them
+    // costs the JSON decoding the brief listing avoids).
+    let by_labels = pools
+        .iter()
+        .any(|pool| pool.image.is_some() && !pool.selector.is_empty());
+    let records = if by_labels {
+        store.machines()?
+    } else {
+        store.machines_brief()?
+    };
+    let machines = records
         .into_iter()
         .filter(|m| m.adopted)
         .map(|m| inventory::Machine {
+            // A pool's image for a machine without one of its own, now and
+            // whenever one is adopted or relabelled into the pool.
+            image: m
+                .image
+                .clone()
+                .or_else(|| image_pool(&pools, &m).and_then(|pool| pool.image.clone())),
             mac: m.mac,
             hostname: m.hostname,
-            image: m.image,
             ip: m.ip,
             cmdline_append: m.cmdline_append,
             script_append: String::new(),

@@ -764,6 +764,17 @@ impl InventoryStore for PostgresStore {
             if !users.is_empty() {
                 return Err(rules::image_in_use(name, &users));
             }
+            let pools: Vec<String> = tx
+                .query(
+                    "SELECT name FROM pools WHERE image = $1 ORDER BY name LIMIT 6",
+                    &[&name],
+                )?
+                .iter()
+                .map(|row| row.get(0))
+                .collect();
+            if !pools.is_empty() {
+                return Err(rules::image_of_pools(name, &pools));
+            }
             if tx.execute("DELETE FROM images WHERE name = $1", &[&name])? == 0 {
                 return Err(rules::no_image(name));
             }
@@ -795,10 +806,23 @@ impl InventoryStore for PostgresStore {
         validate_pool(pool)?;
         self.change(|tx| {
             let members: Vec<String> = pool.members.iter().map(Mac::to_string).collect();
+            if let Some(image) = &pool.image {
+                if tx
+                    .query_opt("SELECT 1 FROM images WHERE name = $1", &[image])?
+                    .is_none()
+                {
+                    return Err(rules::no_image(image));
+                }
+            }
             tx.execute(
-                "INSERT INTO pools (name, members, selector) VALUES ($1, $2, $3) \
-                 ON CONFLICT (name) DO UPDATE SET members = $2, selector = $3",
-                &[&pool.name, &json(&members), &json(&pool.selector)],
+                "INSERT INTO pools (name, members, selector, image) VALUES ($1, $2, $3, $4) \
+                 ON CONFLICT (name) DO UPDATE SET members = $2, selector = $3, image = $4",
+                &[
+                    &pool.name,
+                    &json(&members),
+                    &json(&pool.selector),
+                    &pool.image,
+                ],
             )?;
             audit(
                 tx,

@@ -28,6 +28,13 @@ pub(super) fn image_in_use(name: &str, machines: &[String]) -> StoreError {
     ))
 }
 
+pub(super) fn image_of_pools(name: &str, pools: &[String]) -> StoreError {
+    StoreError::Conflict(format!(
+        "image {name:?} is the image of pool(s) {}; give them another image (or none) first",
+        pools.join(", ")
+    ))
+}
+
 pub(super) fn no_image(name: &str) -> StoreError {
     StoreError::NotFound(format!("no image named {name:?}"))
 }
@@ -107,9 +114,10 @@ pub(super) fn unknown_policy_settings(
 /// The audit line of a pool written.
 pub(super) fn pool_summary(pool: &PoolRecord) -> String {
     format!(
-        "{} listed, selector [{}]",
+        "{} listed, selector [{}], image {}",
         pool.members.len(),
-        pool.selector.join(", ")
+        pool.selector.join(", "),
+        pool.image.as_deref().unwrap_or("none")
     )
 }
 

@@ -747,6 +747,13 @@ impl InventoryStore for SqliteStore {
             if !users.is_empty() {
                 return Err(rules::image_in_use(name, &users));
             }
+            let pools: Vec<String> = tx
+                .prepare("SELECT name FROM pools WHERE image = ?1 ORDER BY name LIMIT 6")?
+                .query_map([name], |r| r.get(0))?
+                .collect::<Result<_, _>>()?;
+            if !pools.is_empty() {
+                return Err(rules::image_of_pools(name, &pools));
+            }
             if tx.execute("DELETE FROM images WHERE name = ?1", [name])? == 0 {
                 return Err(rules::no_image(name));
             }
@@ -776,10 +783,20 @@ impl InventoryStore for SqliteStore {
         validate_pool(pool)?;
         self.write(|tx| {
             let members: Vec<String> = pool.members.iter().map(Mac::to_string).collect();
+            if let Some(image) = &pool.image {
+                let known: Option<i64> = tx
+                    .query_row("SELECT 1 FROM images WHERE name = ?1", [image], |r| {
+                        r.get(0)
+                    })
+                    .optional()?;
+                if known.is_none() {
+                    return Err(rules::no_image(image));
+                }
+            }
             tx.execute(
-                "INSERT INTO pools (name, members, selector) VALUES (?1, ?2, ?3) \
-                 ON CONFLICT(name) DO UPDATE SET members = ?2, selector = ?3",
-                params![pool.name, json(&members), json(&pool.selector)],
+                "INSERT INTO pools (name, members, selector, image) VALUES (?1, ?2, ?3, ?4) \
+                 ON CONFLICT(name) DO UPDATE SET members = ?2, selector = ?3, image = ?4",
+                params![pool.name, json(&members), json(&pool.selector), pool.image],
             )?;
             audit(
                 tx,

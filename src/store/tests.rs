@@ -134,6 +134,7 @@ on_every_backend!(
     a_late_event_never_moves_a_machine_back_and_a_check_in_stays,
     each_servers_files_are_its_last_report,
     used_one_shots_keep_the_latest_generation,
+    a_pools_image_reaches_every_machine_it_catches_now_and_later,
 );
 
 /// Every kind of row, in `store`.
@@ -787,5 +788,89 @@ mod bodies {
         let mut used = backend.reopen().one_shots_used().unwrap();
         used.sort();
         assert_eq!(used, [(a, 2), (b, 0)]);
+    }
+
+    pub(super) fn a_pools_image_reaches_every_machine_it_catches_now_and_later(backend: &Backend) {
+        let store = &*backend.store;
+        store.add_image(&image("a"), "t").unwrap();
+        store.add_image(&image("b"), "t").unwrap();
+        let label = |mac: Mac, labels: &[&str]| {
+            store
+                .put_machine(
+                    mac,
+                    &MachinePatch {
+                        labels: Some(labels.iter().map(|l| l.to_string()).collect()),
+                        ..Default::default()
+                    },
+                    "t",
+                )
+                .unwrap();
+        };
+        let (one, two, own) = (
+            Mac::parse("52:54:00:00:0b:01").unwrap(),
+            Mac::parse("52:54:00:00:0b:02").unwrap(),
+            Mac::parse("52:54:00:00:0b:03").unwrap(),
+        );
+        label(one, &["rack=r1"]);
+        label(own, &["rack=r1"]);
+        store
+            .put_machine(
+                own,
+                &MachinePatch {
+                    image: Some(Some("b".into())),
+                    ..Default::default()
+                },
+                "t",
+            )
+            .unwrap();
+        let pool = PoolRecord {
+            name: "r1".into(),
+            members: Vec::new(),
+            selector: vec!["rack=r1".into()],
+            image: Some("a".into()),
+        };
+        store.put_pool(&pool, "t").unwrap();
+        let booted = |mac: Mac| {
+            snapshot_from_store(store, 1)
+                .unwrap()
+                .machines
+                .get(&mac)
+                .and_then(|m| m.image.clone())
+        };
+        // Now: a machine without an image of its own boots the pool's; a
+        // machine's own assignment wins.
+        assert_eq!(booted(one).as_deref(), Some("a"));
+        assert_eq!(booted(own).as_deref(), Some("b"));
+        // Later: relabelled into the pool, it boots the pool's image too.
+        label(two, &["rack=r2"]);
+        assert_eq!(booted(two), None);
+        label(two, &["rack=r1"]);
+        assert_eq!(booted(two).as_deref(), Some("a"));
+        // The pool's own record keeps its image, an unknown one is refused,
+        // and an image a pool boots cannot be removed.
+        assert_eq!(store.pools().unwrap()[0].image.as_deref(), Some("a"));
+        let unknown = PoolRecord {
+            image: Some("nope".into()),
+            ..pool.clone()
+        };
+        assert!(matches!(
+            store.put_pool(&unknown, "t"),
+            Err(StoreError::NotFound(_))
+        ));
+        assert!(matches!(
+            store.remove_image("a", "t"),
+            Err(StoreError::Conflict(_))
+        ));
+        // No image on the pool: its machines have none again.
+        store
+            .put_pool(
+                &PoolRecord {
+                    image: None,
+                    ..pool
+                },
+                "t",
+            )
+            .unwrap();
+        assert_eq!(booted(one), None);
     }
 }

@@ -692,6 +692,78 @@ fn discovered_machines_are_adopted_and_assignments_reach_the_data_plane() {
     assert!(!script(&server, mac, "").contains("debian12/vmlinuz"));
 }
 
+/// A pool's image is a standing rule: every machine its selector catches,
+/// now or when adopted or relabelled later, boots it unless the machine
+/// has an image of its own, and the API says which rule gave a machine
+/// its image. (The API used to ignore a pool's `image`.)
+#[test]
+fn a_pool_with_an_image_boots_every_machine_it_catches_now_and_later() {
+    let root = boot_dir();
+    let server = FullServer::start_with_panel(root.path(), state_dir(), |_| {});
+    let api = Api::with_token(
+        server.panel.unwrap(),
+        &add_token(server.state.path(), "ops", "admin"),
+    );
+    register(&api, "debian12");
+    register(&api, "rocky9");
+    let (early, own, late) = (
+        "52:54:00:bc:00:01",
+        "52:54:00:bc:00:02",
+        "52:54:00:bc:00:03",
+    );
+    api.ok(
+        "PUT",
+        &format!("/api/v1/machines/{early}"),
+        Some(json!({ "labels": ["rack=c"] })),
+    );
+    api.ok(
+        "PUT",
+        &format!("/api/v1/machines/{own}"),
+        Some(json!({ "labels": ["rack=c"], "image": "debian12" })),
+    );
+    api.ok(
+        "PUT",
+        "/api/v1/pools/rack-c",
+        Some(json!({ "selector": ["rack=c"], "image": "rocky9" })),
+    );
+    assert_eq!(
+        api.ok("GET", "/api/v1/pools/rack-c", None)["image"],
+        "rocky9"
+    );
+    assert!(script(&server, early, "").contains("rocky9/vmlinuz"));
+    assert!(script(&server, own, "").contains("debian12/vmlinuz"));
+    // A machine discovered later follows no pool until adopted; adopted
+    // with the pool's label, it boots the pool's image at once.
+    assert!(!script(&server, late, "").contains("rocky9/vmlinuz"));
+    api.ok(
+        "PUT",
+        &format!("/api/v1/machines/{late}"),
+        Some(json!({ "labels": ["rack=c"] })),
+    );
+    assert!(script(&server, late, "").contains("rocky9/vmlinuz"));
+    let view = |mac: &str| api.ok("GET", &format!("/api/v1/machines/{mac}"), None);
+    assert_eq!(view(late)["image"], "rocky9");
+    assert_eq!(view(late)["image_from"], "pool rack-c");
+    assert_eq!(view(own)["image_from"], "machine");
+    // An unknown image is refused; an image a pool boots cannot be removed.
+    let refused = api.call(
+        "PUT",
+        "/api/v1/pools/rack-c",
+        Some(json!({ "selector": ["rack=c"], "image": "nope" })),
+    );
+    assert_eq!(refused.status, 404, "{refused:?}");
+    let in_use = api.call("DELETE", "/api/v1/images/rocky9", None);
+    assert_eq!(in_use.status, 409, "{in_use:?}");
+    // Relabelled out of the pool, a machine has no image again.
+    api.ok(
+        "PUT",
+        &format!("/api/v1/machines/{late}"),
+        Some(json!({ "labels": ["rack=d"] })),
+    );
+    assert!(!script(&server, late, "").contains("rocky9/vmlinuz"));
+    assert_eq!(view(late)["image_from"], serde_json::Value::Null);
+}
+
 #[test]
 fn pools_assign_many_machines_by_list_and_label() {
     let root = boot_dir();

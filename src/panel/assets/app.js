@@ -241,7 +241,8 @@ function machineRow(v) {
     h("td", { class: "mono" }, h("a", { href: "#/machine/" + encodeURIComponent(v.mac) }, v.mac)),
     h("td", {}, v.hostname || ""),
     h("td", { class: "mono" }, v.ip || ""),
-    h("td", {}, v.image || "—"),
+    h("td", {}, v.image || "—", v.image_from && v.image_from !== "machine"
+      ? h("span", { class: "muted" }, ` (${v.image_from})`) : null),
     h("td", {}, (v.labels || []).join(", ")),
     h("td", { title: v.failure || "" }, badge(v.state), v.stuck ? badge("stuck") : null),
     h("td", {}, when(v.last_seen_ms)));
@@ -304,7 +305,9 @@ async function machinePage(mac) {
   state.streams.push(stream);
   const facts = Object.entries(m.facts || {});
   const image = imageSelect("machine-image", true);
-  image.value = m.image || "";
+  // Its own assignment only: an image it boots through a pool is not
+  // saved as its own.
+  image.value = m.image_from === "machine" ? m.image : "";
   const input = (id, value, attrs) => h("input", { id, value: value || "", ...attrs });
   const check = (id, on) => h("input", { id, type: "checkbox", checked: on });
   const save = async (e) => {
@@ -329,7 +332,8 @@ async function machinePage(mac) {
     m.failure ? h("p", { class: "failure" }, m.failure) : null,
     h("form", { id: "machine-form", onsubmit: save },
       h("dl", { class: "grid" },
-        h("dt", {}, "Image"), h("dd", {}, image),
+        h("dt", {}, "Image"), h("dd", {}, image, m.image_from && m.image_from !== "machine"
+          ? h("span", { class: "muted" }, ` boots ${m.image} from ${m.image_from} unless given one`) : null),
         h("dt", {}, "Hostname"), h("dd", {}, input("machine-hostname", m.hostname, { placeholder: "node01" })),
         h("dt", {}, "Reserved IP"), h("dd", {}, input("machine-ip", m.ip, { placeholder: "10.0.0.11" })),
         h("dt", {}, "Labels"), h("dd", {}, input("machine-labels", (m.labels || []).join(" "), { placeholder: "rack=r1 role=compute", size: 40 })),
