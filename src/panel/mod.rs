@@ -421,7 +421,7 @@ pub fn check_files(root: &Path, image: &ImageRecord) -> Result<Vec<FileCheck>, S
     Ok(checks)
 }
 
-fn mtime_ms(meta: &std::fs::Metadata) -> u64 {
+pub(crate) fn mtime_ms(meta: &std::fs::Metadata) -> u64 {
     meta.modified()
         .ok()
         .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())

@@ -80,6 +80,20 @@ impl LocalHashes {
             Some(hashed) if hashed.size == size && hashed.mtime_ms == mtime_ms => {
                 hashed.sha256.clone()
             }
+            // Not hashed by this process yet, but the size and time the
+            // record was checked at: trusted, as before replication (a
+            // restart does not hash every image again).
+            None if size == want.size && mtime_ms == want.mtime_ms => {
+                known.insert(
+                    want.path.clone(),
+                    Hashed {
+                        size,
+                        mtime_ms,
+                        sha256: want.sha256.clone(),
+                    },
+                );
+                want.sha256.clone()
+            }
             _ => {
                 drop(known);
                 let Ok(sha256) = hash_file(&full) else {
@@ -480,6 +494,22 @@ mod tests {
         assert!(matches!(
             settle(&root, &fresh, &image("missing", b"x"), &[holder_gone], now),
             Settled::NotHere { copying: true, why } if why.contains("not running")
+        ));
+        // A file at the size and time its record was checked at is taken
+        // as checked (no hashing after a restart); a changed time is not.
+        let path = root.join("k");
+        let meta = std::fs::metadata(&path).unwrap();
+        let mut recorded = image("k", b"new!");
+        recorded.files[0].sha256 = "recorded".into();
+        recorded.files[0].mtime_ms = crate::panel::mtime_ms(&meta);
+        assert_eq!(
+            LocalHashes::default().compare(&root, &recorded.files[0]),
+            LocalCopy::Wanted
+        );
+        recorded.files[0].mtime_ms += 1;
+        assert!(matches!(
+            LocalHashes::default().compare(&root, &recorded.files[0]),
+            LocalCopy::Other { .. }
         ));
         // At a glance: another size, or a known other hash at this size.
         assert!(fresh.looks_different(&root, &image("missing", b"x").files[0]));
