@@ -324,7 +324,47 @@ fn an_operator_adopts_pools_and_assigns_in_the_browser() {
             .unwrap();
         click(&client, "button[data-pool-assign='rack1']").await;
         flash(&client, "1 machine(s) of rack1 now boot rocky9").await;
+
+        // A pool by label, given an image while empty, catches a machine
+        // adopted later with that label, and the list says why it boots it.
+        for (css, text) in [("#pool-name", "rack7"), ("#pool-selector", "rack=r7")] {
+            client
+                .find(Locator::Css(css))
+                .await
+                .unwrap()
+                .send_keys(text)
+                .await
+                .unwrap();
+        }
+        click(&client, "#create-pool button[type='submit']").await;
+        flash(&client, "pool rack7 saved").await;
+        client
+            .wait()
+            .for_element(Locator::Css("select[data-pool='rack7']"))
+            .await
+            .unwrap()
+            .select_by_value("rocky9")
+            .await
+            .unwrap();
+        click(&client, "button[data-pool-assign='rack7']").await;
+        flash(&client, "0 machine(s) of rack7 now boot rocky9").await;
         shot(&client, "pools").await;
+        let late = "52:54:00:ab:cd:77";
+        api.ok(
+            "PUT",
+            &format!("/api/v1/machines/{late}"),
+            Some(json!({ "labels": ["rack=r7"] })),
+        );
+        assert!(script(&server, late, "").contains("rocky9/vmlinuz"));
+        open(
+            &client,
+            &base,
+            "#/machines?q=ab:cd:77",
+            &format!("tr[data-mac='{late}']"),
+        )
+        .await;
+        let row = text_of(&client, &format!("tr[data-mac='{late}']")).await;
+        assert!(row.contains("rocky9 (pool rack7)"), "{row}");
 
         // The data plane's next answer for that machine boots the new kernel.
         let after = script(&server, mac, "");

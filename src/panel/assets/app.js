@@ -524,7 +524,7 @@ async function poolsPage() {
       h("button", { class: "secondary", dataset: { poolPower: p.name },
         onclick: () => startPower({ pool: p.name }, "on", "pool-waves") }, "Power on")));
   });
-  const create = h("form", { class: "toolbar", onsubmit: async (e) => {
+  const create = h("form", { class: "toolbar", id: "create-pool", onsubmit: async (e) => {
     e.preventDefault();
     const name = document.getElementById("pool-name").value.trim();
     const selector = document.getElementById("pool-selector").value.split(/[\s,]+/).filter(Boolean);
