@@ -18,7 +18,6 @@
 //! serve and the panel's Images page lists ([`list_builds`]).
 
 use std::io::Write as _;
-use std::os::fd::AsFd as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -214,12 +213,9 @@ pub fn build(request: &BuildRequest) -> Result<Built, IpxeBuildError> {
         .arg(format!("-j{}", request.jobs.max(1)))
         .args(&targets)
         .arg(format!("EMBED={}", script_path.display()))
-        .stdout(std::process::Stdio::from(
-            std::io::stderr()
-                .as_fd()
-                .try_clone_to_owned()
-                .map_err(IpxeBuildError::NoMake)?,
-        ))
+        // make's progress goes where this command's messages go; standard
+        // output is kept for the list of what was built.
+        .stdout(std::io::stderr())
         .status()
         .map_err(IpxeBuildError::NoMake)?;
     if !status.success() {

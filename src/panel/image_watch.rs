@@ -227,6 +227,7 @@ pub fn hold_back_images_not_here(state: &PanelState) {
         return;
     }
     let mut not_here = state.router.images_not_here();
+    let held_back_before = not_here.len();
     for image in &images {
         let lacking = image
             .files
@@ -238,8 +239,13 @@ pub fn hold_back_images_not_here(state: &PanelState) {
                 .or_insert_with(|| format!("{} is to be copied from another server", want.path));
         }
     }
+    // Something newly held back: the image check copies it now, not at
+    // its next round.
+    let newly_held_back = not_here.len() > held_back_before;
     state.router.set_images_not_here(not_here);
-    state.image_health.changed.notify_one();
+    if newly_held_back {
+        state.image_health.changed.notify_one();
+    }
 }
 
 /// The image's files as they are on this server's disk become its record's

@@ -376,8 +376,6 @@ pub fn machine_view(mut machine: MachineRecord, now_ms: u64, rules: &ViewRules) 
 
 /// Size and SHA-256 of an image's local boot files.
 pub fn check_files(root: &Path, image: &ImageRecord) -> Result<Vec<FileCheck>, String> {
-    use sha2::Digest;
-    use std::io::Read;
     let mut checks = Vec::new();
     for path in std::iter::once(&image.kernel).chain(&image.initrds) {
         if crate::inventory::is_url(path) {
@@ -398,23 +396,11 @@ pub fn check_files(root: &Path, image: &ImageRecord) -> Result<Vec<FileCheck>, S
         if !meta.is_file() {
             return Err(format!("boot file {path:?} is not a regular file"));
         }
-        let mut hasher = sha2::Sha256::new();
-        let mut buffer = vec![0u8; 1 << 20];
-        loop {
-            let read = file.read(&mut buffer).map_err(|e| format!("{path}: {e}"))?;
-            if read == 0 {
-                break;
-            }
-            hasher.update(&buffer[..read]);
-        }
+        let sha256 = replica::sha256_of(&mut file).map_err(|e| format!("{path}: {e}"))?;
         checks.push(FileCheck {
             path: path.clone(),
             size: meta.len(),
-            sha256: hasher
-                .finalize()
-                .iter()
-                .map(|b| format!("{b:02x}"))
-                .collect(),
+            sha256,
             mtime_ms: mtime_ms(&meta),
         });
     }

@@ -158,11 +158,16 @@ impl LocalHashes {
 }
 
 fn hash_file(path: &Path) -> std::io::Result<String> {
-    let mut file = std::fs::File::open(path)?;
+    sha256_of(std::fs::File::open(path)?)
+}
+
+/// The SHA-256 of everything `reader` yields, as lower-case hex, read a
+/// megabyte at a time.
+pub(super) fn sha256_of(mut reader: impl Read) -> std::io::Result<String> {
     let mut hasher = Sha256::new();
     let mut buffer = vec![0u8; 1 << 20];
     loop {
-        let read = file.read(&mut buffer)?;
+        let read = reader.read(&mut buffer)?;
         if read == 0 {
             break;
         }

@@ -216,8 +216,17 @@ pub fn script(server: &FullServer, mac: &str, query: &str) -> String {
 
 /// Polls `probe` until it returns `Some` (the event writer batches for
 /// up to 100 ms).
-pub fn eventually<T>(what: &str, mut probe: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + Duration::from_secs(10);
+pub fn eventually<T>(what: &str, probe: impl FnMut() -> Option<T>) -> T {
+    eventually_within(Duration::from_secs(10), what, probe)
+}
+
+/// [`eventually`] with a limit of `limit`.
+pub fn eventually_within<T>(
+    limit: Duration,
+    what: &str,
+    mut probe: impl FnMut() -> Option<T>,
+) -> T {
+    let deadline = Instant::now() + limit;
     loop {
         if let Some(value) = probe() {
             return value;

@@ -6,6 +6,7 @@
 //! inventory from the SQLite file to PostgreSQL and back, row for row.
 
 use std::process::Command;
+use std::time::Duration;
 
 use bootfleet::proto::Mac;
 use bootfleet::store::postgres::PostgresStore;
@@ -15,7 +16,8 @@ use serde_json::json;
 
 use super::common::{curl, fresh_postgres_database, FullServer};
 use super::panel::{
-    boot_dir, bootfleet_cli, eventually, register, script, state_dir, Api, PASSWORD,
+    boot_dir, bootfleet_cli, eventually, eventually_within, register, script, state_dir, Api,
+    PASSWORD,
 };
 
 /// An admin API token made with `bootfleet tokens add --database URL`.
@@ -276,36 +278,44 @@ fn an_image_uploaded_to_one_server_is_served_by_the_others_byte_for_byte() {
         );
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
-    eventually_within(45, "C serves the files byte for byte", || {
-        (holds(&servers[2], "fresh/vmlinuz", &kernel)
-            && holds(&servers[2], "fresh/initrd.img", &initrd))
-        .then_some(())
-    });
+    eventually_within(
+        Duration::from_secs(45),
+        "C serves the files byte for byte",
+        || {
+            (holds(&servers[2], "fresh/vmlinuz", &kernel)
+                && holds(&servers[2], "fresh/initrd.img", &initrd))
+            .then_some(())
+        },
+    );
     assert!(holds(&servers[1], "fresh/initrd.img", &initrd));
     eprintln!(
         "replicated to B and C within {:.1} s; B told its machine to wait {waits_seen} time(s)",
         started.elapsed().as_secs_f64()
     );
     // The API says where the image is (C's report may lag a round).
-    eventually_within(30, "every server reports the image", || {
-        let image = api.ok("GET", "/api/v1/images/fresh", None);
-        let on: Vec<(String, bool)> = image["servers"]
-            .as_array()?
-            .iter()
-            .map(|s| {
-                (
-                    s["name"].as_str().unwrap_or("").to_string(),
-                    s["holds"] == true,
-                )
-            })
-            .collect();
-        (on == [
-            ("boot-a".into(), true),
-            ("boot-b".into(), true),
-            ("boot-c".into(), true),
-        ])
-        .then_some(())
-    });
+    eventually_within(
+        Duration::from_secs(30),
+        "every server reports the image",
+        || {
+            let image = api.ok("GET", "/api/v1/images/fresh", None);
+            let on: Vec<(String, bool)> = image["servers"]
+                .as_array()?
+                .iter()
+                .map(|s| {
+                    (
+                        s["name"].as_str().unwrap_or("").to_string(),
+                        s["holds"] == true,
+                    )
+                })
+                .collect();
+            (on == [
+                ("boot-a".into(), true),
+                ("boot-b".into(), true),
+                ("boot-c".into(), true),
+            ])
+            .then_some(())
+        },
+    );
     // A changed kernel, uploaded to A again, follows.
     let changed: Vec<u8> = kernel.iter().map(|b| b ^ 0x5a).collect();
     let reply = api.raw(
@@ -315,11 +325,15 @@ fn an_image_uploaded_to_one_server_is_served_by_the_others_byte_for_byte() {
         true,
     );
     assert_eq!(reply.status, 201, "{reply:?}");
-    eventually_within(45, "the changed kernel on B and C", || {
-        (holds(&servers[1], "fresh/vmlinuz", &changed)
-            && holds(&servers[2], "fresh/vmlinuz", &changed))
-        .then_some(())
-    });
+    eventually_within(
+        Duration::from_secs(45),
+        "the changed kernel on B and C",
+        || {
+            (holds(&servers[1], "fresh/vmlinuz", &changed)
+                && holds(&servers[2], "fresh/vmlinuz", &changed))
+            .then_some(())
+        },
+    );
     assert!(
         holds(&servers[0], "fresh/vmlinuz", &changed),
         "A kept its own new kernel"
@@ -376,21 +390,6 @@ fn server_on(url: &str, name: &str, root: &std::path::Path) -> FullServer {
         config.database_url = Some(url);
         config.panel.server_name = Some(name);
     })
-}
-
-/// Polls `probe` every 200 ms for up to `seconds`.
-fn eventually_within<T>(seconds: u64, what: &str, mut probe: impl FnMut() -> Option<T>) -> T {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(seconds);
-    loop {
-        if let Some(value) = probe() {
-            return value;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "timed out waiting: {what}"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(200));
-    }
 }
 
 /// A PostgreSQL cluster of the test's own (tests/postgres.sh), stopped and
