@@ -213,17 +213,19 @@ fn start_multicast(
     Ok(Some(thread))
 }
 
-/// The loaders served from the system (Debian's `ipxe`) because the boot
+/// The loaders served from the system (Debian's `ipxe`, and `shim-signed`
+/// and `grub-efi-amd64-signed` for the Secure Boot chain) because the boot
 /// directory has none of that name; each is said once at start.
 fn loader_fallbacks(
     config: &Config,
     root: &std::path::Path,
 ) -> crate::server::paths::LoaderFallbacks {
-    let fallbacks = crate::server::paths::LoaderFallbacks::find(
+    let mut fallbacks = crate::server::paths::LoaderFallbacks::find(
         root,
         &config.dhcp.loader_files(),
         &config.dhcp.boot.loader_dirs,
     );
+    fallbacks.add_system_files(root, config.dhcp.boot.secure_boot_system_files());
     for (name, path) in fallbacks.iter() {
         info!(loader = %name, from = %path.display(),
             "the boot directory has no such loader; serving the system's copy (put a file of that name in the boot directory to override)");

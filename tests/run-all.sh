@@ -75,6 +75,9 @@ fi
 # The method 2 and 4 tests build iPXE with an embedded script by
 # `bootfleet ipxe build`, from the same checked upstream source tree.
 tests/ipxe/build.sh --source-only >/dev/null
+# The Secure Boot test boots Debian's signed shim and GRUB: fetched with
+# apt and unpacked into target/secureboot, not installed.
+tests/secureboot/fetch.sh >/dev/null
 command -v cargo-fuzz >/dev/null || { echo "== installing cargo-fuzz (a few minutes, once)"; cargo install cargo-fuzz --locked; }
 command -v cargo-deb >/dev/null || { echo "== installing cargo-deb (a few minutes, once)"; cargo install cargo-deb --locked; }
 

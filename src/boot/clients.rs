@@ -23,15 +23,37 @@ pub(super) enum Binding {
     Claimed,
 }
 
-/// Client addresses and the machines they are, bounded to [`MAX_SEEN`].
+/// Client addresses and the machines they are, bounded to [`MAX_SEEN`];
+/// with, for clients this server's DHCP answered, the server address it
+/// answered from (which a config served over TFTP, where the request does
+/// not say which of the server's addresses it came to, refers to).
 #[derive(Default)]
 pub(super) struct ClientBindings {
     by_address: Mutex<HashMap<IpAddr, (Mac, Binding)>>,
+    servers: Mutex<HashMap<IpAddr, IpAddr>>,
 }
 
 impl ClientBindings {
     fn lock(&self) -> MutexGuard<'_, HashMap<IpAddr, (Mac, Binding)>> {
         self.by_address.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records that this server's DHCP answered `client` from `server`.
+    pub(super) fn answered_from(&self, client: IpAddr, server: IpAddr) {
+        let mut servers = self.servers.lock().unwrap_or_else(|p| p.into_inner());
+        if servers.len() >= MAX_SEEN && !servers.contains_key(&client) {
+            servers.clear();
+        }
+        servers.insert(client, server);
+    }
+
+    /// The address this server's DHCP last answered `client` from.
+    pub(super) fn server_for(&self, client: IpAddr) -> Option<IpAddr> {
+        self.servers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&client)
+            .copied()
     }
 
     /// Binds `client` to `mac`; a claim never replaces another machine's

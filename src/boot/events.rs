@@ -97,7 +97,7 @@ pub const FAILURE_STATUSES: &[&str] = &[
 pub fn failure_cause(status: u16) -> &'static str {
     match status {
         400 => "bad request or protocol violation",
-        403 => "forbidden (permissions, or a link out of the boot directory)",
+        403 => "forbidden (permissions, a link out of the boot directory, or a kernel the Secure Boot chain refused)",
         404 => "file not found",
         405 => "method not allowed",
         408 => "timed out (the client went silent)",

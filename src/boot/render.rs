@@ -9,7 +9,11 @@
 //!   server does not hold yet (copied from another server);
 //! * `builtin:local` — boot from the local disk (exit iPXE);
 //! * `builtin:pxelinux`, `builtin:pxelinux-local`, `builtin:grub`,
-//!   `builtin:grub-local` — the same decisions for pxelinux and GRUB.
+//!   `builtin:grub-local` — the same decisions for pxelinux and GRUB. The
+//!   GRUB config loads the kernel in an `if`: when the Secure Boot chain
+//!   refuses it, GRUB fetches `grub.cfg-refused-01-<mac>`, which the router
+//!   records on the machine's timeline before handing it back to its
+//!   firmware.
 //!
 //! Every template sees the same context ([`ScriptContext`]). Nothing is
 //! HTML-escaped: these are iPXE, pxelinux and GRUB scripts, and each value
@@ -89,9 +93,12 @@ const GRUB: &str = "# bootfleet: {{ mac }}{% if hostname %} ({{ hostname }}){% e
 set default=0
 set timeout=0
 menuentry \"{{ image.name }}\" {
-  linux /{{ image.kernel }}{% if cmdline %} {{ cmdline }}{% endif %}
-{% if image.initrds %}  initrd{% for initrd in image.initrds %} /{{ initrd }}{% endfor %}
-{% endif %}}
+  if linux /{{ image.kernel }}{% if cmdline %} {{ cmdline }}{% endif %}; then
+{% if image.initrds %}    initrd{% for initrd in image.initrds %} /{{ initrd }}{% endfor %}
+{% endif %}  else
+    configfile $prefix/grub.cfg-refused-01-{{ mac }}
+  fi
+}
 ";
 
 const GRUB_LOCAL: &str = "# bootfleet: {{ mac }}: {{ reason }}
@@ -385,11 +392,11 @@ mod tests {
         );
         let grub = render("builtin:grub", &context());
         assert!(
-            grub.contains("  linux /debian12/vmlinuz console=ttyS0 node=1\n"),
+            grub.contains("  if linux /debian12/vmlinuz console=ttyS0 node=1; then\n"),
             "{grub}"
         );
         assert!(
-            grub.contains("  initrd /debian12/initrd.img /fw.cpio\n"),
+            grub.contains("    initrd /debian12/initrd.img /fw.cpio\n"),
             "{grub}"
         );
     }

@@ -463,6 +463,14 @@ impl Router {
         self.clients.bind(client, mac, Binding::Leased);
     }
 
+    /// Records that this server's DHCP answered `client` from its address
+    /// `server`: the address the machine's TFTP-served GRUB and pxelinux
+    /// configs name for its check-in (a TFTP request does not say which
+    /// of the server's addresses it came to).
+    pub fn note_answered_from(&self, client: IpAddr, server: IpAddr) {
+        self.clients.answered_from(client, server);
+    }
+
     /// Whether `client` may act for `mac`: true unless this server leased
     /// the address to another machine.
     pub fn may_speak_for(&self, client: IpAddr, mac: Mac) -> bool {
@@ -522,17 +530,27 @@ impl Router {
     /// A pxelinux or GRUB config for the name TFTP was asked for, if it is
     /// one the router answers: `pxelinux.cfg/01-<mac>` or the machine's full
     /// hex IP; `grub.cfg-01-<mac>` or `grub.cfg-<hex IP>` (in any directory).
-    /// An operator's file of that name on disk takes precedence.
-    pub fn loader_config(&self, name: &str) -> Option<(Mac, Vec<u8>)> {
+    /// An operator's file of that name on disk takes precedence. `server`
+    /// is this server's address as the client knows it, if known (for a
+    /// check-in URL on the panel's port at that host).
+    pub fn loader_config(&self, name: &str, server: Option<IpAddr>) -> Option<(Mac, Vec<u8>)> {
         let (kind, key) = if let Some(index) = name.rfind("pxelinux.cfg/") {
-            ("pxelinux", &name[index + "pxelinux.cfg/".len()..])
+            (
+                "pxelinux",
+                std::borrow::Cow::Borrowed(&name[index + "pxelinux.cfg/".len()..]),
+            )
         } else {
             let file = name.rsplit('/').next()?;
-            ("grub", file.strip_prefix("grub.cfg-")?)
+            // GRUB names a MAC with colons (`${net_default_mac}`, as the
+            // dispatching `grub.cfg` writes it), pxelinux with dashes.
+            (
+                "grub",
+                std::borrow::Cow::Owned(file.strip_prefix("grub.cfg-")?.replace(':', "-")),
+            )
         };
         let loaded = self.inventory.load_full();
         let snapshot = &loaded.snapshot;
-        let mac = match PxelinuxConfig::parse(key)? {
+        let mac = match PxelinuxConfig::parse(&key)? {
             PxelinuxConfig::Mac(mac) => mac,
             PxelinuxConfig::IpPrefix(hex) if hex.len() == 8 => {
                 let ip = Ipv4Addr::from(u32::from_str_radix(&hex, 16).ok()?);
@@ -559,8 +577,9 @@ impl Router {
                 format!("builtin:{kind}-local")
             }
             Choice::Assigned { machine, image } => {
-                let checkin = self.checkin_words(mac, "");
-                fill_image(&mut context, image, Some(machine), "", checkin);
+                let base_url = server.map(|ip| format!("http://{ip}")).unwrap_or_default();
+                let checkin = self.checkin_words(mac, &base_url);
+                fill_image(&mut context, image, Some(machine), &base_url, checkin);
                 format!("builtin:{kind}")
             }
             Choice::MenuChoice { .. } | Choice::Unknown { .. } => return None,
@@ -609,6 +628,63 @@ fn render(loaded: &Loaded, template: &str, context: &ScriptContext, decision: De
     }
 }
 
+/// What GRUB reads for every machine (`grub.cfg`, in the directory of its
+/// prefix): it loads the machine's own config, named by the MAC GRUB booted
+/// from. Debian's signed GRUB network image reads only `$prefix/grub.cfg`.
+fn grub_dispatch(dir: &str) -> Vec<u8> {
+    let dir = if dir.is_empty() {
+        String::new()
+    } else {
+        format!("/{dir}")
+    };
+    format!(
+        "# bootfleet: each machine's own config, by the MAC it booted from\n\
+         configfile {dir}/grub.cfg-01-${{net_default_mac}}\n"
+    )
+    .into_bytes()
+}
+
+/// What GRUB fetches when its `linux` command refused the kernel (the
+/// Secure Boot chain found no signature it trusts): a config that says so
+/// and hands the machine back to its firmware. Its name carries the MAC.
+const GRUB_REFUSED: &str = "grub.cfg-refused-01-";
+
+impl Router {
+    /// The answer to [`GRUB_REFUSED`]`<mac>`, recorded as a refused kernel
+    /// on the machine's timeline.
+    fn grub_refused(&self, key: &str, client: SocketAddr) -> Option<Vec<u8>> {
+        let mac = Mac::parse(key).ok()?;
+        if !self.clients.may_speak_for(client.ip(), mac) {
+            return None;
+        }
+        let kernel = self
+            .inventory
+            .load_full()
+            .snapshot
+            .assigned_image(mac)
+            .map(|(_, image)| image.kernel.clone())
+            .unwrap_or_default();
+        self.events.record(
+            BootEvent::new(
+                Some(mac),
+                client.ip(),
+                Phase::Kernel,
+                "tftp",
+                format!("{kernel} refused by the Secure Boot chain (no signature the firmware or shim trusts)"),
+            )
+            .status(403),
+        );
+        Some(
+            format!(
+                "# bootfleet: {mac}: the Secure Boot chain refused the kernel\n\
+                 echo \"bootfleet: the kernel {kernel} has no signature this machine trusts; handing back to the firmware\"\n\
+                 sleep 5\nexit\n"
+            )
+            .into_bytes(),
+        )
+    }
+}
+
 impl FileGenerator for Router {
     /// Only pxelinux and GRUB config names are generated, and only they
     /// look at the disk (an operator's file of that name wins).
@@ -617,11 +693,33 @@ impl FileGenerator for Router {
             || name
                 .rsplit('/')
                 .next()
-                .is_some_and(|file| file.starts_with("grub.cfg-"))
+                .is_some_and(|file| file.starts_with("grub.cfg-") || file == "grub.cfg")
     }
 
     fn generate(&self, name: &str, client: SocketAddr) -> Option<Vec<u8>> {
-        let (mac, body) = self.loader_config(name)?;
+        let (dir, file) = name.rsplit_once('/').unwrap_or(("", name));
+        if file == "grub.cfg" {
+            if self.inventory.root().join(name).exists() {
+                return None;
+            }
+            let body = grub_dispatch(dir);
+            let mac = self.clients.machine_at(client.ip());
+            self.events.record(
+                BootEvent::new(
+                    mac,
+                    client.ip(),
+                    Phase::LoaderConfig,
+                    "tftp",
+                    name.to_string(),
+                )
+                .bytes(body.len() as u64),
+            );
+            return Some(body);
+        }
+        if let Some(key) = file.strip_prefix(GRUB_REFUSED) {
+            return self.grub_refused(key, client);
+        }
+        let (mac, body) = self.loader_config(name, self.clients.server_for(client.ip()))?;
         self.events.record(
             BootEvent::new(
                 Some(mac),
@@ -1147,7 +1245,7 @@ netboot = false
         let token_in = |body: &str| -> String {
             let start = body.find("bootfleet.token=").expect(body) + "bootfleet.token=".len();
             body[start..]
-                .split(|c: char| c.is_whitespace())
+                .split(|c: char| c.is_whitespace() || c == ';')
                 .next()
                 .unwrap()
                 .to_string()
@@ -1168,7 +1266,7 @@ netboot = false
             "pxelinux.cfg/01-52-54-00-12-34-56",
             "grub/grub.cfg-01-52-54-00-12-34-56",
         ] {
-            let body = String::from_utf8(s.router.loader_config(name).unwrap().1).unwrap();
+            let body = String::from_utf8(s.router.loader_config(name, None).unwrap().1).unwrap();
             assert!(
                 body.contains("bootfleet.checkin=http://10.0.0.1:9090/api/v1/checkin"),
                 "{body}"
@@ -1197,7 +1295,7 @@ netboot = false
         let s = setup(INVENTORY);
         let by_mac = String::from_utf8(
             s.router
-                .loader_config("pxelinux.cfg/01-52-54-00-12-34-56")
+                .loader_config("pxelinux.cfg/01-52-54-00-12-34-56", None)
                 .unwrap()
                 .1,
         )
@@ -1206,13 +1304,13 @@ netboot = false
         assert!(by_mac.contains("APPEND console=ttyS0 node=1"), "{by_mac}");
         let by_ip = s
             .router
-            .loader_config("bios/pxelinux.cfg/0A00000B")
+            .loader_config("bios/pxelinux.cfg/0A00000B", None)
             .unwrap()
             .1;
         assert_eq!(String::from_utf8(by_ip).unwrap(), by_mac);
         let grub = String::from_utf8(
             s.router
-                .loader_config("grub/grub.cfg-01-52-54-00-12-34-56")
+                .loader_config("grub/grub.cfg-01-52-54-00-12-34-56", None)
                 .unwrap()
                 .1,
         )
@@ -1221,15 +1319,18 @@ netboot = false
             grub.contains("linux /debian/vmlinuz console=ttyS0 node=1"),
             "{grub}"
         );
-        assert!(s.router.loader_config("pxelinux.cfg/default").is_none());
-        assert!(s.router.loader_config("pxelinux.cfg/0A00").is_none());
         assert!(s
             .router
-            .loader_config("pxelinux.cfg/01-02-00-00-00-00-09")
+            .loader_config("pxelinux.cfg/default", None)
+            .is_none());
+        assert!(s.router.loader_config("pxelinux.cfg/0A00", None).is_none());
+        assert!(s
+            .router
+            .loader_config("pxelinux.cfg/01-02-00-00-00-00-09", None)
             .is_none());
         let blocked = String::from_utf8(
             s.router
-                .loader_config("pxelinux.cfg/01-52-54-00-00-00-03")
+                .loader_config("pxelinux.cfg/01-52-54-00-00-00-03", None)
                 .unwrap()
                 .1,
         )
@@ -1245,7 +1346,103 @@ netboot = false
         .unwrap();
         assert!(s
             .router
-            .loader_config("pxelinux.cfg/01-52-54-00-12-34-56")
+            .loader_config("pxelinux.cfg/01-52-54-00-12-34-56", None)
             .is_none());
+    }
+
+    #[test]
+    fn grub_reads_one_config_that_loads_each_machines_own_and_says_when_its_kernel_is_refused() {
+        let s = setup(INVENTORY);
+        let peer = SocketAddr::new(client(), 1024);
+        // Debian's signed GRUB reads only $prefix/grub.cfg.
+        assert!(s.router.may_block("grub/grub.cfg"));
+        let dispatch =
+            String::from_utf8(s.router.generate("grub/grub.cfg", peer).unwrap()).unwrap();
+        assert!(
+            dispatch.contains("\nconfigfile /grub/grub.cfg-01-${net_default_mac}\n"),
+            "{dispatch}"
+        );
+        // GRUB spells the MAC with colons.
+        let by_colons = s
+            .router
+            .generate("grub/grub.cfg-01-52:54:00:12:34:56", peer)
+            .unwrap();
+        let by_dashes = s
+            .router
+            .loader_config("grub/grub.cfg-01-52-54-00-12-34-56", None)
+            .unwrap()
+            .1;
+        let without_token = |body: Vec<u8>| {
+            String::from_utf8(body)
+                .unwrap()
+                .lines()
+                .map(|line| line.split(" bootfleet.").next().unwrap().to_string())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(without_token(by_colons.clone()), without_token(by_dashes));
+        let config = String::from_utf8(by_colons).unwrap();
+        assert!(
+            config.contains("configfile $prefix/grub.cfg-refused-01-52:54:00:12:34:56\n"),
+            "{config}"
+        );
+        // A refused kernel is a failed kernel phase on the timeline.
+        let refused = String::from_utf8(
+            s.router
+                .generate("grub/grub.cfg-refused-01-52:54:00:12:34:56", peer)
+                .unwrap(),
+        )
+        .unwrap();
+        assert!(refused.contains("\nexit\n"), "{refused}");
+        let event = s.router.events.recent(Some(MAC), 1).pop().unwrap();
+        assert_eq!((event.phase, event.status), (Phase::Kernel, 403));
+        assert!(
+            event
+                .detail
+                .starts_with("debian/vmlinuz refused by the Secure Boot chain"),
+            "{}",
+            event.detail
+        );
+        assert!(s
+            .router
+            .generate("grub/grub.cfg-refused-01-nonsense", peer)
+            .is_none());
+        // A panel on every address: the check-in URL names the address
+        // this server's DHCP answered the machine from.
+        let key = crate::seal::SealKey::load_or_create(&s.state.path().join("k")).unwrap();
+        let checkin = super::super::checkin::Checkin::new(
+            key,
+            super::super::checkin::CheckinUrl::SameHost {
+                scheme: "http",
+                port: 9090,
+            },
+        );
+        s.router.set_checkin(Some(checkin));
+        let config = String::from_utf8(
+            s.router
+                .generate("grub/grub.cfg-01-52:54:00:12:34:56", peer)
+                .unwrap(),
+        )
+        .unwrap();
+        assert!(
+            !config.contains("bootfleet.checkin"),
+            "no address known, no check-in: {config}"
+        );
+        s.router
+            .note_answered_from(client(), "10.0.0.1".parse().unwrap());
+        let config = String::from_utf8(
+            s.router
+                .generate("grub/grub.cfg-01-52:54:00:12:34:56", peer)
+                .unwrap(),
+        )
+        .unwrap();
+        assert!(
+            config.contains(&format!("bootfleet.checkin=http://10.0.0.1:9090/api/v1/checkin bootfleet.mac={MAC} bootfleet.token=")),
+            "{config}"
+        );
+        // The operator's own grub.cfg wins.
+        let root = s.root.path().canonicalize().unwrap();
+        std::fs::create_dir(root.join("grub")).unwrap();
+        std::fs::write(root.join("grub/grub.cfg"), "set timeout=5\n").unwrap();
+        assert!(s.router.generate("grub/grub.cfg", peer).is_none());
     }
 }

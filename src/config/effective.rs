@@ -95,6 +95,7 @@ struct Dhcp<'a> {
     uefi_arm64: &'a str,
     http_x64: &'a str,
     http_arm64: &'a str,
+    secure_boot_x64: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
     script_url: Option<&'a String>,
     loader_dirs: &'a [PathBuf],
@@ -205,6 +206,7 @@ impl Config {
                 uefi_arm64: &d.boot.uefi_arm64,
                 http_x64: &d.boot.http_x64,
                 http_arm64: &d.boot.http_arm64,
+                secure_boot_x64: &d.boot.secure_boot_x64,
                 script_url: d.boot.script_url.as_ref(),
                 loader_dirs: &d.boot.loader_dirs,
                 quirks: &d.quirks,

@@ -60,6 +60,10 @@
 //! uefi_arm64 = "arm64/snponly.efi"
 //! http_x64 = "ipxe.efi"        # UEFI HTTP boot: served as http://SERVER:PORT/<file>
 //! http_arm64 = "arm64/snponly.efi"
+//! secure_boot_x64 = "secureboot/shimx64.efi"  # UEFI x64 PXE machines booting an image marked
+//!                              # secure_boot: signed shim, which fetches grubx64.efi (signed
+//!                              # GRUB) beside it; both served from Debian's shim-signed and
+//!                              # grub-efi-amd64-signed when the boot directory has none
 //! script_url = "http://10.0.0.1/boot.ipxe"   # for iPXE; default: this server's HTTP
 //! loader_dirs = ["/usr/lib/ipxe"]  # loaders missing from root are served from here (Debian's ipxe)
 //! [[dhcp.quirks]]              # matched by MAC prefix and/or vendor-class prefix
@@ -69,6 +73,8 @@
 //! boot_file = "rpi/bootcode.bin"  # answer this file
 //! also_ipxe = false            # true: to iPXE clients too (an iPXE ROM chainloading
 //!                              # `bootfleet ipxe build`'s undionly.kpxe)
+//! secure_boot = false          # true: UEFI x64 PXE machines it matches boot the Secure Boot
+//!                              # chain (secure_boot_x64), whatever their image says
 //!
 //! [inventory]
 //! file = "inventory.toml"      # relative to root
@@ -316,6 +322,7 @@ pub struct FileDhcp {
     pub uefi_arm64: Option<String>,
     pub http_x64: Option<String>,
     pub http_arm64: Option<String>,
+    pub secure_boot_x64: Option<String>,
     pub script_url: Option<String>,
     pub loader_dirs: Option<Vec<PathBuf>>,
     #[serde(default)]
@@ -367,6 +374,12 @@ pub struct Quirk {
     /// no boot file.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub also_ipxe: bool,
+    /// Boot the machines it matches through the Secure Boot chain
+    /// ([`BootFiles::secure_boot_x64`]) when they are UEFI x64 PXE
+    /// clients, whatever their image says: for firmware that has Secure
+    /// Boot on.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub secure_boot: bool,
 }
 
 /// DHCP settings.
@@ -419,11 +432,51 @@ pub struct BootFiles {
     pub uefi_arm64: String,
     pub http_x64: String,
     pub http_arm64: String,
+    /// The Secure Boot chain's first stage for UEFI x64 PXE clients: a
+    /// signed shim, which fetches `grubx64.efi` (a signed GRUB network
+    /// image) from the same directory ([`Self::secure_boot_grub`]).
+    pub secure_boot_x64: String,
     /// Default: `http://<interface address>:<HTTP port>/boot.ipxe`.
     pub script_url: Option<String>,
     /// Where loaders missing from the boot directory are looked for
     /// (default: Debian's `ipxe` package, `/usr/lib/ipxe`).
     pub loader_dirs: Vec<PathBuf>,
+}
+
+/// Debian's signed shim (package `shim-signed`), served as
+/// [`BootFiles::secure_boot_x64`] when the boot directory has none.
+pub const SYSTEM_SHIM_X64: &str = "/usr/lib/shim/shimx64.efi.signed";
+/// Debian's signed GRUB network image (package `grub-efi-amd64-signed`),
+/// served as [`BootFiles::secure_boot_grub`] when the boot directory has
+/// none. Its prefix is `/grub` on the TFTP server it came from, and it
+/// reads `grub/grub.cfg` there (one config for every machine: bootfleet
+/// answers it with a config that loads each machine's own by its MAC).
+pub const SYSTEM_GRUB_NET_X64: &str = "/usr/lib/grub/x86_64-efi-signed/grubnetx64.efi.signed";
+
+impl BootFiles {
+    /// The signed GRUB that shim fetches: `grubx64.efi` in the directory of
+    /// [`Self::secure_boot_x64`] (shim's rule, not ours to choose).
+    pub fn secure_boot_grub(&self) -> String {
+        match self.secure_boot_x64.rsplit_once('/') {
+            Some((dir, _)) => format!("{dir}/grubx64.efi"),
+            None => "grubx64.efi".to_string(),
+        }
+    }
+
+    /// The Secure Boot chain's files with the system copies served when
+    /// the boot directory lacks them.
+    pub fn secure_boot_system_files(&self) -> [(String, PathBuf); 2] {
+        [
+            (
+                self.secure_boot_x64.trim_start_matches('/').to_string(),
+                PathBuf::from(SYSTEM_SHIM_X64),
+            ),
+            (
+                self.secure_boot_grub().trim_start_matches('/').to_string(),
+                PathBuf::from(SYSTEM_GRUB_NET_X64),
+            ),
+        ]
+    }
 }
 
 impl DhcpConfig {
@@ -448,6 +501,8 @@ impl DhcpConfig {
             &boot.uefi_arm64,
             &boot.http_x64,
             &boot.http_arm64,
+            &boot.secure_boot_x64,
+            &boot.secure_boot_grub(),
         ]
         .into_iter()
         .chain(self.quirks.iter().filter_map(|q| q.boot_file.as_ref()))
@@ -696,6 +751,7 @@ impl Default for Config {
                     uefi_arm64: "arm64/snponly.efi".into(),
                     http_x64: "ipxe.efi".into(),
                     http_arm64: "arm64/snponly.efi".into(),
+                    secure_boot_x64: "secureboot/shimx64.efi".into(),
                     script_url: None,
                     loader_dirs: vec![PathBuf::from("/usr/lib/ipxe")],
                 },
@@ -862,6 +918,7 @@ impl Validator<'_> {
             (&d.uefi_arm64, &mut b.uefi_arm64),
             (&d.http_x64, &mut b.http_x64),
             (&d.http_arm64, &mut b.http_arm64),
+            (&d.secure_boot_x64, &mut b.secure_boot_x64),
         ] {
             if let Some(value) = value {
                 *slot = value.clone();

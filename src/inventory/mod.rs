@@ -19,6 +19,8 @@
 //! initrds = ["debian12/initrd.img"]
 //! cmdline = "console=ttyS0 ip=dhcp"
 //! transport = "http"                    # or "tftp", or "multicast" (tftm://)
+//! secure_boot = false                   # true: UEFI x64 PXE machines boot it through
+//!                                       # signed shim and GRUB (kernel over TFTP)
 //!
 //! [machines."52:54:00:12:34:56"]        # any MAC spelling
 //! image = "debian12"
@@ -107,6 +109,10 @@ pub struct Image {
     pub description: String,
     /// The template that renders its iPXE script (built-in unless set).
     pub template: String,
+    /// Boot it through the Secure Boot chain (signed shim, signed GRUB,
+    /// the per-MAC GRUB config) on UEFI x64 PXE machines; its kernel must
+    /// be signed by a key the machines' firmware or shim trusts.
+    pub secure_boot: bool,
 }
 
 /// One machine the operator listed.
@@ -240,6 +246,8 @@ struct ImageFile {
     #[serde(default)]
     description: String,
     template: Option<Spanned<String>>,
+    #[serde(default)]
+    secure_boot: bool,
 }
 
 #[derive(Deserialize)]
@@ -368,6 +376,7 @@ fn add_image(
             transport: image.transport,
             description: image.description,
             template,
+            secure_boot: image.secure_boot,
         }),
     );
     Ok(())

@@ -686,6 +686,9 @@ struct NewImage {
     /// Seconds from the kernel fetch to the OS's check-in (0: the server's).
     #[serde(default)]
     checkin_deadline_seconds: u64,
+    /// Boot it through the Secure Boot chain on UEFI x64 PXE machines.
+    #[serde(default)]
+    secure_boot: bool,
 }
 
 fn http() -> String {
@@ -717,6 +720,7 @@ async fn add_image(State(state): Shared, Auth(who): Admin, body: axum::body::Byt
         files: Vec::new(),
         created_ms: now_ms(),
         checkin_deadline_seconds: new.checkin_deadline_seconds,
+        secure_boot: new.secure_boot,
     };
     let image = blocking(move || {
         image.files = check_files(&state.root, &image)

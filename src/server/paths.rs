@@ -112,6 +112,26 @@ impl LoaderFallbacks {
         Self(found)
     }
 
+    /// Adds each of `files` (a name and the system file that stands for
+    /// it, such as Debian's signed shim for the Secure Boot chain) that the
+    /// boot directory lacks and the system has.
+    pub fn add_system_files(
+        &mut self,
+        root: &Path,
+        files: impl IntoIterator<Item = (String, PathBuf)>,
+    ) {
+        for (name, path) in files {
+            if resolve_inside(root, &name).is_ok() || self.0.contains_key(&name) {
+                continue;
+            }
+            if let Ok(path) = path.canonicalize() {
+                if path.is_file() {
+                    self.0.insert(name, path);
+                }
+            }
+        }
+    }
+
     /// Each loader served from elsewhere, and from where.
     pub fn iter(&self) -> impl Iterator<Item = (&String, &PathBuf)> {
         self.0.iter()

@@ -276,6 +276,10 @@ pub struct ImageRecord {
     /// to check in; 0: `[power] checkin_deadline_seconds`.
     #[serde(default)]
     pub checkin_deadline_seconds: u64,
+    /// Boot it through the Secure Boot chain (signed shim and GRUB) on
+    /// UEFI x64 PXE machines.
+    #[serde(default)]
+    pub secure_boot: bool,
 }
 
 fn http() -> String {
@@ -881,6 +885,7 @@ pub fn snapshot_from_store(store: &dyn InventoryStore, generation: u64) -> Store
             cmdline: image.cmdline,
             description: image.description,
             template: inventory::DEFAULT_TEMPLATE.to_string(),
+            secure_boot: image.secure_boot,
         })
         .collect::<Vec<_>>();
     let pools = store.pools()?;
@@ -951,6 +956,7 @@ pub fn import_snapshot(
                 files: Vec::new(),
                 created_ms: 0,
                 checkin_deadline_seconds: 0,
+                secure_boot: image.secure_boot,
             },
             actor,
         )?;

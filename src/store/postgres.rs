@@ -165,6 +165,10 @@ CREATE TABLE server_files (
     seen_ms BIGINT NOT NULL
 );
 "#,
+    // Images booted through the Secure Boot chain.
+    r#"
+ALTER TABLE images ADD COLUMN secure_boot BOOLEAN NOT NULL DEFAULT FALSE;
+"#,
 ];
 
 /// The advisory lock key migrations run under (any fixed number: "bfsc").
@@ -397,7 +401,7 @@ fn machine_from_row(row: &Row) -> MachineRecord {
 
 const IMAGE_COLUMNS: &str =
     "name, kernel, initrds, cmdline, transport, architecture, description, \
-     files, created_ms, checkin_deadline_s";
+     files, created_ms, checkin_deadline_s, secure_boot";
 
 fn image_from_row(row: &Row) -> ImageRecord {
     ImageRecord {
@@ -411,6 +415,7 @@ fn image_from_row(row: &Row) -> ImageRecord {
         files: from_json(row.get::<_, &str>(7)),
         created_ms: row.get::<_, i64>(8) as u64,
         checkin_deadline_seconds: row.get::<_, i64>(9) as u64,
+        secure_boot: row.get(10),
     }
 }
 
@@ -732,7 +737,7 @@ impl InventoryStore for PostgresStore {
             }
             tx.execute(
                 &format!(
-                    "INSERT INTO images ({IMAGE_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
+                    "INSERT INTO images ({IMAGE_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
                 ),
                 &[
                     &image.name,
@@ -745,6 +750,7 @@ impl InventoryStore for PostgresStore {
                     &json(&image.files),
                     &now_ms(),
                     &(image.checkin_deadline_seconds as i64),
+                    &image.secure_boot,
                 ],
             )?;
             audit(tx, actor, "image.add", &image.name, &format!("kernel {}", image.kernel))
@@ -1343,7 +1349,7 @@ fn import_all(tx: &mut ::postgres::Transaction<'_>, dump: &InventoryDump) -> Sto
     for i in &dump.images {
         tx.execute(
             &format!(
-                "INSERT INTO images ({IMAGE_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
+                "INSERT INTO images ({IMAGE_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
             ),
             &[
                 &i.name,
@@ -1356,6 +1362,7 @@ fn import_all(tx: &mut ::postgres::Transaction<'_>, dump: &InventoryDump) -> Sto
                 &json(&i.files),
                 &(i.created_ms as i64),
                 &(i.checkin_deadline_seconds as i64),
+                &i.secure_boot,
             ],
         )?;
     }

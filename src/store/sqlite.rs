@@ -132,6 +132,10 @@ CREATE TABLE server_files (
     seen_ms INTEGER NOT NULL
 );
 "#,
+    // Images booted through the Secure Boot chain.
+    r#"
+ALTER TABLE images ADD COLUMN secure_boot INTEGER NOT NULL DEFAULT 0;
+"#,
 ];
 
 /// What a database copy holds, to compare with the original.
@@ -421,12 +425,13 @@ fn image_from_row(row: &Row<'_>) -> rusqlite::Result<ImageRecord> {
         files: from_json(&row.get::<_, String>(7)?),
         created_ms: row.get::<_, i64>(8)? as u64,
         checkin_deadline_seconds: row.get::<_, i64>(9)? as u64,
+        secure_boot: row.get(10)?,
     })
 }
 
 const IMAGE_COLUMNS: &str =
     "name, kernel, initrds, cmdline, transport, architecture, description, \
-     files, created_ms, checkin_deadline_s";
+     files, created_ms, checkin_deadline_s, secure_boot";
 
 fn get_machine(tx: &Connection, mac: Mac) -> StoreResult<Option<MachineRecord>> {
     Ok(tx
@@ -720,7 +725,7 @@ impl InventoryStore for SqliteStore {
                 return Err(rules::image_taken(&image.name));
             }
             tx.execute(
-                &format!("INSERT INTO images ({IMAGE_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)"),
+                &format!("INSERT INTO images ({IMAGE_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)"),
                 params![
                     image.name,
                     image.kernel,
@@ -732,6 +737,7 @@ impl InventoryStore for SqliteStore {
                     json(&image.files),
                     now_ms() as i64,
                     image.checkin_deadline_seconds as i64,
+                    image.secure_boot,
                 ],
             )?;
             audit(tx, actor, "image.add", &image.name, &format!("kernel {}", image.kernel))
@@ -1282,7 +1288,7 @@ fn import_all(tx: &Transaction<'_>, dump: &InventoryDump) -> StoreResult<()> {
     for i in &dump.images {
         tx.execute(
             &format!(
-                "INSERT INTO images ({IMAGE_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)"
+                "INSERT INTO images ({IMAGE_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)"
             ),
             params![
                 i.name,
@@ -1294,7 +1300,8 @@ fn import_all(tx: &Transaction<'_>, dump: &InventoryDump) -> StoreResult<()> {
                 i.description,
                 json(&i.files),
                 i.created_ms as i64,
-                i.checkin_deadline_seconds as i64
+                i.checkin_deadline_seconds as i64,
+                i.secure_boot
             ],
         )?;
     }

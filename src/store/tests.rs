@@ -95,6 +95,7 @@ fn postgres() -> Option<Backend> {
 pub(super) fn image(name: &str) -> ImageRecord {
     ImageRecord {
         checkin_deadline_seconds: 0,
+        secure_boot: false,
         name: name.into(),
         kernel: format!("{name}/vmlinuz"),
         initrds: vec![format!("{name}/initrd")],

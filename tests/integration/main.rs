@@ -21,6 +21,7 @@ mod power;
 #[allow(dead_code)]
 mod qemu_lan;
 mod qemu_multicast;
+mod qemu_secure_boot;
 mod real_clients;
 mod router;
 mod scale_out;

@@ -575,13 +575,40 @@ impl BootLan {
                     &format!("virtio-net-pci,netdev=n0,mac={mac}{rom}"),
                 ]);
             }
-            Firmware::UefiPxe | Firmware::UefiIpxe => {
+            Firmware::UefiPxe
+            | Firmware::UefiIpxe
+            | Firmware::UefiSecureBoot
+            | Firmware::UefiHttp => {
                 let vars = self.dir.path().join(format!("{tap}.vars.fd"));
-                std::fs::copy("/usr/share/OVMF/OVMF_VARS_4M.fd", &vars).unwrap();
+                // Secure Boot: the SMM build with Microsoft's keys enrolled
+                // (Debian's shim is signed by its UEFI CA), on q35 with SMM,
+                // whose flash only SMM may write.
+                let (code, vars_template) = if matches!(firmware, Firmware::UefiSecureBoot) {
+                    command.args([
+                        "-machine",
+                        "q35,smm=on",
+                        "-global",
+                        "driver=cfi.pflash01,property=secure,value=on",
+                    ]);
+                    ("OVMF_CODE_4M.ms.fd", "OVMF_VARS_4M.ms.fd")
+                } else {
+                    ("OVMF_CODE_4M.fd", "OVMF_VARS_4M.fd")
+                };
+                if matches!(firmware, Firmware::UefiHttp) {
+                    // OVMF tries PXE over IPv4, then IPv6, then HTTP boot:
+                    // without the PXE entries, its HTTP boot client runs.
+                    command.args([
+                        "-fw_cfg",
+                        "name=opt/org.tianocore/IPv4PXESupport,string=n",
+                        "-fw_cfg",
+                        "name=opt/org.tianocore/IPv6PXESupport,string=n",
+                    ]);
+                }
+                std::fs::copy(format!("/usr/share/OVMF/{vars_template}"), &vars).unwrap();
                 command
                     .args([
                         "-drive",
-                        "if=pflash,format=raw,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.fd",
+                        &format!("if=pflash,format=raw,readonly=on,file=/usr/share/OVMF/{code}"),
                     ])
                     .args([
                         "-drive",
@@ -593,7 +620,7 @@ impl BootLan {
                             "virtio-net-pci,netdev=n0,mac={mac},bootindex=1{}",
                             // romfile= empty: the firmware's own PXE client
                             // instead of the iPXE ROM's driver.
-                            if matches!(firmware, Firmware::UefiPxe) {
+                            if !matches!(firmware, Firmware::UefiIpxe) {
                                 ",romfile="
                             } else {
                                 ""
@@ -692,6 +719,11 @@ pub enum Firmware {
     UefiPxe,
     /// OVMF with the iPXE NIC ROM's UEFI driver.
     UefiIpxe,
+    /// OVMF with Secure Boot on (Microsoft's keys enrolled) and its own
+    /// PXE client.
+    UefiSecureBoot,
+    /// OVMF's UEFI HTTP boot client (its PXE boot options turned off).
+    UefiHttp,
 }
 
 pub fn epoch_ms() -> u64 {
@@ -731,6 +763,11 @@ pub struct Machine {
 }
 
 impl Machine {
+    /// Its serial console so far.
+    pub fn serial(&self) -> String {
+        std::fs::read_to_string(&self.serial).unwrap_or_default()
+    }
+
     /// Pulls the plug: SIGTERM to `timeout`, which hands it to QEMU (a
     /// SIGKILL would end `timeout` alone).
     pub fn kill(mut self) {
@@ -880,6 +917,36 @@ pub fn ipxe_source() -> Option<PathBuf> {
     ))
 }
 
+/// Debian's signed shim and GRUB network image (`shimx64.efi`,
+/// `grubx64.efi`): from `BOOTFLEET_SECUREBOOT_DIR`, else as
+/// `tests/secureboot/fetch.sh` unpacks them from the archive into
+/// `target/secureboot`. Without them the tests say so loudly (and fail in
+/// CI).
+pub fn secure_boot_chain() -> Option<PathBuf> {
+    if let Some(dir) = std::env::var_os("BOOTFLEET_SECUREBOOT_DIR") {
+        return Some(PathBuf::from(dir));
+    }
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let output = Command::new(repo.join("tests/secureboot/fetch.sh"))
+        .output()
+        .unwrap();
+    if !output.status.success() {
+        let message = format!(
+            "REQUIRED FILES MISSING: Debian's signed shim and GRUB (BOOTFLEET_SECUREBOOT_DIR, or \
+             tests/secureboot/fetch.sh: {})",
+            tail(&String::from_utf8_lossy(&output.stderr))
+        );
+        if std::env::var_os("CI").is_some() {
+            panic!("{message}");
+        }
+        note_skipped(&message);
+        return None;
+    }
+    Some(PathBuf::from(
+        String::from_utf8(output.stdout).unwrap().trim(),
+    ))
+}
+
 pub fn tail(text: &str) -> String {
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(40)..].join("\n")
@@ -892,6 +959,7 @@ pub fn tools_present() -> bool {
         "/usr/lib/ipxe/ipxe.efi",
         "/usr/lib/ipxe/qemu/efi-virtio.rom",
         "/usr/share/OVMF/OVMF_CODE_4M.fd",
+        "/usr/share/OVMF/OVMF_CODE_4M.ms.fd",
         "/bin/busybox",
     ];
     let missing: Vec<&&str> = files.iter().filter(|f| !Path::new(f).exists()).collect();

@@ -12,7 +12,9 @@
 //! * **The boot answer** (both modes): iPXE and gPXE get the script URL
 //!   (which breaks the chainload loop); UEFI HTTP boot gets an `http://`
 //!   URL with vendor class `HTTPClient`; PXE firmware gets its loader by
-//!   architecture, after the configured quirks. A machine the inventory
+//!   architecture, after the configured quirks; a UEFI x64 PXE client
+//!   whose image is marked `secure_boot` (or that a quirk marks so) gets
+//!   the Secure Boot chain's signed shim instead. A machine the inventory
 //!   marks `netboot = false` gets no boot answer (in full mode still an
 //!   address). An iPXE that carries its own script (user class
 //!   [`OWN_SCRIPT_USER_CLASS`], from `bootfleet ipxe build`) gets no boot
@@ -127,6 +129,10 @@ pub fn boot_answer(info: &ClientInfo, ctx: &Context<'_>) -> Option<BootAnswer> {
     let mut arch = info.arch;
     let mut file_override = None;
     let mut ipxe_file_override = None;
+    let mut secure_boot = ctx
+        .snapshot
+        .assigned_image(info.mac)
+        .is_some_and(|(_, image)| image.secure_boot);
     for quirk in &ctx.config.quirks {
         let mac_ok = quirk.mac_prefix.as_deref().is_none_or(|prefix| {
             info.mac
@@ -144,6 +150,7 @@ pub fn boot_answer(info: &ClientInfo, ctx: &Context<'_>) -> Option<BootAnswer> {
             if quirk.also_ipxe {
                 ipxe_file_override = quirk.boot_file.clone().or(ipxe_file_override);
             }
+            secure_boot |= quirk.secure_boot;
         }
     }
     // Built only for the answers that carry a URL: most requests in a
@@ -177,6 +184,9 @@ pub fn boot_answer(info: &ClientInfo, ctx: &Context<'_>) -> Option<BootAnswer> {
     let (file, vendor_class) = match arch {
         Arch::Bios => (boot.bios.clone(), "PXEClient"),
         Arch::UefiIa32 => (boot.uefi_ia32.clone(), "PXEClient"),
+        // Secure Boot firmware runs only signed code: shim, then signed
+        // GRUB, which reads the per-MAC GRUB config over TFTP.
+        Arch::UefiX64 if secure_boot => (boot.secure_boot_x64.clone(), "PXEClient"),
         Arch::UefiX64 => (boot.uefi_x64.clone(), "PXEClient"),
         Arch::UefiArm64 => (boot.uefi_arm64.clone(), "PXEClient"),
         Arch::HttpX64 => (format!("{}/{}", http_base(), boot.http_x64), "HTTPClient"),

@@ -273,6 +273,9 @@ pub fn decide_batch(
         } else {
             service.router.note_client(client, mac);
         }
+        service
+            .router
+            .note_answered_from(client, std::net::IpAddr::V4(iface.addr));
     }
     for (mac, source, detail) in decided.events {
         service.router.events.record(BootEvent::new(

@@ -391,6 +391,7 @@ fn inventory_reservations_do_not_netboot_and_quirks() {
         arch: Some(Arch::UefiArm64),
         boot_file: None,
         also_ipxe: false,
+        secure_boot: false,
     }];
     let pi = raw_request(
         [0xb8, 0x27, 0xeb, 0, 0, 1],
@@ -415,6 +416,7 @@ fn a_quirk_gives_ipxe_clients_its_file_only_when_it_says_also_ipxe() {
         arch: None,
         boot_file: Some("ipxe/undionly.kpxe".into()),
         also_ipxe: false,
+        secure_boot: false,
     };
     run.config.quirks = vec![quirk.clone()];
     let (_, offer) = run.ask(&ipxe_discover());
@@ -576,10 +578,59 @@ fn an_ipxe_with_its_own_script_gets_an_address_and_next_server_but_no_boot_file(
         arch: None,
         boot_file: Some("other.kpxe".into()),
         also_ipxe: true,
+        secure_boot: false,
     }];
     let (_, offer) = run.ask(&own_script(1));
     assert_eq!(boot_file(&offer.unwrap()), "");
     // Proxy mode has no address to give and nothing to boot: silence.
     let mut proxy = Run::new(DhcpMode::Proxy);
     assert!(proxy.ask(&own_script(1)).0.reply.is_none());
+}
+
+#[test]
+fn secure_boot_images_and_quirks_give_uefi_x64_pxe_clients_signed_shim() {
+    let mut run = Run::new(DhcpMode::Full);
+    let inventory = |secure_boot: bool| {
+        snapshot(&format!(
+            "[images.a]\nkernel = \"k\"\nsecure_boot = {secure_boot}\n\
+             [machines.\"52:54:00:12:34:56\"]\nimage = \"a\"\n"
+        ))
+    };
+    run.snapshot = inventory(true);
+    let (_, offer) = run.ask(&uefi_x64_discover());
+    assert_eq!(boot_file(&offer.unwrap()), "secureboot/shimx64.efi");
+    // Only UEFI x64 PXE: a BIOS machine and an iPXE get their usual answer.
+    assert_eq!(
+        boot_file(&run.ask(&bios_pxe_discover()).1.unwrap()),
+        "undionly.kpxe"
+    );
+    assert_eq!(
+        boot_file(&run.ask(&ipxe_discover()).1.unwrap()),
+        "http://10.0.0.1:8080/boot.ipxe"
+    );
+    // The image not marked: iPXE as always; a quirk marks machines by MAC.
+    run.snapshot = inventory(false);
+    assert_eq!(
+        boot_file(&run.ask(&uefi_x64_discover()).1.unwrap()),
+        "ipxe.efi"
+    );
+    run.config.quirks = vec![Quirk {
+        mac_prefix: Some("52:54:00:12:34:56".into()),
+        vendor_class: None,
+        arch: None,
+        boot_file: None,
+        also_ipxe: false,
+        secure_boot: true,
+    }];
+    run.config.boot.secure_boot_x64 = "sb/shimx64.efi".into();
+    assert_eq!(
+        boot_file(&run.ask(&uefi_x64_discover()).1.unwrap()),
+        "sb/shimx64.efi"
+    );
+    // shim's GRUB beside it counts as a loader.
+    let loaders = run.config.loader_files();
+    assert!(
+        loaders.contains(&"sb/grubx64.efi".to_string()),
+        "{loaders:?}"
+    );
 }
