@@ -17,6 +17,14 @@
 //! `boot-compare` markers.
 //!
 //! `sudo env "PATH=$PATH" cargo bench --bench boot_compare -- --reps 3`
+//!
+//! With `--chains`, instead: bootfleet alone, one UEFI x64 machine booting
+//! the same image through each boot chain it offers, interleaved the same
+//! way, into the `chain-compare` markers: UEFI PXE → iPXE → HTTP (the
+//! plain chain), UEFI HTTP boot → iPXE → HTTP (no TFTP), and Secure Boot:
+//! UEFI PXE → signed shim → signed GRUB → kernel and initrd over TFTP.
+//!
+//! `sudo env "PATH=$PATH" cargo bench --bench boot_compare -- --chains --reps 3`
 
 #[allow(dead_code)]
 #[path = "../tests/integration/common.rs"]
@@ -76,19 +84,24 @@ fn median(values: &[f64]) -> f64 {
 fn main() {
     let mut reps = 3usize;
     let mut out = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("docs/benchmarks.md");
+    let mut chains = false;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--reps" => reps = args.next().and_then(|n| n.parse().ok()).expect("--reps N"),
             "--out" => out = PathBuf::from(args.next().expect("--out FILE")),
+            "--chains" => chains = true,
             "--bench" => {} // added by `cargo bench`
-            other => panic!("unknown argument {other:?}; use --reps N and --out FILE"),
+            other => panic!("unknown argument {other:?}; use --reps N, --out FILE and --chains"),
         }
     }
     assert!(
         common::can_make_namespaces() && qemu_lan::tools_present(),
         "run as root with the test tools installed (tests/run-all.sh installs them)"
     );
+    if chains {
+        return compare_chains(reps, &out);
+    }
     assert!(
         std::path::Path::new("/usr/sbin/nginx").exists(),
         "nginx is needed for the reference stack: apt-get install nginx-light"
@@ -183,19 +196,108 @@ fn main() {
         }
     }
     section.push("<!-- boot-compare:end -->".to_string());
-    let section = section.join("\n");
+    write_section(&out, "boot-compare", &section.join("\n"));
+}
+
+/// Puts `section` (which begins and ends with its `marker` comments) into
+/// `out` in place of the previous one, or at the end.
+fn write_section(out: &std::path::Path, marker: &str, section: &str) {
     println!("{section}");
-    let text = std::fs::read_to_string(&out).unwrap_or_default();
-    let text = match (
-        text.find("<!-- boot-compare:begin -->"),
-        text.find("<!-- boot-compare:end -->"),
-    ) {
+    let (begin_marker, end_marker) = (
+        format!("<!-- {marker}:begin -->"),
+        format!("<!-- {marker}:end -->"),
+    );
+    let text = std::fs::read_to_string(out).unwrap_or_default();
+    let text = match (text.find(&begin_marker), text.find(&end_marker)) {
         (Some(begin), Some(end)) => format!(
             "{}{section}{}",
             &text[..begin],
-            &text[end + "<!-- boot-compare:end -->".len()..]
+            &text[end + end_marker.len()..]
         ),
         _ => format!("{text}\n{section}\n"),
     };
-    std::fs::write(&out, text).unwrap();
+    std::fs::write(out, text).unwrap();
+}
+
+/// The boot chains of one UEFI x64 machine, each booting the same image
+/// from bootfleet (`--chains`).
+fn compare_chains(reps: usize, out: &std::path::Path) {
+    const PLAIN: &str = "52:54:00:c0:00:01";
+    const HTTP: &str = "52:54:00:c0:00:02";
+    const SECURE: &str = "52:54:00:c0:00:03";
+    let chain = qemu_lan::secure_boot_chain()
+        .expect("Debian's signed shim and GRUB: tests/secureboot/fetch.sh");
+    let mut lan = BootLan::new();
+    let boot = lan.boot_dir();
+    std::fs::create_dir_all(boot.join("secureboot")).unwrap();
+    for file in ["shimx64.efi", "grubx64.efi"] {
+        std::fs::copy(chain.join(file), boot.join("secureboot").join(file)).unwrap();
+    }
+    let mut inventory = String::from(
+        "[images.alpha]\nkernel = \"img/vmlinuz\"\ninitrds = [\"img/initrd.gz\"]\n\
+         cmdline = \"console=ttyS0 quiet panic=-1 bootfleet.image=alpha\"\n\
+         [images.signed]\nkernel = \"img/vmlinuz\"\ninitrds = [\"img/initrd.gz\"]\n\
+         cmdline = \"console=ttyS0 quiet panic=-1 bootfleet.image=alpha\"\nsecure_boot = true\n",
+    );
+    for (mac, image) in [(PLAIN, "alpha"), (HTTP, "alpha"), (SECURE, "signed")] {
+        inventory.push_str(&format!("[machines.\"{mac}\"]\nimage = \"{image}\"\n"));
+    }
+    std::fs::write(boot.join("inventory.toml"), inventory).unwrap();
+    lan.start(&FULL_DHCP);
+    let chains = [
+        ("UEFI PXE → iPXE → HTTP (plain)", Firmware::UefiPxe, PLAIN),
+        ("UEFI HTTP boot → iPXE → HTTP", Firmware::UefiHttp, HTTP),
+        (
+            "Secure Boot: UEFI PXE → shim → GRUB → TFTP",
+            Firmware::UefiSecureBoot,
+            SECURE,
+        ),
+    ];
+    let mut seconds = vec![Vec::new(); chains.len()];
+    for rep in 0..reps {
+        for (c, &(name, firmware, mac)) in chains.iter().enumerate() {
+            let booted = lan.power_on(mac, firmware).booted(&lan);
+            assert!(
+                booted.cmdline.contains("bootfleet.image=alpha"),
+                "{name}: {}",
+                booted.cmdline
+            );
+            eprintln!("run {}/{reps}: {name}: {:.1} s", rep + 1, booted.seconds);
+            seconds[c].push(booted.seconds);
+        }
+    }
+    lan.stop();
+    let command = format!(
+        "sudo env \"PATH=$PATH\" cargo bench --bench boot_compare -- --chains --reps {reps}"
+    );
+    let plain = median(&seconds[0]);
+    let mut section = vec![
+        "<!-- chain-compare:begin -->".to_string(),
+        "## Boot time by boot chain (UEFI x64, bootfleet)".to_string(),
+        String::new(),
+        format!("Command: `{command}` (generated; do not edit by hand)."),
+        String::new(),
+        format!(
+            "One QEMU machine at a time ({}), power-on to the marker line of the booted image (the same \
+             kernel and initrd, signed by Debian); median, fastest and slowest of {reps} runs per chain, \
+             chains interleaved. The Secure Boot machine is OVMF's SMM build with Microsoft's keys on q35 \
+             (Secure Boot needs both); the others are OVMF without Secure Boot on QEMU's default machine.",
+            qemu_lan::accelerator()
+        ),
+        String::new(),
+        "| chain | median s | min s | max s | median vs plain |".to_string(),
+        "|---|---:|---:|---:|---:|".to_string(),
+    ];
+    for (c, &(name, _, _)) in chains.iter().enumerate() {
+        let runs = &seconds[c];
+        let med = median(runs);
+        let min = runs.iter().copied().fold(f64::INFINITY, f64::min);
+        let max = runs.iter().copied().fold(0.0, f64::max);
+        section.push(format!(
+            "| {name} | {med:.1} | {min:.1} | {max:.1} | {:+.0}% |",
+            (med / plain - 1.0) * 100.0
+        ));
+    }
+    section.push("<!-- chain-compare:end -->".to_string());
+    write_section(out, "chain-compare", &section.join("\n"));
 }

@@ -25,6 +25,7 @@ pub(super) use super::extract::{blocking, parse_json, parse_mac, Admin, Assigner
 use super::tls::PeerAddr;
 use super::{check_files, machine_view, now_ms, ApiError, MachineView, PanelState};
 use crate::proto::path::safe_relative_name;
+use crate::proto::pe::Signature;
 use crate::store::{
     ImageRecord, MachinePatch, PoolRecord, Scope, ServerFiles, SessionRecord, StoredEvent,
 };
@@ -642,10 +643,38 @@ fn image_view(state: &PanelState, image: ImageRecord, servers: &[ServerFiles]) -
             })
         })
         .collect();
+    let signature = state.image_health.kernel_signature(&image.name);
+    let warning = secure_boot_warning(&image, signature);
     let mut value = serde_json::to_value(image).unwrap_or(Value::Null);
     value["problem"] = problem.map_or(Value::Null, Value::String);
+    value["kernel_signature"] = serde_json::to_value(signature).unwrap_or(Value::Null);
+    value["warning"] = warning.map_or(Value::Null, Value::String);
     value["servers"] = Value::Array(availability);
     value
+}
+
+/// What the Images page warns about an image booted through the Secure
+/// Boot chain whose kernel the firmware will refuse.
+fn secure_boot_warning(image: &ImageRecord, signature: Option<Signature>) -> Option<String> {
+    if !image.secure_boot {
+        return None;
+    }
+    match signature {
+        Some(Signature::Signed) => None,
+        Some(Signature::Unsigned) => Some(format!(
+            "Secure Boot: the kernel {} has no signature, so Secure Boot machines will refuse it; \
+             use a signed kernel (Debian's linux-image-amd64 is) or sign it with a key your machines trust (sbsign)",
+            image.kernel
+        )),
+        Some(Signature::NotEfi) => Some(format!(
+            "Secure Boot: the kernel {} is not an EFI image and cannot boot under Secure Boot",
+            image.kernel
+        )),
+        None if crate::inventory::is_url(&image.kernel) => Some(
+            "Secure Boot: the kernel is a URL, which the Secure Boot chain (GRUB over TFTP from this server) cannot fetch".to_string(),
+        ),
+        None => None,
+    }
 }
 
 async fn list_images(State(state): Shared, _: Reader) -> ApiResult {

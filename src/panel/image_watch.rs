@@ -3,7 +3,9 @@
 //! the panel's image check (besides its ten-second round), which updates
 //! the image's sizes and SHA-256 sums, or marks the image broken with the
 //! reason (shown in the panel and the API as `problem`) until its files are
-//! back.
+//! back. Each round also reads each kernel's PE header: whether it carries
+//! a signature ([`crate::proto::pe`]), which an image booted through the
+//! Secure Boot chain needs (shown as `kernel_signature` and a warning).
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::PathBuf;
@@ -20,6 +22,9 @@ use crate::store::{HeldFile, ImageRecord, ServerFiles};
 #[derive(Default)]
 pub struct ImageHealth {
     broken: Mutex<BTreeMap<String, String>>,
+    /// Each image's kernel signature, by image name (images whose kernel
+    /// is a URL or unreadable have none).
+    signatures: Mutex<BTreeMap<String, crate::proto::pe::Signature>>,
     /// This server's copies of image files, as last hashed.
     pub hashes: super::replica::LocalHashes,
     watch: Mutex<Option<DirWatch>>,
@@ -53,6 +58,31 @@ impl ImageHealth {
             .unwrap_or_else(|p| p.into_inner())
             .get(image)
             .cloned()
+    }
+
+    /// Whether `image`'s kernel carries a signature, as last checked.
+    pub fn kernel_signature(&self, image: &str) -> Option<crate::proto::pe::Signature> {
+        self.signatures
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(image)
+            .copied()
+    }
+
+    /// Reads the kernel signature of each of `images` (local kernels only).
+    fn check_signatures(&self, root: &std::path::Path, images: &[ImageRecord]) {
+        let found: BTreeMap<String, crate::proto::pe::Signature> = images
+            .iter()
+            .filter(|image| !crate::inventory::is_url(&image.kernel))
+            .filter_map(|image| {
+                let signature = kernel_signature(&root.join(&image.kernel)).ok()?;
+                if image.secure_boot && signature != crate::proto::pe::Signature::Signed {
+                    debug!(image = %image.name, ?signature, "an image booted through the Secure Boot chain has a kernel without a signature");
+                }
+                Some((image.name.clone(), signature))
+            })
+            .collect();
+        *self.signatures.lock().unwrap_or_else(|p| p.into_inner()) = found;
     }
 
     fn set(&self, image: &str, problem: Option<String>) -> bool {
@@ -154,6 +184,7 @@ pub fn recheck_image_files(state: &PanelState) {
             Vec::new()
         }
     };
+    state.image_health.check_signatures(&state.root, &images);
     let mut dirs = Vec::new();
     let mut held = Vec::new();
     let mut not_here = BTreeMap::new();
@@ -285,5 +316,55 @@ fn adopt_local_files(state: &PanelState, image: &ImageRecord) -> Vec<HeldFile> {
             }
             Vec::new()
         }
+    }
+}
+
+/// [`crate::proto::pe::signature`] of the file at `path`, reading only its
+/// header.
+fn kernel_signature(path: &std::path::Path) -> std::io::Result<crate::proto::pe::Signature> {
+    use std::io::Read;
+    let file = std::fs::File::open(path)?;
+    let len = file.metadata()?.len();
+    let mut header = Vec::with_capacity(crate::proto::pe::HEADER_BYTES);
+    file.take(crate::proto::pe::HEADER_BYTES as u64)
+        .read_to_end(&mut header)?;
+    Ok(crate::proto::pe::signature(&header, len))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::pe::Signature;
+
+    #[test]
+    fn debians_signed_kernel_is_signed_and_unsigned_once_its_table_is_cleared() {
+        // The test machines boot Debian's linux-image-amd64, which is signed.
+        let mut kernels: Vec<_> = std::fs::read_dir("/boot")
+            .expect("/boot (linux-image-amd64)")
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| {
+                p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-"))
+            })
+            .collect();
+        kernels.sort();
+        let kernel = kernels
+            .pop()
+            .expect("a kernel in /boot (linux-image-amd64)");
+        assert_eq!(
+            kernel_signature(&kernel).unwrap(),
+            Signature::Signed,
+            "{}",
+            kernel.display()
+        );
+        let mut image = std::fs::read(&kernel).unwrap();
+        let pe = u32::from_le_bytes(image[0x3c..0x40].try_into().unwrap()) as usize;
+        let entry = pe + 24 + 112 + 4 * 8;
+        image[entry..entry + 8].fill(0);
+        assert_eq!(
+            crate::proto::pe::signature(&image[..4096], image.len() as u64),
+            Signature::Unsigned
+        );
     }
 }

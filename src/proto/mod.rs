@@ -12,6 +12,7 @@ pub mod http;
 pub mod mac;
 pub mod ndp;
 pub mod path;
+pub mod pe;
 pub mod tftp;
 
 pub use mac::{Mac, MacError, PxelinuxConfig};

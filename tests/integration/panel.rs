@@ -1320,3 +1320,79 @@ fn a_full_database_disk_costs_the_events_not_the_boots() {
     let _ = Command::new("kill").arg(server.id().to_string()).status();
     let _ = server.wait();
 }
+
+/// Issue 24: an image booted through the Secure Boot chain says whether
+/// its kernel carries a signature, and the Images page warns when Secure
+/// Boot machines will refuse it.
+#[test]
+fn secure_boot_images_warn_when_their_kernel_is_not_signed() {
+    let root = boot_dir();
+    let (kernel, _) =
+        crate::qemu_lan::newest_kernel().expect("a kernel in /boot (linux-image-amd64)");
+    let signed = std::fs::read(kernel).unwrap();
+    let mut unsigned = signed.clone();
+    let pe = u32::from_le_bytes(unsigned[0x3c..0x40].try_into().unwrap()) as usize;
+    unsigned[pe + 24 + 112 + 32..pe + 24 + 112 + 40].fill(0);
+    for (dir, bytes) in [("signed", &signed), ("unsigned", &unsigned)] {
+        std::fs::create_dir_all(root.path().join(dir)).unwrap();
+        std::fs::write(root.path().join(dir).join("vmlinuz"), bytes).unwrap();
+    }
+    let server = FullServer::start_with_panel(root.path(), state_dir(), |_| {});
+    let api = Api::with_token(
+        server.panel.unwrap(),
+        &add_token(server.state.path(), "ops", "admin"),
+    );
+    for (name, kernel, secure_boot) in [
+        ("signed", "signed/vmlinuz", true),
+        ("unsigned", "unsigned/vmlinuz", true),
+        ("not-efi", "debian12/vmlinuz", true),
+        ("plain", "unsigned/vmlinuz", false),
+    ] {
+        let reply = api.call(
+            "POST",
+            "/api/v1/images",
+            Some(json!({"name": name, "kernel": kernel, "secure_boot": secure_boot})),
+        );
+        assert_eq!(reply.status, 201, "{reply:?}");
+    }
+    let images = eventually("every kernel's signature checked", || {
+        let images = api.ok("GET", "/api/v1/images", None);
+        images
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|i| !i["kernel_signature"].is_null())
+            .then_some(images)
+    });
+    let view = |name: &str| {
+        images
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|i| i["name"] == name)
+            .unwrap()
+            .clone()
+    };
+    assert_eq!(view("signed")["kernel_signature"], "signed");
+    assert_eq!(view("signed")["secure_boot"], true);
+    assert!(view("signed")["warning"].is_null(), "{}", view("signed"));
+    assert_eq!(view("unsigned")["kernel_signature"], "unsigned");
+    assert!(
+        view("unsigned")["warning"]
+            .as_str()
+            .is_some_and(|w| w.contains("has no signature, so Secure Boot machines will refuse it")),
+        "{}",
+        view("unsigned")
+    );
+    assert_eq!(view("not-efi")["kernel_signature"], "not-efi");
+    assert!(
+        view("not-efi")["warning"]
+            .as_str()
+            .is_some_and(|w| w.contains("not an EFI image")),
+        "{}",
+        view("not-efi")
+    );
+    // Without Secure Boot nobody needs the signature: no warning.
+    assert_eq!(view("plain")["kernel_signature"], "unsigned");
+    assert!(view("plain")["warning"].is_null(), "{}", view("plain"));
+}

@@ -466,6 +466,10 @@ fn an_operator_adopts_pools_and_assigns_in_the_browser() {
             .send_keys("console=ttyS0")
             .await
             .unwrap();
+        // For machines with Secure Boot on; the uploaded "kernel" is no
+        // EFI image, and the page says they will refuse it once the image
+        // check has read its header.
+        click(&client, "#image-secure-boot").await;
         click(&client, "#register-image button[type=submit]").await;
         flash(&client, "registered alma9").await;
         client
@@ -475,6 +479,22 @@ fn an_operator_adopts_pools_and_assigns_in_the_browser() {
             .unwrap();
         let row = text_of(&client, "tr[data-image='alma9']").await;
         assert!(row.contains("3.0 MiB"), "size shown: {row}");
+        assert!(row.contains("Secure Boot"), "marked Secure Boot: {row}");
+        let deadline = Instant::now() + Duration::from_secs(15);
+        let warning = loop {
+            // Away and back: the Images page reads the images afresh.
+            open(&client, &base, "#/audit", "#audit").await;
+            open(&client, &base, "#/images", "tr[data-image='alma9']").await;
+            let row = text_of(&client, "tr[data-image='alma9']").await;
+            if row.contains("not an EFI image") || Instant::now() > deadline {
+                break row;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        };
+        assert!(
+            warning.contains("Secure Boot: the kernel alma9/vmlinuz is not an EFI image"),
+            "the Images page warns: {warning}"
+        );
         shot(&client, "images").await;
         open(&client, &base, "#/audit", "#audit").await;
         let audit = text_of(&client, "#audit").await;

@@ -51,7 +51,8 @@ struct TestImage {
     initrd: PathBuf,
 }
 
-fn newest_kernel() -> Option<(PathBuf, String)> {
+/// The newest kernel in `/boot` and its version.
+pub fn newest_kernel() -> Option<(PathBuf, String)> {
     let mut kernels: Vec<PathBuf> = std::fs::read_dir("/boot")
         .ok()?
         .flatten()
@@ -783,11 +784,15 @@ impl Machine {
     pub fn booted(mut self, lan: &BootLan) -> Booted {
         let mut marker_after = None;
         let status = loop {
+            // Whether it exited, asked before the console is read: a
+            // machine that prints the marker and powers off between the two
+            // is still seen to have printed it.
+            let exited = self.child.try_wait().unwrap();
             let serial = std::fs::read_to_string(&self.serial).unwrap_or_default();
             if marker_after.is_none() && serial.contains(MARKER) {
                 marker_after = Some(self.started.elapsed());
             }
-            if let Some(status) = self.child.try_wait().unwrap() {
+            if let Some(status) = exited {
                 break status;
             }
             std::thread::sleep(Duration::from_millis(100));
@@ -808,7 +813,11 @@ impl Machine {
             std::thread::sleep(Duration::from_millis(200));
             timeline = lan.timeline(&self.mac, self.powered_on_ms);
         }
-        let line = serial.lines().find(|l| l.starts_with(MARKER));
+        // The marker may follow the loader's last screen codes on its line
+        // (GRUB's, with a quiet kernel).
+        let line = serial
+            .lines()
+            .find_map(|l| l.find(MARKER).map(|at| &l[at..]));
         let (Some(line), Some(after)) = (line, marker_after) else {
             panic!(
                 "{} ({:?}) did not boot (QEMU {status}); it stopped after the last step below.\n\

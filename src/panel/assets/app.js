@@ -428,8 +428,12 @@ async function imagesPage() {
     h("thead", {}, h("tr", {}, ["Name", "Kernel", "Initrds", "Command line", "Via", "Files (size, SHA-256)", "On servers", ""].map((t) => h("th", {}, t)))),
     h("tbody", {}, state.images.map((i) => h("tr", { dataset: { image: i.name } },
       h("td", {}, i.name, i.problem ? [" ", h("span", { class: "badge failed", title: i.problem }, "broken")] : null,
-        i.problem ? h("div", { class: "failure" }, i.problem) : null), h("td", { class: "mono" }, i.kernel), h("td", { class: "mono" }, i.initrds.join(" ")),
-      h("td", { class: "mono" }, i.cmdline), h("td", {}, i.transport),
+        i.secure_boot ? [" ", h("span", { class: "badge " + (i.warning ? "failed" : "booted"), title: "booted through signed shim and GRUB on UEFI x64 PXE machines" }, "Secure Boot")] : null,
+        i.problem ? h("div", { class: "failure" }, i.problem) : null,
+        i.warning ? h("div", { class: "failure secure-boot-warning" }, i.warning) : null),
+      h("td", { class: "mono" }, i.kernel, i.kernel_signature ? h("div", { class: "muted" }, i.kernel_signature) : null),
+      h("td", { class: "mono" }, i.initrds.join(" ")),
+      h("td", { class: "mono" }, i.cmdline), h("td", {}, i.secure_boot ? "tftp (Secure Boot)" : i.transport),
       h("td", {}, i.files.map((f) => h("div", { class: "mono", title: f.sha256 }, `${f.path}: ${size(f.size)}, ${f.sha256.slice(0, 12)}…`))),
       // Which servers of the database hold the image's files (copied
       // between them by SHA-256); a server that stopped reporting is greyed.
@@ -450,7 +454,7 @@ async function imagesPage() {
       const image = await api("POST", "/images", {
         name: v("image-name"), kernel: v("image-kernel"),
         initrds: v("image-initrds").split(/\s+/).filter(Boolean), cmdline: v("image-cmdline"),
-        transport: v("image-transport"),
+        transport: v("image-transport"), secure_boot: document.getElementById("image-secure-boot").checked,
       });
       flash(`registered ${image.name}`); route();
     } catch (err) { flash(err.message, true); }
@@ -459,6 +463,8 @@ async function imagesPage() {
     field("image-kernel", "Kernel", { required: true }), field("image-initrds", "Initrds (space-separated)", {}),
     h("label", {}, "Command line ", h("input", { id: "image-cmdline", size: 30 })),
     h("select", { id: "image-transport" }, ["http", "tftp", "multicast"].map((t) => h("option", { value: t }, t))),
+    h("label", { title: "UEFI x64 PXE machines boot it through signed shim and GRUB; the kernel must be signed" },
+      h("input", { type: "checkbox", id: "image-secure-boot" }), " Secure Boot"),
     h("button", { type: "submit" }, "Register"));
   const progress = h("progress", { id: "upload-progress", max: 100, value: 0, hidden: true });
   const upload = h("div", { class: "toolbar" },
