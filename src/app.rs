@@ -44,6 +44,8 @@ pub enum StartError {
     Panel(#[from] crate::panel::PanelStartError),
     #[error(transparent)]
     Engine(#[from] engine::EngineError),
+    #[error("HTTPS cannot start")]
+    Https(#[from] engine::https::HttpsError),
     /// A socket, ring or thread of the data plane.
     #[error("cannot start serving")]
     Io(#[from] std::io::Error),
@@ -112,6 +114,7 @@ pub fn start(
             serve_api: panel.is_none(),
             private,
             fallbacks,
+            tls_port: config.http.tls.as_ref().map(|t| t.listen.port()),
         },
     ));
 
@@ -136,6 +139,7 @@ pub fn start(
         shutdown.clone(),
     )?);
 
+    threads.extend(start_https(config, &http_service, &shutdown)?);
     let dhcp = start_dhcp(config, &router, &shutdown, &mut threads)?;
 
     let data_plane = Arc::new(crate::panel::metrics::DataPlane {
@@ -231,6 +235,26 @@ fn loader_fallbacks(
             "the boot directory has no such loader; serving the system's copy (put a file of that name in the boot directory to override)");
     }
     fallbacks
+}
+
+/// Starts HTTPS beside HTTP when `[http] tls_listen` asks for it.
+fn start_https(
+    config: &Config,
+    http_service: &Arc<HttpService>,
+    shutdown: &Shutdown,
+) -> Result<Option<JoinHandle<()>>, StartError> {
+    let Some(tls) = &config.http.tls else {
+        return Ok(None);
+    };
+    let server = engine::https::server_config(tls, &config.state_dir)?;
+    let thread = engine::https::spawn(
+        tls,
+        &config.http,
+        server,
+        Arc::clone(http_service),
+        shutdown.clone(),
+    )?;
+    Ok(Some(thread))
 }
 
 /// How long start-up waits for the shared lease table's first blocks.

@@ -14,3 +14,18 @@ pub fn sync_parent_dir(path: &Path) -> std::io::Result<()> {
         .unwrap_or(Path::new("."));
     std::fs::File::open(dir)?.sync_all()
 }
+
+/// Writes a new file at `path` (failing if one is there) with permission
+/// bits `mode`, and makes it durable.
+pub fn write_new(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(path)?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    sync_parent_dir(path)
+}

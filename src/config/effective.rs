@@ -68,6 +68,14 @@ struct Http<'a> {
     idle_timeout_ms: u64,
     send_timeout_ms: u64,
     body: BodyMode,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tls_listen: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tls_cert: Option<&'a std::path::Path>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tls_key: Option<&'a std::path::Path>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tls_names: Option<&'a [String]>,
 }
 
 #[derive(Serialize)]
@@ -177,6 +185,22 @@ impl Config {
                 idle_timeout_ms: h.idle_timeout.as_millis() as u64,
                 send_timeout_ms: h.send_timeout.as_millis() as u64,
                 body: h.body,
+                tls_listen: h.tls.as_ref().map(|t| t.listen.to_string()),
+                tls_cert: h
+                    .tls
+                    .as_ref()
+                    .and_then(|t| t.cert_and_key.as_ref())
+                    .map(|(c, _)| c.as_path()),
+                tls_key: h
+                    .tls
+                    .as_ref()
+                    .and_then(|t| t.cert_and_key.as_ref())
+                    .map(|(_, k)| k.as_path()),
+                tls_names: h
+                    .tls
+                    .as_ref()
+                    .filter(|t| !t.names.is_empty())
+                    .map(|t| t.names.as_slice()),
             },
             dhcp: Dhcp {
                 mode: d.mode,

@@ -38,6 +38,12 @@
 //! idle_timeout_ms = 60000      # keep-alive connections idle longer are closed
 //! send_timeout_ms = 30000      # a client that takes no bytes for this long is dropped
 //! body = "auto"                # auto | sendfile | mmap: how file bodies reach the socket
+//! tls_listen = "0.0.0.0:443"   # HTTPS as well, for iPXE built with this server's CA (off by default)
+//! tls_cert = "/etc/bootfleet/https.crt"  # PEM chain and key (both or neither); without them
+//! tls_key = "/etc/bootfleet/https.key"   # bootfleet signs its own with a CA it keeps in the
+//!                              # state directory (https-ca.crt: give it to `ipxe build --trust`)
+//! tls_names = ["10.0.0.1", "boot.example.org"]  # in that certificate (default: the
+//!                              # tls_listen address, or every IPv4 address of this host)
 //!
 //! [dhcp]
 //! mode = "off"                 # off | proxy | full
@@ -297,6 +303,10 @@ pub struct FileHttp {
     pub idle_timeout_ms: Option<Spanned<u64>>,
     pub send_timeout_ms: Option<Spanned<u64>>,
     pub body: Option<BodyMode>,
+    pub tls_listen: Option<SocketAddr>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub tls_names: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -604,6 +614,20 @@ pub struct HttpConfig {
     pub idle_timeout: Duration,
     pub send_timeout: Duration,
     pub body: BodyMode,
+    /// HTTPS beside plain HTTP, on this address (off by default).
+    pub tls: Option<HttpsConfig>,
+}
+
+/// The boot data plane over TLS (`[http] tls_listen`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpsConfig {
+    pub listen: SocketAddr,
+    /// The operator's PEM certificate chain and key; `None`: bootfleet's
+    /// own, signed by the CA it keeps in the state directory.
+    pub cert_and_key: Option<(PathBuf, PathBuf)>,
+    /// Names (host names or IP addresses) in bootfleet's own certificate;
+    /// empty: the listen address, or every IPv4 address of this host.
+    pub names: Vec<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -728,6 +752,7 @@ impl Default for Config {
                 idle_timeout: Duration::from_secs(60),
                 send_timeout: Duration::from_secs(30),
                 body: BodyMode::Auto,
+                tls: None,
             },
             dhcp: DhcpConfig {
                 mode: DhcpMode::Off,
@@ -1130,7 +1155,32 @@ impl Validator<'_> {
             idle_timeout: millis(&h.idle_timeout_ms, "http.idle_timeout_ms", dh.idle_timeout)?,
             send_timeout: millis(&h.send_timeout_ms, "http.send_timeout_ms", dh.send_timeout)?,
             body: h.body.unwrap_or(dh.body),
+            tls: None,
         };
+        if let Some(listen) = h.tls_listen {
+            let cert_and_key = match (&h.tls_cert, &h.tls_key) {
+                (Some(cert), Some(key)) => Some((cert.clone(), key.clone())),
+                (None, None) => None,
+                _ => {
+                    return Err(ConfigError::Invalid {
+                        origin: self.path.display().to_string(),
+                        key: "http.tls_cert",
+                        message: "set both http.tls_cert and http.tls_key, or neither (bootfleet then makes its own)".into(),
+                    })
+                }
+            };
+            config.http.tls = Some(HttpsConfig {
+                listen,
+                cert_and_key,
+                names: h.tls_names.clone().unwrap_or_default(),
+            });
+        } else if h.tls_cert.is_some() || h.tls_key.is_some() || h.tls_names.is_some() {
+            return Err(ConfigError::Invalid {
+                origin: self.path.display().to_string(),
+                key: "http.tls_listen",
+                message: "http.tls_cert, tls_key and tls_names need http.tls_listen (where HTTPS listens)".into(),
+            });
+        }
         if let Some(url) = &h.public_url {
             let text = url.get_ref().trim_end_matches('/');
             if !(text.starts_with("http://") || text.starts_with("https://"))

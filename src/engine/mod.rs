@@ -37,6 +37,7 @@ pub mod epoll;
 pub mod gso;
 pub mod http;
 pub mod http_uring;
+pub mod https;
 pub mod multicast;
 pub mod ndp;
 pub mod port_owner;

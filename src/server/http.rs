@@ -55,6 +55,9 @@ pub struct HttpServiceConfig {
     pub private: Vec<std::path::PathBuf>,
     /// Loaders served from outside the root when it has none of that name.
     pub fallbacks: crate::server::paths::LoaderFallbacks,
+    /// The port HTTPS listens on (`[http] tls_listen`): scripts asked for
+    /// there name this server with `https://`.
+    pub tls_port: Option<u16>,
 }
 
 /// What to send for one request.
@@ -477,10 +480,15 @@ impl HttpService {
                     .bytes()
                     .all(|b| b.is_ascii_alphanumeric() || b".-:[]".contains(&b))
         };
+        let scheme = if self.config.tls_port == Some(local.port()) {
+            "https://"
+        } else {
+            "http://"
+        };
         match request.host.as_deref() {
             // Built by hand, not by `format!`: this runs for every script.
-            Some(host) if sane(host) => ["http://", host].concat(),
-            _ => format!("http://{local}"),
+            Some(host) if sane(host) => [scheme, host].concat(),
+            _ => format!("{scheme}{local}"),
         }
     }
 

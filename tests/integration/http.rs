@@ -1017,3 +1017,88 @@ fn wait_for_a_free_slot(server: &FullServer, backend: Backend) {
         }
     }
 }
+
+/// Issue 24: HTTPS beside HTTP serves the same files and scripts (which
+/// then name the server with `https://`), with a certificate signed by a
+/// CA bootfleet keeps in its state directory across restarts; a client
+/// that does not trust that CA is refused at the handshake.
+#[test]
+fn https_serves_the_same_files_and_scripts_under_a_ca_the_server_keeps() {
+    if !have_tool("curl") {
+        return;
+    }
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let tls = bootfleet::config::HttpsConfig {
+        listen: format!("127.0.0.1:{port}").parse().unwrap(),
+        cert_and_key: None,
+        names: Vec::new(),
+    };
+    let state = tempfile::tempdir().unwrap();
+    let server =
+        FullServer::start_with_panel(boot_dir(), state, |c| c.http.tls = Some(tls.clone()));
+    let ca = server.state.path().join("https-ca.crt");
+    let ca_text =
+        std::fs::read_to_string(&ca).expect("the CA certificate is kept in the state directory");
+    let key_mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(server.state.path().join("https-ca.key"))
+            .unwrap()
+            .permissions(),
+    );
+    assert_eq!(key_mode & 0o777, 0o600, "the CA key is private");
+    let base = format!("https://127.0.0.1:{port}");
+    let trusted = ["--cacert", ca.to_str().unwrap()];
+    let file = curl(&format!("{base}/1m.bin"), &trusted);
+    assert_eq!(file.status, 200);
+    assert!(file.body == want("1m.bin"), "the same bytes over HTTPS");
+    let range = curl(
+        &format!("{base}/1m.bin"),
+        &["--cacert", ca.to_str().unwrap(), "-r", "10-19"],
+    );
+    assert_eq!(
+        (range.status, range.body.as_slice()),
+        (206, &want("1m.bin")[10..20])
+    );
+    let chain = String::from_utf8(curl(&format!("{base}/boot.ipxe"), &trusted).body).unwrap();
+    assert!(
+        chain.contains(&format!("{base}/boot/")),
+        "scripts name the server by https: {chain}"
+    );
+    let plain = String::from_utf8(curl(&server.url("/boot.ipxe"), &[]).body).unwrap();
+    assert!(
+        plain.contains(&format!("http://{}/boot/", server.http)),
+        "and by http over HTTP: {plain}"
+    );
+    // A client without the CA refuses the server.
+    let untrusted = std::process::Command::new("curl")
+        .args(["-s", "-S", "--max-time", "10", "-o", "/dev/null"])
+        .arg(format!("{base}/1m.bin"))
+        .output()
+        .unwrap();
+    assert!(
+        !untrusted.status.success(),
+        "an untrusted certificate is refused"
+    );
+    assert!(
+        String::from_utf8_lossy(&untrusted.stderr).contains("certificate"),
+        "{}",
+        String::from_utf8_lossy(&untrusted.stderr)
+    );
+    // A restart signs a new certificate with the same CA.
+    let state = {
+        let FullServer { running, state, .. } = server;
+        running.stop();
+        state
+    };
+    let server = FullServer::start_with_panel(boot_dir(), state, |c| c.http.tls = Some(tls));
+    assert_eq!(
+        std::fs::read_to_string(&ca).unwrap(),
+        ca_text,
+        "the CA is kept"
+    );
+    assert_eq!(curl(&format!("{base}/1m.bin"), &trusted).status, 200);
+    drop(server);
+}
