@@ -474,11 +474,15 @@ pub fn ipxe_build(args: IpxeBuildArgs) -> Result<()> {
         None => Config::default(),
     };
     let servers = if args.servers.is_empty() {
-        let port = config.http.listen.port();
-        vec![if port == 80 {
-            "http://${next-server}".to_string()
+        // With a CA to trust and HTTPS on, the script fetches over HTTPS.
+        let (scheme, port, default_port) = match &config.http.tls {
+            Some(tls) if !args.trust.is_empty() => ("https", tls.listen.port(), 443),
+            _ => ("http", config.http.listen.port(), 80),
+        };
+        vec![if port == default_port {
+            format!("{scheme}://${{next-server}}")
         } else {
-            format!("http://${{next-server}}:{port}")
+            format!("{scheme}://${{next-server}}:{port}")
         }]
     } else {
         args.servers.clone()
@@ -500,6 +504,7 @@ pub fn ipxe_build(args: IpxeBuildArgs) -> Result<()> {
             .jobs
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
         multicast_fix: !args.no_multicast_fix,
+        trust: args.trust.clone(),
     };
     let built = ipxe::build(&request)?;
     match built.fix {

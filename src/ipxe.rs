@@ -12,6 +12,12 @@
 //! socket address is never zeroed and `udp_demux()` compares its padding),
 //! so these binaries can boot by `tftm://` too.
 //!
+//! With `--trust CA.pem` the binaries trust only that CA (iPXE's `TRUST=`)
+//! and can fetch over HTTPS (BIOS builds get `DOWNLOAD_PROTO_HTTPS` in the
+//! tree's `config/local/general.h`; UEFI builds have it already): pointed
+//! at `https://` servers, they verify that it is this server before they
+//! run its script or kernel.
+//!
 //! iPXE's own `make` does the building; what is here is choosing the
 //! targets, the fix, the script and collecting the results with their
 //! SHA-256 into the output directory, which the HTTP and TFTP services
@@ -53,6 +59,9 @@ pub struct BuildRequest {
     pub jobs: usize,
     /// Apply the multicast TFTP fix to the tree when it lacks it.
     pub multicast_fix: bool,
+    /// PEM CA certificates the binaries trust for HTTPS (iPXE's `TRUST=`);
+    /// empty: iPXE's own defaults, and BIOS builds without HTTPS.
+    pub trust: Vec<PathBuf>,
 }
 
 /// What a build made.
@@ -100,6 +109,11 @@ pub enum IpxeBuildError {
     NoMake(std::io::Error),
     #[error("iPXE's make failed ({0}); its output is above")]
     MakeFailed(std::process::ExitStatus),
+    #[error(
+        "{0} is not a PEM certificate (-----BEGIN CERTIFICATE-----): pass the CA certificate \
+         the server's HTTPS certificate is signed by (bootfleet's own: https-ca.crt in its state directory)"
+    )]
+    NotACertificate(PathBuf),
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -179,6 +193,47 @@ pub fn apply_multicast_fix(src: &Path) -> Result<FixState, IpxeBuildError> {
     Ok(FixState::Applied)
 }
 
+/// The absolute paths of `certificates` (iPXE's make runs in `src`), each
+/// checked to be a PEM certificate.
+fn trusted_certificates(certificates: &[PathBuf]) -> Result<Vec<String>, IpxeBuildError> {
+    certificates
+        .iter()
+        .map(|path| {
+            let bytes = std::fs::read(path).map_err(io_error(path))?;
+            if !String::from_utf8_lossy(&bytes).contains("-----BEGIN CERTIFICATE-----") {
+                return Err(IpxeBuildError::NotACertificate(path.clone()));
+            }
+            let absolute = path.canonicalize().map_err(io_error(path))?;
+            Ok(absolute.display().to_string())
+        })
+        .collect()
+}
+
+/// The line that turns HTTPS on for BIOS builds (iPXE leaves it off there
+/// by default), in the tree's local configuration.
+const HTTPS_LINE: &str = "#define DOWNLOAD_PROTO_HTTPS";
+
+/// Adds [`HTTPS_LINE`] to `src/config/local/general.h` unless it is there.
+fn enable_https_for_bios(src: &Path) -> Result<(), IpxeBuildError> {
+    let path = src.join("config/local/general.h");
+    let text = match std::fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(io_error(&path)(e)),
+    };
+    if text.lines().any(|line| line.trim() == HTTPS_LINE) {
+        return Ok(());
+    }
+    let mut enabled = text;
+    if !enabled.is_empty() && !enabled.ends_with('\n') {
+        enabled.push('\n');
+    }
+    enabled.push_str("/* bootfleet ipxe build --trust: HTTPS in BIOS builds too */\n");
+    enabled.push_str(HTTPS_LINE);
+    enabled.push('\n');
+    write_replacing(&path, enabled.as_bytes())
+}
+
 /// Writes `path` whole or not at all.
 fn write_replacing(path: &Path, bytes: &[u8]) -> Result<(), IpxeBuildError> {
     let name = path.file_name().unwrap_or_default().to_string_lossy();
@@ -204,11 +259,19 @@ pub fn build(request: &BuildRequest) -> Result<Built, IpxeBuildError> {
     } else {
         FixState::NotApplied
     };
+    let trust = trusted_certificates(&request.trust)?;
+    if !trust.is_empty() && targets.iter().any(|t| t.starts_with("bin/")) {
+        enable_https_for_bios(&src)?;
+    }
     std::fs::create_dir_all(&request.out).map_err(io_error(&request.out))?;
     let out = request.out.canonicalize().map_err(io_error(&request.out))?;
     let script_path = out.join(SCRIPT_NAME);
     write_replacing(&script_path, script.as_bytes())?;
-    let status = Command::new("make")
+    let mut make = Command::new("make");
+    if !trust.is_empty() {
+        make.arg(format!("TRUST={}", trust.join(",")));
+    }
+    let status = make
         .current_dir(&src)
         .arg(format!("-j{}", request.jobs.max(1)))
         .args(&targets)
@@ -295,6 +358,36 @@ mod tests {
         ] {
             assert!(make_target(bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn https_goes_into_the_local_config_once_and_only_certificates_are_trusted() {
+        let src = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(src.path().join("config/local")).unwrap();
+        let general = src.path().join("config/local/general.h");
+        std::fs::write(&general, "#define NET_PROTO_IPV6").unwrap();
+        enable_https_for_bios(src.path()).unwrap();
+        enable_https_for_bios(src.path()).unwrap();
+        let text = std::fs::read_to_string(&general).unwrap();
+        assert!(text.starts_with("#define NET_PROTO_IPV6\n"), "{text}");
+        assert_eq!(text.matches(HTTPS_LINE).count(), 1, "{text}");
+        let not_pem = src.path().join("ca.der");
+        std::fs::write(&not_pem, [0x30, 0x82, 0x01]).unwrap();
+        assert!(matches!(
+            trusted_certificates(&[not_pem]),
+            Err(IpxeBuildError::NotACertificate(_))
+        ));
+        let pem = src.path().join("ca.crt");
+        std::fs::write(
+            &pem,
+            "-----BEGIN CERTIFICATE-----\nMII\n-----END CERTIFICATE-----\n",
+        )
+        .unwrap();
+        let trusted = trusted_certificates(&[pem]).unwrap();
+        assert!(
+            trusted[0].starts_with('/'),
+            "absolute for make in src: {trusted:?}"
+        );
     }
 
     #[test]

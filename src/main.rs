@@ -184,6 +184,13 @@ struct IpxeBuildArgs {
     /// TFTP data, as every unfixed iPXE does).
     #[arg(long)]
     no_multicast_fix: bool,
+    /// A PEM CA certificate the binaries trust for HTTPS, and only it
+    /// (repeatable): bootfleet's own is https-ca.crt in its state
+    /// directory once [http] tls_listen is set. With it, the default
+    /// server is https://${next-server} on the config's HTTPS port, and
+    /// BIOS builds get HTTPS too.
+    #[arg(long = "trust", value_name = "PEM")]
+    trust: Vec<PathBuf>,
 }
 
 #[derive(Subcommand)]

@@ -1158,6 +1158,16 @@ impl Validator<'_> {
             tls: None,
         };
         if let Some(listen) = h.tls_listen {
+            if listen.port() == config.http.listen.port() {
+                return Err(ConfigError::Invalid {
+                    origin: self.path.display().to_string(),
+                    key: "http.tls_listen",
+                    message: format!(
+                        "HTTPS needs a port of its own (HTTP listens on {}); 443 is usual",
+                        config.http.listen
+                    ),
+                });
+            }
             let cert_and_key = match (&h.tls_cert, &h.tls_key) {
                 (Some(cert), Some(key)) => Some((cert.clone(), key.clone())),
                 (None, None) => None,
@@ -1498,6 +1508,33 @@ mod tests {
         for open in [1, limit, limit + 1, 10_000] {
             assert!(BodyMode::Sendfile.uses_sendfile(open));
             assert!(!BodyMode::Mmap.uses_sendfile(open));
+        }
+    }
+
+    #[test]
+    fn https_needs_its_own_port_and_both_or_neither_pem_file() {
+        let c = parse("[http]\nlisten = \"0.0.0.0:80\"\ntls_listen = \"0.0.0.0:443\"\ntls_names = [\"10.0.0.1\"]\n").unwrap();
+        let tls = c.http.tls.unwrap();
+        assert_eq!(
+            (tls.listen.port(), tls.cert_and_key, tls.names),
+            (443, None, vec!["10.0.0.1".to_string()])
+        );
+        for (text, needle) in [
+            (
+                "[http]\nlisten = \"0.0.0.0:443\"\ntls_listen = \"0.0.0.0:443\"\n",
+                "a port of its own",
+            ),
+            (
+                "[http]\ntls_listen = \"0.0.0.0:443\"\ntls_cert = \"a.crt\"\n",
+                "both http.tls_cert and http.tls_key",
+            ),
+            (
+                "[http]\ntls_cert = \"a.crt\"\ntls_key = \"a.key\"\n",
+                "need http.tls_listen",
+            ),
+        ] {
+            let error = parse(text).unwrap_err().to_string();
+            assert!(error.contains(needle), "{text}: {error}");
         }
     }
 

@@ -73,6 +73,8 @@ pub struct Response {
     pub keep_alive: bool,
     /// The served file's path relative to the root, for boot events.
     pub served_path: Option<String>,
+    /// `http`, or `https` for an answer on the TLS listener (boot events).
+    pub transport: &'static str,
 }
 
 impl Response {
@@ -352,8 +354,9 @@ impl HttpService {
         peer: SocketAddr,
         may_block: bool,
     ) -> Option<Response> {
-        let response = self.answer_uncounted(request, local, peer, may_block)?;
+        let mut response = self.answer_uncounted(request, local, peer, may_block)?;
         self.stats.requests.add(1);
+        response.transport = self.transport(local);
         Some(response)
     }
 
@@ -381,7 +384,7 @@ impl HttpService {
                     self.router.machine_at(peer.ip()),
                     peer.ip(),
                     Phase::Chain,
-                    "http",
+                    self.transport(local),
                     "chain script".into(),
                 )
                 .bytes(body.len() as u64),
@@ -409,7 +412,7 @@ impl HttpService {
                     speaks_for.then_some(mac),
                     peer.ip(),
                     Phase::Script,
-                    "http",
+                    self.transport(local),
                     script.decision.describe(),
                 )
                 .bytes(script.body.len() as u64),
@@ -459,13 +462,22 @@ impl HttpService {
             self.router.file_served(&FileServed {
                 path,
                 client: peer.ip(),
-                transport: "http",
+                transport: response.transport,
                 how: None,
                 bytes: sent,
                 duration: elapsed,
                 status,
                 complete,
             });
+        }
+    }
+
+    /// `https` for a request that came to the TLS listener, else `http`.
+    fn transport(&self, local: SocketAddr) -> &'static str {
+        if self.config.tls_port == Some(local.port()) {
+            "https"
+        } else {
+            "http"
         }
     }
 
@@ -480,7 +492,7 @@ impl HttpService {
                     .bytes()
                     .all(|b| b.is_ascii_alphanumeric() || b".-:[]".contains(&b))
         };
-        let scheme = if self.config.tls_port == Some(local.port()) {
+        let scheme = if self.transport(local) == "https" {
             "https://"
         } else {
             "http://"
@@ -542,6 +554,7 @@ impl HttpService {
             segments: Vec::new(),
             keep_alive: head.keep_alive,
             served_path: None,
+            transport: "http",
         }
     }
 
@@ -725,6 +738,7 @@ impl HttpService {
             segments: if head_only { Vec::new() } else { segments },
             keep_alive: request.keep_alive,
             served_path: (!head_only).then(|| name.to_string()),
+            transport: "http",
         }
     }
 

@@ -470,3 +470,30 @@ pub fn fresh_postgres_database() -> Option<String> {
         .expect("a URL that names its database");
     Some(format!("{base}/{name}"))
 }
+
+/// A self-signed ECDSA P-256 certificate for `subject` (`/CN=…`) with
+/// `extra` openssl arguments (e.g. `-addext subjectAltName=…`), as
+/// `cert.pem` and `key.pem` in `dir`.
+pub fn self_signed_certificate(dir: &Path, subject: &str, extra: &[&str]) -> (PathBuf, PathBuf) {
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let status = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+        ])
+        .args(["-nodes", "-days", "1", "-subj", subject])
+        .args(extra)
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success(), "openssl made a certificate for {subject}");
+    (cert, key)
+}

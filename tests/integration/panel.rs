@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use crate::common::{curl, have_tool, FullServer};
+use crate::common::{curl, have_tool, self_signed_certificate, FullServer};
 
 pub const PASSWORD: &str = "correct horse battery staple";
 
@@ -1119,25 +1119,11 @@ fn the_panel_serves_tls_with_secure_cookies() {
     }
     let root = boot_dir();
     let state = state_dir();
-    let (cert, key) = (state.path().join("cert.pem"), state.path().join("key.pem"));
-    let status = Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-        ])
-        .args(["-nodes", "-days", "1", "-subj", "/CN=localhost"])
-        .args(["-addext", "subjectAltName=DNS:localhost", "-keyout"])
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
-        .stderr(Stdio::null())
-        .status()
-        .unwrap();
-    assert!(status.success());
+    let (cert, key) = self_signed_certificate(
+        state.path(),
+        "/CN=localhost",
+        &["-addext", "subjectAltName=DNS:localhost"],
+    );
     add_user(state.path(), "alice", "admin");
     let server = FullServer::start_with_panel(root.path(), state, |c| {
         c.panel.tls_cert = Some(cert.clone());

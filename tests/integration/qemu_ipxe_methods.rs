@@ -41,9 +41,26 @@ const BIOS_CHAIN: &str = "52:54:00:e4:00:02";
 
 /// `bootfleet ipxe build` into `out` (relative to the boot directory).
 fn ipxe_build(source: &Path, lan: &BootLan, out: &str, servers: &[&str], targets: &[&str]) {
+    ipxe_build_trusting(source, lan, out, servers, targets, None);
+}
+
+/// [`ipxe_build`] with `--trust CA` when given.
+fn ipxe_build_trusting(
+    source: &Path,
+    lan: &BootLan,
+    out: &str,
+    servers: &[&str],
+    targets: &[&str],
+    trust: Option<&Path>,
+) {
     let mut command = Command::new(env!("CARGO_BIN_EXE_bootfleet"));
+    if let Some(ca) = trust {
+        command.arg("ipxe").arg("build").arg("--trust").arg(ca);
+        command.args(["--source"]);
+    } else {
+        command.args(["ipxe", "build", "--source"]);
+    }
     command
-        .args(["ipxe", "build", "--source"])
         .arg(source)
         .arg("--out")
         .arg(lan.boot_dir().join(out));
@@ -109,13 +126,10 @@ fn ipxe_in_the_nic_rom_and_chainloaded_with_an_embedded_script_boot_by_mac() {
     let tree_fixed = std::fs::read_to_string(source.join("src/net/udp/tftp.c")).unwrap();
     assert!(tree_fixed.contains("memset ( &socket, 0, sizeof ( socket ) );"));
 
-    let mut inventory = INVENTORY.to_string();
-    for mac in [ROM, UEFI_CHAIN, BIOS_CHAIN] {
-        inventory.push_str(&format!(
-            "\n[machines.\"{mac}\"]\nimage = \"m\"\ncmdline_append = \"bootfleet.node={}\"\n",
-            &mac[12..].replace(':', "")
-        ));
-    }
+    let inventory = with_machines(
+        INVENTORY,
+        &[(ROM, "m"), (UEFI_CHAIN, "m"), (BIOS_CHAIN, "m")],
+    );
     std::fs::write(lan.boot_dir().join("inventory.toml"), inventory).unwrap();
     std::fs::write(
         lan.boot_dir().join(format!("{ROM_GPXE}.gpxe")),
@@ -300,4 +314,133 @@ fn the_ipxe_source_is_kept_only_when_it_is_the_pinned_commit() {
         .path()
         .join("out/src-0ab2277c40f1/src/net/udp/tftp.c")
         .is_file());
+}
+
+/// Issue 24: iPXE built with this server's CA (`bootfleet ipxe build
+/// --trust STATE/https-ca.crt`) fetches its script, kernel and initrd over
+/// HTTPS from bootfleet's `[http] tls_listen`, verifying the server; the
+/// same iPXE built to trust another CA refuses the server and fetches
+/// nothing. Both are `snponly.efi` chainloaded by OVMF's PXE (method 4).
+#[test]
+fn ipxe_with_the_servers_ca_boots_over_https_and_refuses_a_server_it_does_not_trust() {
+    const TRUSTING: &str = "52:54:00:e5:00:01";
+    const UNTRUSTING: &str = "52:54:00:e5:00:02";
+    if !can_make_namespaces() || !tools_present() || !have_tool("make") || !have_tool("openssl") {
+        return;
+    }
+    let Some(source) = ipxe_source() else {
+        return;
+    };
+    let mut lan = BootLan::new();
+    let inventory = with_machines(INVENTORY, &[(TRUSTING, "m"), (UNTRUSTING, "m")]);
+    std::fs::write(lan.boot_dir().join("inventory.toml"), inventory).unwrap();
+    let config = lan.dir.path().join("bootfleet.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[http]\ntls_listen = \"{SERVER_IP}:443\"\n\
+             [dhcp]\nuefi_x64 = \"ipxe-https/snponly.efi\"\n\
+             [[dhcp.quirks]]\nmac_prefix = \"{UNTRUSTING}\"\nboot_file = \"ipxe-other/snponly.efi\"\n"
+        ),
+    )
+    .unwrap();
+    // The server makes its CA at its first start; the builds embed it (or
+    // another one, made here).
+    lan.start_with_checkin(Some(&config));
+    let ca = lan.dir.path().join("state/https-ca.crt");
+    assert!(ca.is_file(), "bootfleet keeps its CA at {}", ca.display());
+    let (other, _) = self_signed_certificate(lan.dir.path(), "/CN=some other CA", &[]);
+    let servers = ["https://${next-server}"];
+    ipxe_build_trusting(
+        &source,
+        &lan,
+        "ipxe-https",
+        &servers,
+        &["snponly.efi"],
+        Some(&ca),
+    );
+    ipxe_build_trusting(
+        &source,
+        &lan,
+        "ipxe-other",
+        &servers,
+        &["snponly.efi"],
+        Some(&other),
+    );
+
+    let since = epoch_ms();
+    let refusing = lan.power_on(UNTRUSTING, Firmware::UefiPxe);
+    let booted = lan.power_on(TRUSTING, Firmware::UefiPxe).booted(&lan);
+    for wanted in [
+        "bootfleet.image=m",
+        "bootfleet.node=0001",
+        "bootfleet.token=",
+    ] {
+        assert!(booted.cmdline.contains(wanted), "{}", booted.cmdline);
+    }
+    for fetched in [
+        format!("https://{SERVER_IP}/boot/"),
+        format!("https://{SERVER_IP}/img/vmlinuz"),
+        format!("https://{SERVER_IP}/img/initrd.gz"),
+    ] {
+        assert!(
+            booted.serial.contains(&fetched),
+            "iPXE fetched {fetched}:\n{}",
+            tail(&booted.serial)
+        );
+    }
+    for phase in ["script", "kernel", "initrd", "checkin"] {
+        assert!(booted.reached(phase), "no {phase}: {:#?}", booted.timeline);
+    }
+    for fetch in [
+        "script  https",
+        "kernel  https img/vmlinuz",
+        "initrd  https img/initrd.gz",
+    ] {
+        assert!(
+            booted.timeline.iter().any(|l| l.contains(fetch)),
+            "the timeline says {fetch:?}: {:#?}",
+            booted.timeline
+        );
+    }
+    assert!(
+        booted
+            .timeline
+            .iter()
+            .any(|l| l.contains("tftp ipxe-https/snponly.efi")),
+        "{:#?}",
+        booted.timeline
+    );
+
+    // The iPXE that trusts another CA: its TLS handshake fails, and it
+    // never gets a script from this server.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    let serial = loop {
+        let serial = refusing.serial();
+        if serial.contains("Permission denied") || std::time::Instant::now() > deadline {
+            break serial;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    };
+    refusing.kill();
+    assert!(
+        serial.contains(&format!("https://{SERVER_IP}/boot/"))
+            && serial.contains("Permission denied"),
+        "iPXE refuses a server it does not trust:\n{}",
+        tail(&serial)
+    );
+    let timeline = lan.timeline(UNTRUSTING, since);
+    assert!(
+        timeline
+            .iter()
+            .any(|l| l.contains("tftp ipxe-other/snponly.efi")),
+        "{timeline:#?}"
+    );
+    assert!(
+        !timeline.iter().any(|l| {
+            let phase = l.split_whitespace().nth(1);
+            phase == Some("script") || phase == Some("kernel")
+        }),
+        "nothing served to it over HTTPS: {timeline:#?}"
+    );
 }

@@ -956,6 +956,20 @@ pub fn secure_boot_chain() -> Option<PathBuf> {
     ))
 }
 
+/// `inventory` with each of `machines` (MAC, image) listed and assigned
+/// its image, its command line marked `bootfleet.node=` and the MAC's last
+/// two bytes, so that a booted machine shows it got its own config.
+pub fn with_machines(inventory: &str, machines: &[(&str, &str)]) -> String {
+    let mut inventory = inventory.to_string();
+    for (mac, image) in machines {
+        inventory.push_str(&format!(
+            "\n[machines.\"{mac}\"]\nimage = \"{image}\"\ncmdline_append = \"bootfleet.node={}\"\n",
+            &mac[12..].replace(':', "")
+        ));
+    }
+    inventory
+}
+
 pub fn tail(text: &str) -> String {
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(40)..].join("\n")

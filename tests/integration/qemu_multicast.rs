@@ -89,13 +89,13 @@ fn ipxe_machines_boot_their_kernel_and_initrd_by_multicast_together() {
     lan.use_patched_ipxe(&ipxe);
     lan.enable_multicast();
     count_multicast();
-    let mut inventory = INVENTORY.to_string();
-    for mac in TOGETHER.iter().map(|(mac, _)| *mac).chain([LATE, PULLED]) {
-        inventory.push_str(&format!(
-            "\n[machines.\"{mac}\"]\nimage = \"mc\"\ncmdline_append = \"bootfleet.node={}\"\n",
-            &mac[12..].replace(':', "")
-        ));
-    }
+    let machines: Vec<(&str, &str)> = TOGETHER
+        .iter()
+        .map(|(mac, _)| *mac)
+        .chain([LATE, PULLED])
+        .map(|mac| (mac, "mc"))
+        .collect();
+    let inventory = with_machines(INVENTORY, &machines);
     std::fs::write(lan.boot_dir().join("inventory.toml"), inventory).unwrap();
     let config = lan.dir.path().join("bootfleet.toml");
     // Machines powered on together reach their kernel seconds apart (UEFI
