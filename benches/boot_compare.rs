@@ -21,8 +21,10 @@
 //! With `--chains`, instead: bootfleet alone, one UEFI x64 machine booting
 //! the same image through each boot chain it offers, interleaved the same
 //! way, into the `chain-compare` markers: UEFI PXE → iPXE → HTTP (the
-//! plain chain), UEFI HTTP boot → iPXE → HTTP (no TFTP), and Secure Boot:
-//! UEFI PXE → signed shim → signed GRUB → kernel and initrd over TFTP.
+//! plain chain), UEFI HTTP boot → iPXE → HTTP (no TFTP), Secure Boot:
+//! UEFI PXE → signed shim → signed GRUB → kernel and initrd over TFTP, and
+//! HTTPS: UEFI PXE → `snponly.efi` built by `bootfleet ipxe build --trust`
+//! with the server's CA → script, kernel and initrd over HTTPS.
 //!
 //! `sudo env "PATH=$PATH" cargo bench --bench boot_compare -- --chains --reps 3`
 
@@ -225,8 +227,11 @@ fn compare_chains(reps: usize, out: &std::path::Path) {
     const PLAIN: &str = "52:54:00:c0:00:01";
     const HTTP: &str = "52:54:00:c0:00:02";
     const SECURE: &str = "52:54:00:c0:00:03";
+    const HTTPS: &str = "52:54:00:c0:00:04";
     let chain = qemu_lan::secure_boot_chain()
         .expect("Debian's signed shim and GRUB: tests/secureboot/fetch.sh");
+    let ipxe =
+        qemu_lan::ipxe_source().expect("an iPXE source tree: tests/ipxe/build.sh --source-only");
     let mut lan = BootLan::new();
     let boot = lan.boot_dir();
     std::fs::create_dir_all(boot.join("secureboot")).unwrap();
@@ -239,11 +244,50 @@ fn compare_chains(reps: usize, out: &std::path::Path) {
          [images.signed]\nkernel = \"img/vmlinuz\"\ninitrds = [\"img/initrd.gz\"]\n\
          cmdline = \"console=ttyS0 quiet panic=-1 bootfleet.image=alpha\"\nsecure_boot = true\n",
     );
-    for (mac, image) in [(PLAIN, "alpha"), (HTTP, "alpha"), (SECURE, "signed")] {
+    for (mac, image) in [
+        (PLAIN, "alpha"),
+        (HTTP, "alpha"),
+        (SECURE, "signed"),
+        (HTTPS, "alpha"),
+    ] {
         inventory.push_str(&format!("[machines.\"{mac}\"]\nimage = \"{image}\"\n"));
     }
     std::fs::write(boot.join("inventory.toml"), inventory).unwrap();
-    lan.start(&FULL_DHCP);
+    let config = lan.dir.path().join("https.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[http]\ntls_listen = \"{SERVER_IP}:443\"\n\
+             [[dhcp.quirks]]\nmac_prefix = \"{HTTPS}\"\nboot_file = \"ipxe-https/snponly.efi\"\n"
+        ),
+    )
+    .unwrap();
+    let config = config.display().to_string();
+    let mut arguments = vec!["--config", config.as_str()];
+    arguments.extend_from_slice(&FULL_DHCP);
+    lan.start(&arguments);
+    // iPXE that trusts the CA the server made at its start, and fetches by
+    // HTTPS from whichever server answered its DHCP.
+    let built = std::process::Command::new(env!("CARGO_BIN_EXE_bootfleet"))
+        .args(["ipxe", "build", "--source"])
+        .arg(&ipxe)
+        .arg("--out")
+        .arg(boot.join("ipxe-https"))
+        .args([
+            "--server",
+            "https://${next-server}",
+            "--target",
+            "snponly.efi",
+            "--trust",
+        ])
+        .arg(lan.dir.path().join("state/https-ca.crt"))
+        .output()
+        .unwrap();
+    assert!(
+        built.status.success(),
+        "{}",
+        String::from_utf8_lossy(&built.stderr)
+    );
     let chains = [
         ("UEFI PXE → iPXE → HTTP (plain)", Firmware::UefiPxe, PLAIN),
         ("UEFI HTTP boot → iPXE → HTTP", Firmware::UefiHttp, HTTP),
@@ -251,6 +295,11 @@ fn compare_chains(reps: usize, out: &std::path::Path) {
             "Secure Boot: UEFI PXE → shim → GRUB → TFTP",
             Firmware::UefiSecureBoot,
             SECURE,
+        ),
+        (
+            "HTTPS: UEFI PXE → iPXE with the server's CA → HTTPS",
+            Firmware::UefiPxe,
+            HTTPS,
         ),
     ];
     let mut seconds = vec![Vec::new(); chains.len()];

@@ -63,6 +63,7 @@ fn service() -> &'static HttpService {
                 fallbacks: Default::default(),
                 public_url: None,
                 serve_api: true,
+                tls_port: None,
             },
         )
     })

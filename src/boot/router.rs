@@ -632,7 +632,12 @@ fn render(loaded: &Loaded, template: &str, context: &ScriptContext, decision: De
 /// prefix): it loads the machine's own config, named by the MAC GRUB booted
 /// from. Debian's signed GRUB network image reads only `$prefix/grub.cfg`.
 fn grub_dispatch(dir: &str) -> Vec<u8> {
-    let dir = if dir.is_empty() {
+    // The directory goes into a GRUB command: only plain path characters
+    // (anything else, which no GRUB asks for, reads from the top).
+    let plain = dir
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"._-/".contains(&b));
+    let dir = if dir.is_empty() || !plain {
         String::new()
     } else {
         format!("/{dir}")
@@ -677,7 +682,7 @@ impl Router {
         Some(
             format!(
                 "# bootfleet: {mac}: the Secure Boot chain refused the kernel\n\
-                 echo \"bootfleet: the kernel {kernel} has no signature this machine trusts; handing back to the firmware\"\n\
+                 echo \"bootfleet: the kernel has no signature this machine trusts; handing back to the firmware\"\n\
                  sleep 5\nexit\n"
             )
             .into_bytes(),
