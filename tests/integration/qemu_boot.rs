@@ -189,25 +189,7 @@ fn machines_boot_end_to_end_through_bootfleet_alone() {
 
     // ProxyDHCP: dnsmasq gives the addresses, bootfleet only the boot answer.
     lan.stop();
-    let leases = format!(
-        "--dhcp-leasefile={}",
-        lan.dir.path().join("dnsmasq.leases").display()
-    );
-    lan.spawn_other(
-        "dnsmasq",
-        &[
-            "-k",
-            "--conf-file=/dev/null",
-            "--port=0",
-            "--interface=br0",
-            "--bind-interfaces",
-            "--dhcp-range=10.99.0.50,10.99.0.60,1h",
-            "--user=root",
-            "--pid-file=",
-            &leases,
-        ],
-    );
-    std::thread::sleep(Duration::from_millis(500));
+    lan.start_address_server();
     lan.start(&["--dhcp-mode", "proxy"]);
     let booted = lan
         .power_on("52:54:00:b0:00:20", Firmware::BiosIpxe)

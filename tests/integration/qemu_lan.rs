@@ -411,6 +411,31 @@ impl BootLan {
         }
     }
 
+    /// dnsmasq as the LAN's DHCP server for addresses only (10.99.0.50-60,
+    /// leases in `dnsmasq.leases` in the LAN's directory), for bootfleet
+    /// in proxy mode beside it.
+    pub fn start_address_server(&mut self) {
+        let leases = format!(
+            "--dhcp-leasefile={}",
+            self.dir.path().join("dnsmasq.leases").display()
+        );
+        self.spawn_other(
+            "dnsmasq",
+            &[
+                "-k",
+                "--conf-file=/dev/null",
+                "--port=0",
+                "--interface=br0",
+                "--bind-interfaces",
+                "--dhcp-range=10.99.0.50,10.99.0.60,1h",
+                "--user=root",
+                "--pid-file=",
+                &leases,
+            ],
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+
     /// Starts `program` inside the LAN's namespace as one of its other
     /// servers (output to `NAME.log` in the LAN's directory).
     pub fn spawn_other(&mut self, program: &str, args: &[&str]) {

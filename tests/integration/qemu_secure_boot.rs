@@ -233,25 +233,7 @@ fn secure_boot_through_signed_shim_and_grub_and_uefi_http_boot() {
 
     // UEFI HTTP boot through a ProxyDHCP answer: dnsmasq gives the address.
     lan.stop();
-    let leases = format!(
-        "--dhcp-leasefile={}",
-        lan.dir.path().join("dnsmasq.leases").display()
-    );
-    lan.spawn_other(
-        "dnsmasq",
-        &[
-            "-k",
-            "--conf-file=/dev/null",
-            "--port=0",
-            "--interface=br0",
-            "--bind-interfaces",
-            "--dhcp-range=10.99.0.50,10.99.0.60,1h",
-            "--user=root",
-            "--pid-file=",
-            &leases,
-        ],
-    );
-    std::thread::sleep(Duration::from_millis(500));
+    lan.start_address_server();
     lan.start_with_panel("0.0.0.0:9090", &["--dhcp-mode", "proxy"]);
     let booted = lan.power_on(HTTP_PROXY, Firmware::UefiHttp).booted(&lan);
     assert_http_only(&booted, "HTTP boot, ProxyDHCP");
