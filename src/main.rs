@@ -16,6 +16,11 @@ use bootfleet::engine::port_owner::Protocol;
 mod cli;
 mod systemd;
 
+use cli::args::{
+    AuditArgs, DbCommand, EventsArgs, FilesCommand, ImagesCommand, IpxeCommand, JobsCommand,
+    MachinesCommand, PoolsCommand, PowerArgs, SettingsCommand, TokensCommand, UsersCommand,
+};
+
 /// Every request allocates a little (its parsed head, its response head, a
 /// boot event); under a storm of script requests glibc's allocator was
 /// about 10% of the HTTP worker's CPU (`perf`, 512 kept-alive connections),
@@ -56,9 +61,34 @@ enum Command {
     /// Images, through the running server's API.
     #[command(subcommand)]
     Images(ImagesCommand),
+    /// Pools: machines by list and label selector, and the image they
+    /// boot, through the running server's API.
+    #[command(subcommand)]
+    Pools(PoolsCommand),
+    /// Boot events, oldest first; `--follow` keeps printing new ones
+    /// (scope: read).
+    Events(EventsArgs),
+    /// The fleet at a glance: machines per state, and each server's
+    /// health (scope: read).
+    Fleet {
+        #[command(flatten)]
+        api: cli::args::ApiArgs,
+    },
+    /// The audit log: who changed what, when (scope: read).
+    Audit(AuditArgs),
+    /// Files in the boot directory, through the running server's API.
+    #[command(subcommand)]
+    Files(FilesCommand),
+    /// Server-wide settings, through the running server's API.
+    #[command(subcommand)]
+    Settings(SettingsCommand),
     /// Power machines on, off, cycle or reset through their BMCs, in
-    /// waves, and watch them boot until their OS checks in.
+    /// waves, and watch them boot until their OS checks in (scope:
+    /// assign).
     Power(PowerArgs),
+    /// Power jobs: list, show, pause, resume, cancel.
+    #[command(subcommand)]
+    Jobs(JobsCommand),
     /// The inventory database: online backup, and restore.
     #[command(subcommand)]
     Db(DbCommand),
@@ -72,264 +102,6 @@ enum Command {
     /// (the Debian package ships them).
     #[command(hide = true)]
     Manpages { dir: PathBuf },
-}
-
-/// Where the inventory database is (as `serve` would find it).
-#[derive(clap::Args)]
-struct DatabaseArgs {
-    /// The server's TOML config file (for its state directory and database).
-    #[arg(long, short)]
-    config: Option<PathBuf>,
-    /// The state directory (default: ./state, or the config's).
-    #[arg(long, value_name = "DIR")]
-    state_dir: Option<PathBuf>,
-    /// The database itself, overriding the two above: an SQLite file, or
-    /// a postgres:// URL.
-    #[arg(long, value_name = "FILE|URL")]
-    database: Option<String>,
-}
-
-#[derive(Subcommand)]
-enum UsersCommand {
-    /// Create a user or set its password and scope; the password is read
-    /// from standard input (one line).
-    Add {
-        name: String,
-        /// read, assign or admin.
-        #[arg(long, default_value = "admin")]
-        scope: String,
-        #[command(flatten)]
-        database: DatabaseArgs,
-    },
-    /// List users.
-    List {
-        #[command(flatten)]
-        database: DatabaseArgs,
-    },
-}
-
-#[derive(Subcommand)]
-enum DbCommand {
-    /// Copy the inventory database into FILE while the server runs
-    /// (SQLite's online backup: one consistent state), check the copy and
-    /// print what it holds.
-    Backup {
-        file: PathBuf,
-        #[command(flatten)]
-        database: DatabaseArgs,
-    },
-    /// Replace the inventory database with the backup FILE (checked, and
-    /// brought to this version's schema first). Stop bootfleet before, start
-    /// it after: `systemctl stop bootfleet`.
-    Restore {
-        file: PathBuf,
-        #[command(flatten)]
-        database: DatabaseArgs,
-    },
-    /// Copy a whole inventory into a new, empty database, and read it back
-    /// to check it: from the SQLite file to PostgreSQL (or back). Each side
-    /// is `sqlite:FILE` (or a plain path) or a postgres:// URL. Stop the
-    /// servers that write the source first.
-    Copy {
-        #[arg(long, value_name = "FROM")]
-        from: String,
-        #[arg(long, value_name = "TO")]
-        to: String,
-    },
-}
-
-#[derive(Subcommand)]
-enum IpxeCommand {
-    /// Build iPXE with a script built in that fetches each machine's own
-    /// script from this server by MAC address, needing no boot file from
-    /// DHCP: undionly.kpxe, snponly.efi and ipxe.efi for PXE firmware to
-    /// chainload (method 4: point dhcp.bios / dhcp.uefi_x64 at them) and
-    /// NIC option ROMs to flash (method 2). From an iPXE source tree you
-    /// have (`git clone https://github.com/ipxe/ipxe`): nothing is
-    /// downloaded. The tree gets the multicast TFTP fix if it lacks it.
-    /// Needs gcc, make, binutils, perl, liblzma-dev and mtools; the first
-    /// build takes minutes, later ones seconds.
-    Build(IpxeBuildArgs),
-}
-
-/// `bootfleet ipxe build`.
-#[derive(clap::Args)]
-struct IpxeBuildArgs {
-    /// The iPXE source tree (its top directory or its src).
-    #[arg(long, value_name = "DIR")]
-    source: PathBuf,
-    /// The server's TOML config (for its boot directory and HTTP port).
-    #[arg(long, short)]
-    config: Option<PathBuf>,
-    /// A server the script fetches from, e.g. http://10.0.0.1:8080;
-    /// repeat for fallbacks, tried in order. Default:
-    /// http://${next-server} with the config's HTTP port: whichever
-    /// bootfleet answered DHCP.
-    #[arg(long = "server", value_name = "URL")]
-    servers: Vec<String>,
-    /// Where the binaries go (default: ipxe/ in the boot directory, where
-    /// HTTP and TFTP serve them and the panel's Images page lists them).
-    #[arg(long, value_name = "DIR")]
-    out: Option<PathBuf>,
-    /// What to build (repeatable): undionly.kpxe, ipxe.efi, snponly.efi,
-    /// a NIC ROM by PCI vendor and device (8086100e.rom), or a path under
-    /// src such as bin-arm64-efi/snponly.efi. Default: undionly.kpxe
-    /// ipxe.efi snponly.efi 1af41000.rom (virtio-net).
-    #[arg(long = "target", value_name = "NAME")]
-    targets: Vec<String>,
-    /// Parallel compile jobs (default: one per core).
-    #[arg(long)]
-    jobs: Option<usize>,
-    /// Leave the tree's tftp.c as it is (the binaries then drop multicast
-    /// TFTP data, as every unfixed iPXE does).
-    #[arg(long)]
-    no_multicast_fix: bool,
-    /// A PEM CA certificate the binaries trust for HTTPS, and only it
-    /// (repeatable): bootfleet's own is https-ca.crt in its state
-    /// directory once [http] tls_listen is set. With it, the default
-    /// server is https://${next-server} on the config's HTTPS port, and
-    /// BIOS builds get HTTPS too.
-    #[arg(long = "trust", value_name = "PEM")]
-    trust: Vec<PathBuf>,
-}
-
-#[derive(Subcommand)]
-enum TokensCommand {
-    /// Create an API token and print it (shown only this once).
-    Add {
-        name: String,
-        /// read, assign or admin.
-        #[arg(long, default_value = "read")]
-        scope: String,
-        /// The user the token acts for (recorded in the audit log).
-        #[arg(long, default_value = "cli")]
-        user: String,
-        #[command(flatten)]
-        database: DatabaseArgs,
-    },
-}
-
-/// How to reach the running server's API.
-#[derive(clap::Args)]
-struct ApiArgs {
-    /// The panel's URL.
-    #[arg(long, env = "BOOTFLEET_URL", default_value = "http://127.0.0.1:9090")]
-    url: String,
-    /// An API token (`bootfleet tokens add NAME --scope assign`).
-    #[arg(long, env = "BOOTFLEET_TOKEN", hide_env_values = true)]
-    token: String,
-}
-
-#[derive(Subcommand)]
-enum MachinesCommand {
-    /// List machines with their state.
-    List {
-        #[command(flatten)]
-        api: ApiArgs,
-    },
-    /// Assign an image to machines (adopting discovered ones).
-    Assign {
-        /// The image, or "none" to unassign.
-        image: String,
-        /// MAC addresses (any spelling).
-        #[arg(required = true)]
-        macs: Vec<String>,
-        #[command(flatten)]
-        api: ApiArgs,
-    },
-    /// Forget a machine.
-    Forget {
-        mac: String,
-        #[command(flatten)]
-        api: ApiArgs,
-    },
-    /// Set a machine's BMC (or remove it with `--bmc none`).
-    Set {
-        mac: String,
-        /// `ipmi://USER[:PASS]@HOST[:PORT]` or
-        /// `redfish://USER[:PASS]@HOST[:PORT]/redfish/v1/Systems/ID`
-        /// (`redfish+http://` without TLS, `?verify=false` for a
-        /// self-signed certificate), or `none`.
-        #[arg(long, value_name = "URL")]
-        bmc: String,
-        /// Read the BMC password from this file (first line) instead of
-        /// the URL.
-        #[arg(long, value_name = "FILE", conflicts_with = "bmc_password_stdin")]
-        bmc_password_file: Option<PathBuf>,
-        /// Read the BMC password from standard input (one line).
-        #[arg(long)]
-        bmc_password_stdin: bool,
-        /// An IPMI BMC's K_g key (the BMC-wide key of IPMI 2.0 sessions),
-        /// from this file (first line): its characters, or `0x` and hex
-        /// digits.
-        #[arg(long, value_name = "FILE")]
-        bmc_kg_file: Option<PathBuf>,
-        #[command(flatten)]
-        api: ApiArgs,
-    },
-}
-
-/// `bootfleet power`.
-#[derive(clap::Args)]
-struct PowerArgs {
-    /// on, off (hard), soft-off, cycle, reset or status.
-    action: String,
-    /// Machines (any MAC spelling).
-    macs: Vec<String>,
-    /// Every machine of this pool too.
-    #[arg(long)]
-    pool: Option<String>,
-    /// Boot once from this device first (on, cycle, reset): none, pxe,
-    /// uefi-pxe or uefi-http.
-    #[arg(long, default_value = "pxe")]
-    boot: String,
-    /// `all` at once, `adaptive` (paced by the boot servers' load), or
-    /// `SIZE/SECONDS` (fixed waves).
-    #[arg(long, default_value = "adaptive")]
-    waves: String,
-    /// Seconds from power-on to check-in before a machine is failed
-    /// (default: each machine's image's, else the server's).
-    #[arg(long)]
-    deadline: Option<u64>,
-    /// Power-cycle once each machine that misses its deadline.
-    #[arg(long)]
-    retry_by_cycle: bool,
-    /// Start the job and return (default: follow it to the end).
-    #[arg(long)]
-    no_wait: bool,
-    #[command(flatten)]
-    api: ApiArgs,
-}
-
-#[derive(Subcommand)]
-enum ImagesCommand {
-    /// List images.
-    List {
-        #[command(flatten)]
-        api: ApiArgs,
-    },
-    /// Register an image from files in the boot directory (or URLs).
-    Add {
-        name: String,
-        #[arg(long)]
-        kernel: String,
-        /// Repeatable, in boot order.
-        #[arg(long = "initrd")]
-        initrds: Vec<String>,
-        #[arg(long, default_value = "")]
-        cmdline: String,
-        /// http, tftp or multicast.
-        #[arg(long, default_value = "http")]
-        transport: String,
-        #[command(flatten)]
-        api: ApiArgs,
-    },
-    /// Remove an image no machine uses.
-    Remove {
-        name: String,
-        #[command(flatten)]
-        api: ApiArgs,
-    },
 }
 
 #[derive(clap::Args, Default)]
@@ -377,18 +149,38 @@ struct ServeArgs {
     panel_listen: Option<String>,
 }
 
-fn main() -> Result<()> {
+/// Runs the command; an error is printed as one line (with its causes)
+/// and chooses the exit status (`docs/cli.md`).
+fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    match cli.command.unwrap_or(Command::Serve(ServeArgs::default())) {
+    match run(cli.command.unwrap_or(Command::Serve(ServeArgs::default()))) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("bootfleet: {error:#}");
+            std::process::ExitCode::from(cli::exit_status(&error))
+        }
+    }
+}
+
+fn run(command: Command) -> Result<()> {
+    match command {
         Command::Serve(args) => serve(args),
         Command::CheckConfig { config } => check_config(&config),
         Command::Users(command) => cli::users(command),
         Command::Tokens(command) => cli::tokens(command),
-        Command::Machines(command) => cli::machines(command),
-        Command::Images(command) => cli::images(command),
-        Command::Power(args) => cli::power(args),
+        Command::Machines(command) => cli::api::machines(command),
+        Command::Images(command) => cli::api::images(command),
+        Command::Pools(command) => cli::api::pools(command),
+        Command::Events(args) => cli::api::events(args),
+        Command::Fleet { api } => cli::api::fleet(&api),
+        Command::Audit(args) => cli::api::audit(args),
+        Command::Files(command) => cli::api::files(command),
+        Command::Settings(command) => cli::api::settings(command),
+        Command::Power(args) => cli::api::power(args),
+        Command::Jobs(command) => cli::api::jobs(command),
         Command::Db(command) => cli::db(command),
         Command::Ipxe(IpxeCommand::Build(args)) => cli::ipxe_build(args),
+        Command::Ipxe(command) => cli::api::ipxe(command),
         Command::Completions { shell } => {
             use clap::CommandFactory;
             clap_complete::generate(

@@ -625,6 +625,9 @@ pub trait InventoryStore: Send + Sync {
     ) -> StoreResult<()>;
     fn user(&self, name: &str) -> StoreResult<Option<UserRecord>>;
     fn users(&self) -> StoreResult<Vec<UserRecord>>;
+    /// Removes a user, ends its sessions and revokes the tokens that act
+    /// for it; answers how many tokens it revoked.
+    fn remove_user(&self, name: &str, actor: &str) -> StoreResult<usize>;
     fn create_session(&self, id_hash: &str, session: &SessionRecord) -> StoreResult<()>;
     fn session(&self, id_hash: &str, now_ms: u64) -> StoreResult<Option<SessionRecord>>;
     fn delete_session(&self, id_hash: &str) -> StoreResult<()>;

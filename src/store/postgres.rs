@@ -938,6 +938,27 @@ impl InventoryStore for PostgresStore {
         })
     }
 
+    fn remove_user(&self, name: &str, actor: &str) -> StoreResult<usize> {
+        self.write(|tx| {
+            if tx.execute("DELETE FROM users WHERE name = $1", &[&name])? == 0 {
+                return Err(rules::no_user(name));
+            }
+            tx.execute("DELETE FROM sessions WHERE user_name = $1", &[&name])?;
+            let revoked = tx.execute(
+                "UPDATE tokens SET revoked = TRUE WHERE user_name = $1 AND NOT revoked",
+                &[&name],
+            )?;
+            audit(
+                tx,
+                actor,
+                "user.remove",
+                name,
+                &format!("{revoked} token(s) revoked"),
+            )?;
+            Ok(revoked as usize)
+        })
+    }
+
     fn user(&self, name: &str) -> StoreResult<Option<UserRecord>> {
         self.with_client(|client| {
             let row = client.query_opt(

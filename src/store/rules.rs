@@ -47,6 +47,10 @@ pub(super) fn no_machine(mac: Mac) -> StoreError {
     StoreError::NotFound(format!("no machine {mac}"))
 }
 
+pub(super) fn no_user(name: &str) -> StoreError {
+    StoreError::NotFound(format!("no user {name:?}"))
+}
+
 pub(super) fn no_token(id: i64) -> StoreError {
     StoreError::NotFound(format!("no token with id {id}"))
 }

@@ -914,6 +914,27 @@ impl InventoryStore for SqliteStore {
         })
     }
 
+    fn remove_user(&self, name: &str, actor: &str) -> StoreResult<usize> {
+        self.write(|tx| {
+            if tx.execute("DELETE FROM users WHERE name = ?1", [name])? == 0 {
+                return Err(rules::no_user(name));
+            }
+            tx.execute("DELETE FROM sessions WHERE user = ?1", [name])?;
+            let revoked = tx.execute(
+                "UPDATE tokens SET revoked = 1 WHERE user = ?1 AND revoked = 0",
+                [name],
+            )?;
+            audit(
+                tx,
+                actor,
+                "user.remove",
+                name,
+                &format!("{revoked} token(s) revoked"),
+            )?;
+            Ok(revoked)
+        })
+    }
+
     fn user(&self, name: &str) -> StoreResult<Option<UserRecord>> {
         Ok(self
             .lock()

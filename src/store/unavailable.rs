@@ -174,6 +174,10 @@ impl InventoryStore for UnavailableStore {
         self.down()
     }
 
+    fn remove_user(&self, _: &str, _: &str) -> StoreResult<usize> {
+        self.down()
+    }
+
     fn create_session(&self, _id_hash: &str, _session: &SessionRecord) -> StoreResult<()> {
         self.down()
     }

@@ -67,7 +67,7 @@ fn src_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("src")
 }
 
-/// Every library source file (the binary's `main.rs`, `cli.rs` and
+/// Every library source file (the binary's `main.rs`, `cli/` and
 /// `systemd.rs` are not part of the layering) with its module path, e.g. `["server", "tftp"]`.
 fn library_files() -> Vec<(Vec<String>, String)> {
     fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
@@ -92,7 +92,9 @@ fn library_files() -> Vec<(Vec<String>, String)> {
                 .iter()
                 .map(|c| c.to_string_lossy().into_owned())
                 .collect();
-            if matches!(module.as_slice(), [m] if ["main", "cli", "systemd", "lib"].contains(&m.as_str())) {
+            if matches!(module.as_slice(), [m] if ["main", "systemd", "lib"].contains(&m.as_str()))
+                || module[0] == "cli"
+            {
                 return None;
             }
             if module.last().is_some_and(|m| m == "mod") {

@@ -3,6 +3,7 @@
 //! namespaces, and QEMU machines booting end to end on a bridge.
 
 mod architecture;
+mod cli;
 mod common;
 mod dhcp_namespace;
 mod hostile;

@@ -263,7 +263,7 @@ fn ipmi_sim_bmcs_power_on_machines_that_netboot_and_check_in() {
         let (ok, out, err) = set_bmc(&lan, mac, &url, Some("s3cret"), kg_file);
         assert!(ok, "{out}{err}");
         assert!(
-            out.contains(&format!("BMC ipmi://admin@127.0.0.1:{port}")),
+            out.contains(&format!("bmc\tipmi://admin@127.0.0.1:{port}")),
             "{out}"
         );
     }
