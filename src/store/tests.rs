@@ -624,6 +624,24 @@ mod bodies {
             .map(|a| a.action)
             .collect();
         assert_eq!(actions, ["settings.unknown", "token.revoke", "token.add"]);
+
+        // Removing a user ends its sessions and revokes its tokens, and
+        // only its own.
+        store.add_user("bob", "hash-3", Scope::Read, "setup").unwrap();
+        store.create_session("s2", &session).unwrap();
+        store
+            .add_token("bobs", "bob", Scope::Read, "secret-3", "bob")
+            .unwrap();
+        assert_eq!(store.remove_user("alice", "setup").unwrap(), 1);
+        assert!(store.user("alice").unwrap().is_none());
+        assert_eq!(store.session("s2", 5_000).unwrap(), None);
+        assert!(store.token("secret-2", 1_000_002).unwrap().is_none());
+        assert!(store.token("secret-3", 1_000_002).unwrap().is_some());
+        assert!(matches!(
+            store.remove_user("alice", "setup"),
+            Err(StoreError::NotFound(_))
+        ));
+        assert_eq!(store.audit(1).unwrap()[0].action, "user.remove");
     }
 
     pub(super) fn schema_is_migrated_once_and_reopens(backend: &Backend) {
