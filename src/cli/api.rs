@@ -18,8 +18,9 @@ use serde_json::{json, Value};
 use bootfleet::inventory::bmc::read_secret_file;
 
 use super::args::{
-    ApiArgs, AuditArgs, EventsArgs, FilesCommand, ImageAddArgs, ImagesCommand, IpxeCommand,
-    JobsCommand, MachineSetArgs, MachinesCommand, PoolsCommand, PowerArgs, SettingsCommand,
+    ApiArgs, AuditArgs, EventsArgs, FilesCommand, ImageAddArgs, ImageEditArgs, ImagesCommand,
+    IpxeCommand, JobsCommand, MachineSetArgs, MachinesCommand, PoolsCommand, PowerArgs,
+    SettingsCommand,
 };
 
 /// How a call to the API failed; [`super::exit_status`] turns it into the
@@ -431,6 +432,7 @@ fn set_machine(args: MachineSetArgs) -> Result<()> {
         ("image", none_is_null(args.image)),
         ("hostname", none_is_null(args.hostname)),
         ("ip", none_is_null(args.ip)),
+        ("image_revision", pin(args.pin.as_deref())?),
         ("one_shot", args.one_shot.map(Value::from)),
         ("netboot", args.netboot.map(Value::from)),
         ("cmdline_append", args.cmdline_append.map(Value::from)),
@@ -475,6 +477,17 @@ fn set_machine(args: MachineSetArgs) -> Result<()> {
     Ok(())
 }
 
+/// `--pin REVISION|none` as the API's `image_revision`.
+fn pin(text: Option<&str>) -> Result<Option<Value>> {
+    Ok(match text {
+        None => None,
+        Some("none") => Some(Value::Null),
+        Some(number) => Some(json!(number.parse::<u64>().with_context(|| {
+            format!("--pin {number:?}: give a revision number (images revisions NAME) or none")
+        })?)),
+    })
+}
+
 /// A BMC password from a file or one line of standard input, if asked.
 fn bmc_password(file: Option<&Path>, stdin: bool) -> Result<Option<String>> {
     if let Some(file) = file {
@@ -515,6 +528,39 @@ pub fn images(command: ImagesCommand) -> Result<()> {
             client.show(&image, print_image);
         }
         ImagesCommand::Add(args) => add_image(args)?,
+        ImagesCommand::Edit(args) => edit_image(args)?,
+        ImagesCommand::Revisions { name, api } => {
+            let client = Client::new(&api)?;
+            let revisions = client.get(&format!("/images/{}/revisions", segment(&name)))?;
+            client.show(&revisions, |revisions| {
+                for r in revisions.as_array().into_iter().flatten() {
+                    println!(
+                        "{}\t{}\t{}\t{}",
+                        r["revision"],
+                        when(&r["at_ms"]),
+                        or_dash(&r["actor"]),
+                        or_dash(&r["changes"])
+                    );
+                }
+            });
+        }
+        ImagesCommand::Rollback {
+            name,
+            revision,
+            api,
+        } => {
+            let client = Client::new(&api)?;
+            let image = client.post(
+                &format!("/images/{}/rollback", segment(&name)),
+                json!({ "revision": revision }),
+            )?;
+            client.show(&image, |i| {
+                println!(
+                    "{name}: revision {} has revision {revision}'s content",
+                    i["revision"]
+                )
+            });
+        }
         ImagesCommand::Remove { name, api } => {
             let client = Client::new(&api)?;
             let answer = client.delete(&format!("/images/{}", segment(&name)))?;
@@ -526,6 +572,7 @@ pub fn images(command: ImagesCommand) -> Result<()> {
 
 /// `images show`: its settings, then one line per file.
 fn print_image(i: &Value) {
+    println!("revision\t{}", i["revision"]);
     for key in [
         "name",
         "kernel",
@@ -576,6 +623,39 @@ fn add_image(args: ImageAddArgs) -> Result<()> {
         }
         println!("image {} registered", args.name);
     });
+    Ok(())
+}
+
+fn edit_image(args: ImageEditArgs) -> Result<()> {
+    let client = Client::new(&args.api)?;
+    let mut edit = serde_json::Map::new();
+    for (key, value) in [
+        ("kernel", args.kernel.map(Value::from)),
+        ("cmdline", args.cmdline.map(Value::from)),
+        ("transport", args.transport.map(Value::from)),
+        ("architecture", args.architecture.map(Value::from)),
+        ("description", args.description.map(Value::from)),
+        (
+            "checkin_deadline_seconds",
+            args.checkin_deadline.map(Value::from),
+        ),
+        ("secure_boot", args.secure_boot.map(Value::from)),
+    ] {
+        if let Some(value) = value {
+            edit.insert(key.into(), value);
+        }
+    }
+    if args.no_initrds || !args.initrds.is_empty() {
+        edit.insert("initrds".into(), json!(args.initrds));
+    }
+    if edit.is_empty() {
+        bail!("nothing to change: give at least one option (bootfleet images edit --help)");
+    }
+    let image = client.put(
+        &format!("/images/{}", segment(&args.name)),
+        Value::Object(edit),
+    )?;
+    client.show(&image, print_image);
     Ok(())
 }
 

@@ -281,6 +281,10 @@ pub(crate) struct MachineSetArgs {
     /// The image it boots, or `none` (then its pools' image, if any).
     #[arg(long)]
     pub(crate) image: Option<String>,
+    /// Pin it to this revision of its image (`images revisions NAME`), or
+    /// `none` to follow the image's current revision.
+    #[arg(long, value_name = "REVISION|none")]
+    pub(crate) pin: Option<String>,
     /// Its hostname, or `none`.
     #[arg(long)]
     pub(crate) hostname: Option<String>,
@@ -419,12 +423,64 @@ pub(crate) enum ImagesCommand {
     /// Register an image from files in the boot directory or URLs (scope:
     /// admin).
     Add(ImageAddArgs),
+    /// Change an image: what is given changes and makes a new revision,
+    /// which machines not pinned boot from their next script (scope:
+    /// admin).
+    Edit(ImageEditArgs),
+    /// An image's revisions, newest first: what changed, who, when (scope:
+    /// read).
+    Revisions {
+        name: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Roll an image back: a new revision with an earlier one's content
+    /// (scope: admin).
+    Rollback {
+        name: String,
+        revision: u64,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
     /// Remove an image no machine uses (scope: admin).
     Remove {
         name: String,
         #[command(flatten)]
         api: ApiArgs,
     },
+}
+
+/// `bootfleet images edit`.
+#[derive(clap::Args)]
+pub(crate) struct ImageEditArgs {
+    pub(crate) name: String,
+    /// The kernel: a path in the boot directory, or a URL.
+    #[arg(long)]
+    pub(crate) kernel: Option<String>,
+    /// Its initrds, replacing all it has (repeatable, in boot order).
+    #[arg(long = "initrd", conflicts_with = "no_initrds")]
+    pub(crate) initrds: Vec<String>,
+    /// Boot it with no initrd.
+    #[arg(long)]
+    pub(crate) no_initrds: bool,
+    #[arg(long)]
+    pub(crate) cmdline: Option<String>,
+    /// http, tftp or multicast.
+    #[arg(long)]
+    pub(crate) transport: Option<String>,
+    #[arg(long)]
+    pub(crate) architecture: Option<String>,
+    #[arg(long)]
+    pub(crate) description: Option<String>,
+    /// Seconds from the kernel fetch to the OS's check-in (0: the
+    /// server's default).
+    #[arg(long)]
+    pub(crate) checkin_deadline: Option<u64>,
+    /// Boot it through the Secure Boot chain on UEFI x64 PXE machines.
+    #[arg(long, value_name = "true|false")]
+    pub(crate) secure_boot: Option<bool>,
+    #[command(flatten)]
+    pub(crate) api: ApiArgs,
 }
 
 /// `bootfleet images add`.

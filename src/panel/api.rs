@@ -86,7 +86,10 @@ pub const API_ROUTES: &[(&str, &str)] = &[
     ("get", "/api/v1/images"),
     ("post", "/api/v1/images"),
     ("get", "/api/v1/images/{name}"),
+    ("put", "/api/v1/images/{name}"),
     ("delete", "/api/v1/images/{name}"),
+    ("get", "/api/v1/images/{name}/revisions"),
+    ("post", "/api/v1/images/{name}/rollback"),
     ("get", "/api/v1/files"),
     ("put", "/api/v1/files/{path}"),
     ("get", "/api/v1/ipxe"),
@@ -171,7 +174,12 @@ pub fn routes(state: Arc<PanelState>) -> axum::Router {
         .route("/api/v1/checkin", post(super::power::checkin))
         .route("/api/v1/discovered", get(discovered))
         .route("/api/v1/images", get(list_images).post(add_image))
-        .route("/api/v1/images/{name}", get(get_image).delete(remove_image))
+        .route(
+            "/api/v1/images/{name}",
+            get(get_image).put(edit_image).delete(remove_image),
+        )
+        .route("/api/v1/images/{name}/revisions", get(image_revisions))
+        .route("/api/v1/images/{name}/rollback", post(rollback_image))
         .route("/api/v1/files", get(list_files))
         .route(
             "/api/v1/files/{*path}",
@@ -750,6 +758,7 @@ async fn add_image(State(state): Shared, Auth(who): Admin, body: axum::body::Byt
         created_ms: now_ms(),
         checkin_deadline_seconds: new.checkin_deadline_seconds,
         secure_boot: new.secure_boot,
+        revision: 1,
     };
     let image = blocking(move || {
         image.files = check_files(&state.root, &image)
@@ -762,6 +771,109 @@ async fn add_image(State(state): Shared, Auth(who): Admin, body: axum::body::Byt
     })
     .await?;
     Ok((StatusCode::CREATED, Json(image)).into_response())
+}
+
+/// `PUT /api/v1/images/{name}`: changes what is given and makes a new
+/// revision, which every machine not pinned boots from its next script.
+async fn edit_image(
+    State(state): Shared,
+    Auth(who): Admin,
+    Path(name): Path<String>,
+    body: axum::body::Bytes,
+) -> ApiResult {
+    let mut edit: crate::store::ImageEdit = parse_json(&body)?;
+    if let Some(kernel) = &edit.kernel {
+        edit.kernel = Some(check_boot_path(kernel)?);
+    }
+    if let Some(initrds) = &edit.initrds {
+        edit.initrds = Some(
+            initrds
+                .iter()
+                .map(|i| check_boot_path(i))
+                .collect::<ApiResult<_>>()?,
+        );
+    }
+    let view = blocking(move || save_revision(&state, &name, &edit, "", &who.actor)).await?;
+    Ok(Json(view).into_response())
+}
+
+/// Applies an edit (or a rollback), checks new files, publishes, and
+/// answers the image as `GET /api/v1/images/{name}` shows it.
+fn save_revision(
+    state: &PanelState,
+    name: &str,
+    edit: &crate::store::ImageEdit,
+    note: &str,
+    actor: &str,
+) -> ApiResult<Value> {
+    // Files are checked before the change: a kernel or initrd that is not
+    // in the boot directory is refused, as at registration.
+    let mut checked = None;
+    if let Some(mut preview) = state.store.image(name)? {
+        if !edit.apply_to(&mut preview).is_empty() && preview.files.is_empty() {
+            checked = Some(
+                check_files(&state.root, &preview)
+                    .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e))?,
+            );
+        }
+    }
+    let image = state.store.edit_image(name, edit, note, actor)?;
+    if let Some(files) = checked.filter(|_| image.files.is_empty()) {
+        state.store.update_image_files(name, &files)?;
+    }
+    state.publish()?;
+    state.image_health.changed.notify_one();
+    let image = state
+        .store
+        .image(name)?
+        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("no image named {name:?}")))?;
+    let servers = state.store.server_files().unwrap_or_default();
+    Ok(image_view(state, image, &servers))
+}
+
+async fn image_revisions(State(state): Shared, _: Reader, Path(name): Path<String>) -> ApiResult {
+    let revisions = blocking(move || Ok(state.store.image_revisions(&name)?)).await?;
+    Ok(Json(revisions).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Rollback {
+    revision: u64,
+}
+
+/// `POST /api/v1/images/{name}/rollback`: one action makes a new revision
+/// with an earlier one's content.
+async fn rollback_image(
+    State(state): Shared,
+    Auth(who): Admin,
+    Path(name): Path<String>,
+    body: axum::body::Bytes,
+) -> ApiResult {
+    let Rollback { revision } = parse_json(&body)?;
+    let view = blocking(move || {
+        let old = state
+            .store
+            .image_revisions(&name)?
+            .into_iter()
+            .find(|r| r.revision == revision)
+            .ok_or_else(|| {
+                ApiError::new(
+                    StatusCode::NOT_FOUND,
+                    format!("image {name:?} has no revision {revision}"),
+                )
+            })?;
+        let edit = crate::store::ImageEdit::restoring(&old.image);
+        save_revision(
+            &state,
+            &name,
+            &edit,
+            &format!("rollback to revision {revision}"),
+            &who.actor,
+        )
+    })
+    .await?;
+    Ok(Json(view).into_response())
 }
 
 async fn remove_image(

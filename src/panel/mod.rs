@@ -280,8 +280,9 @@ pub struct MachineView {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub bmc: Option<String>,
     /// Which rule gives it the `image` it boots: `machine` (its own
-    /// assignment, which wins) or `pool NAME` (the first pool by name with
-    /// an image that contains it); `None` with no image.
+    /// assignment, which wins; `machine, pinned to revision N` when pinned)
+    /// or `pool NAME` (the first pool by name with an image that contains
+    /// it); `None` with no image.
     pub image_from: Option<String>,
 }
 
@@ -315,7 +316,13 @@ pub fn machine_view(mut machine: MachineRecord, now_ms: u64, rules: &ViewRules) 
             machine.image = pool.image.clone();
             Some(format!("pool {}", pool.name))
         }
-        None => machine.image.is_some().then(|| "machine".to_string()),
+        None => machine
+            .image
+            .is_some()
+            .then(|| match machine.image_revision {
+                Some(revision) => format!("machine, pinned to revision {revision}"),
+                None => "machine".to_string(),
+            }),
     };
     let deadline = rules.deadline_for(machine.image.as_deref());
     let quiet_for = now_ms.saturating_sub(machine.phase_ms.unwrap_or(now_ms));

@@ -428,6 +428,7 @@ mod tests {
             created_ms: 0,
             checkin_deadline_seconds: 0,
             secure_boot: false,
+            revision: 1,
         }
     }
 

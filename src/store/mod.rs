@@ -17,7 +17,7 @@ pub mod sqlite;
 mod tests;
 pub mod unavailable;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::Ipv4Addr;
 
 use serde::{Deserialize, Serialize};
@@ -70,6 +70,9 @@ pub struct MachineRecord {
     /// `key=value` labels (pools select machines by them).
     pub labels: Vec<String>,
     pub image: Option<String>,
+    /// Pinned to this revision of its image; `None`: its image's current
+    /// revision.
+    pub image_revision: Option<u64>,
     pub one_shot: bool,
     pub rearm: u64,
     pub netboot: bool,
@@ -97,6 +100,7 @@ impl MachineRecord {
             ip: None,
             labels: Vec::new(),
             image: None,
+            image_revision: None,
             one_shot: false,
             rearm: 0,
             netboot: true,
@@ -118,9 +122,14 @@ impl MachineRecord {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MachinePatch {
-    /// An image name, or `null` to unassign.
+    /// An image name, or `null` to unassign. A new image ends a pin
+    /// unless the patch pins too.
     #[serde(default, deserialize_with = "double_option")]
     pub image: Option<Option<String>>,
+    /// Pin to this revision of the machine's image, or `null` to follow
+    /// its current revision.
+    #[serde(default, deserialize_with = "double_option")]
+    pub image_revision: Option<Option<u64>>,
     #[serde(default, deserialize_with = "double_option")]
     pub hostname: Option<Option<String>>,
     #[serde(default, deserialize_with = "double_option")]
@@ -152,8 +161,21 @@ impl MachinePatch {
                     machine.image.as_deref().unwrap_or("none"),
                     image.as_deref().unwrap_or("none")
                 ));
+                if machine.image_revision.is_some() && self.image_revision.is_none() {
+                    changes.push("unpinned".to_string());
+                    machine.image_revision = None;
+                }
             }
             machine.image = image.clone();
+        }
+        if let Some(revision) = self.image_revision {
+            if revision != machine.image_revision {
+                changes.push(match revision {
+                    Some(revision) => format!("pinned to revision {revision}"),
+                    None => "unpinned".to_string(),
+                });
+            }
+            machine.image_revision = revision;
         }
         if let Some(hostname) = &self.hostname {
             if *hostname != machine.hostname {
@@ -251,7 +273,7 @@ pub struct HeldFile {
 }
 
 /// An image.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ImageRecord {
     pub name: String,
     pub kernel: String,
@@ -280,10 +302,141 @@ pub struct ImageRecord {
     /// UEFI x64 PXE machines.
     #[serde(default)]
     pub secure_boot: bool,
+    /// Its current revision: 1 when registered, one more at each edit.
+    #[serde(default = "first_revision")]
+    pub revision: u64,
 }
 
 fn http() -> String {
     "http".into()
+}
+
+fn first_revision() -> u64 {
+    1
+}
+
+/// A change to an image (`PUT /api/v1/images/{name}`); absent fields stay.
+/// Each change that changes something makes a new revision.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImageEdit {
+    pub kernel: Option<String>,
+    pub initrds: Option<Vec<String>>,
+    pub cmdline: Option<String>,
+    pub transport: Option<String>,
+    pub architecture: Option<String>,
+    pub description: Option<String>,
+    pub checkin_deadline_seconds: Option<u64>,
+    pub secure_boot: Option<bool>,
+}
+
+impl ImageEdit {
+    /// The edit that gives an image `target`'s content back (a rollback).
+    pub fn restoring(target: &ImageRecord) -> Self {
+        ImageEdit {
+            kernel: Some(target.kernel.clone()),
+            initrds: Some(target.initrds.clone()),
+            cmdline: Some(target.cmdline.clone()),
+            transport: Some(target.transport.clone()),
+            architecture: Some(target.architecture.clone()),
+            description: Some(target.description.clone()),
+            checkin_deadline_seconds: Some(target.checkin_deadline_seconds),
+            secure_boot: Some(target.secure_boot),
+        }
+    }
+
+    /// Applies this edit to `image` and says what changed, one phrase per
+    /// field (the revision's and the audit log's description); both store
+    /// backends edit through this. A changed kernel or initrd drops the
+    /// file checks: the server checks the new files again.
+    pub fn apply_to(&self, image: &mut ImageRecord) -> Vec<String> {
+        fn set<T: PartialEq + Clone>(
+            field: &mut T,
+            wanted: &Option<T>,
+            name: &str,
+            changes: &mut Vec<String>,
+            show: impl Fn(&T) -> String,
+        ) {
+            if let Some(wanted) = wanted.as_ref().filter(|w| *w != field) {
+                changes.push(format!("{name} {} -> {}", show(field), show(wanted)));
+                *field = wanted.clone();
+            }
+        }
+        let mut changes = Vec::new();
+        let quoted = |text: &String| format!("{text:?}");
+        set(
+            &mut image.kernel,
+            &self.kernel,
+            "kernel",
+            &mut changes,
+            quoted,
+        );
+        set(
+            &mut image.initrds,
+            &self.initrds,
+            "initrds",
+            &mut changes,
+            |i| format!("{i:?}"),
+        );
+        if !changes.is_empty() {
+            image.files.clear();
+        }
+        set(
+            &mut image.cmdline,
+            &self.cmdline,
+            "cmdline",
+            &mut changes,
+            quoted,
+        );
+        set(
+            &mut image.transport,
+            &self.transport,
+            "transport",
+            &mut changes,
+            String::clone,
+        );
+        set(
+            &mut image.architecture,
+            &self.architecture,
+            "architecture",
+            &mut changes,
+            quoted,
+        );
+        set(
+            &mut image.description,
+            &self.description,
+            "description",
+            &mut changes,
+            quoted,
+        );
+        set(
+            &mut image.checkin_deadline_seconds,
+            &self.checkin_deadline_seconds,
+            "checkin_deadline_seconds",
+            &mut changes,
+            u64::to_string,
+        );
+        set(
+            &mut image.secure_boot,
+            &self.secure_boot,
+            "secure_boot",
+            &mut changes,
+            bool::to_string,
+        );
+        changes
+    }
+}
+
+/// One revision of an image: its content then, and what made it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ImageRevision {
+    pub revision: u64,
+    pub image: ImageRecord,
+    /// What changed from the revision before (`registered` for the first,
+    /// `rollback to revision N: ...` for a rollback).
+    pub changes: String,
+    pub actor: String,
+    pub at_ms: u64,
 }
 
 /// A named set of machines: listed ones plus those whose labels match
@@ -454,6 +607,8 @@ pub struct InventoryDump {
     /// Machines' BMCs, their passwords still sealed (the copy needs the
     /// same key file).
     pub bmcs: Vec<BmcRecord>,
+    /// Every image's recorded revisions, by image then revision.
+    pub image_revisions: Vec<ImageRevision>,
 }
 
 impl std::fmt::Display for InventoryDump {
@@ -601,6 +756,19 @@ pub trait InventoryStore: Send + Sync {
     fn remove_image(&self, name: &str, actor: &str) -> StoreResult<()>;
     /// Records new sizes and checksums (a file changed on disk).
     fn update_image_files(&self, name: &str, files: &[FileCheck]) -> StoreResult<()>;
+    /// Changes an image as `edit` says and makes that its new revision,
+    /// recorded with `note` (e.g. `rollback to revision 2`) before what
+    /// changed; an edit that changes nothing makes no revision. Machines
+    /// not pinned boot the new revision at once.
+    fn edit_image(
+        &self,
+        name: &str,
+        edit: &ImageEdit,
+        note: &str,
+        actor: &str,
+    ) -> StoreResult<ImageRecord>;
+    /// An image's revisions, newest first (the current one included).
+    fn image_revisions(&self, name: &str) -> StoreResult<Vec<ImageRevision>>;
 
     fn pools(&self) -> StoreResult<Vec<PoolRecord>>;
     fn put_pool(&self, pool: &PoolRecord, actor: &str) -> StoreResult<()>;
@@ -877,20 +1045,12 @@ pub fn validate_pool(pool: &PoolRecord) -> StoreResult<()> {
 /// unknown-machine policy answers them until an operator adopts them).
 pub fn snapshot_from_store(store: &dyn InventoryStore, generation: u64) -> StoreResult<Snapshot> {
     let (policy, poll) = store.unknown_policy()?;
-    let images = store
-        .images()?
-        .into_iter()
-        .map(|image| inventory::Image {
-            transport: parse_transport(&image.transport).unwrap_or_default(),
-            name: image.name,
-            kernel: image.kernel,
-            initrds: image.initrds,
-            cmdline: image.cmdline,
-            description: image.description,
-            template: inventory::DEFAULT_TEMPLATE.to_string(),
-            secure_boot: image.secure_boot,
-        })
-        .collect::<Vec<_>>();
+    let records = store.images()?;
+    let current: HashMap<String, u64> = records
+        .iter()
+        .map(|image| (image.name.clone(), image.revision))
+        .collect();
+    let mut images: Vec<inventory::Image> = records.into_iter().map(data_plane_image).collect();
     let pools = store.pools()?;
     // Labels only when a pool with an image selects by them (reading them
     // costs the JSON decoding the brief listing avoids).
@@ -902,16 +1062,40 @@ pub fn snapshot_from_store(store: &dyn InventoryStore, generation: u64) -> Store
     } else {
         store.machines_brief()?
     };
-    let machines = records
-        .into_iter()
-        .filter(|m| m.adopted)
-        .map(|m| inventory::Machine {
+    // A machine pinned to an older revision boots that revision, held in
+    // the snapshot as an image of its own, `NAME@REVISION`.
+    let mut revisions: HashMap<String, Vec<ImageRevision>> = HashMap::new();
+    let mut pinned: HashMap<(String, u64), String> = HashMap::new();
+    let mut machines = Vec::with_capacity(records.len());
+    for m in records.into_iter().filter(|m| m.adopted) {
+        let mut image = m.image.clone();
+        if let (Some(name), Some(pin)) = (&m.image, m.image_revision) {
+            if current.get(name).is_some_and(|&now| now != pin) {
+                let key = (name.clone(), pin);
+                if !pinned.contains_key(&key) {
+                    if !revisions.contains_key(name) {
+                        revisions.insert(name.clone(), store.image_revisions(name)?);
+                    }
+                    let old = revisions[name]
+                        .iter()
+                        .find(|r| r.revision == pin)
+                        .ok_or_else(|| {
+                            StoreError::Invalid(format!("image {name:?} has no revision {pin}"))
+                        })?;
+                    let alias = format!("{name}@{pin}");
+                    images.push(data_plane_image(ImageRecord {
+                        name: alias.clone(),
+                        ..old.image.clone()
+                    }));
+                    pinned.insert(key.clone(), alias);
+                }
+                image = pinned.get(&key).cloned();
+            }
+        }
+        machines.push(inventory::Machine {
             // A pool's image for a machine without one of its own, now and
             // whenever one is adopted or relabelled into the pool.
-            image: m
-                .image
-                .clone()
-                .or_else(|| image_pool(&pools, &m).and_then(|pool| pool.image.clone())),
+            image: image.or_else(|| image_pool(&pools, &m).and_then(|pool| pool.image.clone())),
             mac: m.mac,
             hostname: m.hostname,
             ip: m.ip,
@@ -922,7 +1106,22 @@ pub fn snapshot_from_store(store: &dyn InventoryStore, generation: u64) -> Store
             netboot: m.netboot,
             vars: BTreeMap::new(),
         });
+    }
     Snapshot::from_records(generation, policy, poll, images, machines).map_err(StoreError::Invalid)
+}
+
+/// An image as the data plane boots it.
+fn data_plane_image(image: ImageRecord) -> inventory::Image {
+    inventory::Image {
+        transport: parse_transport(&image.transport).unwrap_or_default(),
+        name: image.name,
+        kernel: image.kernel,
+        initrds: image.initrds,
+        cmdline: image.cmdline,
+        description: image.description,
+        template: inventory::DEFAULT_TEMPLATE.to_string(),
+        secure_boot: image.secure_boot,
+    }
 }
 
 /// `http`, `tftp` or `multicast`.
@@ -960,6 +1159,7 @@ pub fn import_snapshot(
                 created_ms: 0,
                 checkin_deadline_seconds: 0,
                 secure_boot: image.secure_boot,
+                revision: 1,
             },
             actor,
         )?;
@@ -970,6 +1170,7 @@ pub fn import_snapshot(
             machine.mac,
             &MachinePatch {
                 image: Some(machine.image.clone()),
+                image_revision: None,
                 hostname: Some(machine.hostname.clone()),
                 ip: Some(machine.ip),
                 labels: None,

@@ -169,6 +169,21 @@ CREATE TABLE server_files (
     r#"
 ALTER TABLE images ADD COLUMN secure_boot BOOLEAN NOT NULL DEFAULT FALSE;
 "#,
+    // Editable images: each image's revisions (its whole record as JSON),
+    // and machines pinned to one.
+    r#"
+ALTER TABLE images ADD COLUMN revision BIGINT NOT NULL DEFAULT 1;
+ALTER TABLE machines ADD COLUMN image_revision BIGINT;
+CREATE TABLE image_revisions (
+    image TEXT NOT NULL,
+    revision BIGINT NOT NULL,
+    record TEXT NOT NULL,
+    changes TEXT NOT NULL,
+    actor TEXT NOT NULL,
+    at_ms BIGINT NOT NULL,
+    PRIMARY KEY (image, revision)
+);
+"#,
 ];
 
 /// The advisory lock key migrations run under (any fixed number: "bfsc").
@@ -373,7 +388,8 @@ fn audit(
 }
 
 const MACHINE_COLUMNS: &str = "mac, hostname, ip, labels, image, one_shot, rearm, netboot, \
-     cmdline_append, notes, adopted, first_seen_ms, last_seen_ms, facts, phase, phase_ms, phase_status";
+     cmdline_append, notes, adopted, first_seen_ms, last_seen_ms, facts, phase, phase_ms, phase_status, \
+     image_revision";
 
 fn machine_from_row(row: &Row) -> MachineRecord {
     let mac: String = row.get(0);
@@ -396,12 +412,13 @@ fn machine_from_row(row: &Row) -> MachineRecord {
         phase: row.get(14),
         phase_ms: row.get::<_, Option<i64>>(15).map(|v| v as u64),
         phase_status: row.get::<_, Option<i32>>(16).map(|v| v as u16),
+        image_revision: row.get::<_, Option<i64>>(17).map(|v| v as u64),
     }
 }
 
 const IMAGE_COLUMNS: &str =
     "name, kernel, initrds, cmdline, transport, architecture, description, \
-     files, created_ms, checkin_deadline_s, secure_boot";
+     files, created_ms, checkin_deadline_s, secure_boot, revision";
 
 fn image_from_row(row: &Row) -> ImageRecord {
     ImageRecord {
@@ -416,6 +433,44 @@ fn image_from_row(row: &Row) -> ImageRecord {
         created_ms: row.get::<_, i64>(8) as u64,
         checkin_deadline_seconds: row.get::<_, i64>(9) as u64,
         secure_boot: row.get(10),
+        revision: row.get::<_, i64>(11) as u64,
+    }
+}
+
+fn get_image(client: &mut impl GenericClient, name: &str) -> StoreResult<Option<ImageRecord>> {
+    let row = client.query_opt(
+        &format!("SELECT {IMAGE_COLUMNS} FROM images WHERE name = $1"),
+        &[&name],
+    )?;
+    Ok(row.as_ref().map(image_from_row))
+}
+
+/// Records `revision` of an image (kept if already there).
+fn insert_revision(client: &mut impl GenericClient, revision: &ImageRevision) -> StoreResult<()> {
+    client.execute(
+        "INSERT INTO image_revisions (image, revision, record, changes, actor, at_ms) \
+         VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
+        &[
+            &revision.image.name,
+            &(revision.revision as i64),
+            &json(&revision.image),
+            &revision.changes,
+            &revision.actor,
+            &(revision.at_ms as i64),
+        ],
+    )?;
+    Ok(())
+}
+
+const REVISION_COLUMNS: &str = "revision, record, changes, actor, at_ms";
+
+fn revision_from_row(row: &Row) -> ImageRevision {
+    ImageRevision {
+        revision: row.get::<_, i64>(0) as u64,
+        image: from_json(row.get::<_, &str>(1)),
+        changes: row.get(2),
+        actor: row.get(3),
+        at_ms: row.get::<_, i64>(4) as u64,
     }
 }
 
@@ -461,6 +516,13 @@ fn apply_patch(
     let existing = get_machine(tx, mac)?;
     let mut machine = existing.clone().unwrap_or_else(|| MachineRecord::new(mac));
     let changes = patch.apply_to(&mut machine);
+    if let (image, Some(pin)) = (&machine.image, machine.image_revision) {
+        let current = match image {
+            Some(image) => get_image(tx, image)?.map(|i| i.revision),
+            None => None,
+        };
+        rules::check_pin(image.as_deref(), pin, current)?;
+    }
     if let Some(ip) = machine.ip {
         let holder = tx.query_opt(
             "SELECT mac FROM machines WHERE ip = $1 AND mac <> $2",
@@ -473,9 +535,11 @@ fn apply_patch(
     }
     tx.execute(
         "INSERT INTO machines (mac, hostname, ip, labels, image, one_shot, rearm, netboot, \
-         cmdline_append, notes, adopted) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, TRUE) \
+         cmdline_append, notes, adopted, image_revision) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, TRUE, $11) \
          ON CONFLICT (mac) DO UPDATE SET hostname = $2, ip = $3, labels = $4, image = $5, \
-         one_shot = $6, rearm = $7, netboot = $8, cmdline_append = $9, notes = $10, adopted = TRUE",
+         one_shot = $6, rearm = $7, netboot = $8, cmdline_append = $9, notes = $10, adopted = TRUE, \
+         image_revision = $11",
         &[
             &mac.to_string(),
             &machine.hostname,
@@ -487,6 +551,7 @@ fn apply_patch(
             &machine.netboot,
             &machine.cmdline_append,
             &machine.notes,
+            &machine.image_revision.map(|r| r as i64),
         ],
     )?;
     Ok((machine, rules::patch_summary(existing.is_none(), &changes)))
@@ -737,7 +802,7 @@ impl InventoryStore for PostgresStore {
             }
             tx.execute(
                 &format!(
-                    "INSERT INTO images ({IMAGE_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
+                    "INSERT INTO images ({IMAGE_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, 1)"
                 ),
                 &[
                     &image.name,
@@ -753,6 +818,8 @@ impl InventoryStore for PostgresStore {
                     &image.secure_boot,
                 ],
             )?;
+            let registered = get_image(tx, &image.name)?.ok_or_else(|| rules::no_image(&image.name))?;
+            insert_revision(tx, &rules::first_revision(registered, actor))?;
             audit(tx, actor, "image.add", &image.name, &format!("kernel {}", image.kernel))
         })
     }
@@ -784,6 +851,7 @@ impl InventoryStore for PostgresStore {
             if tx.execute("DELETE FROM images WHERE name = $1", &[&name])? == 0 {
                 return Err(rules::no_image(name));
             }
+            tx.execute("DELETE FROM image_revisions WHERE image = $1", &[&name])?;
             audit(tx, actor, "image.remove", name, "")
         })
     }
@@ -795,6 +863,68 @@ impl InventoryStore for PostgresStore {
                 &[&name, &json(&files)],
             )?;
             Ok(())
+        })
+    }
+
+    fn edit_image(
+        &self,
+        name: &str,
+        edit: &ImageEdit,
+        note: &str,
+        actor: &str,
+    ) -> StoreResult<ImageRecord> {
+        self.change(|tx| {
+            let before = get_image(tx, name)?.ok_or_else(|| rules::no_image(name))?;
+            let Some((image, revision)) = rules::edited(&before, edit, note, actor)? else {
+                return Ok(before);
+            };
+            // An image registered before revisions were kept gets its
+            // first revision recorded now.
+            insert_revision(tx, &rules::first_revision(before, ""))?;
+            insert_revision(tx, &revision)?;
+            tx.execute(
+                "UPDATE images SET kernel = $2, initrds = $3, cmdline = $4, transport = $5, \
+                 architecture = $6, description = $7, files = $8, checkin_deadline_s = $9, \
+                 secure_boot = $10, revision = $11 WHERE name = $1",
+                &[
+                    &name,
+                    &image.kernel,
+                    &json(&image.initrds),
+                    &image.cmdline,
+                    &image.transport,
+                    &image.architecture,
+                    &image.description,
+                    &json(&image.files),
+                    &(image.checkin_deadline_seconds as i64),
+                    &image.secure_boot,
+                    &(image.revision as i64),
+                ],
+            )?;
+            audit(
+                tx,
+                actor,
+                "image.edit",
+                name,
+                &rules::revision_line(&revision),
+            )?;
+            Ok(image)
+        })
+    }
+
+    fn image_revisions(&self, name: &str) -> StoreResult<Vec<ImageRevision>> {
+        self.with_client(|client| {
+            let current = get_image(client, name)?.ok_or_else(|| rules::no_image(name))?;
+            let stored = client
+                .query(
+                    &format!(
+                        "SELECT {REVISION_COLUMNS} FROM image_revisions WHERE image = $1 ORDER BY revision DESC"
+                    ),
+                    &[&name],
+                )?
+                .iter()
+                .map(revision_from_row)
+                .collect();
+            Ok(rules::with_current(current, stored))
         })
     }
 
@@ -1345,6 +1475,11 @@ fn export_all(tx: &mut impl GenericClient) -> StoreResult<InventoryDump> {
             (r.get(0), r.get(1))
         })?,
         bmcs: bmcs(tx)?,
+        image_revisions: all(
+            tx,
+            &format!("SELECT {REVISION_COLUMNS} FROM image_revisions ORDER BY image, revision"),
+            revision_from_row,
+        )?,
     })
 }
 
@@ -1370,7 +1505,7 @@ fn import_all(tx: &mut ::postgres::Transaction<'_>, dump: &InventoryDump) -> Sto
     for i in &dump.images {
         tx.execute(
             &format!(
-                "INSERT INTO images ({IMAGE_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
+                "INSERT INTO images ({IMAGE_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)"
             ),
             &[
                 &i.name,
@@ -1384,14 +1519,18 @@ fn import_all(tx: &mut ::postgres::Transaction<'_>, dump: &InventoryDump) -> Sto
                 &(i.created_ms as i64),
                 &(i.checkin_deadline_seconds as i64),
                 &i.secure_boot,
+                &(i.revision as i64),
             ],
         )?;
+    }
+    for revision in &dump.image_revisions {
+        insert_revision(tx, revision)?;
     }
     for m in &dump.machines {
         tx.execute(
             &format!(
                 "INSERT INTO machines ({MACHINE_COLUMNS}) VALUES \
-                      ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)"
+                      ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)"
             ),
             &[
                 &m.mac.to_string(),
@@ -1411,6 +1550,7 @@ fn import_all(tx: &mut ::postgres::Transaction<'_>, dump: &InventoryDump) -> Sto
                 &m.phase,
                 &m.phase_ms.map(|v| v as i64),
                 &m.phase_status.map(i32::from),
+                &m.image_revision.map(|v| v as i64),
             ],
         )?;
     }

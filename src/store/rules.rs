@@ -5,7 +5,10 @@
 
 use std::collections::BTreeMap;
 
-use super::{MachinePatch, MachineRecord, PoolRecord, StoreError, StoreResult, TokenRecord};
+use super::{
+    validate_image, ImageEdit, ImageRecord, ImageRevision, MachinePatch, MachineRecord, PoolRecord,
+    StoreError, StoreResult, TokenRecord,
+};
 use crate::inventory::UnknownPolicy;
 use crate::proto::Mac;
 
@@ -37,6 +40,89 @@ pub(super) fn image_of_pools(name: &str, pools: &[String]) -> StoreError {
 
 pub(super) fn no_image(name: &str) -> StoreError {
     StoreError::NotFound(format!("no image named {name:?}"))
+}
+
+/// A machine may be pinned only to a revision its own image has had
+/// (`current`: that image's current revision).
+pub(super) fn check_pin(image: Option<&str>, pin: u64, current: Option<u64>) -> StoreResult<()> {
+    match (image, current) {
+        (None, _) => Err(StoreError::Invalid(format!(
+            "a machine is pinned to a revision of its own image: assign it an image to pin revision {pin}"
+        ))),
+        (Some(_), Some(current)) if (1..=current).contains(&pin) => Ok(()),
+        (Some(image), current) => Err(StoreError::Invalid(format!(
+            "image {image:?} has no revision {pin} (its revisions are 1 to {}; GET /api/v1/images/{image}/revisions)",
+            current.unwrap_or(0)
+        ))),
+    }
+}
+
+/// An image's first revision: as it was registered.
+pub(super) fn first_revision(image: ImageRecord, actor: &str) -> ImageRevision {
+    ImageRevision {
+        revision: 1,
+        changes: "registered".into(),
+        actor: actor.into(),
+        at_ms: image.created_ms,
+        image: ImageRecord {
+            revision: 1,
+            ..image
+        },
+    }
+}
+
+/// `before` edited as `edit` says, checked, and its new revision; `None`
+/// when the edit changes nothing. The first revision recorded for an
+/// image registered before revisions were kept is its content now.
+pub(super) fn edited(
+    before: &ImageRecord,
+    edit: &ImageEdit,
+    note: &str,
+    actor: &str,
+) -> StoreResult<Option<(ImageRecord, ImageRevision)>> {
+    let mut image = before.clone();
+    let changes = edit.apply_to(&mut image);
+    if changes.is_empty() {
+        return Ok(None);
+    }
+    validate_image(&image)?;
+    image.revision = before.revision + 1;
+    let changes = changes.join(", ");
+    let revision = ImageRevision {
+        revision: image.revision,
+        image: image.clone(),
+        changes: if note.is_empty() {
+            changes
+        } else {
+            format!("{note}: {changes}")
+        },
+        actor: actor.into(),
+        at_ms: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64),
+    };
+    Ok(Some((image, revision)))
+}
+
+/// The audit log's line for a new revision.
+pub(super) fn revision_line(revision: &ImageRevision) -> String {
+    format!("revision {}: {}", revision.revision, revision.changes)
+}
+
+/// The stored revisions, newest first, with the current one first even
+/// when it was never recorded (an image registered before revisions were
+/// kept and never edited since).
+pub(super) fn with_current(
+    current: ImageRecord,
+    mut stored: Vec<ImageRevision>,
+) -> Vec<ImageRevision> {
+    if stored
+        .first()
+        .is_none_or(|newest| newest.revision < current.revision)
+    {
+        stored.insert(0, first_revision(current, ""));
+    }
+    stored
 }
 
 pub(super) fn no_pool(name: &str) -> StoreError {

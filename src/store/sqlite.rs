@@ -136,6 +136,21 @@ CREATE TABLE server_files (
     r#"
 ALTER TABLE images ADD COLUMN secure_boot INTEGER NOT NULL DEFAULT 0;
 "#,
+    // Editable images: each image's revisions (its whole record as JSON),
+    // and machines pinned to one.
+    r#"
+ALTER TABLE images ADD COLUMN revision INTEGER NOT NULL DEFAULT 1;
+ALTER TABLE machines ADD COLUMN image_revision INTEGER;
+CREATE TABLE image_revisions (
+    image TEXT NOT NULL,
+    revision INTEGER NOT NULL,
+    record TEXT NOT NULL,
+    changes TEXT NOT NULL,
+    actor TEXT NOT NULL,
+    at_ms INTEGER NOT NULL,
+    PRIMARY KEY (image, revision)
+);
+"#,
 ];
 
 /// What a database copy holds, to compare with the original.
@@ -387,7 +402,8 @@ fn audit(
 }
 
 const MACHINE_COLUMNS: &str = "mac, hostname, ip, labels, image, one_shot, rearm, netboot, \
-     cmdline_append, notes, adopted, first_seen_ms, last_seen_ms, facts, phase, phase_ms, phase_status";
+     cmdline_append, notes, adopted, first_seen_ms, last_seen_ms, facts, phase, phase_ms, phase_status, \
+     image_revision";
 
 fn machine_from_row(row: &Row<'_>) -> rusqlite::Result<MachineRecord> {
     let mac: String = row.get(0)?;
@@ -410,6 +426,7 @@ fn machine_from_row(row: &Row<'_>) -> rusqlite::Result<MachineRecord> {
         phase: row.get(14)?,
         phase_ms: row.get::<_, Option<i64>>(15)?.map(|v| v as u64),
         phase_status: row.get::<_, Option<i64>>(16)?.map(|v| v as u16),
+        image_revision: row.get::<_, Option<i64>>(17)?.map(|v| v as u64),
     })
 }
 
@@ -426,12 +443,50 @@ fn image_from_row(row: &Row<'_>) -> rusqlite::Result<ImageRecord> {
         created_ms: row.get::<_, i64>(8)? as u64,
         checkin_deadline_seconds: row.get::<_, i64>(9)? as u64,
         secure_boot: row.get(10)?,
+        revision: row.get::<_, i64>(11)? as u64,
     })
 }
 
 const IMAGE_COLUMNS: &str =
     "name, kernel, initrds, cmdline, transport, architecture, description, \
-     files, created_ms, checkin_deadline_s, secure_boot";
+     files, created_ms, checkin_deadline_s, secure_boot, revision";
+
+fn get_image(tx: &Connection, name: &str) -> StoreResult<Option<ImageRecord>> {
+    Ok(tx
+        .query_row(
+            &format!("SELECT {IMAGE_COLUMNS} FROM images WHERE name = ?1"),
+            [name],
+            image_from_row,
+        )
+        .optional()?)
+}
+
+/// Records `revision` of an image (kept if already there).
+fn insert_revision(tx: &Connection, revision: &ImageRevision) -> StoreResult<()> {
+    tx.execute(
+        "INSERT INTO image_revisions (image, revision, record, changes, actor, at_ms) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT DO NOTHING",
+        params![
+            revision.image.name,
+            revision.revision as i64,
+            json(&revision.image),
+            revision.changes,
+            revision.actor,
+            revision.at_ms as i64
+        ],
+    )?;
+    Ok(())
+}
+
+fn revision_from_row(row: &Row<'_>) -> rusqlite::Result<ImageRevision> {
+    Ok(ImageRevision {
+        revision: row.get::<_, i64>(0)? as u64,
+        image: from_json(&row.get::<_, String>(1)?),
+        changes: row.get(2)?,
+        actor: row.get(3)?,
+        at_ms: row.get::<_, i64>(4)? as u64,
+    })
+}
 
 fn get_machine(tx: &Connection, mac: Mac) -> StoreResult<Option<MachineRecord>> {
     Ok(tx
@@ -466,6 +521,13 @@ fn apply_patch(
     let existing = get_machine(tx, mac)?;
     let mut machine = existing.clone().unwrap_or_else(|| MachineRecord::new(mac));
     let changes = patch.apply_to(&mut machine);
+    if let (image, Some(pin)) = (&machine.image, machine.image_revision) {
+        let current = match image {
+            Some(image) => get_image(tx, image)?.map(|i| i.revision),
+            None => None,
+        };
+        rules::check_pin(image.as_deref(), pin, current)?;
+    }
     if let Some(ip) = machine.ip {
         let holder: Option<String> = tx
             .query_row(
@@ -480,9 +542,10 @@ fn apply_patch(
     }
     tx.execute(
         "INSERT INTO machines (mac, hostname, ip, labels, image, one_shot, rearm, netboot, \
-         cmdline_append, notes, adopted) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, 1) \
+         cmdline_append, notes, adopted, image_revision) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, 1, ?11) \
          ON CONFLICT(mac) DO UPDATE SET hostname = ?2, ip = ?3, labels = ?4, image = ?5, \
-         one_shot = ?6, rearm = ?7, netboot = ?8, cmdline_append = ?9, notes = ?10, adopted = 1",
+         one_shot = ?6, rearm = ?7, netboot = ?8, cmdline_append = ?9, notes = ?10, adopted = 1, \
+         image_revision = ?11",
         params![
             mac.to_string(),
             machine.hostname,
@@ -494,6 +557,7 @@ fn apply_patch(
             machine.netboot,
             machine.cmdline_append,
             machine.notes,
+            machine.image_revision.map(|r| r as i64),
         ],
     )?;
     Ok((machine, rules::patch_summary(existing.is_none(), &changes)))
@@ -515,6 +579,7 @@ impl InventoryStore for SqliteStore {
                     ip: m.ip,
                     labels: Vec::new(),
                     image: m.image.clone(),
+                    image_revision: m.image_revision,
                     one_shot: m.one_shot,
                     rearm: m.rearm,
                     netboot: m.netboot,
@@ -725,7 +790,7 @@ impl InventoryStore for SqliteStore {
                 return Err(rules::image_taken(&image.name));
             }
             tx.execute(
-                &format!("INSERT INTO images ({IMAGE_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)"),
+                &format!("INSERT INTO images ({IMAGE_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, 1)"),
                 params![
                     image.name,
                     image.kernel,
@@ -740,6 +805,8 @@ impl InventoryStore for SqliteStore {
                     image.secure_boot,
                 ],
             )?;
+            let registered = get_image(tx, &image.name)?.ok_or_else(|| rules::no_image(&image.name))?;
+            insert_revision(tx, &rules::first_revision(registered, actor))?;
             audit(tx, actor, "image.add", &image.name, &format!("kernel {}", image.kernel))
         })
     }
@@ -763,6 +830,7 @@ impl InventoryStore for SqliteStore {
             if tx.execute("DELETE FROM images WHERE name = ?1", [name])? == 0 {
                 return Err(rules::no_image(name));
             }
+            tx.execute("DELETE FROM image_revisions WHERE image = ?1", [name])?;
             audit(tx, actor, "image.remove", name, "")
         })
     }
@@ -775,6 +843,64 @@ impl InventoryStore for SqliteStore {
             )?;
             Ok(())
         })
+    }
+
+    fn edit_image(
+        &self,
+        name: &str,
+        edit: &ImageEdit,
+        note: &str,
+        actor: &str,
+    ) -> StoreResult<ImageRecord> {
+        self.write(|tx| {
+            let before = get_image(tx, name)?.ok_or_else(|| rules::no_image(name))?;
+            let Some((image, revision)) = rules::edited(&before, edit, note, actor)? else {
+                return Ok(before);
+            };
+            // An image registered before revisions were kept gets its
+            // first revision recorded now.
+            insert_revision(tx, &rules::first_revision(before, ""))?;
+            insert_revision(tx, &revision)?;
+            tx.execute(
+                "UPDATE images SET kernel = ?2, initrds = ?3, cmdline = ?4, transport = ?5, \
+                 architecture = ?6, description = ?7, files = ?8, checkin_deadline_s = ?9, \
+                 secure_boot = ?10, revision = ?11 WHERE name = ?1",
+                params![
+                    name,
+                    image.kernel,
+                    json(&image.initrds),
+                    image.cmdline,
+                    image.transport,
+                    image.architecture,
+                    image.description,
+                    json(&image.files),
+                    image.checkin_deadline_seconds as i64,
+                    image.secure_boot,
+                    image.revision as i64
+                ],
+            )?;
+            audit(
+                tx,
+                actor,
+                "image.edit",
+                name,
+                &rules::revision_line(&revision),
+            )?;
+            Ok(image)
+        })
+    }
+
+    fn image_revisions(&self, name: &str) -> StoreResult<Vec<ImageRevision>> {
+        let connection = self.lock();
+        let current = get_image(&connection, name)?.ok_or_else(|| rules::no_image(name))?;
+        let stored = connection
+            .prepare_cached(
+                "SELECT revision, record, changes, actor, at_ms FROM image_revisions \
+                 WHERE image = ?1 ORDER BY revision DESC",
+            )?
+            .query_map([name], revision_from_row)?
+            .collect::<Result<_, _>>()?;
+        Ok(rules::with_current(current, stored))
     }
 
     fn pools(&self) -> StoreResult<Vec<PoolRecord>> {
@@ -1283,6 +1409,11 @@ fn export_all(tx: &Connection) -> StoreResult<InventoryDump> {
         audit: all(tx, "SELECT id, at_ms, actor, action, target, detail FROM audit ORDER BY id", audit_from_row)?,
         settings: all(tx, "SELECT key, value FROM settings ORDER BY key", |r| Ok((r.get(0)?, r.get(1)?)))?,
         bmcs: bmcs(tx)?,
+        image_revisions: all(
+            tx,
+            "SELECT revision, record, changes, actor, at_ms FROM image_revisions ORDER BY image, revision",
+            revision_from_row,
+        )?,
     })
 }
 
@@ -1309,7 +1440,7 @@ fn import_all(tx: &Transaction<'_>, dump: &InventoryDump) -> StoreResult<()> {
     for i in &dump.images {
         tx.execute(
             &format!(
-                "INSERT INTO images ({IMAGE_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)"
+                "INSERT INTO images ({IMAGE_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"
             ),
             params![
                 i.name,
@@ -1322,15 +1453,19 @@ fn import_all(tx: &Transaction<'_>, dump: &InventoryDump) -> StoreResult<()> {
                 json(&i.files),
                 i.created_ms as i64,
                 i.checkin_deadline_seconds as i64,
-                i.secure_boot
+                i.secure_boot,
+                i.revision as i64
             ],
         )?;
+    }
+    for revision in &dump.image_revisions {
+        insert_revision(tx, revision)?;
     }
     for m in &dump.machines {
         tx.execute(
             &format!(
                 "INSERT INTO machines ({MACHINE_COLUMNS}) VALUES \
-                      (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)"
+                      (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)"
             ),
             params![
                 m.mac.to_string(),
@@ -1349,7 +1484,8 @@ fn import_all(tx: &Transaction<'_>, dump: &InventoryDump) -> StoreResult<()> {
                 json(&m.facts),
                 m.phase,
                 m.phase_ms.map(|v| v as i64),
-                m.phase_status
+                m.phase_status,
+                m.image_revision.map(|v| v as i64)
             ],
         )?;
     }

@@ -105,6 +105,7 @@ pub(super) fn image(name: &str) -> ImageRecord {
         description: String::new(),
         files: Vec::new(),
         created_ms: 0,
+        revision: 1,
     }
 }
 
@@ -136,6 +137,7 @@ on_every_backend!(
     each_servers_files_are_its_last_report,
     used_one_shots_keep_the_latest_generation,
     a_pools_image_reaches_every_machine_it_catches_now_and_later,
+    images_are_edited_into_revisions_rolled_back_and_pinned,
 );
 
 /// Every kind of row, in `store`.
@@ -627,7 +629,9 @@ mod bodies {
 
         // Removing a user ends its sessions and revokes its tokens, and
         // only its own.
-        store.add_user("bob", "hash-3", Scope::Read, "setup").unwrap();
+        store
+            .add_user("bob", "hash-3", Scope::Read, "setup")
+            .unwrap();
         store.create_session("s2", &session).unwrap();
         store
             .add_token("bobs", "bob", Scope::Read, "secret-3", "bob")
@@ -807,6 +811,166 @@ mod bodies {
         let mut used = backend.reopen().one_shots_used().unwrap();
         used.sort();
         assert_eq!(used, [(a, 2), (b, 0)]);
+    }
+
+    pub(super) fn images_are_edited_into_revisions_rolled_back_and_pinned(backend: &Backend) {
+        let store = &*backend.store;
+        store.add_image(&image("deb"), "alice").unwrap();
+        let (follows, pinned) = (
+            Mac::parse("52:54:00:00:0b:01").unwrap(),
+            Mac::parse("52:54:00:00:0b:02").unwrap(),
+        );
+        for mac in [follows, pinned] {
+            let patch = MachinePatch {
+                image: Some(Some("deb".into())),
+                ..Default::default()
+            };
+            store.put_machine(mac, &patch, "t").unwrap();
+        }
+        let edit = ImageEdit {
+            cmdline: Some("console=ttyS0 quiet".into()),
+            initrds: Some(vec![]),
+            ..Default::default()
+        };
+        let edited = store.edit_image("deb", &edit, "", "bob").unwrap();
+        assert_eq!((edited.revision, edited.initrds.len()), (2, 0));
+        // The same edit again changes nothing and makes no revision.
+        assert_eq!(
+            store.edit_image("deb", &edit, "", "bob").unwrap().revision,
+            2
+        );
+        let bad = ImageEdit {
+            cmdline: Some("quiet\nchain http://elsewhere/x".into()),
+            ..Default::default()
+        };
+        assert!(matches!(
+            store.edit_image("deb", &bad, "", "bob"),
+            Err(StoreError::Invalid(_))
+        ));
+        assert!(matches!(
+            store.edit_image("nope", &edit, "", "bob"),
+            Err(StoreError::NotFound(_))
+        ));
+        let revisions = store.image_revisions("deb").unwrap();
+        let summary: Vec<(u64, &str, &str)> = revisions
+            .iter()
+            .map(|r| (r.revision, r.changes.as_str(), r.actor.as_str()))
+            .collect();
+        assert_eq!(
+            summary,
+            [
+                (
+                    2,
+                    "initrds [\"deb/initrd\"] -> [], cmdline \"console=ttyS0\" -> \"console=ttyS0 quiet\"",
+                    "bob"
+                ),
+                (1, "registered", "alice"),
+            ]
+        );
+        assert_eq!(revisions[1].image.cmdline, "console=ttyS0");
+        assert_eq!(store.audit(1).unwrap()[0].action, "image.edit");
+
+        // A pin names a revision the machine's own image has had.
+        let pin = |revision: Option<u64>| MachinePatch {
+            image_revision: Some(revision),
+            ..Default::default()
+        };
+        assert!(matches!(
+            store.put_machine(pinned, &pin(Some(3)), "t"),
+            Err(StoreError::Invalid(_))
+        ));
+        assert!(matches!(
+            store.put_machine(pinned, &pin(Some(0)), "t"),
+            Err(StoreError::Invalid(_))
+        ));
+        assert_eq!(
+            store
+                .put_machine(pinned, &pin(Some(1)), "t")
+                .unwrap()
+                .image_revision,
+            Some(1)
+        );
+        assert_eq!(
+            backend
+                .reopen()
+                .machine(pinned)
+                .unwrap()
+                .unwrap()
+                .image_revision,
+            Some(1)
+        );
+        let snapshot = snapshot_from_store(store, 7).unwrap();
+        let booted = |mac: Mac| {
+            let name = snapshot.machines[&mac].image.clone().unwrap();
+            (
+                name.clone(),
+                snapshot.images[&name].cmdline.clone(),
+                snapshot.images[&name].initrds.len(),
+            )
+        };
+        assert_eq!(
+            booted(follows),
+            ("deb".into(), "console=ttyS0 quiet".into(), 0)
+        );
+        assert_eq!(booted(pinned), ("deb@1".into(), "console=ttyS0".into(), 1));
+
+        // A rollback is a new revision with the old content.
+        let old = &revisions[1].image;
+        let back = store
+            .edit_image(
+                "deb",
+                &ImageEdit::restoring(old),
+                "rollback to revision 1",
+                "carol",
+            )
+            .unwrap();
+        assert_eq!((back.revision, back.cmdline.as_str()), (3, "console=ttyS0"));
+        let newest = &store.image_revisions("deb").unwrap()[0];
+        assert!(
+            newest.changes.starts_with("rollback to revision 1: "),
+            "{}",
+            newest.changes
+        );
+        // A new image ends the pin; without a pin the machine follows.
+        let other = image("other");
+        store.add_image(&other, "t").unwrap();
+        let moved = MachinePatch {
+            image: Some(Some("other".into())),
+            ..Default::default()
+        };
+        assert_eq!(
+            store
+                .put_machine(pinned, &moved, "t")
+                .unwrap()
+                .image_revision,
+            None
+        );
+        assert!(matches!(
+            store.put_machine(
+                follows,
+                &MachinePatch {
+                    image: Some(None),
+                    image_revision: Some(Some(1)),
+                    ..Default::default()
+                },
+                "t"
+            ),
+            Err(StoreError::Invalid(_))
+        ));
+        // Removing an image removes its history.
+        store
+            .put_machine(
+                follows,
+                &MachinePatch {
+                    image: Some(None),
+                    ..Default::default()
+                },
+                "t",
+            )
+            .unwrap();
+        store.remove_image("deb", "t").unwrap();
+        store.add_image(&image("deb"), "t").unwrap();
+        assert_eq!(store.image_revisions("deb").unwrap().len(), 1);
     }
 
     pub(super) fn a_pools_image_reaches_every_machine_it_catches_now_and_later(backend: &Backend) {

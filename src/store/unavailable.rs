@@ -178,6 +178,14 @@ impl InventoryStore for UnavailableStore {
         self.down()
     }
 
+    fn edit_image(&self, _: &str, _: &ImageEdit, _: &str, _: &str) -> StoreResult<ImageRecord> {
+        self.down()
+    }
+
+    fn image_revisions(&self, _: &str) -> StoreResult<Vec<ImageRevision>> {
+        self.down()
+    }
+
     fn create_session(&self, _id_hash: &str, _session: &SessionRecord) -> StoreResult<()> {
         self.down()
     }
