@@ -117,45 +117,75 @@ pub async fn open(client: &Client, base: &str, page: &str, ready: &str) {
         .unwrap_or_else(|e| panic!("{page}: {ready} did not appear: {e}"));
 }
 
-/// The visible text of the element `css`.
+/// The visible text of the element `css`; found again when the page
+/// re-renders between finding it and reading it (a stale element).
 pub async fn text_of(client: &Client, css: &str) -> String {
-    client
-        .find(Locator::Css(css))
-        .await
-        .unwrap_or_else(|e| panic!("{css}: {e}"))
-        .text()
-        .await
-        .unwrap()
+    let mut tries = 0;
+    loop {
+        let element = client
+            .find(Locator::Css(css))
+            .await
+            .unwrap_or_else(|e| panic!("{css}: {e}"));
+        match element.text().await {
+            Ok(text) => return text,
+            Err(error) if tries < 20 => {
+                tries += 1;
+                eprintln!("{css}: {error}; finding it again");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(error) => panic!("{css}: {error}"),
+        }
+    }
 }
 
+/// Types `text` into the element `css`, found again when the page
+/// re-renders under it (a stale element).
+pub async fn type_into(client: &Client, css: &str, text: &str) {
+    let mut tries = 0;
+    loop {
+        let element = client
+            .find(Locator::Css(css))
+            .await
+            .unwrap_or_else(|e| panic!("{css}: {e}"));
+        match element.send_keys(text).await {
+            Ok(()) => return,
+            Err(error) if tries < 20 => {
+                tries += 1;
+                eprintln!("{css}: {error}; finding it again");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(error) => panic!("{css}: {error}"),
+        }
+    }
+}
+
+/// Clicks the element `css`, found again when the page re-renders under
+/// it (a stale element).
 pub async fn click(client: &Client, css: &str) {
-    client
-        .find(Locator::Css(css))
-        .await
-        .unwrap_or_else(|e| panic!("{css}: {e}"))
-        .click()
-        .await
-        .unwrap();
+    let mut tries = 0;
+    loop {
+        let element = client
+            .find(Locator::Css(css))
+            .await
+            .unwrap_or_else(|e| panic!("{css}: {e}"));
+        match element.click().await {
+            Ok(()) => return,
+            Err(error) if tries < 20 => {
+                tries += 1;
+                eprintln!("{css}: {error}; finding it again");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(error) => panic!("{css}: {error}"),
+        }
+    }
 }
 
 /// Logs `user` (password [`PASSWORD`]) in on the panel at `base`; returns
 /// once the machines page shows.
 pub async fn log_in(client: &Client, base: &str, user: &str) {
     open(client, base, "", "#login-user").await;
-    client
-        .find(Locator::Css("#login-user"))
-        .await
-        .unwrap()
-        .send_keys(user)
-        .await
-        .unwrap();
-    client
-        .find(Locator::Css("#login-password"))
-        .await
-        .unwrap()
-        .send_keys(PASSWORD)
-        .await
-        .unwrap();
+    type_into(client, "#login-user", user).await;
+    type_into(client, "#login-password", PASSWORD).await;
     click(client, "#login-submit").await;
     client
         .wait()
@@ -250,11 +280,7 @@ fn an_operator_adopts_pools_and_assigns_in_the_browser() {
             &format!("tr[data-mac='{mac}']"),
         )
         .await;
-        let row = client
-            .find(Locator::Css(&format!("tr[data-mac='{mac}']")))
-            .await
-            .unwrap();
-        let text = row.text().await.unwrap();
+        let text = text_of(&client, &format!("tr[data-mac='{mac}']")).await;
         assert!(text.contains("Dell") && text.contains("NEW-001"), "{text}");
         // What unknown machines get: wait for an assignment, asking every 5 s.
         client
@@ -303,13 +329,7 @@ fn an_operator_adopts_pools_and_assigns_in_the_browser() {
             &format!("tr[data-mac='{mac}'] input[type=checkbox]"),
         )
         .await;
-        client
-            .find(Locator::Css("#assign-pool"))
-            .await
-            .unwrap()
-            .send_keys("rack1")
-            .await
-            .unwrap();
+        type_into(&client, "#assign-pool", "rack1").await;
         click(&client, "#pool-add-button").await;
         flash(&client, "added to pool rack1").await;
 
@@ -328,13 +348,7 @@ fn an_operator_adopts_pools_and_assigns_in_the_browser() {
         // A pool by label, given an image while empty, catches a machine
         // adopted later with that label, and the list says why it boots it.
         for (css, text) in [("#pool-name", "rack7"), ("#pool-selector", "rack=r7")] {
-            client
-                .find(Locator::Css(css))
-                .await
-                .unwrap()
-                .send_keys(text)
-                .await
-                .unwrap();
+            type_into(&client, css, text).await;
         }
         click(&client, "#create-pool button[type='submit']").await;
         flash(&client, "pool rack7 saved").await;
@@ -420,20 +434,8 @@ fn an_operator_adopts_pools_and_assigns_in_the_browser() {
         let local = upload.path().join("vmlinuz");
         std::fs::write(&local, vec![42u8; 3 << 20]).unwrap();
         open(&client, &base, "#/images", "#images").await;
-        client
-            .find(Locator::Css("#upload-file"))
-            .await
-            .unwrap()
-            .send_keys(local.to_str().unwrap())
-            .await
-            .unwrap();
-        client
-            .find(Locator::Css("#upload-dir"))
-            .await
-            .unwrap()
-            .send_keys("alma9")
-            .await
-            .unwrap();
+        type_into(&client, "#upload-file", local.to_str().unwrap()).await;
+        type_into(&client, "#upload-dir", "alma9").await;
         click(&client, "#upload-button").await;
         flash(&client, "uploaded alma9/vmlinuz").await;
         assert_eq!(
@@ -445,27 +447,9 @@ fn an_operator_adopts_pools_and_assigns_in_the_browser() {
             .for_element(Locator::Css("#image-name"))
             .await
             .unwrap();
-        client
-            .find(Locator::Css("#image-name"))
-            .await
-            .unwrap()
-            .send_keys("alma9")
-            .await
-            .unwrap();
-        client
-            .find(Locator::Css("#image-kernel"))
-            .await
-            .unwrap()
-            .send_keys("alma9/vmlinuz")
-            .await
-            .unwrap();
-        client
-            .find(Locator::Css("#image-cmdline"))
-            .await
-            .unwrap()
-            .send_keys("console=ttyS0")
-            .await
-            .unwrap();
+        type_into(&client, "#image-name", "alma9").await;
+        type_into(&client, "#image-kernel", "alma9/vmlinuz").await;
+        type_into(&client, "#image-cmdline", "console=ttyS0").await;
         // For machines with Secure Boot on; the uploaded "kernel" is no
         // EFI image, and the page says they will refuse it once the image
         // check has read its header.
@@ -506,13 +490,7 @@ fn an_operator_adopts_pools_and_assigns_in_the_browser() {
 
         // An API token made in the panel works at once, and stops when revoked.
         open(&client, &base, "#/tokens", "#token-form").await;
-        client
-            .find(Locator::Css("#token-name"))
-            .await
-            .unwrap()
-            .send_keys("ci")
-            .await
-            .unwrap();
+        type_into(&client, "#token-name", "ci").await;
         client
             .find(Locator::Css("#token-scope"))
             .await
@@ -551,6 +529,116 @@ fn an_operator_adopts_pools_and_assigns_in_the_browser() {
             .await
             .unwrap();
         assert_eq!(status, json!(401));
+        client.close().await.unwrap();
+    });
+}
+
+/// Replaces the text of the input `css` with `text`.
+async fn retype(client: &Client, css: &str, text: &str) {
+    let field = client
+        .find(Locator::Css(css))
+        .await
+        .unwrap_or_else(|e| panic!("{css}: {e}"));
+    field.clear().await.unwrap();
+    field.send_keys(text).await.unwrap();
+}
+
+#[test]
+fn an_operator_edits_an_image_and_rolls_it_back_in_the_browser() {
+    if !have_browser() {
+        return;
+    }
+    let root = boot_dir();
+    let state = state_dir();
+    add_user(state.path(), "alice", "admin");
+    let server = FullServer::start_with_panel(root.path(), state, |_| {});
+    let panel = server.panel.unwrap();
+    let base = format!("http://{panel}");
+    let api = Api::with_token(panel, &add_token(server.state.path(), "setup", "admin"));
+    register(&api, "debian12");
+    let mac = "52:54:00:ab:ee:01";
+    api.ok(
+        "PUT",
+        &format!("/api/v1/machines/{mac}"),
+        Some(json!({ "image": "debian12" })),
+    );
+    assert!(script(&server, mac, "").contains("image=debian12"));
+
+    let driver = Driver::start();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let client = driver.browser().await;
+        log_in(&client, &base, "alice").await;
+        open(&client, &base, "#/images", "tr[data-image='debian12']").await;
+        click(&client, "tr[data-image='debian12'] button.edit").await;
+        client
+            .wait()
+            .for_element(Locator::Css("#edit-cmdline"))
+            .await
+            .unwrap();
+        // The form holds the image as it is; the edit saves revision 2.
+        let cmdline = client
+            .find(Locator::Css("#edit-cmdline"))
+            .await
+            .unwrap()
+            .prop("value")
+            .await
+            .unwrap();
+        assert_eq!(cmdline.as_deref(), Some("console=ttyS0 image=debian12"));
+        retype(
+            &client,
+            "#edit-cmdline",
+            "console=ttyS1 edited-in-the-panel",
+        )
+        .await;
+        click(&client, "#edit-image button[type=submit]").await;
+        flash(&client, "debian12: revision 2 saved").await;
+        let next = script(&server, mac, "");
+        assert!(next.contains("console=ttyS1 edited-in-the-panel"), "{next}");
+        let row = text_of(&client, "tr[data-image='debian12']").await;
+        assert!(
+            row.starts_with("debian12\n2") || row.starts_with("debian12 2"),
+            "revision 2 listed: {row}"
+        );
+        assert!(row.contains("console=ttyS1 edited-in-the-panel"), "{row}");
+        client
+            .wait()
+            .for_element(Locator::Css(
+                "#image-revisions tr[data-revision='1'] button.rollback",
+            ))
+            .await
+            .unwrap();
+        let history = text_of(&client, "#image-revisions").await;
+        assert!(
+            history.contains(
+                "cmdline \"console=ttyS0 image=debian12\" -> \"console=ttyS1 edited-in-the-panel\""
+            ) && history.contains("alice"),
+            "{history}"
+        );
+        shot(&client, "image-edit").await;
+
+        // A rollback asks first: dismissed, nothing changes.
+        click(
+            &client,
+            "#image-revisions tr[data-revision='1'] button.rollback",
+        )
+        .await;
+        let question = client.get_alert_text().await.unwrap();
+        assert!(
+            question.contains("Roll debian12 back to revision 1"),
+            "{question}"
+        );
+        client.dismiss_alert().await.unwrap();
+        assert!(script(&server, mac, "").contains("edited-in-the-panel"));
+        click(
+            &client,
+            "#image-revisions tr[data-revision='1'] button.rollback",
+        )
+        .await;
+        client.accept_alert().await.unwrap();
+        flash(&client, "debian12: revision 3 restores revision 1").await;
+        let back = script(&server, mac, "");
+        assert!(back.contains("console=ttyS0 image=debian12"), "{back}");
         client.close().await.unwrap();
     });
 }

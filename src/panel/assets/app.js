@@ -425,12 +425,13 @@ async function fleetPage() {
 async function imagesPage() {
   const [files, ipxe] = await Promise.all([api("GET", "/files"), api("GET", "/ipxe")]);
   const table = h("table", { id: "images" },
-    h("thead", {}, h("tr", {}, ["Name", "Kernel", "Initrds", "Command line", "Via", "Files (size, SHA-256)", "On servers", ""].map((t) => h("th", {}, t)))),
+    h("thead", {}, h("tr", {}, ["Name", "Rev.", "Kernel", "Initrds", "Command line", "Via", "Files (size, SHA-256)", "On servers", ""].map((t) => h("th", {}, t)))),
     h("tbody", {}, state.images.map((i) => h("tr", { dataset: { image: i.name } },
       h("td", {}, i.name, i.problem ? [" ", h("span", { class: "badge failed", title: i.problem }, "broken")] : null,
         i.secure_boot ? [" ", h("span", { class: "badge " + (i.warning ? "failed" : "booted"), title: "booted through signed shim and GRUB on UEFI x64 PXE machines" }, "Secure Boot")] : null,
         i.problem ? h("div", { class: "failure" }, i.problem) : null,
         i.warning ? h("div", { class: "failure secure-boot-warning" }, i.warning) : null),
+      h("td", { class: "revision" }, i.revision),
       h("td", { class: "mono" }, i.kernel, i.kernel_signature ? h("div", { class: "muted" }, i.kernel_signature) : null),
       h("td", { class: "mono" }, i.initrds.join(" ")),
       h("td", { class: "mono" }, i.cmdline), h("td", {}, i.secure_boot ? "tftp (Secure Boot)" : i.transport),
@@ -441,10 +442,11 @@ async function imagesPage() {
         class: "badge " + (s.holds ? "booted" : "discovered") + (s.running ? "" : " muted"),
         title: (s.holds ? "holds the files" : "copying or lacking the files") + (s.running ? "" : "; not running"),
       }, (s.holds ? "✓ " : "… ") + s.name))),
-      h("td", {}, h("button", { class: "secondary", onclick: async () => {
-        try { await api("DELETE", "/images/" + encodeURIComponent(i.name)); flash("removed " + i.name); route(); }
-        catch (err) { flash(err.message, true); }
-      } }, "Remove"))))));
+      h("td", {}, h("button", { class: "secondary edit", onclick: () => imageEditor(i.name) }, "Edit"), " ",
+        h("button", { class: "secondary", onclick: async () => {
+          try { await api("DELETE", "/images/" + encodeURIComponent(i.name)); flash("removed " + i.name); route(); }
+          catch (err) { flash(err.message, true); }
+        } }, "Remove"))))));
   const list = h("datalist", { id: "boot-files" }, files.map((f) => h("option", { value: f.path }, `${f.path} (${size(f.size)})`)));
   const field = (id, label, attrs) => h("label", {}, label + " ", h("input", { id, list: "boot-files", ...attrs }));
   const register = h("form", { class: "toolbar", id: "register-image", onsubmit: async (e) => {
@@ -488,10 +490,61 @@ async function imagesPage() {
       xhr.onerror = () => { progress.hidden = true; flash("upload failed", true); };
       xhr.send(file);
     } }, "Upload"), progress);
-  return h("div", {}, h("h1", {}, "Images"), table,
+  return h("div", {}, h("h1", {}, "Images"), table, h("div", { id: "image-editor" }),
     h("h2", {}, "Register an image"), list, register,
     h("h2", {}, "Upload a file into the boot directory"), upload,
     h("h2", {}, "iPXE built for this server"), ipxeBuilds(ipxe));
+}
+
+// Editing an image: every save is a new revision, which every machine not
+// pinned to a revision boots from its next script; any earlier revision
+// comes back with one (confirmed) click.
+async function imageEditor(name) {
+  const box = document.getElementById("image-editor");
+  const path = "/images/" + encodeURIComponent(name);
+  let image, revisions;
+  try { [image, revisions] = await Promise.all([api("GET", path), api("GET", path + "/revisions")]); }
+  catch (err) { return flash(err.message, true); }
+  // After a save: the Images page afresh, the editor open on the image.
+  const reopen = async (message) => {
+    flash(message);
+    await route();
+    await imageEditor(name);
+  };
+  const input = (id, label, value, attrs) => h("label", {}, label + " ", h("input", { id, value, list: "boot-files", ...attrs }));
+  const form = h("form", { class: "toolbar", id: "edit-image", onsubmit: async (e) => {
+    e.preventDefault();
+    const v = (id) => document.getElementById(id).value.trim();
+    try {
+      const saved = await api("PUT", path, {
+        kernel: v("edit-kernel"), initrds: v("edit-initrds").split(/\s+/).filter(Boolean),
+        cmdline: v("edit-cmdline"), transport: v("edit-transport"),
+        secure_boot: document.getElementById("edit-secure-boot").checked,
+      });
+      await reopen(saved.revision === image.revision ? `${name}: nothing changed` : `${name}: revision ${saved.revision} saved`);
+    } catch (err) { flash(err.message, true); }
+  } },
+    input("edit-kernel", "Kernel", image.kernel, { required: true }),
+    input("edit-initrds", "Initrds", image.initrds.join(" "), {}),
+    h("label", {}, "Command line ", h("input", { id: "edit-cmdline", value: image.cmdline, size: 40 })),
+    h("select", { id: "edit-transport" }, ["http", "tftp", "multicast"].map((t) => h("option", { value: t, selected: t === image.transport }, t))),
+    h("label", {}, h("input", { type: "checkbox", id: "edit-secure-boot", checked: image.secure_boot }), " Secure Boot"),
+    h("button", { type: "submit" }, "Save as revision " + (image.revision + 1)),
+    h("button", { type: "button", class: "secondary", onclick: () => box.replaceChildren() }, "Close"));
+  const history = h("table", { id: "image-revisions" },
+    h("thead", {}, h("tr", {}, ["Revision", "When", "By", "What changed", ""].map((t) => h("th", {}, t)))),
+    h("tbody", {}, revisions.map((r) => h("tr", { dataset: { revision: r.revision } },
+      h("td", {}, r.revision, r.revision === image.revision ? h("span", { class: "badge booted" }, " current") : null),
+      h("td", {}, when(r.at_ms)), h("td", {}, r.actor || h("span", { class: "muted" }, "unknown")),
+      h("td", { class: "mono wrap" }, r.changes),
+      h("td", {}, r.revision === image.revision ? null : h("button", { class: "secondary rollback", onclick: async () => {
+        if (!confirm(`Roll ${name} back to revision ${r.revision}? This saves revision ${image.revision + 1} with its content, and every machine not pinned boots it from its next script.`)) return;
+        try {
+          const saved = await api("POST", path + "/rollback", { revision: r.revision });
+          await reopen(`${name}: revision ${saved.revision} restores revision ${r.revision}`);
+        } catch (err) { flash(err.message, true); }
+      } }, "Roll back to this"))))));
+  box.replaceChildren(h("h2", {}, `Edit ${name}`), form, h("h3", {}, "Revisions"), history);
 }
 
 // The binaries `bootfleet ipxe build` left in the boot directory's ipxe/:
