@@ -117,67 +117,43 @@ pub async fn open(client: &Client, base: &str, page: &str, ready: &str) {
         .unwrap_or_else(|e| panic!("{page}: {ready} did not appear: {e}"));
 }
 
-/// The visible text of the element `css`; found again when the page
-/// re-renders between finding it and reading it (a stale element).
+/// Runs `act` on the element `css`, finding it again when the page
+/// re-renders between finding and acting (a stale element).
+async fn on_element<T, F, Fut>(client: &Client, css: &str, act: F) -> T
+where
+    F: Fn(fantoccini::elements::Element) -> Fut,
+    Fut: std::future::Future<Output = Result<T, fantoccini::error::CmdError>>,
+{
+    let mut tries = 0;
+    loop {
+        let element = client
+            .find(Locator::Css(css))
+            .await
+            .unwrap_or_else(|e| panic!("{css}: {e}"));
+        match act(element).await {
+            Ok(value) => return value,
+            Err(error) if tries < 20 => {
+                tries += 1;
+                eprintln!("{css}: {error}; finding it again");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(error) => panic!("{css}: {error}"),
+        }
+    }
+}
+
+/// The visible text of the element `css`.
 pub async fn text_of(client: &Client, css: &str) -> String {
-    let mut tries = 0;
-    loop {
-        let element = client
-            .find(Locator::Css(css))
-            .await
-            .unwrap_or_else(|e| panic!("{css}: {e}"));
-        match element.text().await {
-            Ok(text) => return text,
-            Err(error) if tries < 20 => {
-                tries += 1;
-                eprintln!("{css}: {error}; finding it again");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            Err(error) => panic!("{css}: {error}"),
-        }
-    }
+    on_element(client, css, |e| async move { e.text().await }).await
 }
 
-/// Types `text` into the element `css`, found again when the page
-/// re-renders under it (a stale element).
+/// Types `text` into the element `css`.
 pub async fn type_into(client: &Client, css: &str, text: &str) {
-    let mut tries = 0;
-    loop {
-        let element = client
-            .find(Locator::Css(css))
-            .await
-            .unwrap_or_else(|e| panic!("{css}: {e}"));
-        match element.send_keys(text).await {
-            Ok(()) => return,
-            Err(error) if tries < 20 => {
-                tries += 1;
-                eprintln!("{css}: {error}; finding it again");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            Err(error) => panic!("{css}: {error}"),
-        }
-    }
+    on_element(client, css, |e| async move { e.send_keys(text).await }).await
 }
 
-/// Clicks the element `css`, found again when the page re-renders under
-/// it (a stale element).
 pub async fn click(client: &Client, css: &str) {
-    let mut tries = 0;
-    loop {
-        let element = client
-            .find(Locator::Css(css))
-            .await
-            .unwrap_or_else(|e| panic!("{css}: {e}"));
-        match element.click().await {
-            Ok(()) => return,
-            Err(error) if tries < 20 => {
-                tries += 1;
-                eprintln!("{css}: {error}; finding it again");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            Err(error) => panic!("{css}: {error}"),
-        }
-    }
+    on_element(client, css, |e| async move { e.click().await }).await
 }
 
 /// Logs `user` (password [`PASSWORD`]) in on the panel at `base`; returns
