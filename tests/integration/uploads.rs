@@ -213,3 +213,137 @@ fn full_disk_is_reported_as_disk_full() {
         .filter_map(Result::ok)
         .all(|e| e.file_name() == "nodes"));
 }
+
+/// The durability protocol of finding 18 (issue 19), watched with strace
+/// on a real server: after renaming an upload into place, the server
+/// fsyncs the directory the new name is in, so a power loss cannot forget
+/// the rename after the data was synced. A TFTP upload (`tftp put`) and a
+/// panel upload (`curl -T`) are each checked: every successful rename
+/// into the boot directory is followed by an fsync of that directory.
+#[test]
+fn every_rename_into_place_is_followed_by_an_fsync_of_its_directory() {
+    if !have_tool("strace") || !have_tool("tftp") || !have_tool("curl") {
+        return;
+    }
+    let dir = scratch();
+    let root = dir.path().join("boot");
+    let state = dir.path().join("state");
+    std::fs::create_dir_all(root.join("incoming")).unwrap();
+    std::fs::create_dir_all(root.join("images/deb")).unwrap();
+    std::fs::create_dir_all(&state).unwrap();
+    let token = crate::panel::add_token(&state, "ops", "admin");
+    let (tftp, http, panel) = (
+        crate::workers::free_port(true),
+        crate::workers::free_port(false),
+        crate::workers::free_port(false),
+    );
+    let config = dir.path().join("bootfleet.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "root = {root:?}\n\n[inventory]\nstate_dir = {state:?}\n\n[tftp]\nlisten = \"127.0.0.1:{tftp}\"\n\
+             upload_dirs = [\"incoming\"]\n\n[http]\nlisten = \"127.0.0.1:{http}\"\n\n\
+             [panel]\nlisten = \"127.0.0.1:{panel}\"\n"
+        ),
+    )
+    .unwrap();
+    let trace = dir.path().join("trace.txt");
+    let mut strace = Command::new("strace")
+        .args(["-f", "-qq", "-y", "-o"])
+        .arg(&trace)
+        .args([
+            "-e",
+            "trace=rename,renameat,renameat2,fsync,fdatasync",
+            "--",
+        ])
+        .arg(env!("CARGO_BIN_EXE_bootfleet"))
+        .arg("serve")
+        .arg("--config")
+        .arg(&config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("strace runs");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(("127.0.0.1", panel)).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "the server did not start under strace"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let payload = pattern(70_000, 18);
+    let local = dir.path().join("payload.bin");
+    std::fs::write(&local, &payload).unwrap();
+    let put = tftp_put(&tftp.to_string(), &local, "incoming/node1.dump")
+        .output()
+        .unwrap();
+    assert!(
+        put.status.success(),
+        "{}",
+        String::from_utf8_lossy(&put.stderr)
+    );
+    let uploaded = curl(
+        &format!("http://127.0.0.1:{panel}/api/v1/files/images/deb/vmlinuz"),
+        &[
+            "-T",
+            local.to_str().unwrap(),
+            "-H",
+            &format!("Authorization: Bearer {token}"),
+            // No "100 Continue" before the answer.
+            "-H",
+            "Expect:",
+        ],
+    );
+    assert_eq!(
+        uploaded.status,
+        201,
+        "{}",
+        String::from_utf8_lossy(&uploaded.body)
+    );
+    for name in ["incoming/node1.dump", "images/deb/vmlinuz"] {
+        assert_eq!(std::fs::read(root.join(name)).unwrap(), payload, "{name}");
+    }
+    // Stop the server (strace's child); strace ends with it.
+    let _ = Command::new("pkill")
+        .args(["-TERM", "-P", &strace.id().to_string()])
+        .status();
+    let _ = strace.wait();
+
+    let trace = std::fs::read_to_string(&trace).unwrap();
+    let lines: Vec<&str> = trace.lines().collect();
+    let mut checked = Vec::new();
+    for (at, line) in lines.iter().enumerate() {
+        if !line.contains("rename") || !line.trim_end().ends_with("= 0") {
+            continue;
+        }
+        // The new name is the last quoted argument, absolute.
+        let new_name = line.rsplit('"').nth(1).expect("a quoted new name");
+        let Ok(relative) = Path::new(new_name).strip_prefix(&root) else {
+            continue;
+        };
+        let parent = Path::new(new_name)
+            .parent()
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .to_string();
+        let synced = lines[at + 1..].iter().any(|later| {
+            later.contains(&format!("fsync({}", "")) && later.contains(&format!("<{parent}>)"))
+        });
+        assert!(
+            synced,
+            "the rename to {new_name} was not followed by an fsync of {parent}:\n{trace}"
+        );
+        checked.push(relative.to_path_buf());
+    }
+    checked.sort();
+    assert_eq!(
+        checked,
+        [
+            Path::new("images/deb/vmlinuz"),
+            Path::new("incoming/node1.dump")
+        ],
+        "both uploads were renamed into place:\n{trace}"
+    );
+}

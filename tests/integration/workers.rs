@@ -19,7 +19,7 @@ const WORKER_PREFIXES: [&str; 2] = ["bootfleet-http-", "bootfleet-uring"];
 const POOL_PREFIX: &str = "bootfleet-fs-";
 const CHECKER_PREFIX: &str = "bootfleet-file-";
 
-fn free_port(udp: bool) -> u16 {
+pub fn free_port(udp: bool) -> u16 {
     if udp {
         let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         socket.local_addr().unwrap().port()
