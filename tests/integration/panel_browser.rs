@@ -487,6 +487,9 @@ fn an_operator_adopts_pools_and_assigns_in_the_browser() {
             "a read token cannot forget machines"
         );
         click(&client, "tr[data-token='ci'] button").await;
+        let question = client.get_alert_text().await.unwrap();
+        assert!(question.contains("Revoke token ci?"), "{question}");
+        client.accept_alert().await.unwrap();
         flash(&client, "revoked ci").await;
         assert_eq!(ci.call("GET", "/api/v1/machines", None).status, 401);
 
@@ -615,6 +618,43 @@ fn an_operator_edits_an_image_and_rolls_it_back_in_the_browser() {
         flash(&client, "debian12: revision 3 restores revision 1").await;
         let back = script(&server, mac, "");
         assert!(back.contains("console=ttyS0 image=debian12"), "{back}");
+
+        // Bulk assignment has no default: nothing chosen does nothing, and
+        // a choice is confirmed with its count before anything changes.
+        register(&api, "rocky9");
+        open(
+            &client,
+            &base,
+            "#/machines",
+            &format!("tr[data-mac='{mac}']"),
+        )
+        .await;
+        click(
+            &client,
+            &format!("tr[data-mac='{mac}'] input[type=checkbox]"),
+        )
+        .await;
+        click(&client, "#assign-button").await;
+        flash(&client, "choose an image").await;
+        client
+            .find(Locator::Css("#assign-image"))
+            .await
+            .unwrap()
+            .select_by_value("rocky9")
+            .await
+            .unwrap();
+        click(&client, "#assign-button").await;
+        let question = client.get_alert_text().await.unwrap();
+        assert_eq!(
+            question,
+            "Assign rocky9 to 1 machine(s)? They boot it from their next script."
+        );
+        client.dismiss_alert().await.unwrap();
+        assert!(script(&server, mac, "").contains("image=debian12"));
+        click(&client, "#assign-button").await;
+        client.accept_alert().await.unwrap();
+        flash(&client, "1 machine(s) now boot rocky9").await;
+        assert!(script(&server, mac, "").contains("image=rocky9"));
         client.close().await.unwrap();
     });
 }

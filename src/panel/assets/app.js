@@ -155,6 +155,15 @@ function imageSelect(id, withNone) {
     state.images.map((i) => h("option", { value: i.name }, i.name)));
 }
 
+// The bulk action's image: nothing chosen at first, and unassigning is a
+// choice of its own, never what an untouched selector does.
+function bulkImageSelect(id) {
+  return h("select", { id },
+    h("option", { value: "", disabled: true, selected: true }, "choose an image…"),
+    state.images.map((i) => h("option", { value: i.name }, i.name)),
+    h("option", { value: "none" }, "no image (unassign)"));
+}
+
 function selectedMacs(table) {
   return [...table.querySelectorAll("tbody input[type=checkbox]:checked")].map((c) => c.value);
 }
@@ -198,11 +207,16 @@ async function machinesPage() {
       onkeydown: (e) => { if (e.key === "Enter") apply(); } }),
     h("button", { class: "secondary", onclick: apply }, "Filter"));
   const actions = h("div", { class: "toolbar" },
-    "Selected:", imageSelect("assign-image", true),
+    "Selected:", bulkImageSelect("assign-image"),
     h("button", { id: "assign-button", onclick: async () => {
       const macs = selectedMacs(table);
       if (!macs.length) return flash("select machines first", true);
-      const image = document.getElementById("assign-image").value || null;
+      const chosen = document.getElementById("assign-image").value;
+      if (!chosen) return flash("choose an image (or “no image”) first", true);
+      const image = chosen === "none" ? null : chosen;
+      const question = image ? `Assign ${image} to ${macs.length} machine(s)? They boot it from their next script.`
+        : `Unassign ${macs.length} machine(s)? They boot no image of their own (their pool's, if any).`;
+      if (!confirm(question)) return;
       try {
         const r = await api("POST", "/machines/assign", { macs, image });
         flash(`${r.changed} machine(s) now boot ${image || "nothing"}`);
@@ -444,6 +458,7 @@ async function imagesPage() {
       }, (s.holds ? "✓ " : "… ") + s.name))),
       h("td", {}, h("button", { class: "secondary edit", onclick: () => imageEditor(i.name) }, "Edit"), " ",
         h("button", { class: "secondary", onclick: async () => {
+          if (!confirm(`Remove image ${i.name}? Its revisions go with it; its files stay in the boot directory.`)) return;
           try { await api("DELETE", "/images/" + encodeURIComponent(i.name)); flash("removed " + i.name); route(); }
           catch (err) { flash(err.message, true); }
         } }, "Remove"))))));
@@ -716,6 +731,7 @@ function tokenRow(t) {
     h("td", {}, t.name), h("td", {}, t.user), h("td", {}, t.scope),
     h("td", {}, when(t.created_ms)), h("td", {}, when(t.last_used_ms)),
     h("td", {}, h("button", { class: "secondary", onclick: async () => {
+      if (!confirm(`Revoke token ${t.name}? Whatever uses it is refused from now on.`)) return;
       try { await api("DELETE", "/tokens/" + t.id); flash("revoked " + t.name); route(); }
       catch (err) { flash(err.message, true); }
     } }, "Revoke")));
