@@ -658,3 +658,96 @@ fn an_operator_edits_an_image_and_rolls_it_back_in_the_browser() {
         client.close().await.unwrap();
     });
 }
+
+/// Whether the page at the current size is wider than the window.
+async fn page_overflows(client: &Client) -> (bool, String) {
+    let widths = client
+        .execute(
+            "return [document.documentElement.scrollWidth, window.innerWidth]",
+            vec![],
+        )
+        .await
+        .unwrap();
+    let (page, window) = (widths[0].as_u64().unwrap(), widths[1].as_u64().unwrap());
+    (
+        page > window,
+        format!("page {page} px in a {window} px window"),
+    )
+}
+
+#[test]
+fn the_panel_fits_a_phone_and_a_long_fact_does_not_widen_it() {
+    if !have_browser() {
+        return;
+    }
+    let root = boot_dir();
+    let state = state_dir();
+    add_user(state.path(), "alice", "admin");
+    let server = FullServer::start_with_panel(root.path(), state, |_| {});
+    let panel = server.panel.unwrap();
+    let base = format!("http://{panel}");
+    let api = Api::with_token(panel, &add_token(server.state.path(), "setup", "admin"));
+    register(&api, "debian12");
+    // A machine whose firmware sends a very long manufacturer.
+    let long = "VeryLongVendorName".repeat(12);
+    script(
+        &server,
+        "52:54:00:ab:ff:01",
+        &format!("?manufacturer={long}&serial=S-1"),
+    );
+
+    let driver = Driver::start();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let client = driver.browser().await;
+        log_in(&client, &base, "alice").await;
+        let row = "tr[data-mac='52:54:00:ab:ff:01']";
+        open(&client, &base, "#/discovered", row).await;
+        // At desktop width the long value is cut, whole on hover.
+        let cell = client
+            .find(Locator::Css(&format!("{row} td.fact")))
+            .await
+            .unwrap();
+        let title = cell.attr("title").await.unwrap().unwrap_or_default();
+        assert!(
+            title.starts_with("VeryLongVendorName") && title.len() > 100,
+            "{title}"
+        );
+        let width = client
+            .execute(
+                "return document.querySelector(arguments[0]).getBoundingClientRect().width",
+                vec![json!(format!("{row} td.fact"))],
+            )
+            .await
+            .unwrap();
+        assert!(
+            width.as_f64().unwrap() < 300.0,
+            "the cell is {width} px wide"
+        );
+        let (wide, said) = page_overflows(&client).await;
+        assert!(!wide, "desktop: {said}");
+        // Missing facts are dashes styled as placeholders, not data.
+        assert!(client
+            .find(Locator::Css(&format!("{row} td .placeholder")))
+            .await
+            .is_ok());
+
+        // A phone, 390 px wide: no page is wider than the window.
+        client.set_window_size(390, 844).await.unwrap();
+        for (page, ready) in [
+            ("#/discovered", row),
+            ("#/machines", "#machines"),
+            ("#/images", "tr[data-image='debian12']"),
+            ("#/pools", "#create-pool"),
+            ("#/fleet", "#view h1"),
+        ] {
+            open(&client, &base, page, ready).await;
+            let (wide, said) = page_overflows(&client).await;
+            assert!(!wide, "{page} at 390 px: {said}");
+            if page == "#/discovered" {
+                shot(&client, "discovered-phone").await;
+            }
+        }
+        client.close().await.unwrap();
+    });
+}

@@ -280,6 +280,17 @@ async function unknownPolicyForm() {
     h("button", { type: "submit", class: "secondary" }, "Save"));
 }
 
+// A fact as a machine sent it: cut to the column's width with the whole
+// value on hover (one long value must not widen the page); a missing one
+// is a dash that does not look like data.
+function factCell(value) {
+  return value ? h("td", { class: "fact", title: value }, value) : h("td", {}, placeholder());
+}
+
+function placeholder() {
+  return h("span", { class: "placeholder", "aria-label": "none" }, "—");
+}
+
 function discoveredPage(machines, policyForm) {
   const table = h("table", { id: "discovered" });
   const facts = ["manufacturer", "product", "serial", "uuid", "platform", "buildarch"];
@@ -289,7 +300,7 @@ function discoveredPage(machines, policyForm) {
     h("tbody", {}, machines.map((m) => h("tr", { dataset: { mac: m.mac } },
       h("td", {}, h("input", { type: "checkbox", value: m.mac })),
       h("td", { class: "mono" }, m.mac),
-      facts.map((f) => h("td", {}, m.facts[f] || "")),
+      facts.map((f) => factCell(m.facts[f])),
       h("td", {}, when(m.first_seen_ms)), h("td", {}, when(m.last_seen_ms))))));
   return h("div", {},
     h("h1", {}, "Discovered machines"),
@@ -362,7 +373,7 @@ async function machinePage(mac) {
           } }, "Re-arm") : null),
         h("dt", {}, ""), h("dd", {}, h("button", { id: "machine-save", type: "submit" }, "Save")),
         h("dt", {}, "First / last seen"), h("dd", {}, when(m.first_seen_ms) + " / " + when(m.last_seen_ms)),
-        facts.map(([k, val]) => [h("dt", {}, k), h("dd", { class: "mono" }, val)]))),
+        facts.map(([k, val]) => [h("dt", {}, k), h("dd", { class: "mono wrap" }, val)]))),
     h("h2", {}, "BMC"),
     h("form", { id: "bmc-form", class: "toolbar", onsubmit: async (e) => {
       e.preventDefault();
