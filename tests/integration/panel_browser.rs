@@ -522,19 +522,25 @@ async fn retype(client: &Client, css: &str, text: &str) {
     field.send_keys(text).await.unwrap();
 }
 
-#[test]
-fn an_operator_edits_an_image_and_rolls_it_back_in_the_browser() {
-    if !have_browser() {
-        return;
-    }
+/// A server with its panel, the administrator `alice`, an admin token's
+/// client and the image `debian12`; and the panel's URL.
+fn panel_with_alice() -> (tempfile::TempDir, FullServer, Api, String) {
     let root = boot_dir();
     let state = state_dir();
     add_user(state.path(), "alice", "admin");
     let server = FullServer::start_with_panel(root.path(), state, |_| {});
     let panel = server.panel.unwrap();
-    let base = format!("http://{panel}");
     let api = Api::with_token(panel, &add_token(server.state.path(), "setup", "admin"));
     register(&api, "debian12");
+    (root, server, api, format!("http://{panel}"))
+}
+
+#[test]
+fn an_operator_edits_an_image_and_rolls_it_back_in_the_browser() {
+    if !have_browser() {
+        return;
+    }
+    let (_root, server, api, base) = panel_with_alice();
     let mac = "52:54:00:ab:ee:01";
     api.ok(
         "PUT",
@@ -680,14 +686,7 @@ fn the_panel_fits_a_phone_and_a_long_fact_does_not_widen_it() {
     if !have_browser() {
         return;
     }
-    let root = boot_dir();
-    let state = state_dir();
-    add_user(state.path(), "alice", "admin");
-    let server = FullServer::start_with_panel(root.path(), state, |_| {});
-    let panel = server.panel.unwrap();
-    let base = format!("http://{panel}");
-    let api = Api::with_token(panel, &add_token(server.state.path(), "setup", "admin"));
-    register(&api, "debian12");
+    let (_root, server, _api, base) = panel_with_alice();
     // A machine whose firmware sends a very long manufacturer.
     let long = "VeryLongVendorName".repeat(12);
     script(
@@ -701,7 +700,7 @@ fn the_panel_fits_a_phone_and_a_long_fact_does_not_widen_it() {
     runtime.block_on(async {
         let client = driver.browser().await;
         log_in(&client, &base, "alice").await;
-        let row = "tr[data-mac='52:54:00:ab:ff:01']";
+        let row = "#discovered tr[data-mac='52:54:00:ab:ff:01']";
         open(&client, &base, "#/discovered", row).await;
         // At desktop width the long value is cut, whole on hover.
         let cell = client
