@@ -817,16 +817,13 @@ fn save_revision(
             );
         }
     }
-    let image = state.store.edit_image(name, edit, note, actor)?;
+    let mut image = state.store.edit_image(name, edit, note, actor)?;
     if let Some(files) = checked.filter(|_| image.files.is_empty()) {
         state.store.update_image_files(name, &files)?;
+        image.files = files;
     }
     state.publish()?;
     state.image_health.changed.notify_one();
-    let image = state
-        .store
-        .image(name)?
-        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("no image named {name:?}")))?;
     let servers = state.store.server_files().unwrap_or_default();
     Ok(image_view(state, image, &servers))
 }

@@ -514,12 +514,8 @@ fn an_operator_adopts_pools_and_assigns_in_the_browser() {
 
 /// Replaces the text of the input `css` with `text`.
 async fn retype(client: &Client, css: &str, text: &str) {
-    let field = client
-        .find(Locator::Css(css))
-        .await
-        .unwrap_or_else(|e| panic!("{css}: {e}"));
-    field.clear().await.unwrap();
-    field.send_keys(text).await.unwrap();
+    on_element(client, css, |e| async move { e.clear().await }).await;
+    type_into(client, css, text).await;
 }
 
 /// A server with its panel, the administrator `alice`, an admin token's
